@@ -1,0 +1,263 @@
+"""The hvext guest agent: newline-delimited JSON over a virtio-serial port.
+
+Wire format (one JSON object per line, both directions)::
+
+    request: {"id": 7, "cmd": "ping", "args": {}}
+    reply:   {"id": 7, "ok": true, "result": {...}}
+             {"id": 7, "ok": false, "error": {"class": "...", "desc": "..."}}
+
+The host starts every session with ``guest-sync`` carrying a random nonce and
+discards whatever it reads before the matching reply (stale replies from an
+earlier session), like qemu-ga. Lines longer than ``MAX_LINE`` are dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import platform
+import select
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from hvext_agent import AGENT_VERSION, PORT_NAME, PROTOCOL_VERSION
+
+MAX_LINE = 64 * 1024
+WRITE_DEADLINE_S = 5.0
+
+
+class CommandError(Exception):
+    """A command failed; the reply carries ``error_class`` and the message."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+
+
+def find_port(name: str = PORT_NAME, sysfs: Path = Path("/sys/class/virtio-ports")) -> Path:
+    """Return the /dev node of the virtio-serial port called *name*.
+
+    udev is not in the image, so /dev/virtio-ports/<name> may not exist; the
+    name is read from sysfs instead.
+    """
+    link = Path("/dev/virtio-ports") / name
+    if link.exists():
+        return link
+    if sysfs.is_dir():
+        for port in sysfs.iterdir():
+            try:
+                if (port / "name").read_text().strip() == name:
+                    return Path("/dev") / port.name
+            except OSError:
+                continue
+    raise FileNotFoundError(f"virtio-serial port {name!r} not found")
+
+
+def _read_key_values(path: str, *, strip_kb: bool) -> dict[str, int]:
+    values: dict[str, int] = {}
+    with open(path) as handle:
+        for line in handle:
+            parts = line.replace(":", " ").split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                values[parts[0]] = int(parts[1])
+    return values
+
+
+def cmd_ping(args: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def cmd_info(args: dict[str, Any]) -> dict[str, Any]:
+    uname = platform.uname()
+    with open("/proc/uptime") as handle:
+        uptime = float(handle.read().split()[0])
+    return {
+        "agent_version": AGENT_VERSION,
+        "protocol": PROTOCOL_VERSION,
+        "kernel": uname.release,
+        "machine": uname.machine,
+        "hostname": uname.node,
+        "uptime_s": uptime,
+        "python": platform.python_version(),
+    }
+
+
+def cmd_meminfo(args: dict[str, Any]) -> dict[str, Any]:
+    """Raw /proc/meminfo (kB) and /proc/vmstat (pages and counters)."""
+    return {
+        "meminfo_kb": _read_key_values("/proc/meminfo", strip_kb=True),
+        "vmstat": _read_key_values("/proc/vmstat", strip_kb=False),
+        "page_size": os.sysconf("SC_PAGE_SIZE"),
+    }
+
+
+class Agent:
+    """Serves requests on one port file descriptor."""
+
+    def __init__(self, fd: int, *, testing: bool = False) -> None:
+        self.fd = fd
+        self.testing = testing
+        self.buffer = bytearray()
+        self.discarding = False
+        self.misbehave: str | None = None
+        self.commands: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "ping": cmd_ping,
+            "info": cmd_info,
+            "meminfo": cmd_meminfo,
+        }
+
+    # -- output ---------------------------------------------------------
+    def send_raw(self, data: bytes) -> None:
+        """Write all of *data* or give up after WRITE_DEADLINE_S (host gone)."""
+        deadline = time.monotonic() + WRITE_DEADLINE_S
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+                view = view[written:]
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return
+                select.poll().poll(50)
+            except OSError as err:
+                if err.errno in (errno.EPIPE, errno.ENODEV, errno.EIO):
+                    return
+                raise
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.send_raw(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    # -- input ----------------------------------------------------------
+    def feed(self, chunk: bytes) -> None:
+        """Add bytes from the port and handle every complete line."""
+        self.buffer += chunk
+        while True:
+            newline = self.buffer.find(b"\n")
+            if newline < 0:
+                if len(self.buffer) > MAX_LINE:
+                    self.buffer.clear()
+                    self.discarding = True
+                return
+            line = bytes(self.buffer[:newline])
+            del self.buffer[: newline + 1]
+            if self.discarding:
+                self.discarding = False
+                self.send({"id": None, "ok": False, "error": {"class": "LineTooLong", "desc": "request line too long"}})
+                continue
+            self.handle_line(line)
+
+    def handle_line(self, line: bytes) -> None:
+        line = line.strip().lstrip(b"\xff")
+        if not line:
+            return
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            self.send({"id": None, "ok": False, "error": {"class": "ParseError", "desc": "not JSON"}})
+            return
+        if not isinstance(request, dict):
+            self.send({"id": None, "ok": False, "error": {"class": "ParseError", "desc": "not an object"}})
+            return
+        request_id = request.get("id")
+        if not isinstance(request_id, (int, str)) or isinstance(request_id, bool):
+            request_id = None
+        try:
+            result = self.dispatch(request)
+        except CommandError as err:
+            self.send({"id": request_id, "ok": False, "error": {"class": err.error_class, "desc": str(err)}})
+            return
+        except Exception as err:  # a broken command must not kill the agent
+            self.send({"id": request_id, "ok": False, "error": {"class": "InternalError", "desc": repr(err)}})
+            return
+        if self.misbehave and request.get("cmd") != "x-test-misbehave":
+            self.send_misbehaving(request_id, result)
+            return
+        self.send({"id": request_id, "ok": True, "result": result})
+
+    def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        args = request.get("args", {})
+        if not isinstance(args, dict):
+            raise CommandError("InvalidArguments", "args must be an object")
+        if cmd == "guest-sync":
+            nonce = args.get("nonce")
+            if not isinstance(nonce, int) or isinstance(nonce, bool):
+                raise CommandError("InvalidArguments", "nonce must be an integer")
+            self.misbehave = None
+            return {"nonce": nonce, "protocol": PROTOCOL_VERSION, "agent_version": AGENT_VERSION,
+                    "commands": sorted(self.commands) + ["guest-sync"]}
+        if cmd == "x-test-misbehave" and self.testing:
+            mode = args.get("mode")
+            if mode not in ("garbage", "huge", "silence", "wrong-id", "bad-schema", None):
+                raise CommandError("InvalidArguments", f"unknown mode {mode!r}")
+            self.misbehave = mode
+            return {"mode": mode}
+        handler = self.commands.get(cmd) if isinstance(cmd, str) else None
+        if handler is None:
+            raise CommandError("CommandNotFound", f"unknown command {cmd!r}")
+        return handler(args)
+
+    def send_misbehaving(self, request_id: Any, result: dict[str, Any]) -> None:
+        """Test-only: answer the next request the way a hostile guest might."""
+        mode, self.misbehave = self.misbehave, None
+        if mode == "garbage":
+            self.send_raw(b"\x00\x01not json at all {{{\n")
+        elif mode == "huge":
+            self.send_raw(b'{"id": ' + str(request_id).encode() + b', "ok": true, "result": "' + b"A" * (4 * 1024 * 1024) + b'"}\n')
+        elif mode == "wrong-id":
+            self.send({"id": "not-yours", "ok": True, "result": result})
+        elif mode == "bad-schema":
+            self.send({"id": request_id, "ok": "yes", "result": [1, 2, 3]})
+        # "silence": no reply at all
+
+    def serve_forever(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while True:
+            events = poller.poll(1000)
+            if not events:
+                continue
+            _, mask = events[0]
+            if mask & select.POLLIN:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except BlockingIOError:
+                    continue
+                if chunk:
+                    self.feed(chunk)
+                    continue
+            # host side not connected: virtio-serial reports POLLHUP / EOF
+            self.buffer.clear()
+            time.sleep(0.2)
+
+
+def kernel_flag(name: str) -> bool:
+    try:
+        return name in Path("/proc/cmdline").read_text().split()
+    except OSError:
+        return False
+
+
+def main() -> int:
+    testing = kernel_flag("hvext_agent.testing=1")
+    port = None
+    for _ in range(100):
+        try:
+            port = find_port()
+            break
+        except FileNotFoundError:
+            time.sleep(0.1)
+    if port is None:
+        print("hvext-agent: no port " + PORT_NAME, file=sys.stderr, flush=True)
+        return 1
+    fd = os.open(port, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    print(f"hvext-agent: ready on {port} (version {AGENT_VERSION})", flush=True)
+    Agent(fd, testing=testing).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The agent wire protocol, host side: framing and validation of untrusted replies.
+
+Everything the guest sends is untrusted. Lines are capped at
+:data:`MAX_LINE` bytes (longer ones are skipped, never buffered whole), JSON
+is parsed only from capped lines, and replies are checked against a schema
+before anyone looks inside. Validation failures raise
+:class:`hvext.errors.AgentProtocolError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from hvext.errors import AgentProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 256 * 1024
+READ_CHUNK = 64 * 1024
+
+
+def encode_request(request_id: int, command: str, args: dict[str, Any] | None = None) -> bytes:
+    return json.dumps({"id": request_id, "cmd": command, "args": args or {}},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A schema-checked reply: either ``result`` (ok) or ``error_class``/``error_desc``."""
+
+    id: int | str | None
+    ok: bool
+    result: dict[str, Any] | None = None
+    error_class: str = ""
+    error_desc: str = ""
+
+
+def parse_reply(line: bytes) -> Reply:
+    """Parse one line into a :class:`Reply` or raise AgentProtocolError saying what is wrong."""
+    try:
+        message = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AgentProtocolError(f"agent sent a line that is not JSON ({len(line)} bytes)") from err
+    if not isinstance(message, dict):
+        raise AgentProtocolError("agent sent JSON that is not an object")
+    reply_id = message.get("id")
+    if reply_id is not None and (not isinstance(reply_id, (int, str)) or isinstance(reply_id, bool)):
+        raise AgentProtocolError("agent reply has an invalid id")
+    ok = message.get("ok")
+    if ok is True:
+        result = message.get("result")
+        if not isinstance(result, dict):
+            raise AgentProtocolError("agent reply 'result' is not an object")
+        return Reply(reply_id, True, result=result)
+    if ok is False:
+        error = message.get("error")
+        if not isinstance(error, dict) or not isinstance(error.get("class"), str) \
+                or not isinstance(error.get("desc"), str):
+            raise AgentProtocolError("agent error reply lacks error.class/error.desc strings")
+        return Reply(reply_id, False, error_class=error["class"][:100], error_desc=error["desc"][:1000])
+    raise AgentProtocolError("agent reply has no boolean 'ok'")
+
+
+class LineReader:
+    """Reads newline-terminated lines of at most *max_line* bytes from a stream.
+
+    A longer line is consumed and dropped (``oversized`` counts them) without
+    ever holding more than *max_line* + one chunk in memory.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, max_line: int = MAX_LINE) -> None:
+        self.reader = reader
+        self.max_line = max_line
+        self.buffer = bytearray()
+        self.discarding = False
+        self.oversized = 0
+
+    async def readline(self) -> bytes:
+        """The next complete line without its newline; EOFError when the stream ends."""
+        while True:
+            newline = self.buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self.buffer[:newline])
+                del self.buffer[: newline + 1]
+                if self.discarding:
+                    self.discarding = False
+                    continue
+                if len(line) > self.max_line:
+                    self.oversized += 1
+                    continue
+                return line
+            if len(self.buffer) > self.max_line:
+                if not self.discarding:
+                    self.oversized += 1
+                self.discarding = True
+                self.buffer.clear()
+            chunk = await self.reader.read(READ_CHUNK)
+            if not chunk:
+                raise EOFError("agent channel closed")
+            self.buffer += chunk

@@ -1,0 +1,250 @@
+"""Domain XML for hvext guests, built by small declarative classes.
+
+Each class renders one element; :class:`DomainXML` fixes the order of the
+top-level elements (the order libvirt itself writes), so the same spec always
+gives byte-identical XML (golden tests rely on that). Parsing helpers read
+what hvext needs back from a live domain's XML.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lxml import etree
+
+from hvext.errors import UsageError
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+HVEXT_NS = "https://hvext.dev/xmlns/domain/1"
+AGENT_PORT = "org.hvext.agent.0"
+QMP_CHARDEV_ID = "hvext-qmp"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
+    element = etree.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
+    if text is not None:
+        element.text = text
+    return element
+
+
+@dataclass(frozen=True)
+class OSBoot:
+    """Direct kernel boot of the guest image's kernel and initrd."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    machine: str = "q35"
+
+    def render(self, parent: etree._Element) -> None:
+        os_el = _sub(parent, "os")
+        _sub(os_el, "type", "hvm", arch="x86_64", machine=self.machine)
+        _sub(os_el, "kernel", str(self.kernel))
+        _sub(os_el, "initrd", str(self.initrd))
+        _sub(os_el, "cmdline", self.cmdline)
+
+
+@dataclass(frozen=True)
+class CPU:
+    """host-passthrough under KVM; a fixed, TCG-friendly model under TCG."""
+
+    kvm: bool
+
+    def render(self, parent: etree._Element) -> None:
+        if self.kvm:
+            _sub(parent, "cpu", mode="host-passthrough", check="none", migratable="on")
+        else:
+            cpu = _sub(parent, "cpu", mode="custom", match="exact", check="none")
+            _sub(cpu, "model", "qemu64", fallback="forbid")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A virtio disk from a qcow2 overlay on the shared guest image."""
+
+    path: Path
+    target: str = "vda"
+    fmt: str = "qcow2"
+
+    def render(self, devices: etree._Element) -> None:
+        disk = _sub(devices, "disk", type="file", device="disk")
+        _sub(disk, "driver", name="qemu", type=self.fmt, discard="unmap")
+        _sub(disk, "source", file=str(self.path))
+        _sub(disk, "target", dev=self.target, bus="virtio")
+
+
+@dataclass(frozen=True)
+class AgentChannel:
+    """The virtio-serial port the hvext agent listens on; libvirt picks the socket path."""
+
+    name: str = AGENT_PORT
+
+    def render(self, devices: etree._Element) -> None:
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "source", mode="bind")
+        _sub(channel, "target", type="virtio", name=self.name)
+
+
+@dataclass(frozen=True)
+class SerialConsole:
+    """A pty serial console (``virsh console`` works) whose output is logged to a file."""
+
+    log_file: Path
+
+    def render(self, devices: etree._Element) -> None:
+        serial = _sub(devices, "serial", type="pty")
+        _sub(serial, "log", file=str(self.log_file), append="off")
+        _sub(serial, "target", port="0")
+        console = _sub(devices, "console", type="pty")
+        _sub(console, "target", type="serial", port="0")
+
+
+@dataclass(frozen=True)
+class Balloon:
+    """virtio-balloon with guest statistics polled every *stats_period* seconds."""
+
+    stats_period: int = 2
+    free_page_reporting: bool = False
+
+    def render(self, devices: etree._Element) -> None:
+        attrs = {"model": "virtio"}
+        if self.free_page_reporting:
+            attrs["freePageReporting"] = "on"
+        balloon = _sub(devices, "memballoon", **attrs)
+        _sub(balloon, "stats", period=str(self.stats_period))
+
+
+@dataclass(frozen=True)
+class RNG:
+    def render(self, devices: etree._Element) -> None:
+        rng = _sub(devices, "rng", model="virtio")
+        _sub(rng, "backend", "/dev/urandom", model="random")
+
+
+@dataclass(frozen=True)
+class QMPMonitor:
+    """An extra QMP monitor for hvext (events included), added on QEMU's command line."""
+
+    socket: Path
+
+    def render_commandline(self, parent: etree._Element) -> None:
+        cmdline = etree.SubElement(parent, f"{{{QEMU_NS}}}commandline")
+        for arg in ("-chardev", f"socket,id={QMP_CHARDEV_ID},path={self.socket},server=on,wait=off",
+                    "-mon", f"chardev={QMP_CHARDEV_ID},mode=control"):
+            etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
+
+
+@dataclass
+class DomainXML:
+    """A whole hvext domain; :meth:`render` writes elements in a fixed order."""
+
+    name: str
+    memory_mib: int
+    vcpus: int
+    domain_type: str  # "kvm" or "qemu"
+    os_boot: OSBoot
+    cpu: CPU
+    disk: Disk
+    console: SerialConsole
+    qmp: QMPMonitor
+    emulator: Path | None = None
+    current_memory_mib: int | None = None
+    uuid: str | None = None
+    devices: list = field(default_factory=lambda: [AgentChannel(), Balloon(), RNG()])
+
+    def render(self) -> str:
+        root = etree.Element("domain", {"type": self.domain_type}, nsmap={"qemu": QEMU_NS})
+        _sub(root, "name", self.name)
+        if self.uuid:
+            _sub(root, "uuid", self.uuid)
+        metadata = _sub(root, "metadata")
+        marker = etree.SubElement(metadata, f"{{{HVEXT_NS}}}domain", nsmap={"hvext": HVEXT_NS})
+        etree.SubElement(marker, f"{{{HVEXT_NS}}}qmp", path=str(self.qmp.socket))
+        etree.SubElement(marker, f"{{{HVEXT_NS}}}agent", port=AGENT_PORT)
+        _sub(root, "memory", str(self.memory_mib), unit="MiB")
+        _sub(root, "currentMemory", str(self.current_memory_mib or self.memory_mib), unit="MiB")
+        _sub(root, "vcpu", str(self.vcpus), placement="static")
+        self.os_boot.render(root)
+        features = _sub(root, "features")
+        _sub(features, "acpi")
+        _sub(features, "apic")
+        self.cpu.render(root)
+        _sub(root, "clock", offset="utc")
+        _sub(root, "on_poweroff", "destroy")
+        _sub(root, "on_reboot", "restart")
+        _sub(root, "on_crash", "destroy")
+        devices = _sub(root, "devices")
+        if self.emulator:
+            _sub(devices, "emulator", str(self.emulator))
+        self.disk.render(devices)
+        _sub(devices, "controller", type="usb", model="none")
+        for device in self.devices[:1]:  # the agent channel comes before the console, as libvirt orders it
+            device.render(devices)
+        self.console.render(devices)
+        for device in self.devices[1:]:
+            device.render(devices)
+        self.qmp.render_commandline(root)
+        return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def validate_name(name: str) -> str:
+    """Refuse names libvirt or hvext's file layout would choke on."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError(f"invalid domain name {name!r}: use 1-64 letters, digits, '_', '.', '+', '-'")
+    return name
+
+
+# -- reading live XML -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainFacts:
+    """What hvext needs from a domain's (live) XML."""
+
+    hvext_managed: bool
+    qmp_socket: Path | None
+    agent_socket: Path | None
+    has_agent_channel: bool
+    console_log: Path | None
+    max_memory_kib: int
+    current_memory_kib: int
+
+
+def read_facts(xml: str) -> DomainFacts:
+    """Parse a domain's XML (from ``XMLDesc``) into :class:`DomainFacts`."""
+    root = etree.fromstring(xml.encode())
+    marker = root.find(f"metadata/{{{HVEXT_NS}}}domain")
+    qmp = marker.find(f"{{{HVEXT_NS}}}qmp") if marker is not None else None
+    agent_socket = None
+    has_channel = False
+    for channel in root.iterfind("devices/channel"):
+        target = channel.find("target")
+        if target is not None and target.get("name") == AGENT_PORT:
+            has_channel = True
+            source = channel.find("source")
+            if source is not None and source.get("path"):
+                agent_socket = Path(source.get("path"))
+    log = root.find("devices/serial/log")
+    return DomainFacts(
+        hvext_managed=marker is not None,
+        qmp_socket=Path(qmp.get("path")) if qmp is not None and qmp.get("path") else None,
+        agent_socket=agent_socket,
+        has_agent_channel=has_channel,
+        console_log=Path(log.get("file")) if log is not None and log.get("file") else None,
+        max_memory_kib=_kib(root.find("memory")),
+        current_memory_kib=_kib(root.find("currentMemory")),
+    )
+
+
+_UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024, "m": 1024, "mib": 1024,
+             "mb": 1000**2 / 1024, "g": 1024**2, "gib": 1024**2, "gb": 1000**3 / 1024}
+
+
+def _kib(element: etree._Element | None) -> int:
+    if element is None or not element.text:
+        return 0
+    unit = (element.get("unit") or "KiB").lower()
+    return int(int(element.text) * _UNIT_KIB.get(unit, 1))

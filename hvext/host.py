@@ -1,0 +1,409 @@
+"""Host (a libvirt connection and its inventory) and Domain handles.
+
+Every libvirt failure leaves here as an :class:`hvext.errors.HvextError`
+subclass chosen from the libvirt error code (:func:`translate`), with the
+libvirtError as its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import libvirt
+from lxml import etree
+
+from hvext import accel, aio, domxml, image, paths
+from hvext.agent.client import AgentClient
+from hvext.errors import (AgentUnavailable, DomainNotFound, DomainStateError, HostError, HvextError,
+                          LibvirtUnavailable, UnsupportedError, UsageError)
+from hvext.qmp import PassthroughQMP, QMPSession, SocketQMP
+
+T = TypeVar("T")
+DEFAULT_URI = "qemu:///system"
+
+STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "no state", libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "in shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+_UNAVAILABLE_CODES = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_AUTH_FAILED}
+_UNSUPPORTED_CODES = {libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+                      libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED}
+
+
+def _quiet_libvirt(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; hvext reports them itself."""
+
+
+libvirt.registerErrorHandler(_quiet_libvirt, None)
+
+
+def default_uri(explicit: str | None = None) -> str:
+    """The URI as virsh picks it: ``-c``, then LIBVIRT_DEFAULT_URI, then qemu:///system."""
+    return explicit or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
+def translate(err: libvirt.libvirtError, context: str) -> HvextError:
+    """Map a libvirtError to the hvext error a user can act on."""
+    code = err.get_error_code()
+    message = err.get_error_message() or str(err)
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainNotFound(f"{context}: no such domain; `hvext list --all` shows the defined ones")
+    if code in _UNAVAILABLE_CODES or (code == libvirt.VIR_ERR_SYSTEM_ERROR and "connect" in message.lower()):
+        return LibvirtUnavailable(f"{context}: cannot reach libvirtd ({message}); is it running? "
+                                  "`make libvirtd` starts it, `hvext doctor` checks it")
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return DomainStateError(f"{context}: {message}")
+    if code in _UNSUPPORTED_CODES:
+        return UnsupportedError(f"{context}: {message}")
+    if code in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_ERR_XML_DETAIL):
+        return UsageError(f"{context}: {message}")
+    return HostError(f"{context}: {message}")
+
+
+@contextlib.contextmanager
+def libvirt_errors(context: str) -> Iterator[None]:
+    """Translate libvirtErrors raised inside the block (see :func:`translate`)."""
+    try:
+        yield
+    except libvirt.libvirtError as err:
+        raise translate(err, context) from err
+
+
+@dataclass
+class DomainSpec:
+    """The small spec hvext defines domains from (CLI flags or a TOML spec file)."""
+
+    name: str
+    memory_mib: int = 512
+    vcpus: int = 1
+    current_memory_mib: int | None = None
+    agent_testing: bool = False  # enables the agent's misbehaviour hooks (tests only)
+    extra_cmdline: str = ""
+    free_page_reporting: bool = False
+
+    def validate(self) -> DomainSpec:
+        domxml.validate_name(self.name)
+        if not 64 <= self.memory_mib <= 1024 * 1024:
+            raise UsageError(f"memory {self.memory_mib} MiB out of range: use 64 MiB to 1 TiB")
+        if self.current_memory_mib is not None and not 64 <= self.current_memory_mib <= self.memory_mib:
+            raise UsageError(f"current memory {self.current_memory_mib} MiB must be between 64 MiB "
+                             f"and the maximum {self.memory_mib} MiB")
+        if not 1 <= self.vcpus <= 64:
+            raise UsageError(f"vcpus {self.vcpus} out of range: use 1 to 64")
+        return self
+
+
+def emulator_path() -> Path | None:
+    """The patched QEMU when built (qemu-patches/build.sh), else None (libvirt's default)."""
+    return paths.PATCHED_QEMU if os.access(paths.PATCHED_QEMU, os.X_OK) else None
+
+
+class Host:
+    """A libvirt connection; open with ``Host(uri)`` or ``with Host(uri) as host``."""
+
+    def __init__(self, uri: str | None = None) -> None:
+        self.uri = default_uri(uri)
+        aio.loop()  # libvirt's event implementation must exist before the connection opens
+        try:
+            self.conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as err:
+            raise LibvirtUnavailable(
+                f"cannot connect to libvirt at {self.uri}: {err.get_error_message()}; is libvirtd "
+                "running? `make libvirtd` starts it, `hvext doctor` checks it") from err
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- inventory ------------------------------------------------------
+    def domains(self, *, include_inactive: bool = True) -> list[Domain]:
+        flags = 0 if include_inactive else libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        with libvirt_errors("listing domains"):
+            return sorted((Domain(self, d) for d in self.conn.listAllDomains(flags)), key=lambda d: d.name)
+
+    def lookup(self, name: str) -> Domain:
+        if not isinstance(name, str) or not name:
+            raise UsageError("a domain name is required")
+        with libvirt_errors(f"domain {name!r}"):
+            try:
+                return Domain(self, self.conn.lookupByName(name))
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                try:
+                    return Domain(self, self.conn.lookupByUUIDString(name))
+                except libvirt.libvirtError:
+                    raise err from None
+
+    def versions(self) -> dict[str, str]:
+        with libvirt_errors("querying versions"):
+            return {"libvirt": _version(self.conn.getLibVersion()),
+                    "hypervisor": _version(self.conn.getVersion()),
+                    "uri": self.conn.getURI()}
+
+    def qemu_user(self) -> tuple[int, int]:
+        """uid and gid QEMU processes run as (libvirt's DAC base label)."""
+        with libvirt_errors("reading capabilities"):
+            caps = etree.fromstring(self.conn.getCapabilities().encode())
+        for label in caps.iterfind("host/secmodel/baselabel"):
+            if label.get("type") in ("kvm", "qemu") and label.text and ":" in label.text:
+                uid, gid = label.text.split(":", 1)
+                return int(uid.lstrip("+")), int(gid.lstrip("+"))
+        return 0, 0
+
+    # -- defining -------------------------------------------------------
+    def build_xml(self, spec: DomainSpec, guest: image.GuestImage, *, uuid: str | None = None) -> str:
+        """The domain XML for *spec* (pure apart from reading the accelerator)."""
+        acc = accel.current()
+        cmdline = image.CMDLINE + (" hvext_agent.testing=1" if spec.agent_testing else "")
+        if spec.extra_cmdline:
+            cmdline += " " + spec.extra_cmdline
+        return domxml.DomainXML(
+            name=spec.name, memory_mib=spec.memory_mib, current_memory_mib=spec.current_memory_mib,
+            vcpus=spec.vcpus, domain_type=acc.domain_type, uuid=uuid,
+            os_boot=domxml.OSBoot(guest.kernel, guest.initrd, cmdline),
+            cpu=domxml.CPU(kvm=acc.is_kvm),
+            disk=domxml.Disk(paths.domain_dir(spec.name) / "disk.qcow2"),
+            console=domxml.SerialConsole(paths.console_log(spec.name)),
+            qmp=domxml.QMPMonitor(paths.domain_dir(spec.name) / "qmp.sock"),
+            emulator=emulator_path(),
+            devices=[domxml.AgentChannel(), domxml.Balloon(free_page_reporting=spec.free_page_reporting),
+                     domxml.RNG()],
+        ).render()
+
+    def define(self, spec: DomainSpec) -> Domain:
+        """Define a persistent domain on a fresh qcow2 overlay of the guest image.
+
+        Nothing is left behind when a step fails (overlay and state removed).
+        """
+        spec.validate()
+        guest = image.require_image()
+        with libvirt_errors(f"domain {spec.name!r}"):
+            try:
+                self.conn.lookupByName(spec.name)
+                raise UsageError(f"domain {spec.name!r} already exists; pick another name or "
+                                 f"`hvext undefine {spec.name}` first")
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        state = paths.domain_dir(spec.name)
+        if state.exists():
+            shutil.rmtree(state)  # left by a domain undefined outside hvext
+        state.mkdir(parents=True)
+        try:
+            uid, gid = self.qemu_user()
+            os.chown(state, 0, gid)
+            state.chmod(0o770)  # QEMU (running as the libvirt qemu user) creates the QMP socket here
+            paths.console_log(spec.name).parent.mkdir(parents=True, exist_ok=True)
+            _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(guest.rootfs),
+                  str(state / "disk.qcow2")])
+            xml = self.build_xml(spec, guest)
+            with libvirt_errors(f"defining {spec.name!r}"):
+                return Domain(self, self.conn.defineXML(xml))
+        except BaseException:
+            shutil.rmtree(state, ignore_errors=True)
+            raise
+
+
+def _version(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def _run(args: list[str]) -> None:
+    try:
+        subprocess.run(args, check=True, capture_output=True, text=True)
+    except FileNotFoundError as err:
+        raise HostError(f"{args[0]} is not installed (`make setup` installs it)") from err
+    except subprocess.CalledProcessError as err:
+        raise HostError(f"{args[0]} failed: {err.stderr.strip()}") from err
+
+
+class Domain:
+    """A handle on one libvirt domain."""
+
+    def __init__(self, host: Host, dom: libvirt.virDomain) -> None:
+        self.host = host
+        self.dom = dom
+        self.name: str = dom.name()
+
+    def __repr__(self) -> str:
+        return f"Domain({self.name!r})"
+
+    def _errors(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return libvirt_errors(f"{action} {self.name!r}" if action else f"domain {self.name!r}")
+
+    # -- state ----------------------------------------------------------
+    def state(self) -> str:
+        with self._errors(""):
+            return STATE_NAMES.get(self.dom.state()[0], "unknown")
+
+    def is_active(self) -> bool:
+        with self._errors(""):
+            return bool(self.dom.isActive())
+
+    def facts(self) -> domxml.DomainFacts:
+        """Facts from the live XML (inactive XML when the domain is off)."""
+        with self._errors(""):
+            return domxml.read_facts(self.dom.XMLDesc(0))
+
+    def info(self) -> dict[str, Any]:
+        with self._errors(""):
+            state, max_kib, cur_kib, vcpus, cpu_ns = self.dom.info()
+            facts = domxml.read_facts(self.dom.XMLDesc(0))
+            return {
+                "name": self.name, "uuid": self.dom.UUIDString(),
+                "id": self.dom.ID() if self.dom.isActive() else None,
+                "state": STATE_NAMES.get(state, "unknown"), "vcpus": vcpus,
+                "max_memory_kib": max_kib, "used_memory_kib": cur_kib, "cpu_time_s": cpu_ns / 1e9,
+                "persistent": bool(self.dom.isPersistent()), "autostart": bool(self.dom.autostart()),
+                "hvext_managed": facts.hvext_managed, "agent_channel": facts.has_agent_channel,
+                "console_log": str(facts.console_log) if facts.console_log else None,
+            }
+
+    def require_running(self) -> None:
+        if not self.is_active():
+            raise DomainStateError(f"domain {self.name!r} is not running; `hvext start {self.name}` first")
+
+    # -- lifecycle ------------------------------------------------------
+    def start(self) -> None:
+        with self._errors("starting"):
+            if self.dom.isActive():
+                raise DomainStateError(f"domain {self.name!r} is already running")
+            self.dom.create()
+
+    def destroy(self) -> None:
+        with self._errors("destroying"):
+            self.dom.destroy()
+
+    def shutdown(self, *, wait: float | None = None) -> None:
+        """Ask the guest to power off (ACPI); with *wait*, until it is off or raise."""
+        with self._errors("shutting down"):
+            if not self.dom.isActive():
+                raise DomainStateError(f"domain {self.name!r} is not running")
+        if wait is None:
+            with self._errors("shutting down"):
+                self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            return
+        aio.run(self._shutdown_and_wait(wait))
+
+    async def _shutdown_and_wait(self, timeout: float) -> None:
+        async with self.lifecycle_events() as events:
+            with self._errors("shutting down"):
+                self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            try:
+                await asyncio.wait_for(_until_stopped(events, self), timeout)
+            except asyncio.TimeoutError as err:
+                raise DomainStateError(f"domain {self.name!r} did not power off within {timeout:.0f} s; "
+                                       f"`hvext destroy {self.name}` forces it off") from err
+
+    @contextlib.asynccontextmanager
+    async def lifecycle_events(self) -> AsyncIterator[asyncio.Queue[tuple[int, int]]]:
+        """libvirt lifecycle events (event, detail) of this domain, delivered on hvext's loop."""
+        queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+
+        def callback(conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
+            queue.put_nowait((event, detail))
+
+        with self._errors("watching"):
+            handle = self.host.conn.domainEventRegisterAny(
+                self.dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None)
+        try:
+            yield queue
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.host.conn.domainEventDeregisterAny(handle)
+
+    def undefine(self, *, remove_state: bool = True) -> None:
+        """Undefine (the domain must be off) and remove hvext's overlay disk and state."""
+        with self._errors("undefining"):
+            if self.dom.isActive():
+                raise DomainStateError(f"domain {self.name!r} is running; shut it down or destroy it first")
+            facts = domxml.read_facts(self.dom.XMLDesc(0))
+            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        if remove_state and facts.hvext_managed:
+            shutil.rmtree(paths.domain_dir(self.name), ignore_errors=True)
+
+    # -- memory ---------------------------------------------------------
+    def balloon_stats(self) -> dict[str, int]:
+        """libvirt's memoryStats (KiB): actual, unused, available, usable, rss, ..."""
+        self.require_running()
+        with self._errors("reading memory statistics of"):
+            return {str(k): int(v) for k, v in self.dom.memoryStats().items()}
+
+    # -- channels -------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def qmp(self) -> AsyncIterator[QMPSession]:
+        """A QMP session: hvext's own monitor when present, else libvirt passthrough."""
+        self.require_running()
+        facts = self.facts()
+        if facts.qmp_socket is not None:
+            session: QMPSession = await SocketQMP(facts.qmp_socket, name=self.name).connect()
+        else:
+            session = PassthroughQMP(self.dom)
+        try:
+            yield session
+        finally:
+            await session.close()
+
+    @contextlib.asynccontextmanager
+    async def agent(self, *, timeout: float = 10.0) -> AsyncIterator[AgentClient]:
+        """A synchronised agent session (AgentUnavailable when the domain has no agent)."""
+        self.require_running()
+        facts = self.facts()
+        if not facts.has_agent_channel:
+            raise AgentUnavailable(f"domain {self.name!r} has no hvext agent channel "
+                                   f"({domxml.AGENT_PORT}); commands that need the agent do not work on it")
+        if facts.agent_socket is None:
+            raise AgentUnavailable(f"domain {self.name!r}: libvirt reports no socket for the agent channel")
+        client = AgentClient(facts.agent_socket, name=self.name, timeout=timeout)
+        await client.connect()
+        try:
+            await client.sync()
+            yield client
+        finally:
+            await client.close()
+
+    async def wait_agent(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Retry the agent handshake until it answers (boot) or *timeout* passes."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        attempt = 0
+        while time.monotonic() < deadline:
+            attempt += 1
+            try:
+                async with self.agent(timeout=min(3.0, max(0.5, deadline - time.monotonic()))) as agent:
+                    return await agent.request("info")
+            except (AgentUnavailable, HvextError) as err:
+                if isinstance(err, DomainStateError):
+                    raise
+                last = err
+            await asyncio.sleep(min(0.5 * attempt, 2.0))
+        raise AgentUnavailable(f"agent of {self.name!r} not ready within {timeout:.0f} s "
+                               f"(last error: {last}); see `hvext console-log {self.name}`") from last
+
+
+async def _until_stopped(events: asyncio.Queue[tuple[int, int]], domain: Domain) -> None:
+    if not domain.is_active():
+        return
+    while True:
+        event, _ = await events.get()
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            return

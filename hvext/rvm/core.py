@@ -1,0 +1,998 @@
+"""Lightweight Recoverable Virtual Memory: regions, transactions, log, recovery.
+
+Design (see docs/rvm.md for the user's view):
+
+* A mapped region is a private in-memory copy (a ``bytearray`` subclass) of a
+  range of an external data segment file. Applications change it directly.
+* ``set_range`` copies the old bytes into memory (the undo copy, only for
+  ``restore=True``); nothing is written to disk. ``end_transaction`` writes
+  one checksummed redo record holding the *new* bytes of every declared range
+  (no-undo/redo value logging) with a single ``pwritev``; with ``flush=True``
+  it waits for an ``fdatasync`` of the log (group commit: one sync covers
+  every record written before it, concurrent committers share it).
+* Segment files are only written by truncation and recovery, from the log.
+  Truncation closes the current *epoch* (the records up to the log tail),
+  makes those records durable, applies them to the segments, syncs the
+  segments and only then advances the log head in the header, reclaiming the
+  space. New commits go to the next epoch meanwhile; the automatic truncation
+  runs in a worker thread.
+* Recovery (at ``RVM(...)``) replays every valid record from the head in
+  order and stops at the first invalid one (the torn tail), syncs the
+  segments, then restarts the log with a fresh salt.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import threading
+from typing import Any, Callable, Iterator
+
+from hvext.rvm import logformat as lf
+from hvext.rvm.errors import (
+    RVMAlreadyMappedError,
+    RVMClosedError,
+    RVMError,
+    RVMInactiveTransactionError,
+    RVMIOError,
+    RVMLogBusyError,
+    RVMLogCorruptError,
+    RVMLogExistsError,
+    RVMLogFullError,
+    RVMLogNotFoundError,
+    RVMNoRestoreError,
+    RVMNotMappedError,
+    RVMOptionError,
+    RVMRangeError,
+    RVMRecoveryError,
+    RVMRegionBusyError,
+)
+
+_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+_HAVE_PWRITEV = hasattr(os, "pwritev")
+_IOV_MAX = 1000
+_PAD = bytes(lf.ALIGN)
+_REC_SIZE = lf.REC.size
+_RANGE_PACK = lf.RANGE.pack
+_BODY_PACK = lf.REC_BODY.pack
+_U32_PACK = lf.U32.pack
+
+DEFAULT_TRUNCATE_RATIO = 0.5
+_OPTIONS = ("truncate_ratio", "background_truncation")
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a directory entry (a file creation or rename) durable."""
+    dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite all of ``data`` at ``offset`` (regular files rarely write short)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        offset += n
+
+
+def _write_iov(fd: int, iov: list, offset: int) -> None:
+    """Write the buffers of ``iov`` back to back at ``offset``."""
+    if not _HAVE_PWRITEV or len(iov) > _IOV_MAX:
+        _write_all(fd, b"".join(iov), offset)
+        return
+    total = sum(map(len, iov))
+    n = os.pwritev(fd, iov, offset)
+    if n != total:  # short write: finish the rest the slow way
+        _write_all(fd, memoryview(b"".join(iov))[n:], offset + n)
+
+
+def _zero_fill(fd: int, start: int, end: int) -> None:
+    """Write real zero blocks in [start, end) so later writes need no allocation."""
+    chunk = bytes(1 << 20)
+    pos = start
+    while pos < end:
+        n = min(len(chunk), end - pos)
+        _write_all(fd, memoryview(chunk)[:n], pos)
+        pos += n
+
+
+def create_log(log_path: str | os.PathLike, size: int, *, overwrite: bool = False) -> str:
+    """Format an RVM log file of ``size`` bytes at ``log_path``; return its path.
+
+    The file is fully written (not sparse) so that commits never allocate
+    blocks, and made durable (file and directory) before returning. An
+    existing file is refused unless ``overwrite=True``; then it is replaced
+    atomically (rename), discarding whatever it held.
+    """
+    path = os.path.abspath(os.fspath(log_path))
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise RVMOptionError(f"log size must be an int number of bytes, not {size!r}")
+    if size < lf.MIN_LOG_SIZE:
+        raise RVMOptionError(f"log size {size} is below the minimum of {lf.MIN_LOG_SIZE} bytes")
+    if os.path.lexists(path) and not overwrite:
+        raise RVMLogExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if os.path.isdir(path):
+        raise RVMLogExistsError(f"{path} is a directory")
+    tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise RVMIOError(f"cannot create log {path}: {err.strerror}") from err
+    try:
+        try:
+            _zero_fill(fd, 0, size)
+            header = lf.LogHeader(size, lf.capacity_for(size), 0, 1, random.getrandbits(32))
+            _write_all(fd, lf.pack_header(header), lf.header_offset(header.generation))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path)
+    except OSError as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise RVMIOError(f"cannot create log {path}: {err.strerror}") from err
+    return path
+
+
+class _Segment:
+    """An external data segment file opened by the RVM (kept for its lifetime)."""
+
+    __slots__ = ("id", "path", "fd", "key", "regions", "declared")
+
+    def __init__(self, seg_id: int, path: str, fd: int, key: tuple[int, int]) -> None:
+        self.id = seg_id
+        self.path = path
+        self.fd = fd
+        self.key = key
+        self.regions: list[Region] = []
+        self.declared = 0  # epoch in which the segment was last declared in the log
+
+
+class Region(bytearray):
+    """A mapped range of a data segment: writable memory, ``len == length``.
+
+    ``memoryview(region)`` gives zero-copy access. The size is fixed while the
+    region is mapped (the RVM holds a buffer export, so resizing raises
+    ``BufferError``). Changes reach the segment only through committed
+    transactions.
+    """
+
+    __slots__ = ("_rvm", "_seg", "_base", "_mv", "_path")
+
+    @property
+    def segment_path(self) -> str:
+        """Absolute path of the segment file."""
+        return self._path
+
+    @property
+    def offset(self) -> int:
+        """Offset of the region in its segment."""
+        return self._base
+
+    @property
+    def length(self) -> int:
+        """Length of the region in bytes."""
+        return len(self)
+
+    @property
+    def mapped(self) -> bool:
+        """True while the region is mapped by an open RVM."""
+        return self._rvm is not None
+
+    def __repr__(self) -> str:
+        state = "mapped" if self._rvm is not None else "unmapped"
+        return f"<rvm.Region {self._path}[{self._base}:{self._base + len(self)}] {state}>"
+
+
+class _Txn:
+    """An active transaction: declared ranges and, with restore, old values."""
+
+    __slots__ = ("tid", "restore", "ranges")
+
+    def __init__(self, tid: int, restore: bool) -> None:
+        self.tid = tid
+        self.restore = restore
+        # (region, offset, length, old bytes or None, memoryview of the range)
+        self.ranges: list[tuple[Region, int, int, bytes | None, memoryview]] = []
+
+
+class Transaction:
+    """Context-manager form of a transaction: commit on success, abort on error.
+
+    ``with rvm.transaction() as t: t.set_range(region, off, n)[:] = data``.
+    If the block raises, a ``restore=True`` transaction is aborted (memory
+    put back); a ``restore=False`` one cannot be, so it is discarded: it is
+    never committed, and the memory keeps the changes made in the block.
+    """
+
+    def __init__(self, rvm: "RVM", restore: bool = True, flush: bool = True) -> None:
+        self._rvm = rvm
+        self.restore = restore
+        self.flush = flush
+        self.tid: int | None = None
+
+    def __enter__(self) -> "Transaction":
+        self.tid = self._rvm.begin_transaction(restore=self.restore)
+        return self
+
+    def set_range(self, region: Region, offset: int, length: int) -> memoryview:
+        """Declare a range (see :meth:`RVM.set_range`); returns a view of it."""
+        return self._rvm.set_range(self._tid(), region, offset, length)
+
+    def commit(self, flush: bool | None = None) -> None:
+        """Commit now (``flush`` defaults to the one given at creation)."""
+        self._rvm.end_transaction(self._tid(), flush=self.flush if flush is None else flush)
+
+    def abort(self) -> None:
+        """Abort now, restoring the old values."""
+        self._rvm.abort_transaction(self._tid())
+
+    def _tid(self) -> int:
+        if self.tid is None:
+            raise RVMInactiveTransactionError("the transaction has not begun (use it in a with block)")
+        return self.tid
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.tid is None or not self._rvm._is_active(self.tid):
+            return
+        if exc_type is None:
+            self.commit()
+        elif self.restore:
+            self._rvm.abort_transaction(self.tid)
+        else:
+            self._rvm._discard(self.tid)
+
+
+class RVM:
+    """One recoverable virtual memory instance bound to one log file.
+
+    Constructing it opens the log (exclusively, with ``flock``) and runs
+    crash recovery. Options (also for :meth:`set_options`):
+
+    ``truncate_ratio`` (float in (0, 1], default 0.5, or None to disable)
+        start an automatic truncation when the log is this full.
+    ``background_truncation`` (bool, default True)
+        run automatic truncations in a worker thread alongside forward
+        processing; False runs them in the committing thread.
+
+    A log that is full always triggers a truncation in the committer,
+    whatever the options.
+    """
+
+    def __init__(self, log_path: str | os.PathLike, **options: Any) -> None:
+        self._truncate_ratio: float | None = DEFAULT_TRUNCATE_RATIO
+        self._background = True
+        self._check_options(options)
+        self._path = os.path.abspath(os.fspath(log_path))
+        self._fd = -1
+        self._closed = True
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as err:
+            raise RVMLogNotFoundError(f"no RVM log at {self._path}; format one with create_log") from err
+        except OSError as err:
+            raise RVMIOError(f"cannot open log {self._path}: {err.strerror}") from err
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as err:
+                raise RVMLogBusyError(f"{self._path} is in use by another RVM") from err
+            header = lf.read_header(fd, self._path)
+            self._fd = fd
+            self._header = header
+            self._cap = header.capacity
+            self._recover()
+        except BaseException:
+            os.close(fd)
+            self._fd = -1
+            raise
+        self._apply_options(options)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._hdr_lock = threading.Lock()
+        self._sync_cond = threading.Condition(threading.Lock())
+        self._syncing = False
+        self._synced = self._tail
+        self._truncating = False
+        self._epoch = 1
+        self._segs: list[_Segment] = []
+        self._seg_by_key: dict[tuple[int, int], _Segment] = {}
+        self._active: dict[int, _Txn] = {}
+        self._next_tid = 1
+        self._unmapped_dirty: list[tuple[_Segment, int, int, int]] = []
+        self._broken: BaseException | None = None
+        self._bg_error: BaseException | None = None
+        self._worker: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stats = {"commits": 0, "truncations": 0, "syncs": 0}
+        self._closed = False
+
+    # ------------------------------------------------------------------ options
+
+    @staticmethod
+    def _check_options(options: dict[str, Any]) -> None:
+        for name, value in options.items():
+            if name not in _OPTIONS:
+                raise RVMOptionError(f"unknown RVM option {name!r}; known: {', '.join(_OPTIONS)}")
+            if name == "truncate_ratio" and value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                    raise RVMOptionError(f"truncate_ratio must be in (0, 1] or None, not {value!r}")
+            if name == "background_truncation" and not isinstance(value, bool):
+                raise RVMOptionError(f"background_truncation must be a bool, not {value!r}")
+
+    def _apply_options(self, options: dict[str, Any]) -> None:
+        if "truncate_ratio" in options:
+            value = options["truncate_ratio"]
+            self._truncate_ratio = None if value is None else float(value)
+        if "background_truncation" in options:
+            self._background = options["background_truncation"]
+
+    def set_options(self, **options: Any) -> None:
+        """Change options (see the class docstring); unknown or bad ones raise RVMOptionError."""
+        self._check_options(options)
+        with self._lock:
+            self._check_open()
+            self._apply_options(options)
+        self._maybe_truncate()
+
+    def query_options(self, region: Region | None = None) -> dict[str, Any]:
+        """Options and state of the RVM, or of one mapped region."""
+        with self._lock:
+            self._check_open()
+            if region is not None:
+                self._check_region(region)
+                return {
+                    "segment_path": region._path,
+                    "offset": region._base,
+                    "length": len(region),
+                    "active_transactions": sum(
+                        1 for t in self._active.values() if any(r[0] is region for r in t.ranges)
+                    ),
+                }
+            used = self._tail - self._head
+            return {
+                "log_path": self._path,
+                "log_size": self._header.log_size,
+                "log_capacity": self._cap,
+                "log_used": used,
+                "log_fill": used / self._cap,
+                "truncate_ratio": self._truncate_ratio,
+                "background_truncation": self._background,
+                "truncating": self._truncating,
+                "epoch": self._epoch,
+                "head_lsn": self._head,
+                "tail_lsn": self._tail,
+                "synced_lsn": self._synced,
+                "regions": [r for s in self._segs for r in s.regions],
+                "segments": [s.path for s in self._segs],
+                "active_transactions": len(self._active),
+                "format_version": lf.VERSION,
+                **self._stats,
+            }
+
+    # ----------------------------------------------------------------- recovery
+
+    def _recover(self) -> None:
+        """Replay valid records from the head into the segments; restart the log."""
+        fd, h = self._fd, self._header
+        try:
+            _fdatasync(fd)  # records must be durable before segments reflect them
+            file_size = os.fstat(fd).st_size
+        except OSError as err:
+            raise RVMIOError(f"cannot sync log {self._path}: {err.strerror}") from err
+        scanner = lf.Scanner(fd, h.capacity, h.salt, file_size)
+        paths: dict[int, bytes] = {}
+        seg_fds: dict[bytes, int] = {}
+        try:
+            for rec in scanner.scan(h.head_lsn):
+                if rec.kind == lf.KIND_SEG:
+                    paths[rec.count] = rec.path
+                    continue
+                for seg_id, off, data in rec.ranges:
+                    path = paths.get(seg_id)
+                    if path is None:
+                        raise RVMLogCorruptError(
+                            f"{self._path}: record at LSN {rec.lsn} names undeclared segment {seg_id}"
+                        )
+                    sfd = seg_fds.get(path)
+                    if sfd is None:
+                        try:
+                            sfd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                        except FileNotFoundError as err:
+                            raise RVMRecoveryError(
+                                f"segment {os.fsdecode(path)} named by the log is missing; restore it "
+                                "(an empty file will do) or discard the log with create_log(overwrite=True)"
+                            ) from err
+                        seg_fds[path] = sfd
+                    _write_all(sfd, data, off)
+            for sfd in seg_fds.values():
+                os.fsync(sfd)
+            if file_size < h.log_size:  # the file was cut short: put the ring back
+                _zero_fill(fd, file_size, h.log_size)
+            end = scanner.end_lsn
+            # Restart past anything ever written, with a fresh salt, so stale
+            # or torn records can never validate again.
+            head = (end // h.capacity + 2) * h.capacity
+            new = lf.LogHeader(h.log_size, h.capacity, head, h.generation + 1, random.getrandbits(32))
+            _write_all(fd, lf.pack_header(new), lf.header_offset(new.generation))
+            _fdatasync(fd)
+        except OSError as err:
+            raise RVMIOError(f"crash recovery of {self._path} failed: {err.strerror}") from err
+        finally:
+            for sfd in seg_fds.values():
+                os.close(sfd)
+        self._header = new
+        self._salt = new.salt
+        self._head = head
+        self._tail = head
+
+    # -------------------------------------------------------------- map, unmap
+
+    def map(self, segment_path: str | os.PathLike, length: int, offset: int = 0) -> Region:
+        """Map ``length`` bytes of a segment file at ``offset``; create the file if absent.
+
+        Returns a Region holding the segment's committed contents. Mapping a
+        range that overlaps a mapped one (of the same file, whatever the
+        path) raises RVMAlreadyMappedError.
+        """
+        if not isinstance(length, int) or not isinstance(offset, int) or length <= 0 or offset < 0:
+            raise RVMRangeError(f"bad mapping length {length!r} / offset {offset!r}")
+        path = os.path.realpath(os.fspath(segment_path))
+        with self._lock:
+            self._check_open()
+            created = False
+            try:
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    created = True
+                st = os.fstat(fd)
+            except OSError as err:
+                raise RVMIOError(f"cannot open segment {path}: {err.strerror}") from err
+            key = (st.st_dev, st.st_ino)
+            seg = self._seg_by_key.get(key)
+            if seg is not None:
+                os.close(fd)
+                for other in seg.regions:
+                    if offset < other._base + len(other) and other._base < offset + length:
+                        raise RVMAlreadyMappedError(
+                            f"{path}[{offset}:{offset + length}] overlaps mapped "
+                            f"[{other._base}:{other._base + len(other)}]"
+                        )
+            else:
+                seg = _Segment(len(self._segs), path, fd, key)
+                self._segs.append(seg)
+                self._seg_by_key[key] = seg
+            try:
+                if st.st_size < offset + length:
+                    os.ftruncate(seg.fd, offset + length)
+                    os.fsync(seg.fd)
+                if created:
+                    _fsync_dir(path)
+            except OSError as err:
+                raise RVMIOError(f"cannot size segment {path}: {err.strerror}") from err
+            region = Region(length)
+            region._rvm = None
+            region._seg = seg
+            region._base = offset
+            region._path = path
+            region._mv = memoryview(region)
+            seg.regions.append(region)  # reserves the range while we read
+            try:
+                self._wait_unmapped_applied(seg, offset, offset + length)
+            except BaseException:
+                seg.regions.remove(region)
+                raise
+        try:
+            view = region._mv
+            pos = 0
+            while pos < length:
+                n = os.preadv(seg.fd, [view[pos:]], offset + pos)
+                if n <= 0:
+                    break  # past EOF (cannot happen after ftruncate): zeros
+                pos += n
+        except OSError as err:
+            with self._lock:
+                seg.regions.remove(region)
+            raise RVMIOError(f"cannot read segment {path}: {err.strerror}") from err
+        region._rvm = self
+        return region
+
+    def _wait_unmapped_applied(self, seg: _Segment, start: int, end: int) -> None:
+        """Lock held. Make sure records of earlier mappings of [start, end) are in the segment."""
+        if not self._unmapped_dirty:
+            return
+        while any(
+            s is seg and a < end and start < b and lsn > self._head for s, a, b, lsn in self._unmapped_dirty
+        ):
+            self._truncate_all_locked()
+        self._unmapped_dirty = [e for e in self._unmapped_dirty if e[3] > self._head]
+
+    def unmap(self, region: Region) -> None:
+        """Unmap a region. Its committed changes stay in the log until truncation."""
+        with self._lock:
+            self._check_open()
+            self._check_region(region)
+            for txn in self._active.values():
+                if any(r[0] is region for r in txn.ranges):
+                    raise RVMRegionBusyError(f"transaction {txn.tid} has ranges in {region!r}")
+            seg = region._seg
+            seg.regions.remove(region)
+            if self._tail > self._head:
+                self._unmapped_dirty.append((seg, region._base, region._base + len(region), self._tail))
+            self._release_region(region)
+
+    @staticmethod
+    def _release_region(region: Region) -> None:
+        region._rvm = None
+        try:
+            region._mv.release()
+        except BufferError:
+            pass  # views handed out by set_range are still alive; they keep it pinned
+
+    def _check_region(self, region: Any) -> None:
+        if not isinstance(region, Region) or region._rvm is not self:
+            raise RVMNotMappedError(f"{region!r} is not a region mapped by this RVM")
+
+    # ------------------------------------------------------------ transactions
+
+    def begin_transaction(self, restore: bool = True) -> int:
+        """Start a transaction; return its id. ``restore=False`` is no_restore mode."""
+        with self._lock:
+            self._check_open()
+            tid = self._next_tid
+            self._next_tid = tid + 1
+            self._active[tid] = _Txn(tid, bool(restore))
+            return tid
+
+    def transaction(self, restore: bool = True, flush: bool = True) -> Transaction:
+        """A context manager running a transaction (see :class:`Transaction`)."""
+        return Transaction(self, restore, flush)
+
+    def set_range(self, tid: int, region: Region, offset: int, length: int) -> memoryview:
+        """Declare that transaction ``tid`` will change ``region[offset:offset+length]``.
+
+        With restore mode the old bytes are copied (in memory only). Returns a
+        writable memoryview of the range for convenience.
+        """
+        with self._lock:
+            txn = self._active.get(tid)
+            if txn is None:
+                self._check_open()
+                raise RVMInactiveTransactionError(f"transaction {tid!r} is not active")
+            if not isinstance(region, Region) or region._rvm is not self:
+                raise RVMNotMappedError(f"{region!r} is not a region mapped by this RVM")
+            if (
+                type(offset) is not int
+                or type(length) is not int
+                or offset < 0
+                or length <= 0
+                or offset + length > len(region)
+            ):
+                raise RVMRangeError(
+                    f"range [{offset!r}:+{length!r}] is outside region of length {len(region)}"
+                )
+            view = region._mv[offset : offset + length]
+            txn.ranges.append((region, offset, length, bytes(view) if txn.restore else None, view))
+            return view
+
+    def abort_transaction(self, tid: int) -> None:
+        """Abort: put back the old values of every declared range (restore mode only)."""
+        with self._lock:
+            txn = self._active.get(tid)
+            if txn is None:
+                self._check_open()
+                raise RVMInactiveTransactionError(f"transaction {tid!r} is not active")
+            if not txn.restore:
+                raise RVMNoRestoreError(
+                    f"transaction {tid} was begun with restore=False and cannot be aborted"
+                )
+            del self._active[tid]
+            for _region, _off, _n, old, view in reversed(txn.ranges):
+                view[:] = old
+
+    def _discard(self, tid: int) -> None:
+        """Forget an active transaction without committing or restoring it."""
+        with self._lock:
+            self._active.pop(tid, None)
+
+    def _is_active(self, tid: int) -> bool:
+        return tid in self._active
+
+    def end_transaction(self, tid: int, flush: bool = True) -> None:
+        """Commit: log the new values of every declared range as one record.
+
+        With ``flush=True`` the record (and every earlier one) is durable when
+        this returns; ``flush=False`` (no_flush) returns once the record is in
+        the log file, and it becomes durable at the next flush, flushed
+        commit or truncation.
+        """
+        with self._lock:
+            txn = self._active.pop(tid, None)
+            if txn is None:
+                self._check_open()
+                raise RVMInactiveTransactionError(f"transaction {tid!r} is not active")
+            if txn.ranges:
+                try:
+                    end = self._append_txn_locked(txn)
+                except BaseException:
+                    if not self._closed:
+                        self._active[tid] = txn  # still active: the caller may abort it
+                    raise
+                self._stats["commits"] += 1
+            else:
+                end = self._tail
+            need_truncate = (
+                self._truncate_ratio is not None
+                and not self._truncating
+                and self._tail - self._head >= self._truncate_ratio * self._cap
+            )
+        if flush and self._synced < end:
+            self._sync_to(end)
+        if need_truncate:
+            self._maybe_truncate()
+
+    # ---------------------------------------------------------------- the log
+
+    def _append_txn_locked(self, txn: _Txn) -> int:
+        """Lock held. Write the segment declarations the epoch lacks and the record."""
+        cap = self._cap
+        while True:
+            self._raise_if_broken()
+            epoch = self._epoch
+            # Payload: per range an entry then the new bytes (zero-copy views).
+            parts: list = []
+            plen = 0
+            decls: list[_Segment] = []
+            for region, off, n, _old, view in txn.ranges:
+                seg = region._seg
+                if seg.declared != epoch and seg not in decls:
+                    decls.append(seg)
+                parts.append(_RANGE_PACK(seg.id, n, region._base + off))
+                parts.append(view)
+                plen += lf.RANGE.size + n
+            records = [(lf.KIND_SEG, seg.id, [os.fsencode(seg.path)]) for seg in decls]
+            records.append((lf.KIND_TXN, len(txn.ranges), parts, plen))
+            sizes = []
+            for rec in records:
+                if rec[0] == lf.KIND_SEG:
+                    p = rec[2][0]
+                    sizes.append(lf.aligned(_REC_SIZE + len(p)))
+                else:
+                    sizes.append(lf.aligned(_REC_SIZE + plen))
+            total = sum(sizes)
+            if total > cap:
+                raise RVMLogFullError(
+                    f"a commit of {total} bytes can never fit in a log ring of {cap} bytes; "
+                    "use a larger log (create_log) or smaller transactions"
+                )
+            # Lay the records out in the ring (wrapping where needed).
+            lsn = self._tail
+            layout: list[tuple[int, bool]] = []  # (lsn, wrap record before it at lsn - ...)
+            wraps: list[int] = []
+            for size in sizes:
+                room = cap - lsn % cap
+                if size > room:
+                    if room >= _REC_SIZE:
+                        wraps.append(lsn)
+                    lsn += room
+                layout.append((lsn, False))
+                lsn += size
+            if lsn - self._head > cap:
+                self._make_room_locked()
+                continue  # the epoch may have changed: redo the declarations
+            self._write_records(records, sizes, layout, wraps)
+            self._tail = lsn
+            for seg in decls:
+                seg.declared = epoch
+            return lsn
+
+    def _write_records(self, records: list, sizes: list[int], layout: list, wraps: list[int]) -> None:
+        """Write laid-out records, one pwritev per physically contiguous run."""
+        cap, salt, fd = self._cap, self._salt, self._fd
+        iov: list = []
+        run_start = -1
+        run_end = -1
+
+        def flush_run() -> None:
+            if iov:
+                _write_iov(fd, iov, lf.physical(run_start, cap))
+                iov.clear()
+
+        try:
+            for w in wraps:
+                body = _BODY_PACK(lf.KIND_WRAP, 0, _REC_SIZE, 0, w)
+                _write_all(fd, _U32_PACK(lf.record_crc(body, [], salt)) + body, lf.physical(w, cap))
+            for (kind, count, parts, *_), size, (lsn, _w) in zip(records, sizes, layout):
+                if lsn != run_end:
+                    flush_run()
+                    run_start = lsn
+                hlen = _REC_SIZE + sum(map(len, parts))
+                pad = size - hlen
+                if pad:
+                    parts = parts + [_PAD[:pad]]
+                body = _BODY_PACK(kind, 0, size, count, lsn)
+                iov.append(_U32_PACK(lf.record_crc(body, parts, salt)))
+                iov.append(body)
+                iov.extend(parts)
+                run_end = lsn + size
+            flush_run()
+        except OSError as err:
+            raise RVMIOError(f"cannot write to log {self._path}: {err.strerror}") from err
+
+    def _make_room_locked(self) -> None:
+        """Lock held. Free log space: wait for, or run, a truncation; or realign an empty ring."""
+        if self._truncating:
+            self._cond.wait()
+        elif self._tail > self._head:
+            self._truncate_locked()
+        else:
+            self._realign_locked()
+
+    def _realign_locked(self) -> None:
+        """Lock held, log empty: move head and tail to the start of the ring."""
+        cap = self._cap
+        if self._tail % cap == 0:
+            return
+        new_head = (self._tail // cap + 1) * cap
+        self._write_header(new_head)
+        self._head = self._tail = new_head
+
+    def _write_header(self, head: int) -> None:
+        """Durably record a new head LSN (alternate header slot)."""
+        with self._hdr_lock:
+            h = self._header
+            new = lf.LogHeader(h.log_size, h.capacity, head, h.generation + 1, h.salt)
+            try:
+                _write_all(self._fd, lf.pack_header(new), lf.header_offset(new.generation))
+                _fdatasync(self._fd)
+            except OSError as err:
+                self._broken = err
+                raise RVMIOError(f"cannot write the header of {self._path}: {err.strerror}") from err
+            self._header = new
+
+    def _sync_to(self, lsn: int) -> None:
+        """Make the log durable up to ``lsn``; concurrent callers share one fdatasync."""
+        cond = self._sync_cond
+        with cond:
+            while self._synced < lsn:
+                if self._syncing:
+                    cond.wait()
+                    continue
+                self._raise_if_broken()
+                self._syncing = True
+                target = self._tail
+                cond.release()
+                try:
+                    _fdatasync(self._fd)
+                except OSError as err:
+                    # After a failed fdatasync the kernel may have dropped the
+                    # dirty pages: nothing written since the last sync is safe.
+                    self._broken = err
+                    raise RVMIOError(f"fdatasync of log {self._path} failed: {err.strerror}") from err
+                finally:
+                    cond.acquire()
+                    self._syncing = False
+                    cond.notify_all()
+                self._stats["syncs"] += 1
+                if target > self._synced:
+                    self._synced = target
+
+    def flush(self) -> None:
+        """Make every commit made so far (no_flush ones included) durable."""
+        self._check_open()
+        self._raise_bg_error()
+        self._sync_to(self._tail)
+
+    # -------------------------------------------------------------- truncation
+
+    def truncate(self) -> None:
+        """Apply every commit made so far to the segments and reclaim its log space.
+
+        Commits from other threads proceed meanwhile (into the next epoch).
+        """
+        with self._lock:
+            self._check_open()
+            self._raise_bg_error()
+            self._truncate_all_locked()
+
+    def _truncate_all_locked(self) -> None:
+        """Lock held. Truncate until the head passes the tail as it is now."""
+        target = self._tail
+        while self._head < target:
+            if self._truncating:
+                self._cond.wait()
+            else:
+                self._truncate_locked()
+
+    def _truncate_locked(self) -> None:
+        """Lock held (released meanwhile). Close the epoch at the tail and apply it."""
+        self._truncating = True
+        start, stop = self._head, self._tail
+        self._epoch += 1  # later commits re-declare their segments in the new epoch
+        self._lock.release()
+        try:
+            self._apply_epoch(start, stop)
+        except BaseException as err:
+            self._lock.acquire()
+            self._truncating = False
+            self._cond.notify_all()
+            if isinstance(err, OSError):
+                raise RVMIOError(f"truncation of {self._path} failed: {err.strerror}") from err
+            raise
+        self._lock.acquire()
+        self._head = stop
+        self._truncating = False
+        self._stats["truncations"] += 1
+        self._cond.notify_all()
+
+    def _apply_epoch(self, start: int, stop: int) -> None:
+        """No lock. Make [start, stop) durable, apply it, sync segments, advance the head."""
+        self._sync_to(stop)
+        scanner = lf.Scanner(self._fd, self._cap, self._salt, self._header.log_size)
+        segs = self._segs
+        touched: dict[int, _Segment] = {}
+        for rec in scanner.scan(start, stop):
+            for seg_id, off, data in rec.ranges:
+                seg = segs[seg_id]
+                touched[seg_id] = seg
+                _write_all(seg.fd, data, off)
+        if scanner.end_lsn != stop:
+            self._broken = RVMLogCorruptError(
+                f"{self._path}: the log reads back damaged at LSN {scanner.end_lsn}"
+            )
+            raise self._broken
+        for seg in touched.values():
+            _fdatasync(seg.fd)
+        self._write_header(stop)
+
+    def _maybe_truncate(self) -> None:
+        """Start an automatic truncation if the log passed the fill ratio."""
+        ratio = self._truncate_ratio
+        if ratio is None or self._truncating or self._tail - self._head < ratio * self._cap:
+            return
+        if self._background:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._worker_main, name="rvm-truncate", daemon=True)
+                self._worker.start()
+            self._wake.set()
+            return
+        with self._lock:
+            if not self._closed and not self._truncating and self._tail - self._head >= ratio * self._cap:
+                self._truncate_locked()
+
+    def _worker_main(self) -> None:
+        """Background truncation loop (one per RVM, started on first need)."""
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                if self._closed:
+                    return
+                ratio = self._truncate_ratio
+                if self._truncating or ratio is None or self._tail - self._head < ratio * self._cap:
+                    continue
+                try:
+                    self._truncate_locked()
+                except RVMError as err:
+                    self._bg_error = err
+
+    # ------------------------------------------------------------------- state
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RVMClosedError(f"RVM on {self._path} is closed")
+
+    def _raise_if_broken(self) -> None:
+        if self._broken is not None:
+            raise RVMIOError(
+                f"RVM on {self._path} stopped after an I/O failure; reopen it to recover"
+            ) from self._broken
+
+    def _raise_bg_error(self) -> None:
+        err, self._bg_error = self._bg_error, None
+        if err is not None:
+            raise RVMIOError(f"a background truncation of {self._path} failed: {err}") from err
+
+    def close(self) -> None:
+        """Flush the log, stop the worker, unmap every region and close files.
+
+        Transactions still active are discarded (never committed). The log is
+        not truncated: the next RVM on it replays what is left.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            while self._truncating:
+                self._cond.wait()
+            self._active.clear()
+        err: BaseException | None = None
+        try:
+            if self._broken is None:
+                self._sync_to(self._tail)
+        except RVMError as e:
+            err = e
+        with self._lock:
+            self._closed = True
+            self._wake.set()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join()
+        for seg in self._segs:
+            for region in seg.regions:
+                self._release_region(region)
+            seg.regions.clear()
+            os.close(seg.fd)
+        os.close(self._fd)
+        self._fd = -1
+        if err is not None:
+            raise err
+
+    def __enter__(self) -> "RVM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<rvm.RVM {self._path} {'closed' if self._closed else 'open'}>"
+
+
+def scan_log(log_path: str | os.PathLike) -> dict[str, Any]:
+    """Decode a log (read only, for diagnostics and tests).
+
+    Returns the header fields and the valid records from the head:
+    ``{"header": {...}, "records": [{"lsn", "offset", "kind", "length",
+    "ranges": [(segment id, segment offset, length)], "segment": id,
+    "path": str}], "end_lsn": int, "torn": bool}``.
+    """
+    path = os.path.abspath(os.fspath(log_path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        raise RVMLogNotFoundError(f"no RVM log at {path}") from err
+    try:
+        h = lf.read_header(fd, path)
+        scanner = lf.Scanner(fd, h.capacity, h.salt, os.fstat(fd).st_size)
+        records = []
+        for rec in scanner.scan(h.head_lsn):
+            entry: dict[str, Any] = {
+                "lsn": rec.lsn,
+                "offset": lf.physical(rec.lsn, h.capacity),
+                "length": rec.length,
+            }
+            if rec.kind == lf.KIND_SEG:
+                entry.update(kind="segment", segment=rec.count, path=os.fsdecode(rec.path))
+            else:
+                entry.update(kind="transaction", ranges=[(s, o, len(d)) for s, o, d in rec.ranges])
+            records.append(entry)
+        return {
+            "header": {
+                "version": lf.VERSION,
+                "log_size": h.log_size,
+                "capacity": h.capacity,
+                "head_lsn": h.head_lsn,
+                "generation": h.generation,
+            },
+            "records": records,
+            "end_lsn": scanner.end_lsn,
+            "torn": scanner.torn,
+        }
+    finally:
+        os.close(fd)
+
+
+def _iter_regions(rvm: RVM) -> Iterator[Region]:
+    for seg in rvm._segs:
+        yield from seg.regions

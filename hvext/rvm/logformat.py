@@ -1,0 +1,271 @@
+"""On-disk format of the RVM log: header slots, records, and the scanner.
+
+The log is a preallocated file used as a ring of ``capacity`` bytes::
+
+    offset 0     header slot 0   (4 KiB; HEADER + crc32)
+    offset 4096  header slot 1   (4 KiB)
+    offset 8192  record area     (capacity bytes, a ring)
+
+Positions in the ring are *log sequence numbers* (LSNs): byte counts that only
+grow; a record at LSN ``l`` lives at file offset ``8192 + l % capacity`` and
+never straddles the end of the ring. The header names the oldest record that
+may still be unapplied (``head_lsn``) and a random ``salt`` that seeds every
+record's CRC32, so records left over from an earlier incarnation of the log
+never validate. Headers are written alternately to the two slots (slot =
+generation % 2); the valid slot with the highest generation wins, so a torn
+header write leaves the previous one in force.
+
+A record is a 24-byte header followed by a payload, padded to 8 bytes::
+
+    u32 crc      CRC32 (seeded with the salt) of everything after this field
+    u16 kind     1 = transaction, 2 = segment declaration, 3 = wrap
+    u16 flags    0
+    u32 length   whole record, header and padding included
+    u32 count    transaction: number of ranges; segment declaration: segment id
+    u64 lsn      the record's own LSN (rejects stale records from earlier laps)
+
+A transaction payload is ``count`` times (u32 segment id, u32 length,
+u64 segment offset, ``length`` bytes of new values). A segment declaration
+payload is the segment's absolute path (file-system encoding); it precedes,
+in the same epoch, every transaction record that names the segment id. A
+wrap record says "continue at the start of the ring"; when fewer than 24
+bytes are left before the end of the ring the wrap is implicit.
+
+Recovery reads records from ``head_lsn`` while each one is valid (CRC, LSN,
+kind, length, structure); the first invalid record is the torn tail, and it
+and everything after it are ignored. All integers are little-endian.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+from hvext.rvm.errors import (
+    RVMLogCorruptError,
+    RVMNotALogError,
+    RVMVersionError,
+)
+
+MAGIC = b"HVRVMLOG"
+VERSION = 1
+SLOT_SIZE = 4096
+DATA_START = 2 * SLOT_SIZE
+ALIGN = 8
+MIN_CAPACITY = 64 * 1024
+MIN_LOG_SIZE = DATA_START + MIN_CAPACITY
+
+# magic, version, flags, log_size, capacity, head_lsn, generation, salt
+HEADER = struct.Struct("<8sIIQQQQI")
+U32 = struct.Struct("<I")
+# crc, kind, flags, length, count, lsn
+REC = struct.Struct("<IHHIIQ")
+REC_BODY = struct.Struct("<HHIIQ")  # REC without the crc
+RANGE = struct.Struct("<IIQ")  # segment id, length, segment offset
+
+KIND_TXN = 1
+KIND_SEG = 2
+KIND_WRAP = 3
+
+READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class LogHeader:
+    """The decoded contents of one header slot."""
+
+    log_size: int
+    capacity: int
+    head_lsn: int
+    generation: int
+    salt: int
+
+
+def pack_header(h: LogHeader) -> bytes:
+    """Encode a header slot (fields + CRC32 of them)."""
+    body = HEADER.pack(MAGIC, VERSION, 0, h.log_size, h.capacity, h.head_lsn, h.generation, h.salt)
+    return body + U32.pack(zlib.crc32(body))
+
+
+def header_offset(generation: int) -> int:
+    """File offset of the slot a header of this generation is written to."""
+    return (generation % 2) * SLOT_SIZE
+
+
+def capacity_for(log_size: int) -> int:
+    """Ring capacity of a log file of ``log_size`` bytes."""
+    return (log_size - DATA_START) // ALIGN * ALIGN
+
+
+def read_header(fd: int, path: str = "") -> LogHeader:
+    """Read and validate the header; return the newest valid slot.
+
+    Raises RVMNotALogError (no slot has the magic), RVMVersionError (a slot
+    with the magic has another version) or RVMLogCorruptError (no slot is
+    valid, or the fields are inconsistent).
+    """
+    slots = []
+    size = HEADER.size + U32.size
+    for i in range(2):
+        raw = os.pread(fd, size, i * SLOT_SIZE)
+        slots.append(raw)
+    magic_slots = [raw for raw in slots if len(raw) == size and raw[:8] == MAGIC]
+    if not magic_slots:
+        raise RVMNotALogError(f"{path or 'file'} is not an hvext RVM log (no log magic)")
+    valid: list[LogHeader] = []
+    for raw in magic_slots:
+        magic, version, _flags, log_size, capacity, head, gen, salt = HEADER.unpack_from(raw)
+        if version != VERSION:
+            raise RVMVersionError(
+                f"{path or 'log'} has RVM log format version {version}; this code reads version {VERSION}"
+            )
+        (crc,) = U32.unpack_from(raw, HEADER.size)
+        if crc != zlib.crc32(raw[: HEADER.size]):
+            continue
+        valid.append(LogHeader(log_size, capacity, head, gen, salt))
+    if not valid:
+        raise RVMLogCorruptError(f"{path or 'log'}: both header slots are damaged")
+    h = max(valid, key=lambda x: x.generation)
+    if (
+        h.log_size < MIN_LOG_SIZE
+        or h.capacity != capacity_for(h.log_size)
+        or h.capacity < MIN_CAPACITY
+    ):
+        raise RVMLogCorruptError(
+            f"{path or 'log'}: inconsistent header (size {h.log_size}, capacity {h.capacity})"
+        )
+    return h
+
+
+def physical(lsn: int, capacity: int) -> int:
+    """File offset of the byte at ``lsn``."""
+    return DATA_START + lsn % capacity
+
+
+def aligned(n: int) -> int:
+    """``n`` rounded up to the record alignment."""
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def record_crc(body_header: bytes, parts: list, salt: int) -> int:
+    """CRC32 of a record: its header without the crc field, then the payload parts."""
+    crc = zlib.crc32(body_header, salt)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return crc
+
+
+class Record(NamedTuple):
+    """One valid record found by :class:`Scanner`."""
+
+    lsn: int
+    kind: int
+    length: int
+    count: int
+    ranges: list  # TXN: [(segment id, segment offset, memoryview of new values)]
+    path: bytes  # SEG: the segment path
+
+
+class Scanner:
+    """Reads valid records of a log ring in LSN order, through a read buffer.
+
+    Iterating stops at the first invalid record (the torn tail) or at
+    ``stop_lsn``; afterwards ``end_lsn`` is the LSN where it stopped and
+    ``torn`` says whether it stopped on an invalid record rather than at
+    ``stop_lsn``. Wrap records are consumed, not yielded.
+    """
+
+    def __init__(self, fd: int, capacity: int, salt: int, file_size: int) -> None:
+        self._fd = fd
+        self._cap = capacity
+        self._salt = salt
+        self._file_size = file_size
+        self._buf = memoryview(b"")
+        self._buf_lsn = 0
+        self.end_lsn = 0
+        self.torn = False
+
+    def _get(self, lsn: int, n: int) -> memoryview | None:
+        """``n`` bytes at ``lsn`` (not crossing the ring end), or None if short."""
+        start = lsn - self._buf_lsn
+        if 0 <= start and start + n <= len(self._buf):
+            return self._buf[start : start + n]
+        room = self._cap - lsn % self._cap
+        want = min(max(n, READ_CHUNK), room)
+        phys = physical(lsn, self._cap)
+        want = min(want, max(0, self._file_size - phys))
+        if want < n:
+            return None
+        data = os.pread(self._fd, want, phys)
+        if len(data) < n:
+            return None
+        self._buf = memoryview(data)
+        self._buf_lsn = lsn
+        return self._buf[:n]
+
+    def scan(self, start_lsn: int, stop_lsn: int | None = None) -> Iterator[Record]:
+        """Yield the valid records from ``start_lsn`` on."""
+        cap = self._cap
+        lsn = start_lsn
+        hsize = REC.size
+        self.torn = False
+        while stop_lsn is None or lsn < stop_lsn:
+            room = cap - lsn % cap
+            if room < hsize:  # implicit wrap
+                lsn += room
+                continue
+            head = self._get(lsn, hsize)
+            if head is None:
+                self.torn = True
+                break
+            crc, kind, flags, length, count, rec_lsn = REC.unpack(head)
+            if (
+                rec_lsn != lsn
+                or flags != 0
+                or length < hsize
+                or length % ALIGN
+                or length > room
+                or kind not in (KIND_TXN, KIND_SEG, KIND_WRAP)
+            ):
+                self.torn = True
+                break
+            rec = self._get(lsn, length)
+            if rec is None or zlib.crc32(rec[4:], self._salt) != crc:
+                self.torn = True
+                break
+            if kind == KIND_WRAP:
+                if length != hsize:
+                    self.torn = True
+                    break
+                lsn += room
+                continue
+            ranges: list = []
+            path = b""
+            if kind == KIND_TXN:
+                pos = hsize
+                ok = True
+                for _ in range(count):
+                    if pos + RANGE.size > length:
+                        ok = False
+                        break
+                    seg_id, n, off = RANGE.unpack_from(rec, pos)
+                    pos += RANGE.size
+                    if pos + n > length:
+                        ok = False
+                        break
+                    ranges.append((seg_id, off, rec[pos : pos + n]))
+                    pos += n
+                if not ok or aligned(pos) != length:
+                    self.torn = True
+                    break
+            else:
+                path = bytes(rec[hsize:length]).rstrip(b"\0")
+                if not path:
+                    self.torn = True
+                    break
+            yield Record(lsn, kind, length, count, ranges, path)
+            lsn += length
+        self.end_lsn = lsn
