@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from hvext.agent.protocol import MAX_LINE, PROTOCOL_VERSION, LineReader, encode_request, parse_reply
@@ -33,7 +34,7 @@ class AgentClient:
         self.log = logging.getLogger(f"hvext.agent.{name}")
         self._reader: LineReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._next_id = 1
+        self._next_id = secrets.randbits(31)  # ids of an earlier session's stale replies are unlikely to match
         self._synced = False
         self._lock = asyncio.Lock()
         self.agent_version: str | None = None
@@ -72,9 +73,8 @@ class AgentClient:
         nonce = secrets.randbits(53)
         assert self._writer is not None
         self._writer.write(b"\xff\n")  # ends any half-written line in the guest's parser
-        result = await self._roundtrip("guest-sync", {"nonce": nonce}, timeout)
-        if result.get("nonce") != nonce:
-            raise AgentProtocolError("agent answered guest-sync with the wrong nonce")
+        result = await self._roundtrip("guest-sync", {"nonce": nonce}, timeout,
+                                       accept=lambda r: r.get("nonce") == nonce)
         protocol = result.get("protocol")
         if protocol != PROTOCOL_VERSION:
             raise AgentProtocolError(f"agent speaks protocol {protocol!r}, hvext speaks {PROTOCOL_VERSION}")
@@ -99,8 +99,13 @@ class AgentClient:
                 self._synced = False
                 raise
 
-    async def _roundtrip(self, command: str, args: dict[str, Any] | None,
-                         timeout: float) -> dict[str, Any]:
+    async def _roundtrip(self, command: str, args: dict[str, Any] | None, timeout: float,
+                         accept: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """Send one request and return the result of the first valid reply that matches it.
+
+        Replies to other ids (or that *accept* refuses, e.g. a stale sync nonce) are
+        skipped, up to MAX_SKIPPED_LINES; invalid lines likewise.
+        """
         if self._writer is None or self._reader is None:
             raise AgentUnavailable("agent channel is not connected")
         request_id = self._next_id
@@ -123,7 +128,7 @@ class AgentClient:
                     if invalid > MAX_SKIPPED_LINES:
                         raise
                     continue
-                if reply.id != request_id:
+                if reply.id != request_id or (reply.ok and accept is not None and not accept(reply.result or {})):
                     skipped += 1
                     if skipped > MAX_SKIPPED_LINES:
                         raise AgentProtocolError(f"agent sent {skipped} replies that match no request")

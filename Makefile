@@ -1,0 +1,51 @@
+# hvext: one entry point for setting up a Debian 12 host, the demo and the tests.
+# Every step is idempotent and cached; a rerun on a set-up machine takes seconds.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup packages libvirtd venv image qemu demo test unit vm bench clean-vms
+
+setup: packages libvirtd venv image qemu
+
+packages:
+	setup/host.sh packages
+
+libvirtd: packages
+	setup/host.sh libvirtd
+
+# The venv is rebuilt when pyproject.toml changes.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml | packages
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+image: venv
+	$(PY) -m hvext.image build
+
+qemu: packages
+	@if [ -x qemu-patches/build.sh ] && [ -f qemu-patches/series ]; then qemu-patches/build.sh; \
+	else echo "qemu: no patch series yet, using Debian's QEMU"; fi
+
+demo: setup
+	./demo.sh
+
+test: setup
+	$(PY) -m pytest -v -ra $(PYTEST_ARGS) tests
+
+unit: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/unit
+
+vm: setup
+	$(PY) -m pytest -v -ra $(PYTEST_ARGS) tests/vm
+
+bench: setup
+	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+
+# Remove domains left by interrupted test runs (names start with hvext-test-).
+clean-vms: venv
+	$(PY) -m tests.vm.cleanup

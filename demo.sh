@@ -1,0 +1,28 @@
+#!/bin/bash
+# The hvext demo: define and boot a guest, wait for its agent, show its memory
+# from QMP and from the agent side by side, shut it down and undefine it.
+set -euo pipefail
+cd "$(dirname "$0")"
+HVEXT=".venv/bin/hvext"
+DOMAIN="${HVEXT_DEMO_DOMAIN:-hvext-demo}"
+
+cleanup() {
+  if virsh -q -c "${LIBVIRT_DEFAULT_URI:-qemu:///system}" dominfo "$DOMAIN" >/dev/null 2>&1; then
+    $HVEXT destroy "$DOMAIN" >/dev/null 2>&1 || true
+    $HVEXT undefine "$DOMAIN" >/dev/null 2>&1 || true
+  fi
+}
+trap cleanup EXIT
+cleanup
+
+step() { printf '\n\033[1m$ hvext %s\033[0m\n' "$*"; $HVEXT "$@"; }
+
+step doctor || true
+step define "$DOMAIN" --memory 768M --vcpus 1
+step start "$DOMAIN" --wait-agent 120
+step agent-ping "$DOMAIN"
+step dommemstat "$DOMAIN"
+step qmp "$DOMAIN" query-balloon
+step shutdown "$DOMAIN" --wait 60
+step undefine "$DOMAIN"
+trap - EXIT

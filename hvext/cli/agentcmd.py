@@ -1,0 +1,42 @@
+"""Guest-agent commands: agent-ping, agent-info."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from hvext import aio
+from hvext.cli import common
+from hvext.host import Domain
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("agent-ping", help="check that the hvext agent in the guest answers")
+    common.add_domain(p)
+    p.add_argument("--timeout", type=common.positive_float, default=10.0, metavar="SECONDS")
+    common.add_json(p)
+    p.set_defaults(func=cmd_agent_ping)
+
+
+async def ping(domain: Domain, timeout: float) -> dict[str, Any]:
+    started = time.monotonic()
+    async with domain.agent(timeout=timeout) as agent:
+        synced = time.monotonic()
+        await agent.request("ping")
+        done = time.monotonic()
+        info = await agent.request("info")
+    return {"agent_version": agent.agent_version, "handshake_ms": round((synced - started) * 1000, 2),
+            "ping_ms": round((done - synced) * 1000, 2), "kernel": info.get("kernel"),
+            "uptime_s": info.get("uptime_s")}
+
+
+def cmd_agent_ping(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        result = aio.run(ping(dom, args.timeout))
+    if args.json:
+        common.print_json(result)
+    else:
+        common.console.print(f"agent {result['agent_version']} of '{dom.name}' answered in {result['ping_ms']} ms "
+                             f"(handshake {result['handshake_ms']} ms)")
+    return 0

@@ -1,0 +1,192 @@
+"""Domain lifecycle: list, define, start, shutdown, destroy, undefine, dominfo, console-log."""
+
+from __future__ import annotations
+
+import argparse
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from hvext import aio
+from hvext.cli import common
+from hvext.errors import UsageError
+from hvext.host import DomainSpec
+from hvext.units import parse_size_mib
+
+SPEC_KEYS = {"name", "memory", "current_memory", "vcpus", "free_page_reporting"}
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("list", help="list domains")
+    p.add_argument("--all", action="store_true", help="include inactive domains")
+    common.add_json(p)
+    p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("define", help="define a domain on the hvext guest image")
+    p.add_argument("domain", metavar="NAME", nargs="?", help="domain name (or `name` in --spec)")
+    p.add_argument("--spec", type=Path, help="TOML file with name, memory, current_memory, vcpus")
+    p.add_argument("--memory", help="maximum memory, e.g. 512M, 2G (default 512M)")
+    p.add_argument("--current-memory", help="initial balloon target (default: --memory)")
+    p.add_argument("--vcpus", type=int, help="virtual CPUs (default 1)")
+    p.add_argument("--free-page-reporting", action="store_true", default=None,
+                   help="let the guest report free pages to the host through the balloon")
+    p.set_defaults(func=cmd_define)
+
+    p = commands.add_parser("start", help="start a defined domain")
+    common.add_domain(p)
+    p.add_argument("--wait-agent", type=common.positive_float, nargs="?", const=60.0, metavar="SECONDS",
+                   help="wait until the hvext agent answers (default 60 s)")
+    p.set_defaults(func=cmd_start)
+
+    p = commands.add_parser("shutdown", help="power a domain off gracefully (ACPI power button)")
+    common.add_domain(p)
+    p.add_argument("--wait", type=common.positive_float, nargs="?", const=60.0, metavar="SECONDS",
+                   help="wait until it is off (default 60 s)")
+    p.set_defaults(func=cmd_shutdown)
+
+    p = commands.add_parser("destroy", help="force a domain off immediately")
+    common.add_domain(p)
+    p.set_defaults(func=cmd_destroy)
+
+    p = commands.add_parser("undefine", help="remove a domain's definition (and hvext's overlay disk)")
+    common.add_domain(p)
+    p.add_argument("--keep-state", action="store_true", help="keep hvext's overlay disk and state dir")
+    p.set_defaults(func=cmd_undefine)
+
+    p = commands.add_parser("dominfo", help="show a domain's basic information")
+    common.add_domain(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_dominfo)
+
+    p = commands.add_parser("console-log", help="print the guest's serial console log")
+    common.add_domain(p)
+    p.add_argument("--lines", type=int, metavar="N", help="only the last N lines")
+    p.set_defaults(func=cmd_console_log)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with common.open_host(args) as host:
+        rows = [{"id": d.dom.ID() if d.is_active() else None, "name": d.name, "state": d.state(),
+                 "hvext": d.facts().hvext_managed} for d in host.domains(include_inactive=args.all)]
+    if args.json:
+        common.print_json(rows)
+    else:
+        common.print_table(None, ["Id", "Name", "State", "hvext"],
+                           [[r["id"] if r["id"] is not None else "-", r["name"], r["state"],
+                             "yes" if r["hvext"] else "no"] for r in rows])
+    return 0
+
+
+def spec_from_args(args: argparse.Namespace) -> DomainSpec:
+    """Merge a --spec file and flags (flags win) into a validated DomainSpec."""
+    values: dict[str, Any] = {}
+    if args.spec:
+        try:
+            values = tomllib.loads(args.spec.read_text())
+        except OSError as err:
+            raise UsageError(f"cannot read spec file {args.spec}: {err.strerror}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise UsageError(f"spec file {args.spec} is not valid TOML: {err}") from err
+        unknown = set(values) - SPEC_KEYS
+        if unknown:
+            raise UsageError(f"spec file {args.spec}: unknown keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    for key in ("memory", "current_memory", "vcpus", "free_page_reporting"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.domain:
+        values["name"] = args.domain
+    if not values.get("name"):
+        raise UsageError("a domain name is required (argument NAME or `name` in --spec)")
+    vcpus = values.get("vcpus", 1)
+    if not isinstance(vcpus, int) or isinstance(vcpus, bool):
+        raise UsageError(f"vcpus must be an integer, not {vcpus!r}")
+    current = values.get("current_memory")
+    return DomainSpec(
+        name=str(values["name"]),
+        memory_mib=parse_size_mib(str(values.get("memory", "512M"))),
+        current_memory_mib=parse_size_mib(str(current)) if current is not None else None,
+        vcpus=vcpus,
+        free_page_reporting=bool(values.get("free_page_reporting", False)),
+    ).validate()
+
+
+def cmd_define(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    with common.open_host(args) as host:
+        host.define(spec)
+    common.console.print(f"Domain '{spec.name}' defined ({spec.memory_mib} MiB, {spec.vcpus} vCPU)")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        started = time.monotonic()
+        dom.start()
+        common.console.print(f"Domain '{dom.name}' started")
+        if args.wait_agent:
+            with common.console.status("waiting for the hvext agent..."):
+                info = aio.run(dom.wait_agent(args.wait_agent))
+            common.console.print(f"agent {info['agent_version']} ready after {time.monotonic() - started:.1f} s "
+                                 f"(guest kernel {info['kernel']})")
+    return 0
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        if args.wait:
+            with common.console.status(f"waiting for '{dom.name}' to power off..."):
+                dom.shutdown(wait=args.wait)
+            common.console.print(f"Domain '{dom.name}' is shut off")
+        else:
+            dom.shutdown()
+            common.console.print(f"Domain '{dom.name}' is being shutdown")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        dom.destroy()
+        common.console.print(f"Domain '{dom.name}' destroyed")
+    return 0
+
+
+def cmd_undefine(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        dom.undefine(remove_state=not args.keep_state)
+        common.console.print(f"Domain '{dom.name}' has been undefined")
+    return 0
+
+
+def cmd_dominfo(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        info = dom.info()
+    if args.json:
+        common.print_json(info)
+    else:
+        common.print_fields({
+            "Id": info["id"], "Name": info["name"], "UUID": info["uuid"], "State": info["state"],
+            "CPU(s)": info["vcpus"], "CPU time": f"{info['cpu_time_s']:.1f}s",
+            "Max memory": f"{info['max_memory_kib']} KiB", "Used memory": f"{info['used_memory_kib']} KiB",
+            "Persistent": "yes" if info["persistent"] else "no",
+            "hvext managed": "yes" if info["hvext_managed"] else "no",
+            "Agent channel": "yes" if info["agent_channel"] else "no",
+            "Console log": info["console_log"],
+        })
+    return 0
+
+
+def cmd_console_log(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        path = dom.facts().console_log
+        if path is None:
+            raise UsageError(f"domain {dom.name!r} has no console log file (it was not defined by hvext)")
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        raise UsageError(f"no console log yet at {path}: the domain has not been started") from None
+    lines = text.splitlines()
+    if args.lines is not None:
+        lines = lines[-args.lines:] if args.lines > 0 else []
+    print("\n".join(lines))
+    return 0

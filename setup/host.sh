@@ -1,0 +1,76 @@
+#!/bin/bash
+# Prepare a Debian 12 host for hvext: packages, directories, virtlogd and libvirtd.
+# Idempotent: every step checks first and skips what is already done.
+#   setup/host.sh packages   install missing Debian packages
+#   setup/host.sh libvirtd   make sure virtlogd and libvirtd run (starts them without systemd)
+#   setup/host.sh all        both
+set -euo pipefail
+
+PACKAGES=(
+  qemu-system-x86 qemu-utils
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients libvirt-dev
+  pkg-config gcc python3 python3-dev python3-venv
+  mmdebstrap linux-image-amd64 e2fsprogs kmod
+  iproute2 dnsmasq-base
+)
+
+log() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo make ...): libvirt's system instance and the guest image need it"
+[ -r /etc/debian_version ] || die "this setup supports Debian 12 (bookworm)"
+
+packages() {
+  local missing=()
+  for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -eq 0 ]; then
+    log "Debian packages: all present"
+    return
+  fi
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+have_systemd() { [ -d /run/systemd/system ]; }
+
+running() { # running NAME: a process with this command name exists (read from /proc)
+  local comm
+  for comm in /proc/[0-9]*/comm; do
+    [ "$(cat "$comm" 2>/dev/null)" = "$1" ] && return 0
+  done
+  return 1
+}
+
+libvirtd() {
+  getent passwd libvirt-qemu >/dev/null || die "user libvirt-qemu missing: package libvirt-daemon-system creates it"
+  install -d -m 0755 /var/log/libvirt /var/log/libvirt/qemu /var/lib/hvext /var/log/hvext /var/log/hvext/console
+  if virsh -q -c qemu:///system version >/dev/null 2>&1 && running virtlogd; then
+    log "libvirtd and virtlogd: running"
+    return
+  fi
+  if have_systemd; then
+    systemctl start virtlogd.socket libvirtd.socket libvirtd.service
+  else
+    running virtlogd || { log "starting virtlogd"; /usr/sbin/virtlogd -d; }
+    if ! running libvirtd; then
+      log "starting libvirtd"
+      /usr/sbin/libvirtd -d
+    fi
+  fi
+  for _ in $(seq 1 50); do
+    virsh -q -c qemu:///system version >/dev/null 2>&1 && { log "libvirtd: running"; return; }
+    sleep 0.2
+  done
+  die "libvirtd did not come up; see /var/log/libvirt/ and run 'libvirtd' in the foreground to see why"
+}
+
+case "${1:-all}" in
+  packages) packages ;;
+  libvirtd) libvirtd ;;
+  all) packages; libvirtd ;;
+  *) die "unknown step ${1}; use packages, libvirtd or all" ;;
+esac

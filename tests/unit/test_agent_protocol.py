@@ -1,0 +1,195 @@
+"""The agent protocol: the real guest agent against the host client, and hostile fake peers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hvext.agent.client import AgentClient
+from hvext.agent.protocol import MAX_LINE, LineReader, parse_reply
+from hvext.errors import AgentError, AgentProtocolError, AgentTimeout, AgentUnavailable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "guest-agent"))
+from hvext_agent.agent import Agent  # noqa: E402
+
+Peer = Callable[[socket.socket], None]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[[Peer], Path]]:
+    """Run *peer* on the accepted end of a unix socket in a thread; yield the socket path."""
+    servers: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+
+    def start(peer: Peer) -> Path:
+        path = tmp_path / f"agent{len(servers)}.sock"
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        server.listen(1)
+        servers.append(server)
+
+        def run() -> None:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    peer(conn)
+                except OSError:
+                    pass
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return path
+
+    yield start
+    for server in servers:
+        server.close()
+    for thread in threads:
+        thread.join(timeout=5)
+
+
+def real_agent(testing: bool = False) -> Peer:
+    def peer(conn: socket.socket) -> None:
+        agent = Agent(conn.fileno(), testing=testing)
+        while chunk := conn.recv(65536):
+            agent.feed(chunk)
+    return peer
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_real_agent_sync_ping_info_meminfo(serve) -> None:
+    async def session() -> None:
+        async with AgentClient(serve(real_agent()), timeout=5) as client:
+            hello = await client.sync()
+            assert hello["protocol"] == 1 and "meminfo" in hello["commands"]
+            assert await client.request("ping") == {}
+            info = await client.request("info")
+            assert info["kernel"] and info["uptime_s"] > 0
+            mem = await client.request("meminfo")
+            assert mem["meminfo_kb"]["MemTotal"] > 0 and "pgfault" in mem["vmstat"]
+            with pytest.raises(AgentError, match="CommandNotFound"):
+                await client.request("no-such-command")
+    run(session())
+
+
+def test_stale_replies_before_sync_are_dropped(serve) -> None:
+    def peer(conn: socket.socket) -> None:
+        conn.sendall(b'{"id": 1, "ok": true, "result": {"stale": true}}\n' * 5 + b"half a line")
+        real_agent()(conn)
+
+    async def session() -> None:
+        async with AgentClient(serve(peer), timeout=5) as client:
+            await client.sync()
+            assert await client.request("ping") == {}
+    run(session())
+
+
+@pytest.mark.parametrize("mode,detail", [
+    ("garbage", "invalid line"), ("huge", "over"), ("wrong-id", "unrelated"), ("bad-schema", "invalid line"),
+    ("silence", "within"),
+])
+def test_misbehaving_real_agent_gives_clear_error_then_recovers(serve, mode: str, detail: str) -> None:
+    async def session() -> None:
+        async with AgentClient(serve(real_agent(testing=True)), timeout=1.5) as client:
+            await client.request("x-test-misbehave", {"mode": mode})
+            with pytest.raises(AgentTimeout, match=detail):
+                await client.request("info")
+            assert (await client.request("info"))["kernel"]  # re-synchronised
+    run(session())
+
+
+def test_endless_line_keeps_memory_bounded(serve) -> None:
+    stop = threading.Event()
+
+    def flood(conn: socket.socket) -> None:
+        conn.recv(4096)
+        chunk = b"x" * 65536
+        while not stop.is_set():
+            conn.sendall(chunk)
+
+    async def session() -> None:
+        client = AgentClient(serve(flood), timeout=1.0)
+        await client.connect()
+        try:
+            with pytest.raises(AgentTimeout, match="over"):
+                await client.sync()
+            assert client._reader is not None and len(client._reader.buffer) <= MAX_LINE + 65536
+        finally:
+            stop.set()
+            await client.close()
+    run(session())
+
+
+def test_reply_flood_with_foreign_ids_is_a_protocol_error(serve) -> None:
+    def peer(conn: socket.socket) -> None:
+        conn.recv(4096)
+        conn.sendall(b'{"id": 999999, "ok": true, "result": {}}\n' * 100)
+        conn.recv(4096)
+
+    async def session() -> None:
+        async with AgentClient(serve(peer), timeout=5) as client:
+            with pytest.raises(AgentProtocolError, match="match no request"):
+                await client.sync()
+    run(session())
+
+
+def test_wrong_protocol_version_is_refused(serve) -> None:
+    def peer(conn: socket.socket) -> None:
+        data = conn.recv(4096).split(b"\n")
+        request = json.loads([line for line in data if line.startswith(b"{")][0])
+        reply = {"id": request["id"], "ok": True, "result": {"nonce": request["args"]["nonce"], "protocol": 99}}
+        conn.sendall(json.dumps(reply).encode() + b"\n")
+        conn.recv(4096)
+
+    async def session() -> None:
+        async with AgentClient(serve(peer), timeout=5) as client:
+            with pytest.raises(AgentProtocolError, match="protocol 99"):
+                await client.sync()
+    run(session())
+
+
+def test_closed_channel_and_missing_socket(serve, tmp_path: Path) -> None:
+    async def session() -> None:
+        async with AgentClient(serve(lambda conn: None), timeout=5) as client:
+            with pytest.raises(AgentUnavailable, match="closed"):
+                await client.sync()
+        with pytest.raises(AgentUnavailable, match="cannot open"):
+            await AgentClient(tmp_path / "nothing.sock").connect()
+    run(session())
+
+
+@pytest.mark.parametrize("line,message", [
+    (b"[1, 2]", "not an object"), (b'{"id": 1}', "boolean 'ok'"), (b'{"id": true, "ok": true}', "invalid id"),
+    (b'{"id": 1, "ok": true, "result": 5}', "not an object"), (b'{"id": 1, "ok": false, "error": "x"}', "error.class"),
+    (b"\xff\xfe", "not JSON"),
+])
+def test_parse_reply_rejects(line: bytes, message: str) -> None:
+    with pytest.raises(AgentProtocolError, match=message):
+        parse_reply(line)
+
+
+def test_line_reader_skips_oversized_lines() -> None:
+    async def session() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"a" * 100 + b"\nshort\n" + b"b" * 300 + b"\nend\n")
+        reader.feed_eof()
+        lines = LineReader(reader, max_line=50)
+        assert await lines.readline() == b"short"
+        assert await lines.readline() == b"end"
+        assert lines.oversized == 2
+        with pytest.raises(EOFError):
+            await lines.readline()
+    run(session())

@@ -1,0 +1,65 @@
+"""CLI argument errors: each gives `error: ...` on stderr, exit status 1, and a hint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hvext.cli.main import main
+
+DEAD_URI = "qemu+unix:///system?socket=/nonexistent/hvext-test/libvirt-sock"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["define", "x", "--memory", "12Q"], "invalid size '12Q'"),
+    (["define", "x", "--memory=-5G"], "invalid size"),
+    (["define", "x", "--memory", "16M"], "out of range"),
+    (["define", "x", "--memory", "1G", "--current-memory", "2G"], "between 64 MiB and the maximum"),
+    (["define", "bad name!"], "invalid domain name"),
+    (["define"], "a domain name is required"),
+    (["define", "x", "--vcpus", "0"], "vcpus 0 out of range"),
+    (["define", "x", "--vcpus", "two"], "invalid int value"),
+    (["frobnicate"], "invalid choice"),
+    (["start"], "required: DOMAIN"),
+    (["start", "x", "--wait-agent", "-3"], "must be positive"),
+    (["qmp", "x", "query-status", "{not json"], "not valid JSON"),
+    (["qmp", "x", "query-status", "[1]"], "must be a JSON object"),
+])
+def test_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    status, out, err = run(capsys, *argv)
+    assert status == 1
+    assert err.splitlines()[-1].startswith("error: ") and message in err
+
+
+def test_spec_file_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = 'x'\nmemmory = '1G'\n")
+    status, _, err = run(capsys, "define", "--spec", str(bad))
+    assert status == 1 and "unknown keys ['memmory']" in err
+    bad.write_text("name = [")
+    assert run(capsys, "define", "--spec", str(bad))[2].startswith("error: spec file")
+    status, _, err = run(capsys, "define", "--spec", str(tmp_path / "absent.toml"))
+    assert status == 1 and "cannot read spec file" in err
+
+
+@pytest.mark.parametrize("argv", [["list"], ["dominfo", "x"], ["doctor", "--json"]])
+def test_dead_libvirtd(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    status, out, err = run(capsys, "-c", DEAD_URI, *argv)
+    assert status == 1
+    if argv[0] == "doctor":  # doctor reports instead of failing on the first problem
+        assert '"name": "libvirt"' in out and "cannot connect to libvirt" in out
+    else:
+        assert "cannot connect to libvirt" in err and "is libvirtd running?" in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and "hvext" in capsys.readouterr().out

@@ -1,0 +1,60 @@
+"""Golden-XML tests: the same spec must always render the same domain XML."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hvext import domxml
+from hvext.errors import UsageError
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def make(kvm: bool) -> domxml.DomainXML:
+    state = Path("/var/lib/hvext/domains/golden")
+    return domxml.DomainXML(
+        name="golden", memory_mib=1024, current_memory_mib=768, vcpus=2,
+        domain_type="kvm" if kvm else "qemu", uuid="6d3e1c2a-7f43-4a39-9a0e-4d6b3c1f0a11",
+        os_boot=domxml.OSBoot(Path("/cache/vmlinuz"), Path("/cache/initrd.img"), "root=/dev/vda rw"),
+        cpu=domxml.CPU(kvm=kvm), disk=domxml.Disk(state / "disk.qcow2"),
+        console=domxml.SerialConsole(Path("/var/log/hvext/console/golden.log")),
+        qmp=domxml.QMPMonitor(state / "qmp.sock"),
+        emulator=Path("/usr/local/lib/hvext/qemu-system-x86_64") if kvm else None,
+        devices=[domxml.AgentChannel(), domxml.Balloon(free_page_reporting=kvm), domxml.RNG()],
+    )
+
+
+@pytest.mark.parametrize("kvm", [False, True], ids=["tcg", "kvm"])
+def test_golden(kvm: bool) -> None:
+    path = GOLDEN / f"domain-{'kvm' if kvm else 'tcg'}.xml"
+    rendered = make(kvm).render()
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(rendered)
+    assert rendered == path.read_text()
+
+
+def test_facts_of_hvext_domain() -> None:
+    xml = make(False).render().replace(
+        "<source mode=\"bind\"/>", "<source mode=\"bind\" path=\"/run/chan.sock\"/>")
+    facts = domxml.read_facts(xml)
+    assert facts.hvext_managed
+    assert facts.qmp_socket == Path("/var/lib/hvext/domains/golden/qmp.sock")
+    assert facts.agent_socket == Path("/run/chan.sock") and facts.has_agent_channel
+    assert facts.console_log == Path("/var/log/hvext/console/golden.log")
+    assert (facts.max_memory_kib, facts.current_memory_kib) == (1024 * 1024, 768 * 1024)
+
+
+def test_facts_of_plain_libvirt_domain() -> None:
+    xml = """<domain type='qemu'><name>plain</name><memory unit='KiB'>262144</memory>
+      <currentMemory unit='GiB'>1</currentMemory><devices><serial type='pty'/></devices></domain>"""
+    facts = domxml.read_facts(xml)
+    assert not facts.hvext_managed and facts.qmp_socket is None
+    assert not facts.has_agent_channel and facts.console_log is None
+    assert (facts.max_memory_kib, facts.current_memory_kib) == (262144, 1024 * 1024)
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "a/b", "x" * 65, "é"])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(UsageError):
+        domxml.validate_name(name)
