@@ -61,7 +61,7 @@ class SocketQMP:
         try:
             return await asyncio.wait_for(self.client.execute(command, arguments), EXECUTE_TIMEOUT_S)
         except ExecuteError as err:
-            raise QMPError(f"QMP {command} failed: {err.error.desc}") from err
+            raise QMPError(f"QMP {command} failed: {err}") from err
         except asyncio.TimeoutError as err:
             raise QMPError(f"QMP {command} timed out after {EXECUTE_TIMEOUT_S:.0f} s") from err
         except (_QMPLibError, OSError, EOFError) as err:
