@@ -909,7 +909,11 @@ class NVMRegion:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
                 meta = dict(db.execute("SELECT key, value FROM meta"))
-            except sqlite3.DatabaseError as err:
+            except sqlite3.OperationalError as err:  # locked, read-only, I/O, or no tables
+                if "no such table" not in str(err):
+                    raise RegionIOError(f"cannot read region metadata {db_path}: {err}") from err
+                raise RegionCorrupt(f"region metadata {db_path} lacks its tables") from err
+            except sqlite3.DatabaseError as err:  # not a database, malformed
                 raise RegionCorrupt(f"region metadata {db_path} is unreadable") from err
             if meta.get("format") != FORMAT_VERSION:
                 raise RegionCorrupt(f"{db_path}: unsupported region format {meta.get('format')!r}")
