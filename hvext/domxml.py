@@ -20,6 +20,8 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 HVEXT_NS = "https://hvext.dev/xmlns/domain/1"
 AGENT_PORT = "org.hvext.agent.0"
 QMP_CHARDEV_ID = "hvext-qmp"
+MEMORY_DEVICE_SLOTS = 8
+MEMORY_DEVICE_ROOM_MIB = 64 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
@@ -49,16 +51,24 @@ class OSBoot:
 
 @dataclass(frozen=True)
 class CPU:
-    """host-passthrough under KVM; a fixed, TCG-friendly model under TCG."""
+    """host-passthrough under KVM; a fixed, TCG-friendly model under TCG.
+
+    One NUMA cell holds the boot memory: libvirt needs it for memory devices
+    (NVDIMM, virtio-pmem), which go to node 0.
+    """
 
     kvm: bool
+    vcpus: int
+    memory_mib: int
 
     def render(self, parent: etree._Element) -> None:
         if self.kvm:
-            _sub(parent, "cpu", mode="host-passthrough", check="none", migratable="on")
+            cpu = _sub(parent, "cpu", mode="host-passthrough", check="none", migratable="on")
         else:
             cpu = _sub(parent, "cpu", mode="custom", match="exact", check="none")
             _sub(cpu, "model", "qemu64", fallback="forbid")
+        numa = _sub(cpu, "numa")
+        _sub(numa, "cell", id="0", cpus=f"0-{self.vcpus - 1}", memory=str(self.memory_mib), unit="MiB")
 
 
 @dataclass(frozen=True)
@@ -130,11 +140,20 @@ class QMPMonitor:
 
     socket: Path
 
-    def render_commandline(self, parent: etree._Element) -> None:
-        cmdline = etree.SubElement(parent, f"{{{QEMU_NS}}}commandline")
-        for arg in ("-chardev", f"socket,id={QMP_CHARDEV_ID},path={self.socket},server=on,wait=off",
-                    "-mon", f"chardev={QMP_CHARDEV_ID},mode=control"):
-            etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
+    def args(self) -> list[str]:
+        return ["-chardev", f"socket,id={QMP_CHARDEV_ID},path={self.socket},server=on,wait=off",
+                "-mon", f"chardev={QMP_CHARDEV_ID},mode=control"]
+
+
+#: QEMU merges repeated -machine options; libvirt sets nvdimm=on only when an
+#: NVDIMM exists at start, which would make NVDIMM hot plug impossible later.
+NVDIMM_HOTPLUG_ARGS = ["-machine", "nvdimm=on"]
+
+
+def render_commandline(parent: etree._Element, args: list[str]) -> None:
+    cmdline = etree.SubElement(parent, f"{{{QEMU_NS}}}commandline")
+    for arg in args:
+        etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
 
 
 @dataclass
@@ -164,6 +183,9 @@ class DomainXML:
         marker = etree.SubElement(metadata, f"{{{HVEXT_NS}}}domain", nsmap={"hvext": HVEXT_NS})
         etree.SubElement(marker, f"{{{HVEXT_NS}}}qmp", path=str(self.qmp.socket))
         etree.SubElement(marker, f"{{{HVEXT_NS}}}agent", port=AGENT_PORT)
+        # Room for memory devices (NVDIMM, virtio-pmem) to be added later, cold or hot.
+        _sub(root, "maxMemory", str(self.memory_mib + MEMORY_DEVICE_ROOM_MIB), slots=str(MEMORY_DEVICE_SLOTS),
+             unit="MiB")
         _sub(root, "memory", str(self.memory_mib), unit="MiB")
         _sub(root, "currentMemory", str(self.current_memory_mib or self.memory_mib), unit="MiB")
         _sub(root, "vcpu", str(self.vcpus), placement="static")
@@ -186,7 +208,7 @@ class DomainXML:
         self.console.render(devices)
         for device in self.devices[1:]:
             device.render(devices)
-        self.qmp.render_commandline(root)
+        render_commandline(root, self.qmp.args() + NVDIMM_HOTPLUG_ARGS)
         return etree.tostring(root, pretty_print=True, encoding="unicode")
 
 

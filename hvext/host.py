@@ -180,7 +180,7 @@ class Host:
             name=spec.name, memory_mib=spec.memory_mib, current_memory_mib=spec.current_memory_mib,
             vcpus=spec.vcpus, domain_type=acc.domain_type, uuid=uuid,
             os_boot=domxml.OSBoot(guest.kernel, guest.initrd, cmdline),
-            cpu=domxml.CPU(kvm=acc.is_kvm),
+            cpu=domxml.CPU(kvm=acc.is_kvm, vcpus=spec.vcpus, memory_mib=spec.memory_mib),
             disk=domxml.Disk(paths.domain_dir(spec.name) / "disk.qcow2"),
             console=domxml.SerialConsole(paths.console_log(spec.name)),
             qmp=domxml.QMPMonitor(paths.domain_dir(spec.name) / "qmp.sock"),

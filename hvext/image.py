@@ -29,7 +29,7 @@ SUITE = "bookworm"
 PACKAGES = ["python3", "busybox", "kmod", "ndctl", "e2fsprogs", "mount", "procps", "util-linux"]
 MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "virtio_balloon", "virtio_net",
            "virtio_pmem", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_mem",
-           "evdev", "button", "ext4"]
+           "nfit", "evdev", "button", "ext4"]
 IMAGE_SIZE = "2G"
 ROOTFS, KERNEL, INITRD, MANIFEST = "rootfs.img", "vmlinuz", "initrd.img", "manifest.json"
 #: The kernel command line the image expects (agent testing hooks stay off).
@@ -97,7 +97,17 @@ def input_hash(kernel_version: str | None = None) -> str:
 
 
 def find_image() -> GuestImage | None:
-    """The cached image for the current inputs, or None when it is not built."""
+    """The cached image for the current inputs, or None when it is not built.
+
+    ``HVEXT_IMAGE=DIR`` pins an image directory (one with a manifest) instead.
+    """
+    pinned = os.environ.get("HVEXT_IMAGE")
+    if pinned:
+        try:
+            manifest = json.loads((Path(pinned) / MANIFEST).read_text())
+        except (OSError, ValueError) as err:
+            raise ImageError(f"HVEXT_IMAGE={pinned} is not a built guest image ({err})") from err
+        return GuestImage(Path(pinned), manifest["kernel_version"])
     kernel_version = host_kernel_version()
     directory = CACHE_DIR / "images" / input_hash(kernel_version)
     if (directory / MANIFEST).is_file():

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import select
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,106 @@ def cmd_meminfo(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+MAX_EXEC_OUTPUT = 256 * 1024
+MAX_EXEC_TIMEOUT_S = 600.0
+
+
+def cmd_exec(args: dict[str, Any]) -> dict[str, Any]:
+    """Run a program and return its status and (capped) output, like qemu-ga's guest-exec.
+
+    The host controls its own guest, so this is not a privilege boundary; it
+    exists for tests, benchmarks and workloads started by hvext.
+    """
+    argv = args.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise CommandError("InvalidArguments", "argv must be a non-empty list of strings")
+    stdin = args.get("stdin", "")
+    timeout = args.get("timeout", 60)
+    if not isinstance(stdin, str) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_EXEC_TIMEOUT_S:
+        raise CommandError("InvalidArguments", f"stdin must be a string, 0 < timeout <= {MAX_EXEC_TIMEOUT_S}")
+    try:
+        done = subprocess.run(argv, input=stdin.encode(), capture_output=True, timeout=timeout,
+                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": "/opt/hvext"})
+    except FileNotFoundError as err:
+        raise CommandError("ExecFailed", f"{argv[0]}: not found") from err
+    except subprocess.TimeoutExpired as err:
+        raise CommandError("ExecTimeout", f"{argv[0]} did not finish within {timeout} s") from err
+    return {"exitcode": done.returncode,
+            "stdout": done.stdout[-MAX_EXEC_OUTPUT:].decode(errors="replace"),
+            "stderr": done.stderr[-MAX_EXEC_OUTPUT:].decode(errors="replace")}
+
+
+def _ndctl_namespaces() -> list[dict[str, Any]]:
+    out = subprocess.run(["ndctl", "list", "-N"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0 or not out.stdout.strip():
+        return []
+    data = json.loads(out.stdout)
+    return data if isinstance(data, list) else [data]
+
+
+def _pmem_mounts() -> dict[str, dict[str, Any]]:
+    mounts: dict[str, dict[str, Any]] = {}
+    with open("/proc/mounts") as handle:
+        for line in handle:
+            source, target, fstype, options = line.split()[:4]
+            if source.startswith("/dev/pmem"):
+                opts = options.split(",")
+                mounts[source.removeprefix("/dev/")] = {
+                    "mountpoint": target, "fstype": fstype,
+                    "dax": any(o in ("dax", "dax=always") for o in opts)}
+    return mounts
+
+
+def cmd_pmem(args: dict[str, Any]) -> dict[str, Any]:
+    """Persistent-memory namespaces the guest sees, their mode, and DAX mounts."""
+    mounts = _pmem_mounts()
+    namespaces = []
+    for ns in _ndctl_namespaces():
+        blockdev = ns.get("blockdev")
+        namespaces.append({"namespace": ns.get("dev"), "mode": ns.get("mode"), "size": ns.get("size"),
+                           "blockdev": blockdev, "chardev": ns.get("chardev"),
+                           "mount": mounts.get(blockdev) if blockdev else None})
+    return {"namespaces": namespaces}
+
+
+def cmd_pmem_mount(args: dict[str, Any]) -> dict[str, Any]:
+    """Make a pmem block device usable with DAX: fsdax namespace, ext4 (4 KiB blocks), mount -o dax.
+
+    ``format`` must be true to create a file system (it destroys the device's data);
+    without it an existing ext4 file system is mounted as it is.
+    """
+    blockdev, mountpoint, fmt = args.get("blockdev"), args.get("mountpoint"), args.get("format", False)
+    if not isinstance(blockdev, str) or not blockdev.startswith("pmem") or not blockdev[4:].isdigit():
+        raise CommandError("InvalidArguments", "blockdev must look like pmem0")
+    if not isinstance(mountpoint, str) or not mountpoint.startswith("/") or ".." in mountpoint:
+        raise CommandError("InvalidArguments", "mountpoint must be an absolute path")
+    if blockdev in _pmem_mounts():
+        raise CommandError("Busy", f"{blockdev} is already mounted")
+    namespace = next((ns for ns in _ndctl_namespaces() if ns.get("blockdev") == blockdev), None)
+    if namespace is None:
+        raise CommandError("NotFound", f"no pmem namespace with block device {blockdev}")
+    steps = []
+
+    def run(*argv: str) -> None:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=120)
+        steps.append(" ".join(argv))
+        if done.returncode != 0:
+            raise CommandError("SetupFailed", f"{' '.join(argv)}: {done.stderr.strip()[-500:]}")
+
+    if namespace.get("mode") != "fsdax":
+        if not fmt:
+            raise CommandError("NeedsFormat", f"{blockdev} is in {namespace.get('mode')} mode; "
+                               "switching to fsdax needs format=true")
+        run("ndctl", "create-namespace", "--force", "--reconfig", namespace["dev"], "--mode", "fsdax")
+        namespace = next(ns for ns in _ndctl_namespaces() if ns.get("dev") == namespace["dev"])
+        blockdev = namespace["blockdev"]
+    if fmt:
+        run("mkfs.ext4", "-q", "-F", "-b", "4096", f"/dev/{blockdev}")
+    os.makedirs(mountpoint, exist_ok=True)
+    run("mount", "-o", "dax", f"/dev/{blockdev}", mountpoint)
+    return {"blockdev": blockdev, "mountpoint": mountpoint, "dax": _pmem_mounts()[blockdev]["dax"], "steps": steps}
+
+
 class Agent:
     """Serves requests on one port file descriptor."""
 
@@ -107,6 +208,9 @@ class Agent:
             "ping": cmd_ping,
             "info": cmd_info,
             "meminfo": cmd_meminfo,
+            "exec": cmd_exec,
+            "pmem": cmd_pmem,
+            "pmem-mount": cmd_pmem_mount,
         }
 
     # -- output ---------------------------------------------------------
@@ -175,7 +279,13 @@ class Agent:
         if self.misbehave and request.get("cmd") != "x-test-misbehave":
             self.send_misbehaving(request_id, result)
             return
-        self.send({"id": request_id, "ok": True, "result": result})
+        reply = {"id": request_id, "ok": True, "result": result}
+        if request.get("cmd") == "guest-sync":
+            # A leading newline ends whatever partial line an earlier agent left in the
+            # channel, so the host can never see the sync reply glued to old bytes.
+            self.send_raw(b"\n" + json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        else:
+            self.send(reply)
 
     def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")

@@ -120,6 +120,8 @@ class AgentClient:
                 if remaining <= 0:
                     raise asyncio.TimeoutError
                 line = await asyncio.wait_for(self._reader.readline(), remaining)
+                if not line.strip():
+                    continue  # the agent ends stale partial lines with a bare newline
                 try:
                     reply = parse_reply(line)
                 except AgentProtocolError as err:

@@ -87,7 +87,7 @@ def test_real_agent_sync_ping_info_meminfo(serve) -> None:
 
 def test_stale_replies_before_sync_are_dropped(serve) -> None:
     def peer(conn: socket.socket) -> None:
-        conn.sendall(b'{"id": 1, "ok": true, "result": {"stale": true}}\n' * 5 + b"half a line")
+        conn.sendall(b'{"id": 1, "ok": true, "result": {"stale": true}}\n' * 5 + b'{"id": 2, "ok": tr')
         real_agent()(conn)
 
     async def session() -> None:

@@ -17,7 +17,7 @@ def make(kvm: bool) -> domxml.DomainXML:
         name="golden", memory_mib=1024, current_memory_mib=768, vcpus=2,
         domain_type="kvm" if kvm else "qemu", uuid="6d3e1c2a-7f43-4a39-9a0e-4d6b3c1f0a11",
         os_boot=domxml.OSBoot(Path("/cache/vmlinuz"), Path("/cache/initrd.img"), "root=/dev/vda rw"),
-        cpu=domxml.CPU(kvm=kvm), disk=domxml.Disk(state / "disk.qcow2"),
+        cpu=domxml.CPU(kvm=kvm, vcpus=2, memory_mib=1024), disk=domxml.Disk(state / "disk.qcow2"),
         console=domxml.SerialConsole(Path("/var/log/hvext/console/golden.log")),
         qmp=domxml.QMPMonitor(state / "qmp.sock"),
         emulator=Path("/usr/local/lib/hvext/qemu-system-x86_64") if kvm else None,

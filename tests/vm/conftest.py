@@ -95,6 +95,17 @@ def vm_factory(host: Host, request: pytest.FixtureRequest) -> Iterator[VMFactory
     factory.cleanup()
 
 
+@pytest.fixture(scope="module")
+def vm_factory_module(host: Host, request: pytest.FixtureRequest) -> Iterator[VMFactory]:
+    """Domains shared by the tests of one module (e.g. a guest with devices attached)."""
+    factory = VMFactory(host)
+    failed_before = request.session.testsfailed
+    yield factory
+    if request.session.testsfailed > failed_before:
+        factory.keep_logs(request.node.nodeid)
+    factory.cleanup()
+
+
 @pytest.fixture(scope="session")
 def session_factory(host: Host, request: pytest.FixtureRequest) -> Iterator[VMFactory]:
     factory = VMFactory(host)

@@ -1,0 +1,117 @@
+"""Persistent-memory device commands: pmem-attach, pmem-detach, pmem-list, pmem-mount."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from hvext import aio
+from hvext.cli import common
+from hvext.errors import AgentError, UnsupportedError
+from hvext.host import Domain
+from hvext.pmem import devices
+from hvext.units import format_size, parse_size
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("pmem-attach", help="add an NVDIMM backed by a host file")
+    common.add_domain(p)
+    p.add_argument("--size", required=True, help="usable size, e.g. 256M (multiple of 2 MiB; 16 MiB for DAX)")
+    p.add_argument("--type", choices=["nvdimm", "virtio-pmem"], default="nvdimm")
+    p.add_argument("--backing", type=Path, help="backing file (default: in hvext's domain state dir)")
+    p.add_argument("--label-size", default="0", help="label area, e.g. 128K (default: none)")
+    p.add_argument("--live", action="store_true", help="hot-plug into the running guest as well")
+    p.set_defaults(func=cmd_attach)
+
+    p = commands.add_parser("pmem-detach", help="remove a persistent-memory device")
+    common.add_domain(p)
+    p.add_argument("backing", type=Path, metavar="BACKING", help="backing file of the device (see pmem-list)")
+    p.add_argument("--live", action="store_true", help="hot-unplug from the running guest as well")
+    p.add_argument("--remove-backing", action="store_true", help="delete a backing file hvext created")
+    p.set_defaults(func=cmd_detach)
+
+    p = commands.add_parser("pmem-list", help="persistent-memory devices: host backing and what the guest sees")
+    common.add_domain(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("pmem-mount", help="make a guest pmem device a DAX-mounted ext4 file system")
+    common.add_domain(p)
+    p.add_argument("blockdev", metavar="BLOCKDEV", help="guest block device, e.g. pmem0")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="guest directory, e.g. /mnt/pmem0")
+    p.add_argument("--format", action="store_true", help="switch to fsdax and create ext4 (destroys its data)")
+    common.add_json(p)
+    p.set_defaults(func=cmd_mount)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    if args.type == "virtio-pmem":
+        raise UnsupportedError("virtio-pmem: this host's libvirt (9.0) cannot start domains with virtio-pmem "
+                               "devices ('memory device info is not handled yet'); use --type nvdimm")
+    size = parse_size(args.size)
+    label = parse_size(args.label_size)
+    with common.open_domain(args) as dom:
+        device = devices.attach(dom, size, label_size=label, backing=args.backing, live=args.live)
+    where = "to the running guest and the definition" if args.live else "to the definition"
+    common.console.print(f"NVDIMM of {format_size(device.size)} backed by {device.path} added {where} "
+                         f"of '{dom.name}'")
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        device = devices.detach(dom, args.backing, live=args.live, remove_backing=args.remove_backing)
+    common.console.print(f"pmem device backed by {device.path} removed from '{dom.name}'")
+    return 0
+
+
+async def guest_view(domain: Domain) -> dict[str, Any]:
+    async with domain.agent() as agent:
+        return await agent.request("pmem")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        host_devices = devices.list_devices(dom)
+        guest: dict[str, Any] | None = None
+        guest_error = None
+        if dom.is_active():
+            try:
+                guest = aio.run(guest_view(dom))
+            except AgentError as err:
+                guest_error = str(err)
+        else:
+            guest_error = "domain is not running"
+    namespaces = guest.get("namespaces", []) if isinstance(guest, dict) else []
+    if args.json:
+        common.print_json({"devices": [d.to_dict() for d in host_devices], "guest": namespaces,
+                           "guest_error": guest_error})
+        return 0
+    common.print_table(f"pmem devices of {dom.name}", ["model", "alias", "size", "label", "backing"],
+                       [[d.model, d.alias or "-", format_size(d.size), format_size(d.label_size), d.path]
+                        for d in host_devices])
+    if namespaces:
+        common.print_table("seen by the guest", ["namespace", "mode", "size", "device", "mounted", "DAX"],
+                           [[n.get("namespace"), n.get("mode"), format_size(n.get("size") or 0),
+                             n.get("blockdev") or n.get("chardev"), (n.get("mount") or {}).get("mountpoint", "-"),
+                             "yes" if (n.get("mount") or {}).get("dax") else "no"] for n in namespaces])
+    elif guest_error:
+        common.console.print(f"guest view unavailable: {guest_error}")
+    return 0
+
+
+async def mount(domain: Domain, blockdev: str, mountpoint: str, fmt: bool) -> dict[str, Any]:
+    async with domain.agent(timeout=300) as agent:
+        return await agent.request("pmem-mount", {"blockdev": blockdev, "mountpoint": mountpoint, "format": fmt})
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        result = aio.run(mount(dom, args.blockdev, args.mountpoint, args.format))
+    if args.json:
+        common.print_json(result)
+    else:
+        common.console.print(f"/dev/{result['blockdev']} mounted on {result['mountpoint']} in '{dom.name}' "
+                             f"({'DAX' if result['dax'] else 'no DAX'})")
+    return 0
