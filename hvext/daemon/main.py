@@ -1,0 +1,122 @@
+"""``hvextd``: the per-host hvext daemon.
+
+Version 1 watches the host: it follows libvirt's domain lifecycle events on
+hvext's shared asyncio loop (libvirtaio) and logs one line per event, and it
+reconnects with backoff when libvirtd goes away. Policy loops (reclaim,
+power-loss handling, replication) hang off the same loop in later versions.
+It stops cleanly on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+import libvirt
+
+from hvext import aio
+from hvext.errors import HvextError, LibvirtUnavailable
+from hvext.host import Host
+
+log = logging.getLogger("hvextd")
+
+EVENT_NAMES = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined", libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed", libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
+MAX_BACKOFF_S = 30.0
+
+
+class Daemon:
+    """Connects to libvirt, logs lifecycle events, reconnects when the connection drops."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
+        self.stopping = asyncio.Event()
+        self.disconnected = asyncio.Event()
+
+    def _on_lifecycle(self, conn: Any, dom: libvirt.virDomain, event: int, detail: int, opaque: Any) -> None:
+        log.info("domain %s %s (detail %d)", dom.name(), EVENT_NAMES.get(event, f"event {event}"), detail)
+
+    def _on_close(self, conn: Any, reason: int, opaque: Any) -> None:
+        log.warning("libvirt connection closed (reason %d)", reason)
+        self.disconnected.set()
+
+    async def serve(self) -> None:
+        backoff = 1.0
+        while not self.stopping.is_set():
+            try:
+                host = Host(self.uri)
+            except LibvirtUnavailable as err:
+                log.error("%s; retrying in %.0f s", err, backoff)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            backoff = 1.0
+            self.disconnected.clear()
+            try:
+                host.conn.setKeepAlive(5, 3)
+                host.conn.registerCloseCallback(self._on_close, None)
+                callback = host.conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+                log.info("watching %s (%d domains)", host.uri, len(host.domains()))
+                await self._wait_any(self.stopping, self.disconnected)
+                if not self.disconnected.is_set():
+                    host.conn.domainEventDeregisterAny(callback)
+                    host.conn.unregisterCloseCallback()
+            except (libvirt.libvirtError, HvextError) as err:
+                log.error("libvirt failed: %s", err)
+            finally:
+                host.close()
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    @staticmethod
+    async def _wait_any(*events: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hvextd", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--connect", metavar="URI", dest="uri", help="libvirt URI (as for hvext)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    loop = aio.loop()
+
+    async def start() -> Daemon:
+        return Daemon(args.uri)
+    daemon = aio.run(start())
+    stop = lambda *_: loop.call_soon_threadsafe(daemon.stopping.set)  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    future = asyncio.run_coroutine_threadsafe(daemon.serve(), loop)
+    while not future.done():  # the main thread stays free to receive signals
+        try:
+            future.result(timeout=0.5)
+        except TimeoutError:
+            continue
+    future.result()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
