@@ -455,7 +455,7 @@ class ResourceTree:
         self._binding: _Binding | None = None
         self._local = threading.local()
         # Test hook: called as hook(operation, path) once an operation holds all
-        # its locks, before it checks and commits.
+        # its locks and has passed its checks, just before it commits.
         self._after_lock: Callable[[str, str], None] | None = None
 
     # ---------------------------------------------------------------- plumbing
@@ -655,15 +655,13 @@ class ResourceTree:
             return out
 
     def walk(self, path: str = ROOT) -> Iterator[PoolNode]:
-        """Yield the subtree at *path* in pre-order, from one consistent snapshot."""
+        """The subtree at *path* in pre-order, from one consistent snapshot (errors raise at once)."""
         path = normalize_path(path)
         nodes = self.snapshot()
         if path not in nodes:
             raise PoolNotFoundError(f"no pool {path!r}")
         prefix = path if path == ROOT else path + "/"
-        for node in nodes.values():
-            if node.path == path or node.path.startswith(prefix):
-                yield node
+        return iter([n for n in nodes.values() if n.path == path or n.path.startswith(prefix)])
 
     def leaves(self) -> list[str]:
         """Paths of all leaves (non-root nodes without children), in pre-order."""
@@ -772,13 +770,13 @@ class ResourceTree:
                     f"{parent.path!r} is the leaf of domain {parent.domain!r}; a VM node cannot have children"
                 )
             self._lock_budgets(held, parent)
-            self._hook("create", path)
             eff = self._check_node(path, (parent.path, parent.value.limit_mib), working, 0, ())
             updates = self._propagate(path, parent, eff)
             if domain is not None:
                 held.mutex(self._domains_lock)
                 if domain in self._domains:
                     raise AssignmentError(f"domain {domain!r} is already assigned to {self._domains[domain]!r}")
+            self._hook("create", path)
             if self._binding is not None:
                 self._binding.insert(path, working, domain)
             node = _Node(path, parent, working, domain)
@@ -826,11 +824,11 @@ class ResourceTree:
             node, parent = nodes[-1], nodes[-2]
             if "reservation_mib" in changes or "expandable" in changes:
                 self._lock_budgets(held, parent)
-            self._hook("modify", path)
             working = dataclasses.replace(node.value, **changes)
             children = [(c.path, c.value.reservation_mib) for c in node.children.values()]
             eff = self._check_node(path, (parent.path, parent.value.limit_mib), working, node.child_sum, children)
             updates = self._propagate(path, parent, eff - node.effective)
+            self._hook("modify", path)
             if working == node.value:
                 return self._view(node)
             if self._binding is not None:
@@ -846,13 +844,13 @@ class ResourceTree:
         capacity = _check_mib("capacity_mib", capacity_mib)
         with _Held() as held:
             root = self._lock_path(held, ROOT, write_from=0)[0]
-            self._hook("set_capacity", ROOT)
             if root.child_sum > capacity:
                 raise ConsistencyError(
                     RULE_CHILDREN, [ROOT, *sorted(c.path for c in root.children.values())],
                     f"/: the top-level pools reserve {root.child_sum} MiB, more than a capacity of {capacity} MiB",
                 )
             working = _NodeValue(capacity, capacity, root.value.shares, False)
+            self._hook("set_capacity", ROOT)
             if working != root.value:
                 if self._binding is not None:
                     self._binding.set_capacity(capacity)
@@ -883,10 +881,12 @@ class ResourceTree:
                 subtree.extend(item.children.values())
             assigned = sorted(f"{n.domain} at {n.path}" for n in subtree if n.domain is not None)
             if assigned:
-                raise AssignmentError(f"cannot remove {path!r}: domains are assigned ({'; '.join(assigned)}); unassign them first")
+                raise AssignmentError(
+                    f"cannot remove {path!r}: domains are assigned ({'; '.join(assigned)}); unassign them first"
+                )
             self._lock_budgets(held, parent)
-            self._hook("remove", path)
             updates = self._propagate(path, parent, -node.effective)
+            self._hook("remove", path)
             if self._binding is not None:
                 self._binding.delete([n.path for n in subtree])
             del parent.children[_split(path)[1]]
@@ -909,7 +909,6 @@ class ResourceTree:
             raise AssignmentError("a domain cannot be assigned to the root '/': VMs are leaves under a pool")
         with _Held() as held:
             node = self._lock_path(held, path, write_from=_depth(path))[-1]
-            self._hook("assign", path)
             if node.domain == domain:
                 return self._view(node)
             if node.children:
@@ -920,6 +919,7 @@ class ResourceTree:
             other = self._domains.get(domain)
             if other is not None:
                 raise AssignmentError(f"domain {domain!r} is already assigned to {other!r}")
+            self._hook("assign", path)
             if self._binding is not None:
                 self._binding.set_domain(path, domain)
             node.domain = domain
