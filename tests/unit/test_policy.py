@@ -21,7 +21,7 @@ def test_mostly_free_guest_is_ballooned() -> None:
 
 def test_clean_cache_counts_as_spare_but_hot_anon_does_not() -> None:
     assert decide(vm(free=50 * MIB, cache=600 * MIB), 400 * MIB).method == "balloon"
-    hot = decide(vm(free=60 * MIB, inactive=300 * MIB), 400 * MIB)  # no guest swap: inactive anon is not spare
+    hot = decide(vm(free=40 * MIB, inactive=300 * MIB), 400 * MIB)  # no guest swap: inactive anon is not spare
     assert hot.method == "swap" and hot.balloon == 0 and hot.swap == 400 * MIB
     with_swap = decide(vm(free=60 * MIB, inactive=300 * MIB, swap=GIB), 400 * MIB)
     assert with_swap.method == "balloon+swap"
