@@ -6,15 +6,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup packages libvirtd venv image qemu demo test unit vm bench clean-vms
+.PHONY: setup packages libvirtd swap venv image qemu demo test unit vm bench clean-vms
 
-setup: packages libvirtd venv image qemu
+setup: packages libvirtd swap venv image qemu
 
 packages:
 	setup/host.sh packages
 
 libvirtd: packages
 	setup/host.sh libvirtd
+
+swap:
+	setup/host.sh swap
 
 # The venv is rebuilt when pyproject.toml changes.
 venv: $(VENV)/.installed

@@ -68,9 +68,28 @@ libvirtd() {
   die "libvirtd did not come up; see /var/log/libvirt/ and run 'libvirtd' in the foreground to see why"
 }
 
+# Host swapping of VM memory (hvext reclaim --method swap) needs host swap space.
+swap() {
+  if [ "$(wc -l < /proc/swaps)" -gt 1 ]; then
+    log "host swap: present"
+    return
+  fi
+  local file=/var/lib/hvext/swapfile size_mib="${HVEXT_SWAP_MIB:-4096}"
+  install -d -m 0755 /var/lib/hvext
+  if [ ! -f "$file" ]; then
+    log "creating a ${size_mib} MiB swap file $file"
+    fallocate -l "${size_mib}M" "$file" || dd if=/dev/zero of="$file" bs=1M count="$size_mib" status=none
+    chmod 600 "$file"
+    mkswap -q "$file" >/dev/null
+  fi
+  swapon "$file" || die "swapon $file failed; hvext reclaim --method swap will not work"
+  log "host swap: $file enabled"
+}
+
 case "${1:-all}" in
   packages) packages ;;
   libvirtd) libvirtd ;;
-  all) packages; libvirtd ;;
-  *) die "unknown step ${1}; use packages, libvirtd or all" ;;
+  swap) swap ;;
+  all) packages; libvirtd; swap ;;
+  *) die "unknown step ${1}; use packages, libvirtd, swap or all" ;;
 esac
