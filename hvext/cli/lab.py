@@ -1,0 +1,123 @@
+"""``hvext lab up|down|status``: several libvirt hosts on this machine, for migration and failover."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from hvext import lab
+from hvext.cli import common
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("lab", help="a multi-host lab on this machine (namespaces, each with its own libvirtd)",
+                            description="Several libvirt hosts on this machine: network, mount and UTS "
+                                        "namespaces joined by a bridge, addresses in 198.18.0.0/15. "
+                                        "See docs/lab.md.")
+    sub = p.add_subparsers(dest="lab_command", metavar="SUBCOMMAND", parser_class=type(p))
+    sub.required = True
+
+    up = sub.add_parser("up", help="create the lab (a no-op when the same lab is up)")
+    up.add_argument("--hosts", type=_host_count, default=2, metavar="N",
+                    help=f"number of hosts, {lab.MIN_HOSTS} to {lab.MAX_HOSTS} (default 2)")
+    up.add_argument("--force", action="store_true", help="replace a lab that has another number of hosts")
+    common.add_json(up)
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="remove the lab: daemons, domains, namespaces, links, directories")
+    common.add_json(down)
+    down.set_defaults(func=cmd_down)
+
+    status = sub.add_parser("status", help="the lab's hosts, addresses, URIs and whether each libvirtd answers")
+    common.add_json(status)
+    status.set_defaults(func=cmd_status)
+
+
+def _host_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not lab.MIN_HOSTS <= count <= lab.MAX_HOSTS:
+        raise argparse.ArgumentTypeError(f"{count} out of range: use {lab.MIN_HOSTS} to {lab.MAX_HOSTS}")
+    return count
+
+
+def _hosts_table(the_lab: lab.Lab) -> None:
+    common.print_table(None, ["host", "address", "hostname", "netns"],
+                       [[h.name, h.address, h.hostname, h.netns] for h in the_lab.hosts])
+    _print_uris(the_lab.hosts)
+
+
+def _print_uris(hosts: list[lab.LabHost]) -> None:
+    """One URI a line, never wrapped or cut, so it can be copied."""
+    common.console.print("libvirt URIs:")
+    for h in hosts:
+        common.console.print(f"  {h.name}  {h.uri_unix}", soft_wrap=True)
+        common.console.print(f"  {h.name}  {h.uri_tcp}", soft_wrap=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    the_lab = lab.Lab.up(args.hosts, force=args.force)
+    if args.json:
+        common.print_json({"created": the_lab.created, "replaced": the_lab.replaced,
+                           "seconds": round(the_lab.seconds, 3),
+                           "hosts": _host_dicts(the_lab)})
+        return 0
+    if the_lab.created:
+        if the_lab.replaced:
+            common.console.print(f"lab up: removed the recorded lab first: {the_lab.replaced}")
+        common.console.print(f"lab up: created {len(the_lab.hosts)} hosts in {the_lab.seconds:.1f} s")
+    else:
+        common.console.print(f"lab up: {len(the_lab.hosts)} hosts already up, nothing to do")
+    _hosts_table(the_lab)
+    return 0
+
+
+def _host_dicts(the_lab: lab.Lab) -> list[dict[str, str]]:
+    return [{"name": h.name, "address": h.address, "netns": h.netns, "hostname": h.hostname,
+             "uuid": h.uuid, "uri_unix": h.uri_unix, "uri_tcp": h.uri_tcp} for h in the_lab.hosts]
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    removed = lab.down()
+    seconds = time.monotonic() - started
+    if args.json:
+        common.print_json({"removed": removed, "seconds": round(seconds, 3)})
+    elif removed:
+        common.console.print(f"lab down: removed {len(removed)} items in {seconds:.1f} s")
+        for item in removed:
+            common.console.print(f"  {item}")
+    else:
+        common.console.print("lab down: no lab was up, nothing to do")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    the_lab = lab.Lab.load()
+    if the_lab is None:
+        if args.json:
+            common.print_json({"up": False, "hosts": []})
+        else:
+            common.console.print("no lab is up; `hvext lab up --hosts N` creates one")
+        return 0
+    statuses = the_lab.status()
+    if args.json:
+        common.print_json({"up": True, "phase": the_lab.state.phase, "state_file": str(lab.state_file()),
+                           "hosts": [s.to_dict() for s in statuses]})
+        return 0
+    rows = []
+    for s in statuses:
+        pid = s.daemons.get("libvirtd")
+        rows.append([s.host.name, s.host.address, pid or "dead",
+                     "yes" if s.unix.ok else "no", "yes" if s.tcp.ok else "no",
+                     s.unix.domains if s.unix.ok else "-"])
+    common.print_table(f"hvext lab: {len(statuses)} hosts, {the_lab.state.phase}",
+                       ["host", "address", "libvirtd", "unix answers", "tcp answers", "domains"], rows)
+    for s in statuses:
+        for kind, probe in (("unix", s.unix), ("tcp", s.tcp)):
+            if not probe.ok:
+                common.console.print(f"{s.host.name} {kind}: {probe.error}", soft_wrap=True)
+    _print_uris(the_lab.hosts)
+    return 0

@@ -1,0 +1,335 @@
+"""The pure parts of the lab: names, addresses, URIs, config files and the state file.
+
+Nothing here touches the machine, so all of it is unit-tested without root.
+The lab uses 198.18.0.0/24, a slice of the benchmarking range 198.18.0.0/15
+(RFC 2544) that no real network routes: the bridge has .1, host *i* has
+.(10+i). The bridge has no uplink, so lab traffic never leaves the machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvext import paths
+from hvext.errors import HostError, UsageError
+
+
+class LabError(HostError):
+    """The multi-host lab could not be created, inspected or removed."""
+
+
+class LabUsageError(UsageError):
+    """A bad lab request (host count out of range, a different lab already up)."""
+
+
+MIN_HOSTS = 1
+MAX_HOSTS = 8
+STATE_VERSION = 1
+
+#: The lab's subnet: inside 198.18.0.0/15, the range reserved for benchmarks.
+LAB_NETWORK = ipaddress.IPv4Network("198.18.0.0/24")
+BENCHMARK_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
+BRIDGE_ADDRESS = LAB_NETWORK.network_address + 1
+HOST_OFFSET = 10
+#: The Linux bridge in the root namespace (names are at most 15 characters).
+BRIDGE_NAME = "hvextlab0"
+NETNS_PREFIX = "hvext-lab-"
+VETH_PREFIX = "hvlab"
+#: The interface name each host sees inside its namespace.
+HOST_IFNAME = "eth0"
+HOSTNAME_DOMAIN = "hvext-lab"
+LIBVIRT_TCP_PORT = 16509
+
+#: Runtime files (state file, lock, per-host sockets and pid files).
+RUN_DIR = Path(os.environ.get("HVEXT_LAB_RUN_DIR", "/run/hvext-lab"))
+#: Per-host private libvirt trees (config, lib, log, cache); under hvext's state dir.
+DATA_DIR = paths.STATE_DIR / "lab"
+
+#: Directories private to each host: the path libvirtd sees -> subdirectory of the host's data dir.
+PRIVATE_DIRS = {
+    "/etc/libvirt": "etc",
+    "/var/lib/libvirt": "lib",
+    "/var/log/libvirt": "log",
+    "/var/cache/libvirt": "cache",
+}
+DAEMONS = ("virtlogd", "libvirtd")
+
+_HOST_NAME = re.compile(r"host([1-9][0-9]*)")
+
+
+def validate_count(count: object) -> int:
+    """The number of hosts, checked: an int from MIN_HOSTS to MAX_HOSTS."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise LabUsageError(f"the host count must be a whole number, not {count!r}")
+    if not MIN_HOSTS <= count <= MAX_HOSTS:
+        raise LabUsageError(f"host count {count} out of range: use {MIN_HOSTS} to {MAX_HOSTS}")
+    return count
+
+
+def _check_index(index: int) -> int:
+    if isinstance(index, bool) or not isinstance(index, int) or not MIN_HOSTS <= index <= MAX_HOSTS:
+        raise LabUsageError(f"host index {index!r} out of range: use {MIN_HOSTS} to {MAX_HOSTS}")
+    return index
+
+
+def host_name(index: int) -> str:
+    return f"host{_check_index(index)}"
+
+
+def host_index(name: str) -> int:
+    """The index of ``hostN``; the inverse of :func:`host_name`."""
+    match = _HOST_NAME.fullmatch(name)
+    if not match:
+        raise LabUsageError(f"not a lab host name: {name!r} (expected host1 to host{MAX_HOSTS})")
+    return _check_index(int(match.group(1)))
+
+
+def host_address(index: int) -> str:
+    address = LAB_NETWORK.network_address + HOST_OFFSET + _check_index(index)
+    assert address in LAB_NETWORK and address in BENCHMARK_RANGE
+    return str(address)
+
+
+def netns_name(index: int) -> str:
+    return f"{NETNS_PREFIX}{host_name(index)}"
+
+
+def veth_name(index: int) -> str:
+    """The root-namespace end of host *index*'s veth pair (the bridge port)."""
+    return f"{VETH_PREFIX}{_check_index(index)}"
+
+
+def veth_peer_name(index: int) -> str:
+    """The temporary name of the namespace end before it is moved and renamed to eth0."""
+    return f"{VETH_PREFIX}{_check_index(index)}p"
+
+
+def hostname(index: int) -> str:
+    """The host's UTS name; distinct per host because libvirt refuses migrating to "the same host"."""
+    return f"{host_name(index)}.{HOSTNAME_DOMAIN}"
+
+
+def host_run_dir(run_dir: Path, index: int) -> Path:
+    return run_dir / host_name(index)
+
+
+def host_data_dir(data_dir: Path, index: int) -> Path:
+    return data_dir / host_name(index)
+
+
+def libvirt_socket(run_dir: Path, index: int) -> Path:
+    """Where host *index*'s read-write socket appears in the root namespace."""
+    return host_run_dir(run_dir, index) / "libvirt" / "libvirt-sock"
+
+
+def uri_unix(run_dir: Path, index: int) -> str:
+    return f"qemu+unix:///system?socket={libvirt_socket(run_dir, index)}"
+
+
+def uri_tcp(index: int) -> str:
+    return f"qemu+tcp://{host_address(index)}/system"
+
+
+# -- config files ---------------------------------------------------------
+
+def libvirtd_conf(index: int, host_uuid: str) -> str:
+    """libvirtd.conf of one host: its own UUID, TCP without auth on its lab address only."""
+    uuid.UUID(host_uuid)  # raises ValueError on a malformed UUID
+    return "\n".join([
+        f"# hvext lab {host_name(index)}: written by `hvext lab up`, removed by `hvext lab down`.",
+        f'host_uuid = "{host_uuid}"',
+        "listen_tls = 0",
+        "listen_tcp = 1",
+        f'listen_addr = "{host_address(index)}"',
+        f'tcp_port = "{LIBVIRT_TCP_PORT}"',
+        # No authentication: the address exists only on the lab bridge of this machine.
+        'auth_tcp = "none"',
+        'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"',
+        "",
+    ])
+
+
+#: qemu.conf keys the lab sets; lines setting them in the machine's qemu.conf are dropped.
+QEMU_CONF_KEYS = ("migration_address", "migration_host", "cgroup_controllers")
+
+
+def qemu_conf(base: str, index: int) -> str:
+    """The machine's qemu.conf with the lab's settings for host *index* appended.
+
+    Migration listens on and advertises the lab address (the hostname is not
+    resolvable). Cgroups are off: all lab hosts share the kernel's cgroup tree,
+    where two libvirtds would name domain groups alike (``qemu-1-NAME``).
+    """
+    kept = [line for line in base.splitlines()
+            if not any(re.match(rf"\s*{key}\s*=", line) for key in QEMU_CONF_KEYS)]
+    return "\n".join(kept + [
+        "",
+        f"# hvext lab {host_name(index)}",
+        f'migration_address = "{host_address(index)}"',
+        f'migration_host = "{host_address(index)}"',
+        "cgroup_controllers = [ ]",
+        "",
+    ])
+
+
+def hosts_file(base: str, count: int) -> str:
+    """The machine's /etc/hosts plus a line per lab host, so hosts resolve each other's names."""
+    lines = base.rstrip("\n").splitlines()
+    lines += ["", "# hvext lab", f"{BRIDGE_ADDRESS} gateway.{HOSTNAME_DOMAIN}"]
+    lines += [f"{host_address(i)} {hostname(i)} {host_name(i)}" for i in range(1, validate_count(count) + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def start_script(index: int, run_dir: Path, data_dir: Path) -> str:
+    """The shell script that runs inside host *index*'s new mount and UTS namespaces.
+
+    It makes libvirt's directories private bind mounts of the host's own
+    directories, then starts virtlogd and libvirtd as daemons and exits; the
+    daemons keep the namespaces alive. /run/libvirt is bound from the host's
+    run directory so its sockets are reachable from the root namespace.
+    """
+    hrun = host_run_dir(run_dir, index)
+    hdata = host_data_dir(data_dir, index)
+    lines = [
+        "set -eu",
+        f"hostname {hostname(index)}",
+        f"mount --bind {hrun / 'libvirt'} /run/libvirt",
+        f"mount --bind {hdata / 'hosts'} /etc/hosts",
+    ]
+    lines += [f"mount --bind {hdata / sub} {target}" for target, sub in PRIVATE_DIRS.items()]
+    lines += [
+        f"/usr/sbin/virtlogd --daemon --config /etc/libvirt/virtlogd.conf --pid-file {hrun / 'virtlogd.pid'}",
+        f"/usr/sbin/libvirtd --daemon --listen --config /etc/libvirt/libvirtd.conf "
+        f"--pid-file {hrun / 'libvirtd.pid'}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- state ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProcessRef:
+    """A process the lab started, identified by PID and start time (so a reused PID is not it)."""
+
+    pid: int
+    start_ticks: int
+    comm: str
+
+
+@dataclass
+class LabHost:
+    """One lab host: a network, mount and UTS namespace with its own libvirtd."""
+
+    index: int
+    uuid: str
+    run_dir: Path = RUN_DIR
+    processes: dict[str, ProcessRef] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return host_name(self.index)
+
+    @property
+    def address(self) -> str:
+        return host_address(self.index)
+
+    @property
+    def netns(self) -> str:
+        return netns_name(self.index)
+
+    @property
+    def hostname(self) -> str:
+        return hostname(self.index)
+
+    @property
+    def uri_tcp(self) -> str:
+        return uri_tcp(self.index)
+
+    @property
+    def uri_unix(self) -> str:
+        return uri_unix(self.run_dir, self.index)
+
+    @property
+    def socket(self) -> Path:
+        return libvirt_socket(self.run_dir, self.index)
+
+
+@dataclass
+class LabState:
+    """What lab.json holds: enough for any process to find, use and remove the lab."""
+
+    hosts: list[LabHost]
+    phase: str  # "creating" while `up` runs, "up" once every libvirtd answered
+    created: float
+    run_dir: Path
+    data_dir: Path
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "phase": self.phase,
+            "created": self.created,
+            "run_dir": str(self.run_dir),
+            "data_dir": str(self.data_dir),
+            "bridge": {"name": BRIDGE_NAME, "address": f"{BRIDGE_ADDRESS}/{LAB_NETWORK.prefixlen}"},
+            "hosts": [{
+                "name": h.name, "index": h.index, "uuid": h.uuid, "address": h.address,
+                "netns": h.netns, "hostname": h.hostname,
+                "uri_unix": h.uri_unix, "uri_tcp": h.uri_tcp,
+                "processes": {k: asdict(v) for k, v in h.processes.items()},
+            } for h in self.hosts],
+        }
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "lab state") -> LabState:
+        """Parse and check lab.json; anything unexpected is a :class:`LabError`."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise LabError(f"{source}: not valid JSON ({err}); `hvext lab down` removes the lab") from err
+        try:
+            if not isinstance(data, dict):
+                raise TypeError("top level is not an object")
+            if data.get("version") != STATE_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {STATE_VERSION}")
+            phase = data["phase"]
+            if phase not in ("creating", "up"):
+                raise ValueError(f"unknown phase {phase!r}")
+            run_dir = Path(data["run_dir"])
+            hosts = []
+            for entry in data["hosts"]:
+                processes = {}
+                for daemon, ref in entry.get("processes", {}).items():
+                    if daemon not in DAEMONS:
+                        raise ValueError(f"unknown daemon {daemon!r}")
+                    values = (ref["pid"], ref["start_ticks"])
+                    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+                        raise ValueError(f"bad process record {ref!r}")
+                    processes[daemon] = ProcessRef(ref["pid"], ref["start_ticks"], str(ref["comm"]))
+                index = entry["index"]
+                if host_name(index) != entry["name"]:
+                    raise ValueError(f"host {entry['name']!r} has index {index!r}")
+                hosts.append(LabHost(index=index, uuid=str(uuid.UUID(entry["uuid"])), run_dir=run_dir,
+                                     processes=processes))
+            if [h.index for h in hosts] != list(range(1, len(hosts) + 1)):
+                raise ValueError("hosts are not host1..hostN in order")
+            validate_count(len(hosts))
+            return cls(hosts=hosts, phase=phase, created=float(data["created"]),
+                       run_dir=run_dir, data_dir=Path(data["data_dir"]))
+        except (KeyError, TypeError, ValueError, UsageError) as err:
+            raise LabError(f"{source}: malformed ({type(err).__name__}: {err}); "
+                           "`hvext lab down` removes the lab") from err
+
+
+def new_hosts(count: int, run_dir: Path = RUN_DIR) -> list[LabHost]:
+    """Hosts 1..count, each with a fresh random host UUID."""
+    return [LabHost(index=i, uuid=str(uuid.uuid4()), run_dir=run_dir) for i in range(1, validate_count(count) + 1)]

@@ -1,0 +1,69 @@
+"""`hvext lab` argument handling and status output, without touching the machine's network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import hvext.lab as lab
+from hvext.cli.main import main
+from hvext.lab import daemons, plan
+from hvext.lab.plan import LabState
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["lab"], "required: SUBCOMMAND"),
+    (["lab", "up", "--hosts", "0"], "0 out of range: use 1 to 8"),
+    (["lab", "up", "--hosts", "9"], "9 out of range: use 1 to 8"),
+    (["lab", "up", "--hosts", "two"], "not a whole number"),
+    (["lab", "sideways"], "invalid choice"),
+])
+def test_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    status, _, err = run(capsys, *argv)
+    assert status == 1
+    assert err.splitlines()[-1].startswith("error: ") and message in err
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "run"
+    monkeypatch.setattr(plan, "RUN_DIR", directory)
+    return directory
+
+
+def test_status_without_a_lab(capsys: pytest.CaptureFixture[str], run_dir: Path) -> None:
+    assert run(capsys, "lab", "status")[1].startswith("no lab is up")
+    status, out, _ = run(capsys, "lab", "status", "--json")
+    assert status == 0 and json.loads(out) == {"up": False, "hosts": []}
+    assert lab.Lab.load() is None
+
+
+def test_status_of_a_recorded_lab_whose_hosts_are_gone(capsys: pytest.CaptureFixture[str], run_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    state = LabState(hosts=plan.new_hosts(2, run_dir), phase="up", created=0.0, run_dir=run_dir,
+                     data_dir=run_dir / "data")
+    run_dir.mkdir()
+    lab.state_file(run_dir).write_text(state.to_json())
+    monkeypatch.setattr(daemons, "probe_libvirt", lambda uri, tcp=None: daemons.Probe(False, error="refused"))
+    status, out, _ = run(capsys, "lab", "status", "--json")
+    data = json.loads(out)
+    assert status == 0 and data["up"] is True and len(data["hosts"]) == 2
+    assert data["hosts"][1]["uri_unix"] == f"qemu+unix:///system?socket={run_dir}/host2/libvirt/libvirt-sock"
+    assert not any(h["answering"] for h in data["hosts"])
+    status, out, _ = run(capsys, "lab", "status")
+    assert "dead" in out and "host2 tcp: refused" in out and "qemu+tcp://198.18.0.12/system" in out
+
+
+def test_malformed_state_file_is_reported(capsys: pytest.CaptureFixture[str], run_dir: Path) -> None:
+    run_dir.mkdir()
+    lab.state_file(run_dir).write_text("{")
+    status, _, err = run(capsys, "lab", "status")
+    assert status == 1 and "not valid JSON" in err and "hvext lab down" in err

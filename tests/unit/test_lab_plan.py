@@ -1,0 +1,159 @@
+"""The lab's pure parts: input validation, addresses, names, URIs, config files, the state file."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hvext.errors import HostError, UsageError
+from hvext.lab import plan
+from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError, ProcessRef
+
+RUN = Path("/run/hvext-lab")
+
+
+@pytest.mark.parametrize("count", [1, 2, 8])
+def test_validate_count_accepts_1_to_8(count: int) -> None:
+    assert plan.validate_count(count) == count
+
+
+@pytest.mark.parametrize("count", [0, -1, 9, 100, "2", 2.0, True, None])
+def test_validate_count_rejects(count: object) -> None:
+    with pytest.raises(LabUsageError):
+        plan.validate_count(count)
+
+
+def test_errors_fit_the_hvext_tree() -> None:
+    assert issubclass(LabError, HostError)
+    assert issubclass(LabUsageError, UsageError)
+
+
+def test_addresses_are_distinct_in_the_benchmark_range_and_off_the_bridge() -> None:
+    addresses = [plan.host_address(i) for i in range(1, plan.MAX_HOSTS + 1)]
+    assert addresses[0] == "198.18.0.11" and addresses[-1] == "198.18.0.18"
+    assert len(set(addresses)) == plan.MAX_HOSTS
+    assert str(plan.BRIDGE_ADDRESS) == "198.18.0.1" and str(plan.BRIDGE_ADDRESS) not in addresses
+    for address in addresses + [str(plan.BRIDGE_ADDRESS)]:
+        ip = ipaddress.IPv4Address(address)
+        assert ip in plan.LAB_NETWORK and ip in ipaddress.IPv4Network("198.18.0.0/15")
+        assert ip != plan.LAB_NETWORK.broadcast_address
+
+
+@pytest.mark.parametrize("index", [0, 9, -3])
+def test_per_host_names_reject_bad_indexes(index: int) -> None:
+    for fn in (plan.host_name, plan.host_address, plan.netns_name, plan.veth_name, plan.uri_tcp):
+        with pytest.raises(LabUsageError):
+            fn(index)
+
+
+def test_names_fit_linux_limits() -> None:
+    for i in range(1, plan.MAX_HOSTS + 1):
+        for ifname in (plan.veth_name(i), plan.veth_peer_name(i), plan.BRIDGE_NAME):
+            assert len(ifname) <= 15  # IFNAMSIZ - 1
+        assert plan.netns_name(i) == f"hvext-lab-host{i}"
+        assert plan.hostname(i) == f"host{i}.hvext-lab"
+
+
+def test_host_index_round_trips() -> None:
+    assert [plan.host_index(plan.host_name(i)) for i in range(1, 9)] == list(range(1, 9))
+    for bad in ("host0", "host9", "host", "hostx", "Host1", "host01", "xhost1"):
+        with pytest.raises(LabUsageError):
+            plan.host_index(bad)
+
+
+def test_uris() -> None:
+    assert plan.uri_unix(RUN, 1) == "qemu+unix:///system?socket=/run/hvext-lab/host1/libvirt/libvirt-sock"
+    assert plan.uri_tcp(2) == "qemu+tcp://198.18.0.12/system"
+    host = LabHost(index=3, uuid=str(uuid.uuid4()), run_dir=Path("/tmp/x"))
+    assert host.uri_unix == "qemu+unix:///system?socket=/tmp/x/host3/libvirt/libvirt-sock"
+    assert host.socket == Path("/tmp/x/host3/libvirt/libvirt-sock")
+    assert (host.name, host.address, host.netns) == ("host3", "198.18.0.13", "hvext-lab-host3")
+
+
+def test_libvirtd_conf_listens_without_auth_only_on_the_lab_address() -> None:
+    host_uuid = str(uuid.uuid4())
+    conf = plan.libvirtd_conf(2, host_uuid)
+    assert f'host_uuid = "{host_uuid}"' in conf
+    assert 'listen_addr = "198.18.0.12"' in conf
+    assert "listen_tcp = 1" in conf and "listen_tls = 0" in conf and 'auth_tcp = "none"' in conf
+    with pytest.raises(ValueError):
+        plan.libvirtd_conf(2, "not-a-uuid")
+
+
+def test_qemu_conf_replaces_the_keys_the_lab_sets() -> None:
+    base = ('user = "libvirt-qemu"\nmigration_address = "0.0.0.0"\n#migration_host = "x"\n'
+            '  cgroup_controllers = [ "cpu" ]\n')
+    conf = plan.qemu_conf(base, 1)
+    assert 'user = "libvirt-qemu"' in conf and '#migration_host = "x"' in conf  # comments and others kept
+    assert '"0.0.0.0"' not in conf and '"cpu"' not in conf
+    assert 'migration_address = "198.18.0.11"' in conf and 'migration_host = "198.18.0.11"' in conf
+    assert "cgroup_controllers = [ ]" in conf
+
+
+def test_hosts_file_names_every_host() -> None:
+    text = plan.hosts_file("127.0.0.1 localhost\n", 2)
+    assert text.startswith("127.0.0.1 localhost\n")
+    assert "198.18.0.11 host1.hvext-lab host1\n" in text and "198.18.0.12 host2.hvext-lab host2\n" in text
+    assert "198.18.0.13" not in text
+
+
+def test_start_script_binds_private_dirs_and_starts_both_daemons() -> None:
+    script = plan.start_script(2, RUN, Path("/var/lib/hvext/lab"))
+    assert script.startswith("set -eu\n")
+    assert "hostname host2.hvext-lab" in script
+    assert "mount --bind /run/hvext-lab/host2/libvirt /run/libvirt" in script
+    for target, sub in plan.PRIVATE_DIRS.items():
+        assert f"mount --bind /var/lib/hvext/lab/host2/{sub} {target}" in script
+    assert script.index("mount --bind") < script.index("virtlogd") < script.index("libvirtd --daemon")
+    assert "--pid-file /run/hvext-lab/host2/libvirtd.pid" in script
+    assert "--pid-file /run/hvext-lab/host2/virtlogd.pid" in script
+
+
+def _state(count: int = 2) -> LabState:
+    hosts = plan.new_hosts(count, RUN)
+    hosts[0].processes = {"libvirtd": ProcessRef(100, 5000, "libvirtd"), "virtlogd": ProcessRef(99, 4990, "virtlogd")}
+    return LabState(hosts=hosts, phase="up", created=1700000000.5, run_dir=RUN, data_dir=Path("/var/lib/hvext/lab"))
+
+
+def test_new_hosts_get_distinct_uuids() -> None:
+    hosts = plan.new_hosts(8)
+    assert len({h.uuid for h in hosts}) == 8
+    assert [h.index for h in hosts] == list(range(1, 9))
+
+
+def test_state_round_trips() -> None:
+    state = _state()
+    again = LabState.from_json(state.to_json())
+    assert again == state
+    data = json.loads(state.to_json())
+    assert data["hosts"][1]["uri_tcp"] == "qemu+tcp://198.18.0.12/system"
+    assert data["bridge"] == {"name": "hvextlab0", "address": "198.18.0.1/24"}
+
+
+def _mangled(edit: object) -> str:
+    data = json.loads(_state().to_json())
+    edit(data)  # type: ignore[operator]
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("text", [
+    "", "{", "[]", "null",
+    _mangled(lambda d: d.update(version=2)),
+    _mangled(lambda d: d.update(phase="exploding")),
+    _mangled(lambda d: d.pop("hosts")),
+    _mangled(lambda d: d.update(hosts=[])),
+    _mangled(lambda d: d["hosts"].reverse()),
+    _mangled(lambda d: d["hosts"][0].update(uuid="zzz")),
+    _mangled(lambda d: d["hosts"][0].update(name="host7")),
+    _mangled(lambda d: d["hosts"][0]["processes"]["libvirtd"].update(pid=-4)),
+    _mangled(lambda d: d["hosts"][0]["processes"]["libvirtd"].update(pid="100")),
+    _mangled(lambda d: d["hosts"][0]["processes"].update(sshd={"pid": 1, "start_ticks": 1, "comm": "sshd"})),
+    _mangled(lambda d: d["hosts"].extend(d["hosts"][-1:] * 8)),
+])
+def test_malformed_state_is_a_lab_error(text: str) -> None:
+    with pytest.raises(LabError, match="lab down"):
+        LabState.from_json(text, "lab.json")

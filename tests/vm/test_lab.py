@@ -1,0 +1,235 @@
+"""The multi-host lab on real namespaces and libvirtds: up, status, isolation, connectivity, down.
+
+The module shares one 2-host lab (about a second to build); the finalizer
+removes it even when a test fails. An already running lab is left alone
+(the module is skipped), since it may belong to someone else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+import hvext.host  # noqa: F401  (keeps libvirt from printing errors itself)
+from hvext import lab
+from hvext.lab import net, plan, procs
+
+PY = sys.executable
+TINY_DOMAIN = ("<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+               "<os><type arch='x86_64'>hvm</type></os></domain>")
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (namespaces, libvirtd)"),
+    pytest.mark.skipif(not (shutil.which("libvirtd") or os.path.exists("/usr/sbin/libvirtd")),
+                       reason="libvirtd is not installed"),
+    pytest.mark.timeout(120),
+]
+
+
+def hvext_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a separate process: it must find the lab through the state file."""
+    return subprocess.run([PY, "-m", "hvext.cli.main", *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def the_lab() -> Iterator[lab.Lab]:
+    if lab.Lab.load() is not None:
+        pytest.skip("a lab is already up (maybe someone else's); `hvext lab down` first to run these tests")
+    started = time.monotonic()
+    try:
+        built = lab.Lab.up(2)
+        assert built.created and len(built.hosts) == 2
+        print(f"lab up: {time.monotonic() - started:.2f} s")
+        yield built
+    finally:
+        lab.down()
+
+
+def test_both_hosts_answer(the_lab: lab.Lab) -> None:
+    statuses = the_lab.status()
+    assert [s.host.name for s in statuses] == ["host1", "host2"]
+    for s in statuses:
+        assert s.netns_present and all(s.daemons.values()), s.to_dict()
+        assert s.answering, s.to_dict()
+        assert s.unix.hostname == s.tcp.hostname == s.host.hostname
+    assert statuses[0].host.uuid != statuses[1].host.uuid
+
+
+def test_virsh_reaches_each_host_from_the_root_namespace(the_lab: lab.Lab) -> None:
+    for host in the_lab.hosts:
+        for uri in (host.uri_unix, host.uri_tcp):
+            version = subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, text=True, timeout=30)
+            assert version.returncode == 0 and "Running hypervisor: QEMU" in version.stdout, version.stderr
+            listing = subprocess.run(["virsh", "-c", uri, "list", "--all"], capture_output=True, text=True,
+                                     timeout=30)
+            assert listing.returncode == 0, listing.stderr
+        conn = libvirt.open(host.uri_tcp)
+        try:
+            assert f"<uuid>{host.uuid}</uuid>" in conn.getCapabilities()  # its own host UUID
+            assert conn.getHostname() == host.hostname
+        finally:
+            conn.close()
+
+
+def test_domains_are_private_to_their_host(the_lab: lab.Lab) -> None:
+    host1, host2 = the_lab.hosts
+    name = f"hvext-labtest-{os.getpid()}"
+    conn1, conn2, machine = libvirt.open(host1.uri_unix), libvirt.open(host2.uri_tcp), libvirt.open("qemu:///system")
+    try:
+        dom = conn1.defineXML(TINY_DOMAIN.format(name=name))
+        try:
+            assert name in [d.name() for d in conn1.listAllDomains(0)]
+            assert name not in [d.name() for d in conn2.listAllDomains(0)]
+            assert name not in [d.name() for d in machine.listAllDomains(0)]
+            assert (plan.host_data_dir(the_lab.state.data_dir, 1) / "etc" / "qemu" / f"{name}.xml").exists()
+            assert not Path(f"/etc/libvirt/qemu/{name}.xml").exists()
+        finally:
+            dom.undefine()
+        assert name not in [d.name() for d in conn1.listAllDomains(0)]
+    finally:
+        for conn in (conn1, conn2, machine):
+            conn.close()
+
+
+PING = r"""
+import os, socket, struct, sys, time
+def checksum(data):
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(2)
+ident, payload = os.getpid() & 0xFFFF, b"hvext-lab-ping!!"
+header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+s.sendto(struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, 1) + payload, (sys.argv[1], 0))
+deadline = time.monotonic() + 2
+while time.monotonic() < deadline:
+    packet, (source, _) = s.recvfrom(1500)
+    kind, _, _, rid, _ = struct.unpack("!BBHHH", packet[20:28])
+    if kind == 0 and rid == ident and source == sys.argv[1]:
+        print("reply from", source)
+        sys.exit(0)
+sys.exit(1)
+"""
+
+
+def in_netns(host: lab.LabHost, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", host.netns, *argv], capture_output=True, text=True, timeout=30)
+
+
+def test_hosts_reach_each_other_over_the_bridge(the_lab: lab.Lab) -> None:
+    host1, host2 = the_lab.hosts
+    ping = in_netns(host1, PY, "-c", PING, host2.address)  # ICMP echo, as ping does (no ping binary needed)
+    assert ping.returncode == 0 and f"reply from {host2.address}" in ping.stdout, ping.stderr
+    # What peer-to-peer migration does: host1 talks to host2's libvirtd over TCP.
+    remote = in_netns(host1, "virsh", "-c", host2.uri_tcp, "hostname")
+    assert remote.returncode == 0 and remote.stdout.strip() == host2.hostname, remote.stderr
+    # The hosts see only their own interface and loopback; the lab has no way off the machine.
+    routes = in_netns(host1, "ip", "-4", "route")
+    assert routes.stdout.strip().splitlines() == [f"198.18.0.0/24 dev eth0 proto kernel scope link src {host1.address}"]
+
+
+def test_domain_runs_inside_its_host(the_lab: lab.Lab) -> None:
+    host2 = the_lab.hosts[1]
+    name = f"hvext-labtest-run-{os.getpid()}"
+    conn = libvirt.open(host2.uri_unix)
+    try:
+        dom = conn.createXML(TINY_DOMAIN.format(name=name), 0)  # transient: gone once destroyed
+        try:
+            pid = procs.read_pid_file(the_lab.state.run_dir / "host2" / "libvirt" / "qemu" / f"{name}.pid")
+            assert pid is not None and procs.netns_inode(pid) == net.netns_inode(host2.netns)
+        finally:
+            dom.destroy()
+    finally:
+        conn.close()
+
+
+def test_up_again_is_a_no_op(the_lab: lab.Lab) -> None:
+    again = lab.Lab.up(2)
+    assert not again.created
+    assert [h.processes for h in again.hosts] == [h.processes for h in the_lab.hosts]
+    result = hvext_cli("lab", "up", "--hosts", "2")
+    assert result.returncode == 0 and "already up, nothing to do" in result.stdout, result.stderr
+    with pytest.raises(lab.LabUsageError, match="2-host lab is already up"):
+        lab.Lab.up(3)
+    refused = hvext_cli("lab", "up", "--hosts", "3")
+    assert refused.returncode == 1 and "--force" in refused.stderr
+
+
+def test_status_from_another_process(the_lab: lab.Lab) -> None:
+    import json
+
+    result = hvext_cli("lab", "status", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["up"] and [h["name"] for h in data["hosts"]] == ["host1", "host2"]
+    assert all(h["answering"] for h in data["hosts"])
+    assert data["hosts"][0]["uri_tcp"] == "qemu+tcp://198.18.0.11/system"
+
+
+def test_up_rebuilds_a_host_whose_libvirtd_died(the_lab: lab.Lab) -> None:
+    victim = the_lab.hosts[1].processes["libvirtd"]
+    procs.kill_all([victim])
+    assert not lab.Lab.load().status()[1].answering  # type: ignore[union-attr]
+    rebuilt = lab.Lab.up(2)
+    assert rebuilt.created and "host2's libvirtd is not running" in rebuilt.replaced
+    assert all(s.answering for s in rebuilt.status())
+    the_lab.state = rebuilt.state  # later tests use the new processes
+
+
+def test_down_removes_everything(the_lab: lab.Lab) -> None:
+    state = lab.Lab.load().state  # type: ignore[union-attr]
+    refs = [ref for h in state.hosts for ref in h.processes.values()]
+    conn = libvirt.open(state.hosts[0].uri_unix)
+    try:
+        conn.createXML(TINY_DOMAIN.format(name=f"hvext-labtest-down-{os.getpid()}"), 0)
+        qemu_pid = procs.read_pid_file(state.run_dir / "host1" / "libvirt" / "qemu"
+                                       / f"hvext-labtest-down-{os.getpid()}.pid")
+    finally:
+        conn.close()
+    qemu = procs.identify(qemu_pid) if qemu_pid else None
+    assert qemu is not None and len(refs) == 4 and all(procs.is_alive(r) for r in refs)
+
+    started = time.monotonic()
+    result = hvext_cli("lab", "down")
+    print(f"lab down: {time.monotonic() - started:.2f} s")
+    assert result.returncode == 0, result.stderr
+    assert not any(procs.is_alive(r) for r in refs + [qemu])
+    assert net.present() == {"netns": [], "links": []}
+    for host in state.hosts:
+        assert not net.netns_exists(host.netns)
+        assert not plan.host_run_dir(state.run_dir, host.index).exists()
+        assert not plan.host_data_dir(state.data_dir, host.index).exists()
+    assert not lab.state_file(state.run_dir).exists() and lab.Lab.load() is None
+    assert subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
+                          timeout=30).returncode == 0  # the machine's own libvirtd is untouched
+
+    again = hvext_cli("lab", "down")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_failed_up_leaves_nothing(the_lab: lab.Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs after the down test: an `up` that fails half-way removes what it made and keeps the cause."""
+    assert lab.Lab.load() is None
+    real_wait = lab.daemons.wait_ready
+
+    def wait_then_fail(host: lab.LabHost, *args: object, **kwargs: object) -> dict[str, procs.ProcessRef]:
+        refs = real_wait(host, *args, **kwargs)  # type: ignore[arg-type]
+        if host.index == 2:
+            raise lab.LabError("injected failure")
+        return refs
+
+    monkeypatch.setattr(lab.daemons, "wait_ready", wait_then_fail)
+    with pytest.raises(lab.LabError, match="injected failure"):
+        lab.Lab.up(2)
+    assert lab.Lab.load() is None
+    assert net.present() == {"netns": [], "links": []}
+    assert not (plan.RUN_DIR / "host1").exists() and not (plan.DATA_DIR / "host2").exists()
