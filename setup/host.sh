@@ -37,12 +37,10 @@ packages() {
 
 have_systemd() { [ -d /run/systemd/system ]; }
 
-running() { # running NAME: a process with this command name exists (read from /proc)
-  local comm
-  for comm in /proc/[0-9]*/comm; do
-    [ "$(cat "$comm" 2>/dev/null)" = "$1" ] && return 0
-  done
-  return 1
+running() { # running NAME: the machine's own daemon, from its pid file (lab hosts have their own)
+  local pid
+  pid="$(cat "/run/$1.pid" 2>/dev/null)" || return 1
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]
 }
 
 libvirtd() {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pwd
 import shutil
 import subprocess
@@ -39,16 +38,20 @@ def _qemu_version(binary: str | Path) -> str:
     return out.splitlines()[0].removeprefix("QEMU emulator version ") if out else "unknown"
 
 
-def _process_running(name: str) -> bool:
-    """Whether a process called *name* runs (read from /proc, not `ps`)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == name:
-                    return True
-            except OSError:
-                continue
-    return False
+def _daemon_running(name: str) -> bool:
+    """Whether the machine's own daemon *name* runs, from its pid file (not `ps`)."""
+    try:
+        pid = int(Path(f"/run/{name}.pid").read_text().strip())
+        return Path(f"/proc/{pid}/comm").read_text().strip() == name
+    except (OSError, ValueError):
+        return False
+
+
+def _meminfo_kib(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 def run_checks(uri: str | None) -> list[Check]:
@@ -67,7 +70,7 @@ def run_checks(uri: str | None) -> list[Check]:
     except HvextError as err:
         checks.append(Check("libvirt", "fail", str(err), "`make libvirtd` (or `make setup`) starts libvirtd"))
     for daemon in ("virtlogd",):
-        running = _process_running(daemon)
+        running = _daemon_running(daemon)
         checks.append(Check(daemon, "ok" if running else "fail", "running" if running else "not running",
                             "" if running else "`make libvirtd` starts it (domains with console logs need it)"))
     try:
@@ -75,6 +78,10 @@ def run_checks(uri: str | None) -> list[Check]:
         checks.append(Check("libvirt-qemu user", "ok", "present"))
     except KeyError:
         checks.append(Check("libvirt-qemu user", "fail", "missing", "`make setup` installs libvirt-daemon-system"))
+    swap_total = _meminfo_kib("SwapTotal")
+    checks.append(Check("host swap", "ok" if swap_total else "warn",
+                        f"{swap_total // 1024} MiB" if swap_total else "none",
+                        "" if swap_total else "`make swap` creates a swap file (needed by reclaim --method swap)"))
     stock = shutil.which("qemu-system-x86_64")
     checks.append(Check("QEMU", "ok" if stock else "fail",
                         f"{stock}: {_qemu_version(stock)}" if stock else "qemu-system-x86_64 not found",

@@ -15,9 +15,8 @@ import pytest
 
 from hvext import aio, paths
 from hvext.cli.main import main
-from hvext.errors import AgentTimeout, AgentUnavailable
+from hvext.errors import AgentTimeout
 from hvext.host import Domain, Host
-from hvext.memory import stats
 from hvext.qmp import SocketQMP
 
 
