@@ -195,6 +195,55 @@ def cmd_pmem_mount(args: dict[str, Any]) -> dict[str, Any]:
     return {"blockdev": blockdev, "mountpoint": mountpoint, "dax": _pmem_mounts()[blockdev]["dax"], "steps": steps}
 
 
+STRESS_STATUS = "/run/hvext-stress.json"
+MAX_STRESS_RATE_MIB = 16 * 1024
+
+
+class Stress:
+    """The one memory-dirtying workload the agent runs at a time (hvext_agent.stress)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, args: dict[str, Any]) -> dict[str, Any]:
+        rate, wss, seconds = args.get("rate_mib_s"), args.get("wss_mib"), args.get("seconds", 0)
+        total_mib = _read_key_values("/proc/meminfo", strip_kb=True).get("MemTotal", 0) // 1024
+        if not isinstance(rate, (int, float)) or not 0 < rate <= MAX_STRESS_RATE_MIB:
+            raise CommandError("InvalidArguments", f"rate_mib_s must be in (0, {MAX_STRESS_RATE_MIB}]")
+        if not isinstance(wss, int) or not 1 <= wss <= total_mib * 0.8:
+            raise CommandError("InvalidArguments", f"wss_mib must be 1 to 80% of guest memory ({total_mib} MiB)")
+        if not isinstance(seconds, (int, float)) or not 0 <= seconds <= 24 * 3600:
+            raise CommandError("InvalidArguments", "seconds must be 0 (until stopped) to 86400")
+        self.stop({})
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hvext_agent.stress", "--rate-mib", str(rate), "--wss-mib", str(wss),
+             "--seconds", str(seconds), "--status", STRESS_STATUS],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={"PYTHONPATH": "/opt/hvext", "PATH": "/usr/bin:/bin"})
+        return {"pid": self.process.pid}
+
+    def status(self, args: dict[str, Any]) -> dict[str, Any]:
+        running = self.process is not None and self.process.poll() is None
+        try:
+            with open(STRESS_STATUS) as handle:
+                report = json.load(handle)
+        except (OSError, ValueError):
+            report = {}
+        report["running"] = running
+        return report
+
+    def stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        return {}
+
+
 class Agent:
     """Serves requests on one port file descriptor."""
 
@@ -204,6 +253,7 @@ class Agent:
         self.buffer = bytearray()
         self.discarding = False
         self.misbehave: str | None = None
+        self.stress = Stress()
         self.commands: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": cmd_ping,
             "info": cmd_info,
@@ -211,6 +261,9 @@ class Agent:
             "exec": cmd_exec,
             "pmem": cmd_pmem,
             "pmem-mount": cmd_pmem_mount,
+            "stress-start": self.stress.start,
+            "stress-status": self.stress.status,
+            "stress-stop": self.stress.stop,
         }
 
     # -- output ---------------------------------------------------------

@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from hvext import __version__
-from hvext.cli import agentcmd, common, doctor, domain, lab, memory, pmem, qmpcmd
+from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, pmem, qmpcmd
 from hvext.errors import HvextError
 
-GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab]
+GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty]
 
 
 class ArgumentParser(argparse.ArgumentParser):
