@@ -18,6 +18,7 @@ libvirtd: packages
 
 swap:
 	setup/host.sh swap
+	setup/host.sh sysctls
 
 # The venv is rebuilt when pyproject.toml changes.
 venv: $(VENV)/.installed

@@ -88,13 +88,18 @@ class Disk:
 
 @dataclass(frozen=True)
 class AgentChannel:
-    """The virtio-serial port the hvext agent listens on; libvirt picks the socket path."""
+    """The virtio-serial port the hvext agent listens on, at a socket hvext chooses.
 
+    (libvirt's default path lies in its private state dir, which a lab host's
+    mount namespace hides from hvext.)
+    """
+
+    socket: Path
     name: str = AGENT_PORT
 
     def render(self, devices: etree._Element) -> None:
         channel = _sub(devices, "channel", type="unix")
-        _sub(channel, "source", mode="bind")
+        _sub(channel, "source", mode="bind", path=str(self.socket))
         _sub(channel, "target", type="virtio", name=self.name)
 
 
@@ -172,7 +177,7 @@ class DomainXML:
     emulator: Path | None = None
     current_memory_mib: int | None = None
     uuid: str | None = None
-    devices: list = field(default_factory=lambda: [AgentChannel(), Balloon(), RNG()])
+    devices: list = field(default_factory=list)  # the agent channel first, as libvirt orders it
 
     def render(self) -> str:
         root = etree.Element("domain", {"type": self.domain_type}, nsmap={"qemu": QEMU_NS})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -170,6 +171,27 @@ class Host:
         return 0, 0
 
     # -- defining -------------------------------------------------------
+    @functools.cached_property
+    def host_id(self) -> str:
+        """A short id of this libvirt host (from its host UUID), used in per-host paths."""
+        with libvirt_errors("reading capabilities"):
+            caps = etree.fromstring(self.conn.getCapabilities().encode())
+        uuid = caps.findtext("host/uuid") or ""
+        return uuid.replace("-", "")[:8] or "local"
+
+    def prepare_runtime_dir(self, name: str) -> Path:
+        """Create the per-host socket dir of a domain, writable by this host's QEMU user."""
+        runtime = paths.runtime_dir(name, self.host_id)
+        uid, gid = self.qemu_user()
+        for directory in (paths.domain_dir(name), runtime):
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chown(directory, 0, gid)
+            directory.chmod(0o770)
+        paths.console_log(name, self.host_id).parent.mkdir(parents=True, exist_ok=True)
+        if len(str(runtime / "agent.sock")) >= 108:
+            raise UsageError(f"domain name {name!r} is too long for unix socket paths under {paths.STATE_DIR}")
+        return runtime
+
     def build_xml(self, spec: DomainSpec, guest: image.GuestImage, *, uuid: str | None = None) -> str:
         """The domain XML for *spec* (pure apart from reading the accelerator)."""
         acc = accel.current()
@@ -182,10 +204,11 @@ class Host:
             os_boot=domxml.OSBoot(guest.kernel, guest.initrd, cmdline),
             cpu=domxml.CPU(kvm=acc.is_kvm, vcpus=spec.vcpus, memory_mib=spec.memory_mib),
             disk=domxml.Disk(paths.domain_dir(spec.name) / "disk.qcow2"),
-            console=domxml.SerialConsole(paths.console_log(spec.name)),
-            qmp=domxml.QMPMonitor(paths.domain_dir(spec.name) / "qmp.sock"),
+            console=domxml.SerialConsole(paths.console_log(spec.name, self.host_id)),
+            qmp=domxml.QMPMonitor(paths.runtime_dir(spec.name, self.host_id) / "qmp.sock"),
             emulator=emulator_path(),
-            devices=[domxml.AgentChannel(), domxml.Balloon(free_page_reporting=spec.free_page_reporting),
+            devices=[domxml.AgentChannel(paths.runtime_dir(spec.name, self.host_id) / "agent.sock"),
+                     domxml.Balloon(free_page_reporting=spec.free_page_reporting),
                      domxml.RNG()],
         ).render()
 
@@ -207,12 +230,8 @@ class Host:
         state = paths.domain_dir(spec.name)
         if state.exists():
             shutil.rmtree(state)  # left by a domain undefined outside hvext
-        state.mkdir(parents=True)
         try:
-            uid, gid = self.qemu_user()
-            os.chown(state, 0, gid)
-            state.chmod(0o770)  # QEMU (running as the libvirt qemu user) creates the QMP socket here
-            paths.console_log(spec.name).parent.mkdir(parents=True, exist_ok=True)
+            self.prepare_runtime_dir(spec.name)
             _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(guest.rootfs),
                   str(state / "disk.qcow2")])
             xml = self.build_xml(spec, guest)

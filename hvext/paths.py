@@ -18,8 +18,18 @@ PATCHED_QEMU = Path(os.environ.get("HVEXT_QEMU", "/usr/local/lib/hvext/qemu-syst
 
 
 def domain_dir(name: str) -> Path:
+    """hvext's state for a domain (its disk overlay), shared by the hosts of a lab."""
     return STATE_DIR / "domains" / name
 
 
-def console_log(name: str) -> Path:
-    return LOG_DIR / "console" / f"{name}.log"
+def runtime_dir(name: str, host_id: str) -> Path:
+    """Sockets of a domain's QEMU on one host (QMP, agent channel).
+
+    Keyed by host so that during a migration between hosts that share
+    STATE_DIR the destination's QEMU does not take over the source's sockets.
+    """
+    return domain_dir(name) / f"on-{host_id}"
+
+
+def console_log(name: str, host_id: str) -> Path:
+    return LOG_DIR / "console" / f"{name}.{host_id}.log"

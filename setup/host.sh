@@ -84,10 +84,23 @@ swap() {
   log "host swap: $file enabled"
 }
 
+# Post-copy migration: QEMU runs as libvirt-qemu and needs userfaultfd for kernel faults,
+# which kernels since 5.11 allow unprivileged processes only with this setting.
+sysctls() {
+  if [ "$(cat /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null)" = "1" ]; then
+    log "vm.unprivileged_userfaultfd: 1"
+    return
+  fi
+  echo "vm.unprivileged_userfaultfd = 1" > /etc/sysctl.d/60-hvext.conf
+  sysctl -q -w vm.unprivileged_userfaultfd=1 || die "cannot set vm.unprivileged_userfaultfd (post-copy migration needs it)"
+  log "vm.unprivileged_userfaultfd: set to 1 (post-copy migration)"
+}
+
 case "${1:-all}" in
   packages) packages ;;
   libvirtd) libvirtd ;;
   swap) swap ;;
-  all) packages; libvirtd; swap ;;
-  *) die "unknown step ${1}; use packages, libvirtd, swap or all" ;;
+  sysctls) sysctls ;;
+  all) packages; libvirtd; swap; sysctls ;;
+  *) die "unknown step ${1}; use packages, libvirtd, swap, sysctls or all" ;;
 esac

@@ -13,10 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from hvext import __version__
-from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, pmem, qmpcmd
+from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, migrate, pmem, qmpcmd
+from hvext.cli import pools
 from hvext.errors import HvextError
 
-GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty]
+GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty, migrate]
+GROUPS.append(pools)
 
 
 class ArgumentParser(argparse.ArgumentParser):

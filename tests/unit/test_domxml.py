@@ -21,7 +21,7 @@ def make(kvm: bool) -> domxml.DomainXML:
         console=domxml.SerialConsole(Path("/var/log/hvext/console/golden.log")),
         qmp=domxml.QMPMonitor(state / "qmp.sock"),
         emulator=Path("/usr/local/lib/hvext/qemu-system-x86_64") if kvm else None,
-        devices=[domxml.AgentChannel(), domxml.Balloon(free_page_reporting=kvm), domxml.RNG()],
+        devices=[domxml.AgentChannel(state / "agent.sock"), domxml.Balloon(free_page_reporting=kvm), domxml.RNG()],
     )
 
 
@@ -35,12 +35,11 @@ def test_golden(kvm: bool) -> None:
 
 
 def test_facts_of_hvext_domain() -> None:
-    xml = make(False).render().replace(
-        "<source mode=\"bind\"/>", "<source mode=\"bind\" path=\"/run/chan.sock\"/>")
+    xml = make(False).render()
     facts = domxml.read_facts(xml)
     assert facts.hvext_managed
     assert facts.qmp_socket == Path("/var/lib/hvext/domains/golden/qmp.sock")
-    assert facts.agent_socket == Path("/run/chan.sock") and facts.has_agent_channel
+    assert facts.agent_socket == Path("/var/lib/hvext/domains/golden/agent.sock") and facts.has_agent_channel
     assert facts.console_log == Path("/var/log/hvext/console/golden.log")
     assert (facts.max_memory_kib, facts.current_memory_kib) == (1024 * 1024, 768 * 1024)
 

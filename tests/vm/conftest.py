@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hvext import aio, image
+from hvext import aio, image, paths
 from hvext.host import Domain, DomainSpec, Host
 from tests.vm.cleanup import remove_stale_test_domains
 
@@ -53,11 +53,10 @@ class VMFactory:
 
     def keep_logs(self, label: str) -> None:
         for domain in self.domains:
-            log = Path("/var/log/hvext/console") / f"{domain.name}.log"
-            if log.exists():
+            for log in (paths.LOG_DIR / "console").glob(f"{domain.name}.*.log"):
                 target = ARTIFACTS / label.replace("/", "_").replace("::", "-")
                 target.mkdir(parents=True, exist_ok=True)
-                shutil.copy(log, target / f"{domain.name}.console.log")
+                shutil.copy(log, target / log.name)
 
     def cleanup(self) -> None:
         errors = []

@@ -1,0 +1,225 @@
+"""Run a live migration through libvirt (peer to peer), watch it, adapt it, report it.
+
+The blocking ``migrateToURI3`` call runs in a worker thread while a loop on
+hvext's event loop samples the job statistics, feeds progress to the caller
+and switches to post-copy when the policy says so. If the migration fails
+(destination gone, network broken), libvirt cancels it and the source keeps
+running; the error says what happened and that the source still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import libvirt
+from lxml import etree
+
+from hvext import paths
+from hvext.dirty import rate
+from hvext.errors import DomainStateError, HostError, HvextError, UsageError
+from hvext.host import Domain, Host, translate
+from hvext.migrate.policy import MIB, Plan, Progress, plan, should_switch_to_postcopy
+
+POLL_S = 0.5
+BASE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+              | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+
+
+class MigrationError(HostError):
+    """A migration failed; the message says whether the source still runs."""
+
+
+@dataclass
+class Result:
+    domain: str
+    destination: str
+    policy: str
+    plan_reason: str
+    postcopy_switch: str
+    total_s: float
+    downtime_ms: int | None
+    bytes_sent: int | None
+    ram: int
+    iterations: int | None
+    measured_dirty_rate_mib_s: float | None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rewrite_host_paths(xml: str, name: str, src_id: str, dst_id: str) -> str:
+    """The domain XML for the destination: per-host sockets and console log of *dst_id*."""
+    replacements = {str(paths.runtime_dir(name, src_id)): str(paths.runtime_dir(name, dst_id)),
+                    str(paths.console_log(name, src_id)): str(paths.console_log(name, dst_id))}
+    root = etree.fromstring(xml.encode())
+    for element in root.iter():
+        for key, value in element.attrib.items():
+            for old, new in replacements.items():
+                if old in value:
+                    element.set(key, value.replace(old, new))
+    return etree.tostring(root, encoding="unicode")
+
+
+def _progress(stats: dict[str, Any], started: float) -> Progress:
+    page = stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_PAGE_SIZE, 4096) or 4096
+    return Progress(
+        elapsed_s=time.monotonic() - started,
+        iteration=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_ITERATION, 0)),
+        remaining=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_REMAINING, 0)),
+        total=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL, 0)),
+        dirty_rate=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_DIRTY_RATE, 0)) * page,
+        bps=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_BPS, 0)),
+        expected_downtime_ms=int(stats.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME, 0)),
+    )
+
+
+def build_params(p: Plan, dest_xml: str) -> tuple[int, dict[str, Any]]:
+    flags = BASE_FLAGS
+    params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml,
+                              libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_xml}
+    if p.bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = p.bandwidth_mib
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = p.bandwidth_mib
+    if p.auto_converge:
+        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    if p.xbzrle_cache:
+        flags |= libvirt.VIR_MIGRATE_COMPRESSED
+        params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = "xbzrle"
+        params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION_XBZRLE_CACHE] = p.xbzrle_cache
+    if p.multifd_channels:
+        flags |= libvirt.VIR_MIGRATE_PARALLEL
+        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = p.multifd_channels
+    if p.postcopy:
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
+    return flags, params
+
+
+async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downtime_ms: int = 300,
+                  bandwidth_mib: int | None = None, shared_storage: bool = True,
+                  on_progress: Callable[[Progress, str], None] | None = None) -> Result:
+    """Migrate a running domain to *dest_uri*; return what happened, or raise MigrationError."""
+    if policy not in ("auto", "plain"):
+        raise UsageError(f"unknown policy {policy!r}: use auto or plain")
+    if not 1 <= downtime_ms <= 60_000:
+        raise UsageError("downtime must be 1 to 60000 ms")
+    if bandwidth_mib is not None and not 1 <= bandwidth_mib <= 100_000:
+        raise UsageError("bandwidth must be 1 to 100000 MiB/s")
+    domain.require_running()
+    loop = asyncio.get_running_loop()
+    dest = await loop.run_in_executor(None, Host, dest_uri)
+    try:
+        if dest.host_id == domain.host.host_id:
+            raise UsageError(f"{dest_uri} is the host {domain.name!r} already runs on")
+        if dest_uri.startswith(("qemu:///", "qemu+unix:///")) and "socket=" not in dest_uri:
+            raise UsageError("peer-to-peer migration needs a destination URI the source libvirtd can reach, "
+                             "e.g. qemu+tcp://HOST/system")
+        dest.prepare_runtime_dir(domain.name)  # same file system in a lab; see docs for separate hosts
+        ram = domain.facts().max_memory_kib * 1024
+        measured: float | None = None
+        if policy == "auto":
+            try:
+                measured_rate = await rate.measure(domain, 2, "page-sampling", 2048)
+                measured = float(measured_rate.rate_mib_s)
+            except HvextError:
+                measured = None  # no QMP (plain libvirt domain): plan without it
+        p = plan(policy, ram, int((measured or 0) * MIB), bandwidth_mib * MIB if bandwidth_mib else None,
+                 downtime_ms, bandwidth_mib)
+        with _errors(domain, "preparing the migration of"):
+            xml = domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
+        dest_xml = rewrite_host_paths(xml, domain.name, domain.host.host_id, dest.host_id)
+        flags, params = build_params(p, dest_xml)
+        if shared_storage:
+            flags |= libvirt.VIR_MIGRATE_UNSAFE  # the disk is the same file on both hosts (lab, NFS, ...)
+        migrate_uri = dest_uri.replace("+unix", "").split("?")[0] if "+unix" in dest_uri else dest_uri
+        started = time.monotonic()
+        worker = loop.run_in_executor(None, lambda: domain.dom.migrateToURI3(migrate_uri, params, flags))
+        history: list[Progress] = []
+        switched = ""
+        downtime_set = False
+        while not worker.done():
+            await asyncio.wait([worker], timeout=POLL_S)
+            if worker.done():
+                break
+            try:
+                if not downtime_set:
+                    domain.dom.migrateSetMaxDowntime(downtime_ms, 0)
+                    downtime_set = True
+                stats = domain.dom.jobStats(0)
+            except libvirt.libvirtError:
+                continue  # the job may not have started yet, or just ended
+            if stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
+                continue
+            sample = _progress(stats, started)
+            history.append(sample)
+            if not switched:
+                reason = should_switch_to_postcopy(p, history)
+                if reason:
+                    try:
+                        domain.dom.migrateStartPostCopy(0)
+                        switched = reason
+                    except libvirt.libvirtError:
+                        pass  # already finishing; nothing to switch
+            if on_progress:
+                on_progress(sample, "post-copy" if switched else "pre-copy")
+            if time.monotonic() - started > p.time_budget_s and not switched:
+                with _errors(domain, "aborting the migration of"):
+                    domain.dom.abortJob()
+        try:
+            await worker
+        except libvirt.libvirtError as err:
+            raise _failure(domain, err) from err
+        total = time.monotonic() - started
+        completed = _completed_stats(dest, domain.name)
+        return Result(
+            domain=domain.name, destination=dest_uri, policy=policy, plan_reason=p.reason, postcopy_switch=switched,
+            total_s=round(total, 2), downtime_ms=completed.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME),
+            bytes_sent=completed.get(libvirt.VIR_DOMAIN_JOB_DATA_PROCESSED), ram=ram,
+            iterations=completed.get(libvirt.VIR_DOMAIN_JOB_MEMORY_ITERATION),
+            measured_dirty_rate_mib_s=measured,
+            samples=[asdict(h) for h in history[-200:]],
+        )
+    finally:
+        dest.close()
+
+
+def _errors(domain: Domain, action: str):  # type: ignore[no-untyped-def]
+    from hvext.host import libvirt_errors
+    return libvirt_errors(f"{action} {domain.name!r}")
+
+
+def _failure(domain: Domain, err: libvirt.libvirtError) -> MigrationError:
+    """Say what went wrong and what state the source is in now."""
+    try:
+        state = domain.state()
+    except HvextError:
+        state = "unknown"
+    cause = translate(err, f"migrating {domain.name!r}")
+    if state == "running":
+        outcome = "the source keeps running; no guest state was lost"
+    elif state == "paused":
+        try:
+            domain.dom.resume()
+            outcome = "the source was paused and has been resumed"
+        except libvirt.libvirtError:
+            outcome = "the source is paused (post-copy may have failed): check it with `hvext dominfo`"
+    else:
+        outcome = f"the source is {state}"
+    return MigrationError(f"{cause}; {outcome}")
+
+
+def _completed_stats(dest: Host, name: str, wait_s: float = 10.0) -> dict[str, Any]:
+    """The destination's record of the finished job (post-copy finishes there a little later)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            stats = dest.conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError:
+            stats = {}
+        if stats.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME) is not None or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.5)
