@@ -174,7 +174,7 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         except libvirt.libvirtError as err:
             raise _failure(domain, err) from err
         total = time.monotonic() - started
-        completed = _completed_stats(dest, domain.name)
+        completed = await loop.run_in_executor(None, _completed_stats, dest, domain.name)
         return Result(
             domain=domain.name, destination=dest_uri, policy=policy, plan_reason=p.reason, postcopy_switch=switched,
             total_s=round(total, 2), downtime_ms=completed.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME),
