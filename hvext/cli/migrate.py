@@ -21,6 +21,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="auto: measure and adapt (default); plain: libvirt's default live migration")
     p.add_argument("--downtime-ms", type=int, default=300, help="maximum downtime target (default 300)")
     p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="cap the migration bandwidth")
+    p.add_argument("--timeout", type=common.positive_float, metavar="SECONDS",
+                   help="abort (the source keeps running) if not done by then")
     p.add_argument("--no-shared-storage", action="store_true",
                    help="refuse unless libvirt itself deems the storage safe to migrate")
     common.add_json(p)
@@ -41,7 +43,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                                   f"expected downtime {sample.expected_downtime_ms} ms")
             result = aio.run(orchestrate.migrate(
                 dom, args.dest_uri, policy=args.policy, downtime_ms=args.downtime_ms,
-                bandwidth_mib=args.bandwidth, shared_storage=not args.no_shared_storage, on_progress=show))
+                bandwidth_mib=args.bandwidth, shared_storage=not args.no_shared_storage, timeout_s=args.timeout,
+                on_progress=show))
     if args.json:
         common.print_json(result.to_dict())
     else:

@@ -10,6 +10,7 @@ running; the error says what happened and that the source still runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -100,9 +101,14 @@ def build_params(p: Plan, dest_xml: str) -> tuple[int, dict[str, Any]]:
 
 
 async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downtime_ms: int = 300,
-                  bandwidth_mib: int | None = None, shared_storage: bool = True,
+                  bandwidth_mib: int | None = None, shared_storage: bool = True, timeout_s: float | None = None,
                   on_progress: Callable[[Progress, str], None] | None = None) -> Result:
-    """Migrate a running domain to *dest_uri*; return what happened, or raise MigrationError."""
+    """Migrate a running domain to *dest_uri*; return what happened, or raise MigrationError.
+
+    *timeout_s* bounds the whole migration: past it the job is aborted (the
+    source keeps running). Without it, auto uses its plan's budget and plain
+    waits as long as libvirt does.
+    """
     if policy not in ("auto", "plain"):
         raise UsageError(f"unknown policy {policy!r}: use auto or plain")
     if not 1 <= downtime_ms <= 60_000:
@@ -132,6 +138,10 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         with _errors(domain, "preparing the migration of"):
             xml = domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
         dest_xml = rewrite_host_paths(xml, domain.name, domain.host.host_id, dest.host_id)
+        if timeout_s is not None:
+            if timeout_s <= 0:
+                raise UsageError("timeout must be positive")
+            p = dataclasses.replace(p, time_budget_s=timeout_s)
         flags, params = build_params(p, dest_xml)
         if shared_storage:
             flags |= libvirt.VIR_MIGRATE_UNSAFE  # the disk is the same file on both hosts (lab, NFS, ...)
@@ -140,6 +150,7 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         worker = loop.run_in_executor(None, lambda: domain.dom.migrateToURI3(migrate_uri, params, flags))
         history: list[Progress] = []
         switched = ""
+        aborted = ""
         downtime_set = False
         while not worker.done():
             await asyncio.wait([worker], timeout=POLL_S)
@@ -166,13 +177,14 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
                         pass  # already finishing; nothing to switch
             if on_progress:
                 on_progress(sample, "post-copy" if switched else "pre-copy")
-            if time.monotonic() - started > p.time_budget_s and not switched:
+            if time.monotonic() - started > p.time_budget_s and not switched and not aborted:
                 with _errors(domain, "aborting the migration of"):
                     domain.dom.abortJob()
+                aborted = f"did not converge within {p.time_budget_s:.0f} s and was aborted"
         try:
             await worker
         except libvirt.libvirtError as err:
-            raise _failure(domain, err) from err
+            raise _failure(domain, err, aborted) from err
         total = time.monotonic() - started
         completed = await loop.run_in_executor(None, _completed_stats, dest, domain.name)
         return Result(
@@ -192,13 +204,13 @@ def _errors(domain: Domain, action: str):  # type: ignore[no-untyped-def]
     return libvirt_errors(f"{action} {domain.name!r}")
 
 
-def _failure(domain: Domain, err: libvirt.libvirtError) -> MigrationError:
+def _failure(domain: Domain, err: libvirt.libvirtError, aborted: str = "") -> MigrationError:
     """Say what went wrong and what state the source is in now."""
     try:
         state = domain.state()
     except HvextError:
         state = "unknown"
-    cause = translate(err, f"migrating {domain.name!r}")
+    cause = f"migrating {domain.name!r} {aborted}" if aborted else translate(err, f"migrating {domain.name!r}")
     if state == "running":
         outcome = "the source keeps running; no guest state was lost"
     elif state == "paused":

@@ -51,8 +51,8 @@ def plan(policy: str, ram: int, dirty_rate: int, bandwidth: int | None, downtime
     """
     link = bandwidth or 1024 * MIB
     budget = max(60.0, 3 * ram / link + 30)
-    if policy == "plain":
-        return Plan("plain", downtime_ms, bandwidth_cap_mib, time_budget_s=budget,
+    if policy == "plain":  # like virsh migrate --live: never gives up by itself
+        return Plan("plain", downtime_ms, bandwidth_cap_mib, time_budget_s=float("inf"),
                     reason="plain: libvirt's default live migration")
     ratio = dirty_rate / link
     base = f"dirty rate {dirty_rate / MIB:.0f} MiB/s is {ratio:.0%} of {link / MIB:.0f} MiB/s"
