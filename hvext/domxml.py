@@ -133,6 +133,21 @@ class Balloon:
 
 
 @dataclass(frozen=True)
+class SpareRootPorts:
+    """PCIe root ports for the devices and beyond, so that devices can be hot-plugged
+    (libvirt's, or hvext's own through QMP, which picks a port that is still empty).
+    libvirt puts its four PCI devices (disk, virtio-serial, balloon, RNG) on the
+    first ports, so four stay free."""
+
+    count: int = 8
+
+    def render(self, devices: etree._Element) -> None:
+        _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+        for _ in range(self.count):
+            _sub(devices, "controller", type="pci", model="pcie-root-port")
+
+
+@dataclass(frozen=True)
 class RNG:
     def render(self, devices: etree._Element) -> None:
         rng = _sub(devices, "rng", model="virtio")
@@ -208,6 +223,7 @@ class DomainXML:
             _sub(devices, "emulator", str(self.emulator))
         self.disk.render(devices)
         _sub(devices, "controller", type="usb", model="none")
+        SpareRootPorts().render(devices)
         for device in self.devices[:1]:  # the agent channel comes before the console, as libvirt orders it
             device.render(devices)
         self.console.render(devices)

@@ -8,9 +8,9 @@ from typing import Any
 
 from hvext import aio
 from hvext.cli import common
-from hvext.errors import AgentError, UnsupportedError
+from hvext.errors import AgentError, UsageError
 from hvext.host import Domain
-from hvext.pmem import devices
+from hvext.pmem import devices, virtio
 from hvext.units import format_size, parse_size
 
 
@@ -46,22 +46,31 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    if args.type == "virtio-pmem":
-        raise UnsupportedError("virtio-pmem: this host's libvirt (9.0) cannot start domains with virtio-pmem "
-                               "devices ('memory device info is not handled yet'); use --type nvdimm")
     size = parse_size(args.size)
     label = parse_size(args.label_size)
     with common.open_domain(args) as dom:
-        device = devices.attach(dom, size, label_size=label, backing=args.backing, live=args.live)
+        if args.type == "virtio-pmem":
+            if label:
+                raise UsageError("virtio-pmem devices have no label area")
+            device = aio.run(virtio.attach(dom, size, backing=args.backing, live=args.live))
+        else:
+            if virtio.list_devices(dom):
+                raise UsageError(f"domain {dom.name!r} has virtio-pmem devices: with Debian 12's libvirt a domain "
+                                 "cannot have both NVDIMM and virtio-pmem devices")
+            device = devices.attach(dom, size, label_size=label, backing=args.backing, live=args.live)
     where = "to the running guest and the definition" if args.live else "to the definition"
-    common.console.print(f"NVDIMM of {format_size(device.size)} backed by {device.path} added {where} "
+    kind = "NVDIMM" if device.model == "nvdimm" else "virtio-pmem device"
+    common.console.print(f"{kind} of {format_size(device.size)} backed by {device.path} added {where} "
                          f"of '{dom.name}'")
     return 0
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
-        device = devices.detach(dom, args.backing, live=args.live, remove_backing=args.remove_backing)
+        if any(d.path == args.backing for d in virtio.list_devices(dom)):
+            device = virtio.detach(dom, args.backing, live=args.live, remove_backing=args.remove_backing)
+        else:
+            device = devices.detach(dom, args.backing, live=args.live, remove_backing=args.remove_backing)
     common.console.print(f"pmem device backed by {device.path} removed from '{dom.name}'")
     return 0
 
@@ -73,7 +82,7 @@ async def guest_view(domain: Domain) -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
-        host_devices = devices.list_devices(dom)
+        host_devices = devices.list_devices(dom) + virtio.list_devices(dom)
         guest: dict[str, Any] | None = None
         guest_error = None
         if dom.is_active():

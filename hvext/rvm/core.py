@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
-import random
 import threading
-from typing import Any, Callable, Iterator
+import time
+from typing import Any, Callable
 
 from hvext.rvm import logformat as lf
 from hvext.rvm.errors import (
@@ -51,16 +52,23 @@ from hvext.rvm.errors import (
 )
 
 _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+# Truncation copies into a shared mapping of the segment (no system call per
+# range, no GIL release per range); pwrite is the fallback.
+_USE_MMAP = hasattr(mmap, "MAP_SHARED")
 _HAVE_PWRITEV = hasattr(os, "pwritev")
 _IOV_MAX = 1000
 _PAD = bytes(lf.ALIGN)
 _REC_SIZE = lf.REC.size
-_RANGE_PACK = lf.RANGE.pack
 _BODY_PACK = lf.REC_BODY.pack
 _U32_PACK = lf.U32.pack
 
 DEFAULT_TRUNCATE_RATIO = 0.5
 _OPTIONS = ("truncate_ratio", "background_truncation")
+
+
+def _random32() -> int:
+    """A fresh random 32-bit number (os.urandom: differs in forked processes too)."""
+    return int.from_bytes(os.urandom(4), "little")
 
 
 def _fsync_dir(path: str) -> None:
@@ -121,7 +129,7 @@ def create_log(log_path: str | os.PathLike, size: int, *, overwrite: bool = Fals
         raise RVMLogExistsError(f"{path} exists; pass overwrite=True to replace it")
     if os.path.isdir(path):
         raise RVMLogExistsError(f"{path} is a directory")
-    tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+    tmp = f"{path}.tmp-{os.getpid()}-{_random32():08x}"
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as err:
@@ -129,7 +137,7 @@ def create_log(log_path: str | os.PathLike, size: int, *, overwrite: bool = Fals
     try:
         try:
             _zero_fill(fd, 0, size)
-            header = lf.LogHeader(size, lf.capacity_for(size), 0, 1, random.getrandbits(32))
+            header = lf.LogHeader(size, lf.capacity_for(size), 0, 1, _random32())
             _write_all(fd, lf.pack_header(header), lf.header_offset(header.generation))
             os.fsync(fd)
         finally:
@@ -148,7 +156,7 @@ def create_log(log_path: str | os.PathLike, size: int, *, overwrite: bool = Fals
 class _Segment:
     """An external data segment file opened by the RVM (kept for its lifetime)."""
 
-    __slots__ = ("id", "path", "fd", "key", "regions", "declared")
+    __slots__ = ("id", "path", "fd", "key", "regions", "declared", "map", "map_failed")
 
     def __init__(self, seg_id: int, path: str, fd: int, key: tuple[int, int]) -> None:
         self.id = seg_id
@@ -157,6 +165,33 @@ class _Segment:
         self.key = key
         self.regions: list[Region] = []
         self.declared = 0  # epoch in which the segment was last declared in the log
+        self.map: mmap.mmap | None = None  # used by truncation only
+        self.map_failed = False
+
+    def writer(self, end: int) -> mmap.mmap | None:
+        """A shared writable mapping of the file covering [0, end), or None (use pwrite)."""
+        m = self.map
+        if m is not None and end <= len(m):
+            return m
+        if not _USE_MMAP or self.map_failed:
+            return None
+        size = os.fstat(self.fd).st_size
+        if size < end:
+            return None
+        if m is not None:
+            m.close()
+            self.map = None
+        try:
+            self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError):
+            self.map_failed = True  # e.g. a file system without shared writable mappings
+        return self.map
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        os.close(self.fd)
 
 
 class Region(bytearray):
@@ -211,9 +246,10 @@ class Transaction:
     """Context-manager form of a transaction: commit on success, abort on error.
 
     ``with rvm.transaction() as t: t.set_range(region, off, n)[:] = data``.
-    If the block raises, a ``restore=True`` transaction is aborted (memory
-    put back); a ``restore=False`` one cannot be, so it is discarded: it is
-    never committed, and the memory keeps the changes made in the block.
+    If the block (or the commit at its end) raises, a ``restore=True``
+    transaction is aborted (memory put back); a ``restore=False`` one cannot
+    be, so it is discarded: it is never committed, and the memory keeps the
+    changes made in the block.
     """
 
     def __init__(self, rvm: "RVM", restore: bool = True, flush: bool = True) -> None:
@@ -247,11 +283,20 @@ class Transaction:
         if self.tid is None or not self._rvm._is_active(self.tid):
             return
         if exc_type is None:
-            self.commit()
-        elif self.restore:
-            self._rvm.abort_transaction(self.tid)
+            try:
+                self.commit()
+                return
+            except BaseException:
+                if self._rvm._is_active(self.tid):  # e.g. log full: undo, then report
+                    self._undo()
+                raise
+        self._undo()
+
+    def _undo(self) -> None:
+        if self.restore:
+            self._rvm.abort_transaction(self._tid())
         else:
-            self._rvm._discard(self.tid)
+            self._rvm._discard(self._tid())
 
 
 class RVM:
@@ -288,7 +333,10 @@ class RVM:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as err:
                 raise RVMLogBusyError(f"{self._path} is in use by another RVM") from err
-            header = lf.read_header(fd, self._path)
+            try:
+                header = lf.read_header(fd, self._path)
+            except OSError as err:
+                raise RVMIOError(f"cannot read log {self._path}: {err.strerror}") from err
             self._fd = fd
             self._header = header
             self._cap = header.capacity
@@ -309,6 +357,7 @@ class RVM:
         self._segs: list[_Segment] = []
         self._seg_by_key: dict[tuple[int, int], _Segment] = {}
         self._active: dict[int, _Txn] = {}
+        self._committing: dict[int, _Txn] = {}
         self._next_tid = 1
         self._unmapped_dirty: list[tuple[_Segment, int, int, int]] = []
         self._broken: BaseException | None = None
@@ -424,7 +473,7 @@ class RVM:
             # Restart past anything ever written, with a fresh salt, so stale
             # or torn records can never validate again.
             head = (end // h.capacity + 2) * h.capacity
-            new = lf.LogHeader(h.log_size, h.capacity, head, h.generation + 1, random.getrandbits(32))
+            new = lf.LogHeader(h.log_size, h.capacity, head, h.generation + 1, _random32())
             _write_all(fd, lf.pack_header(new), lf.header_offset(new.generation))
             _fdatasync(fd)
         except OSError as err:
@@ -525,7 +574,7 @@ class RVM:
         with self._lock:
             self._check_open()
             self._check_region(region)
-            for txn in self._active.values():
+            for txn in (*self._active.values(), *self._committing.values()):
                 if any(r[0] is region for r in txn.ranges):
                     raise RVMRegionBusyError(f"transaction {txn.tid} has ranges in {region!r}")
             seg = region._seg
@@ -625,12 +674,15 @@ class RVM:
                 self._check_open()
                 raise RVMInactiveTransactionError(f"transaction {tid!r} is not active")
             if txn.ranges:
+                self._committing[tid] = txn  # unmap must wait: the lock may be released
                 try:
                     end = self._append_txn_locked(txn)
                 except BaseException:
                     if not self._closed:
                         self._active[tid] = txn  # still active: the caller may abort it
                     raise
+                finally:
+                    del self._committing[tid]
                 self._stats["commits"] += 1
             else:
                 end = self._tail
@@ -647,31 +699,45 @@ class RVM:
     # ---------------------------------------------------------------- the log
 
     def _append_txn_locked(self, txn: _Txn) -> int:
-        """Lock held. Write the segment declarations the epoch lacks and the record."""
+        """Lock held. Write the record (and the segment declarations the epoch lacks)."""
         cap = self._cap
+        targs: list[int] = []
+        views: list[memoryview] = []
+        plen = 0
+        for region, off, n, _old, view in txn.ranges:
+            targs += (region._seg.id, n, region._base + off)
+            views.append(view)
+            plen += n
+        count = len(views)
+        table = lf.range_table(count).pack(*targs)
+        used = _REC_SIZE + len(table) + plen
+        size = lf.aligned(used)
+        payload = [table, *views]
+        if size != used:
+            payload.append(_PAD[: size - used])
         while True:
+            self._check_open()
             self._raise_if_broken()
             epoch = self._epoch
-            # Payload: per range an entry then the new bytes (zero-copy views).
-            parts: list = []
-            plen = 0
             decls: list[_Segment] = []
-            for region, off, n, _old, view in txn.ranges:
+            for region, *_ in txn.ranges:
                 seg = region._seg
                 if seg.declared != epoch and seg not in decls:
                     decls.append(seg)
-                parts.append(_RANGE_PACK(seg.id, n, region._base + off))
-                parts.append(view)
-                plen += lf.RANGE.size + n
+            lsn = self._tail
+            if not decls and size <= cap - lsn % cap and lsn + size - self._head <= cap:
+                # Fast path: one record, no wrap, room enough: one pwritev.
+                body = _BODY_PACK(lf.KIND_TXN, 0, size, count, lsn)
+                crc = lf.record_crc(body, payload, self._salt)
+                try:
+                    _write_iov(self._fd, [_U32_PACK(crc), body, *payload], lf.physical(lsn, cap))
+                except OSError as err:
+                    raise RVMIOError(f"cannot write to log {self._path}: {err.strerror}") from err
+                self._tail = lsn + size
+                return lsn + size
             records = [(lf.KIND_SEG, seg.id, [os.fsencode(seg.path)]) for seg in decls]
-            records.append((lf.KIND_TXN, len(txn.ranges), parts, plen))
-            sizes = []
-            for rec in records:
-                if rec[0] == lf.KIND_SEG:
-                    p = rec[2][0]
-                    sizes.append(lf.aligned(_REC_SIZE + len(p)))
-                else:
-                    sizes.append(lf.aligned(_REC_SIZE + plen))
+            records.append((lf.KIND_TXN, count, payload))
+            sizes = [lf.aligned(_REC_SIZE + len(rec[2][0])) for rec in records[:-1]] + [size]
             total = sum(sizes)
             if total > cap:
                 raise RVMLogFullError(
@@ -679,17 +745,16 @@ class RVM:
                     "use a larger log (create_log) or smaller transactions"
                 )
             # Lay the records out in the ring (wrapping where needed).
-            lsn = self._tail
-            layout: list[tuple[int, bool]] = []  # (lsn, wrap record before it at lsn - ...)
-            wraps: list[int] = []
-            for size in sizes:
+            layout: list[int] = []  # LSN of each record
+            wraps: list[int] = []  # LSNs of the wrap records to write
+            for rec_size in sizes:
                 room = cap - lsn % cap
-                if size > room:
+                if rec_size > room:
                     if room >= _REC_SIZE:
                         wraps.append(lsn)
                     lsn += room
-                layout.append((lsn, False))
-                lsn += size
+                layout.append(lsn)
+                lsn += rec_size
             if lsn - self._head > cap:
                 self._make_room_locked()
                 continue  # the epoch may have changed: redo the declarations
@@ -715,12 +780,11 @@ class RVM:
             for w in wraps:
                 body = _BODY_PACK(lf.KIND_WRAP, 0, _REC_SIZE, 0, w)
                 _write_all(fd, _U32_PACK(lf.record_crc(body, [], salt)) + body, lf.physical(w, cap))
-            for (kind, count, parts, *_), size, (lsn, _w) in zip(records, sizes, layout):
-                if lsn != run_end:
+            for (kind, count, parts), size, lsn in zip(records, sizes, layout):
+                if lsn != run_end or lsn % cap == 0:  # a run never crosses the ring's end
                     flush_run()
                     run_start = lsn
-                hlen = _REC_SIZE + sum(map(len, parts))
-                pad = size - hlen
+                pad = size - _REC_SIZE - sum(map(len, parts))
                 if pad:
                     parts = parts + [_PAD[:pad]]
                 body = _BODY_PACK(kind, 0, size, count, lsn)
@@ -844,11 +908,20 @@ class RVM:
         scanner = lf.Scanner(self._fd, self._cap, self._salt, self._header.log_size)
         segs = self._segs
         touched: dict[int, _Segment] = {}
-        for rec in scanner.scan(start, stop):
+        for i, rec in enumerate(scanner.scan(start, stop)):
+            if not i & 15:
+                time.sleep(0)  # let committers have the GIL: truncation runs alongside them
             for seg_id, off, data in rec.ranges:
                 seg = segs[seg_id]
                 touched[seg_id] = seg
-                _write_all(seg.fd, data, off)
+                end = off + len(data)
+                m = seg.map
+                if m is None or end > len(m):
+                    m = seg.writer(end)
+                if m is not None:
+                    m[off:end] = data
+                else:
+                    _write_all(seg.fd, data, off)
         if scanner.end_lsn != stop:
             self._broken = RVMLogCorruptError(
                 f"{self._path}: the log reads back damaged at LSN {scanner.end_lsn}"
@@ -871,7 +944,10 @@ class RVM:
             return
         with self._lock:
             if not self._closed and not self._truncating and self._tail - self._head >= ratio * self._cap:
-                self._truncate_locked()
+                try:
+                    self._truncate_locked()
+                except Exception as err:  # the commit succeeded; report at flush() / truncate()
+                    self._bg_error = err
 
     def _worker_main(self) -> None:
         """Background truncation loop (one per RVM, started on first need)."""
@@ -886,7 +962,7 @@ class RVM:
                     continue
                 try:
                     self._truncate_locked()
-                except RVMError as err:
+                except Exception as err:  # surfaced by the next flush() / truncate()
                     self._bg_error = err
 
     # ------------------------------------------------------------------- state
@@ -904,7 +980,7 @@ class RVM:
     def _raise_bg_error(self) -> None:
         err, self._bg_error = self._bg_error, None
         if err is not None:
-            raise RVMIOError(f"a background truncation of {self._path} failed: {err}") from err
+            raise RVMIOError(f"an automatic truncation of {self._path} failed: {err}") from err
 
     def close(self) -> None:
         """Flush the log, stop the worker, unmap every region and close files.
@@ -917,23 +993,22 @@ class RVM:
                 return
             while self._truncating:
                 self._cond.wait()
+            self._closed = True  # from here on every primitive raises RVMClosedError
             self._active.clear()
+            self._wake.set()
         err: BaseException | None = None
         try:
             if self._broken is None:
                 self._sync_to(self._tail)
         except RVMError as e:
             err = e
-        with self._lock:
-            self._closed = True
-            self._wake.set()
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join()
         for seg in self._segs:
             for region in seg.regions:
                 self._release_region(region)
             seg.regions.clear()
-            os.close(seg.fd)
+            seg.close()
         os.close(self._fd)
         self._fd = -1
         if err is not None:
@@ -955,7 +1030,8 @@ def scan_log(log_path: str | os.PathLike) -> dict[str, Any]:
     Returns the header fields and the valid records from the head:
     ``{"header": {...}, "records": [{"lsn", "offset", "kind", "length",
     "ranges": [(segment id, segment offset, length)], "segment": id,
-    "path": str}], "end_lsn": int, "torn": bool}``.
+    "path": str}], "end_lsn": int}``; ``end_lsn`` is where the first invalid
+    record (the torn tail, or just the end) starts.
     """
     path = os.path.abspath(os.fspath(log_path))
     try:
@@ -987,12 +1063,7 @@ def scan_log(log_path: str | os.PathLike) -> dict[str, Any]:
             },
             "records": records,
             "end_lsn": scanner.end_lsn,
-            "torn": scanner.torn,
         }
     finally:
         os.close(fd)
 
-
-def _iter_regions(rvm: RVM) -> Iterator[Region]:
-    for seg in rvm._segs:
-        yield from seg.regions

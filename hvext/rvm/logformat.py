@@ -24,8 +24,9 @@ A record is a 24-byte header followed by a payload, padded to 8 bytes::
     u32 count    transaction: number of ranges; segment declaration: segment id
     u64 lsn      the record's own LSN (rejects stale records from earlier laps)
 
-A transaction payload is ``count`` times (u32 segment id, u32 length,
-u64 segment offset, ``length`` bytes of new values). A segment declaration
+A transaction payload is a table of ``count`` range entries (u32 segment
+id, u32 length, u64 segment offset), then the new values of the ranges, in
+table order, back to back. A segment declaration
 payload is the segment's absolute path (file-system encoding); it precedes,
 in the same epoch, every transaction record that names the segment id. A
 wrap record says "continue at the start of the ring"; when fewer than 24
@@ -38,6 +39,7 @@ and everything after it are ignored. All integers are little-endian.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
@@ -65,6 +67,12 @@ U32 = struct.Struct("<I")
 REC = struct.Struct("<IHHIIQ")
 REC_BODY = struct.Struct("<HHIIQ")  # REC without the crc
 RANGE = struct.Struct("<IIQ")  # segment id, length, segment offset
+
+
+@functools.lru_cache(maxsize=128)
+def range_table(count: int) -> struct.Struct:
+    """The Struct packing a table of ``count`` range entries in one call."""
+    return struct.Struct("<" + "IIQ" * count)
 
 KIND_TXN = 1
 KIND_SEG = 2
@@ -188,15 +196,14 @@ class Scanner:
         self.end_lsn = 0
         self.torn = False
 
-    def _get(self, lsn: int, n: int) -> memoryview | None:
-        """``n`` bytes at ``lsn`` (not crossing the ring end), or None if short."""
+    def _window(self, lsn: int, n: int) -> tuple[memoryview, int] | None:
+        """(buffer, position) holding ``n`` bytes at ``lsn``, or None if the file is short."""
         start = lsn - self._buf_lsn
         if 0 <= start and start + n <= len(self._buf):
-            return self._buf[start : start + n]
-        room = self._cap - lsn % self._cap
-        want = min(max(n, READ_CHUNK), room)
+            return self._buf, start
+        room = self._cap - lsn % self._cap  # records never cross the ring end
         phys = physical(lsn, self._cap)
-        want = min(want, max(0, self._file_size - phys))
+        want = min(max(n, READ_CHUNK), room, max(0, self._file_size - phys))
         if want < n:
             return None
         data = os.pread(self._fd, want, phys)
@@ -204,24 +211,26 @@ class Scanner:
             return None
         self._buf = memoryview(data)
         self._buf_lsn = lsn
-        return self._buf[:n]
+        return self._buf, 0
 
     def scan(self, start_lsn: int, stop_lsn: int | None = None) -> Iterator[Record]:
         """Yield the valid records from ``start_lsn`` on."""
-        cap = self._cap
+        cap, salt = self._cap, self._salt
         lsn = start_lsn
         hsize = REC.size
-        self.torn = False
+        rsize = RANGE.size
+        unpack_rec, iter_ranges, crc32 = REC.unpack_from, RANGE.iter_unpack, zlib.crc32
+        self.torn = True
         while stop_lsn is None or lsn < stop_lsn:
             room = cap - lsn % cap
             if room < hsize:  # implicit wrap
                 lsn += room
                 continue
-            head = self._get(lsn, hsize)
-            if head is None:
-                self.torn = True
+            win = self._window(lsn, hsize)
+            if win is None:
                 break
-            crc, kind, flags, length, count, rec_lsn = REC.unpack(head)
+            buf, pos = win
+            crc, kind, flags, length, count, rec_lsn = unpack_rec(buf, pos)
             if (
                 rec_lsn != lsn
                 or flags != 0
@@ -230,42 +239,37 @@ class Scanner:
                 or length > room
                 or kind not in (KIND_TXN, KIND_SEG, KIND_WRAP)
             ):
-                self.torn = True
                 break
-            rec = self._get(lsn, length)
-            if rec is None or zlib.crc32(rec[4:], self._salt) != crc:
-                self.torn = True
+            if pos + length > len(buf):
+                win = self._window(lsn, length)
+                if win is None:
+                    break
+                buf, pos = win
+            end = pos + length
+            if crc32(buf[pos + 4 : end], salt) != crc:
                 break
             if kind == KIND_WRAP:
                 if length != hsize:
-                    self.torn = True
                     break
                 lsn += room
                 continue
             ranges: list = []
             path = b""
             if kind == KIND_TXN:
-                pos = hsize
-                ok = True
-                for _ in range(count):
-                    if pos + RANGE.size > length:
-                        ok = False
-                        break
-                    seg_id, n, off = RANGE.unpack_from(rec, pos)
-                    pos += RANGE.size
-                    if pos + n > length:
-                        ok = False
-                        break
-                    ranges.append((seg_id, off, rec[pos : pos + n]))
-                    pos += n
-                if not ok or aligned(pos) != length:
-                    self.torn = True
+                p = pos + hsize + rsize * count  # the data follows the range table
+                if p > end:
+                    break
+                for seg_id, n, off in iter_ranges(buf[pos + hsize : p]):
+                    ranges.append((seg_id, off, buf[p : p + n]))
+                    p += n
+                if p > end or aligned(p - pos) != length:
                     break
             else:
-                path = bytes(rec[hsize:length]).rstrip(b"\0")
+                path = bytes(buf[pos + hsize : end]).rstrip(b"\0")
                 if not path:
-                    self.torn = True
                     break
             yield Record(lsn, kind, length, count, ranges, path)
             lsn += length
+        else:
+            self.torn = False
         self.end_lsn = lsn

@@ -86,7 +86,7 @@ def test_pmem_input_errors(pmem_vm: Domain, capsys) -> None:
         (["pmem-attach", pmem_vm.name, "--size", "3M"], "multiple of 2 MiB"),
         (["pmem-attach", pmem_vm.name, "--size", "lots"], "invalid size"),
         (["pmem-attach", pmem_vm.name, "--size", "64M", "--label-size", "4K"], "at least 128 KiB"),
-        (["pmem-attach", pmem_vm.name, "--size", "64M", "--type", "virtio-pmem"], "libvirt"),
+        (["pmem-attach", pmem_vm.name, "--size", "64M", "--type", "virtio-pmem", "--live"], "both NVDIMM and virtio-pmem"),
         (["pmem-attach", pmem_vm.name, "--size", "64M", "--backing", "/nonexistent-dir/x.img"], "does not exist"),
         (["pmem-detach", pmem_vm.name, "/no/such/backing.img"], "no pmem device backed by"),
         (["pmem-mount", pmem_vm.name, "pmem0", "/mnt/elsewhere"], "already mounted"),
@@ -125,3 +125,43 @@ def test_rvm_on_dax_pmem_survives_guest_resets(pmem_vm: Domain, capsys) -> None:
         assert result["recovered"] >= max(durable, durable_before), (round_, durable, result)
         assert result["recovered"] > durable_before, "the workload made no progress"
         durable_before = result["recovered"]
+
+
+@pytest.fixture(scope="module")
+def virtio_pmem_vm(vm_factory_module) -> Domain:
+    """A guest with a 128 MiB virtio-pmem device cold-plugged by hvext (libvirt 9.0 cannot)."""
+    domain = vm_factory_module.define(memory_mib=512)
+    assert main(["pmem-attach", domain.name, "--size", "128M", "--type", "virtio-pmem"]) == 0
+    return vm_factory_module.boot(domain)
+
+
+def test_virtio_pmem_cold_and_hot_plug_with_dax(virtio_pmem_vm: Domain, capsys) -> None:
+    vm = virtio_pmem_vm
+    status, _, err = cli(capsys, "pmem-attach", vm.name, "--size", "64M", "--type", "virtio-pmem", "--live")
+    assert status == 0, err
+    deadline = time.monotonic() + 30
+    while True:
+        listing = json.loads(cli(capsys, "pmem-list", vm.name, "--json")[1])
+        if len(listing["guest"]) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert sorted(d["size"] for d in listing["devices"]) == [64 * MIB, 128 * MIB]
+    assert {d["model"] for d in listing["devices"]} == {"virtio-pmem"}
+    assert sorted(ns["size"] for ns in listing["guest"]) == [64 * MIB, 128 * MIB]
+    big = next(ns for ns in listing["guest"] if ns["size"] == 128 * MIB)
+    status, out, err = cli(capsys, "pmem-mount", vm.name, big["blockdev"], "/mnt/vp", "--format", "--json")
+    assert status == 0 and json.loads(out)["dax"] is True, err
+    marker = f"hvext-vpmem-{random.getrandbits(64):016x}".encode()
+    guest(vm, "python3", "-c",
+          "import mmap, os\n"
+          "fd = os.open('/mnt/vp/probe', os.O_RDWR | os.O_CREAT)\n"
+          "os.ftruncate(fd, 4096)\n"
+          "m = mmap.mmap(fd, 4096)\n"
+          f"m[0:{len(marker)}] = {marker!r}\n"
+          "m.flush()\n")  # msync on virtio-pmem: the guest asks the host to flush
+    backing = next(d["path"] for d in listing["devices"] if d["size"] == 128 * MIB)
+    assert marker in Path(backing).read_bytes()
+    status, _, err = cli(capsys, "pmem-detach", vm.name, backing, "--live")
+    assert status == 1 and "cannot hot-unplug virtio-pmem" in err
+    status, _, err = cli(capsys, "pmem-attach", vm.name, "--size", "64M", "--live")
+    assert status == 1 and "both NVDIMM and virtio-pmem" in err
