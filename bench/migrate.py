@@ -73,7 +73,8 @@ def main() -> int:
                                  "post-copy" if result.postcopy_switch else ""))
                 except HvextError as err:
                     rows.append((f"{fraction:.0%}", policy, "no", time.monotonic() - started, None, None,
-                                 None, str(err)[:60]))
+                                 None, "aborted, source kept running" if "did not converge" in str(err)
+                                 else str(err)[:80]))
                     domain = hosts[where].lookup(name)
                 print(rows[-1], flush=True)
     finally:

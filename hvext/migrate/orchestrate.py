@@ -26,8 +26,9 @@ from hvext.host import Domain, Host, translate
 from hvext.migrate.policy import MIB, Plan, Progress, plan, should_switch_to_postcopy
 
 POLL_S = 0.5
-BASE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
-              | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+# The source definition is removed by hvext after reading the completed job's statistics
+# (with VIR_MIGRATE_UNDEFINE_SOURCE they would vanish with it).
+BASE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
 
 
 class MigrationError(HostError):
@@ -186,7 +187,11 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         except libvirt.libvirtError as err:
             raise _failure(domain, err, aborted) from err
         total = time.monotonic() - started
-        completed = await loop.run_in_executor(None, _completed_stats, dest, domain.name)
+        completed = _source_completed_stats(domain) or \
+            await loop.run_in_executor(None, _completed_stats, dest, domain.name)
+        with _errors(domain, "removing the source definition of"):
+            if domain.dom.isPersistent() and not domain.dom.isActive():
+                domain.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         return Result(
             domain=domain.name, destination=dest_uri, policy=policy, plan_reason=p.reason, postcopy_switch=switched,
             total_s=round(total, 2), downtime_ms=completed.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME),
@@ -222,6 +227,13 @@ def _failure(domain: Domain, err: libvirt.libvirtError, aborted: str = "") -> Mi
     else:
         outcome = f"the source is {state}"
     return MigrationError(f"{cause}; {outcome}")
+
+
+def _source_completed_stats(domain: Domain) -> dict[str, Any]:
+    try:
+        return domain.dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError:
+        return {}
 
 
 def _completed_stats(dest: Host, name: str, wait_s: float = 10.0) -> dict[str, Any]:
