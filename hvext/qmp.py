@@ -52,7 +52,11 @@ class SocketQMP:
     async def connect(self) -> SocketQMP:
         try:
             await asyncio.wait_for(self.client.connect(str(self.socket)), CONNECT_TIMEOUT_S)
-        except (ConnectError, OSError, asyncio.TimeoutError) as err:
+        except asyncio.TimeoutError as err:
+            raise QMPError(f"hvext's QMP monitor at {self.socket} did not greet within {CONNECT_TIMEOUT_S:.0f} s; "
+                           "QEMU serves one client per monitor: is another hvext command or hvextd using it?") \
+                from err
+        except (ConnectError, OSError) as err:
             raise QMPError(f"cannot connect to hvext's QMP monitor at {self.socket}: {err}; "
                            "is the domain running?") from err
         return self

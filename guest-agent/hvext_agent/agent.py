@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hvext_agent import AGENT_VERSION, PORT_NAME, PROTOCOL_VERSION
+from hvext_agent.memclass import cmd_memclass
 
 MAX_LINE = 64 * 1024
 WRITE_DEADLINE_S = 5.0
@@ -215,6 +216,10 @@ class Stress:
         if not isinstance(seconds, (int, float)) or not 0 <= seconds <= 24 * 3600:
             raise CommandError("InvalidArguments", "seconds must be 0 (until stopped) to 86400")
         self.stop({})
+        try:
+            os.unlink(STRESS_STATUS)  # a new run must not be judged by the previous run's status
+        except FileNotFoundError:
+            pass
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hvext_agent.stress", "--rate-mib", str(rate), "--wss-mib", str(wss),
              "--seconds", str(seconds), "--status", STRESS_STATUS],
@@ -261,6 +266,7 @@ class Agent:
             "exec": cmd_exec,
             "pmem": cmd_pmem,
             "pmem-mount": cmd_pmem_mount,
+            "memclass": cmd_memclass,
             "stress-start": self.stress.start,
             "stress-status": self.stress.status,
             "stress-stop": self.stress.stop,

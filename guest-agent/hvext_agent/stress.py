@@ -15,6 +15,28 @@ import sys
 import time
 
 PAGE = 4096
+PFN_SAMPLE = 64
+
+
+def physical_pages(view: memoryview, count: int) -> list[int]:
+    """Guest page frame numbers of *count* evenly spaced pages of *view* (from /proc/self/pagemap).
+
+    Lets the host check that a dirty page list holds the pages this workload writes.
+    """
+    import ctypes
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view.obj))  # type: ignore[arg-type]
+    pages = len(view) // PAGE
+    frames = []
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        for index in range(0, pages, max(1, pages // count)):
+            pagemap.seek((address // PAGE + index) * 8)
+            entry = int.from_bytes(pagemap.read(8), "little")
+            if entry >> 63 & 1:  # present
+                frames.append(entry & ((1 << 55) - 1))
+    return frames[:count]
+
+
+_frames: list[int] = []
 
 
 def run(rate_mib: float, wss_mib: int, seconds: float, status_path: str) -> None:
@@ -23,6 +45,8 @@ def run(rate_mib: float, wss_mib: int, seconds: float, status_path: str) -> None
     view = memoryview(buffer)
     for offset in range(0, len(buffer), PAGE):  # fault everything in first: the rate then measures dirtying only
         view[offset] = 1
+    global _frames
+    _frames = physical_pages(view, PFN_SAMPLE)
     target = rate_mib * 256  # pages per second
     started = time.monotonic()
     written = 0
@@ -54,7 +78,7 @@ def run(rate_mib: float, wss_mib: int, seconds: float, status_path: str) -> None
 
 def _status(path: str, started: float, written: int, rate_mib: float, wss_mib: int, *, running: bool) -> None:
     elapsed = max(1e-9, time.monotonic() - started)
-    data = {"running": running, "elapsed_s": round(elapsed, 3), "pages_written": written,
+    data = {"pfn_sample": _frames, "running": running, "elapsed_s": round(elapsed, 3), "pages_written": written,
             "achieved_mib_s": round(written / 256 / elapsed, 2), "rate_mib_s": rate_mib, "wss_mib": wss_mib}
     tmp = path + ".tmp"
     with open(tmp, "w") as handle:

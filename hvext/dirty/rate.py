@@ -54,32 +54,38 @@ async def available_modes(qmp: QMPSession) -> dict[str, str]:
 
 async def measure(domain: Domain, seconds: float = 1.0, mode: str = "page-sampling",
                   sample_pages: int = 512) -> DirtyRate:
-    """Measure the domain's dirty rate over *seconds* in *mode*."""
+    """Measure the domain's dirty rate over *seconds* in *mode* (opens its own QMP session)."""
+    async with domain.qmp() as qmp:
+        return await measure_with(qmp, seconds, mode, sample_pages)
+
+
+async def measure_with(qmp: QMPSession, seconds: float = 1.0, mode: str = "page-sampling",
+                       sample_pages: int = 512) -> DirtyRate:
+    """Like :func:`measure`, on a QMP session the caller holds (QEMU serves one client per monitor)."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
     if not 1 <= seconds <= 60 or seconds != int(seconds):
         raise UsageError("seconds must be a whole number from 1 to 60 (QEMU's calc-time)")
     if not 128 <= sample_pages <= 262144:
         raise UsageError("sample pages must be from 128 to 262144 per GiB")
-    async with domain.qmp() as qmp:
-        why_not = (await available_modes(qmp))[mode]
-        if why_not:
-            raise UnsupportedError(f"dirty rate mode {mode}: {why_not}")
-        arguments: dict[str, Any] = {"calc-time": int(seconds), "mode": mode}
-        if mode == "page-sampling":
-            arguments["sample-pages"] = sample_pages
-        started = time.monotonic()
-        try:
-            await qmp.execute("calc-dirty-rate", arguments)
-        except QMPError as err:
-            raise QMPError(f"calc-dirty-rate refused: {err} (another measurement may be running)") from err
-        deadline = started + seconds + 30
-        while True:
-            await asyncio.sleep(min(0.5, seconds / 4))
-            result = await qmp.execute("query-dirty-rate")
-            if result.get("status") == "measured":
-                break
-            if time.monotonic() > deadline:
-                raise QMPError(f"dirty rate still {result.get('status')!r} {seconds + 30:.0f} s after starting")
+    why_not = (await available_modes(qmp))[mode]
+    if why_not:
+        raise UnsupportedError(f"dirty rate mode {mode}: {why_not}")
+    arguments: dict[str, Any] = {"calc-time": int(seconds), "mode": mode}
+    if mode == "page-sampling":
+        arguments["sample-pages"] = sample_pages
+    started = time.monotonic()
+    try:
+        await qmp.execute("calc-dirty-rate", arguments)
+    except QMPError as err:
+        raise QMPError(f"calc-dirty-rate refused: {err} (another measurement may be running)") from err
+    deadline = started + seconds + 30
+    while True:
+        await asyncio.sleep(min(0.5, seconds / 4))
+        result = await qmp.execute("query-dirty-rate")
+        if result.get("status") == "measured":
+            break
+        if time.monotonic() > deadline:
+            raise QMPError(f"dirty rate still {result.get('status')!r} {seconds + 30:.0f} s after starting")
     return DirtyRate(mode=result.get("mode", mode), seconds=seconds, rate_mib_s=int(result.get("dirty-rate", 0)),
                      sample_pages=result.get("sample-pages"), wall_seconds=round(time.monotonic() - started, 2))

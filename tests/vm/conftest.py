@@ -7,6 +7,7 @@ log of a failed test is kept under ``test-artifacts/``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -29,6 +30,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.vm)
 
 
+_NAMES = itertools.count()
+
+
 class VMFactory:
     """Defines and boots test domains (``hvext-test-<pid>-<n>``) and removes them all at the end."""
 
@@ -38,7 +42,7 @@ class VMFactory:
         self.boot_seconds: dict[str, float] = {}
 
     def define(self, memory_mib: int = 512, **spec: object) -> Domain:
-        name = f"hvext-test-{os.getpid()}-{len(self.domains)}"
+        name = f"hvext-test-{os.getpid()}-{next(_NAMES)}"
         domain = self.host.define(DomainSpec(name=name, memory_mib=memory_mib, **spec))  # type: ignore[arg-type]
         self.domains.append(domain)
         return domain
