@@ -1,0 +1,329 @@
+"""Resource pool commands (C3): pool-create, pool-set, pool-remove, pool-list, pool-assign, pool-unassign.
+
+The tree lives in hvext's pool store (``/var/lib/hvext/pools.sqlite``,
+``$HVEXT_POOLS_DB`` overrides); the first command initialises it with the
+host's memory as the root's capacity. Sizes are MiB when bare (``512``) or
+carry a unit (``2G``, ``1.5GiB``). See docs/pools.md for the rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from rich.tree import Tree
+
+from hvext.cli import common
+from hvext.errors import DomainNotFound, HvextError, LibvirtUnavailable, UsageError
+from hvext.host import Host
+from hvext.memory.pools import (
+    DEFAULT_SHARES,
+    ROOT,
+    PoolNotEmptyError,
+    ResourceTree,
+    normalize_path,
+)
+from hvext.memory.pools_store import PoolStore
+from hvext.units import KIB, parse_size_mib
+
+SHARE_LEVELS = {"low": 500, "normal": 1000, "high": 2000}  # vSphere's names for shares
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("pool-create", help="create a resource pool (or a VM leaf) in the pool tree")
+    p.add_argument("path", metavar="PATH", help="pool path, e.g. /prod/web (its parent must exist)")
+    _add_values(p, create=True)
+    p.set_defaults(func=cmd_create)
+
+    p = commands.add_parser("pool-set", help="change a pool's reservation, limit, shares or expandability")
+    p.add_argument("path", metavar="PATH", help="pool path ('/' with --capacity only)")
+    _add_values(p, create=False)
+    p.add_argument("--capacity", help="with PATH '/': the host memory the tree divides")
+    p.set_defaults(func=cmd_set)
+
+    p = commands.add_parser("pool-remove", help="remove a pool (--recursive: with everything below it)")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--recursive", action="store_true", help="remove its children too")
+    p.set_defaults(func=cmd_remove)
+
+    p = commands.add_parser("pool-list", help="the pool tree: settings, effective reservation, entitlement, usage")
+    p.add_argument("path", metavar="PATH", nargs="?", default=ROOT, help="subtree to show (default '/')")
+    common.add_json(p)
+    p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("pool-assign", help="make a leaf pool the node of a domain (VMs are leaves)")
+    common.add_domain(p)
+    p.add_argument("path", metavar="PATH", help="a leaf pool, e.g. /prod/web/vm1")
+    p.add_argument("--create", action="store_true", help="create the leaf first (default settings)")
+    p.set_defaults(func=cmd_assign)
+
+    p = commands.add_parser("pool-unassign", help="detach a domain from its leaf (the leaf stays)")
+    common.add_domain(p)
+    p.set_defaults(func=cmd_unassign)
+
+
+def _add_values(p: argparse.ArgumentParser, *, create: bool) -> None:
+    p.add_argument("--reservation", metavar="SIZE", help="guaranteed memory, e.g. 2G (default 0)" if create
+                   else "guaranteed memory, e.g. 2G")
+    p.add_argument("--limit", metavar="SIZE", help="memory it may never exceed, or 'none' (default: none)")
+    p.add_argument("--shares", metavar="N", help="weight against its siblings: a positive integer or "
+                                                 f"low/normal/high (default {DEFAULT_SHARES})")
+    if create:
+        p.add_argument("--expandable", action="store_true",
+                       help="may borrow reservation from its parent for its children")
+    else:
+        p.add_argument("--expandable", action=argparse.BooleanOptionalAction, default=None,
+                       help="may (or, with --no-expandable, may not) borrow reservation from its parent")
+
+
+# -- values ---------------------------------------------------------------
+
+
+def _size(text: str, what: str) -> int:
+    try:
+        return parse_size_mib(text)
+    except UsageError as err:
+        raise UsageError(f"--{what}: {err}") from err
+
+
+def _limit(text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "unlimited") else _size(text, "limit")
+
+
+def _shares(text: str) -> int:
+    if text.lower() in SHARE_LEVELS:
+        return SHARE_LEVELS[text.lower()]
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--shares: {text!r} is not a positive integer or low/normal/high") from None
+    if value <= 0:
+        raise UsageError(f"--shares: must be positive, got {value}")
+    return value
+
+
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    if args.reservation is not None:
+        changes["reservation_mib"] = _size(args.reservation, "reservation")
+    if args.limit is not None:
+        changes["limit_mib"] = _limit(args.limit)
+    if args.shares is not None:
+        changes["shares"] = _shares(args.shares)
+    if args.expandable is not None:
+        changes["expandable"] = args.expandable
+    return changes
+
+
+# -- the store ------------------------------------------------------------
+
+
+def host_capacity_mib(args: argparse.Namespace) -> int:
+    """The memory of the host the tree divides: libvirt's when a URI is given, else /proc/meminfo."""
+    if args.uri:
+        with common.open_host(args) as host:
+            return int(host.conn.getInfo()[1])  # MiB
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise UsageError("cannot read MemTotal from /proc/meminfo")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def open_tree(args: argparse.Namespace) -> Iterator[ResourceTree]:
+    """The stored tree (created with the host's memory as capacity on first use)."""
+    store = PoolStore()
+    try:
+        tree = store.load(capacity_mib=host_capacity_mib(args))  # the capacity is used only for a new store
+        yield tree
+    finally:
+        store.close()
+
+
+def _describe(node: Any) -> str:
+    limit = "none" if node.limit_mib is None else f"{node.limit_mib} MiB"
+    return (f"reservation {node.reservation_mib} MiB, limit {limit}, shares {node.shares}, "
+            f"{'expandable' if node.expandable else 'not expandable'}")
+
+
+# -- commands -------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    changes = _changes(args)
+    changes.setdefault("expandable", False)
+    with open_tree(args) as tree:
+        node = tree.create(args.path, **changes)
+    common.console.print(f"Pool {node.path} created ({_describe(node)})")
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    changes = _changes(args)
+    with open_tree(args) as tree:
+        if args.capacity is not None:
+            if args.path != ROOT or changes:
+                raise UsageError("--capacity applies to the root '/' alone (use: hvext pool-set / --capacity SIZE)")
+            node = tree.set_capacity(_size(args.capacity, "capacity"))
+            common.console.print(f"Host capacity set to {node.reservation_mib} MiB")
+            return 0
+        if not changes:
+            raise UsageError("pool-set: give at least one of --reservation, --limit, --shares, "
+                             "--expandable/--no-expandable")
+        node = tree.modify(args.path, **changes)
+    common.console.print(f"Pool {node.path} now has {_describe(node)}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    with open_tree(args) as tree:
+        try:
+            tree.remove(args.path, recursive=args.recursive)
+        except PoolNotEmptyError as err:
+            raise PoolNotEmptyError(str(err).replace("pass recursive=True", "pass --recursive")) from err
+    common.console.print(f"Pool {args.path} removed" + (" with its subtree" if args.recursive else ""))
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    with common.open_host(args) as host:
+        domain = host.lookup(args.domain).name  # must exist (a UUID gives its name)
+    with open_tree(args) as tree:
+        if args.create and not tree.exists(args.path):
+            node = tree.create(args.path, domain=domain)
+        else:
+            if not tree.exists(args.path):
+                raise UsageError(f"no pool {args.path!r}: create it first (`hvext pool-create {args.path}`) "
+                                 "or pass --create")
+            node = tree.assign(domain, args.path)
+    common.console.print(f"Domain '{domain}' assigned to {node.path}")
+    return 0
+
+
+def cmd_unassign(args: argparse.Namespace) -> int:
+    with open_tree(args) as tree:
+        path = tree.unassign(args.domain)
+    common.console.print(f"Domain '{args.domain}' unassigned from {path}")
+    return 0
+
+
+# -- pool-list ------------------------------------------------------------
+
+
+@dataclass
+class DomainFigures:
+    """What the host says about an assigned domain right now (MiB)."""
+
+    state: str
+    demand_mib: int = 0  # balloon actual of a running domain
+    usage_mib: int | None = None  # RSS of its QEMU process
+
+
+def domain_figures(args: argparse.Namespace, domains: list[str]) -> tuple[dict[str, DomainFigures], str | None]:
+    """Current figures of the assigned domains from libvirt; (figures, why none) when it is unreachable."""
+    figures: dict[str, DomainFigures] = {}
+    if not domains:
+        return figures, None
+    try:
+        host = Host(args.uri)
+    except LibvirtUnavailable as err:
+        return figures, str(err)
+    try:
+        for name in domains:
+            try:
+                dom = host.lookup(name)
+                if not dom.is_active():
+                    figures[name] = DomainFigures(dom.state())
+                    continue
+                _state, _max_kib, cur_kib, _vcpus, _cpu = dom.dom.info()  # live currentMemory = balloon actual
+                rss = dom.balloon_stats().get("rss")
+                figures[name] = DomainFigures("running", cur_kib * KIB // 2**20,
+                                              rss // 1024 if rss is not None else None)
+            except DomainNotFound:
+                figures[name] = DomainFigures("missing")
+            except HvextError as err:
+                figures[name] = DomainFigures(f"unknown ({err})")
+    finally:
+        host.close()
+    return figures, None
+
+
+def list_data(tree: ResourceTree, args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """The tree as nested data with demand, entitlement and usage per node."""
+    assignments = tree.assignments()
+    figures, libvirt_error = domain_figures(args, sorted(assignments))
+    demands = {path: figures[d].demand_mib for d, path in assignments.items() if d in figures}
+    data = tree.to_dict(demands)
+
+    def annotate(node: dict[str, Any]) -> tuple[int, int | None]:
+        demand: int = 0
+        usage: int | None = None
+        if node["domain"] is not None and node["domain"] in figures:
+            fig = figures[node["domain"]]
+            node["domain_state"] = fig.state
+            demand, usage = fig.demand_mib, fig.usage_mib
+        for child in node["children"]:
+            child_demand, child_usage = annotate(child)
+            demand += child_demand
+            if child_usage is not None:
+                usage = (usage or 0) + child_usage
+        node["demand_mib"], node["usage_mib"] = demand, usage
+        return demand, usage
+
+    annotate(data)
+    return data, libvirt_error
+
+
+def _find(data: dict[str, Any], path: str) -> dict[str, Any]:
+    if data["path"] == path:
+        return data
+    for child in data["children"]:
+        if path == child["path"] or path.startswith(child["path"] + "/"):
+            return _find(child, path)
+    raise UsageError(f"no pool {path!r}")
+
+
+def _label(node: dict[str, Any]) -> str:
+    """One node: its settings, then demand, entitlement and usage (all MiB)."""
+    def mib(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    if node["path"] == ROOT:
+        head = f"[bold]/[/] capacity {mib(node['reservation_mib'])}"
+        parts = [f"reserved {sum(c['effective_reservation_mib'] for c in node['children'])}"]
+    else:
+        head = f"[bold]{node['name']}[/]" + (" [dim](expandable)[/]" if node["expandable"] else "")
+        if node.get("domain"):
+            head += f" [cyan]vm {node['domain']}[/] ({node.get('domain_state', '?')})"
+        parts = [f"res {mib(node['reservation_mib'])}", f"limit {mib(node['limit_mib'])}",
+                 f"shares {node['shares']}", f"eff.res {mib(node['effective_reservation_mib'])}"]
+    parts += [f"demand {mib(node['demand_mib'])}", f"entitled {mib(node.get('entitlement_mib'))}",
+              f"used {mib(node['usage_mib'])}"]
+    return f"{head}  " + " · ".join(parts)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with open_tree(args) as tree:
+        data, libvirt_error = list_data(tree, args)
+    subtree = _find(data, normalize_path(args.path))
+    if args.json:
+        common.print_json({"tree": subtree, "libvirt_error": libvirt_error})
+        return 0
+    view = Tree(_label(subtree))
+
+    def grow(branch: Tree, node: dict[str, Any]) -> None:
+        for child in node["children"]:
+            grow(branch.add(_label(child)), child)
+
+    grow(view, subtree)
+    common.console.print(view)
+    common.console.print("[dim]MiB; res: reservation, eff.res: effective reservation; demand: balloon actual of "
+                         "running assigned VMs; entitled: their share of the host by reservation, limit and "
+                         "shares; used: RSS of their QEMU processes[/]")
+    if libvirt_error:
+        common.console.print(f"libvirt unavailable, no demand or usage: {libvirt_error}")
+    return 0
