@@ -1,0 +1,388 @@
+"""Balloon control (C1): set a domain's balloon target, follow the guest to it.
+
+``set_target`` asks libvirt to move the balloon (``setMemoryFlags`` with
+AFFECT_LIVE, as ``virsh setmem`` does on a running domain; AFFECT_CONFIG,
+i.e. the next start's ``currentMemory``, on a shut-off one) and records the
+target in hvext's own live metadata element: QEMU reports only where the
+balloon *is* (``actual``), and libvirt rewrites the live ``currentMemory``
+from every BALLOON_CHANGE event, so neither remembers the target.
+
+``follow`` watches ``actual`` move towards the target: BALLOON_CHANGE events
+on hvext's own QMP monitor, plus a ``query-balloon`` poll every second (the
+only source for plain libvirt domains reached through QMP passthrough, and a
+safety net since QEMU rate-limits the event). It ends when the target is
+reached, when ``actual`` has not moved closer for ``stall_after`` seconds (the
+guest cannot or will not give more: the result says where it stopped and what
+its balloon statistics report as free and available), or at the timeout.
+
+A Linux guest does not refuse politely: its driver grabs pages with
+``__GFP_NORETRY`` and, when it can find no more, leaves the guest so short of
+memory that the OOM killer (and, once it kills init, a panic) follows. So
+shrinking below what the guest can spare (``actual - available`` plus
+headroom, from the balloon statistics) is refused unless forced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import libvirt
+from lxml import etree
+
+from hvext import aio
+from hvext.errors import DomainStateError, HvextError, QMPError, UsageError
+from hvext.host import Domain, libvirt_errors
+from hvext.units import KIB, MIB, format_size
+
+BALLOON_QOM_PATH = "/machine/peripheral/balloon0"  # libvirt names the balloon device balloon0
+METADATA_NS = "https://hvext.dev/xmlns/balloon/1"  # not hvext's domain marker namespace: one element per URI
+METADATA_KEY = "hvext-balloon"
+MIN_TARGET = 64 * MIB
+#: Headroom kept above what the guest uses (actual - available): its page cache working set and
+#: the kernel's own allocations. Measured: a 256 MiB guest ballooned to actual - available + 1 MiB
+#: OOM-killed its init and panicked.
+SAFETY_HEADROOM = 64 * MIB
+SAFETY_HEADROOM_FRACTION = 0.05
+#: ``actual`` within this of the target counts as reached (QEMU moves in 4 KiB pages).
+REACHED_TOLERANCE = 1 * MIB
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_STALL_S = 10.0
+POLL_INTERVAL_S = 1.0
+#: Balloon statistics older than this are not used to judge a target (hvext asks for them every 2 s).
+STATS_FRESH_S = 10.0
+
+
+class BalloonStalled(HvextError):
+    """The guest did not bring the balloon to its target; ``result`` says where it stopped and why."""
+
+    def __init__(self, result: BalloonResult) -> None:
+        super().__init__(result.message())
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Target:
+    """A balloon target (bytes) and where hvext knows it from."""
+
+    bytes: int
+    source: str  # "hvext" (recorded by set_target) or "definition" (currentMemory of the inactive config)
+    set_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BalloonResult:
+    """How following the balloon ended."""
+
+    domain: str
+    target: int
+    start: int
+    actual: int
+    outcome: str  # reached | stalled | timeout
+    elapsed_s: float
+    stalled_for_s: float = 0.0
+    guest_free: int | None = None
+    guest_available: int | None = None
+    guest_stats_age_s: float | None = None
+    events: int = 0
+
+    @property
+    def reached(self) -> bool:
+        return self.outcome == "reached"
+
+    def reason(self) -> str:
+        if self.reached:
+            return "reached"
+        shrinking = self.target < self.start
+        guest = ""
+        if self.guest_free is not None and self.guest_available is not None:
+            guest = (f"; the guest reports {format_size(self.guest_free)} free and "
+                     f"{format_size(self.guest_available)} available")
+        if self.outcome == "timeout":
+            return f"still moving when the wait ended after {self.elapsed_s:.0f} s (slow, not stuck){guest}"
+        if self.actual == self.start:
+            return (f"the guest did not move its balloon at all in {self.stalled_for_s:.0f} s: is its balloon "
+                    f"driver (virtio_balloon) loaded?{guest}")
+        if shrinking:
+            return (f"the guest stopped giving memory back {self.stalled_for_s:.0f} s ago{guest}: it cannot "
+                    "(or will not) give more without running out of memory")
+        return f"the guest stopped taking memory back {self.stalled_for_s:.0f} s ago{guest}"
+
+    def message(self) -> str:
+        if self.reached:
+            return (f"balloon of {self.domain!r} reached {format_size(self.actual)} "
+                    f"in {self.elapsed_s:.1f} s")
+        return (f"balloon of {self.domain!r} stopped at {format_size(self.actual)}, target "
+                f"{format_size(self.target)} (started at {format_size(self.start)}): {self.reason()}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(reached=self.reached, reason=self.reason(), message=self.message())
+        return data
+
+
+# -- limits ---------------------------------------------------------------
+
+
+def boot_memory(domain: Domain) -> int:
+    """The balloon's ceiling in bytes: the domain's boot RAM (memory devices such as NVDIMMs excluded).
+
+    The sum of the NUMA cells when the XML has them (hvext domains do), else
+    ``<memory>`` minus the memory devices.
+    """
+    with libvirt_errors(f"reading the definition of {domain.name!r}"):
+        root = etree.fromstring(domain.dom.XMLDesc(0).encode())
+    cells = root.findall("cpu/numa/cell")
+    if cells:
+        return sum(_kib(c.get("memory"), c.get("unit")) for c in cells) * KIB
+    total = _kib(root.findtext("memory"), root.find("memory").get("unit") if root.find("memory") is not None else None)
+    devices = sum(_kib(e.text, e.get("unit")) for e in root.iterfind("devices/memory/target/size"))
+    return (total - devices) * KIB
+
+
+def autodeflate(domain: Domain) -> bool:
+    """True when the balloon deflates on guest OOM (then MemTotal keeps the inflated pages)."""
+    with libvirt_errors(f"reading the definition of {domain.name!r}"):
+        root = etree.fromstring(domain.dom.XMLDesc(0).encode())
+    return any(b.get("autodeflate") == "on" for b in root.iterfind("devices/memballoon"))
+
+
+_UNITS = {"b": 1, "bytes": 1, "k": KIB, "kib": KIB, "kb": 1000, "m": MIB, "mib": MIB, "mb": 1000**2,
+          "g": 1024 * MIB, "gib": 1024 * MIB, "gb": 1000**3}
+
+
+def _kib(text: str | None, unit: str | None) -> int:
+    if not text:
+        return 0
+    return int(text) * _UNITS.get((unit or "KiB").lower(), KIB) // KIB
+
+
+def safe_floor(actual: int, available: int) -> int:
+    """The lowest target a guest using ``actual - available`` bytes can reach without starving."""
+    return actual - available + max(SAFETY_HEADROOM, int(actual * SAFETY_HEADROOM_FRACTION))
+
+
+def check_target(domain: Domain, size: int) -> int:
+    """*size* rounded down to whole KiB, or UsageError when nonsense for *domain*."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise UsageError(f"balloon target must be a number of bytes, not {size!r}")
+    ceiling = boot_memory(domain)
+    if size < MIN_TARGET:
+        raise UsageError(f"balloon target {format_size(size)} is absurdly small: the minimum is "
+                         f"{format_size(MIN_TARGET)}")
+    if size > ceiling:
+        raise UsageError(f"balloon target {format_size(size)} is above the maximum of {domain.name!r} "
+                         f"({format_size(ceiling)}, its boot memory); raise that with the domain's definition")
+    return size // KIB * KIB
+
+
+# -- reading --------------------------------------------------------------
+
+
+async def read_balloon(domain: Domain) -> tuple[int, dict[str, Any]]:
+    """(actual bytes, QMP guest-stats reply) of a running domain."""
+    async with domain.qmp() as qmp:
+        actual = int((await qmp.execute("query-balloon"))["actual"])
+        return actual, await _guest_stats(qmp)
+
+
+async def _guest_stats(qmp: Any) -> dict[str, Any]:
+    """The balloon driver's statistics; {} when QEMU has none (no stats period, driver absent)."""
+    try:
+        reply = await qmp.execute("qom-get", {"path": BALLOON_QOM_PATH, "property": "guest-stats"})
+    except QMPError:
+        return {}
+    return reply if isinstance(reply, dict) else {}
+
+
+def _fresh(reply: dict[str, Any]) -> bool:
+    """True when the guest sent its statistics recently (a removed driver leaves old ones behind)."""
+    updated = reply.get("last-update")
+    return isinstance(updated, int) and time.time() - updated <= STATS_FRESH_S
+
+
+def _stat(reply: dict[str, Any], key: str) -> int | None:
+    stats = reply.get("stats")
+    value = stats.get(key) if isinstance(stats, dict) else None
+    # QEMU reports a statistic the guest never sent as 2**64 - 1
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else None
+
+
+def recorded_target(domain: Domain) -> Target | None:
+    """The target hvext last set on the running domain, else the definition's currentMemory.
+
+    The fallback is what libvirt set at start; a change made outside hvext
+    (``virsh setmem``) is not seen. None for a domain with no definition to ask.
+    """
+    try:
+        live = domain.dom.isActive()
+        if live:
+            xml = domain.dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS,
+                                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            element = etree.fromstring(xml.encode())
+            return Target(int(element.get("target-kib", "")) * KIB, "hvext",
+                          float(element.get("set-at", "nan")) if element.get("set-at") else None)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            return None
+    except (ValueError, etree.XMLSyntaxError):
+        pass  # a metadata element someone else wrote: ignore it
+    try:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if domain.dom.isPersistent() else 0
+        root = etree.fromstring(domain.dom.XMLDesc(flags).encode())
+    except libvirt.libvirtError:
+        return None
+    current = root.find("currentMemory")
+    if current is None or not current.text:
+        return None
+    return Target(_kib(current.text, current.get("unit")) * KIB, "definition")
+
+
+# -- setting --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetResult:
+    domain: str
+    target: int
+    live: bool  # False: only the definition (next start) changed
+    previous_actual: int | None
+    safe_floor: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def apply_target(domain: Domain, size: int, *, force: bool = False) -> SetResult:
+    """Set the balloon target of *domain* to *size* bytes (see the module doc).
+
+    Refuses (UsageError) sizes below 64 MiB or above the boot memory and, unless
+    *force*, shrinking a running guest below what it can spare. libvirt calls
+    run in the loop's executor, so the daemon can await this.
+    """
+    loop = asyncio.get_running_loop()
+    target = await loop.run_in_executor(None, check_target, domain, size)
+    live = await loop.run_in_executor(None, domain.is_active)
+    actual = floor = None
+    if live:
+        actual, stats = await read_balloon(domain)
+        available = _stat(stats, "stat-available-memory") if _fresh(stats) else None
+        if available is not None and target < actual:
+            floor = safe_floor(actual, available)
+            if target < floor and not force:
+                raise UsageError(
+                    f"balloon target {format_size(target)} is below what {domain.name!r} can give without "
+                    f"running out of memory: it uses about {format_size(actual - available)} (actual "
+                    f"{format_size(actual)}, available {format_size(available)}) and needs headroom, so "
+                    f"{format_size(floor)} is the lowest safe target; --force tries anyway (the guest may "
+                    "OOM-kill its processes, or panic)")
+    await loop.run_in_executor(None, _set_memory, domain, target, live)
+    return SetResult(domain.name, target, live, actual, floor)
+
+
+def _set_memory(domain: Domain, target: int, live: bool) -> None:
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if live else libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    with libvirt_errors(f"setting the memory of {domain.name!r}"):
+        domain.dom.setMemoryFlags(target // KIB, flags)
+        if live:
+            record = etree.Element("balloon", {"target-kib": str(target // KIB), "set-at": f"{time.time():.3f}"})
+            domain.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                   etree.tostring(record, encoding="unicode"),
+                                   METADATA_KEY, METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def set_target(domain: Domain, size: int, *, force: bool = False) -> SetResult:
+    """Synchronous :func:`apply_target` (for the CLI and tests)."""
+    return aio.run(apply_target(domain, size, force=force))
+
+
+# -- following ------------------------------------------------------------
+
+
+async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 stall_after: float = DEFAULT_STALL_S,
+                 progress: Callable[[int], None] | None = None,
+                 start: int | None = None) -> BalloonResult:
+    """Watch ``actual`` until it reaches *target*, stalls for *stall_after* s, or *timeout* passes.
+
+    *start* is where the balloon was before the target was set (default: now).
+    """
+    if not domain.is_active():
+        raise DomainStateError(f"domain {domain.name!r} is not running: there is no balloon to follow")
+    began = time.monotonic()
+    async with domain.qmp() as qmp:
+        updates: asyncio.Queue[int] = asyncio.Queue()
+        watcher = None
+        if qmp.supports_events:
+            async def watch() -> None:
+                async for event in qmp.events("BALLOON_CHANGE"):  # type: ignore[attr-defined]
+                    updates.put_nowait(int(event.get("data", {}).get("actual", -1)))
+            watcher = asyncio.ensure_future(watch())
+            await asyncio.sleep(0)  # subscribed before the first query
+        try:
+            actual = int((await qmp.execute("query-balloon"))["actual"])
+            first = actual if start is None else start
+            best_gap = abs(actual - target)
+            last_progress = time.monotonic()
+            events = 0
+            outcome = "timeout"
+            while True:
+                if progress is not None:
+                    progress(actual)
+                now = time.monotonic()
+                if abs(actual - target) <= REACHED_TOLERANCE:
+                    outcome = "reached"
+                    break
+                if abs(actual - target) < best_gap:
+                    best_gap, last_progress = abs(actual - target), now
+                if now - last_progress >= stall_after:
+                    outcome = "stalled"
+                    break
+                if now - began >= timeout:
+                    break
+                wait = min(POLL_INTERVAL_S, max(0.05, timeout - (now - began)))
+                try:
+                    value = await asyncio.wait_for(updates.get(), wait)
+                    events += 1
+                    if value >= 0:
+                        actual = value
+                        continue
+                except TimeoutError:
+                    pass
+                actual = int((await qmp.execute("query-balloon"))["actual"])
+            stats = await _guest_stats(qmp) if outcome != "reached" else {}
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watcher
+    last_update = stats.get("last-update") if isinstance(stats.get("last-update"), int) else None
+    return BalloonResult(
+        domain=domain.name, target=target, start=first, actual=actual, outcome=outcome,
+        elapsed_s=round(time.monotonic() - began, 2),
+        stalled_for_s=round(time.monotonic() - last_progress, 1) if outcome != "reached" else 0.0,
+        guest_free=_stat(stats, "stat-free-memory"), guest_available=_stat(stats, "stat-available-memory"),
+        guest_stats_age_s=round(time.time() - last_update, 1) if last_update else None,
+        events=events)
+
+
+async def set_and_follow(domain: Domain, size: int, *, force: bool = False,
+                         timeout: float = DEFAULT_TIMEOUT_S, stall_after: float = DEFAULT_STALL_S,
+                         progress: Callable[[int], None] | None = None) -> BalloonResult:
+    """:func:`apply_target` then :func:`follow`; raises BalloonStalled when the target is not reached."""
+    done = await apply_target(domain, size, force=force)
+    if not done.live:
+        raise DomainStateError(f"domain {domain.name!r} is not running: its definition now starts it with "
+                               f"{format_size(done.target)}, there is nothing to wait for")
+    result = await follow(domain, done.target, timeout=timeout, stall_after=stall_after, progress=progress,
+                          start=done.previous_actual)
+    if not result.reached:
+        raise BalloonStalled(result)
+    return result

@@ -1,0 +1,108 @@
+"""Reclaim memory from a VM by ballooning, host swapping, or both, as the policy decides (C2).
+
+Collect (balloon statistics, the agent's usage classes) -> decide
+(:mod:`hvext.memory.policy`, pure) -> act (:mod:`hvext.memory.balloon`,
+:mod:`hvext.memory.swap`) -> measure what the host really got back (the QEMU
+process's RSS and the host's available memory, not only balloon figures).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from hvext.errors import AgentError, HvextError, QMPError
+from hvext.host import Domain
+from hvext.memory import balloon, classes, policy, swap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReclaimReport:
+    domain: str
+    method: str
+    decision: dict[str, Any]
+    rss_before: int
+    rss_after: int
+    host_available_before: int
+    host_available_after: int
+    balloon_actual_before: int
+    balloon_actual_after: int
+    seconds: float
+    notes: list[str]
+
+    @property
+    def returned(self) -> int:
+        """Bytes the QEMU process gave back to the host."""
+        return max(0, self.rss_before - self.rss_after)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["returned"] = self.returned
+        return data
+
+
+def host_available() -> int:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def collect(domain: Domain) -> tuple[policy.VMState, list[str]]:
+    """What the policy needs, from QMP (balloon) and the agent (classes); agent trouble is a note, not a failure."""
+    notes: list[str] = []
+    actual, stats = await balloon.read_balloon(domain)
+    responsive = balloon._fresh(stats)
+    available = balloon._stat(stats, "stat-available-memory")
+    guest = None
+    try:
+        report = await classes.fetch(domain, timeout=10)
+        if report.plausible:
+            ps = report.page_size
+            guest = policy.GuestMemory(total=report.total * ps, free=report.classes.get("free", 0) * ps,
+                                       clean_cache=report.classes.get("page_cache_clean", 0) * ps,
+                                       anon_inactive=report.classes.get("anon_inactive", 0) * ps)
+        else:
+            notes.append(f"agent report implausible ({'; '.join(report.problems)}): not trusted")
+    except (AgentError, QMPError) as err:
+        notes.append(f"agent unavailable: {err}")
+    state = policy.VMState(domain.name, actual=actual, balloon_responsive=responsive, guest=guest,
+                           balloon_available=available if responsive else None)
+    return state, notes
+
+
+async def reclaim(domain: Domain, amount: int, method: str = "auto") -> ReclaimReport:
+    """Take *amount* bytes from the running *domain* and return what was decided, done and measured."""
+    domain.require_running()
+    started = time.monotonic()
+    state, notes = await collect(domain)
+    decision = policy.decide(state, amount, method)
+    log.info("reclaim %s from %s: %s (%s)", amount, domain.name, decision.method, decision.reason)
+    pid = swap.qemu_pid(domain.name)
+    rss_before = swap.process_memory(pid)["rss"]
+    available_before = host_available()
+    if decision.balloon:
+        try:
+            await balloon.set_and_follow(domain, state.actual - decision.balloon, timeout=90)
+        except balloon.BalloonStalled as err:
+            notes.append(f"balloon stopped short: {err}")
+    if decision.swap:
+        ram = balloon.boot_memory(domain)
+        result = swap.page_out(pid, ram, decision.swap)
+        notes.append(f"host swap: {result.reclaimed >> 20} MiB paged out in {result.seconds:.2f} s")
+    actual_after, _ = await balloon.read_balloon(domain)
+    return ReclaimReport(
+        domain=domain.name, method=decision.method,
+        decision={"balloon": decision.balloon, "swap": decision.swap, "reason": decision.reason},
+        rss_before=rss_before, rss_after=swap.process_memory(pid)["rss"],
+        host_available_before=available_before, host_available_after=host_available(),
+        balloon_actual_before=state.actual, balloon_actual_after=actual_after,
+        seconds=round(time.monotonic() - started, 2), notes=notes)
+
+
+__all__ = ["ReclaimReport", "collect", "reclaim", "host_available", "HvextError"]
