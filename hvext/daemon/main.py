@@ -1,10 +1,10 @@
 """``hvextd``: the per-host hvext daemon.
 
-Version 1 watches the host: it follows libvirt's domain lifecycle events on
-hvext's shared asyncio loop (libvirtaio) and logs one line per event, and it
-reconnects with backoff when libvirtd goes away. Policy loops (reclaim,
-power-loss handling, replication) hang off the same loop in later versions.
-It stops cleanly on SIGTERM or SIGINT.
+It watches the host: it follows libvirt's domain lifecycle events on hvext's
+shared asyncio loop (libvirtaio) and logs one line per event, and it
+reconnects with backoff when libvirtd goes away. With ``--config FILE`` it
+also runs the policy loops configured there (``[reclaim]``: see
+hvext.daemon.reclaim_loop). It stops cleanly on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import libvirt
 
 from hvext import aio
 from hvext.errors import HvextError, LibvirtUnavailable
+from hvext.daemon import reclaim_loop
+from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.host import Host
+from hvext.pmem import power
 
 log = logging.getLogger("hvextd")
 
@@ -37,8 +42,9 @@ MAX_BACKOFF_S = 30.0
 class Daemon:
     """Connects to libvirt, logs lifecycle events, reconnects when the connection drops."""
 
-    def __init__(self, uri: str | None) -> None:
+    def __init__(self, uri: str | None, reclaim: ReclaimConfig | None = None) -> None:
         self.uri = uri
+        self.reclaim = reclaim
         self.stopping = asyncio.Event()
         self.disconnected = asyncio.Event()
 
@@ -67,7 +73,14 @@ class Daemon:
                 callback = host.conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
                 log.info("watching %s (%d domains)", host.uri, len(host.domains()))
-                await self._wait_any(self.stopping, self.disconnected)
+                loops = [asyncio.ensure_future(reclaim_loop.run(host, self.reclaim, self.stopping))] \
+                    if self.reclaim else []
+                try:
+                    await self._wait_any(self.stopping, self.disconnected)
+                finally:
+                    for task in loops:
+                        task.cancel()
+                    await asyncio.gather(*loops, return_exceptions=True)
                 if not self.disconnected.is_set():
                     host.conn.domainEventDeregisterAny(callback)
                     host.conn.unregisterCloseCallback()
@@ -92,23 +105,50 @@ class Daemon:
                 waiter.cancel()
 
 
+def on_power_loss(uri: str | None) -> None:
+    """SIGPWR (the UPS/BIOS says power is failing): what `hvext power loss` does, logged."""
+    log.warning("SIGPWR: power is failing; saving protected pmem devices")
+    try:
+        with Host(uri) as host:
+            report = power.power_loss(host)
+    except HvextError as err:
+        log.error("power-loss save failed: %s", err)
+        return
+    for device in report["devices"]:
+        log.warning("power loss: %s %s: %s", device["domain"], device["backing"],
+                    device.get("error") or f"{device.get('bytes_written', 0)} bytes in {device.get('seconds')} s "
+                                           f"({device.get('mode')})")
+    log.warning("power loss: %d bytes saved in %.2f s", report["bytes_written"], report["seconds"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hvextd", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--connect", metavar="URI", dest="uri", help="libvirt URI (as for hvext)")
+    parser.add_argument("--config", type=Path, help="TOML file with policy loops, e.g. [reclaim]")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        reclaim = ReclaimConfig.load(args.config) if args.config else None
+    except HvextError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     loop = aio.loop()
 
     async def start() -> Daemon:
-        return Daemon(args.uri)
+        return Daemon(args.uri, reclaim)
     daemon = aio.run(start())
     stop = lambda *_: loop.call_soon_threadsafe(daemon.stopping.set)  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    power_failing = threading.Event()
+    signal.signal(signal.SIGPWR, lambda *_: power_failing.set())
     future = asyncio.run_coroutine_threadsafe(daemon.serve(), loop)
     while not future.done():  # the main thread stays free to receive signals
+        if power_failing.is_set():
+            power_failing.clear()
+            on_power_loss(args.uri)
         try:
             future.result(timeout=0.5)
         except TimeoutError:

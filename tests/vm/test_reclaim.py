@@ -62,3 +62,24 @@ def test_reclaim_input_errors(reclaim_vm: Domain, capsys) -> None:
                           (["reclaim", reclaim_vm.name, "64M", "--method", "magic"], "invalid choice")]:
         assert main(argv) == 1
         assert message in capsys.readouterr().err
+
+
+def test_hvextd_reclaim_loop_logs_its_decisions(reclaim_vm: Domain, tmp_path) -> None:
+    from tests.vm.test_daemon import Hvextd
+    config = tmp_path / "hvextd.toml"
+    # a floor above the host's memory: every round is short, so the loop acts on our VM only
+    config.write_text(f'[reclaim]\ninterval_s = 2\nhost_available_min_mib = {1 << 30}\nstep_mib = 64\n'
+                      f'domains = ["{reclaim_vm.name}"]\n')
+    daemon = Hvextd("--config", str(config))
+    try:
+        line = daemon.expect(f"reclaimed from {reclaim_vm.name}", timeout=90)
+        assert "swap" in line or "balloon" in line
+    finally:
+        daemon.stop()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[reclaim]\nstep_mib = 1\n")
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "hvext.daemon.main", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "step_mib" in done.stderr
