@@ -145,6 +145,13 @@ def _module_files(kernel_version: str) -> set[Path]:
     return files
 
 
+def _publish(work: Path, final: Path) -> None:
+    """Move a finished build into place (a half-built one never has the final name)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(work, final)
+
+
 def build_base(kernel_version: str) -> Path:
     """The Debian root file system with the kernel's modules, cached as a directory.
 
@@ -175,12 +182,10 @@ def build_base(kernel_version: str) -> Path:
         for cache in ("var/cache/apt", "var/lib/apt/lists"):
             shutil.rmtree(root / cache, ignore_errors=True)
         (work / ".complete").write_text("")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    _publish(work, final)
     return final
 
 
@@ -213,12 +218,10 @@ def build(*, force: bool = False) -> GuestImage:
         for path in work.iterdir():
             path.chmod(0o644)
         work.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    _publish(work, final)
     prune(keep=final)
     print(f"guest image built in {time.monotonic() - started:.1f} s: {final}")
     return GuestImage(final, kernel_version)

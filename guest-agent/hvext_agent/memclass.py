@@ -444,7 +444,7 @@ def cmd_memclass(args: dict[str, Any]) -> dict[str, Any]:
     cached = args.get("cached", False)
     use_flags = args.get("kpageflags", True)
     if not isinstance(cached, bool) or not isinstance(use_flags, bool):
-        raise ValueError("cached and kpageflags must be booleans")
+        raise TypeError("cached and kpageflags must be booleans")
     SAMPLER.configure(interval)
     if not use_flags and not cached:
         result = sample(kpageflags=False)

@@ -1,20 +1,54 @@
-"""Memory commands: dommemstat."""
+"""Memory commands: dommemstat, setmem (balloon), memclass (guest usage classes)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from hvext import aio
 from hvext.cli import common
-from hvext.memory import stats
-from hvext.units import format_size
+from hvext.errors import UsageError
+from hvext.host import Domain
+from hvext.memory import balloon, classes, stats
+from hvext.units import MIB, format_size, parse_size
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("dommemstat", help="balloon statistics (QMP) and guest meminfo (agent) side by side")
+    p = commands.add_parser("dommemstat", help="balloon actual and target, balloon statistics (QMP) and "
+                                               "guest meminfo (agent) side by side")
     common.add_domain(p)
     common.add_json(p)
     p.set_defaults(func=cmd_dommemstat)
+
+    p = commands.add_parser("setmem", help="set the balloon target (like virsh setmem); --wait follows it")
+    common.add_domain(p)
+    p.add_argument("size", metavar="SIZE", help="new target, e.g. 512M, 2G, 1.5GiB (at least 64 MiB, at most "
+                                                "the domain's memory)")
+    p.add_argument("--wait", type=common.positive_float, nargs="?", const=balloon.DEFAULT_TIMEOUT_S,
+                   metavar="SECONDS", help="follow the balloon until it reaches the target or the guest stops "
+                                           f"(at most SECONDS, default {balloon.DEFAULT_TIMEOUT_S:.0f})")
+    p.add_argument("--stall", type=common.positive_float, default=balloon.DEFAULT_STALL_S, metavar="SECONDS",
+                   help="with --wait: the guest has stopped when the balloon did not move closer for this long "
+                        f"(default {balloon.DEFAULT_STALL_S:.0f})")
+    p.add_argument("--force", action="store_true",
+                   help="shrink below what the guest can spare without running out of memory")
+    common.add_json(p)
+    p.set_defaults(func=cmd_setmem)
+
+    p = commands.add_parser("memclass", help="guest memory usage classes (free, page cache, anon, slab, ...) "
+                                             "from the agent, checked")
+    common.add_domain(p)
+    p.add_argument("--watch", type=common.positive_float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) from the agent's periodic sampler until Ctrl-C")
+    p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N samples")
+    common.add_json(p)
+    p.set_defaults(func=cmd_memclass)
 
 
 def _fmt(value: int | None, unit: str) -> str:
@@ -37,3 +71,127 @@ def cmd_dommemstat(args: argparse.Namespace) -> int:
     if result.agent_error:
         common.console.print(f"agent: {result.agent_error}")
     return 0
+
+
+# -- setmem ---------------------------------------------------------------
+
+
+def cmd_setmem(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    with common.open_domain(args) as dom:
+        if args.wait is not None and not dom.is_active():
+            raise UsageError(f"--wait: domain {dom.name!r} is not running, there is no balloon to follow "
+                             "(without --wait, setmem changes the memory it starts with)")
+        done = balloon.set_target(dom, size, force=args.force)
+        if args.wait is None or not done.live:
+            if args.json:
+                common.print_json(done.to_dict())
+            elif done.live:
+                common.console.print(f"Balloon target of '{dom.name}' set to {format_size(done.target)} "
+                                     f"(actual {format_size(done.previous_actual or 0)}); --wait follows it")
+            else:
+                common.console.print(f"Domain '{dom.name}' is not running: it will start with "
+                                     f"{format_size(done.target)} (currentMemory of its definition)")
+            return 0
+        result = _follow(dom, done, args)
+    if args.json:
+        common.print_json(result.to_dict())
+    if not result.reached:
+        raise balloon.BalloonStalled(result)
+    if not args.json:
+        common.console.print(f"Balloon of '{dom.name}' reached {format_size(result.actual)} in "
+                             f"{result.elapsed_s:.1f} s (from {format_size(result.start)})")
+    return 0
+
+
+def _follow(dom: Domain, done: balloon.SetResult, args: argparse.Namespace) -> balloon.BalloonResult:
+    """Follow the balloon, with a progress bar on a terminal."""
+    start = done.previous_actual if done.previous_actual is not None else done.target
+    span = max(abs(start - done.target), 1)
+    show = common.console.is_terminal and not args.json
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[actual]}"),
+                  TimeElapsedColumn(), console=common.console, transient=True, disable=not show) as bar:
+        task = bar.add_task(f"balloon of {dom.name} -> {format_size(done.target)}", total=span,
+                            actual=format_size(start))
+
+        def progress(actual: int) -> None:
+            moved = min(span, max(0, (start - actual) if done.target < start else (actual - start)))
+            bar.update(task, completed=moved, actual=format_size(actual))
+
+        return aio.run(balloon.follow(dom, done.target, timeout=args.wait, stall_after=args.stall,
+                                      progress=progress, start=start))
+
+
+# -- memclass -------------------------------------------------------------
+
+
+def classes_table(report: classes.MemClasses) -> Table:
+    when = time.strftime("%H:%M:%S", time.localtime(report.sampled_at)) if report.sampled_at else "?"
+    table = Table(title=f"Memory classes of {report.domain}", title_justify="left")
+    for column, justify in (("class", "left"), ("pages", "right"), ("MiB", "right"), ("% of total", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in report.rows():
+        table.add_row(row["label"], str(row["pages"]), f"{row['bytes'] / MIB:.1f}", f"{row['percent']:.1f}")
+    table.add_section()
+    table.add_row("total", str(report.total), f"{report.mib(report.total):.1f}", "100.0")
+    pmem = [(classes.PMEM_FIELDS[k], v) for k, v in report.pmem.items() if v]
+    for label, pages in pmem:
+        table.add_row(f"PMEM: {label} (outside MemTotal)", str(pages), f"{report.mib(pages):.1f}", "")
+    status = {"ok": "[green]ok[/]", "incomplete": "[yellow]incomplete[/]",
+              "implausible": "[red]implausible[/]"}[report.status]
+    notes = [f"sampled {when}", f"status {status} (|unaccounted| <= {classes.TOLERANCE * 100:.0f}% of MemTotal)"]
+    notes.append(f"anon active/inactive split: {report.anon_split or '?'}"
+                 + (f" (kpageflags {report.kpageflags})" if report.kpageflags else ""))
+    if report.ballooned:
+        notes.append(f"{format_size(report.ballooned * report.page_size)} in the balloon")
+    table.caption = "; ".join(notes) + "".join(f"\n! {p}" for p in report.problems)
+    table.caption_justify = "left"
+    return table
+
+
+def cmd_memclass(args: argparse.Namespace) -> int:
+    if args.count is not None and (args.count < 1 or args.watch is None):
+        raise UsageError("--count needs --watch and a positive number")
+    with common.open_domain(args) as dom:
+        dom.require_running()
+        if args.watch is None:
+            report = aio.run(classes.fetch(dom))
+            if args.json:
+                common.print_json(report.to_dict())
+            else:
+                common.console.print(classes_table(report))
+            return 0
+        return _watch(dom, args)
+
+
+def _watch(dom: Domain, args: argparse.Namespace) -> int:
+    """Poll the agent's periodic sampler every --watch seconds (JSON: one object per line)."""
+    interval: float = args.watch
+    live = common.console.is_terminal and not args.json
+    samples = 0
+    with Live(console=common.console, auto_refresh=False, transient=False) if live else _nothing() as screen:
+        while args.count is None or samples < args.count:
+            began = time.monotonic()
+            report = aio.run(classes.fetch(dom, interval=interval, cached=True, max_age=interval * 1.5))
+            samples += 1
+            if args.json:
+                sys.stdout.write(json.dumps(report.to_dict(), sort_keys=True, default=str) + "\n")
+                sys.stdout.flush()
+            elif screen is not None:
+                screen.update(classes_table(report), refresh=True)
+            else:
+                common.console.print(classes_table(report))
+            if args.count is not None and samples >= args.count:
+                break
+            time.sleep(max(0.0, interval - (time.monotonic() - began)))
+    return 0
+
+
+class _nothing:
+    """A context manager standing in for Live when output is not a terminal."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

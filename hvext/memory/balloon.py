@@ -19,7 +19,8 @@ A Linux guest does not refuse politely: its driver grabs pages with
 ``__GFP_NORETRY`` and, when it can find no more, leaves the guest so short of
 memory that the OOM killer (and, once it kills init, a panic) follows. So
 shrinking below what the guest can spare (``actual - available`` plus
-headroom, from the balloon statistics) is refused unless forced.
+headroom; MemAvailable from the agent, else from fresh balloon statistics)
+is refused unless forced.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ REACHED_TOLERANCE = 1 * MIB
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_STALL_S = 10.0
 POLL_INTERVAL_S = 1.0
-#: Balloon statistics older than this are not used to judge a target (hvext asks for them every 2 s).
-STATS_FRESH_S = 10.0
+#: Balloon statistics older than this are not used to judge a target (hvext asks for them every 2 s;
+#: a removed driver leaves its last ones behind).
+STATS_FRESH_S = 5.0
+AGENT_TIMEOUT_S = 3.0
 
 
 class BalloonStalled(HvextError):
@@ -202,6 +205,29 @@ async def _guest_stats(qmp: Any) -> dict[str, Any]:
     return reply if isinstance(reply, dict) else {}
 
 
+async def guest_available(domain: Domain) -> tuple[int | None, str]:
+    """The guest's MemAvailable in bytes, and where it came from: the agent, else fresh balloon statistics.
+
+    The agent answers now; the balloon statistics arrive every 2 s and lag a
+    balloon change (figures from before an inflation overstate what is
+    available). (None, "") when neither is available. Guest figures either way:
+    the floor they give protects a guest from its operator, not the host from
+    the guest (a guest understating them only keeps memory ``--force`` can take).
+    """
+    try:
+        async with domain.agent(timeout=AGENT_TIMEOUT_S) as agent:
+            meminfo = (await agent.request("meminfo")).get("meminfo_kb")
+        value = meminfo.get("MemAvailable") if isinstance(meminfo, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53:
+            return value * KIB, "agent"
+    except HvextError:
+        pass
+    _actual, stats = await read_balloon(domain)
+    if _fresh(stats):
+        return _stat(stats, "stat-available-memory"), "balloon statistics"
+    return None, ""
+
+
 def _fresh(reply: dict[str, Any]) -> bool:
     """True when the guest sent its statistics recently (a removed driver leaves old ones behind)."""
     updated = reply.get("last-update")
@@ -272,17 +298,17 @@ async def apply_target(domain: Domain, size: int, *, force: bool = False) -> Set
     live = await loop.run_in_executor(None, domain.is_active)
     actual = floor = None
     if live:
-        actual, stats = await read_balloon(domain)
-        available = _stat(stats, "stat-available-memory") if _fresh(stats) else None
+        available, source = await guest_available(domain)
+        actual = (await read_balloon(domain))[0]
         if available is not None and target < actual:
             floor = safe_floor(actual, available)
             if target < floor and not force:
                 raise UsageError(
                     f"balloon target {format_size(target)} is below what {domain.name!r} can give without "
                     f"running out of memory: it uses about {format_size(actual - available)} (actual "
-                    f"{format_size(actual)}, available {format_size(available)}) and needs headroom, so "
-                    f"{format_size(floor)} is the lowest safe target; --force tries anyway (the guest may "
-                    "OOM-kill its processes, or panic)")
+                    f"{format_size(actual)}, available {format_size(available)} by its {source}) and needs "
+                    f"headroom, so {format_size(floor)} is the lowest safe target; --force tries anyway (the "
+                    "guest may OOM-kill its processes, or panic)")
     await loop.run_in_executor(None, _set_memory, domain, target, live)
     return SetResult(domain.name, target, live, actual, floor)
 

@@ -1,5 +1,8 @@
 """Collectors for a domain's memory figures: QMP balloon statistics and the agent's meminfo.
 
+The balloon target is hvext's own record (see :mod:`hvext.memory.balloon`):
+QEMU reports only where the balloon is.
+
 Collectors only read. Agent figures are untrusted guest input: they are
 checked to be non-negative integers and kept apart from the hypervisor's own.
 """
@@ -11,8 +14,8 @@ from typing import Any
 
 from hvext.errors import AgentError, AgentProtocolError, QMPError
 from hvext.host import Domain
-
-BALLOON_QOM_PATH = "/machine/peripheral/balloon0"  # libvirt names the balloon device balloon0
+from hvext.memory import balloon
+from hvext.memory.balloon import BALLOON_QOM_PATH
 
 #: (label, QMP guest-stats key (bytes or count), agent source, agent key, agent unit bytes)
 SIDE_BY_SIDE: list[tuple[str, str, str, str, int]] = [
@@ -30,6 +33,7 @@ SIDE_BY_SIDE: list[tuple[str, str, str, str, int]] = [
 @dataclass
 class MemStats:
     balloon_actual: int | None = None  # bytes, from query-balloon
+    balloon_target: balloon.Target | None = None  # what hvext set (QEMU reports only actual)
     guest_stats: dict[str, int] = field(default_factory=dict)  # QMP guest-stats
     guest_stats_updated: int | None = None
     agent: dict[str, dict[str, int]] | None = None
@@ -37,7 +41,12 @@ class MemStats:
     qmp_error: str | None = None
 
     def rows(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = [{"name": "balloon actual", "qmp": self.balloon_actual, "agent": None}]
+        target = self.balloon_target
+        rows: list[dict[str, Any]] = [
+            {"name": "balloon actual", "qmp": self.balloon_actual, "agent": None},
+            {"name": "balloon target" + (" (definition)" if target and target.source != "hvext" else ""),
+             "qmp": target.bytes if target else None, "agent": None, "unit": "bytes"},
+        ]
         for label, qmp_key, source, agent_key, unit in SIDE_BY_SIDE:
             qmp_value = self.guest_stats.get(qmp_key)
             agent_value = None
@@ -49,7 +58,9 @@ class MemStats:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
-        return {"balloon_actual": self.balloon_actual, "guest_stats": self.guest_stats,
+        return {"balloon_actual": self.balloon_actual,
+                "balloon_target": self.balloon_target.to_dict() if self.balloon_target else None,
+                "guest_stats": self.guest_stats,
                 "guest_stats_last_update": self.guest_stats_updated, "agent": self.agent,
                 "agent_error": self.agent_error, "qmp_error": self.qmp_error, "rows": self.rows()}
 
@@ -76,12 +87,13 @@ async def agent_meminfo(domain: Domain) -> dict[str, dict[str, int]]:
 
 async def collect(domain: Domain) -> MemStats:
     """Balloon figures from QMP and meminfo from the agent; a missing agent is reported, not fatal."""
-    stats = MemStats()
+    stats = MemStats(balloon_target=balloon.recorded_target(domain))
     try:
         async with domain.qmp() as qmp:
             stats.balloon_actual = int((await qmp.execute("query-balloon"))["actual"])
             guest = await qmp.execute("qom-get", {"path": BALLOON_QOM_PATH, "property": "guest-stats"})
-            stats.guest_stats = {k: int(v) for k, v in guest.get("stats", {}).items() if int(v) >= 0}
+            # QEMU reports a statistic the guest never sent as 2**64 - 1 (-1 in older versions)
+            stats.guest_stats = {k: int(v) for k, v in guest.get("stats", {}).items() if 0 <= int(v) < 2**63}
             stats.guest_stats_updated = guest.get("last-update")
     except QMPError as err:
         stats.qmp_error = str(err)

@@ -21,7 +21,7 @@ from lxml import etree
 
 from hvext import paths
 from hvext.dirty import rate
-from hvext.errors import DomainStateError, HostError, HvextError, UsageError
+from hvext.errors import HostError, HvextError, UsageError
 from hvext.host import Domain, Host, translate
 from hvext.migrate.policy import MIB, Plan, Progress, plan, should_switch_to_postcopy
 

@@ -101,6 +101,25 @@ def validate_sizes(size: int, label_size: int) -> int:
     return -(-total // SIZE_ALIGN) * SIZE_ALIGN
 
 
+def prepare_backing(path: Path, size: int) -> bool:
+    """Create a sparse backing file of *size* bytes, or check an existing one (its data is kept).
+
+    Returns whether it was created, so a failed attach can remove it again.
+    """
+    if path.exists():
+        if not path.is_file():
+            raise UsageError(f"backing {path} is not a regular file")
+        if path.stat().st_size != size:
+            raise UsageError(f"backing {path} has {path.stat().st_size} bytes; the device needs exactly {size} "
+                             "(the size plus any label area, 2 MiB aligned)")
+        return False
+    if not path.parent.is_dir():
+        raise UsageError(f"directory {path.parent} for the backing file does not exist")
+    with open(path, "xb") as handle:
+        handle.truncate(size)
+    return True
+
+
 def _default_backing(domain: Domain, existing: list[PmemDevice]) -> Path:
     used = {d.path for d in existing}
     for index in range(64):
@@ -130,19 +149,7 @@ def attach(domain: Domain, size: int, *, label_size: int = 0, backing: Path | No
     path = Path(backing) if backing else _default_backing(domain, existing)
     if any(d.path == path for d in existing):
         raise UsageError(f"{path} already backs a pmem device of {domain.name!r}")
-    created = False
-    if path.exists():
-        if not path.is_file():
-            raise UsageError(f"backing {path} is not a regular file")
-        if path.stat().st_size != device_size:
-            raise UsageError(f"backing {path} has {path.stat().st_size} bytes; the device needs exactly "
-                             f"{device_size} (size {size} + label {label_size}, 2 MiB aligned)")
-    else:
-        if not path.parent.is_dir():
-            raise UsageError(f"directory {path.parent} for the backing file does not exist")
-        with open(path, "xb") as handle:
-            handle.truncate(device_size)
-        created = True
+    created = prepare_backing(path, device_size)
     flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0
     if live:
         flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE

@@ -136,16 +136,7 @@ async def attach(domain: Domain, size: int, *, backing: Path | None = None, live
     path = Path(backing) if backing else paths.domain_dir(domain.name) / f"{dev_id}.img"
     if any(d.path == path for d in existing):
         raise UsageError(f"{path} already backs a pmem device of {domain.name!r}")
-    created = False
-    if path.exists():
-        if path.stat().st_size != size:
-            raise UsageError(f"backing {path} has {path.stat().st_size} bytes; the device needs {size}")
-    else:
-        if not path.parent.is_dir():
-            raise UsageError(f"directory {path.parent} for the backing file does not exist")
-        with open(path, "xb") as handle:
-            handle.truncate(size)
-        created = True
+    created = devices.prepare_backing(path, size)
     uid, gid = domain.host.qemu_user()
     os.chown(path, uid, gid)  # libvirt does not label files it does not know about
     try:

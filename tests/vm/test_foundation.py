@@ -14,22 +14,10 @@ import libvirt
 import pytest
 
 from hvext import aio, paths
-from hvext.cli.main import main
 from hvext.errors import AgentTimeout
 from hvext.host import Domain, Host
 from hvext.qmp import SocketQMP
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
-    status, out, err = cli(capsys, *argv, "--json")
-    assert status == 0, err
-    return json.loads(out)
+from tests.vm.helpers import cli, cli_json
 
 
 def retry(check, timeout: float = 30.0, interval: float = 0.5):  # type: ignore[no-untyped-def]

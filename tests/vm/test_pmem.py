@@ -14,22 +14,8 @@ from hvext import aio
 from hvext.cli.main import main
 from hvext.host import Domain
 from hvext.units import MIB
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def guest(domain: Domain, *argv: str, stdin: str = "", timeout: float = 120) -> dict[str, Any]:
-    async def run() -> dict[str, Any]:
-        async with domain.agent(timeout=timeout + 10) as agent:
-            return await agent.request("exec", {"argv": list(argv), "stdin": stdin, "timeout": timeout},
-                                       timeout=timeout + 10)
-    result = aio.run(run())
-    assert result["exitcode"] == 0, result
-    return result
+from tests.vm.helpers import cli
+from tests.vm.helpers import guest_exec as guest
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import pytest
 
@@ -13,18 +12,9 @@ from hvext import aio
 from hvext.cli.main import main
 from hvext.host import Domain
 from hvext.memory import reclaim
+from tests.vm.helpers import guest_sh as guest
 
 MIB = 1 << 20
-
-
-def guest(domain: Domain, command: str, timeout: float = 120) -> dict[str, Any]:
-    async def run() -> dict[str, Any]:
-        async with domain.agent(timeout=timeout + 10) as agent:
-            return await agent.request("exec", {"argv": ["sh", "-c", command], "timeout": timeout},
-                                       timeout=timeout + 10)
-    result = aio.run(run())
-    assert result["exitcode"] == 0, result
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,160 @@
+"""Balloon control without a VM: limits, the safety floor, following a scripted balloon, the reports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import libvirt
+import pytest
+
+from hvext import aio
+from hvext.errors import UsageError
+from hvext.memory import balloon
+from hvext.units import MIB
+
+XML = """<domain type='qemu'><name>vm</name>
+  <memory unit='KiB'>{memory}</memory><currentMemory unit='KiB'>{current}</currentMemory>
+  {cpu}
+  <devices>{devices}<memballoon model='virtio'{autodeflate}/></devices>
+</domain>"""
+NVDIMM = "<memory model='nvdimm'><target><size unit='KiB'>262144</size></target></memory>"
+
+
+class FakeQMP:
+    """query-balloon answers from a script; BALLOON_CHANGE events for each new value."""
+
+    supports_events = True
+
+    def __init__(self, script: list[int], stats: dict[str, Any]) -> None:
+        self.script = script
+        self.stats = stats
+        self.queries = 0
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if command == "query-balloon":
+            value = self.script[min(self.queries, len(self.script) - 1)]
+            self.queries += 1
+            return {"actual": value}
+        if command == "qom-get":
+            return self.stats
+        raise AssertionError(command)
+
+    async def events(self, *names: str) -> AsyncIterator[dict[str, Any]]:
+        await asyncio.sleep(3600)
+        yield {}
+
+
+class FakeDomain:
+    def __init__(self, xml: str, qmp: FakeQMP | None = None, metadata: str | None = None) -> None:
+        self.name = "vm"
+        self.xml = xml
+        self.session = qmp
+        self.meta = metadata
+        self.dom = self
+
+    def XMLDesc(self, flags: int = 0) -> str:  # libvirt's name
+        return self.xml
+
+    def isActive(self) -> bool:
+        return True
+
+    def isPersistent(self) -> bool:
+        return True
+
+    def is_active(self) -> bool:
+        return True
+
+    def metadata(self, kind: int, uri: str, flags: int) -> str:
+        assert uri == balloon.METADATA_NS
+        if self.meta is None:
+            err = libvirt.libvirtError("no metadata")
+            err.err = (libvirt.VIR_ERR_NO_DOMAIN_METADATA, 0, "", 0, "", None, None, 0, 0)
+            raise err
+        return self.meta
+
+    @contextlib.asynccontextmanager
+    async def qmp(self) -> AsyncIterator[FakeQMP]:
+        assert self.session is not None
+        yield self.session
+
+
+def domain(memory_mib: int = 512, *, numa: bool = True, nvdimm: bool = False, autodeflate: bool = False,
+           **kwargs: Any) -> FakeDomain:
+    total = memory_mib + (256 if nvdimm else 0)
+    cpu = f"<cpu><numa><cell id='0' cpus='0' memory='{memory_mib}' unit='MiB'/></numa></cpu>" if numa else ""
+    return FakeDomain(XML.format(memory=total * 1024, current=memory_mib * 1024, cpu=cpu,
+                                 devices=NVDIMM if nvdimm else "",
+                                 autodeflate=" autodeflate='on'" if autodeflate else ""), **kwargs)
+
+
+@pytest.mark.parametrize("numa", [True, False])
+def test_the_ceiling_is_boot_memory_without_memory_devices(numa: bool) -> None:
+    dom = domain(512, numa=numa, nvdimm=True)
+    assert balloon.boot_memory(dom) == 512 * MIB  # type: ignore[arg-type]
+    assert balloon.check_target(dom, 512 * MIB) == 512 * MIB  # type: ignore[arg-type]
+    assert balloon.check_target(dom, 300 * MIB + 100) == 300 * MIB  # whole KiB
+    with pytest.raises(UsageError, match=r"above the maximum of 'vm' \(512.00 MiB, its boot memory\)"):
+        balloon.check_target(dom, 513 * MIB)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="absurdly small: the minimum is 64.00 MiB"):
+        balloon.check_target(dom, 63 * MIB)  # type: ignore[arg-type]
+    assert not balloon.autodeflate(dom) and balloon.autodeflate(domain(autodeflate=True))  # type: ignore[arg-type]
+
+
+def test_safe_floor_keeps_headroom() -> None:
+    assert balloon.safe_floor(256 * MIB, 94 * MIB) == 162 * MIB + 64 * MIB
+    assert balloon.safe_floor(4096 * MIB, 1024 * MIB) == 3072 * MIB + int(4096 * MIB * 0.05)
+
+
+def test_recorded_target_prefers_hvexts_record() -> None:
+    record = f'<balloon xmlns="{balloon.METADATA_NS}" target-kib="307200" set-at="1700000000.5"/>'
+    assert balloon.recorded_target(domain(metadata=record)) == \
+        balloon.Target(300 * MIB, "hvext", 1700000000.5)  # type: ignore[arg-type]
+    assert balloon.recorded_target(domain(400)) == balloon.Target(400 * MIB, "definition")  # type: ignore[arg-type]
+    assert balloon.recorded_target(domain(400, metadata="<balloon target-kib='x'/>")) == \
+        balloon.Target(400 * MIB, "definition")  # type: ignore[arg-type]
+
+
+def follow(script: list[int], target: int, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> balloon.BalloonResult:
+    monkeypatch.setattr(balloon, "POLL_INTERVAL_S", 0.01)
+    stats = {"stats": {"stat-free-memory": 5 * MIB, "stat-available-memory": 8 * MIB}, "last-update": 1}
+    dom = domain(qmp=FakeQMP(script, stats))
+    seen: list[int] = []
+    result = aio.run(balloon.follow(dom, target, progress=seen.append, **kwargs))  # type: ignore[arg-type]
+    assert seen and seen[-1] == result.actual
+    return result
+
+
+def test_follow_until_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = follow([512 * MIB, 400 * MIB, 300 * MIB + 4096], 300 * MIB, monkeypatch)
+    assert result.reached and result.actual == 300 * MIB + 4096 and result.start == 512 * MIB
+    assert result.message() == f"balloon of 'vm' reached 300.00 MiB in {result.elapsed_s:.1f} s"
+
+
+def test_follow_reports_where_a_shrinking_guest_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = [512 * MIB, 400 * MIB] + [180 * MIB] * 1000
+    result = follow(script, 100 * MIB, monkeypatch, stall_after=0.2, timeout=10)
+    assert result.outcome == "stalled" and result.actual == 180 * MIB and result.stalled_for_s >= 0.2
+    assert result.guest_free == 5 * MIB and result.guest_available == 8 * MIB
+    assert result.message().startswith("balloon of 'vm' stopped at 180.00 MiB, target 100.00 MiB (started at "
+                                       "512.00 MiB): the guest stopped giving memory back")
+    assert "the guest reports 5.00 MiB free and 8.00 MiB available" in result.message()
+    assert "cannot (or will not) give more" in result.message()
+    data = result.to_dict()
+    assert data["reached"] is False and data["reason"] in data["message"]
+
+
+def test_follow_reports_a_guest_that_never_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = follow([512 * MIB] * 1000, 300 * MIB, monkeypatch, stall_after=0.2)
+    assert result.outcome == "stalled"
+    assert "did not move its balloon at all" in result.reason() and "virtio_balloon" in result.reason()
+
+
+def test_follow_gives_up_at_the_timeout_while_still_moving(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = [512 * MIB - i * MIB for i in range(2000)]
+    result = follow(script, 100 * MIB, monkeypatch, stall_after=5, timeout=0.3)
+    assert result.outcome == "timeout" and "still moving" in result.reason()
+    with pytest.raises(balloon.BalloonStalled, match="stopped at .* still moving"):
+        raise balloon.BalloonStalled(result)

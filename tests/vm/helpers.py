@@ -1,0 +1,40 @@
+"""Helpers the real-VM tests share: the CLI run in-process, and programs run in a guest."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from hvext import aio
+from hvext.cli.main import main
+from hvext.host import Domain
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``hvext ARGV`` in this process: (exit status, stdout, stderr)."""
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    status, out, err = cli(capsys, *argv, "--json")
+    assert status == 0, err
+    return json.loads(out)
+
+
+def guest_exec(domain: Domain, *argv: str, stdin: str = "", timeout: float = 120) -> dict[str, Any]:
+    """Run a program in the guest through the agent; it must exit 0."""
+    async def run() -> dict[str, Any]:
+        async with domain.agent(timeout=timeout + 10) as agent:
+            return await agent.request("exec", {"argv": list(argv), "stdin": stdin, "timeout": timeout},
+                                       timeout=timeout + 10)
+    result = aio.run(run())
+    assert result["exitcode"] == 0, result
+    return result
+
+
+def guest_sh(domain: Domain, command: str, timeout: float = 120) -> dict[str, Any]:
+    return guest_exec(domain, "sh", "-c", command, timeout=timeout)
