@@ -8,6 +8,7 @@ process's RSS and the host's available memory, not only balloon figures).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +54,22 @@ def host_available() -> int:
     return 0
 
 
+def _meminfo_kib(key: str) -> int:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+async def _swap_writeback_settled(timeout: float = 10.0) -> None:
+    """Wait (bounded) until paged-out pages have reached swap and left RAM, so that the
+    host's available memory is measured after the fact, not while writes are in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _meminfo_kib("Writeback") > 1024:
+        await asyncio.sleep(0.2)
+
+
 async def collect(domain: Domain) -> tuple[policy.VMState, list[str]]:
     """What the policy needs, from QMP (balloon) and the agent (classes); agent trouble is a note, not a failure."""
     notes: list[str] = []
@@ -96,6 +113,8 @@ async def reclaim(domain: Domain, amount: int, method: str = "auto") -> ReclaimR
         result = swap.page_out(pid, ram, decision.swap)
         notes.append(f"host swap: {result.reclaimed >> 20} MiB paged out in {result.seconds:.2f} s")
     actual_after, _ = await balloon.read_balloon(domain)
+    if decision.swap:
+        await _swap_writeback_settled()
     return ReclaimReport(
         domain=domain.name, method=decision.method,
         decision={"balloon": decision.balloon, "swap": decision.swap, "reason": decision.reason},
