@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from hvext import aio
 from hvext.cli import common
@@ -23,7 +22,6 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def cmd_reclaim(args: argparse.Namespace) -> int:
     amount = parse_size(args.size)
-    logging.getLogger("hvext.memory.reclaim").setLevel(logging.INFO)
     with common.open_domain(args) as dom:
         with common.console.status(f"reclaiming {format_size(amount)} from {dom.name}..."):
             report = aio.run(reclaim.reclaim(dom, amount, args.method))
