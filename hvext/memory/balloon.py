@@ -223,18 +223,18 @@ async def guest_available(domain: Domain) -> tuple[int | None, str]:
     except HvextError:
         pass
     _actual, stats = await read_balloon(domain)
-    if _fresh(stats):
-        return _stat(stats, "stat-available-memory"), "balloon statistics"
+    if stats_fresh(stats):
+        return stat_value(stats, "stat-available-memory"), "balloon statistics"
     return None, ""
 
 
-def _fresh(reply: dict[str, Any]) -> bool:
+def stats_fresh(reply: dict[str, Any]) -> bool:
     """True when the guest sent its statistics recently (a removed driver leaves old ones behind)."""
     updated = reply.get("last-update")
     return isinstance(updated, int) and time.time() - updated <= STATS_FRESH_S
 
 
-def _stat(reply: dict[str, Any], key: str) -> int | None:
+def stat_value(reply: dict[str, Any], key: str) -> int | None:
     stats = reply.get("stats")
     value = stats.get(key) if isinstance(stats, dict) else None
     # QEMU reports a statistic the guest never sent as 2**64 - 1
@@ -394,7 +394,7 @@ async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOU
         domain=domain.name, target=target, start=first, actual=actual, outcome=outcome,
         elapsed_s=round(time.monotonic() - began, 2),
         stalled_for_s=round(time.monotonic() - last_progress, 1) if outcome != "reached" else 0.0,
-        guest_free=_stat(stats, "stat-free-memory"), guest_available=_stat(stats, "stat-available-memory"),
+        guest_free=stat_value(stats, "stat-free-memory"), guest_available=stat_value(stats, "stat-available-memory"),
         guest_stats_age_s=round(time.time() - last_update, 1) if last_update else None,
         events=events)
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hvext.errors import AgentError, HvextError, QMPError
+from hvext.errors import AgentError, QMPError
 from hvext.host import Domain
 from hvext.memory import balloon, classes, policy, swap
 
@@ -74,8 +74,8 @@ async def collect(domain: Domain) -> tuple[policy.VMState, list[str]]:
     """What the policy needs, from QMP (balloon) and the agent (classes); agent trouble is a note, not a failure."""
     notes: list[str] = []
     actual, stats = await balloon.read_balloon(domain)
-    responsive = balloon._fresh(stats)
-    available = balloon._stat(stats, "stat-available-memory")
+    responsive = balloon.stats_fresh(stats)
+    available = balloon.stat_value(stats, "stat-available-memory")
     guest = None
     try:
         report = await classes.fetch(domain, timeout=10)
@@ -124,4 +124,4 @@ async def reclaim(domain: Domain, amount: int, method: str = "auto") -> ReclaimR
         seconds=round(time.monotonic() - started, 2), notes=notes)
 
 
-__all__ = ["ReclaimReport", "collect", "reclaim", "host_available", "HvextError"]
+__all__ = ["ReclaimReport", "collect", "reclaim", "host_available"]
