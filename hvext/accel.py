@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,11 @@ def _cpu_flags(cpuinfo: str) -> set[str]:
     return flags
 
 
-def decide(env: dict[str, str] | None = None, kvm_path: Path = Path("/dev/kvm"),
+def decide(env: Mapping[str, str] | None = None, kvm_path: Path = Path("/dev/kvm"),
            cpuinfo_path: Path = Path("/proc/cpuinfo")) -> Accel:
     """Apply the rule to the given environment and files (pure enough to test)."""
-    env = os.environ if env is None else env
+    if env is None:
+        env = os.environ
     forced = env.get("HVEXT_ACCEL", "").strip().lower()
     if forced:
         if forced not in ("kvm", "tcg"):

@@ -97,7 +97,7 @@ class PassthroughQMP:
         self.domain = domain
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        request = {"execute": command}
+        request: dict[str, Any] = {"execute": command}
         if arguments:
             request["arguments"] = arguments
         loop = asyncio.get_running_loop()

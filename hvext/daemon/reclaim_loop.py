@@ -51,7 +51,8 @@ class ReclaimConfig:
         unknown = set(data) - {"interval_s", "host_available_min_mib", "step_mib", "method", "domains"}
         if unknown:
             raise UsageError(f"config {path}: unknown [reclaim] keys {sorted(unknown)}")
-        config = cls(**{k: tuple(v) if k == "domains" else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if k == "domains" else v for k, v in data.items()}
+        config = cls(**values)
         if not (isinstance(config.interval_s, (int, float)) and config.interval_s >= 1):
             raise UsageError("reclaim.interval_s must be at least 1")
         if not (isinstance(config.step_mib, int) and config.step_mib >= 16):

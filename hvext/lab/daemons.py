@@ -192,7 +192,7 @@ def leftover_qemus(host: LabHost, run_dir: Path) -> list[ProcessRef]:
     """
     qemu_run = plan.host_run_dir(run_dir, host.index) / "libvirt" / "qemu"
     ns = net.netns_inode(host.netns)
-    found = []
+    found: list[ProcessRef] = []
     if ns is None or not qemu_run.is_dir():
         return found
     for pid_file in qemu_run.glob("*.pid"):
