@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from hvext import __version__
 from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, migrate, pmem, qmpcmd
 from hvext.cli import pools, reclaim
-from hvext.cli import power
+from hvext.cli import pmemsnap, power
 from hvext.errors import HvextError
 
 GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty, migrate]
 GROUPS += [pools, reclaim]
-GROUPS.append(power)
+GROUPS += [power, pmemsnap]
 
 
 class ArgumentParser(argparse.ArgumentParser):

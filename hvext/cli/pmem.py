@@ -10,7 +10,7 @@ from hvext import aio
 from hvext.cli import common
 from hvext.errors import AgentError, UsageError
 from hvext.host import Domain
-from hvext.pmem import devices, virtio
+from hvext.pmem import devices, power, virtio
 from hvext.units import format_size, parse_size
 
 
@@ -22,6 +22,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--backing", type=Path, help="backing file (default: in hvext's domain state dir)")
     p.add_argument("--label-size", default="0", help="label area, e.g. 128K (default: none)")
     p.add_argument("--live", action="store_true", help="hot-plug into the running guest as well")
+    p.add_argument("--volatile-backing", action="store_true",
+                   help="back it by host memory (/dev/shm) and save it to --store on power loss (`hvext power`)")
+    p.add_argument("--store", type=Path, help="with --volatile-backing: store directory on disk")
     p.set_defaults(func=cmd_attach)
 
     p = commands.add_parser("pmem-detach", help="remove a persistent-memory device")
@@ -48,7 +51,15 @@ def register(commands: argparse._SubParsersAction) -> None:
 def cmd_attach(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     label = parse_size(args.label_size)
+    if args.store and not args.volatile_backing:
+        raise UsageError("--store goes with --volatile-backing")
+    if args.volatile_backing and args.backing:
+        raise UsageError("--volatile-backing picks the backing in /dev/shm; omit --backing")
     with common.open_domain(args) as dom:
+        if args.volatile_backing:
+            directory = power.volatile_backing_dir(dom)
+            args.backing = next(directory / f"{args.type}{i}.img" for i in range(64)
+                                if not (directory / f"{args.type}{i}.img").exists())
         if args.type == "virtio-pmem":
             if label:
                 raise UsageError("virtio-pmem devices have no label area")
@@ -58,10 +69,14 @@ def cmd_attach(args: argparse.Namespace) -> int:
                 raise UsageError(f"domain {dom.name!r} has virtio-pmem devices: with Debian 12's libvirt a domain "
                                  "cannot have both NVDIMM and virtio-pmem devices")
             device = devices.attach(dom, size, label_size=label, backing=args.backing, live=args.live)
+        if args.volatile_backing:
+            protected = power.protect(dom, device.path, args.store)
     where = "to the running guest and the definition" if args.live else "to the definition"
     kind = "NVDIMM" if device.model == "nvdimm" else "virtio-pmem device"
     common.console.print(f"{kind} of {format_size(device.size)} backed by {device.path} added {where} "
                          f"of '{dom.name}'")
+    if args.volatile_backing:
+        common.console.print(f"saved to {protected['registration']['store']} on power loss (`hvext power loss`)")
     return 0
 
 
@@ -71,6 +86,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
             device = virtio.detach(dom, args.backing, live=args.live, remove_backing=args.remove_backing)
         else:
             device = devices.detach(dom, args.backing, live=args.live, remove_backing=args.remove_backing)
+        power.unprotect(dom.name, device.path, missing_ok=True)
     common.console.print(f"pmem device backed by {device.path} removed from '{dom.name}'")
     return 0
 

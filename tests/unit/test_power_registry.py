@@ -1,0 +1,91 @@
+"""hvext.pmem.power without a VM: the registry, the persistence-hints hook, and trusting dirty lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hvext.dirty.pages import DirtyBlock, DirtyPages
+from hvext.pmem import power
+from hvext.pmem.store import BLOCK_SIZE, Store
+
+SIZE = 16 * BLOCK_SIZE
+
+
+def reg(**fields: object) -> power.Registration:
+    base: dict[str, object] = {"domain": "d", "uuid": "u", "backing": "/dev/shm/hvext/d/nvdimm0.img", "store": "/s",
+                               "model": "nvdimm", "size": SIZE, "ram_block": "memnvdimm0",
+                               "dirty_log": {"domain_id": 7, "generation": 3}}
+    base.update(fields)
+    return power.Registration(**base)  # type: ignore[arg-type]
+
+
+def test_registry_is_written_atomically_and_read_back(tmp_path: Path) -> None:
+    with power.registry(tmp_path) as regs:
+        regs.append(reg())
+    assert not list(tmp_path.glob(".registry.json.tmp*"))
+    data = json.loads((tmp_path / "registry.json").read_text())
+    assert data["devices"][0]["ram_block"] == "memnvdimm0"
+    with power.registry(tmp_path) as regs:
+        regs[0].pending = "resume"
+    assert power.registrations(tmp_path)[0].pending == "resume"
+    (tmp_path / "registry.json").write_text("not json")
+    with pytest.raises(power.PowerError, match="unreadable"):
+        power.registrations(tmp_path)
+
+
+def test_unprotect(tmp_path: Path) -> None:
+    with power.registry(tmp_path) as regs:
+        regs.append(reg())
+    with pytest.raises(power.PowerUsageError, match="not protected"):
+        power.unprotect("d", Path("/other"), registry_dir=tmp_path)
+    assert power.unprotect("d", Path("/other"), registry_dir=tmp_path, missing_ok=True) is None
+    assert power.unprotect("d", Path(reg().backing), registry_dir=tmp_path) is not None
+    assert power.registrations(tmp_path) == []
+
+
+def test_ranges_hook_defaults_to_the_whole_device() -> None:
+    assert power.ranges_to_save(reg()) == [(0, SIZE)]
+    power.set_ranges_hook(lambda r: [(BLOCK_SIZE, 10)])
+    try:
+        assert power.ranges_to_save(reg()) == [(BLOCK_SIZE, 10)]
+    finally:
+        power.set_ranges_hook(None)
+
+
+def test_dirty_list_is_trusted_only_when_unbroken(tmp_path: Path) -> None:
+    store = Store.create(tmp_path / "s", SIZE)
+    block = DirtyBlock("memnvdimm0", SIZE, True, SIZE // 4096, ((0, 1), (17, 2), (40, 1)))
+    dirty = DirtyPages(4096, 4, 1000, {"memnvdimm0": block})
+    # pages 0, 17-18, 40 -> 64 KiB blocks 0, 1, 2
+    assert power._dirty_blocks(reg(), dirty, 7, store) == {0, 1, 2}
+    assert power._dirty_blocks(reg(), dirty, 8, store) is None  # another QEMU run
+    assert power._dirty_blocks(reg(dirty_log={"domain_id": 7, "generation": 2}), dirty, 7, store) is None  # gap
+    assert power._dirty_blocks(reg(dirty_log=None), dirty, 7, store) is None
+    assert power._dirty_blocks(reg(ram_block="other"), dirty, 7, store) is None
+    assert power._dirty_blocks(reg(), None, 7, store) is None
+
+
+def test_guest_snapshot_change_runs() -> None:
+    from hvext.pmem.guestsnap import _changed_blocks
+    a = bytes(8 * 4)
+    b = bytearray(a)
+    b[4] = 1      # block 1
+    b[9] = 1      # block 2
+    b[31] = 1     # block 7
+    assert list(_changed_blocks(a, bytes(b), 4)) == [(4, 8), (28, 4)]
+    assert list(_changed_blocks(a, a, 4)) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pmem-attach", "d", "--size", "64M", "--store", "/var/tmp/s"], "--store goes with --volatile-backing"),
+    (["pmem-attach", "d", "--size", "64M", "--volatile-backing", "--backing", "/a"], "omit --backing"),
+    (["power", "bogus"], "invalid choice"),
+])
+def test_cli_input_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from hvext.cli.main import main
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err, err

@@ -1,0 +1,151 @@
+"""The power-loss store (hvext.pmem.store): format, incremental saves by hash, atomic switch, SIGKILL mid-save."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hvext.pmem.store import BLOCK_SIZE, Store, StoreCorrupt, StoreUsageError
+
+SIZE = 64 * BLOCK_SIZE
+CHILD = Path(__file__).with_name("power_store_child.py")
+
+
+def device(tmp_path: Path, data: bytes | None = None) -> Path:
+    path = tmp_path / "dev.img"
+    if data is None:
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def patch(path: Path, offset: int, data: bytes) -> bytearray:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    return bytearray(path.read_bytes())
+
+
+def test_roundtrip_and_zero_blocks_are_not_stored(tmp_path: Path) -> None:
+    dev = device(tmp_path)
+    store = Store.create(tmp_path / "store", SIZE)
+    expected = patch(dev, 3 * BLOCK_SIZE + 100, b"hello")
+    result = store.save(dev)
+    assert (result.blocks_written, result.bytes_written, result.blocks_checked) == (1, BLOCK_SIZE, 64)
+    assert result.generation == 1
+    store.restore(tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == expected
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["format"] == "hvext-power-store" and manifest["generation"] == 1
+    assert sum(1 for g, _ in manifest["locations"] if g) == 1
+    reopened = Store.open(tmp_path / "store")
+    assert reopened.generation == 1 and reopened.stats()["bytes_on_disk"] == BLOCK_SIZE
+
+
+def test_incremental_save_writes_only_changed_blocks(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    dev = device(tmp_path, rng.randbytes(SIZE))
+    store = Store.create(tmp_path / "store", SIZE)
+    assert store.save(dev).bytes_written == SIZE
+    patch(dev, 10 * BLOCK_SIZE + 7, b"x")
+    expected = patch(dev, 40 * BLOCK_SIZE - 1, b"yz")  # straddles blocks 39 and 40
+    second = store.save(dev)
+    assert second.blocks_written == 3 and second.bytes_written == 3 * BLOCK_SIZE and second.generation == 2
+    assert store.save(dev).bytes_written == 0  # nothing changed: no new generation
+    assert store.generation == 2
+    # a dirty list limits what is read; blocks outside it are not even looked at
+    patch(dev, 50 * BLOCK_SIZE, b"q")
+    expected = patch(dev, 60 * BLOCK_SIZE, b"r")
+    limited = store.save(dev, [60])
+    assert limited.blocks_checked == 1 and limited.blocks_written == 1 and limited.mode == "dirty-log"
+    assert store.differs(dev) == [50]
+    store.save(dev)
+    store.restore(tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == expected
+    # zeroing a block stores it as zero
+    expected = patch(dev, 10 * BLOCK_SIZE, bytes(BLOCK_SIZE))
+    store.save(dev)
+    assert store.manifest["locations"][10] == [0, 0] or store.differs(dev) == []
+    store.restore(tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == expected
+
+
+def test_old_generations_are_collected_and_compacted(tmp_path: Path) -> None:
+    dev = device(tmp_path, random.Random(1).randbytes(SIZE))
+    store = Store.create(tmp_path / "store", SIZE)
+    store.save(dev)
+    for i in range(40):  # rewrite one block repeatedly: dead bytes in gen 1 stay bounded by compaction
+        patch(dev, (i % 64) * BLOCK_SIZE, random.Random(100 + i).randbytes(BLOCK_SIZE))
+        store.save(dev)
+    stats = store.stats()
+    assert stats["bytes_on_disk"] <= 2 * SIZE + BLOCK_SIZE, stats
+    assert len(stats["files"]) <= 41
+    store.restore(tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == dev.read_bytes()
+
+
+def test_corruption_and_bad_input_are_reported(tmp_path: Path) -> None:
+    dev = device(tmp_path, random.Random(2).randbytes(SIZE))
+    store = Store.create(tmp_path / "store", SIZE)
+    store.save(dev)
+    with pytest.raises(StoreUsageError, match="already holds a store"):
+        Store.create(tmp_path / "store", SIZE)
+    with pytest.raises(StoreUsageError, match="holds 4194304 bytes"):
+        Store.open_or_create(tmp_path / "store", 2 * SIZE)
+    with pytest.raises(StoreUsageError, match="no power-loss store"):
+        Store.open(tmp_path / "nothing")
+    (tmp_path / "small.img").write_bytes(b"abc")
+    with pytest.raises(StoreUsageError, match="has 3 bytes"):
+        store.save(tmp_path / "small.img")
+    gen = tmp_path / "store" / "gen-00000001.dat"
+    raw = bytearray(gen.read_bytes())
+    raw[5] ^= 0xFF
+    gen.write_bytes(raw)
+    with pytest.raises(StoreCorrupt, match="SHA-256"):
+        store.restore(tmp_path / "out.img")
+    assert not (tmp_path / "out.img").exists()  # the target is only replaced by a complete restore
+    (tmp_path / "store" / "manifest.json").write_text("{}")
+    with pytest.raises(StoreCorrupt):
+        Store.open(tmp_path / "store")
+
+
+@pytest.mark.parametrize("point", ["block", "switch"])
+def test_sigkill_mid_save_keeps_the_previous_copy(tmp_path: Path, point: str) -> None:
+    dev = device(tmp_path, random.Random(3).randbytes(SIZE))
+    store = Store.create(tmp_path / "store", SIZE)
+    store.save(dev)
+    good = dev.read_bytes()
+    patch(dev, 0, random.Random(4).randbytes(SIZE))  # every block changes: a long save
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    child = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path / "store"), str(dev), point],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = child.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith(point), line
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert (tmp_path / "store" / "gen-00000002.dat").exists()  # the interrupted generation, never referenced
+    after = Store.open(tmp_path / "store")
+    assert after.generation == 1
+    after.restore(tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == good
+    # the next save completes, drops the leftover, and restores the new contents
+    result = after.save(dev)
+    assert result.generation == 2 and result.blocks_written == 64
+    after.restore(tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == dev.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "store").glob("gen-*")) == ["gen-00000002.dat"]
