@@ -46,7 +46,8 @@ class VMState:
     balloon_responsive: bool  # the balloon driver updates its statistics
     guest: GuestMemory | None = None  # None: agent missing, unresponsive, or implausible
     balloon_available: int | None = None  # balloon driver's "available memory" statistic
-    min_guest_memory: int = 128 * MIB  # never balloon the guest below this
+    min_guest_memory: int = 128 * MIB  # never take the guest below this, by any method
+    balloon_floor: int = 0  # the balloon driver's own limit (what the guest can give without starving)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def margin(total: int) -> int:
 
 def balloonable(state: VMState) -> tuple[int, str]:
     """Bytes the balloon can take without pushing the guest into trouble, and the basis for it."""
-    floor = max(0, state.actual - state.min_guest_memory)
+    floor = max(0, state.actual - max(state.min_guest_memory, state.balloon_floor))
     if state.guest is not None:
         g = state.guest
         spare = g.free + g.clean_cache + min(g.anon_inactive, g.swap_free) - margin(g.total)

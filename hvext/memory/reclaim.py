@@ -88,8 +88,15 @@ async def collect(domain: Domain) -> tuple[policy.VMState, list[str]]:
             notes.append(f"agent report implausible ({'; '.join(report.problems)}): not trusted")
     except (AgentError, QMPError) as err:
         notes.append(f"agent unavailable: {err}")
+    # The balloon refuses targets that would starve the guest (balloon.safe_floor): the policy
+    # must not plan beyond that floor, or an "auto" reclaim would fail instead of swapping the rest.
+    floor = 128 * policy.MIB
+    if responsive:
+        guest_available, _source = await balloon.guest_available(domain)
+        if guest_available is not None:
+            floor = max(floor, balloon.safe_floor(actual, guest_available))
     state = policy.VMState(domain.name, actual=actual, balloon_responsive=responsive, guest=guest,
-                           balloon_available=available if responsive else None)
+                           balloon_available=available if responsive else None, balloon_floor=floor)
     return state, notes
 
 

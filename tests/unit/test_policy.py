@@ -64,3 +64,10 @@ def test_explicit_methods_and_bad_input() -> None:
                                     (GIB, "auto", "keeps at least")]:
         with pytest.raises(UsageError, match=message):
             decide(vm(), amount, method)
+
+
+def test_balloon_never_goes_below_the_drivers_floor() -> None:
+    state = VMState("vm", actual=GIB, balloon_responsive=True, balloon_floor=900 * MIB,
+                    guest=GuestMemory(total=GIB, free=800 * MIB, clean_cache=0, anon_inactive=0))
+    d = decide(state, 400 * MIB)
+    assert d.balloon == GIB - 900 * MIB and d.swap == 400 * MIB - d.balloon
