@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hvext_agent import AGENT_VERSION, PORT_NAME, PROTOCOL_VERSION
+from hvext_agent import AGENT_VERSION, PORT_NAME, PROTOCOL_VERSION, hints
 from hvext_agent.memclass import cmd_memclass
 
 MAX_LINE = 64 * 1024
@@ -249,6 +249,12 @@ class Stress:
         return {}
 
 
+def _bounded(value: Any, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise CommandError("InvalidArguments", f"expected a number from {low} to {high}")
+    return float(value)
+
+
 class Agent:
     """Serves requests on one port file descriptor."""
 
@@ -267,6 +273,9 @@ class Agent:
             "pmem": cmd_pmem,
             "pmem-mount": cmd_pmem_mount,
             "memclass": cmd_memclass,
+            "pmem-hints": lambda args: hints.resolve(),
+            "pmem-freeze": lambda args: hints.freeze(_bounded(args.get("timeout", 3.0), 0.0, 30.0)),
+            "pmem-thaw": lambda args: hints.thaw(),
             "stress-start": self.stress.start,
             "stress-status": self.stress.status,
             "stress-stop": self.stress.stop,

@@ -10,7 +10,7 @@ from hvext import aio
 from hvext.cli import common
 from hvext.errors import AgentError, UsageError
 from hvext.host import Domain
-from hvext.pmem import devices, power, virtio
+from hvext.pmem import devices, hints, power, virtio
 from hvext.units import format_size, parse_size
 
 
@@ -38,6 +38,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     common.add_domain(p)
     common.add_json(p)
     p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("pmem-hints", help="persistence hints and epochs the guest declared (untrusted, validated)")
+    common.add_domain(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_hints)
 
     p = commands.add_parser("pmem-mount", help="make a guest pmem device a DAX-mounted ext4 file system")
     common.add_domain(p)
@@ -139,4 +144,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
     else:
         common.console.print(f"/dev/{result['blockdev']} mounted on {result['mountpoint']} in '{dom.name}' "
                              f"({'DAX' if result['dax'] else 'no DAX'})")
+    return 0
+
+
+def cmd_hints(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        dom.require_running()
+        result = aio.run(hints.fetch(dom))
+    if args.json:
+        common.print_json(result.to_dict())
+        return 0
+    rows = []
+    for device in result.devices.values():
+        for kind, ranges in device.ranges.items():
+            if ranges:
+                rows.append([device.backing, kind, len(ranges), format_size(sum(n for _, n in ranges))])
+    common.print_table(f"persistence hints of {dom.name}", ["device backing", "kind", "ranges", "bytes"], rows)
+    epochs = max((d.epochs for d in result.devices.values()), default=0)
+    common.console.print(f"epochs marked by the guest: {epochs}")
+    for reason in result.rejected[:10]:
+        common.console.print(f"rejected: {reason}")
     return 0

@@ -10,8 +10,11 @@ import argparse
 from pathlib import Path
 
 from hvext.cli import common
-from hvext.pmem import power
+from hvext.pmem import hints, power
 from hvext.units import format_size
+
+
+hints.install()  # power-loss saves honour persistence hints and epochs
 
 
 def register(commands: argparse._SubParsersAction) -> None:

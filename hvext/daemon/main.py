@@ -25,7 +25,7 @@ from hvext.errors import HvextError, LibvirtUnavailable
 from hvext.daemon import reclaim_loop
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.host import Host
-from hvext.pmem import power
+from hvext.pmem import hints, power
 
 log = logging.getLogger("hvextd")
 
@@ -108,6 +108,7 @@ class Daemon:
 def on_power_loss(uri: str | None) -> None:
     """SIGPWR (the UPS/BIOS says power is failing): what `hvext power loss` does, logged."""
     log.warning("SIGPWR: power is failing; saving protected pmem devices")
+    hints.install()
     try:
         with Host(uri) as host:
             report = power.power_loss(host)

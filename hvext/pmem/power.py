@@ -138,6 +138,19 @@ def set_ranges_hook(hook: RangesHook | None) -> None:
     _ranges_hook = hook
 
 
+PauseHook = Callable[[Domain], dict[str, Any]]
+ResumeHook = Callable[[Domain], None]
+_before_pause: PauseHook | None = None
+_after_resume: ResumeHook | None = None
+
+
+def set_pause_hooks(before: PauseHook | None, after: ResumeHook | None) -> None:
+    """Install what runs just before a save pauses a guest (e.g. freeze applications at an epoch;
+    its report goes into the save's report) and after restore resumes it (thaw)."""
+    global _before_pause, _after_resume
+    _before_pause, _after_resume = before, after
+
+
 def ranges_to_save(reg: Registration) -> list[tuple[int, int]]:
     """Byte ranges of the device a save must cover; the whole device unless a hints hook narrows it."""
     if _ranges_hook is not None:
@@ -313,6 +326,9 @@ def _save_domain(domain: Domain, group: list[Registration]) -> list[dict[str, An
     dirty = None
     domain_id = -1
     pending: str | None = None
+    epoch: dict[str, Any] | None = None
+    if _before_pause is not None and domain.is_active() and domain.dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+        epoch = _before_pause(domain)
     with libvirt_errors(f"pausing {domain.name!r}"):
         state = domain.dom.state()[0]
         if domain.dom.isActive():
@@ -359,6 +375,8 @@ def _save_domain(domain: Domain, group: list[Registration]) -> list[dict[str, An
             reg.dirty_log = None  # the pages this save consumed are lost to it: hash everything next time
         reg.pending = pending if domain_id >= 0 else None
         entry["paused"] = domain_id >= 0
+        if epoch is not None:
+            entry["epoch"] = epoch
         results.append(entry)
     for entry in results:
         entry["guest_paused_seconds"] = round(time.perf_counter() - paused_at, 4)
@@ -391,6 +409,8 @@ def _restore_domain(domain: Domain, group: list[Registration]) -> dict[str, Any]
             if pending and domain.state() == "paused":
                 with libvirt_errors(f"resuming {domain.name!r}"):
                     domain.dom.resume()
+                if _after_resume is not None:
+                    _after_resume(domain)
                 entry["action"] = "resumed"
         else:
             owner = domain.host.qemu_user()

@@ -1,0 +1,170 @@
+"""Persistence hints and epochs on the host side (C15, VPM), and their use by power-loss saves.
+
+The guest agent reports hints as guest physical ranges (see
+guest-agent/hvext_agent/hints.py). They are untrusted: at most MAX_RANGES,
+each must lie inside one of *this* domain's pmem devices (addresses from
+QEMU's ``query-memory-devices``), and they only ever shrink what hvext saves
+for that domain's own devices — never touch another VM's memory.
+
+Before a power-loss save, hvext asks the guest to freeze hinting
+applications at their next epoch boundary (bounded wait), then pauses the VM,
+so the saved copy is crash consistent at an epoch; volatile ranges are not
+saved. After the guest is resumed, hvext thaws it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvext import aio
+from hvext.errors import AgentError, HvextError, QMPError
+from hvext.host import Domain
+from hvext.pmem import devices, power, virtio
+
+log = logging.getLogger(__name__)
+
+MAX_RANGES = 4096
+KINDS = ("persistent", "volatile", "hot")
+FREEZE_TIMEOUT_S = 3.0
+
+
+@dataclass
+class DeviceHints:
+    backing: str
+    size: int
+    ranges: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    epochs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backing": self.backing, "size": self.size, "epochs": self.epochs,
+                "ranges": {k: [list(r) for r in v] for k, v in self.ranges.items()},
+                "bytes": {k: sum(n for _, n in v) for k, v in self.ranges.items()}}
+
+
+@dataclass
+class Hints:
+    domain: str
+    devices: dict[str, DeviceHints]  # by backing path
+    rejected: list[str]
+    frozen: list[int]
+    missing: list[int]
+    guest_errors: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"domain": self.domain, "devices": {k: v.to_dict() for k, v in self.devices.items()},
+                "rejected": self.rejected, "frozen": self.frozen, "missing": self.missing,
+                "guest_errors": self.guest_errors}
+
+
+async def _device_windows(domain: Domain) -> list[tuple[int, int, str]]:
+    """(guest physical address, size, backing path) of each pmem device of the running domain."""
+    by_alias = {d.alias: d for d in devices.list_devices(domain) + virtio.list_devices(domain) if d.alias}
+    windows = []
+    async with domain.qmp() as qmp:
+        for entry in await qmp.execute("query-memory-devices"):
+            data = entry.get("data", {})
+            address = data.get("addr", data.get("memaddr"))
+            device = by_alias.get(data.get("id"))
+            if entry.get("type") in ("nvdimm", "virtio-pmem") and device is not None and address is not None:
+                windows.append((int(address), int(data["size"]), str(device.path)))
+    return windows
+
+
+def validate(raw: Any, windows: list[tuple[int, int, str]], domain: str) -> Hints:
+    """Keep the hints that are well formed and inside one of the domain's devices."""
+    hints = Hints(domain, {path: DeviceHints(path, size) for _, size, path in windows}, [], [], [], [])
+    if not isinstance(raw, dict):
+        hints.rejected.append("report is not an object")
+        return hints
+    ranges = raw.get("ranges") if isinstance(raw.get("ranges"), list) else []
+    if len(ranges) > MAX_RANGES:
+        hints.rejected.append(f"{len(ranges) - MAX_RANGES} ranges over the limit of {MAX_RANGES} dropped")
+    for item in ranges[:MAX_RANGES]:
+        if not isinstance(item, dict) or item.get("kind") not in KINDS:
+            hints.rejected.append("range without a valid kind")
+            continue
+        gpa, length = item.get("gpa"), item.get("length")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (gpa, length)) or not length:
+            hints.rejected.append("range with a bad address or length")
+            continue
+        window = next(((base, size, path) for base, size, path in windows
+                       if base <= gpa and gpa + length <= base + size), None)
+        if window is None:
+            hints.rejected.append(f"range {gpa:#x}+{length:#x} is outside this domain's pmem devices")
+            continue
+        hints.devices[window[2]].ranges[item["kind"]].append((gpa - window[0], length))
+    device_names = raw.get("epochs") if isinstance(raw.get("epochs"), dict) else {}
+    total_epochs = sum(int(v.get("count", 0)) for v in device_names.values()
+                       if isinstance(v, dict) and isinstance(v.get("count"), int))
+    for device in hints.devices.values():  # guest device names do not map to backings reliably: count per VM
+        device.epochs = total_epochs
+    hints.frozen = [p for p in raw.get("frozen", []) if isinstance(p, int)][:256]
+    hints.missing = [p for p in raw.get("missing", []) if isinstance(p, int)][:256]
+    hints.guest_errors = [str(e)[:200] for e in raw.get("errors", [])[:16]]
+    return hints
+
+
+async def fetch(domain: Domain, *, freeze: bool = False) -> Hints:
+    """The domain's validated hints; with *freeze*, after asking hinting applications to stop at an epoch."""
+    windows = await _device_windows(domain)
+    async with domain.agent(timeout=FREEZE_TIMEOUT_S + 2) as agent:
+        if freeze:
+            raw = await agent.request("pmem-freeze", {"timeout": FREEZE_TIMEOUT_S}, timeout=FREEZE_TIMEOUT_S + 2)
+        else:
+            raw = await agent.request("pmem-hints")
+    return validate(raw, windows, domain.name)
+
+
+async def thaw(domain: Domain) -> None:
+    async with domain.agent() as agent:
+        await agent.request("pmem-thaw")
+
+
+def save_ranges(device: DeviceHints) -> list[tuple[int, int]]:
+    """The device minus its volatile ranges (what a save must keep)."""
+    cuts = sorted(device.ranges["volatile"])
+    keep, position = [], 0
+    for offset, length in cuts:
+        if offset > position:
+            keep.append((position, offset - position))
+        position = max(position, offset + length)
+    if position < device.size:
+        keep.append((position, device.size - position))
+    return keep
+
+
+# -- power-loss integration ---------------------------------------------------
+_prepared: dict[str, list[tuple[int, int]]] = {}
+
+
+def before_pause(domain: Domain) -> dict[str, Any]:
+    """Freeze the guest's hinting applications at an epoch and remember what to save (best effort)."""
+    try:
+        hints = aio.run(fetch(domain, freeze=True))
+    except (AgentError, QMPError) as err:
+        return {"epoch_consistent": False, "hints": f"unavailable: {err}"}
+    for backing, device in hints.devices.items():
+        _prepared[backing] = save_ranges(device)
+    return {"epoch_consistent": not hints.missing and bool(hints.frozen), "frozen": hints.frozen,
+            "not_frozen": hints.missing, "rejected_hints": len(hints.rejected),
+            "volatile_bytes_skipped": sum(sum(n for _, n in d.ranges["volatile"]) for d in hints.devices.values())}
+
+
+def after_resume(domain: Domain) -> None:
+    try:
+        aio.run(thaw(domain))
+    except HvextError as err:
+        log.warning("could not thaw %s: %s", domain.name, err)
+
+
+def _ranges_for(reg: power.Registration) -> list[tuple[int, int]] | None:
+    return _prepared.pop(str(Path(reg.backing)), None)
+
+
+def install() -> None:
+    """Make power-loss saves use hints (called when hvext.pmem.power runs a save)."""
+    power.set_ranges_hook(_ranges_for)
+    power.set_pause_hooks(before_pause, after_resume)
