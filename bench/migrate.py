@@ -44,7 +44,8 @@ def main() -> int:
     args = parser.parse_args()
     memory = 256 if args.quick else args.memory
     timeout = 60.0 if args.quick else args.timeout
-    image.build()
+    # one image for the whole run, even if the guest files change meanwhile
+    os.environ["HVEXT_IMAGE"] = str(image.build().directory)
     existing = Lab.load()
     lab = Lab.up(2)
     hosts = [Host(h.uri_unix) for h in lab.hosts]

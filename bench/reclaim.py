@@ -110,7 +110,8 @@ def main() -> int:
     args = parser.parse_args()
     memory = 512 if args.quick else args.memory
     settle = 3.0 if args.quick else 6.0
-    image.build()
+    # one image for the whole run, even if the guest files change meanwhile
+    os.environ["HVEXT_IMAGE"] = str(image.build().directory)
     rows = []
     with Host() as host:
         for state in ("free", "cache", "hot"):
