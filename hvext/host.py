@@ -359,6 +359,7 @@ class Domain:
             self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         if remove_state and facts.hvext_managed:
             shutil.rmtree(paths.domain_dir(self.name), ignore_errors=True)
+            shutil.rmtree(paths.VOLATILE_DIR / self.name, ignore_errors=True)
 
     # -- memory ---------------------------------------------------------
     def balloon_stats(self) -> dict[str, int]:

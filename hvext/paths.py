@@ -13,6 +13,8 @@ CACHE_DIR = Path(os.environ.get("HVEXT_CACHE_DIR", "/var/cache/hvext"))
 STATE_DIR = Path(os.environ.get("HVEXT_STATE_DIR", "/var/lib/hvext"))
 #: Guest console logs (written by libvirt's virtlogd).
 LOG_DIR = Path(os.environ.get("HVEXT_LOG_DIR", "/var/log/hvext"))
+#: Volatile (RAM) backings of PMEM devices that hvext saves on power loss.
+VOLATILE_DIR = Path(os.environ.get("HVEXT_VOLATILE_DIR", "/dev/shm/hvext"))
 #: Where qemu-patches/build.sh installs the patched emulator.
 PATCHED_QEMU = Path(os.environ.get("HVEXT_QEMU", "/usr/local/lib/hvext/qemu-system-x86_64"))
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
 from hvext import aio
 from hvext.cli import common
+from hvext.errors import UsageError
 from hvext.host import Domain
 
 
@@ -17,6 +19,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=common.positive_float, default=10.0, metavar="SECONDS")
     common.add_json(p)
     p.set_defaults(func=cmd_agent_ping)
+
+    p = commands.add_parser("guest-exec", help="run a program in the guest through the agent (like qemu-ga's guest-exec)")
+    common.add_domain(p)
+    p.add_argument("--timeout", type=common.positive_float, default=60.0, metavar="SECONDS")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS]")
+    p.set_defaults(func=cmd_guest_exec)
 
 
 async def ping(domain: Domain, timeout: float) -> dict[str, Any]:
@@ -40,3 +48,20 @@ def cmd_agent_ping(args: argparse.Namespace) -> int:
         common.console.print(f"agent {result['agent_version']} of '{dom.name}' answered in {result['ping_ms']} ms "
                              f"(handshake {result['handshake_ms']} ms)")
     return 0
+
+
+async def guest_exec(domain: Domain, argv: list[str], timeout: float) -> dict[str, Any]:
+    async with domain.agent(timeout=timeout + 10) as agent:
+        return await agent.request("exec", {"argv": argv, "timeout": timeout}, timeout=timeout + 10)
+
+
+def cmd_guest_exec(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise UsageError("give the program to run after --, e.g. hvext guest-exec vm -- uname -r")
+    with common.open_domain(args) as dom:
+        result = aio.run(guest_exec(dom, argv, args.timeout))
+    sys.stdout.write(str(result.get("stdout", "")))
+    sys.stderr.write(str(result.get("stderr", "")))
+    code = result.get("exitcode")
+    return code if isinstance(code, int) and 0 <= code < 256 else 1

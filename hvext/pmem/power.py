@@ -48,7 +48,7 @@ from hvext.pmem.store import Store, StoreError, write_atomic
 
 log = logging.getLogger(__name__)
 
-VOLATILE_DIR = Path(os.environ.get("HVEXT_VOLATILE_DIR", "/dev/shm/hvext"))
+VOLATILE_DIR = paths.VOLATILE_DIR
 
 
 class PowerError(HvextError):

@@ -31,6 +31,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     (["start", "x", "--wait-agent", "-3"], "must be positive"),
     (["qmp", "x", "query-status", "{not json"], "not valid JSON"),
     (["qmp", "x", "query-status", "[1]"], "must be a JSON object"),
+    (["guest-exec", "x"], "give the program to run after --"),
 ])
 def test_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     status, out, err = run(capsys, *argv)
