@@ -29,7 +29,7 @@ import libvirt
 from hvext import paths
 from hvext.errors import DomainStateError, HvextError, UsageError
 from hvext.host import Domain, libvirt_errors
-from hvext.pmem import devices, virtio
+from hvext.pmem import devices, hints, virtio
 from hvext.pmem.devices import PmemDevice
 from hvext.pmem.region import NVMRegion, RegionNotFound
 from hvext.pmem.store import write_atomic
@@ -82,7 +82,7 @@ def open_region(domain: Domain, device: PmemDevice, *, create: bool = False, str
 
 
 @contextmanager
-def paused(domain: Domain, *, require_stopped: bool = False) -> Iterator[float]:
+def paused(domain: Domain, *, require_stopped: bool = False) -> Iterator[tuple[float, dict[str, Any]]]:
     """Keep the guest from writing: suspend a running guest for the block, resume it after.
     With *require_stopped*, a running guest is refused (the caller changes what it sees)."""
     with libvirt_errors(f"pausing {domain.name!r}"):
@@ -91,15 +91,20 @@ def paused(domain: Domain, *, require_stopped: bool = False) -> Iterator[float]:
             raise DomainStateError(f"domain {domain.name!r} is running: pause it (`virsh suspend`) or shut it "
                                    "down before restoring its pmem")
         suspended = state == libvirt.VIR_DOMAIN_RUNNING
-        if suspended:
+    if suspended:  # stop hinting applications at an epoch first: the copy is then crash consistent
+        epoch = hints.before_pause(domain)
+        with libvirt_errors(f"pausing {domain.name!r}"):
             domain.dom.suspend()
+    else:
+        epoch = {"epoch_consistent": state == libvirt.VIR_DOMAIN_SHUTOFF, "hints": "guest not running: nothing to freeze"}
     started = time.perf_counter()
     try:
-        yield started
+        yield started, epoch
     finally:
         if suspended:
             with libvirt_errors(f"resuming {domain.name!r}"):
                 domain.dom.resume()
+            hints.after_resume(domain)
 
 
 def _changed_blocks(a: bytes, b: bytes, block_size: int) -> Iterator[tuple[int, int]]:
@@ -126,20 +131,23 @@ def snapshot(domain: Domain, spec: str, name: str, **create: Any) -> dict[str, A
     with open_region(domain, device, create=True, **create) as region:
         if name in region.snapshots():
             raise UsageError(f"snapshot {name!r} of {device.path} already exists")
-        with paused(domain) as paused_at, open(device.path, "rb") as src:
+        with paused(domain) as (paused_at, epoch), open(device.path, "rb") as src:
+            keep = hints.take_prepared(device.path) or [(0, device.size)]  # volatile ranges are not kept
             for offset in range(0, device.size, CHUNK):
                 length = min(CHUNK, device.size - offset)
                 current = src.read(length)
                 for rel, n in _changed_blocks(current, region.read(offset, length), region.block_size):
-                    region.write(offset + rel, current[rel:rel + n])
-                    written += n
+                    for block in range(offset + rel, offset + rel + n, region.block_size):
+                        if hints.overlaps(block, region.block_size, keep):
+                            region.write(block, current[block - offset:block - offset + region.block_size])
+                            written += region.block_size
             region.snapshot(name)
             guest_paused = time.perf_counter() - paused_at
         stats = region.stats()
     return {"snapshot": name, "backing": str(device.path), "bytes_written": written,
             "blocks_written": written // stats["block_size"], "bytes_read": device.size,
             "seconds": round(time.perf_counter() - started, 4), "guest_paused_seconds": round(guest_paused, 4),
-            "stats": stats}
+            "epoch": epoch, "stats": stats}
 
 
 def restore(domain: Domain, spec: str, name: str) -> dict[str, Any]:

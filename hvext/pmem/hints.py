@@ -160,8 +160,17 @@ def after_resume(domain: Domain) -> None:
         log.warning("could not thaw %s: %s", domain.name, err)
 
 
+def take_prepared(backing: Path | str) -> list[tuple[int, int]] | None:
+    """What :func:`before_pause` said must be kept of *backing* (None: no hints: everything)."""
+    return _prepared.pop(str(Path(backing)), None)
+
+
+def overlaps(offset: int, length: int, keep: list[tuple[int, int]]) -> bool:
+    return any(start < offset + length and offset < start + size for start, size in keep)
+
+
 def _ranges_for(reg: power.Registration) -> list[tuple[int, int]] | None:
-    return _prepared.pop(str(Path(reg.backing)), None)
+    return take_prepared(reg.backing)
 
 
 def install() -> None:
