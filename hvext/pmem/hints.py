@@ -14,6 +14,7 @@ saved. After the guest is resumed, hvext thaws it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,17 +141,52 @@ def save_ranges(device: DeviceHints) -> list[tuple[int, int]]:
 _prepared: dict[str, list[tuple[int, int]]] = {}
 
 
+FLUSH_WAIT_S = 2.0
+
+
+async def _next_flush(domain: Domain, timeout: float) -> dict[str, Any] | None:
+    """Wait (bounded) for the guest's next virtio-pmem flush (patched QEMU): a durability point."""
+    async with domain.qmp() as qmp:
+        if not getattr(qmp, "supports_events", False):
+            return None
+        try:
+            async def first() -> dict[str, Any]:
+                async for event in qmp.events("X_HVEXT_PMEM_FLUSH"):  # type: ignore[attr-defined]
+                    return dict(event.get("data", {}))
+                return {}
+            return await asyncio.wait_for(first(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+
 def before_pause(domain: Domain) -> dict[str, Any]:
-    """Freeze the guest's hinting applications at an epoch and remember what to save (best effort)."""
+    """Bring the guest to an epoch boundary before it is paused, and remember what to save (best effort).
+
+    Hinting applications are frozen at their next epoch. Without any, for a
+    domain with virtio-pmem devices, the pause follows the guest's next flush
+    request (QEMU's X_HVEXT_PMEM_FLUSH event, patched QEMU): the guest's
+    file system has just made its data durable there.
+    """
     try:
         hints = aio.run(fetch(domain, freeze=True))
     except (AgentError, QMPError) as err:
-        return {"epoch_consistent": False, "hints": f"unavailable: {err}"}
-    for backing, device in hints.devices.items():
-        _prepared[backing] = save_ranges(device)
-    return {"epoch_consistent": not hints.missing and bool(hints.frozen), "frozen": hints.frozen,
-            "not_frozen": hints.missing, "rejected_hints": len(hints.rejected),
-            "volatile_bytes_skipped": sum(sum(n for _, n in d.ranges["volatile"]) for d in hints.devices.values())}
+        hints = None
+        report: dict[str, Any] = {"epoch_consistent": False, "hints": f"unavailable: {err}"}
+    if hints is not None:
+        for backing, device in hints.devices.items():
+            _prepared[backing] = save_ranges(device)
+        report = {"epoch_consistent": not hints.missing and bool(hints.frozen), "frozen": hints.frozen,
+                  "not_frozen": hints.missing, "rejected_hints": len(hints.rejected),
+                  "volatile_bytes_skipped": sum(sum(n for _, n in d.ranges["volatile"])
+                                                for d in hints.devices.values())}
+    if not report["epoch_consistent"] and virtio.list_devices(domain):
+        try:
+            flush = aio.run(_next_flush(domain, FLUSH_WAIT_S))
+        except QMPError as err:
+            flush, report["flush"] = None, f"unavailable: {err}"
+        if flush:
+            report["paused_after_flush"] = flush  # the guest's last durability point before the pause
+    return report
 
 
 def after_resume(domain: Domain) -> None:

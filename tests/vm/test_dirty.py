@@ -147,3 +147,16 @@ def test_guest_fsync_on_virtio_pmem_raises_a_flush_event(vpmem_vm: Domain) -> No
     assert all(f["device"] == "hvext-vpmem0" and f["error"] is False for f in flushes)
     sequence = [f["seq"] for f in flushes]
     assert sequence == sorted(sequence) and len(set(sequence)) == len(sequence)
+
+
+@patched
+def test_a_pause_for_a_save_follows_a_guest_flush(vpmem_vm: Domain) -> None:
+    from hvext.pmem import hints
+    from tests.vm.helpers import guest_sh
+    guest_sh(vpmem_vm, "mountpoint -q /mnt/f || mount /dev/pmem0 /mnt/f; "
+                       "setsid sh -c 'while true; do date > /mnt/f/tick; sync; sleep 0.2; done' "
+                       ">/dev/null 2>&1 </dev/null &")
+    report = hints.before_pause(vpmem_vm)
+    assert report["paused_after_flush"]["device"] == "hvext-vpmem0", report
+    assert report["paused_after_flush"]["seq"] > 0
+    hints.after_resume(vpmem_vm)
