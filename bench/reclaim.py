@@ -90,9 +90,9 @@ def run_case(host: Host, state: str, method: str, memory: int, settle: float) ->
         during = (done["total_ops"] - before["total_ops"]) / max(1e-6, done["t"] - before["t"])
         after = ops(domain, settle)
         rss_later = swap.process_memory(swap.qemu_pid(name))["rss"]
-        return {"kept_mib": (report.rss_before - rss_later) / MIB, "state": state, "method": method, "chosen": report.method, "seconds": report.seconds,
-                "returned_mib": report.returned / MIB, "host_gain_mib":
-                (report.host_available_after - report.host_available_before) / MIB,
+        return {"state": state, "method": method, "chosen": report.method, "seconds": report.seconds,
+                "returned_mib": report.returned / MIB, "kept_mib": (report.rss_before - rss_later) / MIB,
+                "host_gain_mib": (report.host_available_after - report.host_available_before) / MIB,
                 "base_ops": base, "during_ratio": during / base if base else 0.0,
                 "after_ratio": after / base if base else 0.0, "during_s": during_s}
     finally:
