@@ -123,3 +123,64 @@ def test_power_loss_wipe_restore_and_incremental_save(protected_vm: tuple[Domain
     assert guest_sha256(domain) == hashlib.sha256(expected).hexdigest()
     store = Store.open(Path(next(r.store for r in power.registrations() if r.domain == domain.name)))
     assert not store.differs(backing)
+
+
+SAVER_KILLED_MID_SAVE = r"""
+import sys, time
+from hvext.host import Host
+from hvext.pmem import power, store
+
+original = store.Store.save
+
+def save(self, *args, **kwargs):
+    def hook(where, n):
+        if where == "block":
+            print("saving", flush=True)
+            time.sleep(3600)  # the power dies here: the parent SIGKILLs us
+    kwargs["hook"] = hook
+    return original(self, *args, **kwargs)
+
+store.Store.save = save
+with Host() as host:
+    power.power_loss(host)
+"""
+
+
+def test_interrupted_save_keeps_the_previous_copy(protected_vm: tuple[Domain, Path], capsys) -> None:
+    import signal
+    import subprocess
+    import sys
+    domain, backing = protected_vm
+    if not domain.is_active():
+        assert cli(capsys, "start", domain.name, "--wait-agent", "240")[0] == 0
+    good = guest_write(domain, 20 * MIB, MIB, seed=11)
+    assert cli(capsys, "power", "loss", "--json")[0] == 0       # the last good copy
+    assert cli(capsys, "power", "restore", "--json")[0] == 0    # resumed
+    expected_region = good
+    guest_write(domain, 20 * MIB, MIB, seed=12)                  # newer data, never saved completely
+    saver = subprocess.Popen([sys.executable, "-c", SAVER_KILLED_MID_SAVE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert saver.stdout is not None and saver.stdout.readline().strip() == "saving"
+    finally:
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+    domain.destroy()       # the host is off: QEMU and /dev/shm are gone
+    backing.unlink()
+    status, out, err = cli(capsys, "power", "restore", "--json")
+    assert status == 0, err
+    assert backing.read_bytes()[20 * MIB:21 * MIB] == expected_region  # the previous copy, not a mix
+    assert cli(capsys, "start", domain.name, "--wait-agent", "240")[0] == 0
+    sha = aio.run(_region_sha(domain, 20 * MIB, MIB))
+    assert sha == hashlib.sha256(expected_region).hexdigest()
+
+
+async def _region_sha(domain: Domain, offset: int, length: int) -> str:
+    async with domain.agent(timeout=60) as agent:
+        result = await agent.request("exec", {"argv": ["python3", "-c",
+                                                       "import hashlib, os\n"
+                                                       "open('/proc/sys/vm/drop_caches', 'w').write('3')\n"
+                                                       "f = open('/dev/pmem0', 'rb')\n"
+                                                       f"f.seek({offset})\n"
+                                                       f"print(hashlib.sha256(f.read({length})).hexdigest())\n"]},
+                                     timeout=60)
+    return result["stdout"].strip()
