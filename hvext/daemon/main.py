@@ -85,7 +85,9 @@ class Daemon:
                     host.conn.domainEventDeregisterAny(callback)
                     host.conn.unregisterCloseCallback()
             except (libvirt.libvirtError, HvextError) as err:
-                log.error("libvirt failed: %s", err)
+                log.error("libvirt failed: %s; retrying in %.0f s", err, backoff)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
             finally:
                 host.close()
 
@@ -122,6 +124,26 @@ def on_power_loss(uri: str | None) -> None:
     log.warning("power loss: %d bytes saved in %.2f s", report["bytes_written"], report["seconds"])
 
 
+def on_start_restore(uri: str | None) -> None:
+    """At host start: when a power loss was recorded, restore the saved PMEM and the guests."""
+    try:
+        pending = [r for r in power.registrations() if r.pending]
+    except HvextError as err:
+        log.error("cannot read the power registry: %s", err)
+        return
+    if not pending:
+        return
+    log.warning("a power loss was recorded for %d device(s): restoring", len(pending))
+    try:
+        with Host(uri) as host:
+            report = power.power_restore(host)
+    except HvextError as err:
+        log.error("power restore failed: %s", err)
+        return
+    for domain in report.get("domains", []):
+        log.warning("power restore: %s: %s", domain.get("domain"), domain.get("error") or domain.get("action"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hvextd", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--connect", metavar="URI", dest="uri", help="libvirt URI (as for hvext)")
@@ -145,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     power_failing = threading.Event()
     signal.signal(signal.SIGPWR, lambda *_: power_failing.set())
+    on_start_restore(args.uri)
     future = asyncio.run_coroutine_threadsafe(daemon.serve(), loop)
     while not future.done():  # the main thread stays free to receive signals
         if power_failing.is_set():

@@ -184,3 +184,21 @@ async def _region_sha(domain: Domain, offset: int, length: int) -> str:
                                                        f"print(hashlib.sha256(f.read({length})).hexdigest())\n"]},
                                      timeout=60)
     return result["stdout"].strip()
+
+
+def test_hvextd_restores_at_host_start(protected_vm: tuple[Domain, Path], capsys) -> None:
+    from tests.vm.test_daemon import Hvextd
+    domain, backing = protected_vm
+    if not domain.is_active():
+        assert cli(capsys, "start", domain.name, "--wait-agent", "240")[0] == 0
+    written = guest_write(domain, 30 * MIB, 64 * 1024, seed=21)
+    assert cli(capsys, "power", "loss", "--json")[0] == 0
+    domain.destroy()      # the host goes down ...
+    backing.unlink()
+    daemon = Hvextd()     # ... and comes back: hvextd starts
+    try:
+        daemon.expect(f"power restore: {domain.name}: started", timeout=60)
+    finally:
+        daemon.stop()
+    aio.run(domain.wait_agent(240))
+    assert aio.run(_region_sha(domain, 30 * MIB, 64 * 1024)) == hashlib.sha256(written).hexdigest()
