@@ -14,9 +14,6 @@ from hvext.pmem import hints, power
 from hvext.units import format_size
 
 
-hints.install()  # power-loss saves honour persistence hints and epochs
-
-
 def register(commands: argparse._SubParsersAction) -> None:
     group = commands.add_parser("power", help="PMEM in volatile memory, saved on power loss (protect, loss, "
                                               "restore, list, unprotect)")
@@ -89,6 +86,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_loss(args: argparse.Namespace) -> int:
+    hints.install()  # the save honours persistence hints and epochs
     with common.open_host(args) as host:
         report = power.power_loss(host)
     if args.json:
@@ -109,6 +107,7 @@ def cmd_loss(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    hints.install()  # thaws guests frozen at an epoch when they resume
     with common.open_host(args) as host:
         report = power.power_restore(host)
     if args.json:

@@ -134,6 +134,7 @@ def on_start_restore(uri: str | None) -> None:
     if not pending:
         return
     log.warning("a power loss was recorded for %d device(s): restoring", len(pending))
+    hints.install()
     try:
         with Host(uri) as host:
             report = power.power_restore(host)

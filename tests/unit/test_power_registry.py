@@ -48,11 +48,12 @@ def test_unprotect(tmp_path: Path) -> None:
 
 def test_ranges_hook_defaults_to_the_whole_device() -> None:
     assert power.ranges_to_save(reg()) == [(0, SIZE)]
+    previous = power._ranges_hook
     power.set_ranges_hook(lambda r: [(BLOCK_SIZE, 10)])
     try:
         assert power.ranges_to_save(reg()) == [(BLOCK_SIZE, 10)]
     finally:
-        power.set_ranges_hook(None)
+        power.set_ranges_hook(previous)
 
 
 def test_dirty_list_is_trusted_only_when_unbroken(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_epoch_consistent_save_skips_volatile_ranges(hinted_vm, capsys) -> None:
                                    "int.from_bytes(p[4096:4104], 'little'), v.hex()]))")["stdout"])
     first, second, volatile = values
     assert first == second > 3, values  # frozen at an epoch: both halves of the last update
-    assert volatile == "00" * 8, values  # volatile range was not saved: it comes back empty
+    assert volatile == "00" * 8, (values, saved)  # volatile range was not saved: it comes back empty
     # (blocks a volatile range only partly covers are kept: a save never drops other data)
 
 
