@@ -30,8 +30,6 @@ def parse_size(text: str, *, default_unit: str = "") -> int:
             f"invalid size {text!r}: use a number with an optional unit, e.g. 512M, 2G, 1.5GiB"
         )
     number, unit, suffix = match.groups()
-    if suffix and suffix.lower() == "i":  # "Gi" without the B is fine too
-        pass
     if not unit and suffix.lower() in ("i", "ib"):
         raise UsageError(f"invalid size {text!r}: unit missing before {suffix!r}")
     unit = (unit or default_unit).lower()
