@@ -13,6 +13,7 @@ from hvext import accel, image
 from hvext.cli import common
 from hvext.errors import HvextError
 from hvext.host import Host, emulator_path
+from hvext.memory.host import meminfo
 from hvext.paths import PATCHED_QEMU
 
 
@@ -47,13 +48,6 @@ def _daemon_running(name: str) -> bool:
         return False
 
 
-def _meminfo_kib(key: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def run_checks(uri: str | None) -> list[Check]:
     checks: list[Check] = []
     try:
@@ -78,9 +72,9 @@ def run_checks(uri: str | None) -> list[Check]:
         checks.append(Check("libvirt-qemu user", "ok", "present"))
     except KeyError:
         checks.append(Check("libvirt-qemu user", "fail", "missing", "`make setup` installs libvirt-daemon-system"))
-    swap_total = _meminfo_kib("SwapTotal")
+    swap_total = meminfo("SwapTotal")
     checks.append(Check("host swap", "ok" if swap_total else "warn",
-                        f"{swap_total // 1024} MiB" if swap_total else "none",
+                        f"{swap_total >> 20} MiB" if swap_total else "none",
                         "" if swap_total else "`make swap` creates a swap file (needed by reclaim --method swap)"))
     stock = shutil.which("qemu-system-x86_64")
     checks.append(Check("QEMU", "ok" if stock else "fail",

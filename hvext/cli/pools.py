@@ -17,6 +17,7 @@ from typing import Any
 from rich.tree import Tree
 
 from hvext.cli import common
+from hvext.memory.host import meminfo
 from hvext.errors import DomainNotFound, HvextError, LibvirtUnavailable, UsageError
 from hvext.host import Host
 from hvext.memory.pools import (
@@ -126,11 +127,10 @@ def host_capacity_mib(args: argparse.Namespace) -> int:
     if args.uri:
         with common.open_host(args) as host:
             return int(host.conn.getInfo()[1])  # MiB
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    raise UsageError("cannot read MemTotal from /proc/meminfo")  # pragma: no cover
+    total = meminfo("MemTotal")
+    if not total:
+        raise UsageError("cannot read MemTotal from /proc/meminfo")  # pragma: no cover
+    return total >> 20
 
 
 @contextlib.contextmanager

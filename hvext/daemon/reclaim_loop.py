@@ -27,6 +27,7 @@ from typing import Any
 from hvext.errors import HvextError, UsageError
 from hvext.host import Domain, Host
 from hvext.memory import reclaim
+from hvext.memory.host import meminfo
 from hvext.memory.policy import METHODS, MIB
 
 log = logging.getLogger("hvextd.reclaim")
@@ -84,7 +85,7 @@ def _pool_entitlements(domains: list[Domain], demand: dict[str, int]) -> dict[st
 
 async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
     """Reclaim once if the host is short of memory; returns what was done (also logged)."""
-    available = reclaim.host_available()
+    available = meminfo("MemAvailable")
     floor = config.host_available_min_mib * MIB
     if available >= floor:
         return []

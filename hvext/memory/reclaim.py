@@ -17,6 +17,8 @@ from typing import Any
 from hvext.errors import AgentError, QMPError
 from hvext.host import Domain
 from hvext.memory import balloon, classes, policy, swap
+from hvext.memory.host import meminfo
+from hvext.memory.policy import MIB
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +48,11 @@ class ReclaimReport:
         return data
 
 
-def host_available() -> int:
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _meminfo_kib(key: str) -> int:
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 async def _swap_writeback_settled(timeout: float = 10.0) -> None:
     """Wait (bounded) until paged-out pages have reached swap and left RAM, so that the
     host's available memory is measured after the fact, not while writes are in flight."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _meminfo_kib("Writeback") > 1024:
+    while time.monotonic() < deadline and meminfo("Writeback") > MIB:
         await asyncio.sleep(0.2)
 
 
@@ -109,7 +95,7 @@ async def reclaim(domain: Domain, amount: int, method: str = "auto") -> ReclaimR
     log.info("reclaim %s from %s: %s (%s)", amount, domain.name, decision.method, decision.reason)
     pid = swap.qemu_pid(domain.name)
     rss_before = swap.process_memory(pid)["rss"]
-    available_before = host_available()
+    available_before = meminfo("MemAvailable")
     if decision.balloon:
         try:
             await balloon.set_and_follow(domain, state.actual - decision.balloon, timeout=90)
@@ -126,9 +112,9 @@ async def reclaim(domain: Domain, amount: int, method: str = "auto") -> ReclaimR
         domain=domain.name, method=decision.method,
         decision={"balloon": decision.balloon, "swap": decision.swap, "reason": decision.reason},
         rss_before=rss_before, rss_after=swap.process_memory(pid)["rss"],
-        host_available_before=available_before, host_available_after=host_available(),
+        host_available_before=available_before, host_available_after=meminfo("MemAvailable"),
         balloon_actual_before=state.actual, balloon_actual_after=actual_after,
         seconds=round(time.monotonic() - started, 2), notes=notes)
 
 
-__all__ = ["ReclaimReport", "collect", "reclaim", "host_available"]
+__all__ = ["ReclaimReport", "collect", "reclaim"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvext.errors import DomainStateError, HostError, UnsupportedError
+from hvext.memory.host import meminfo
 
 SYS_PROCESS_MADVISE = 440  # x86_64
 MADV_PAGEOUT = 21
@@ -119,14 +120,6 @@ def guest_ram_mappings(pid: int, ram_bytes: int) -> list[Mapping]:
     return found
 
 
-def host_swap_free() -> int:
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("SwapFree:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _pageout(pidfd: int, ranges: list[tuple[int, int]]) -> None:
     iov = (_IOVec * len(ranges))(*[_IOVec(start, length) for start, length in ranges])
     done = _libc.syscall(SYS_PROCESS_MADVISE, pidfd, iov, len(ranges), MADV_PAGEOUT, 0)
@@ -139,7 +132,7 @@ def page_out(pid: int, ram_bytes: int, amount: int, *, deadline_s: float = 60.0)
     """Shrink the QEMU process's resident guest RAM by about *amount* bytes through host swap."""
     if amount <= 0:
         raise ValueError("amount must be positive")
-    free_swap = host_swap_free()
+    free_swap = meminfo("SwapFree")
     if free_swap < amount:
         raise UnsupportedError(f"host swap has {free_swap >> 20} MiB free, {amount >> 20} MiB needed; "
                                "`make setup` creates a swap file")
