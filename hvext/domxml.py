@@ -15,6 +15,7 @@ from pathlib import Path
 from lxml import etree
 
 from hvext.errors import UsageError
+from hvext.units import GIB, KIB, MIB, TIB
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 HVEXT_NS = "https://hvext.dev/xmlns/domain/1"
@@ -282,12 +283,19 @@ def read_facts(xml: str) -> DomainFacts:
     )
 
 
-_UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024, "m": 1024, "mib": 1024,
-             "mb": 1000**2 / 1024, "g": 1024**2, "gib": 1024**2, "gb": 1000**3 / 1024}
+#: libvirt's memory units (its default is KiB); "KB", "MB", ... are powers of 1000.
+_UNIT_BYTES = {"b": 1, "bytes": 1, "k": KIB, "kib": KIB, "kb": 1000, "m": MIB, "mib": MIB, "mb": 1000**2,
+               "g": GIB, "gib": GIB, "gb": 1000**3, "t": TIB, "tib": TIB, "tb": 1000**4}
+
+
+def libvirt_size(text: str | None, unit: str | None) -> int:
+    """Bytes of a libvirt memory size (a number and a unit attribute, KiB by default); 0 when empty."""
+    if not text:
+        return 0
+    return int(text) * _UNIT_BYTES.get((unit or "KiB").lower(), KIB)
 
 
 def _kib(element: etree._Element | None) -> int:
-    if element is None or not element.text:
+    if element is None:
         return 0
-    unit = (element.get("unit") or "KiB").lower()
-    return int(int(element.text) * _UNIT_KIB.get(unit, 1))
+    return libvirt_size(element.text, element.get("unit")) // KIB

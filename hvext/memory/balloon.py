@@ -38,6 +38,7 @@ from lxml import etree
 from hvext import aio
 from hvext.errors import DomainStateError, HvextError, QMPError, UsageError
 from hvext.host import Domain, libvirt_errors
+from hvext.domxml import libvirt_size
 from hvext.units import KIB, MIB, format_size
 
 BALLOON_QOM_PATH = "/machine/peripheral/balloon0"  # libvirt names the balloon device balloon0
@@ -144,10 +145,11 @@ def boot_memory(domain: Domain) -> int:
         root = etree.fromstring(domain.dom.XMLDesc(0).encode())
     cells = root.findall("cpu/numa/cell")
     if cells:
-        return sum(_kib(c.get("memory"), c.get("unit")) for c in cells) * KIB
-    total = _kib(root.findtext("memory"), root.find("memory").get("unit") if root.find("memory") is not None else None)
-    devices = sum(_kib(e.text, e.get("unit")) for e in root.iterfind("devices/memory/target/size"))
-    return (total - devices) * KIB
+        return sum(libvirt_size(c.get("memory"), c.get("unit")) for c in cells)
+    memory = root.find("memory")
+    total = libvirt_size(memory.text, memory.get("unit")) if memory is not None else 0
+    devices = sum(libvirt_size(e.text, e.get("unit")) for e in root.iterfind("devices/memory/target/size"))
+    return total - devices
 
 
 def autodeflate(domain: Domain) -> bool:
@@ -155,16 +157,6 @@ def autodeflate(domain: Domain) -> bool:
     with libvirt_errors(f"reading the definition of {domain.name!r}"):
         root = etree.fromstring(domain.dom.XMLDesc(0).encode())
     return any(b.get("autodeflate") == "on" for b in root.iterfind("devices/memballoon"))
-
-
-_UNITS = {"b": 1, "bytes": 1, "k": KIB, "kib": KIB, "kb": 1000, "m": MIB, "mib": MIB, "mb": 1000**2,
-          "g": 1024 * MIB, "gib": 1024 * MIB, "gb": 1000**3}
-
-
-def _kib(text: str | None, unit: str | None) -> int:
-    if not text:
-        return 0
-    return int(text) * _UNITS.get((unit or "KiB").lower(), KIB) // KIB
 
 
 def safe_floor(actual: int, available: int) -> int:
@@ -268,7 +260,7 @@ def recorded_target(domain: Domain) -> Target | None:
     current = root.find("currentMemory")
     if current is None or not current.text:
         return None
-    return Target(_kib(current.text, current.get("unit")) * KIB, "definition")
+    return Target(libvirt_size(current.text, current.get("unit")), "definition")
 
 
 # -- setting --------------------------------------------------------------

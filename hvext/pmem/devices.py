@@ -22,6 +22,7 @@ from lxml import etree
 from hvext import paths
 from hvext.errors import HostError, UsageError
 from hvext.host import Domain, libvirt_errors
+from hvext.domxml import libvirt_size
 from hvext.units import MIB, format_size
 
 #: libvirt rounds memory device sizes up to 2 MiB; the guest kernel wants
@@ -48,11 +49,6 @@ class PmemDevice:
         return data
 
 
-def _kib(text: str | None, unit: str | None) -> int:
-    factor = {"kib": 1024, "k": 1024, "mib": MIB, "m": MIB, "gib": 1024 * MIB, "g": 1024 * MIB, "b": 1, "bytes": 1}
-    return int(text or 0) * factor.get((unit or "KiB").lower(), 1024)
-
-
 def parse_devices(xml: str) -> list[PmemDevice]:
     """The NVDIMM devices in a domain's XML."""
     root = etree.fromstring(xml.encode())
@@ -67,8 +63,8 @@ def parse_devices(xml: str) -> list[PmemDevice]:
         alias = memory.find("alias")
         devices.append(PmemDevice(
             model=model, path=Path(memory.findtext("source/path") or ""),
-            size=_kib(size.text, size.get("unit")) if size is not None else 0,
-            label_size=_kib(label.text, label.get("unit")) if label is not None else 0,
+            size=libvirt_size(size.text, size.get("unit")) if size is not None else 0,
+            label_size=libvirt_size(label.text, label.get("unit")) if label is not None else 0,
             alias=alias.get("name") if alias is not None else None,
             node=int(node.text) if node is not None and node.text else None,
         ))

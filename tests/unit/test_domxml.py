@@ -57,3 +57,11 @@ def test_facts_of_plain_libvirt_domain() -> None:
 def test_bad_names(name: str) -> None:
     with pytest.raises(UsageError):
         domxml.validate_name(name)
+
+
+@pytest.mark.parametrize("text,unit,expected", [
+    ("512", None, 512 * 1024), ("512", "KiB", 512 * 1024), ("2", "GiB", 2 << 30), ("1", "KB", 1000),
+    ("3", "MB", 3_000_000), ("7", "b", 7), ("", "MiB", 0), (None, None, 0),
+])
+def test_libvirt_sizes(text, unit, expected) -> None:
+    assert domxml.libvirt_size(text, unit) == expected
