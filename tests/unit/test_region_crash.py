@@ -13,11 +13,9 @@ import importlib.util
 import os
 import pathlib
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,20 +36,6 @@ MAX_DELAY = 0.004  # seconds after the chosen op starts
 WORKERS = 4  # children mostly wait for fsync, so a few run side by side
 
 
-@pytest.fixture
-def fast_tmp(tmp_path):
-    """A directory for NVM tiers: on /dev/shm (tmpfs, as in deployment, and
-    immune to disk fsync latency on a busy machine) when there is one,
-    otherwise tmp_path.  Removed afterwards."""
-    shm = pathlib.Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    path = pathlib.Path(tempfile.mkdtemp(prefix="hvext-test-region-", dir=shm))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def model_state(ops: list, count: int) -> tuple:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 import random
-import shutil
-import tempfile
 
 import pytest
 
@@ -24,20 +21,6 @@ SIZE = 40 * 1024
 BLOCK_SIZE = 1024
 
 
-@pytest.fixture
-def fast_tmp(tmp_path):
-    """A directory for NVM tiers: on /dev/shm (tmpfs, as in deployment, and
-    immune to disk fsync latency on a busy machine) when there is one,
-    otherwise tmp_path.  Removed afterwards."""
-    shm = pathlib.Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    path = pathlib.Path(tempfile.mkdtemp(prefix="hvext-test-region-", dir=shm))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def assert_matches(reg: NVMRegion, model, rng: random.Random | None = None) -> None:

@@ -98,25 +98,25 @@ def vm_factory(host: Host, request: pytest.FixtureRequest) -> Iterator[VMFactory
     factory.cleanup()
 
 
-@pytest.fixture(scope="module")
-def vm_factory_module(host: Host, request: pytest.FixtureRequest) -> Iterator[VMFactory]:
-    """Domains shared by the tests of one module (e.g. a guest with devices attached)."""
+def _shared_factory(host: Host, request: pytest.FixtureRequest, label: str) -> Iterator[VMFactory]:
+    """A factory whose domains outlive one test; logs are kept when any test meanwhile failed."""
     factory = VMFactory(host)
     failed_before = request.session.testsfailed
     yield factory
     if request.session.testsfailed > failed_before:
-        factory.keep_logs(request.node.nodeid)
+        factory.keep_logs(label)
     factory.cleanup()
+
+
+@pytest.fixture(scope="module")
+def vm_factory_module(host: Host, request: pytest.FixtureRequest) -> Iterator[VMFactory]:
+    """Domains shared by the tests of one module (e.g. a guest with devices attached)."""
+    yield from _shared_factory(host, request, request.node.nodeid)
 
 
 @pytest.fixture(scope="session")
 def session_factory(host: Host, request: pytest.FixtureRequest) -> Iterator[VMFactory]:
-    factory = VMFactory(host)
-    failed_before = request.session.testsfailed
-    yield factory
-    if request.session.testsfailed > failed_before:
-        factory.keep_logs("session")
-    factory.cleanup()
+    yield from _shared_factory(host, request, "session")
 
 
 @pytest.fixture(scope="session")

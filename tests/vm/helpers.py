@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,3 +40,21 @@ def guest_exec(domain: Domain, *argv: str, stdin: str = "", timeout: float = 120
 
 def guest_sh(domain: Domain, command: str, timeout: float = 120) -> dict[str, Any]:
     return guest_exec(domain, "sh", "-c", command, timeout=timeout)
+
+
+def protected_pmem_vm(factory: Any, model: str, store: Path) -> Iterator[tuple[Domain, Path]]:
+    """A booted guest with a 64 MiB volatile-backed pmem device (*model*) protected by *store*;
+    use with ``yield from`` in a fixture: it unprotects and removes the backing afterwards."""
+    from hvext.pmem import power
+    domain = factory.define(memory_mib=512)
+    assert main(["pmem-attach", domain.name, "--size", "64M", "--type", model, "--volatile-backing",
+                 "--store", str(store)]) == 0
+    (reg,) = [r for r in power.registrations() if r.domain == domain.name]
+    factory.boot(domain)
+    try:
+        yield domain, Path(reg.backing)
+    finally:
+        power.unprotect(domain.name, Path(reg.backing), remove_store=True, missing_ok=True)
+        if domain.is_active():
+            domain.destroy()
+        Path(reg.backing).unlink(missing_ok=True)

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from hvext import aio
-from hvext.cli.main import main
 from hvext.host import Domain
-from hvext.pmem import hints, power
-from tests.vm.helpers import cli, cli_json, guest_exec, guest_sh
+from hvext.pmem import hints
+from tests.vm.helpers import cli, cli_json, guest_exec, guest_sh, protected_pmem_vm
 
 MIB = 1 << 20
 APP = r'''
@@ -45,19 +44,7 @@ while True:
 
 @pytest.fixture(scope="module", params=["nvdimm", "virtio-pmem"])
 def hinted_vm(request, vm_factory_module, tmp_path_factory) -> Iterator[tuple[Domain, Path]]:
-    domain = vm_factory_module.define(memory_mib=512)
-    store = tmp_path_factory.mktemp("hints-store") / "store"
-    assert main(["pmem-attach", domain.name, "--size", "64M", "--type", request.param, "--volatile-backing",
-                 "--store", str(store)]) == 0
-    (reg,) = [r for r in power.registrations() if r.domain == domain.name]
-    vm_factory_module.boot(domain)
-    try:
-        yield domain, Path(reg.backing)
-    finally:
-        power.unprotect(domain.name, Path(reg.backing), remove_store=True, missing_ok=True)
-        if domain.is_active():
-            domain.destroy()
-        Path(reg.backing).unlink(missing_ok=True)
+    yield from protected_pmem_vm(vm_factory_module, request.param, tmp_path_factory.mktemp("hints-store") / "store")
 
 
 def test_epoch_consistent_save_skips_volatile_ranges(hinted_vm, capsys) -> None:

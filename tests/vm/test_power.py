@@ -7,40 +7,23 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hvext import aio
-from hvext.cli.main import main
 from hvext.host import Domain
 from hvext.pmem import power
 from hvext.pmem.store import Store
 from hvext.units import MIB
+from tests.vm.helpers import cli, guest_exec, protected_pmem_vm
 
 SIZE = 64 * MIB
 BLOCK = 64 * 1024
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def guest(domain: Domain, *argv: str, timeout: float = 120) -> dict[str, Any]:
-    async def run() -> dict[str, Any]:
-        async with domain.agent(timeout=timeout + 10) as agent:
-            return await agent.request("exec", {"argv": list(argv), "stdin": "", "timeout": timeout},
-                                       timeout=timeout + 10)
-    result = aio.run(run())
-    assert result["exitcode"] == 0, result
-    return result
-
-
 def guest_write(domain: Domain, offset: int, length: int, seed: int) -> bytes:
     """Block writes to /dev/pmem0 in the guest, then fsync (reaches the device's memory)."""
-    guest(domain, "python3", "-c",
+    guest_exec(domain, "python3", "-c",
           "import os, random\n"
           f"data = random.Random({seed}).randbytes({length})\n"
           "fd = os.open('/dev/pmem0', os.O_RDWR)\n"
@@ -51,7 +34,7 @@ def guest_write(domain: Domain, offset: int, length: int, seed: int) -> bytes:
 
 def guest_sha256(domain: Domain) -> str:
     """SHA-256 of the whole device as the guest reads it (O_DIRECT-free: fresh boot or dropped caches)."""
-    out = guest(domain, "python3", "-c",
+    out = guest_exec(domain, "python3", "-c",
                 "import hashlib, os\n"
                 "open('/proc/sys/vm/drop_caches', 'w').write('3')\n"
                 "h = hashlib.sha256()\n"
@@ -66,20 +49,8 @@ def guest_sha256(domain: Domain) -> str:
 def protected_vm(request: pytest.FixtureRequest, vm_factory_module, tmp_path_factory) -> Iterator[
         tuple[Domain, Path]]:
     """A guest with a 64 MiB volatile-backed pmem device of each type, protected by a store on disk."""
-    domain = vm_factory_module.define(memory_mib=512)
-    store = tmp_path_factory.mktemp("power-store") / "store"
-    assert main(["pmem-attach", domain.name, "--size", "64M", "--type", request.param, "--volatile-backing",
-                 "--store", str(store)]) == 0
-    (reg,) = [r for r in power.registrations() if r.domain == domain.name]
-    vm_factory_module.boot(domain)
-    try:
-        yield domain, Path(reg.backing)
-    finally:
-        power.unprotect(domain.name, Path(reg.backing), remove_store=True, missing_ok=True)
-        if domain.is_active():
-            domain.destroy()
-        Path(reg.backing).unlink(missing_ok=True)
-        Path(reg.backing).parent.rmdir() if Path(reg.backing).parent.exists() else None
+    yield from protected_pmem_vm(vm_factory_module, request.param,
+                                 tmp_path_factory.mktemp("power-store") / "store")
 
 
 def test_power_loss_wipe_restore_and_incremental_save(protected_vm: tuple[Domain, Path], capsys) -> None:
