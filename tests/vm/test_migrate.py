@@ -119,3 +119,19 @@ def test_killed_destination_leaves_the_source_running(migrating_vm: Domain, host
     assert agent_info(migrating_vm)["kernel"]  # the guest still answers
     with pytest.raises(DomainNotFound):
         dest.lookup(migrating_vm.name)
+
+
+def test_migrate_input_errors(migrating_vm: Domain, lab: Lab, capsys) -> None:
+    from tests.vm.helpers import cli
+    source = ["-c", lab.hosts[0].uri_unix, "migrate", migrating_vm.name]
+    for argv, message in [
+        (source + [lab.hosts[0].uri_tcp], "already runs on"),
+        (source + [lab.hosts[1].uri_tcp, "--downtime-ms", "0"], "downtime must be 1 to 60000 ms"),
+        (source + [lab.hosts[1].uri_tcp, "--bandwidth", "0"], "bandwidth must be 1 to 100000"),
+        (source + [lab.hosts[1].uri_tcp, "--policy", "fast"], "invalid choice"),
+        (["-c", lab.hosts[0].uri_unix, "migrate", "hvext-test-no-such", lab.hosts[1].uri_tcp], "no such domain"),
+    ]:
+        status, _, err = cli(capsys, *argv)
+        assert status == 1 and err.splitlines()[-1].startswith("error: "), (argv, err)
+        assert message in err, (argv, err)
+    assert migrating_vm.state() == "running"
