@@ -1,0 +1,102 @@
+"""tests/support.py: a missing installed part skips locally and fails under CI=true."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import in_ci
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = '''
+import pytest
+from tests.support import require
+
+def test_call_form():
+    require(False, "the frobnicator is not installed")
+
+@pytest.mark.requires(False, "the widget daemon is not running")
+def test_marker_form():
+    pass
+
+@pytest.mark.requires(True, "never shown")
+def test_present():
+    require(1, "never shown either")
+
+def test_hardware_skip_stays_a_skip():
+    pytest.skip("no vmx/svm on this CPU")
+'''
+
+
+def run_tiny(tmp_path: Path, ci: str | None, source: str = TINY, plugin: str = "tests.support",
+             **extra_env: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "test_tiny.py").write_text(source)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS", "HVEXT_EXPECT_KVM")}
+    env.update(extra_env, PYTHONPATH=str(ROOT))
+    if ci is not None:
+        env["CI"] = ci
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", plugin, "-p", "no:cacheprovider",
+                           "-W", "ignore::pytest.PytestUnknownMarkWarning", "-rA", "--rootdir", str(tmp_path),
+                           str(tmp_path / "test_tiny.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_missing_parts_skip_locally(tmp_path: Path) -> None:
+    result = run_tiny(tmp_path, None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed, 3 skipped" in result.stdout, result.stdout
+    assert "the frobnicator is not installed" in result.stdout
+    assert "the widget daemon is not running" in result.stdout
+
+
+@pytest.mark.parametrize("value", ["true", "1", "TRUE"])
+def test_missing_parts_fail_under_ci(tmp_path: Path, value: str) -> None:
+    result = run_tiny(tmp_path, value)
+    assert result.returncode == 1, result.stdout + result.stderr
+    # a requirement checked during setup (marker, fixture) reports as an error, in the test as a failure
+    assert "1 failed, 1 passed, 1 skipped, 1 error" in result.stdout, result.stdout
+    failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    assert any("test_call_form" in f and "the frobnicator is not installed" in f for f in failed), failed
+    assert any("test_marker_form" in f and "the widget daemon is not running" in f for f in failed), failed
+    assert "no vmx/svm on this CPU" in result.stdout  # a skip setup cannot fix stays a skip
+
+
+KVM_TEST = '''
+import pytest
+
+@pytest.mark.kvm
+def test_needs_kvm():
+    pass
+'''
+
+
+@pytest.mark.parametrize(("env", "outcome"), [
+    ({}, "1 skipped"),
+    ({"CI": "true"}, "1 skipped"),  # a CPU without vmx/svm is not a broken install
+    ({"HVEXT_EXPECT_KVM": "1"}, "1 error"),  # but where KVM is known to exist, TCG is
+])
+def test_kvm_marker_skips_under_tcg_unless_kvm_is_expected(tmp_path: Path, env: dict[str, str],
+                                                            outcome: str) -> None:
+    result = run_tiny(tmp_path, env.pop("CI", None), KVM_TEST, "tests.conftest", HVEXT_ACCEL="tcg", **env)
+    assert f"== {outcome} in" in result.stdout, result.stdout
+    assert "needs KVM: forced by HVEXT_ACCEL=tcg" in result.stdout
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, False), ({"CI": ""}, False), ({"CI": "false"}, False), ({"CI": "0"}, False),
+    ({"CI": "true"}, True), ({"CI": " True "}, True), ({"CI": "1"}, True), ({"CI": "yes"}, True),
+])
+def test_in_ci(env: dict[str, str], expected: bool) -> None:
+    assert in_ci(env) is expected
+
+
+def test_ci_entry_points_set_ci() -> None:
+    """.ci/run and the GitHub workflow both run the suite with CI=true."""
+    assert "CI=true" in (ROOT / ".ci/run").read_text()
+    workflow = (ROOT / ".github/workflows/ci.yml").read_text()
+    assert 'CI: "true"' in workflow
