@@ -100,3 +100,12 @@ def test_ci_entry_points_set_ci() -> None:
     assert "CI=true" in (ROOT / ".ci/run").read_text()
     workflow = (ROOT / ".github/workflows/ci.yml").read_text()
     assert 'CI: "true"' in workflow
+
+
+@pytest.mark.parametrize("target", ["unit", "test", "vm"])
+def test_make_targets_print_skip_reasons(target: str) -> None:
+    """Every pytest run of the Makefile reports why tests skipped (-ra)."""
+    dry = subprocess.run(["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    runs = [line.split() for line in dry.stdout.splitlines() if "-m pytest" in line]
+    assert runs and all("-ra" in run for run in runs), dry.stdout
