@@ -109,3 +109,38 @@ def test_make_targets_print_skip_reasons(target: str) -> None:
     assert dry.returncode == 0, dry.stderr
     runs = [line.split() for line in dry.stdout.splitlines() if "-m pytest" in line]
     assert runs and all("-ra" in run for run in runs), dry.stdout
+
+
+#: Files allowed to skip outright, and why: only what setup cannot provide.
+PLAIN_SKIPS_ALLOWED = {
+    "tests/support.py": "the helper itself (skips locally, fails under CI)",
+    "tests/conftest.py": "the kvm marker: a CPU without vmx/svm (fails where HVEXT_EXPECT_KVM=1)",
+    "tests/unit/test_region.py": "a file system that cannot report or punch holes",
+    "tests/unit/test_doctor.py": "a kernel without vm.unprivileged_userfaultfd",
+    "tests/vm/test_dirty.py": "the accelerator and QEMU build pick which complement runs (tcg_only, stock_only)",
+}
+SKIP_CALLS = {"skip", "skipif", "importorskip"}
+
+
+def plain_skips(path: Path) -> list[int]:
+    """Lines of ``pytest.skip(...)``, ``pytest.mark.skip[if](...)``, ``pytest.importorskip(...)`` in *path*."""
+    import ast
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        target = node.func if isinstance(node, ast.Call) else node
+        if isinstance(target, ast.Attribute) and target.attr in SKIP_CALLS:
+            base = ast.unparse(target.value)
+            if base in ("pytest", "pytest.mark"):
+                lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_every_plain_skip_is_one_setup_cannot_fix() -> None:
+    """A skip for something setup installs must go through tests.support.require (fails under CI=true)."""
+    found = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative not in PLAIN_SKIPS_ALLOWED and (lines := plain_skips(path)):
+            found[relative] = lines
+    assert not found, f"plain skips outside {sorted(PLAIN_SKIPS_ALLOWED)}: {found}; use tests.support.require " \
+                      "for parts setup installs, or add the file with the reason setup cannot fix it"
