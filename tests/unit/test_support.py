@@ -117,7 +117,7 @@ PLAIN_SKIPS_ALLOWED = {
     "tests/conftest.py": "the kvm marker: a CPU without vmx/svm (fails where HVEXT_EXPECT_KVM=1)",
     "tests/unit/test_region.py": "a file system that cannot report or punch holes",
     "tests/unit/test_doctor.py": "a kernel without vm.unprivileged_userfaultfd",
-    "tests/vm/test_dirty.py": "the accelerator and QEMU build pick which complement runs (tcg_only, stock_only)",
+    "tests/vm/test_dirty.py": "the CPU picks which of the KVM and TCG complements runs (tcg_only)",
 }
 SKIP_CALLS = {"skip", "skipif", "importorskip"}
 
