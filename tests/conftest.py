@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.support import pytest_configure, pytest_runtest_setup  # noqa: F401  (the `requires` marker)
+from tests.support import pytest_runtest_setup  # noqa: F401  (applies the `requires` marker)
 
 #: Set where KVM is known to exist (the GitHub workflow): tests marked ``kvm`` then fail under TCG.
 EXPECT_KVM = "HVEXT_EXPECT_KVM"

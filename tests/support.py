@@ -10,7 +10,8 @@ cannot provide (hardware KVM on a CPU without vmx/svm, a file system
 feature).
 
 ``tests/conftest.py`` imports :func:`pytest_runtest_setup` so the marker
-works in the suite; ``-p tests.support`` loads it into any pytest run.
+works in the suite (registered in pyproject.toml); ``-p tests.support``
+loads it into any pytest run.
 """
 
 from __future__ import annotations
@@ -41,11 +42,6 @@ def require(condition: object, reason: str, *, fail: bool | None = None) -> None
     """Go on when *condition* holds; otherwise skip locally, fail under ``CI=true`` (or when *fail*)."""
     if not condition:
         missing(reason, fail=fail)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "requires(condition, reason): skip when condition is false, fail instead under CI=true")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
