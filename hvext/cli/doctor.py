@@ -176,6 +176,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for check in checks:
             mark = f"[{colours[check.status]}]{check.status.upper():<4}[/]"
             common.console.print(f"{mark} {escape(check.name)}: {escape(check.detail)}", soft_wrap=True)
+            if check.reason and check.reason not in check.detail:
+                common.console.print(f"     why: {escape(check.reason)}", soft_wrap=True)
             if check.fix:
                 common.console.print(f"     -> {escape(check.fix)}", soft_wrap=True)
     return 1 if any(c.status == "fail" for c in checks) else 0

@@ -86,6 +86,7 @@ def test_real_command_on_this_host_agrees_with_the_human_output() -> None:
     assert as_json.returncode == human.returncode == (0 if report["ok"] else 1)
     for name, check in by_name.items():
         assert f"{check['status'].upper():<4} {name}: {check['detail']}" in human.stdout, human.stdout
+        assert check["reason"] in human.stdout and check["fix"] in human.stdout  # the trade-offs too
 
 
 def test_human_output_prints_details_literally(capsys: pytest.CaptureFixture[str]) -> None:
