@@ -66,12 +66,21 @@ class Status:
 
 
 def cmdline(pid: int) -> list[str] | None:
-    """The argument vector of a live process, or None when it is gone (or a zombie: empty)."""
-    try:
-        raw = (procs.PROC / str(pid) / "cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] or None
+    """The argument vector of a process, or None when it is gone.
+
+    Empty for kernel threads and zombies, and for a moment right after an
+    exec (the kernel shows the new name before the arguments), so an empty
+    one is read again a few times before it is believed.
+    """
+    for _ in range(10):
+        try:
+            raw = (procs.PROC / str(pid) / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        if raw:
+            break
+        time.sleep(0.02)
+    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
 
 
 def is_hvextd(argv: list[str]) -> bool:
@@ -102,7 +111,7 @@ def status(pid_file: Path = PID_FILE) -> Status:
     if pid is None:
         return Status(pid_file, None, bad)
     argv = cmdline(pid)
-    if argv is None or procs.identify(pid) is None:
+    if argv is None or procs.identify(pid) is None:  # gone, or a zombie
         return Status(pid_file, None, f"PID {pid} is not running")
     if not is_hvextd(argv):
         return Status(pid_file, None, f"PID {pid} is now another process ({' '.join(argv)[:80]})")

@@ -86,6 +86,23 @@ def test_a_reused_pid_is_stale_never_signalled_and_replaced(where: dict[str, Pat
         other.wait()
 
 
+def test_a_process_just_started_is_never_taken_for_a_dead_one(where: dict[str, Path]) -> None:
+    """Right after exec, /proc/PID/cmdline is empty for a moment: still another process, not a dead PID."""
+    where["pid_file"].parent.mkdir(mode=0o755)
+    fd = os.open(where["pid_file"], os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for _ in range(20):
+            other = subprocess.Popen(["sleep", "60"])
+            try:
+                os.pwrite(fd, f"{other.pid:<12}".encode(), 0)  # at once: no time for the kernel to catch up
+                assert "another process (sleep 60)" in (service.status(where["pid_file"]).stale or "")
+            finally:
+                other.kill()
+                other.wait()
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("content, why", [("999999999\n", "not running"), ("garbage", "not a PID"),
                                           ("1\n", "not a PID"), ("", "not a PID")])
 def test_stale_pid_files_are_reported_and_removed(where: dict[str, Path], content: str, why: str) -> None:
