@@ -108,6 +108,7 @@ class Before:
     unit: bytes | None
     running: bool
     log: bool
+    run_dir: bool
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def machine(tmp_path: Path) -> Iterator[Path]:
     config = service.CONFIG_FILE
     before = Before(config=config.read_bytes() if config.exists() else None, config_dir=config.parent.exists(),
                     unit=UNIT.read_bytes() if UNIT.exists() else None, running=hvextd_pid() is not None,
-                    log=service.LOG_FILE.exists())
+                    log=service.LOG_FILE.exists(), run_dir=service.RUN_DIR.exists())
     try:
         yield tmp_path
     finally:
@@ -147,6 +148,8 @@ def machine(tmp_path: Path) -> Iterator[Path]:
                 service.start(config=config if config.exists() else None)
         if not before.log and not before.running:
             service.LOG_FILE.unlink(missing_ok=True)
+        if not before.run_dir and service.RUN_DIR.is_dir() and not any(service.RUN_DIR.iterdir()):
+            service.RUN_DIR.rmdir()
 
 
 def venv_is_current() -> bool:
