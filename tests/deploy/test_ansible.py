@@ -249,3 +249,37 @@ hvext_host_cluster_name: lab
     config = tomllib.loads((out / "hvextd.toml").read_text())
     assert config["reclaim"] == {"interval_s": 10, "host_available_min_mib": 2048, "step_mib": 256, "method": "auto"}
     assert config["ha"] == {"cluster": "lab", "etcd_endpoints": ["http://192.0.2.1:2379"]}
+
+
+def test_patched_qemu_copied_from_the_controller(tmp_path: Path) -> None:
+    """hvext_host_qemu_artifact: the role's copy-and-link path, into paths private to the test."""
+    require(PLAYBOOK.is_file(), f"{PLAYBOOK} missing: ansible-core is in the test extras (make venv)")
+    require(setup_done(), "patched QEMU missing (make qemu)")
+    artifact = paths.PATCHED_QEMU.resolve(strict=True)
+    link = tmp_path / "lib" / "qemu-system-x86_64"
+    playbook = tmp_path / "qemu.yml"
+    playbook.write_text(f"""---
+- name: Install the patched QEMU from a controller-side artifact
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: The role's QEMU tasks
+      ansible.builtin.include_role:
+        name: hvext_host
+        tasks_from: qemu.yml
+      vars:
+        hvext_host_qemu_artifact: {artifact}
+        hvext_host_qemu_artifact_dir: {tmp_path}/artifact
+        hvext_host_qemu_link: {link}
+""")
+    env = ansible_env(tmp_path / "home") | {"ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles")}
+    command = [str(PLAYBOOK), "-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}",
+               str(playbook)]
+    changed = []
+    for _ in range(2):
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        changed.append(int(re.search(r"changed=(\d+)", proc.stdout)[1]))  # type: ignore[index]
+    assert changed == [3, 0]  # the directories, the copy, the link; then nothing
+    assert link.resolve() == tmp_path / "artifact" / "qemu-system-x86_64"
+    assert link.read_bytes() == artifact.read_bytes() and os.access(link, os.X_OK)
