@@ -15,16 +15,21 @@ this module; with systemd, the unit in ansible/roles/hvext_host does the same.
   that exits during start-up (a bad config) as an error with its last log
   lines; it counts the daemon ready once it logs that it is watching libvirt.
 - ``stop`` sends SIGTERM, waits for the process to exit and removes the pid file.
+- ``start`` and ``stop`` hold a lock (``hvextd.lock`` beside the pid file),
+  so two of them at once cannot both start a daemon.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,8 +104,8 @@ def _read_pid(pid_file: Path) -> tuple[int | None, str | None]:
     except OSError as err:
         raise ServiceError(f"cannot read pid file {pid_file}: {err.strerror}") from err
     with os.fdopen(fd, "rb") as f:
-        text = f.read(64).strip()
-    if not text.isdigit() or int(text) <= 1:
+        text = f.read(64).decode(errors="replace").strip()
+    if not (text.isascii() and text.isdigit()) or int(text) <= 1:
         return None, f"holds {text[:20]!r}, not a PID"
     return int(text), None
 
@@ -133,6 +138,20 @@ def ensure_run_dir(directory: Path) -> None:
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise ServiceError(f"{directory} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}; "
                            f"it must be owned by uid {os.geteuid()} and writable by no one else")
+
+
+@contextmanager
+def _locked(pid_file: Path) -> Iterator[None]:
+    """Serialise start and stop (a lock file beside the pid file, never followed if a link)."""
+    try:
+        fd = os.open(pid_file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise ServiceError(f"cannot open {pid_file.with_suffix('.lock')}: {err.strerror}") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _remove_stale(pid_file: Path, current: Status) -> None:
@@ -186,6 +205,12 @@ def start(*, config: Path | None = None, uri: str | None = None, log_level: str 
     if config is not None and not config.is_file():
         raise ServiceError(f"config {config} does not exist")
     ensure_run_dir(pid_file.parent)
+    with _locked(pid_file):
+        return _start(config, uri, log_level, pid_file, log_file, wait_s)
+
+
+def _start(config: Path | None, uri: str | None, log_level: str | None, pid_file: Path, log_file: Path,
+           wait_s: float) -> Started:
     current = status(pid_file)
     if current.running:
         return Started(current.pid, already=True, ready=True)  # type: ignore[arg-type]
@@ -242,6 +267,14 @@ def stop(*, pid_file: Path = PID_FILE, timeout_s: float = 30.0) -> int | None:
     A stale pid file is removed. If hvextd outlives *timeout_s* the pid file is
     kept and :class:`ServiceError` says so (nothing is killed harder).
     """
+    if not os.path.lexists(pid_file.parent):
+        return None
+    ensure_run_dir(pid_file.parent)
+    with _locked(pid_file):
+        return _stop(pid_file, timeout_s)
+
+
+def _stop(pid_file: Path, timeout_s: float) -> int | None:
     current = status(pid_file)
     if not current.running:
         _remove_stale(pid_file, current)

@@ -148,8 +148,10 @@ def machine(tmp_path: Path) -> Iterator[Path]:
                 service.start(config=config if config.exists() else None)
         if not before.log and not before.running:
             service.LOG_FILE.unlink(missing_ok=True)
-        if not before.run_dir and service.RUN_DIR.is_dir() and not any(service.RUN_DIR.iterdir()):
-            service.RUN_DIR.rmdir()
+        if not before.run_dir and service.RUN_DIR.is_dir():
+            (service.RUN_DIR / "hvextd.lock").unlink(missing_ok=True)
+            if not any(service.RUN_DIR.iterdir()):
+                service.RUN_DIR.rmdir()
 
 
 def venv_is_current() -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -43,6 +44,8 @@ def where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     yield paths
     if not paths["pid_file"].is_symlink() and service.status(paths["pid_file"]).running:
         service.stop(pid_file=paths["pid_file"], timeout_s=10)
+    for pid in ours():  # any the pid file does not name (a failed test)
+        os.kill(pid, signal.SIGTERM)
 
 
 def test_start_is_idempotent_and_stop_waits_and_removes_the_pid_file(where: dict[str, Path]) -> None:
@@ -64,6 +67,33 @@ def test_start_is_idempotent_and_stop_waits_and_removes_the_pid_file(where: dict
     assert not pid_file.exists()
     assert service.stop(pid_file=pid_file) is None
     assert b"stopped" in where["log_file"].read_bytes()
+
+
+def test_concurrent_starts_start_one_daemon(where: dict[str, Path]) -> None:
+    """Several `hvext daemon start` at once: one starts hvextd, the others find it running."""
+    paths = ["--pid-file", str(where["pid_file"]), "--log-file", str(where["log_file"])]
+    command = [sys.executable, "-m", "hvext.cli.main", "-c", URI, "daemon", "start", *paths]
+    starts = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(__file__).resolve().parents[2]) for _ in range(4)]
+    outputs = [p.communicate(timeout=60)[0] for p in starts]
+    assert all(p.returncode == 0 for p in starts), outputs
+    assert sum("hvextd started" in out for out in outputs) == 1, outputs
+    assert sum("already running" in out for out in outputs) == 3, outputs
+    assert ours() == [int(where["pid_file"].read_text())]
+
+
+def ours() -> list[int]:
+    """hvextd processes started by this test (their environment has its HVEXT_STATE_DIR)."""
+    mark = f"HVEXT_STATE_DIR={os.environ['HVEXT_STATE_DIR']}".encode()
+    found = []
+    for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if mark in environ and service.is_hvextd(service.cmdline(pid) or []):
+            found.append(pid)
+    return found
 
 
 def test_a_reused_pid_is_stale_never_signalled_and_replaced(where: dict[str, Path]) -> None:
