@@ -949,7 +949,7 @@ class RVM:
         stats, clock = self._stats, time.perf_counter
         commits = stats["commits"]
         next_yield = clock() + _YIELD_EVERY
-        for rec in scanner.scan(start, stop, verify=False):
+        for seg_id, off, data in scanner.ranges(start, stop):
             if clock() >= next_yield:
                 # Commits going on meanwhile (their thread waits for the GIL
                 # after each write or sync): hand the GIL over. No commits:
@@ -958,17 +958,16 @@ class RVM:
                     commits = stats["commits"]
                     time.sleep(0)
                 next_yield = clock() + _YIELD_EVERY
-            for seg_id, off, data in rec.ranges:
-                seg = segs[seg_id]
-                touched[seg_id] = seg
-                end = off + len(data)
-                m = seg.map
-                if m is None or end > len(m):
-                    m = seg.writer(end)
-                if m is not None:
-                    m[off:end] = data
-                else:
-                    _write_all(seg.fd, data, off)
+            seg = segs[seg_id]
+            touched[seg_id] = seg
+            end = off + len(data)
+            m = seg.map
+            if m is None or end > len(m):
+                m = seg.writer(end)
+            if m is not None:
+                m[off:end] = data
+            else:
+                _write_all(seg.fd, data, off)
         if scanner.end_lsn != stop:
             self._broken = RVMLogCorruptError(
                 f"{self._path}: the log reads back damaged at LSN {scanner.end_lsn}"
