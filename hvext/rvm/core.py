@@ -64,11 +64,15 @@ _BODY_PACK = lf.REC_BODY.pack
 _U32_PACK = lf.U32.pack
 _ALIGN_MASK = lf.ALIGN - 1
 _crc32 = zlib.crc32
+_clock = time.perf_counter
 
-# Truncation hands the GIL to committers after this much work (seconds), if
-# commits happened meanwhile. time.sleep(0) costs 50-120 us (timer slack),
-# so it is not paid per record, nor when nobody commits.
-_YIELD_EVERY = 0.0001
+# Truncation hands the GIL to committers after this much work (seconds)
+# while commits go on (the last one less than _COMMITS_GONE seconds ago); without
+# that a committer waits up to the interpreter's switch interval (5 ms) for
+# it. time.sleep(0) costs 50-120 us (timer slack), so it is paid neither per
+# record nor when nobody commits (a foreground truncate(), close()).
+_YIELD_EVERY = 0.00005
+_COMMITS_GONE = 0.005
 
 DEFAULT_TRUNCATE_RATIO = 0.5
 _OPTIONS = ("truncate_ratio", "background_truncation")
@@ -378,6 +382,7 @@ class RVM:
         self._worker: threading.Thread | None = None
         self._wake = threading.Event()
         self._stats = {"commits": 0, "truncations": 0, "syncs": 0}
+        self._last_commit = 0.0  # _clock() of the last commit (truncation yields the GIL after one)
         self._closed = False
 
     # ------------------------------------------------------------------ options
@@ -695,6 +700,7 @@ class RVM:
                         self._active[tid] = txn  # still active: the caller may abort it
                     raise
                 self._stats["commits"] += 1
+                self._last_commit = _clock()
             else:
                 end = self._tail
             ratio = self._truncate_ratio
@@ -946,16 +952,15 @@ class RVM:
         scanner = lf.Scanner(self._fd, self._cap, self._salt, self._header.log_size)
         segs = self._segs
         touched: dict[int, _Segment] = {}
-        stats, clock = self._stats, time.perf_counter
-        commits = stats["commits"]
+        clock = _clock
         next_yield = clock() + _YIELD_EVERY
         for seg_id, off, data in scanner.ranges(start, stop):
-            if clock() >= next_yield:
-                # Commits going on meanwhile (their thread waits for the GIL
-                # after each write or sync): hand the GIL over. No commits:
-                # nobody waits for it, so do not pay for a sleep.
-                if stats["commits"] != commits:
-                    commits = stats["commits"]
+            now = clock()
+            if now >= next_yield:
+                # While commits go on, a committer back from its write or
+                # fdatasync waits for the GIL: hand it over regularly. With no
+                # commit for a while nobody waits: do not pay for sleeps.
+                if now - self._last_commit < _COMMITS_GONE:
                     time.sleep(0)
                 next_yield = clock() + _YIELD_EVERY
             seg = segs[seg_id]

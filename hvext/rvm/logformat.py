@@ -312,13 +312,15 @@ class Scanner:
                 buf_lsn = lsn
             if kind == KIND_TXN:
                 p = pos + hsize + rsize * count
-                end = pos + length
-                if p > end:
+                if p > pos + length:
                     break
-                for seg_id, n, off in iter_ranges(buf[pos + hsize : p]):
-                    if p + n > end:
-                        self.end_lsn = lsn
-                        return
+                table = list(iter_ranges(buf[pos + hsize : p]))
+                q = p
+                for entry in table:
+                    q += entry[1]
+                if (q - pos + ALIGN - 1) & ~(ALIGN - 1) != length:
+                    break  # checked before yielding: no byte of a bad record is applied
+                for seg_id, n, off in table:
                     yield seg_id, off, buf[p : p + n]
                     p += n
             elif kind == KIND_WRAP:
