@@ -954,17 +954,24 @@ class RVM:
         touched: dict[int, _Segment] = {}
         clock = _clock
         next_yield = clock() + _YIELD_EVERY
+        n = 0
         for seg_id, off, data in scanner.ranges(start, stop):
-            now = clock()
-            if now >= next_yield:
+            n += 1
+            if not n & 7 and clock() >= next_yield:
                 # While commits go on, a committer back from its write or
                 # fdatasync waits for the GIL: hand it over regularly. With no
                 # commit for a while nobody waits: do not pay for sleeps.
-                if now - self._last_commit < _COMMITS_GONE:
+                if clock() - self._last_commit < _COMMITS_GONE:
                     time.sleep(0)
                 next_yield = clock() + _YIELD_EVERY
-            seg = segs[seg_id]
-            touched[seg_id] = seg
+            seg = touched.get(seg_id)
+            if seg is None:
+                if seg_id >= len(segs):
+                    self._broken = RVMLogCorruptError(
+                        f"{self._path}: the log reads back an unknown segment id {seg_id}"
+                    )
+                    raise self._broken
+                seg = touched[seg_id] = segs[seg_id]
             end = off + len(data)
             m = seg.map
             if m is None or end > len(m):

@@ -285,7 +285,7 @@ class Scanner:
         """
         cap = self._cap
         hsize, rsize = REC.size, RANGE.size
-        unpack_rec, iter_ranges = REC.unpack_from, RANGE.iter_unpack
+        unpack_rec, iter_ranges, unpack_range = REC.unpack_from, RANGE.iter_unpack, RANGE.unpack_from
         lsn = start_lsn
         buf, buf_lsn = self._buf, self._buf_lsn
         self.torn = True
@@ -312,6 +312,13 @@ class Scanner:
                 buf_lsn = lsn
             if kind == KIND_TXN:
                 p = pos + hsize + rsize * count
+                if count == 1:  # the common small transaction: no table to loop over
+                    seg_id, n, off = unpack_range(buf, pos + hsize)
+                    if (hsize + rsize + n + ALIGN - 1) & ~(ALIGN - 1) != length:
+                        break
+                    yield seg_id, off, buf[p : p + n]
+                    lsn += length
+                    continue
                 if p > pos + length:
                     break
                 table = list(iter_ranges(buf[pos + hsize : p]))

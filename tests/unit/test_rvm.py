@@ -993,7 +993,7 @@ def test_preallocated_zeros_are_never_taken_for_records(tmp_path, log):
     ]
 
 
-@pytest.mark.parametrize("where", ["lsn", "length", "table"])
+@pytest.mark.parametrize("where", ["lsn", "length", "table", "segment"])
 def test_truncation_stops_on_a_log_that_reads_back_damaged(tmp_path, log, where):
     """Truncation checks the structure of what it reads back (not the CRC: it wrote it).
 
@@ -1008,7 +1008,9 @@ def test_truncation_stops_on_a_log_that_reads_back_damaged(tmp_path, log, where)
         commit(r, region, 100, b"damaged!", flush=False)
         recs = [x for x in rvm.scan_log(log)["records"] if x["kind"] == "transaction"]
         bad = recs[-1]
-        field = {"lsn": (16, 8), "length": (8, 4), "table": (lf.REC.size + 4, 4)}[where]
+        field = {"lsn": (16, 8), "length": (8, 4), "table": (lf.REC.size + 4, 4), "segment": (lf.REC.size, 4)}[
+            where
+        ]
         fd = os.open(log, os.O_RDWR)  # behind the RVM's back
         try:
             off = bad["offset"] + field[0]
