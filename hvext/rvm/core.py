@@ -71,7 +71,7 @@ _clock = time.perf_counter
 # that a committer waits up to the interpreter's switch interval (5 ms) for
 # it. time.sleep(0) costs 50-120 us (timer slack), so it is paid neither per
 # record nor when nobody commits (a foreground truncate(), close()).
-_YIELD_EVERY = 0.00005
+_YIELD_EVERY = 0.000025
 _COMMITS_GONE = 0.005
 
 DEFAULT_TRUNCATE_RATIO = 0.5
@@ -957,7 +957,7 @@ class RVM:
         n = 0
         for seg_id, off, data in scanner.ranges(start, stop):
             n += 1
-            if not n & 7 and clock() >= next_yield:
+            if not n & 3 and clock() >= next_yield:
                 # While commits go on, a committer back from its write or
                 # fdatasync waits for the GIL: hand it over regularly. With no
                 # commit for a while nobody waits: do not pay for sleeps.
