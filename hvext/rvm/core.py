@@ -746,12 +746,8 @@ class RVM:
                 crc = _crc32(table, _crc32(body, self._salt))
                 for view in views:
                     crc = _crc32(view, crc)
-                iov = [_U32_PACK(crc), body, table, *views]
-                if size != used:
-                    pad = _PAD[: size - used]
-                    iov.append(pad)
-                    crc = _crc32(pad, crc)
-                    iov[0] = _U32_PACK(crc)
+                pad = _PAD[: size - used]
+                iov = [_U32_PACK(_crc32(pad, crc)), body, table, *views, pad]
                 try:
                     n = os.pwritev(self._fd, iov, lf.DATA_START + lsn % cap)
                     if n != size:  # short write: finish the rest the slow way
