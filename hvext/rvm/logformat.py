@@ -312,7 +312,7 @@ class Scanner:
                 buf_lsn = lsn
             if kind == KIND_TXN:
                 p = pos + hsize + rsize * count
-                if count == 1:  # the common small transaction: no table to loop over
+                if count == 1 and length >= hsize + rsize:  # the common case: no table loop
                     seg_id, n, off = unpack_range(buf, pos + hsize)
                     if (hsize + rsize + n + ALIGN - 1) & ~(ALIGN - 1) != length:
                         break

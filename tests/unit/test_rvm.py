@@ -1064,3 +1064,4 @@ def test_truncation_yields_the_gil_only_while_commits_go_on(tmp_path, log, monke
         assert sleeps
         final = bytes(region)
     assert read_file(seg) == final
+
