@@ -388,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 res["truncations"] = rb.stats()["truncations"] - before
                 for name, m in meters.items():
                     print(f"#  {nr:2d} ranges {'flush' if flush else 'no_flush':8s} {name:16s} "
-                          f"{m.rate:10,.0f} tx/s  ({m.done} in {m.seconds:.2f} s, {m.commit_seconds:.2f} s committing)", file=sys.stderr)
+                          f"{m.rate:10,.0f} tx/s  ({m.done} in {m.seconds:.2f} s, "
+                          f"{m.commit_seconds:.2f} s committing)", file=sys.stderr)
                 rows.append((nr, "flush" if flush else "no_flush", res))
         grp = None
         if args.threads > 1:  # interleaved too: 1 thread, N threads, 1 thread, ...

@@ -641,7 +641,11 @@ class RVM:
                 raise RVMInactiveTransactionError(f"transaction {tid!r} is not active")
             if not isinstance(region, Region) or region._rvm is not self:
                 raise RVMNotMappedError(f"{region!r} is not a region mapped by this RVM")
-            if type(offset) is not int or type(length) is not int or not 0 <= offset < offset + length <= len(region):
+            if (
+                type(offset) is not int
+                or type(length) is not int
+                or not 0 <= offset < offset + length <= len(region)
+            ):
                 raise RVMRangeError(
                     f"range [{offset!r}:+{length!r}] is outside region of length {len(region)}"
                 )

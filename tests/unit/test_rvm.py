@@ -1008,9 +1008,9 @@ def test_truncation_stops_on_a_log_that_reads_back_damaged(tmp_path, log, where)
         commit(r, region, 100, b"damaged!", flush=False)
         recs = [x for x in rvm.scan_log(log)["records"] if x["kind"] == "transaction"]
         bad = recs[-1]
-        field = {"lsn": (16, 8), "length": (8, 4), "table": (lf.REC.size + 4, 4), "segment": (lf.REC.size, 4)}[
-            where
-        ]
+        at_table = lf.REC.size  # the first range entry: segment id, then length
+        fields = {"lsn": (16, 8), "length": (8, 4), "table": (at_table + 4, 4), "segment": (at_table, 4)}
+        field = fields[where]
         fd = os.open(log, os.O_RDWR)  # behind the RVM's back
         try:
             off = bad["offset"] + field[0]
