@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from hvext.errors import (AgentUnavailable, DomainNotFound, DomainStateError, Ho
 from hvext.qmp import PassthroughQMP, QMPSession, SocketQMP
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 DEFAULT_URI = "qemu:///system"
 
 STATE_NAMES = {
@@ -125,8 +127,10 @@ class Host:
                 "running? `make libvirtd` starts it, `hvext doctor` checks it") from err
 
     def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
+        try:
             self.conn.close()
+        except libvirt.libvirtError as err:  # closing a connection libvirtd already dropped
+            log.debug("closing %s: %s", self.uri, err.get_error_message())
 
     def __enter__(self) -> Host:
         return self
@@ -325,13 +329,16 @@ class Domain:
 
     async def _shutdown_and_wait(self, timeout: float) -> None:
         async with self.lifecycle_events() as events:
-            with self._errors("shutting down"):
-                self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            await asyncio.to_thread(self._press_power_button)
             try:
                 await asyncio.wait_for(_until_stopped(events, self), timeout)
             except asyncio.TimeoutError as err:
                 raise DomainStateError(f"domain {self.name!r} did not power off within {timeout:.0f} s; "
                                        f"`hvext destroy {self.name}` forces it off") from err
+
+    def _press_power_button(self) -> None:
+        with self._errors("shutting down"):
+            self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
 
     @contextlib.asynccontextmanager
     async def lifecycle_events(self) -> AsyncIterator[asyncio.Queue[tuple[int, int]]]:
@@ -341,14 +348,22 @@ class Domain:
         def callback(conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
             queue.put_nowait((event, detail))
 
-        with self._errors("watching"):
-            handle = self.host.conn.domainEventRegisterAny(
-                self.dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None)
+        def register() -> int:
+            with self._errors("watching"):
+                return int(self.host.conn.domainEventRegisterAny(
+                    self.dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None))
+
+        def deregister(handle: int) -> None:
+            try:
+                self.host.conn.domainEventDeregisterAny(handle)
+            except libvirt.libvirtError as err:  # the connection is gone: so is the callback
+                log.debug("deregistering lifecycle events of %s: %s", self.name, err.get_error_message())
+
+        handle = await asyncio.to_thread(register)
         try:
             yield queue
         finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                self.host.conn.domainEventDeregisterAny(handle)
+            await asyncio.to_thread(deregister, handle)
 
     def undefine(self, *, remove_state: bool = True) -> None:
         """Undefine (the domain must be off) and remove hvext's overlay disk and state."""
@@ -369,11 +384,15 @@ class Domain:
             return {str(k): int(v) for k, v in self.dom.memoryStats().items()}
 
     # -- channels -------------------------------------------------------
+    def _running_facts(self) -> domxml.DomainFacts:
+        """:meth:`facts` of a running domain (blocking: async callers run it in a thread)."""
+        self.require_running()
+        return self.facts()
+
     @contextlib.asynccontextmanager
     async def qmp(self) -> AsyncIterator[QMPSession]:
         """A QMP session: hvext's own monitor when present, else libvirt passthrough."""
-        self.require_running()
-        facts = self.facts()
+        facts = await asyncio.to_thread(self._running_facts)
         if facts.qmp_socket is not None:
             session: QMPSession = await SocketQMP(facts.qmp_socket, name=self.name).connect()
         else:
@@ -386,8 +405,7 @@ class Domain:
     @contextlib.asynccontextmanager
     async def agent(self, *, timeout: float = 10.0) -> AsyncIterator[AgentClient]:
         """A synchronised agent session (AgentUnavailable when the domain has no agent)."""
-        self.require_running()
-        facts = self.facts()
+        facts = await asyncio.to_thread(self._running_facts)
         if not facts.has_agent_channel:
             raise AgentUnavailable(f"domain {self.name!r} has no hvext agent channel "
                                    f"({domxml.AGENT_PORT}); commands that need the agent do not work on it")
@@ -421,7 +439,7 @@ class Domain:
 
 
 async def _until_stopped(events: asyncio.Queue[tuple[int, int]], domain: Domain) -> None:
-    if not domain.is_active():
+    if not await asyncio.to_thread(domain.is_active):
         return
     while True:
         event, _ = await events.get()

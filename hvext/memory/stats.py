@@ -9,6 +9,7 @@ checked to be non-negative integers and kept apart from the hypervisor's own.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,7 @@ async def agent_meminfo(domain: Domain) -> dict[str, dict[str, int]]:
 
 async def collect(domain: Domain) -> MemStats:
     """Balloon figures from QMP and meminfo from the agent; a missing agent is reported, not fatal."""
-    stats = MemStats(balloon_target=balloon.recorded_target(domain))
+    stats = MemStats(balloon_target=await asyncio.to_thread(balloon.recorded_target, domain))
     try:
         async with domain.qmp() as qmp:
             stats.balloon_actual = int((await qmp.execute("query-balloon"))["actual"])
