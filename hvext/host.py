@@ -164,6 +164,11 @@ class Host:
                     "hypervisor": _version(self.conn.getVersion()),
                     "uri": self.conn.getURI()}
 
+    def memory_mib(self) -> int:
+        """The host's memory in MiB, as libvirt reports it (the node of the connection, not this process's)."""
+        with libvirt_errors("reading the host's information"):
+            return int(self.conn.getInfo()[1])
+
     def qemu_user(self) -> tuple[int, int]:
         """uid and gid QEMU processes run as (libvirt's DAC base label)."""
         with libvirt_errors("reading capabilities"):
@@ -281,6 +286,20 @@ class Domain:
     def is_active(self) -> bool:
         with self._errors(""):
             return bool(self.dom.isActive())
+
+    def uuid(self) -> str:
+        with self._errors(""):
+            return str(self.dom.UUIDString())
+
+    def id(self) -> int | None:
+        """The hypervisor's id of a running domain; None when it is not running."""
+        with self._errors(""):
+            return int(self.dom.ID()) if self.dom.isActive() else None
+
+    def xml(self, *, inactive: bool = False) -> str:
+        """The domain's XML: live (inactive XML when it is off), or with *inactive* its persistent definition."""
+        with self._errors("reading the definition of"):
+            return str(self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0))
 
     def facts(self) -> domxml.DomainFacts:
         """Facts from the live XML (inactive XML when the domain is off)."""

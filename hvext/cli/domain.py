@@ -10,7 +10,7 @@ from typing import Any
 
 from hvext import aio
 from hvext.cli import common
-from hvext.errors import UsageError
+from hvext.errors import DomainNotFound, UsageError
 from hvext.host import DomainSpec
 from hvext.units import parse_size_mib
 
@@ -66,9 +66,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    rows = []
     with common.open_host(args) as host:
-        rows = [{"id": d.dom.ID() if d.is_active() else None, "name": d.name, "state": d.state(),
-                 "hvext": d.facts().hvext_managed} for d in host.domains(include_inactive=args.all)]
+        for d in host.domains(include_inactive=args.all):
+            try:
+                rows.append({"id": d.id(), "name": d.name, "state": d.state(), "hvext": d.facts().hvext_managed})
+            except DomainNotFound:
+                continue  # undefined while we were listing
     if args.json:
         common.print_json(rows)
     else:
