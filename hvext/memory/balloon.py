@@ -143,7 +143,8 @@ def boot_memory(domain: Domain) -> int:
     The sum of the NUMA cells when the XML has them (hvext domains do), else
     ``<memory>`` minus the memory devices.
     """
-    root = etree.fromstring(domain.xml().encode())
+    with libvirt_errors(f"reading the definition of {domain.name!r}"):
+        root = etree.fromstring(domain.dom.XMLDesc(0).encode())
     cells = root.findall("cpu/numa/cell")
     if cells:
         return sum(libvirt_size(c.get("memory"), c.get("unit")) for c in cells)
@@ -155,7 +156,8 @@ def boot_memory(domain: Domain) -> int:
 
 def autodeflate(domain: Domain) -> bool:
     """True when the balloon deflates on guest OOM (then MemTotal keeps the inflated pages)."""
-    root = etree.fromstring(domain.xml().encode())
+    with libvirt_errors(f"reading the definition of {domain.name!r}"):
+        root = etree.fromstring(domain.dom.XMLDesc(0).encode())
     return any(b.get("autodeflate") == "on" for b in root.iterfind("devices/memballoon"))
 
 
