@@ -138,13 +138,15 @@ class BalloonResult:
 
 
 def boot_memory(domain: Domain) -> int:
-    """The balloon's ceiling in bytes: the domain's boot RAM (memory devices such as NVDIMMs excluded).
-
-    The sum of the NUMA cells when the XML has them (hvext domains do), else
-    ``<memory>`` minus the memory devices.
-    """
+    """The balloon's ceiling in bytes: the domain's boot RAM (memory devices such as NVDIMMs excluded)."""
     with libvirt_errors(f"reading the definition of {domain.name!r}"):
         root = etree.fromstring(domain.dom.XMLDesc(0).encode())
+    return boot_memory_of(root)
+
+
+def boot_memory_of(root: etree._Element) -> int:
+    """Boot RAM in bytes of a domain XML: the sum of the NUMA cells when it has them (hvext
+    domains do), else ``<memory>`` minus the memory devices (which libvirt counts in it)."""
     cells = root.findall("cpu/numa/cell")
     if cells:
         return sum(libvirt_size(c.get("memory"), c.get("unit")) for c in cells)
@@ -152,6 +154,20 @@ def boot_memory(domain: Domain) -> int:
     total = libvirt_size(memory.text, memory.get("unit")) if memory is not None else 0
     devices = sum(libvirt_size(e.text, e.get("unit")) for e in root.iterfind("devices/memory/target/size"))
     return total - devices
+
+
+def definition_target(root: etree._Element) -> int | None:
+    """The balloon target a domain XML starts the guest with, in bytes; None without ``<currentMemory>``.
+
+    libvirt counts memory devices (NVDIMM, virtio-pmem) in ``<currentMemory>``
+    (attaching one adds its size), while QEMU's balloon works on boot RAM and
+    caps its target there: so the target is ``currentMemory`` capped at the
+    boot memory, never a figure that includes PMEM.
+    """
+    current = root.find("currentMemory")
+    if current is None or not current.text:
+        return None
+    return min(libvirt_size(current.text, current.get("unit")), boot_memory_of(root))
 
 
 def autodeflate(domain: Domain) -> bool:
@@ -263,10 +279,8 @@ def recorded_target(domain: Domain) -> Target | None:
     except libvirt.libvirtError as err:
         log.warning("cannot read the definition of %s: %s", domain.name, err.get_error_message())
         return None
-    current = root.find("currentMemory")
-    if current is None or not current.text:
-        return None
-    return Target(libvirt_size(current.text, current.get("unit")), "definition")
+    target = definition_target(root)
+    return Target(target, "definition") if target is not None else None
 
 
 # -- setting --------------------------------------------------------------
