@@ -27,7 +27,9 @@ from hvext import accel, aio, domxml, image, paths
 from hvext.agent.client import AgentClient
 from hvext.errors import (AgentUnavailable, DomainNotFound, DomainStateError, HostError, HvextError,
                           LibvirtUnavailable, UnsupportedError, UsageError)
-from hvext.qmp import PassthroughQMP, QMPSession, SocketQMP
+from hvext.qmp import PassthroughQMP, QMPSession
+from hvext.qmp import monitor as qmp_monitor
+from hvext.qmp import shared as shared_qmp
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -197,7 +199,7 @@ class Host:
             os.chown(directory, 0, gid)
             directory.chmod(0o770)
         paths.console_log(name, self.host_id).parent.mkdir(parents=True, exist_ok=True)
-        if len(str(runtime / "agent.sock")) >= 108:
+        if len(str(runtime / "qmp-cli.sock")) >= 108:  # the longest socket name
             raise UsageError(f"domain name {name!r} is too long for unix socket paths under {paths.STATE_DIR}")
         return runtime
 
@@ -214,7 +216,8 @@ class Host:
             cpu=domxml.CPU(kvm=acc.is_kvm, vcpus=spec.vcpus, memory_mib=spec.memory_mib),
             disk=domxml.Disk(paths.domain_dir(spec.name) / "disk.qcow2"),
             console=domxml.SerialConsole(paths.console_log(spec.name, self.host_id)),
-            qmp=domxml.QMPMonitor(paths.runtime_dir(spec.name, self.host_id) / "qmp.sock"),
+            qmp=domxml.QMPMonitor(paths.runtime_dir(spec.name, self.host_id) / "qmp.sock",
+                                  paths.runtime_dir(spec.name, self.host_id) / "qmp-cli.sock"),
             emulator=emulator_path(),
             devices=[domxml.AgentChannel(paths.runtime_dir(spec.name, self.host_id) / "agent.sock"),
                      domxml.Balloon(free_page_reporting=spec.free_page_reporting),
@@ -410,16 +413,23 @@ class Domain:
 
     @contextlib.asynccontextmanager
     async def qmp(self) -> AsyncIterator[QMPSession]:
-        """A QMP session: hvext's own monitor when present, else libvirt passthrough."""
+        """A QMP session: this process's hvext monitor when the domain has one, else libvirt passthrough.
+
+        hvextd uses the domain's daemon monitor, every other process the CLI
+        monitor (the daemon's on domains defined before there were two); the
+        sessions of one process share one connection (:func:`hvext.qmp.shared`).
+        """
         facts = await asyncio.to_thread(self._running_facts)
-        if facts.qmp_socket is not None:
-            session: QMPSession = await SocketQMP(facts.qmp_socket, name=self.name).connect()
-        else:
+        socket = facts.monitor_socket(qmp_monitor())
+        if socket is None:
             session = PassthroughQMP(self.dom)
-        try:
-            yield session
-        finally:
-            await session.close()
+            try:
+                yield session
+            finally:
+                await session.close()
+            return
+        async with shared_qmp(socket, name=self.name) as shared:
+            yield shared
 
     @contextlib.asynccontextmanager
     async def agent(self, *, timeout: float = 10.0) -> AsyncIterator[AgentClient]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import libvirt
 
-from hvext import aio
+from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable
 from hvext.daemon import reclaim_loop
 from hvext.daemon.reclaim_loop import ReclaimConfig
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except HvextError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    qmp.use_monitor("daemon")  # the CLI keeps the other one: `hvext qmp` works while hvextd holds this one
     loop = aio.loop()
 
     async def start() -> Daemon:
