@@ -149,6 +149,23 @@ async def shared(socket: Path, *, name: str) -> AsyncIterator[SocketQMP]:
             await entry.session.close()
 
 
+def passthrough_result(command: str, raw: str) -> Any:
+    """The ``return`` of a QMP reply libvirt passed through (QEMU's text: checked, QMPError otherwise)."""
+    try:
+        reply = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise QMPError(f"QMP {command}: QEMU's reply is not JSON ({err})") from err
+    if not isinstance(reply, dict):
+        raise QMPError(f"QMP {command}: QEMU's reply is not an object")
+    if "error" in reply:
+        error = reply["error"]
+        desc = error.get("desc") if isinstance(error, dict) else None
+        raise QMPError(f"QMP {command} failed: {desc if isinstance(desc, str) else str(error)[:200]}")
+    if "return" not in reply:
+        raise QMPError(f"QMP {command}: QEMU's reply has neither 'return' nor 'error'")
+    return reply["return"]
+
+
 class PassthroughQMP:
     """libvirt's ``qemuMonitorCommand`` for domains without hvext's socket (no events)."""
 
@@ -167,10 +184,7 @@ class PassthroughQMP:
                 None, libvirt_qemu.qemuMonitorCommand, self.domain, json.dumps(request), 0)
         except libvirt.libvirtError as err:
             raise QMPError(f"QMP {command} through libvirt failed: {err.get_error_message()}") from err
-        reply = json.loads(raw)
-        if "error" in reply:
-            raise QMPError(f"QMP {command} failed: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
+        return passthrough_result(command, raw)
 
     async def events(self, *names: str) -> AsyncIterator[dict[str, Any]]:
         raise UnsupportedError("QMP events need hvext's monitor socket; this domain was not defined by hvext")

@@ -202,8 +202,21 @@ def check_target(domain: Domain, size: int) -> int:
 async def read_balloon(domain: Domain) -> tuple[int, dict[str, Any]]:
     """(actual bytes, QMP guest-stats reply) of a running domain."""
     async with domain.qmp() as qmp:
-        actual = int((await qmp.execute("query-balloon"))["actual"])
+        actual = await query_actual(qmp)
         return actual, await _guest_stats(qmp)
+
+
+async def query_actual(qmp: Any) -> int:
+    """``actual`` of QEMU's query-balloon, in bytes."""
+    return actual_of(await qmp.execute("query-balloon"))
+
+
+def actual_of(reply: Any) -> int:
+    """``actual`` (bytes) of a query-balloon reply; QMPError when it does not carry a sane one."""
+    actual = reply.get("actual") if isinstance(reply, dict) else None
+    if not isinstance(actual, int) or isinstance(actual, bool) or not 0 <= actual < 2**63:
+        raise QMPError(f"QMP query-balloon: no usable 'actual' in the reply ({str(reply)[:80]!r})")
+    return actual
 
 
 async def _guest_stats(qmp: Any) -> dict[str, Any]:
@@ -364,7 +377,7 @@ async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOU
             watcher = asyncio.ensure_future(watch())
             await asyncio.sleep(0)  # subscribed before the first query
         try:
-            actual = int((await qmp.execute("query-balloon"))["actual"])
+            actual = await query_actual(qmp)
             first = actual if start is None else start
             best_gap = abs(actual - target)
             last_progress = time.monotonic()
@@ -393,7 +406,7 @@ async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOU
                         continue
                 except TimeoutError:
                     pass
-                actual = int((await qmp.execute("query-balloon"))["actual"])
+                actual = await query_actual(qmp)
             stats = await _guest_stats(qmp) if outcome != "reached" else {}
         finally:
             if watcher is not None:

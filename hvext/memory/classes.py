@@ -225,7 +225,7 @@ async def host_limit(domain: Domain) -> tuple[int, str]:
         return await asyncio.to_thread(balloon.boot_memory, domain), "boot memory"
     try:
         async with domain.qmp() as qmp:
-            return int((await qmp.execute("query-balloon"))["actual"]), "balloon actual"
+            return await balloon.query_actual(qmp), "balloon actual"
     except QMPError:
         return await asyncio.to_thread(balloon.boot_memory, domain), "boot memory"
 

@@ -1,4 +1,5 @@
-"""hvextd's loops survive failures (libvirt's test driver, a private state dir: no VM, no libvirtd)."""
+"""hvextd's loops survive failures (libvirt's test driver, a private state dir: no VM, no libvirtd),
+and what QEMU sends the balloon and QMP code is checked before use."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from hvext import aio
+from hvext import aio, qmp
 from hvext.daemon import reclaim_loop
 from hvext.daemon.reclaim_loop import ReclaimConfig
-from hvext.errors import UsageError
+from hvext.errors import QMPError, UsageError
 from hvext.host import Host
 from hvext.memory import balloon
+from hvext.memory import stats as memstats
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,3 +126,34 @@ def test_balloon_watcher_failure_is_logged(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.WARNING, "hvext.memory.balloon"):
         aio.run(reap())
     assert "BALLOON_CHANGE events of vm1 stopped (ConnectionResetError: monitor closed)" in caplog.text
+
+
+@pytest.mark.parametrize("reply", [None, [], "x", {}, {"actual": "1"}, {"actual": True}, {"actual": -1},
+                                   {"actual": 2**64}])
+def test_query_balloon_reply_is_validated(reply: object) -> None:
+    """QEMU's reply reached int(reply["actual"]): a KeyError or TypeError, not an hvext error."""
+    with pytest.raises(QMPError, match="no usable 'actual'"):
+        balloon.actual_of(reply)
+    assert balloon.actual_of({"actual": 512 << 20}) == 512 << 20
+
+
+@pytest.mark.parametrize("reply,stats,updated", [
+    ({"stats": {"stat-free-memory": 5, "stat-x": 2**64 - 1, "stat-y": "7", 3: 4}, "last-update": 9},
+     {"stat-free-memory": 5}, 9),
+    ({"stats": [1, 2], "last-update": "soon"}, {}, None), ([], {}, None), (None, {}, None),
+])
+def test_guest_stats_reply_is_validated(reply: object, stats: dict[str, int], updated: int | None) -> None:
+    assert memstats.guest_stats_of(reply) == (stats, updated)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ("[1]", "not an object"), ("{not json", "not JSON"), ("[" * 100000, "not JSON"),
+    ('{"error": "boom"}', "failed: boom"), ('{"error": {"class": "GenericError", "desc": "no"}}', "failed: no"),
+    ('{"id": 1}', "neither 'return' nor 'error'"),
+])
+def test_passthrough_replies_are_validated(raw: str, message: str) -> None:
+    """libvirt passes QEMU's text through: a list, a string error or deep nesting raised
+    AttributeError or RecursionError instead of a QMPError."""
+    with pytest.raises(QMPError, match=message):
+        qmp.passthrough_result("query-status", raw)
+    assert qmp.passthrough_result("query-status", '{"return": {"status": "running"}}') == {"status": "running"}
