@@ -53,6 +53,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     (["pool-create", "/p", "--limit", str(2**60) + "M"], "larger than the maximum"),
     (["qmp", "x", "query-status", "{not json"], "not valid JSON"),
     (["qmp", "x", "query-status", "[1]"], "must be a JSON object"),
+    (["qmp", "x", "query-status", "[" * 100000], "not valid JSON"),
     (["guest-exec", "x"], "give the program to run after --"),
 ])
 def test_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
