@@ -71,13 +71,11 @@ class Daemon:
                 host = await asyncio.to_thread(Host, self.uri)
             except LibvirtUnavailable as err:
                 log.error("%s; retrying in %.0f s", err, backoff)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff = await self._back_off(backoff)
                 continue
             except Exception:
                 log.exception("connecting to libvirt failed unexpectedly; retrying in %.0f s", backoff)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff = await self._back_off(backoff)
                 continue
             backoff = 1.0
             self.disconnected.clear()
@@ -85,14 +83,17 @@ class Daemon:
                 await self._watch(host)
             except (libvirt.libvirtError, HvextError) as err:
                 log.error("libvirt failed: %s; retrying in %.0f s", err, backoff)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff = await self._back_off(backoff)
             except Exception:
                 log.exception("watching %s failed unexpectedly; retrying in %.0f s", host.uri, backoff)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff = await self._back_off(backoff)
             finally:
                 await asyncio.to_thread(host.close)
+
+    async def _back_off(self, seconds: float) -> float:
+        """Wait *seconds* (or until stopped) and return the next, longer wait."""
+        await self._sleep(seconds)
+        return min(seconds * 2, MAX_BACKOFF_S)
 
     def _register(self, host: Host) -> int:
         """Keepalive, close callback and lifecycle events on *host* (blocking: run in a thread)."""
