@@ -49,6 +49,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     (["agent-ping", "x", "--timeout", "inf"], "not a finite number of seconds"),
     (["dirtylog", "x", "--seconds", "nan"], "not a finite number of seconds"),
     (["migrate", "x", "qemu:///system", "--timeout", "inf"], "not a finite number of seconds"),
+    # (a pid file that does not exist: were the check gone, stop would find no daemon to stop)
+    (["daemon", "stop", "--timeout", "nan", "--pid-file", "/nonexistent/hvext-test.pid"], "not a finite number"),
+    (["daemon", "stop", "--timeout", "-1", "--pid-file", "/nonexistent/hvext-test.pid"], "must be positive"),
     (["pool-create", "/p", "--reservation", "9" * 400], "longer than 64 characters"),
     (["pool-create", "/p", "--limit", str(2**60) + "M"], "larger than the maximum"),
     (["qmp", "x", "query-status", "{not json"], "not valid JSON"),
