@@ -23,7 +23,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("dirtylog", help="pages the guest dirtied over an interval (needs the patched QEMU)")
     common.add_domain(p)
-    p.add_argument("--seconds", type=common.positive_float, default=1.0, help="interval (default 1)")
+    p.add_argument("--seconds", type=common.seconds, default=1.0, help="interval (default 1)")
     common.add_json(p)
     p.set_defaults(func=cmd_dirtylog)
 

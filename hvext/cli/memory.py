@@ -30,10 +30,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     common.add_domain(p)
     p.add_argument("size", metavar="SIZE", help="new target, e.g. 512M, 2G, 1.5GiB (at least 64 MiB, at most "
                                                 "the domain's memory)")
-    p.add_argument("--wait", type=common.positive_float, nargs="?", const=balloon.DEFAULT_TIMEOUT_S,
+    p.add_argument("--wait", type=common.seconds, nargs="?", const=balloon.DEFAULT_TIMEOUT_S,
                    metavar="SECONDS", help="follow the balloon until it reaches the target or the guest stops "
                                            f"(at most SECONDS, default {balloon.DEFAULT_TIMEOUT_S:.0f})")
-    p.add_argument("--stall", type=common.positive_float, default=balloon.DEFAULT_STALL_S, metavar="SECONDS",
+    p.add_argument("--stall", type=common.seconds, default=balloon.DEFAULT_STALL_S, metavar="SECONDS",
                    help="with --wait: the guest has stopped when the balloon did not move closer for this long "
                         f"(default {balloon.DEFAULT_STALL_S:.0f})")
     p.add_argument("--force", action="store_true",
@@ -44,9 +44,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("memclass", help="guest memory usage classes (free, page cache, anon, slab, ...) "
                                              "from the agent, checked")
     common.add_domain(p)
-    p.add_argument("--watch", type=common.positive_float, nargs="?", const=2.0, metavar="SECONDS",
+    p.add_argument("--watch", type=common.seconds, nargs="?", const=2.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) from the agent's periodic sampler until Ctrl-C")
-    p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N samples")
+    p.add_argument("--count", type=common.count(1, 10**9), metavar="N", help="with --watch: stop after N samples")
     common.add_json(p)
     p.set_defaults(func=cmd_memclass)
 
@@ -150,8 +150,8 @@ def classes_table(report: classes.MemClasses) -> Table:
 
 
 def cmd_memclass(args: argparse.Namespace) -> int:
-    if args.count is not None and (args.count < 1 or args.watch is None):
-        raise UsageError("--count needs --watch and a positive number")
+    if args.count is not None and args.watch is None:
+        raise UsageError("--count needs --watch")
     with common.open_domain(args) as dom:
         dom.require_running()
         if args.watch is None:
