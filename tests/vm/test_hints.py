@@ -83,4 +83,3 @@ def test_epoch_consistent_save_skips_volatile_ranges(hinted_vm, capsys) -> None:
     assert first == second > 3, values  # frozen at an epoch: both halves of the last update
     assert volatile == "00" * 8, (values, saved)  # volatile range was not saved: it comes back empty
     # (blocks a volatile range only partly covers are kept: a save never drops other data)
-
