@@ -8,13 +8,21 @@ Wire format (one JSON object per line, both directions)::
 
 The host starts every session with ``guest-sync`` carrying a random nonce and
 discards whatever it reads before the matching reply (stale replies from an
-earlier session), like qemu-ga. Lines longer than ``MAX_LINE`` are dropped.
+earlier session), like qemu-ga. Lines longer than ``MAX_LINE`` are dropped;
+requests are parsed with bounded nesting and numbers (a hostile host line is
+an error reply, never the end of the agent). Replies are never longer than
+the host reads (``HOST_MAX_LINE``): ``exec`` output is cut to fit, and any
+other oversized reply becomes a ``ReplyTooLong`` error.
+
+The limits mirror ``hvext.agent.protocol`` (MAX_LINE there is HOST_MAX_LINE
+here, AGENT_MAX_LINE there is MAX_LINE here); a unit test checks they agree.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import platform
 import select
@@ -27,8 +35,62 @@ from typing import Any, Callable
 from hvext_agent import AGENT_VERSION, PORT_NAME, PROTOCOL_VERSION, hints
 from hvext_agent.memclass import cmd_memclass
 
-MAX_LINE = 64 * 1024
+MAX_LINE = 64 * 1024  # longest request line read from the host
+HOST_MAX_LINE = 256 * 1024  # longest reply line the host reads
+MAX_DEPTH = 32  # deepest nesting of arrays/objects in a request
+MAX_INT_DIGITS = 40
 WRITE_DEADLINE_S = 5.0
+
+
+class RequestError(ValueError):
+    """A request line is not JSON within the agent's limits."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError("number out of range")
+    return value
+
+
+def _refuse_constant(text: str) -> Any:
+    raise RequestError(f"{text} is not JSON")
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """True if *value* nests arrays/objects more than *limit* levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_request(line: bytes) -> Any:
+    """The JSON value of one request line; RequestError for anything else (never another exception)."""
+    try:
+        value = json.loads(line, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant)
+    except RecursionError as err:
+        raise RequestError("nested too deeply") from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RequestError("not JSON") from err
+    if _too_deep(value, MAX_DEPTH):
+        raise RequestError(f"nested more than {MAX_DEPTH} levels")
+    return value
 
 
 class CommandError(Exception):
@@ -326,9 +388,9 @@ class Agent:
         if not line:
             return
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            self.send({"id": None, "ok": False, "error": {"class": "ParseError", "desc": "not JSON"}})
+            request = parse_request(line)
+        except RequestError as err:
+            self.send({"id": None, "ok": False, "error": {"class": "ParseError", "desc": str(err)}})
             return
         if not isinstance(request, dict):
             self.send({"id": None, "ok": False, "error": {"class": "ParseError", "desc": "not an object"}})

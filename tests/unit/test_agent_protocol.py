@@ -195,3 +195,50 @@ def test_line_reader_skips_oversized_lines() -> None:
         with pytest.raises(EOFError):
             await lines.readline()
     run(session())
+
+
+@pytest.mark.parametrize("line", [
+    b"[" * 5000, b"[" * 100_000 + b"]" * 100_000, b'{"id": 1, "ok": true, "result": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
+    b'{"id": 1, "ok": true, "result": {"deep": ' + b"[" * 200 + b"]" * 200 + b"}}",  # under the parser's limit
+    b'{"id": 1, "ok": true, "result": {"n": ' + b"9" * 5000 + b"}}",  # over Python's int-from-str limit
+    b'{"id": 1, "ok": true, "result": {"n": ' + b"9" * 100 + b"}}",
+    b'{"id": 1, "ok": true, "result": {"n": NaN}}', b'{"id": 1, "ok": true, "result": {"n": -Infinity}}',
+    b'{"id": 1, "ok": true, "result": {"n": 1e999}}',
+], ids=["open-5000", "nested-100000", "objects-5000", "nested-200", "int-5000-digits", "int-100-digits",
+        "nan", "infinity", "1e999"])
+def test_parse_reply_refuses_deep_nesting_and_absurd_numbers(line: bytes) -> None:
+    with pytest.raises(AgentProtocolError):
+        parse_reply(line)
+
+
+def test_parse_reply_keeps_ordinary_nesting_and_numbers() -> None:
+    reply = parse_reply(b'{"id": 3, "ok": true, "result": {"a": [[{"b": [1, 2.5, -3, 18446744073709551615]}]]}}')
+    assert reply.result == {"a": [[{"b": [1, 2.5, -3, 2 ** 64 - 1]}]]}
+
+
+def _agent_replies(lines: list[bytes]) -> list[dict]:
+    """Feed *lines* to a real Agent on a socket pair and return every reply it sent."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.setblocking(False)
+        agent = Agent(theirs.fileno())
+        for line in lines:
+            agent.feed(line + b"\n")
+        ours.setblocking(False)
+        data = b""
+        try:
+            while chunk := ours.recv(1 << 20):
+                data += chunk
+        except BlockingIOError:
+            pass
+    return [json.loads(raw) for raw in data.split(b"\n") if raw.strip()]
+
+
+@pytest.mark.parametrize("line", [
+    b"[" * 5000, b'{"id": 1, "cmd": "ping", "args": ' + b"[" * 100_000 + b"}",
+    b'{"id": ' + b"9" * 5000 + b', "cmd": "ping"}', b'{"id": 1, "cmd": "ping", "args": {"x": NaN}}',
+], ids=["open-5000", "nested-100000", "int-5000-digits", "nan"])
+def test_agent_answers_hostile_requests_with_an_error_and_keeps_serving(line: bytes) -> None:
+    first, second = _agent_replies([line, b'{"id": 2, "cmd": "ping", "args": {}}'])
+    assert first["ok"] is False and first["error"]["class"] == "ParseError", first
+    assert second == {"id": 2, "ok": True, "result": {}}
