@@ -158,8 +158,24 @@ def cmd_meminfo(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MAX_EXEC_OUTPUT = 256 * 1024
+#: JSON bytes each of stdout and stderr may take in an exec reply (the rest of the line is the envelope).
+EXEC_OUTPUT_BUDGET = (HOST_MAX_LINE - 4096) // 2
 MAX_EXEC_TIMEOUT_S = 600.0
+
+
+def _fit_tail(data: bytes, budget: int) -> tuple[str, bool]:
+    """The longest tail of *data*, as text, whose JSON string takes at most *budget* bytes; and if it was cut.
+
+    JSON escaping can make one byte six (a control byte or an invalid one
+    becomes ``\\u00XX`` or ``\\ufffd``), so the cut is measured, not assumed.
+    """
+    keep = min(len(data), budget)
+    while True:
+        text = data[len(data) - keep:].decode(errors="replace")
+        size = len(json.dumps(text))
+        if size <= budget:
+            return text, keep < len(data)
+        keep = max(0, keep * budget // size - 1)
 
 
 def cmd_exec(args: dict[str, Any]) -> dict[str, Any]:
@@ -182,9 +198,11 @@ def cmd_exec(args: dict[str, Any]) -> dict[str, Any]:
         raise CommandError("ExecFailed", f"{argv[0]}: not found") from err
     except subprocess.TimeoutExpired as err:
         raise CommandError("ExecTimeout", f"{argv[0]} did not finish within {timeout} s") from err
-    return {"exitcode": done.returncode,
-            "stdout": done.stdout[-MAX_EXEC_OUTPUT:].decode(errors="replace"),
-            "stderr": done.stderr[-MAX_EXEC_OUTPUT:].decode(errors="replace")}
+    stdout, stdout_cut = _fit_tail(done.stdout, EXEC_OUTPUT_BUDGET)
+    stderr, stderr_cut = _fit_tail(done.stderr, EXEC_OUTPUT_BUDGET)
+    return {"exitcode": done.returncode, "stdout": stdout, "stderr": stderr,
+            "stdout_truncated": stdout_cut, "stderr_truncated": stderr_cut,
+            "stdout_bytes": len(done.stdout), "stderr_bytes": len(done.stderr)}
 
 
 def _ndctl_namespaces() -> list[dict[str, Any]]:
@@ -362,7 +380,16 @@ class Agent:
                 raise
 
     def send(self, message: dict[str, Any]) -> None:
-        self.send_raw(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        """Send one reply; one the host could not read (over HOST_MAX_LINE) becomes a ReplyTooLong error."""
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        if len(line) > HOST_MAX_LINE:
+            request_id = message.get("id")
+            if not isinstance(request_id, (int, str)) or len(str(request_id)) > 64:
+                request_id = None  # a huge id would not fit either
+            line = json.dumps({"id": request_id, "ok": False, "error": {
+                "class": "ReplyTooLong", "desc": f"the reply of {len(line)} bytes is over the host's "
+                                                 f"limit of {HOST_MAX_LINE}"}}).encode() + b"\n"
+        self.send_raw(line)
 
     # -- input ----------------------------------------------------------
     def feed(self, chunk: bytes) -> None:
