@@ -77,6 +77,28 @@ def _clean_counters(raw: Any, limit: int = 4096) -> dict[str, int]:
     return clean
 
 
+def guest_stats(reply: Any) -> tuple[dict[str, int], int | None]:
+    """The balloon driver's statistics from a QMP guest-stats reply (the guest's figures, via QEMU), checked.
+
+    QEMU reports a statistic the guest never sent as 2**64 - 1 (-1 in older
+    versions): it is left out, like anything that is not a non-negative integer.
+    """
+    if not isinstance(reply, dict):
+        raise QMPError("guest-stats is not an object")
+    raw = reply.get("stats", {})
+    counters = {k: v for k in _stat_keys(raw) if _counter(v := raw[k])}
+    updated = reply.get("last-update")
+    return counters, updated if _counter(updated) else None
+
+
+def _stat_keys(raw: Any) -> list[str]:
+    return [k for k in list(raw)[:64] if isinstance(k, str) and len(k) <= 64] if isinstance(raw, dict) else []
+
+
+def _counter(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
 async def agent_meminfo(domain: Domain) -> dict[str, dict[str, int]]:
     """The guest's /proc/meminfo (kB) and /proc/vmstat, validated."""
     async with domain.agent() as agent:
@@ -90,11 +112,9 @@ async def collect(domain: Domain) -> MemStats:
     stats = MemStats(balloon_target=balloon.recorded_target(domain))
     try:
         async with domain.qmp() as qmp:
-            stats.balloon_actual = int((await qmp.execute("query-balloon"))["actual"])
+            stats.balloon_actual = balloon.actual_bytes(await qmp.execute("query-balloon"))
             guest = await qmp.execute("qom-get", {"path": BALLOON_QOM_PATH, "property": "guest-stats"})
-            # QEMU reports a statistic the guest never sent as 2**64 - 1 (-1 in older versions)
-            stats.guest_stats = {k: int(v) for k, v in guest.get("stats", {}).items() if 0 <= int(v) < 2**63}
-            stats.guest_stats_updated = guest.get("last-update")
+            stats.guest_stats, stats.guest_stats_updated = guest_stats(guest)
     except QMPError as err:
         stats.qmp_error = str(err)
     try:
