@@ -21,6 +21,7 @@ import libvirt_qemu
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 from qemu.qmp import QMPError as _QMPLibError
 
+from hvext.agent.protocol import loads as bounded_json
 from hvext.errors import QMPError, UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,13 @@ class PassthroughQMP:
                 None, libvirt_qemu.qemuMonitorCommand, self.domain, json.dumps(request), 0)
         except libvirt.libvirtError as err:
             raise QMPError(f"QMP {command} through libvirt failed: {err.get_error_message()}") from err
-        reply = json.loads(raw)
+        reply = bounded_json(raw, QMPError, f"QEMU (through libvirt, for {command})")
+        if not isinstance(reply, dict):
+            raise QMPError(f"QMP {command} through libvirt: the reply is not an object")
         if "error" in reply:
-            raise QMPError(f"QMP {command} failed: {reply['error'].get('desc', reply['error'])}")
+            error = reply["error"]
+            desc = error.get("desc") if isinstance(error, dict) else None
+            raise QMPError(f"QMP {command} failed: {desc[:500] if isinstance(desc, str) else 'no description'}")
         return reply.get("return")
 
     async def events(self, *names: str) -> AsyncIterator[dict[str, Any]]:

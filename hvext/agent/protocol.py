@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hvext.errors import AgentError, AgentProtocolError
+from hvext.errors import AgentError, AgentProtocolError, HvextError
 
 PROTOCOL_VERSION = 1
 #: Longest reply line the host reads (the agent caps what it sends to fit, JSON escaping included).
@@ -78,17 +78,16 @@ def _too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-def loads(line: bytes) -> Any:
-    """Parse untrusted JSON within hvext's limits, or raise AgentProtocolError."""
+def loads(line: bytes | str, error: type[HvextError] = AgentProtocolError, source: str = "agent") -> Any:
+    """Parse untrusted JSON (from *source*) within hvext's limits, or raise *error*, never anything else."""
     try:
         value = json.loads(line, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant)
     except RecursionError as err:
-        raise AgentProtocolError(f"agent sent JSON nested too deeply ({len(line)} bytes)") from err
-    except (ValueError, UnicodeDecodeError) as err:
-        raise AgentProtocolError(f"agent sent a line that is not JSON within hvext's limits "
-                                 f"({len(line)} bytes)") from err
+        raise error(f"{source} sent JSON nested too deeply ({len(line)} bytes)") from err
+    except (ValueError, UnicodeDecodeError, TypeError) as err:
+        raise error(f"{source} sent a line that is not JSON within hvext's limits ({len(line)} bytes)") from err
     if _too_deep(value, MAX_DEPTH):
-        raise AgentProtocolError(f"agent sent JSON nested more than {MAX_DEPTH} levels")
+        raise error(f"{source} sent JSON nested more than {MAX_DEPTH} levels")
     return value
 
 

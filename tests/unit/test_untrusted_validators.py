@@ -81,3 +81,17 @@ def test_balloon_and_guest_stats_keep_good_values() -> None:
     assert balloon.actual_bytes({"actual": 1 << 30}) == 1 << 30
     assert stats.guest_stats({"stats": {"stat-free-memory": 5, "stat-x": 2 ** 64 - 1}, "last-update": 7}) \
         == ({"stat-free-memory": 5}, 7)
+
+
+@pytest.mark.parametrize("raw", ["[" * 5000, "[1, 2]", '{"error": "bad"}', "not json", '{"return": ' + "9" * 5000 + "}",
+                                 '{"error": {"desc": ' + "[" * 5000 + "}}"],
+                         ids=["deep", "list", "error-text", "not-json", "huge-int", "deep-error"])
+def test_libvirt_passthrough_reply_is_checked(monkeypatch, raw: str) -> None:
+    import asyncio
+
+    import libvirt_qemu
+
+    from hvext.qmp import PassthroughQMP
+    monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand", lambda dom, cmd, flags: raw)
+    with pytest.raises(QMPError):
+        asyncio.run(PassthroughQMP(None).execute("query-status"))  # type: ignore[arg-type]
