@@ -16,11 +16,13 @@ from hvext import __version__
 from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, migrate, pmem, qmpcmd
 from hvext.cli import pools, reclaim
 from hvext.cli import pmemsnap, power
+from hvext.cli import daemon
 from hvext.errors import HvextError
 
 GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty, migrate]
 GROUPS += [pools, reclaim]
 GROUPS += [power, pmemsnap]
+GROUPS += [daemon]
 
 
 class ArgumentParser(argparse.ArgumentParser):
