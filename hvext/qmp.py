@@ -27,6 +27,7 @@ import libvirt_qemu
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, Runstate
 from qemu.qmp import QMPError as _QMPLibError
 
+from hvext.agent.protocol import loads as bounded_json
 from hvext.errors import QMPError, UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -151,10 +152,7 @@ async def shared(socket: Path, *, name: str) -> AsyncIterator[SocketQMP]:
 
 def passthrough_result(command: str, raw: str) -> Any:
     """The ``return`` of a QMP reply libvirt passed through (QEMU's text: checked, QMPError otherwise)."""
-    try:
-        reply = json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise QMPError(f"QMP {command}: QEMU's reply is not JSON ({err})") from err
+    reply = bounded_json(raw, QMPError, f"QEMU (through libvirt, for {command})")
     if not isinstance(reply, dict):
         raise QMPError(f"QMP {command}: QEMU's reply is not an object")
     if "error" in reply:

@@ -8,13 +8,21 @@ Wire format (one JSON object per line, both directions)::
 
 The host starts every session with ``guest-sync`` carrying a random nonce and
 discards whatever it reads before the matching reply (stale replies from an
-earlier session), like qemu-ga. Lines longer than ``MAX_LINE`` are dropped.
+earlier session), like qemu-ga. Lines longer than ``MAX_LINE`` are dropped;
+requests are parsed with bounded nesting and numbers (a hostile host line is
+an error reply, never the end of the agent). Replies are never longer than
+the host reads (``HOST_MAX_LINE``): ``exec`` output is cut to fit, and any
+other oversized reply becomes a ``ReplyTooLong`` error.
+
+The limits mirror ``hvext.agent.protocol`` (MAX_LINE there is HOST_MAX_LINE
+here, AGENT_MAX_LINE there is MAX_LINE here); a unit test checks they agree.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import platform
 import select
@@ -27,8 +35,62 @@ from typing import Any, Callable
 from hvext_agent import AGENT_VERSION, PORT_NAME, PROTOCOL_VERSION, hints
 from hvext_agent.memclass import cmd_memclass
 
-MAX_LINE = 64 * 1024
+MAX_LINE = 64 * 1024  # longest request line read from the host
+HOST_MAX_LINE = 256 * 1024  # longest reply line the host reads
+MAX_DEPTH = 32  # deepest nesting of arrays/objects in a request
+MAX_INT_DIGITS = 40
 WRITE_DEADLINE_S = 5.0
+
+
+class RequestError(ValueError):
+    """A request line is not JSON within the agent's limits."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError("number out of range")
+    return value
+
+
+def _refuse_constant(text: str) -> Any:
+    raise RequestError(f"{text} is not JSON")
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """True if *value* nests arrays/objects more than *limit* levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_request(line: bytes) -> Any:
+    """The JSON value of one request line; RequestError for anything else (never another exception)."""
+    try:
+        value = json.loads(line, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant)
+    except RecursionError as err:
+        raise RequestError("nested too deeply") from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RequestError("not JSON") from err
+    if _too_deep(value, MAX_DEPTH):
+        raise RequestError(f"nested more than {MAX_DEPTH} levels")
+    return value
 
 
 class CommandError(Exception):
@@ -96,8 +158,24 @@ def cmd_meminfo(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MAX_EXEC_OUTPUT = 256 * 1024
+#: JSON bytes each of stdout and stderr may take in an exec reply (the rest of the line is the envelope).
+EXEC_OUTPUT_BUDGET = (HOST_MAX_LINE - 4096) // 2
 MAX_EXEC_TIMEOUT_S = 600.0
+
+
+def _fit_tail(data: bytes, budget: int) -> tuple[str, bool]:
+    """The longest tail of *data*, as text, whose JSON string takes at most *budget* bytes; and if it was cut.
+
+    JSON escaping can make one byte six (a control byte or an invalid one
+    becomes ``\\u00XX`` or ``\\ufffd``), so the cut is measured, not assumed.
+    """
+    keep = min(len(data), budget)
+    while True:
+        text = data[len(data) - keep:].decode(errors="replace")
+        size = len(json.dumps(text))
+        if size <= budget:
+            return text, keep < len(data)
+        keep = max(0, keep * budget // size - 1)
 
 
 def cmd_exec(args: dict[str, Any]) -> dict[str, Any]:
@@ -120,9 +198,11 @@ def cmd_exec(args: dict[str, Any]) -> dict[str, Any]:
         raise CommandError("ExecFailed", f"{argv[0]}: not found") from err
     except subprocess.TimeoutExpired as err:
         raise CommandError("ExecTimeout", f"{argv[0]} did not finish within {timeout} s") from err
-    return {"exitcode": done.returncode,
-            "stdout": done.stdout[-MAX_EXEC_OUTPUT:].decode(errors="replace"),
-            "stderr": done.stderr[-MAX_EXEC_OUTPUT:].decode(errors="replace")}
+    stdout, stdout_cut = _fit_tail(done.stdout, EXEC_OUTPUT_BUDGET)
+    stderr, stderr_cut = _fit_tail(done.stderr, EXEC_OUTPUT_BUDGET)
+    return {"exitcode": done.returncode, "stdout": stdout, "stderr": stderr,
+            "stdout_truncated": stdout_cut, "stderr_truncated": stderr_cut,
+            "stdout_bytes": len(done.stdout), "stderr_bytes": len(done.stderr)}
 
 
 def _ndctl_namespaces() -> list[dict[str, Any]]:
@@ -300,7 +380,16 @@ class Agent:
                 raise
 
     def send(self, message: dict[str, Any]) -> None:
-        self.send_raw(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        """Send one reply; one the host could not read (over HOST_MAX_LINE) becomes a ReplyTooLong error."""
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        if len(line) > HOST_MAX_LINE:
+            request_id = message.get("id")
+            if not isinstance(request_id, (int, str)) or len(str(request_id)) > 64:
+                request_id = None  # a huge id would not fit either
+            line = json.dumps({"id": request_id, "ok": False, "error": {
+                "class": "ReplyTooLong", "desc": f"the reply of {len(line)} bytes is over the host's "
+                                                 f"limit of {HOST_MAX_LINE}"}}).encode() + b"\n"
+        self.send_raw(line)
 
     # -- input ----------------------------------------------------------
     def feed(self, chunk: bytes) -> None:
@@ -326,9 +415,9 @@ class Agent:
         if not line:
             return
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            self.send({"id": None, "ok": False, "error": {"class": "ParseError", "desc": "not JSON"}})
+            request = parse_request(line)
+        except RequestError as err:
+            self.send({"id": None, "ok": False, "error": {"class": "ParseError", "desc": str(err)}})
             return
         if not isinstance(request, dict):
             self.send({"id": None, "ok": False, "error": {"class": "ParseError", "desc": "not an object"}})

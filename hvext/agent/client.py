@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,36 @@ from hvext.errors import AgentError, AgentProtocolError, AgentTimeout, AgentUnav
 
 DEFAULT_TIMEOUT_S = 10.0
 MAX_SKIPPED_LINES = 64
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A checked ``exec`` result: exit code and (possibly cut) output of a program run in the guest."""
+
+    exitcode: int
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    stdout_bytes: int = 0  # what the program wrote, before any cut
+    stderr_bytes: int = 0
+
+
+def exec_result(raw: Any) -> ExecResult:
+    """Check an agent ``exec`` result; AgentProtocolError if it is not shaped right."""
+    if not isinstance(raw, dict):
+        raise AgentProtocolError("agent exec result is not an object")
+    code, stdout, stderr = raw.get("exitcode"), raw.get("stdout"), raw.get("stderr")
+    if not isinstance(code, int) or isinstance(code, bool) or not -256 <= code <= 255:
+        raise AgentProtocolError("agent exec result has no valid exit code")
+    if not isinstance(stdout, str) or not isinstance(stderr, str):
+        raise AgentProtocolError("agent exec result has no stdout/stderr strings")
+    flags = [raw.get(k, False) for k in ("stdout_truncated", "stderr_truncated")]
+    sizes = [raw.get(k, len(v)) for k, v in (("stdout_bytes", stdout), ("stderr_bytes", stderr))]
+    if not all(isinstance(f, bool) for f in flags) or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**63 for n in sizes):
+        raise AgentProtocolError("agent exec result has invalid truncation fields")
+    return ExecResult(code, stdout, stderr, flags[0], flags[1], sizes[0], sizes[1])
 
 
 class AgentClient:
@@ -98,6 +129,11 @@ class AgentClient:
             except (AgentTimeout, AgentProtocolError):
                 self._synced = False
                 raise
+
+    async def exec(self, argv: list[str], *, stdin: str = "", timeout: float = 60.0) -> ExecResult:
+        """Run *argv* in the guest (at most *timeout* s there) and return its checked result."""
+        raw = await self.request("exec", {"argv": argv, "stdin": stdin, "timeout": timeout}, timeout=timeout + 10)
+        return exec_result(raw)
 
     async def _roundtrip(self, command: str, args: dict[str, Any] | None, timeout: float,
                          accept: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:

@@ -2,28 +2,93 @@
 
 Everything the guest sends is untrusted. Lines are capped at
 :data:`MAX_LINE` bytes (longer ones are skipped, never buffered whole), JSON
-is parsed only from capped lines, and replies are checked against a schema
-before anyone looks inside. Validation failures raise
-:class:`hvext.errors.AgentProtocolError`.
+is parsed only from capped lines, with bounded nesting (:data:`MAX_DEPTH`)
+and numbers (at most :data:`MAX_INT_DIGITS` digits, finite floats, no
+NaN/Infinity), and replies are checked against a schema before anyone looks
+inside. Validation failures raise :class:`hvext.errors.AgentProtocolError`,
+never anything else.
+
+The guest agent (``guest-agent/hvext_agent/agent.py``, standard library only)
+keeps its own copies of these limits; ``tests/unit/test_agent_protocol.py``
+checks that both sides agree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from hvext.errors import AgentProtocolError
+from hvext.errors import AgentError, AgentProtocolError, HvextError
 
 PROTOCOL_VERSION = 1
+#: Longest reply line the host reads (the agent caps what it sends to fit, JSON escaping included).
 MAX_LINE = 256 * 1024
+#: Longest request line the agent reads (its ``MAX_LINE``).
+AGENT_MAX_LINE = 64 * 1024
+#: Deepest nesting of arrays/objects accepted, on both sides (replies need about 6).
+MAX_DEPTH = 32
+#: Longest integer accepted, on both sides (Python refuses more than 4300 digits anyway).
+MAX_INT_DIGITS = 40
 READ_CHUNK = 64 * 1024
 
 
 def encode_request(request_id: int, command: str, args: dict[str, Any] | None = None) -> bytes:
-    return json.dumps({"id": request_id, "cmd": command, "args": args or {}},
+    """One request line; AgentError if it is longer than the agent reads."""
+    line = json.dumps({"id": request_id, "cmd": command, "args": args or {}},
                       separators=(",", ":")).encode() + b"\n"
+    if len(line) > AGENT_MAX_LINE:
+        raise AgentError(f"agent request {command!r} is {len(line)} bytes; the agent reads at most {AGENT_MAX_LINE}")
+    return line
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _refuse_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """True if *value* nests arrays/objects more than *limit* levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def loads(line: bytes | str, error: type[HvextError] = AgentProtocolError, source: str = "agent") -> Any:
+    """Parse untrusted JSON (from *source*) within hvext's limits, or raise *error*, never anything else."""
+    try:
+        value = json.loads(line, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant)
+    except RecursionError as err:
+        raise error(f"{source} sent JSON nested too deeply ({len(line)} bytes)") from err
+    except (ValueError, UnicodeDecodeError, TypeError) as err:
+        raise error(f"{source} sent a line that is not JSON within hvext's limits ({len(line)} bytes)") from err
+    if _too_deep(value, MAX_DEPTH):
+        raise error(f"{source} sent JSON nested more than {MAX_DEPTH} levels")
+    return value
 
 
 @dataclass(frozen=True)
@@ -39,10 +104,7 @@ class Reply:
 
 def parse_reply(line: bytes) -> Reply:
     """Parse one line into a :class:`Reply` or raise AgentProtocolError saying what is wrong."""
-    try:
-        message = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise AgentProtocolError(f"agent sent a line that is not JSON ({len(line)} bytes)") from err
+    message = loads(line)
     if not isinstance(message, dict):
         raise AgentProtocolError("agent sent JSON that is not an object")
     reply_id = message.get("id")

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from hvext import aio
+from hvext.agent.client import ExecResult
 from hvext.cli import common
 from hvext.errors import UsageError
 from hvext.host import Domain
@@ -45,14 +46,14 @@ def cmd_agent_ping(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json(result)
     else:
-        common.console.print(f"agent {result['agent_version']} of '{dom.name}' answered in {result['ping_ms']} ms "
+        common.console.print(f"agent {common.literal(result['agent_version'])} of '{dom.name}' answered in {result['ping_ms']} ms "
                              f"(handshake {result['handshake_ms']} ms)")
     return 0
 
 
-async def guest_exec(domain: Domain, argv: list[str], timeout: float) -> dict[str, Any]:
+async def guest_exec(domain: Domain, argv: list[str], timeout: float) -> ExecResult:
     async with domain.agent(timeout=timeout + 10) as agent:
-        return await agent.request("exec", {"argv": argv, "timeout": timeout}, timeout=timeout + 10)
+        return await agent.exec(argv, timeout=timeout)
 
 
 def cmd_guest_exec(args: argparse.Namespace) -> int:
@@ -61,7 +62,12 @@ def cmd_guest_exec(args: argparse.Namespace) -> int:
         raise UsageError("give the program to run after --, e.g. hvext guest-exec vm -- uname -r")
     with common.open_domain(args) as dom:
         result = aio.run(guest_exec(dom, argv, args.timeout))
-    sys.stdout.write(str(result.get("stdout", "")))
-    sys.stderr.write(str(result.get("stderr", "")))
-    code = result.get("exitcode")
-    return code if isinstance(code, int) and 0 <= code < 256 else 1
+    for stream, text in ((sys.stdout, result.stdout), (sys.stderr, result.stderr)):
+        # on a terminal, the guest's escape sequences are shown, not acted on; piped output is left as is
+        stream.write(common.literal(text, markup=False, keep="\n\t") if stream.isatty() else text)
+    for name, cut, kept, total in (("stdout", result.stdout_truncated, result.stdout, result.stdout_bytes),
+                                   ("stderr", result.stderr_truncated, result.stderr, result.stderr_bytes)):
+        if cut:
+            print(f"hvext: {name} truncated to its last {len(kept)} characters of {total} bytes "
+                  "(the agent channel's line limit)", file=sys.stderr)
+    return result.exitcode if 0 <= result.exitcode < 256 else 1

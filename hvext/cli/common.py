@@ -5,18 +5,42 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hvext.errors import UsageError
 from hvext.host import Domain, Host
 
-console = Console(highlight=False)
+console = Console(highlight=False, emoji=False)  # no ":name:" emoji codes taken from data either
+
+#: What a terminal could act on or that hides text: C0 and C1 controls, DEL, bidirectional and
+#: zero-width formatting, line/paragraph separators, lone surrogates (they cannot even be encoded).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+                          "\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]")
+
+
+def _show(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def literal(value: object, *, markup: bool = True, keep: str = "") -> str:
+    """*value* as text that prints as itself: the one way untrusted text (guest, QEMU) reaches the terminal.
+
+    Control and formatting characters become visible escapes (ESC as ``\\x1b``),
+    except those in *keep* (e.g. ``"\\n\\t"`` for program output); with *markup*
+    (text for the rich console) rich markup is escaped too, so ``[red]`` prints as is.
+    """
+    text = value if isinstance(value, str) else str(value)
+    text = _UNPRINTABLE.sub(lambda m: m.group() if m.group() in keep else _show(m), text)
+    return escape(text) if markup else text
 
 
 class CLIUsageError(UsageError):
@@ -52,11 +76,11 @@ def print_json(data: Any) -> None:
 
 
 def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=literal(title) if title else None, title_justify="left")
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
+        table.add_row(*("" if cell is None else literal(cell) for cell in row))
     console.print(table)
 
 
@@ -64,7 +88,7 @@ def print_fields(fields: dict[str, Any]) -> None:
     """``key: value`` lines, like virsh dominfo."""
     width = max((len(k) for k in fields), default=0) + 1
     for key, value in fields.items():
-        console.print(f"{key + ':':<{width}} {'-' if value is None else value}")
+        console.print(f"{key + ':':<{width}} {'-' if value is None else literal(value)}")
 
 
 #: The longest wait or interval a command accepts (a week): beyond it is a typo, not a plan.

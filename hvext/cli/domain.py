@@ -131,8 +131,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         if args.wait_agent:
             with common.console.status("waiting for the hvext agent..."):
                 info = aio.run(dom.wait_agent(args.wait_agent))
-            common.console.print(f"agent {info['agent_version']} ready after {time.monotonic() - started:.1f} s "
-                                 f"(guest kernel {info['kernel']})")
+            common.console.print(f"agent {common.literal(info.get('agent_version'))} ready after "
+                                 f"{time.monotonic() - started:.1f} s (guest kernel {common.literal(info.get('kernel'))})")
     return 0
 
 
@@ -192,5 +192,5 @@ def cmd_console_log(args: argparse.Namespace) -> int:
     lines = text.splitlines()
     if args.lines is not None:
         lines = lines[-args.lines:] if args.lines > 0 else []
-    print("\n".join(lines))
+    print("\n".join(common.literal(line, markup=False, keep="\t") for line in lines))  # the guest wrote it
     return 0

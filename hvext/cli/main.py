@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HvextError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {common.literal(err, markup=False)}", file=sys.stderr)  # may quote the guest
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -67,9 +67,9 @@ def cmd_dommemstat(args: argparse.Namespace) -> int:
     common.print_table(f"Memory of {dom.name}", ["", "QMP balloon", "guest agent"],
                        [[r["name"], _fmt(r["qmp"], r["unit"]), _fmt(r["agent"], r["unit"])] for r in result.rows()])
     if result.qmp_error:
-        common.console.print(f"QMP: {result.qmp_error}")
+        common.console.print(f"QMP: {common.literal(result.qmp_error)}")
     if result.agent_error:
-        common.console.print(f"agent: {result.agent_error}")
+        common.console.print(f"agent: {common.literal(result.agent_error)}")
     return 0
 
 
@@ -144,7 +144,7 @@ def classes_table(report: classes.MemClasses) -> Table:
                  + (f" (kpageflags {report.kpageflags})" if report.kpageflags else ""))
     if report.ballooned:
         notes.append(f"{format_size(report.ballooned * report.page_size)} in the balloon")
-    table.caption = "; ".join(notes) + "".join(f"\n! {p}" for p in report.problems)
+    table.caption = "; ".join(notes) + "".join(f"\n! {common.literal(p)}" for p in report.problems)
     table.caption_justify = "left"
     return table
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from hvext import aio
 from hvext.cli import common
-from hvext.errors import AgentError, UsageError
+from hvext.errors import AgentError, AgentProtocolError, UsageError
 from hvext.host import Domain
 from hvext.pmem import devices, hints, power, virtio
 from hvext.units import format_size, parse_size
@@ -98,7 +98,30 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 async def guest_view(domain: Domain) -> dict[str, Any]:
     async with domain.agent() as agent:
-        return await agent.request("pmem")
+        return {"namespaces": guest_namespaces(await agent.request("pmem"))}
+
+
+def guest_namespaces(raw: Any) -> list[dict[str, Any]]:
+    """The agent's ``pmem`` namespaces, checked: string names, an integer size, an optional mount (bounded)."""
+    items = raw.get("namespaces") if isinstance(raw, dict) else None
+    if not isinstance(items, list):
+        raise AgentProtocolError("agent pmem result has no namespaces list")
+    def text(value: Any) -> str | None:
+        return value[:128] if isinstance(value, str) else None
+
+    namespaces = []
+    for item in items[:256]:
+        if not isinstance(item, dict):
+            continue
+        size = item.get("size")
+        mount = item.get("mount") if isinstance(item.get("mount"), dict) else None
+        namespaces.append({
+            "namespace": text(item.get("namespace")), "mode": text(item.get("mode")),
+            "size": size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size < 2**63 else None,
+            "blockdev": text(item.get("blockdev")), "chardev": text(item.get("chardev")),
+            "mount": None if mount is None else {"mountpoint": text(mount.get("mountpoint")),
+                                                 "fstype": text(mount.get("fstype")), "dax": mount.get("dax") is True}})
+    return namespaces
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -127,7 +150,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                              n.get("blockdev") or n.get("chardev"), (n.get("mount") or {}).get("mountpoint", "-"),
                              "yes" if (n.get("mount") or {}).get("dax") else "no"] for n in namespaces])
     elif guest_error:
-        common.console.print(f"guest view unavailable: {guest_error}")
+        common.console.print(f"guest view unavailable: {common.literal(guest_error)}")
     return 0
 
 
@@ -142,8 +165,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json(result)
     else:
-        common.console.print(f"/dev/{result['blockdev']} mounted on {result['mountpoint']} in '{dom.name}' "
-                             f"({'DAX' if result['dax'] else 'no DAX'})")
+        common.console.print(f"/dev/{common.literal(result.get('blockdev'))} mounted on "
+                             f"{common.literal(result.get('mountpoint'))} in '{dom.name}' "
+                             f"({'DAX' if result.get('dax') is True else 'no DAX'})")
     return 0
 
 
@@ -163,5 +187,5 @@ def cmd_hints(args: argparse.Namespace) -> int:
     epochs = max((d.epochs for d in result.devices.values()), default=0)
     common.console.print(f"epochs marked by the guest: {epochs}")
     for reason in result.rejected[:10]:
-        common.console.print(f"rejected: {reason}")
+        common.console.print(f"rejected: {common.literal(reason)}")
     return 0

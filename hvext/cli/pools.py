@@ -325,5 +325,5 @@ def cmd_list(args: argparse.Namespace) -> int:
                          "running assigned VMs; entitled: their share of the host by reservation, limit and "
                          "shares; used: RSS of their QEMU processes[/]")
     if libvirt_error:
-        common.console.print(f"libvirt unavailable, no demand or usage: {libvirt_error}")
+        common.console.print(f"libvirt unavailable, no demand or usage: {common.literal(libvirt_error)}")
     return 0

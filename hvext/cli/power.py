@@ -94,7 +94,7 @@ def cmd_loss(args: argparse.Namespace) -> int:
     else:
         for d in report["devices"]:
             if "error" in d:
-                common.console.print(f"{d['domain']} {d['backing']}: error: {d['error']}")
+                common.console.print(f"{d['domain']} {d['backing']}: error: {common.literal(d['error'])}")
             elif "skipped" in d:
                 common.console.print(f"{d['domain']} {d['backing']}: skipped ({d['skipped']})")
             else:
@@ -117,5 +117,5 @@ def cmd_restore(args: argparse.Namespace) -> int:
             for dev in dom.get("devices", []):
                 common.console.print(f"{dom['domain']}: {dev['backing']}: {dev['action']}")
             common.console.print(f"{dom['domain']}: {dom.get('action', '-')}"
-                                 + (f" (error: {dom['error']})" if "error" in dom else ""))
+                                 + (f" (error: {common.literal(dom['error'])})" if "error" in dom else ""))
     return 0 if report["ok"] else 1

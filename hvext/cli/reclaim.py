@@ -38,5 +38,5 @@ def cmd_reclaim(args: argparse.Namespace) -> int:
         "Time": f"{report.seconds:.1f} s",
     })
     for note in report.notes:
-        common.console.print(f"note: {note}")
+        common.console.print(f"note: {common.literal(note)}")
     return 0

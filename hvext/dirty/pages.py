@@ -94,35 +94,80 @@ def _runs_from_bitmap(data: bytes, pages: int) -> tuple[tuple[int, int], ...]:
     return tuple(runs)
 
 
+MAX_PAGES = 1 << 52  # 2**64 bytes of 4 KiB pages
+PAGE_SIZES = tuple(1 << n for n in range(12, 31))  # 4 KiB .. 1 GiB
+MAX_BLOCKS = 1024
+
+
+def _uint(value: Any, what: str, limit: int = 1 << 63) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+        raise ValueError(f"{what} is not an integer from 0 to {limit - 1}")
+    return value
+
+
+def _block(raw: Any) -> DirtyBlock:
+    if not isinstance(raw, dict):
+        raise ValueError("a block is not an object")
+    block_id = raw.get("id")
+    if not isinstance(block_id, str) or not block_id or len(block_id) > 256:
+        raise ValueError("a block has no id string")
+    pages = _uint(raw.get("pages"), f"pages of {block_id}", MAX_PAGES)
+    if not isinstance(raw.get("migratable"), bool):
+        raise ValueError(f"migratable of {block_id} is not a boolean")
+    if "bitmap" in raw:
+        if not isinstance(raw["bitmap"], str):
+            raise ValueError(f"bitmap of {block_id} is not a string")
+        data = base64.b64decode(raw["bitmap"], validate=True)
+        if len(data) != (pages + 7) // 8:
+            raise ValueError(f"bitmap of {block_id} has {len(data)} bytes for {pages} pages")
+        runs = _runs_from_bitmap(data, pages)
+    else:
+        flat = raw.get("runs", [])
+        if not isinstance(flat, list):
+            raise ValueError(f"run list of {block_id} is not a list")
+        if len(flat) % 2:
+            raise ValueError(f"odd run list for {block_id}")
+        flat = [_uint(x, f"a run of {block_id}", MAX_PAGES) for x in flat]
+        runs = tuple(zip(flat[::2], flat[1::2]))
+        end = 0
+        for first, count in runs:
+            if first < end or count <= 0 or first + count > pages:
+                raise ValueError(f"bad run ({first}, {count}) in {block_id} of {pages} pages")
+            end = first + count
+    block = DirtyBlock(block_id, _uint(raw.get("length"), f"length of {block_id}"), raw["migratable"], pages, runs)
+    if block.dirty != _uint(raw.get("dirty"), f"dirty of {block_id}", MAX_PAGES):
+        raise ValueError(f"{block_id}: runs hold {block.dirty} pages, QEMU says {raw['dirty']}")
+    return block
+
+
 def decode(reply: Any, fetch_seconds: float = 0.0) -> DirtyPages:
-    """Check and decode an ``x-hvext-query-dirty-pages`` reply (QEMU is trusted, but be exact)."""
+    """Check and decode an ``x-hvext-query-dirty-pages`` reply; QMPError for anything malformed."""
     try:
-        page_size = int(reply["page-size"])
+        if not isinstance(reply, dict):
+            raise ValueError("the reply is not an object")
+        page_size = reply.get("page-size")
+        if page_size not in PAGE_SIZES or isinstance(page_size, bool) or not isinstance(page_size, int):
+            raise ValueError(f"page size is not a power of two from {PAGE_SIZES[0]} to {PAGE_SIZES[-1]}")
+        raw_blocks = reply.get("blocks")
+        if not isinstance(raw_blocks, list) or len(raw_blocks) > MAX_BLOCKS:
+            raise ValueError(f"blocks is not a list (of at most {MAX_BLOCKS})")
         blocks: dict[str, DirtyBlock] = {}
-        for raw in reply["blocks"]:
-            pages = int(raw["pages"])
-            if "bitmap" in raw:
-                data = base64.b64decode(raw["bitmap"])
-                if len(data) != (pages + 7) // 8:
-                    raise ValueError(f"bitmap of {raw['id']} has {len(data)} bytes for {pages} pages")
-                runs = _runs_from_bitmap(data, pages)
-            else:
-                flat = [int(x) for x in raw.get("runs", [])]
-                if len(flat) % 2:
-                    raise ValueError(f"odd run list for {raw['id']}")
-                runs = tuple(zip(flat[::2], flat[1::2]))
-                end = 0
-                for first, count in runs:
-                    if first < end or count <= 0 or first + count > pages:
-                        raise ValueError(f"bad run ({first}, {count}) in {raw['id']} of {pages} pages")
-                    end = first + count
-            block = DirtyBlock(str(raw["id"]), int(raw["length"]), bool(raw["migratable"]), pages, runs)
-            if block.dirty != int(raw["dirty"]):
-                raise ValueError(f"{block.id}: runs hold {block.dirty} pages, QEMU says {raw['dirty']}")
+        for raw in raw_blocks:
+            block = _block(raw)
+            if block.id in blocks:
+                raise ValueError(f"block {block.id} appears twice")
             blocks[block.id] = block
-        return DirtyPages(page_size, int(reply["generation"]), int(reply["interval-ms"]), blocks, fetch_seconds)
-    except (KeyError, TypeError, ValueError) as err:
+        return DirtyPages(page_size, _uint(reply.get("generation"), "generation"),
+                          _uint(reply.get("interval-ms"), "interval-ms"), blocks, fetch_seconds)
+    except ValueError as err:  # binascii.Error is one too
         raise QMPError(f"malformed {QUERY} reply: {err}") from err
+
+
+def command_names(reply: Any) -> set[str]:
+    """The command names of a QMP ``query-commands`` reply; QMPError if it is not a list of named objects."""
+    if not isinstance(reply, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in reply):
+        raise QMPError("malformed query-commands reply")
+    return {c["name"] for c in reply}
 
 
 class DirtyLog:
@@ -133,7 +178,7 @@ class DirtyLog:
         self.encoding = encoding
 
     async def __aenter__(self) -> DirtyLog:
-        commands = {c["name"] for c in await self.qmp.execute("query-commands")}
+        commands = command_names(await self.qmp.execute("query-commands"))
         if QUERY not in commands:
             raise UnsupportedError("dirty page lists need the patched QEMU (`make qemu`); "
                                    "this QEMU only gives dirty rates (`hvext domdirtyrate`)")

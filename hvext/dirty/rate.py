@@ -17,6 +17,7 @@ from typing import Any
 
 from hvext import accel
 from hvext.errors import QMPError, UnsupportedError, UsageError
+from hvext.dirty.pages import command_names
 from hvext.host import Domain
 from hvext.qmp import QMPSession
 
@@ -38,7 +39,7 @@ class DirtyRate:
 
 
 async def qmp_commands(qmp: QMPSession) -> set[str]:
-    return {c["name"] for c in await qmp.execute("query-commands")}
+    return command_names(await qmp.execute("query-commands"))
 
 
 async def available_modes(qmp: QMPSession) -> dict[str, str]:
@@ -83,9 +84,25 @@ async def measure_with(qmp: QMPSession, seconds: float = 1.0, mode: str = "page-
     while True:
         await asyncio.sleep(min(0.5, seconds / 4))
         result = await qmp.execute("query-dirty-rate")
-        if result.get("status") == "measured":
+        status = result.get("status") if isinstance(result, dict) else None
+        if status == "measured":
             break
         if time.monotonic() > deadline:
-            raise QMPError(f"dirty rate still {result.get('status')!r} {seconds + 30:.0f} s after starting")
-    return DirtyRate(mode=result.get("mode", mode), seconds=seconds, rate_mib_s=int(result.get("dirty-rate", 0)),
-                     sample_pages=result.get("sample-pages"), wall_seconds=round(time.monotonic() - started, 2))
+            raise QMPError(f"dirty rate still {str(status)[:32]!r} {seconds + 30:.0f} s after starting")
+    return parse_result(result, mode, seconds, started)
+
+
+def parse_result(result: Any, mode: str, seconds: float, started: float) -> DirtyRate:
+    """Check a measured ``query-dirty-rate`` reply (QEMU data); QMPError if it is malformed."""
+    if not isinstance(result, dict):
+        raise QMPError("query-dirty-rate did not return an object")
+    rate, sample = result.get("dirty-rate", 0), result.get("sample-pages")
+    reported_mode = result.get("mode", mode)
+    if not isinstance(rate, int) or isinstance(rate, bool) or not 0 <= rate < 2**63:
+        raise QMPError("query-dirty-rate gave no valid dirty-rate")
+    if sample is not None and (not isinstance(sample, int) or isinstance(sample, bool) or not 0 <= sample < 2**63):
+        raise QMPError("query-dirty-rate gave an invalid sample-pages")
+    if reported_mode not in MODES:
+        raise QMPError("query-dirty-rate gave an unknown mode")
+    return DirtyRate(mode=reported_mode, seconds=seconds, rate_mib_s=rate, sample_pages=sample,
+                     wall_seconds=round(time.monotonic() - started, 2))

@@ -199,24 +199,19 @@ def check_target(domain: Domain, size: int) -> int:
 # -- reading --------------------------------------------------------------
 
 
+def actual_bytes(reply: Any) -> int:
+    """The ``actual`` of a QMP ``query-balloon`` reply (QEMU data, checked); QMPError if it has none."""
+    actual = reply.get("actual") if isinstance(reply, dict) else None
+    if not isinstance(actual, int) or isinstance(actual, bool) or not 0 <= actual < 2**63:
+        raise QMPError("query-balloon gave no valid 'actual'")
+    return actual
+
+
 async def read_balloon(domain: Domain) -> tuple[int, dict[str, Any]]:
     """(actual bytes, QMP guest-stats reply) of a running domain."""
     async with domain.qmp() as qmp:
-        actual = await query_actual(qmp)
+        actual = actual_bytes(await qmp.execute("query-balloon"))
         return actual, await _guest_stats(qmp)
-
-
-async def query_actual(qmp: Any) -> int:
-    """``actual`` of QEMU's query-balloon, in bytes."""
-    return actual_of(await qmp.execute("query-balloon"))
-
-
-def actual_of(reply: Any) -> int:
-    """``actual`` (bytes) of a query-balloon reply; QMPError when it does not carry a sane one."""
-    actual = reply.get("actual") if isinstance(reply, dict) else None
-    if not isinstance(actual, int) or isinstance(actual, bool) or not 0 <= actual < 2**63:
-        raise QMPError(f"QMP query-balloon: no usable 'actual' in the reply ({str(reply)[:80]!r})")
-    return actual
 
 
 async def _guest_stats(qmp: Any) -> dict[str, Any]:
@@ -252,14 +247,15 @@ async def guest_available(domain: Domain) -> tuple[int | None, str]:
     return None, ""
 
 
-def stats_fresh(reply: dict[str, Any]) -> bool:
+def stats_fresh(reply: Any) -> bool:
     """True when the guest sent its statistics recently (a removed driver leaves old ones behind)."""
-    updated = reply.get("last-update")
-    return isinstance(updated, int) and time.time() - updated <= STATS_FRESH_S
+    updated = reply.get("last-update") if isinstance(reply, dict) else None
+    return isinstance(updated, int) and not isinstance(updated, bool) and 0 <= updated < 2**63 \
+        and time.time() - updated <= STATS_FRESH_S
 
 
-def stat_value(reply: dict[str, Any], key: str) -> int | None:
-    stats = reply.get("stats")
+def stat_value(reply: Any, key: str) -> int | None:
+    stats = reply.get("stats") if isinstance(reply, dict) else None
     value = stats.get(key) if isinstance(stats, dict) else None
     # QEMU reports a statistic the guest never sent as 2**64 - 1
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else None
@@ -377,7 +373,7 @@ async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOU
             watcher = asyncio.ensure_future(watch())
             await asyncio.sleep(0)  # subscribed before the first query
         try:
-            actual = await query_actual(qmp)
+            actual = actual_bytes(await qmp.execute("query-balloon"))
             first = actual if start is None else start
             best_gap = abs(actual - target)
             last_progress = time.monotonic()
@@ -406,13 +402,15 @@ async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOU
                         continue
                 except TimeoutError:
                     pass
-                actual = await query_actual(qmp)
+                actual = actual_bytes(await qmp.execute("query-balloon"))
             stats = await _guest_stats(qmp) if outcome != "reached" else {}
         finally:
             if watcher is not None:
                 watcher.cancel()
                 await _reap_watcher(watcher, domain.name)
-    last_update = stats.get("last-update") if isinstance(stats.get("last-update"), int) else None
+    updated = stats.get("last-update")
+    last_update = updated if isinstance(updated, int) and not isinstance(updated, bool) and 0 < updated < 2**63 \
+        else None  # a huge value would overflow the float arithmetic below
     return BalloonResult(
         domain=domain.name, target=target, start=first, actual=actual, outcome=outcome,
         elapsed_s=round(time.monotonic() - began, 2),

@@ -134,6 +134,17 @@ def _number(value: Any, low: float, high: float) -> float | None:
     return float(value) if low <= value <= high else None
 
 
+def _preview(value: Any, limit: int = 40) -> str:
+    """A short, safe description of an untrusted value for a message (never repr() of a deep or huge one)."""
+    if isinstance(value, str):
+        return repr(value[:limit])
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value) if -10**limit < value < 10**limit else f"an integer of about {value.bit_length()} bits"
+    return f"a {type(value).__name__}"
+
+
 def _word(value: Any) -> str | None:
     return value[:32] if isinstance(value, str) and value.isprintable() else None
 
@@ -152,13 +163,13 @@ def validate(raw: Any, *, domain: str, host_limit: int | None = None,
     if not isinstance(raw, dict):
         raise AgentProtocolError("memclass reply is not an object")
     if raw.get("version") != SCHEMA_VERSION:
-        raise AgentProtocolError(f"memclass reply has schema version {raw.get('version')!r}, "
+        raise AgentProtocolError(f"memclass reply has schema version {_preview(raw.get('version'))}, "
                                  f"hvext reads {SCHEMA_VERSION}")
     page_size_raw, total_raw, reported = raw.get("page_size"), raw.get("total"), raw.get("classes")
     if page_size_raw not in PAGE_SIZES or isinstance(page_size_raw, bool):
-        raise AgentProtocolError(f"memclass reply has an invalid page size {page_size_raw!r}")
+        raise AgentProtocolError(f"memclass reply has an invalid page size {_preview(page_size_raw)}")
     if not _count(total_raw) or total_raw == 0:
-        raise AgentProtocolError(f"memclass reply has an invalid total {total_raw!r}")
+        raise AgentProtocolError(f"memclass reply has an invalid total {_preview(total_raw)}")
     if not isinstance(reported, dict) or len(reported) > MAX_KEYS:
         raise AgentProtocolError("memclass reply has no classes object (or an oversized one)")
     page_size, total = int(page_size_raw), int(total_raw)
@@ -170,12 +181,12 @@ def validate(raw: Any, *, domain: str, host_limit: int | None = None,
         if value is None:
             problems.append(f"class {name} missing")
         elif not _count(value):
-            problems.append(f"class {name} is not a page count ({str(value)[:40]!r})")
+            problems.append(f"class {name} is not a page count ({_preview(value)})")
         elif value > total:
             problems.append(f"class {name} ({value} pages) exceeds the total ({total} pages)")
         else:
             classes[name] = value
-    unknown = sorted(str(k)[:32] for k in reported if k not in CLASSES)
+    unknown = sorted(k[:32] if isinstance(k, str) else _preview(k) for k in reported if k not in CLASSES)
     implausible = any("not a page count" in p or "exceeds" in p for p in problems)
     if total * page_size > (host_limit or MAX_PAGES * page_size):
         implausible = True
@@ -225,7 +236,7 @@ async def host_limit(domain: Domain) -> tuple[int, str]:
         return await asyncio.to_thread(balloon.boot_memory, domain), "boot memory"
     try:
         async with domain.qmp() as qmp:
-            return await balloon.query_actual(qmp), "balloon actual"
+            return balloon.actual_bytes(await qmp.execute("query-balloon")), "balloon actual"
     except QMPError:
         return await asyncio.to_thread(balloon.boot_memory, domain), "boot memory"
 

@@ -78,6 +78,28 @@ def _clean_counters(raw: Any, limit: int = 4096) -> dict[str, int]:
     return clean
 
 
+def guest_stats(reply: Any) -> tuple[dict[str, int], int | None]:
+    """The balloon driver's statistics from a QMP guest-stats reply (the guest's figures, via QEMU), checked.
+
+    QEMU reports a statistic the guest never sent as 2**64 - 1 (-1 in older
+    versions): it is left out, like anything that is not a non-negative integer.
+    """
+    if not isinstance(reply, dict):
+        raise QMPError("guest-stats is not an object")
+    raw = reply.get("stats", {})
+    counters = {k: v for k in _stat_keys(raw) if _counter(v := raw[k])}
+    updated = reply.get("last-update")
+    return counters, updated if _counter(updated) else None
+
+
+def _stat_keys(raw: Any) -> list[str]:
+    return [k for k in list(raw)[:64] if isinstance(k, str) and len(k) <= 64] if isinstance(raw, dict) else []
+
+
+def _counter(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
 async def agent_meminfo(domain: Domain) -> dict[str, dict[str, int]]:
     """The guest's /proc/meminfo (kB) and /proc/vmstat, validated."""
     async with domain.agent() as agent:
@@ -86,26 +108,14 @@ async def agent_meminfo(domain: Domain) -> dict[str, dict[str, int]]:
             "vmstat": _clean_counters(result.get("vmstat"))}
 
 
-def guest_stats_of(reply: Any) -> tuple[dict[str, int], int | None]:
-    """(statistics, last update) of QEMU's guest-stats reply, keeping only sane values: QEMU reports
-    a statistic the guest never sent as 2**64 - 1 (-1 in older versions)."""
-    if not isinstance(reply, dict):
-        return {}, None
-    raw = reply.get("stats")
-    keys = [k for k in raw if isinstance(k, str)][:64] if isinstance(raw, dict) else []
-    clean = {k: v for k in keys if (v := balloon.stat_value(reply, k)) is not None}
-    updated = reply.get("last-update")
-    return clean, updated if isinstance(updated, int) and not isinstance(updated, bool) else None
-
-
 async def collect(domain: Domain) -> MemStats:
     """Balloon figures from QMP and meminfo from the agent; a missing agent is reported, not fatal."""
     stats = MemStats(balloon_target=await asyncio.to_thread(balloon.recorded_target, domain))
     try:
         async with domain.qmp() as qmp:
-            stats.balloon_actual = await balloon.query_actual(qmp)
+            stats.balloon_actual = balloon.actual_bytes(await qmp.execute("query-balloon"))
             guest = await qmp.execute("qom-get", {"path": BALLOON_QOM_PATH, "property": "guest-stats"})
-            stats.guest_stats, stats.guest_stats_updated = guest_stats_of(guest)
+            stats.guest_stats, stats.guest_stats_updated = guest_stats(guest)
     except QMPError as err:
         stats.qmp_error = str(err)
     try:

@@ -63,32 +63,77 @@ class Hints:
 async def _device_windows(domain: Domain) -> list[tuple[int, int, str]]:
     """(guest physical address, size, backing path) of each pmem device of the running domain."""
     by_alias = {d.alias: d for d in devices.list_devices(domain) + virtio.list_devices(domain) if d.alias}
-    windows = []
     async with domain.qmp() as qmp:
-        for entry in await qmp.execute("query-memory-devices"):
-            data = entry.get("data", {})
-            address = data.get("addr", data.get("memaddr"))
-            device = by_alias.get(data.get("id"))
-            if entry.get("type") in ("nvdimm", "virtio-pmem") and device is not None and address is not None:
-                windows.append((int(address), int(data["size"]), str(device.path)))
+        return _windows_from(await qmp.execute("query-memory-devices"), by_alias)
+
+
+MAX_ADDRESS = 1 << 64  # guest physical addresses and sizes are 64-bit in QEMU
+
+
+def _u64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ADDRESS
+
+
+def _windows_from(reply: Any, by_alias: dict[str, Any]) -> list[tuple[int, int, str]]:
+    """Check QEMU's ``query-memory-devices`` reply and keep the windows of *by_alias*'s devices.
+
+    Entries of other devices are skipped; one of ours without a sane address
+    and size (or seen twice) is a QMPError: the saved ranges depend on it.
+    """
+    if not isinstance(reply, list):
+        raise QMPError("query-memory-devices did not return a list")
+    windows: list[tuple[int, int, str]] = []
+    seen: set[str] = set()
+    for entry in reply:
+        if not isinstance(entry, dict) or not isinstance(entry.get("data"), dict):
+            raise QMPError("query-memory-devices returned an entry that is not an object with data")
+        data, kind = entry["data"], entry.get("type")
+        alias = data.get("id")
+        if kind not in ("nvdimm", "virtio-pmem") or not isinstance(alias, str) or alias not in by_alias:
+            continue
+        address, size = data.get("addr", data.get("memaddr")), data.get("size")
+        if not _u64(address) or not _u64(size) or not size or address + size > MAX_ADDRESS or alias in seen:
+            raise QMPError(f"query-memory-devices gave device {alias[:64]!r} no valid address and size")
+        seen.add(alias)
+        windows.append((address, size, str(by_alias[alias].path)))
     return windows
 
 
+MAX_PIDS = 256
+MAX_GUEST_ERRORS = 16
+MAX_PID = 1 << 22  # Linux's pid_max limit
+MAX_EPOCH_DEVICES = 256
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _pids(value: Any) -> list[int]:
+    return [p for p in _list(value)[:MAX_PIDS]
+            if isinstance(p, int) and not isinstance(p, bool) and 0 < p <= MAX_PID]
+
+
 def validate(raw: Any, windows: list[tuple[int, int, str]], domain: str) -> Hints:
-    """Keep the hints that are well formed and inside one of the domain's devices."""
+    """Keep the hints that are well formed and inside one of the domain's devices.
+
+    Total: whatever *raw* is (it comes from the guest), the result is a
+    :class:`Hints`; what was not usable is listed in ``rejected``.
+    """
     hints = Hints(domain, {path: DeviceHints(path, size) for _, size, path in windows}, [], [], [], [])
     if not isinstance(raw, dict):
         hints.rejected.append("report is not an object")
         return hints
-    ranges = raw.get("ranges") if isinstance(raw.get("ranges"), list) else []
+    ranges = _list(raw.get("ranges"))
     if len(ranges) > MAX_RANGES:
         hints.rejected.append(f"{len(ranges) - MAX_RANGES} ranges over the limit of {MAX_RANGES} dropped")
     for item in ranges[:MAX_RANGES]:
-        if not isinstance(item, dict) or item.get("kind") not in KINDS:
+        kind = item.get("kind") if isinstance(item, dict) else None
+        if not isinstance(kind, str) or kind not in KINDS:
             hints.rejected.append("range without a valid kind")
             continue
         gpa, length = item.get("gpa"), item.get("length")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (gpa, length)) or not length:
+        if not _u64(gpa) or not _u64(length) or not length:
             hints.rejected.append("range with a bad address or length")
             continue
         window = next(((base, size, path) for base, size, path in windows
@@ -96,15 +141,15 @@ def validate(raw: Any, windows: list[tuple[int, int, str]], domain: str) -> Hint
         if window is None:
             hints.rejected.append(f"range {gpa:#x}+{length:#x} is outside this domain's pmem devices")
             continue
-        hints.devices[window[2]].ranges[item["kind"]].append((gpa - window[0], length))
-    device_names = raw.get("epochs") if isinstance(raw.get("epochs"), dict) else {}
-    total_epochs = sum(int(v.get("count", 0)) for v in device_names.values()
-                       if isinstance(v, dict) and isinstance(v.get("count"), int))
+        hints.devices[window[2]].ranges[kind].append((gpa - window[0], length))
+    epochs = raw.get("epochs") if isinstance(raw.get("epochs"), dict) else {}
+    counts = [v.get("count") for v in list(epochs.values())[:MAX_EPOCH_DEVICES] if isinstance(v, dict)]
+    total_epochs = sum(c for c in counts if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**53)
     for device in hints.devices.values():  # guest device names do not map to backings reliably: count per VM
         device.epochs = total_epochs
-    hints.frozen = [p for p in raw.get("frozen", []) if isinstance(p, int)][:256]
-    hints.missing = [p for p in raw.get("missing", []) if isinstance(p, int)][:256]
-    hints.guest_errors = [str(e)[:200] for e in raw.get("errors", [])[:16]]
+    hints.frozen = _pids(raw.get("frozen"))
+    hints.missing = _pids(raw.get("missing"))
+    hints.guest_errors = [e[:200] for e in _list(raw.get("errors"))[:MAX_GUEST_ERRORS] if isinstance(e, str)]
     return hints
 
 

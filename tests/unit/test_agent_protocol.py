@@ -195,3 +195,112 @@ def test_line_reader_skips_oversized_lines() -> None:
         with pytest.raises(EOFError):
             await lines.readline()
     run(session())
+
+
+@pytest.mark.parametrize("line", [
+    b"[" * 5000, b"[" * 100_000 + b"]" * 100_000, b'{"id": 1, "ok": true, "result": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
+    b'{"id": 1, "ok": true, "result": {"deep": ' + b"[" * 200 + b"]" * 200 + b"}}",  # under the parser's limit
+    b'{"id": 1, "ok": true, "result": {"n": ' + b"9" * 5000 + b"}}",  # over Python's int-from-str limit
+    b'{"id": 1, "ok": true, "result": {"n": ' + b"9" * 100 + b"}}",
+    b'{"id": 1, "ok": true, "result": {"n": NaN}}', b'{"id": 1, "ok": true, "result": {"n": -Infinity}}',
+    b'{"id": 1, "ok": true, "result": {"n": 1e999}}',
+], ids=["open-5000", "nested-100000", "objects-5000", "nested-200", "int-5000-digits", "int-100-digits",
+        "nan", "infinity", "1e999"])
+def test_parse_reply_refuses_deep_nesting_and_absurd_numbers(line: bytes) -> None:
+    with pytest.raises(AgentProtocolError):
+        parse_reply(line)
+
+
+def test_parse_reply_keeps_ordinary_nesting_and_numbers() -> None:
+    reply = parse_reply(b'{"id": 3, "ok": true, "result": {"a": [[{"b": [1, 2.5, -3, 18446744073709551615]}]]}}')
+    assert reply.result == {"a": [[{"b": [1, 2.5, -3, 2 ** 64 - 1]}]]}
+
+
+def _agent_replies(lines: list[bytes]) -> list[dict]:
+    """Feed *lines* to a real Agent on a socket pair and return every reply it sent."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.setblocking(False)
+        agent = Agent(theirs.fileno())
+        for line in lines:
+            agent.feed(line + b"\n")
+        ours.setblocking(False)
+        data = b""
+        try:
+            while chunk := ours.recv(1 << 20):
+                data += chunk
+        except BlockingIOError:
+            pass
+    return [json.loads(raw) for raw in data.split(b"\n") if raw.strip()]
+
+
+@pytest.mark.parametrize("line", [
+    b"[" * 5000, b'{"id": 1, "cmd": "ping", "args": ' + b"[" * 100_000 + b"}",
+    b'{"id": ' + b"9" * 5000 + b', "cmd": "ping"}', b'{"id": 1, "cmd": "ping", "args": {"x": NaN}}',
+], ids=["open-5000", "nested-100000", "int-5000-digits", "nan"])
+def test_agent_answers_hostile_requests_with_an_error_and_keeps_serving(line: bytes) -> None:
+    first, second = _agent_replies([line, b'{"id": 2, "cmd": "ping", "args": {}}'])
+    assert first["ok"] is False and first["error"]["class"] == "ParseError", first
+    assert second == {"id": 2, "ok": True, "result": {}}
+
+
+def test_limits_agree_across_the_host_guest_boundary() -> None:
+    from hvext.agent import protocol
+    from hvext_agent import PROTOCOL_VERSION
+    from hvext_agent import agent as guest
+    assert guest.HOST_MAX_LINE == protocol.MAX_LINE  # what the agent may send is what the host reads
+    assert guest.MAX_LINE == protocol.AGENT_MAX_LINE  # and the other way round
+    assert (guest.MAX_DEPTH, guest.MAX_INT_DIGITS) == (protocol.MAX_DEPTH, protocol.MAX_INT_DIGITS)
+    assert PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+
+
+def test_a_request_longer_than_the_agent_reads_is_refused_on_the_host() -> None:
+    from hvext.agent.protocol import AGENT_MAX_LINE, encode_request
+    with pytest.raises(AgentError, match="at most"):
+        encode_request(1, "exec", {"argv": ["cat"], "stdin": "x" * AGENT_MAX_LINE})
+
+
+@pytest.mark.parametrize("script", [
+    "import sys; sys.stdout.write('a' * 2_000_000)",                       # plain, 2 MB
+    "import sys; sys.stdout.buffer.write(bytes(range(32)) * 70_000)",      # control bytes: 6 bytes each as JSON
+    "import sys; sys.stdout.buffer.write(b'\\xff' * 500_000); sys.stderr.write('e' * 900_000)",  # invalid UTF-8
+])
+def test_large_exec_output_is_cut_to_fit_the_hosts_line_and_said_so(serve, script: str) -> None:
+    async def session() -> None:
+        async with AgentClient(serve(real_agent()), timeout=20) as client:
+            result = await client.request("exec", {"argv": [sys.executable, "-c", script], "timeout": 30})
+            assert result["exitcode"] == 0
+            assert result["stdout_truncated"] is True and result["stdout_bytes"] > len(result["stdout"])
+            assert len(result["stdout"]) > 10_000  # as much as fits, not nothing
+            assert await client.request("ping") == {}
+    run(session())
+
+
+def test_small_exec_output_is_whole(serve) -> None:
+    async def session() -> None:
+        async with AgentClient(serve(real_agent()), timeout=20) as client:
+            result = await client.request("exec", {"argv": ["sh", "-c", "printf 'hi\\n'; printf err >&2"]})
+            assert (result["stdout"], result["stderr"], result["exitcode"]) == ("hi\n", "err", 0)
+            assert result["stdout_truncated"] is False and result["stderr_truncated"] is False
+            assert result["stdout_bytes"] == 3
+    run(session())
+
+
+def test_a_reply_over_the_hosts_limit_becomes_an_error_the_host_can_read() -> None:
+    ours, theirs = socket.socketpair()
+    received = bytearray()
+
+    def read() -> None:
+        while chunk := ours.recv(1 << 20):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    with ours:
+        with theirs:
+            Agent(theirs.fileno()).send({"id": 5, "ok": True, "result": {"x": "\x01" * 100_000}})
+        reader.join(timeout=10)
+    lines = bytes(received).split(b"\n")
+    assert len(lines[0]) <= MAX_LINE, f"a reply line of {len(lines[0])} bytes: the host would drop it"
+    reply = parse_reply(lines[0])
+    assert (reply.id, reply.ok, reply.error_class) == (5, False, "ReplyTooLong")

@@ -132,22 +132,28 @@ def test_balloon_watcher_failure_is_logged(caplog: pytest.LogCaptureFixture) -> 
                                    {"actual": 2**64}])
 def test_query_balloon_reply_is_validated(reply: object) -> None:
     """QEMU's reply reached int(reply["actual"]): a KeyError or TypeError, not an hvext error."""
-    with pytest.raises(QMPError, match="no usable 'actual'"):
-        balloon.actual_of(reply)
-    assert balloon.actual_of({"actual": 512 << 20}) == 512 << 20
+    with pytest.raises(QMPError, match="no valid 'actual'"):
+        balloon.actual_bytes(reply)
+    assert balloon.actual_bytes({"actual": 512 << 20}) == 512 << 20
 
 
 @pytest.mark.parametrize("reply,stats,updated", [
     ({"stats": {"stat-free-memory": 5, "stat-x": 2**64 - 1, "stat-y": "7", 3: 4}, "last-update": 9},
      {"stat-free-memory": 5}, 9),
-    ({"stats": [1, 2], "last-update": "soon"}, {}, None), ([], {}, None), (None, {}, None),
+    ({"stats": [1, 2], "last-update": "soon"}, {}, None),
 ])
 def test_guest_stats_reply_is_validated(reply: object, stats: dict[str, int], updated: int | None) -> None:
-    assert memstats.guest_stats_of(reply) == (stats, updated)
+    assert memstats.guest_stats(reply) == (stats, updated)
+
+
+@pytest.mark.parametrize("reply", [[], None, "x"])
+def test_guest_stats_reply_that_is_not_an_object_is_refused(reply: object) -> None:
+    with pytest.raises(QMPError, match="not an object"):
+        memstats.guest_stats(reply)
 
 
 @pytest.mark.parametrize("raw,message", [
-    ("[1]", "not an object"), ("{not json", "not JSON"), ("[" * 100000, "not JSON"),
+    ("[1]", "not an object"), ("{not json", "not JSON"), ("[" * 100000, "nested too deeply"),
     ('{"error": "boom"}', "failed: boom"), ('{"error": {"class": "GenericError", "desc": "no"}}', "failed: no"),
     ('{"id": 1}', "neither 'return' nor 'error'"),
 ])

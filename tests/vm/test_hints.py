@@ -13,7 +13,6 @@ import pytest
 
 from hvext import aio
 from hvext.host import Domain
-from hvext.pmem import hints
 from tests.vm.helpers import cli, cli_json, guest_exec, guest_sh, protected_pmem_vm
 
 MIB = 1 << 20
@@ -84,21 +83,3 @@ def test_epoch_consistent_save_skips_volatile_ranges(hinted_vm, capsys) -> None:
     assert first == second > 3, values  # frozen at an epoch: both halves of the last update
     assert volatile == "00" * 8, (values, saved)  # volatile range was not saved: it comes back empty
     # (blocks a volatile range only partly covers are kept: a save never drops other data)
-
-
-def test_hints_outside_the_domains_devices_are_rejected() -> None:
-    windows = [(0x100000000, 64 * MIB, "/dev/shm/x.img")]
-    raw = {"ranges": [
-        {"kind": "persistent", "gpa": 0x100000000, "length": 4096},
-        {"kind": "volatile", "gpa": 0x0, "length": 4096},                          # guest RAM, not pmem
-        {"kind": "volatile", "gpa": 0x100000000 + 64 * MIB - 10, "length": 4096},  # runs off the end
-        {"kind": "evil", "gpa": 0x100000000, "length": 1},
-        {"kind": "hot", "gpa": -5, "length": 10},
-    ] + [{"kind": "hot", "gpa": 0x100000000, "length": 1}] * 5000, "epochs": {"pmem0": {"count": 2}}}
-    result = hints.validate(raw, windows, "vm")
-    device = result.devices["/dev/shm/x.img"]
-    assert device.ranges["persistent"] == [(0, 4096)] and device.ranges["volatile"] == []
-    assert len(result.rejected) >= 4 and any("over the limit" in r for r in result.rejected)
-    assert sum(len(v) for v in device.ranges.values()) <= hints.MAX_RANGES
-    assert hints.save_ranges(hints.DeviceHints("b", 100, {"persistent": [], "volatile": [(10, 20), (25, 10)],
-                                                          "hot": []})) == [(0, 10), (35, 65)]
