@@ -14,6 +14,10 @@ the ``up=`` markers hvext-init prints; host times from the console log's
 arrival. The two initrds boot alternately in the same run, and the table
 shows median (min-max) per phase and the ratio of the medians. The machine's
 load is printed with them: other guests on the same cores slow every phase.
+The guest's clock can fall behind in early boot when the host is busy (the
+kernel's TSC calibration fails and it counts timer ticks): that time shows
+up in "firmware", which is the host time not covered by the guest's clock;
+the total is host time throughout.
 
     .venv/bin/python bench/boot.py [--quick | --smoke] [--runs 3] [--memory 512]
 """
@@ -194,6 +198,8 @@ def report(boots: list[Boot], memory: int, variants: list[str]) -> None:
     for b in boots:
         if b.error:
             print(f"{b.variant:>10} error: {b.error}")
+    print("firmware = from QEMU's start to the guest clock's zero (includes early-boot time the guest clock "
+          "lost on a busy host)")
     if len(variants) == 2:
         print(f"ratio = {variants[1]} / {variants[0]} (medians)")
 

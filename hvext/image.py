@@ -79,7 +79,8 @@ class GuestImage:
 
     @property
     def kernel(self) -> Path:
-        return self.directory / KERNEL
+        legacy = self.directory / "vmlinuz"  # images built before the PVH kernel (pinned by HVEXT_IMAGE)
+        return legacy if not (self.directory / KERNEL).exists() and legacy.exists() else self.directory / KERNEL
 
     @property
     def initrd(self) -> Path:
