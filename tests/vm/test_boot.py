@@ -32,6 +32,7 @@ def test_a_256_mib_guest_boots_to_agent_ready(small_vm: Domain, vm_factory_modul
     # hvext's initramfs switched to hvext-init, which started the agent
     assert status == 0 and "hvext-initramfs: switching to /sbin/hvext-init" in out
     assert "hvext-init: agent started" in out and "hvext-agent: ready" in out
+    assert "ndctl/keys" not in out  # no NVDIMM security-key loading on a guest without PMEM
 
 
 def test_pmem_drivers_load_only_with_pmem_and_on_hot_plug(small_vm: Domain, capsys) -> None:
