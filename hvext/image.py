@@ -49,11 +49,12 @@ MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "virtio_balloon", "virt
            "virtio_pmem", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_mem",
            "nfit", "evdev", "button", "ext4"]
 #: What the initramfs loads (with their dependencies, in order): the root disk,
-#: its file system, the agent's virtio-serial port, and virtio-rng, which seeds
-#: the kernel's random pool at once (without it every Python start waits about
-#: 1.5 s under TCG for the pool, reading /dev/urandom for its hash seed). Everything else (balloon,
+#: its file system, the agent's virtio-serial port, virtio-rng, which seeds the
+#: kernel's random pool at once (without it every Python start waits about 1.5 s
+#: under TCG for the pool, reading /dev/urandom for its hash seed), and the power
+#: button (hvext-init watches it before the agent answers). Everything else (balloon,
 #: virtio-mem, PMEM drivers, ...) hvext-init loads from the root file system.
-INITRAMFS_MODULES = ["virtio_pci", "virtio_blk", "ext4", "virtio_console", "virtio_rng"]
+INITRAMFS_MODULES = ["virtio_pci", "virtio_blk", "ext4", "virtio_console", "virtio_rng", "evdev", "button"]
 #: busybox applets the initramfs's /init calls (linked to /bin/busybox).
 INITRAMFS_APPLETS = ["sh", "mount", "modprobe", "usleep", "cat", "switch_root"]
 #: Bumped when the boot path (kernel unpacking, initramfs layout) changes in a way its inputs do not show.
