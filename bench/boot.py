@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = 1 if args.quick or args.smoke else args.runs
     variants = ["hvext"] if args.smoke else ["hvext", "debian"]
     boots: list[Boot] = []
-    scratch = Path(tempfile.mkdtemp(prefix="bench-boot-", dir=paths.CACHE_DIR))
+    scratch: Path | None = None
     try:
+        scratch = Path(tempfile.mkdtemp(prefix="bench-boot-", dir=paths.CACHE_DIR))
         guest = image.build()
         dirs = {"hvext": guest.directory}
         if "debian" in variants:
@@ -233,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{variant}: " + (f"error: {b.error}" if b.error else
                                             f"{b.total:.1f} s " + " ".join(f"{p}={b.phases[p]:.2f}" for p in PHASES))
                           + f" (load {b.load:.1f})", flush=True)
-    except HvextError as err:
-        boots.append(Boot(variants[0], error=str(err)[:100], load=loadavg()))
+    except Exception as err:  # noqa: BLE001  no image, no libvirt, ...: a row saying why, never a traceback
+        boots.append(Boot(variants[0], error=f"{type(err).__name__}: {err}"[:100], load=loadavg()))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     report(boots, args.memory, variants)
     return 1 if any(b.error for b in boots) else 0
 

@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as err:  # noqa: BLE001  a failed case is a row, never a traceback
                     rows.append({"state": state, "method": method, "error": f"{type(err).__name__}: {err}"[:100]})
                 print(rows[-1], flush=True)
-    except HvextError as err:  # no image, no libvirt: every case is a row saying so
-        rows += [{"state": state, "method": method, "error": str(err)[:100]} for state, method in cases[len(rows):]]
+    except Exception as err:  # noqa: BLE001  no image, no libvirt, ...: every case left is a row saying so
+        rows += [{"state": state, "method": method, "error": f"not run: {type(err).__name__}: {err}"[:100]}
+                 for state, method in cases[len(rows):]]
     print(f"\nguest {memory} MiB, reclaim 40 % = {int(memory * 0.4)} MiB; returned = QEMU RSS drop at the end "
           f"of the reclaim, still out = RSS drop {settle:.0f} s later (pages faulted back count against it); "
           "ops ratio = kv ops/s during / after the reclaim over before it (same guest, same run)")

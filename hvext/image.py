@@ -13,8 +13,8 @@ decompressor (the kernel is the same; only the wrapper is skipped, and with it
 KASLR). A kernel without a PVH entry is booted as the bzImage.
 
 The initramfs is hvext's own, not Debian's (30 MB, every module, udev): busybox
-and the handful of modules the root disk and the agent channel need
-(:data:`INITRAMFS_MODULES`), assembled into a gzip'd cpio by
+and the handful of modules the root disk, the agent's channel, the random pool
+and the power button need (:data:`INITRAMFS_MODULES`), assembled into a gzip'd cpio by
 :func:`build_initramfs`. Its ``/init`` (guest-agent/image/initramfs-init)
 mounts the root disk and switches to hvext-init, which starts the agent
 before loading anything else. It boots a 256 MiB guest, which Debian's
@@ -269,15 +269,12 @@ def pvh_kernel(bzimage: bytes) -> bytes | None:
     decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ)
     try:
         elf = decompressor.decompress(payload)
-    except lzma.LZMAError:
+        return elf if decompressor.eof and elf.startswith(b"\x7fELF") and has_pvh_entry(elf) else None
+    except (lzma.LZMAError, struct.error):
         return None
-    if not decompressor.eof or not elf.startswith(b"\x7fELF") or not has_pvh_entry(elf):
-        return None
-    return elf
 
 
 # -- the initramfs ----------------------------------------------------------
-
 
 
 def elf_dependencies(data: bytes) -> tuple[str | None, list[str]]:
@@ -468,11 +465,13 @@ def build(*, force: bool = False) -> GuestImage:
         _run(["mke2fs", "-q", "-t", "ext4", "-L", "hvext-root", "-E", "lazy_itable_init=0,lazy_journal_init=0",
               "-d", str(root), str(work / ROOTFS), IMAGE_SIZE])
         bzimage = Path(f"/boot/vmlinuz-{kernel_version}").read_bytes()
-        (work / KERNEL).write_bytes(pvh_kernel(bzimage) or bzimage)
+        vmlinux = pvh_kernel(bzimage)
+        (work / KERNEL).write_bytes(vmlinux or bzimage)
         (work / INITRD).write_bytes(build_initramfs(root, kernel_version))
         shutil.rmtree(root)
         manifest = {"hash": final.name, "base": base.name, "kernel_version": kernel_version,
-                    "packages": PACKAGES, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "packages": PACKAGES, "kernel_entry": "PVH" if vmlinux else "bzImage",
+                    "initramfs_modules": INITRAMFS_MODULES, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "build_seconds": round(time.monotonic() - started, 1)}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for path in work.iterdir():

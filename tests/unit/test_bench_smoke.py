@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,18 @@ def test_rvm_one_case_prints_its_table(tmp_path: Path) -> None:
                      "--dir", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| ranges |" in done.stdout and "| 1 | flush |" in done.stdout
+
+
+@pytest.mark.parametrize("bench", ["bench/boot.py", "bench/reclaim.py", "bench/migrate.py"])
+def test_a_guest_benchmark_that_cannot_start_prints_rows_not_a_traceback(bench: str, tmp_path: Path) -> None:
+    """No guest image (here: no guest sources): every case is a row saying why, and the exit status is 1."""
+    env = dict(os.environ, HVEXT_SOURCE_DIR=str(tmp_path / "missing"), HVEXT_CACHE_DIR=str(tmp_path))
+    env.pop("HVEXT_IMAGE", None)
+    done = subprocess.run([sys.executable, bench, "--quick"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FileNotFoundError" in done.stdout
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
