@@ -130,12 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="512 MiB guests, shorter measurements")
     parser.add_argument("--smoke", action="store_true", help="one case (free memory, balloon), short (tests)")
+    parser.add_argument("--case", action="append", metavar="STATE/METHOD",
+                        help="run only this case (repeatable), e.g. hot/balloon")
     parser.add_argument("--memory", type=int, default=768, help="guest RAM, MiB")
     args = parser.parse_args(argv)
     memory = 512 if args.quick or args.smoke else args.memory
     settle = 1.0 if args.smoke else 3.0 if args.quick else 6.0
     cases = [("free", "balloon")] if args.smoke else \
         [(state, method) for state in ("free", "cache", "hot") for method in ("balloon", "swap", "auto")]
+    if args.case:
+        chosen = [tuple(c.split("/", 1)) for c in args.case]
+        if not set(chosen) <= set(cases):
+            parser.error("--case: use STATE/METHOD with STATE in free, cache, hot and METHOD in balloon, swap, auto")
+        cases = [c for c in cases if c in chosen]
     rows = []
     try:
         # one image for the whole run, even if the guest files change meanwhile
