@@ -51,10 +51,13 @@ MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "virtio_balloon", "virt
 #: What the initramfs loads (with their dependencies, in order): the root disk,
 #: its file system, the agent's virtio-serial port, virtio-rng, which seeds the
 #: kernel's random pool at once (without it every Python start waits about 1.5 s
-#: under TCG for the pool, reading /dev/urandom for its hash seed), and the power
-#: button (hvext-init watches it before the agent answers). Everything else (balloon,
-#: virtio-mem, PMEM drivers, ...) hvext-init loads from the root file system.
-INITRAMFS_MODULES = ["virtio_pci", "virtio_blk", "ext4", "virtio_console", "virtio_rng", "evdev", "button"]
+#: under TCG for the pool, reading /dev/urandom for its hash seed), the power
+#: button (hvext-init watches it before the agent answers) and the balloon (its
+#: statistics are there when the agent is: hvext's reclaim reads both). Everything
+#: else (virtio-mem, virtio-net, PMEM drivers, ...) hvext-init loads from the root
+#: file system after the agent started.
+INITRAMFS_MODULES = ["virtio_pci", "virtio_blk", "ext4", "virtio_console", "virtio_rng", "evdev", "button",
+                     "virtio_balloon"]
 #: busybox applets the initramfs's /init calls (linked to /bin/busybox).
 INITRAMFS_APPLETS = ["sh", "mount", "modprobe", "usleep", "cat", "switch_root"]
 #: Bumped when the boot path (kernel unpacking, initramfs layout) changes in a way its inputs do not show.
