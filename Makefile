@@ -47,8 +47,14 @@ unit: venv
 vm: setup
 	$(PY) -m pytest -v -ra $(PYTEST_ARGS) tests/vm
 
+# Every benchmark runs to its table even when an earlier one failed; the target
+# fails at the end, naming the ones that did.
+BENCHES ?= $(sort $(wildcard bench/*.py))
+BENCH_ARGS ?= --quick
 bench: setup
-	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+	@failed=""; for b in $(BENCHES); do echo "== $$b $(BENCH_ARGS)"; \
+	  $(PY) $$b $(BENCH_ARGS) || failed="$$failed $$b"; echo; done; \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
 
 # Remove domains left by interrupted test runs (names start with hvext-test-).
 clean-vms: venv

@@ -11,6 +11,9 @@ per moved block, whatever S is.
 
     python bench/purge.py            # under a minute on 2 cores
     python bench/purge.py --quick    # about a second
+    python bench/purge.py --smoke    # one small case of each strategy (tests)
+
+A cell that fails is a row saying why; the exit status is then 1.
 
 The NVM tier goes to /dev/shm (tmpfs, like a pmem device: no I/O wait) and
 the mass tier to /var/tmp (disk) unless --nvm-dir / --mass-dir say otherwise.
@@ -59,9 +62,9 @@ def one_run(
             stats = reg.stats()
             # Sanity: only active blocks stay on NVM, snapshots read back intact.
             if stats["nvm_blocks"] != blocks or stats["mass_blocks"] != overwrite:
-                raise SystemExit(f"unexpected stats after purge: {stats}")
+                raise RuntimeError(f"unexpected stats after purge: {stats}")
             if reg.read_snapshot(f"s{snapshots - 1}", 0, bs) != data[:bs]:
-                raise SystemExit("snapshot data wrong after purge")
+                raise RuntimeError("snapshot data wrong after purge")
             return result
     finally:
         shutil.rmtree(nvm, ignore_errors=True)
@@ -71,6 +74,7 @@ def one_run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller region, one repetition")
+    parser.add_argument("--smoke", action="store_true", help="256 blocks, 1 snapshot, one repetition (tests)")
     parser.add_argument("--snapshots", default="1,4,16,64", help="snapshot counts (default 1,4,16,64)")
     parser.add_argument("--blocks", type=int, help="region size in blocks (default 16384, quick 1024)")
     parser.add_argument("--overwrite", type=int, help="blocks overwritten after the snapshots (default blocks/4)")
@@ -80,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mass-dir", default="/var/tmp", help="where mass tiers go (default /var/tmp)")
     args = parser.parse_args(argv)
 
-    blocks = args.blocks or (1024 if args.quick else 16384)
+    blocks = args.blocks or (256 if args.smoke else 1024 if args.quick else 16384)
     overwrite = args.overwrite or blocks // 4
-    repeat = args.repeat or (1 if args.quick else 5)
-    counts = [int(x) for x in args.snapshots.split(",")]
+    repeat = args.repeat or (1 if args.quick or args.smoke else 5)
+    counts = [1] if args.smoke else [int(x) for x in args.snapshots.split(",")]
     if not 0 < overwrite <= blocks or min(counts) < 1:
         parser.error("need 0 < overwrite <= blocks and snapshot counts >= 1")
     bs = args.block_size
@@ -97,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[tuple[int, str], dict] = {}
     for snaps in counts:
         for strategy in STRATEGIES:  # side by side: same data, same run
-            runs = [
-                one_run(strategy, snaps, blocks, overwrite, bs, args.nvm_dir, args.mass_dir, data)
-                for _ in range(repeat)
-            ]
+            try:
+                runs = [
+                    one_run(strategy, snaps, blocks, overwrite, bs, args.nvm_dir, args.mass_dir, data)
+                    for _ in range(repeat)
+                ]
+            except Exception as err:  # noqa: BLE001  a failed cell is a row, never a traceback
+                rows[(snaps, strategy)] = {"error": f"{type(err).__name__}: {err}"[:100]}
+                continue
             best = dict(runs[0])
             best["seconds"] = statistics.median(r["seconds"] for r in runs)
             rows[(snaps, strategy)] = best
@@ -112,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     for snaps in counts:
         for strategy in STRATEGIES:
             r = rows[(snaps, strategy)]
+            if "error" in r:
+                print(f"{snaps:>9}  {strategy:<19}  error: {r['error']}")
+                continue
             print(
                 f"{snaps:>9}  {strategy:<19}  {r['seconds'] * 1000:>9.1f}  {r['entries_scanned']:>8}"
                 f"  {r['entries_rewritten']:>9}  {r['blocks_moved']:>6}"
@@ -122,13 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'snapshots':>9}  {'PE/VB time':>10}  {'PE vs ' + str(first) + ' snap':>14}  {'VB vs ' + str(first) + ' snap':>14}")
     for snaps in counts:
+        if any("error" in rows[(n, x)] for n in (snaps, first) for x in (pe, vb)):
+            print(f"{snaps:>9}  {'-':>10}  {'-':>14}  {'-':>14}")
+            continue
         t_pe, t_vb = rows[(snaps, pe)]["seconds"], rows[(snaps, vb)]["seconds"]
         print(
             f"{snaps:>9}  {t_pe / t_vb:>9.2f}x  {t_pe / rows[(first, pe)]['seconds']:>13.2f}x"
             f"  {t_vb / rows[(first, vb)]['seconds']:>13.2f}x"
         )
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
-    return 0
+    return 1 if any("error" in r for r in rows.values()) else 0
 
 
 if __name__ == "__main__":

@@ -1,19 +1,37 @@
-"""The guest image: a Debian root file system (ext4), the Debian kernel and initrd.
+"""The guest image: a Debian root file system (ext4), the Debian kernel and hvext's initramfs.
 
 Built with mmdebstrap from Debian packages and cached under
 ``CACHE_DIR/images/<hash>``, where the hash covers every input (package list,
-guest files, the kernel), so a changed input means a new image and an
-unchanged one costs nothing. ``python -m hvext.image build`` builds it.
+guest files, the kernel, the initramfs's modules), so a changed input means a
+new image and an unchanged one costs nothing. ``python -m hvext.image build``
+builds it.
+
+The kernel is Debian's, unpacked from its bzImage into the ELF ``vmlinux``
+it carries (:func:`pvh_kernel`): QEMU starts that directly at its PVH entry,
+where the bzImage would first spend seconds under TCG in its own xz
+decompressor (the kernel is the same; only the wrapper is skipped, and with it
+KASLR). A kernel without a PVH entry is booted as the bzImage.
+
+The initramfs is hvext's own, not Debian's (30 MB, every module, udev): busybox
+and the handful of modules the root disk, the agent's channel, the random pool
+and the power button need (:data:`INITRAMFS_MODULES`), assembled into a gzip'd cpio by
+:func:`build_initramfs`. Its ``/init`` (guest-agent/image/initramfs-init)
+mounts the root disk and switches to hvext-init, which starts the agent
+before loading anything else. It boots a 256 MiB guest, which Debian's
+initrd cannot (the kernel runs out of memory unpacking it).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,10 +48,26 @@ PACKAGES = ["python3", "busybox", "kmod", "ndctl", "e2fsprogs", "mount", "procps
 MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "virtio_balloon", "virtio_net",
            "virtio_pmem", "nd_pmem", "nd_btt", "dax_pmem", "device_dax", "virtio_mem",
            "nfit", "evdev", "button", "ext4"]
+#: What the initramfs loads (with their dependencies, in order): the root disk,
+#: its file system, the agent's virtio-serial port, virtio-rng, which seeds the
+#: kernel's random pool at once (without it every Python start waits about 1.5 s
+#: under TCG for the pool, reading /dev/urandom for its hash seed), the power
+#: button (hvext-init watches it before the agent answers) and the balloon (its
+#: statistics are there when the agent is: hvext's reclaim reads both). Everything
+#: else (virtio-mem, virtio-net, PMEM drivers, ...) hvext-init loads from the root
+#: file system after the agent started.
+INITRAMFS_MODULES = ["virtio_pci", "virtio_blk", "ext4", "virtio_console", "virtio_rng", "evdev", "button",
+                     "virtio_balloon"]
+#: busybox applets the initramfs's /init calls (linked to /bin/busybox).
+INITRAMFS_APPLETS = ["sh", "mount", "modprobe", "usleep", "cat", "switch_root"]
+#: Bumped when the boot path (kernel unpacking, initramfs layout) changes in a way its inputs do not show.
+BOOT_VERSION = "2"
 IMAGE_SIZE = "2G"
-ROOTFS, KERNEL, INITRD, MANIFEST = "rootfs.img", "vmlinuz", "initrd.img", "manifest.json"
+ROOTFS, KERNEL, INITRD, MANIFEST = "rootfs.img", "vmlinux", "initrd.img", "manifest.json"
 #: The kernel command line the image expects (agent testing hooks stay off).
-CMDLINE = "root=/dev/vda rw console=ttyS0 init=/sbin/hvext-init quiet"
+#: cryptomgr.notests skips the crypto self-tests (about 0.4 s of every boot under TCG).
+CMDLINE = "root=/dev/vda rw console=ttyS0 init=/sbin/hvext-init quiet cryptomgr.notests"
+INITRAMFS_INIT = "guest-agent/image/initramfs-init"
 
 
 @dataclass(frozen=True)
@@ -49,7 +83,8 @@ class GuestImage:
 
     @property
     def kernel(self) -> Path:
-        return self.directory / KERNEL
+        legacy = self.directory / "vmlinuz"  # images built before the PVH kernel (pinned by HVEXT_IMAGE)
+        return legacy if not (self.directory / KERNEL).exists() and legacy.exists() else self.directory / KERNEL
 
     @property
     def initrd(self) -> Path:
@@ -90,7 +125,9 @@ def input_hash(kernel_version: str | None = None) -> str:
     """Hash of everything the image is built from (the base plus hvext's own files)."""
     kernel_version = kernel_version or host_kernel_version()
     digest = hashlib.sha256()
-    digest.update(json.dumps([base_hash(kernel_version), IMAGE_SIZE]).encode())
+    digest.update(json.dumps([base_hash(kernel_version), IMAGE_SIZE, BOOT_VERSION, INITRAMFS_MODULES,
+                              INITRAMFS_APPLETS]).encode())
+    digest.update((SOURCE_DIR / INITRAMFS_INIT).read_bytes() + b"\0")
     for src, dest in _guest_files():
         digest.update(dest.encode() + b"\0" + src.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -189,6 +226,224 @@ def build_base(kernel_version: str) -> Path:
     return final
 
 
+# -- the kernel --------------------------------------------------------------
+
+_ELF_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+_ELF_PHDR = struct.Struct("<IIQQQQQQ")
+_ELF_DYN = struct.Struct("<qQ")
+_ELF_NOTE = struct.Struct("<III")
+_PT_LOAD, _PT_DYNAMIC, _PT_INTERP, _PT_NOTE = 1, 2, 3, 4
+_DT_NEEDED, _DT_STRTAB = 1, 5
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def has_pvh_entry(elf: bytes) -> bool:
+    """Whether a 64-bit ELF kernel carries the PVH entry note QEMU needs to boot it directly."""
+    header = _ELF_HEADER.unpack_from(elf)
+    phoff, phentsize, phnum = header[5], header[9], header[10]
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz, _, _ = _ELF_PHDR.unpack_from(elf, phoff + i * phentsize)
+        if p_type != _PT_NOTE:
+            continue
+        offset, end = p_offset, p_offset + p_filesz
+        while offset + _ELF_NOTE.size <= end:
+            namesz, descsz, note_type = _ELF_NOTE.unpack_from(elf, offset)
+            name = elf[offset + 12:offset + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and note_type == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            offset += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def pvh_kernel(bzimage: bytes) -> bytes | None:
+    """The ELF vmlinux inside an xz-compressed bzImage when it has a PVH entry, else None.
+
+    The boot protocol's setup header (2.08+) says where the payload lies
+    (payload_offset and payload_length, from the start of the protected-mode
+    code); it is an xz stream followed by the 4-byte decompressed size.
+    """
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS" or struct.unpack_from("<H", bzimage, 0x206)[0] < 0x208:
+        return None
+    start = ((bzimage[0x1F1] or 4) + 1) * 512
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    payload = bzimage[start + offset:start + offset + length]
+    if not payload.startswith(b"\xfd7zXZ\x00"):
+        return None  # gzip, zstd, ...: Debian's amd64 kernels are xz
+    decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+    try:
+        elf = decompressor.decompress(payload)
+        return elf if decompressor.eof and elf.startswith(b"\x7fELF") and has_pvh_entry(elf) else None
+    except (lzma.LZMAError, struct.error):
+        return None
+
+
+# -- the initramfs ----------------------------------------------------------
+
+
+def elf_dependencies(data: bytes) -> tuple[str | None, list[str]]:
+    """(program interpreter, DT_NEEDED sonames) of a 64-bit little-endian ELF file."""
+    if len(data) < _ELF_HEADER.size or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ImageError("not a 64-bit little-endian ELF file")
+    header = _ELF_HEADER.unpack_from(data)
+    phoff, phentsize, phnum = header[5], header[9], header[10]
+    interp, dynamic, loads = None, None, []
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = _ELF_PHDR.unpack_from(data, phoff + i * phentsize)
+        if p_type == _PT_INTERP:
+            interp = data[p_offset:p_offset + p_filesz].rstrip(b"\0").decode()
+        elif p_type == _PT_DYNAMIC:
+            dynamic = (p_offset, p_filesz)
+        elif p_type == _PT_LOAD:
+            loads.append((p_vaddr, p_offset, p_filesz))
+    if dynamic is None:
+        return interp, []
+    entries = [_ELF_DYN.unpack_from(data, dynamic[0] + off) for off in range(0, dynamic[1], _ELF_DYN.size)]
+    strtab_addr = next((value for tag, value in entries if tag == _DT_STRTAB), None)
+    strtab = next((off + strtab_addr - vaddr for vaddr, off, size in loads
+                   if strtab_addr is not None and vaddr <= strtab_addr < vaddr + size), None)
+    if strtab is None:
+        raise ImageError("ELF file has a dynamic section but no string table")
+    needed = [data[strtab + value:data.index(b"\0", strtab + value)].decode()
+              for tag, value in entries if tag == _DT_NEEDED]
+    return interp, needed
+
+
+def _library(root: Path, soname: str) -> Path:
+    for directory in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib", "lib"):
+        if (root / directory / soname).exists():
+            return Path("/") / directory / soname
+    raise ImageError(f"library {soname} not found in the guest root file system")
+
+
+def resolve_in(root: Path, path: str) -> Path:
+    """*path* inside the tree *root* with every symlink resolved as if *root* were "/" (like chroot)."""
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            resolved = resolved[:-1]
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise ImageError(f"too many symlinks resolving {path} in the guest root file system")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        resolved.append(part)
+    return root.joinpath(*resolved)
+
+
+def initramfs_modules(kernel_version: str, modules_root: Path = Path("/")) -> list[str]:
+    """Module files (relative to /lib/modules/<kernel>) for INITRAMFS_MODULES, dependencies first.
+
+    From the host's module tree, like the base image's modules (the image boots
+    the host's /boot/vmlinuz-<kernel>, so these are that kernel's).
+    """
+    ordered: list[str] = []
+    moddir = modules_root / "lib/modules" / kernel_version
+    for module in INITRAMFS_MODULES:
+        out = subprocess.run(["modprobe", "-d", str(modules_root), "-S", kernel_version, "--show-depends", module],
+                             capture_output=True, text=True)
+        lines = [line.split() for line in out.stdout.splitlines()]
+        # modprobe -d / writes "//lib/...", which pathlib would keep as a distinct root
+        files = [Path("/" + parts[1].lstrip("/")) for parts in lines if len(parts) >= 2 and parts[0] == "insmod"]
+        if out.returncode != 0 or not files:
+            raise ImageError(f"kernel module {module} not found for {kernel_version} "
+                             f"({out.stderr.strip() or 'modprobe listed no module file'})")
+        for path in files:
+            if not path.is_relative_to(moddir):
+                raise ImageError(f"module file {path} lies outside {moddir}")
+            relative = str(path.relative_to(moddir))
+            if relative not in ordered:
+                ordered.append(relative)
+    return ordered
+
+
+class Cpio:
+    """A cpio archive in the kernel's "newc" format, deterministic (owner root, mtime 0)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.names: set[str] = set()
+        self._ino = 0
+
+    def _add(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        name = name.strip("/")
+        if name in self.names:
+            raise ImageError(f"initramfs: {name} added twice")
+        self.names.add(name)
+        self._ino += 1
+        fields = [self._ino, mode, 0, 0, 2 if mode & 0o170000 == 0o040000 else 1, 0, len(data),
+                  0, 0, rdev[0], rdev[1], len(name) + 1, 0]
+        header = b"070701" + b"".join(b"%08X" % value for value in fields) + name.encode() + b"\0"
+        self.chunks.append(header + b"\0" * (-len(header) % 4))
+        self.chunks.append(data + b"\0" * (-len(data) % 4))
+
+    def directory(self, name: str) -> None:
+        parts = name.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            if "/".join(parts[:i]) not in self.names:
+                self._add("/".join(parts[:i]), 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        parent = Path(name.strip("/")).parent
+        if parent != Path("."):
+            self.directory(str(parent))
+        self._add(name, 0o100000 | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._add(name, 0o120777, target.encode())
+
+    def char_device(self, name: str, major: int, minor: int) -> None:
+        self._add(name, 0o020600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._add("TRAILER!!!", 0)
+        return b"".join(self.chunks)
+
+
+def build_initramfs(root: Path, kernel_version: str, modules_root: Path = Path("/")) -> bytes:
+    """hvext's initramfs (gzip'd cpio): busybox and the libraries it links from the guest
+    root file system *root*, the kernel's modules for INITRAMFS_MODULES (from
+    *modules_root*), their load order in /etc/hvext-modules, and
+    guest-agent/image/initramfs-init as /init.
+    """
+    archive = Cpio()
+    for directory in ("dev", "proc", "sys", "root", "run", "tmp", "etc", "bin"):
+        archive.directory(directory)
+    archive.char_device("dev/console", 5, 1)
+    busybox = (root / "usr/bin/busybox").read_bytes()
+    archive.file("bin/busybox", busybox, 0o755)
+    for applet in INITRAMFS_APPLETS:
+        archive.symlink(f"bin/{applet}", "busybox")
+    interp, needed = elf_dependencies(busybox)
+    libraries = [_library(root, soname) for soname in needed] + ([Path(interp)] if interp else [])
+    for library in libraries:
+        real = resolve_in(root, str(library))
+        # the guest's /lib and /lib64 are links into /usr; the initramfs keeps the paths the loader asks for
+        archive.file(str(library), real.read_bytes(), 0o755)
+    moddir = f"lib/modules/{kernel_version}"
+    modules = initramfs_modules(kernel_version, modules_root)
+    for module in modules:
+        archive.file(f"{moddir}/{module}", (modules_root / moddir / module).read_bytes())
+    # One busybox modprobe loads them all (one process: each exec costs tens of ms under TCG).
+    # It finds files by name in modules.dep; the names come in dependency order, so no
+    # line needs to list its dependencies (busybox ignores softdeps like ext4's crc32c).
+    archive.file(f"{moddir}/modules.dep", "".join(f"{m}:\n" for m in modules).encode())
+    names = [Path(m).name.removesuffix(".ko").replace("-", "_") for m in modules]
+    archive.file("etc/hvext-modules", " ".join(names).encode() + b"\n")
+    archive.file("init", (SOURCE_DIR / INITRAMFS_INIT).read_bytes(), 0o755)
+    return gzip.compress(archive.finish(), compresslevel=9, mtime=0)
+
+
 def build(*, force: bool = False) -> GuestImage:
     """Build the image for the current inputs unless it is cached."""
     kernel_version = host_kernel_version()
@@ -207,12 +462,19 @@ def build(*, force: bool = False) -> GuestImage:
             target = root / dest
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
-        _run(["mke2fs", "-q", "-t", "ext4", "-L", "hvext-root", "-d", str(root), str(work / ROOTFS), IMAGE_SIZE])
-        shutil.copy2(f"/boot/vmlinuz-{kernel_version}", work / KERNEL)
-        shutil.copy2(f"/boot/initrd.img-{kernel_version}", work / INITRD)
+        # byte-compiled once here, not by every guest at every boot (each boots a fresh overlay)
+        _run(["chroot", str(root), "/usr/bin/python3", "-m", "compileall", "-q", "/opt/hvext"])
+        # inode tables zeroed now: otherwise every guest's ext4lazyinit zeroes them at boot, into its overlay
+        _run(["mke2fs", "-q", "-t", "ext4", "-L", "hvext-root", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+              "-d", str(root), str(work / ROOTFS), IMAGE_SIZE])
+        bzimage = Path(f"/boot/vmlinuz-{kernel_version}").read_bytes()
+        vmlinux = pvh_kernel(bzimage)
+        (work / KERNEL).write_bytes(vmlinux or bzimage)
+        (work / INITRD).write_bytes(build_initramfs(root, kernel_version))
         shutil.rmtree(root)
         manifest = {"hash": final.name, "base": base.name, "kernel_version": kernel_version,
-                    "packages": PACKAGES, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "packages": PACKAGES, "kernel_entry": "PVH" if vmlinux else "bzImage",
+                    "initramfs_modules": INITRAMFS_MODULES, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "build_seconds": round(time.monotonic() - started, 1)}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for path in work.iterdir():

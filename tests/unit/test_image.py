@@ -1,0 +1,144 @@
+"""The guest image's boot path: the PVH kernel, the initramfs archive and what goes into it, the hash."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hvext import image
+from hvext.errors import ImageError
+
+KERNEL_VERSION = image.host_kernel_version() if list(Path("/boot").glob("vmlinuz-*")) else None
+needs_kernel = pytest.mark.skipif(KERNEL_VERSION is None and os.environ.get("CI") != "true",
+                                  reason="no Debian kernel in /boot (make setup installs linux-image-amd64)")
+
+
+def read_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
+    """name -> (mode, data, rdev) of a newc cpio archive (a reader independent of the writer)."""
+    entries = {}
+    offset = 0
+    while True:
+        assert data[offset:offset + 6] == b"070701"
+        fields = [int(data[offset + 6 + 8 * i:offset + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, rdev, namesize = fields[1], fields[6], (fields[9], fields[10]), fields[11]
+        name = data[offset + 110:offset + 110 + namesize - 1].decode()
+        offset += 110 + namesize
+        offset += -offset % 4
+        body = data[offset:offset + size]
+        offset += size + (-size % 4)
+        if name == "TRAILER!!!":
+            return entries
+        entries[name] = (mode, body, rdev)
+
+
+def test_cpio_archive_is_newc_with_parents_links_and_devices(tmp_path: Path) -> None:
+    archive = image.Cpio()
+    archive.directory("dev")
+    archive.char_device("dev/console", 5, 1)
+    archive.file("a/b/c.txt", b"hello")
+    archive.symlink("a/link", "b/c.txt")
+    data = archive.finish()
+    entries = read_newc(data)
+    assert entries["a"][0] == entries["a/b"][0] == 0o040755
+    assert entries["a/b/c.txt"] == (0o100644, b"hello", (0, 0))
+    assert entries["a/link"] == (0o120777, b"b/c.txt", (0, 0))
+    assert entries["dev/console"] == (0o020600, b"", (5, 1))
+    with pytest.raises(ImageError, match="added twice"):
+        archive.file("a/b/c.txt", b"again")
+    if shutil.which("cpio"):  # the real tool agrees
+        listing = subprocess.run(["cpio", "-it", "--quiet"], input=data, capture_output=True, check=True).stdout
+        assert set(listing.decode().split()) == set(entries)
+
+
+def test_elf_dependencies_of_a_real_program() -> None:
+    interp, needed = image.elf_dependencies(Path(sys.executable).resolve().read_bytes())
+    assert interp and interp.startswith("/lib") and "ld-linux" in interp
+    assert "libc.so.6" in needed
+    with pytest.raises(ImageError, match="not a 64-bit"):
+        image.elf_dependencies(b"#!/bin/sh\necho\n")
+
+
+def test_resolve_in_keeps_absolute_links_inside_the_root(tmp_path: Path) -> None:
+    (tmp_path / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    (tmp_path / "usr/lib/x86_64-linux-gnu/ld.so").write_text("loader")
+    (tmp_path / "usr/lib64").mkdir()
+    (tmp_path / "lib64").symlink_to("usr/lib64")
+    (tmp_path / "usr/lib64/ld-linux-x86-64.so.2").symlink_to("/lib/x86_64-linux-gnu/ld.so")
+    (tmp_path / "lib").symlink_to("usr/lib")
+    resolved = image.resolve_in(tmp_path, "/lib64/ld-linux-x86-64.so.2")
+    assert resolved == tmp_path / "usr/lib/x86_64-linux-gnu/ld.so" and resolved.read_text() == "loader"
+    (tmp_path / "loop").symlink_to("/loop")
+    with pytest.raises(ImageError, match="too many symlinks"):
+        image.resolve_in(tmp_path, "/loop")
+
+
+@needs_kernel
+def test_pvh_kernel_is_the_bzimages_own_vmlinux() -> None:
+    bzimage = Path(f"/boot/vmlinuz-{KERNEL_VERSION}").read_bytes()
+    elf = image.pvh_kernel(bzimage)
+    assert elf is not None and elf.startswith(b"\x7fELF") and image.has_pvh_entry(elf)
+    assert len(elf) > 2 * len(bzimage)  # decompressed
+    assert image.pvh_kernel(b"not a kernel" * 100) is None
+    assert not image.has_pvh_entry(Path(sys.executable).resolve().read_bytes())
+
+
+@needs_kernel
+def test_initramfs_modules_come_dependencies_first() -> None:
+    modules = image.initramfs_modules(KERNEL_VERSION)
+    names = [Path(m).name for m in modules]
+    assert len(names) == len(set(names))
+    for before, after in [("virtio.ko", "virtio_blk.ko"), ("virtio_ring.ko", "virtio_pci.ko"),
+                          ("jbd2.ko", "ext4.ko"), ("crc16.ko", "ext4.ko"), ("virtio.ko", "virtio_console.ko")]:
+        assert names.index(before) < names.index(after)
+    assert "virtio-rng.ko" in names and "crc32c_generic.ko" in names  # ext4's softdep is in the list
+    assert "nd_pmem.ko" not in names and "nfit.ko" not in names and "virtio_mem.ko" not in names
+
+
+@needs_kernel
+def test_initramfs_holds_init_busybox_with_its_libraries_and_the_modules(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    # a root file system with a real dynamically linked program standing in for busybox
+    program = Path(sys.executable).resolve()
+    interp, needed = image.elf_dependencies(program.read_bytes())
+    (root / "usr/bin").mkdir(parents=True)
+    shutil.copy(program, root / "usr/bin/busybox")
+    for soname in needed:
+        host = next(p for d in ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu") if (p := Path(d, soname)).exists())
+        (root / "usr/lib/x86_64-linux-gnu").mkdir(parents=True, exist_ok=True)
+        shutil.copy(host, root / "usr/lib/x86_64-linux-gnu" / soname)
+    (root / interp.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(interp, root / interp.lstrip("/"))
+    entries = read_newc(gzip.decompress(image.build_initramfs(root, KERNEL_VERSION)))
+    assert entries["init"][1] == (image.SOURCE_DIR / image.INITRAMFS_INIT).read_bytes()
+    assert entries["init"][0] == 0o100755 and entries["dev/console"][2] == (5, 1)
+    assert entries["bin/sh"][1] == b"busybox" and entries["bin/modprobe"][1] == b"busybox"
+    for soname in needed:
+        assert f"usr/lib/x86_64-linux-gnu/{soname}" in entries
+    assert interp.lstrip("/") in entries
+    order = entries["etc/hvext-modules"][1].decode().split()
+    assert order.index("virtio") < order.index("virtio_console") and order.index("jbd2") < order.index("ext4")
+    assert {"virtio_rng", "evdev", "button"} <= set(order)
+    moddir = f"lib/modules/{KERNEL_VERSION}"
+    dep = entries[f"{moddir}/modules.dep"][1].decode().splitlines()
+    assert len(dep) == len(order) and all(f"{moddir}/{line.rstrip(':')}" in entries for line in dep)
+
+
+def test_the_image_hash_covers_the_boot_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "src"
+    shutil.copytree(image.SOURCE_DIR / "guest-agent", source / "guest-agent")
+    shutil.copytree(image.SOURCE_DIR / "hvext", source / "hvext")
+    monkeypatch.setattr(image, "SOURCE_DIR", source)
+    before = image.input_hash("6.1.0-1-amd64")
+    assert image.input_hash("6.1.0-1-amd64") == before
+    init = source / image.INITRAMFS_INIT
+    init.write_text(init.read_text() + "\n# changed\n")
+    changed_init = image.input_hash("6.1.0-1-amd64")
+    assert changed_init != before
+    monkeypatch.setattr(image, "INITRAMFS_MODULES", image.INITRAMFS_MODULES + ["virtio_net"])
+    assert image.input_hash("6.1.0-1-amd64") not in (before, changed_init)
