@@ -261,7 +261,8 @@ class HostileAgent:
         self.server.close()
 
 
-def test_hostile_agents_do_not_hold_the_pauses_beyond_one_budget(lab: Lab, tmp_path: Path) -> None:
+def test_hostile_agents_do_not_hold_the_pauses_beyond_one_budget(lab: Lab, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from hvext.agent.protocol import PROTOCOL_VERSION
     assert PROTOCOL_VERSION == 1
     agents = [HostileAgent(tmp_path / f"agent{i}.sock") for i in range(3)]
@@ -269,7 +270,8 @@ def test_hostile_agents_do_not_hold_the_pauses_beyond_one_budget(lab: Lab, tmp_p
         domains = [lab.add(f"hostile{i}", agent_socket=agent.path)[0] for i, agent in enumerate(agents)]
         hints.install()
         started = time.monotonic()
-        report = power.power_loss(lab.host, budget=1.5, registry_dir=lab.registry)
+        monkeypatch.setattr(power, "PREPAUSE_BUDGET_S", 1.5, raising=False)  # the default budget
+        report = power.power_loss(lab.host, registry_dir=lab.registry)
         elapsed = time.monotonic() - started
         assert all(a.requests[:2] == ["guest-sync", "pmem-freeze"] for a in agents), [a.requests for a in agents]
         assert elapsed < 1.5 + 1.5, (elapsed, report)  # concurrently, one deadline: not 3 x (sync + freeze)
@@ -299,7 +301,7 @@ def test_a_guest_prepared_for_a_pause_that_fails_is_thawed(lab: Lab, monkeypatch
         def suspend(self) -> int:
             raise libvirt.libvirtError("injected: suspend refused")
 
-    def before(dom: Domain, deadline: float) -> dict[str, Any]:
+    def before(dom: Domain, deadline: float = 0.0) -> dict[str, Any]:
         calls.append("freeze")
         return {"epoch_consistent": True}
     power.set_pause_hooks(before, lambda dom: calls.append("thaw"))
