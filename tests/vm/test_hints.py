@@ -62,7 +62,7 @@ def test_epoch_consistent_save_skips_volatile_ranges(hinted_vm, capsys) -> None:
     assert device["bytes"]["persistent"] >= 4 * MIB and device["bytes"]["volatile"] >= 4 * MIB, report
     assert device["epochs"] > 3 and not report["rejected"], report
 
-    status, out, err = cli(capsys, "power", "loss", "--json")
+    status, out, err = cli(capsys, "power", "loss", "--domain", domain.name, "--json")
     assert status == 0, err
     (saved,) = [d for d in json.loads(out)["devices"] if d["domain"] == domain.name]
     assert saved["epoch"]["epoch_consistent"] is True, saved
@@ -70,7 +70,7 @@ def test_epoch_consistent_save_skips_volatile_ranges(hinted_vm, capsys) -> None:
 
     domain.destroy()
     backing.unlink()  # the power goes: /dev/shm is lost
-    status, out, err = cli(capsys, "power", "restore", "--json")
+    status, out, err = cli(capsys, "power", "restore", "--domain", domain.name, "--json")
     assert status == 0, err
     aio.run(domain.wait_agent(240))
     assert cli(capsys, "pmem-mount", domain.name, "pmem0", "/mnt/pm")[0] == 0
