@@ -415,7 +415,8 @@ def power_loss(host: Host, *, domains: Collection[str] | None = None, budget: fl
 
 
 def _error_text(err: BaseException) -> str:
-    return str(err) if isinstance(err, HvextError) else f"unexpected {type(err).__name__}: {err}"
+    """An error for a report: hvext's and I/O errors as they are, anything else named (it is a bug)."""
+    return str(err) if isinstance(err, (HvextError, OSError)) else f"unexpected {type(err).__name__}: {err}"
 
 
 def _save_guarded(host: Host, uuid: str, group: list[Registration], started: float,
