@@ -42,7 +42,7 @@ test: setup
 	$(PY) -m pytest -v -ra $(PYTEST_ARGS) tests
 
 unit: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests/unit
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests/unit
 
 vm: setup
 	$(PY) -m pytest -v -ra $(PYTEST_ARGS) tests/vm

@@ -84,8 +84,12 @@ swap() {
   log "host swap: $file enabled"
 }
 
-# Post-copy migration: QEMU runs as libvirt-qemu and needs userfaultfd for kernel faults,
-# which kernels since 5.11 allow unprivileged processes only with this setting.
+# Post-copy migration: QEMU runs as libvirt-qemu without capabilities, and the destination
+# QEMU needs userfaultfd for kernel faults, which kernels since 5.11 allow unprivileged
+# processes only with this setting (at 0 libvirt reports "Postcopy is not supported").
+# Trade-off: host-wide, so every local user may catch kernel faults with userfaultfd (an aid
+# for exploiting kernel races). QEMU 7.2 has only the system call, not /dev/userfaultfd
+# (QEMU 8.1+), so there is no narrower grant. `hvext doctor` reports it; README "Known limits".
 sysctls() {
   if [ "$(cat /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null)" = "1" ]; then
     log "vm.unprivileged_userfaultfd: 1"

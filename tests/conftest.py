@@ -1,12 +1,23 @@
-"""Shared pytest setup: markers, KVM skipping, and failure reports for fixtures."""
+"""Shared pytest setup: markers, KVM skipping, skips that fail under CI, and failure reports for fixtures."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from tests.support import pytest_runtest_setup  # noqa: F401  (applies the `requires` marker)
+
+#: Set where KVM is known to exist (the GitHub workflow): tests marked ``kvm`` then fail under TCG.
+EXPECT_KVM = "HVEXT_EXPECT_KVM"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``kvm`` where hardware KVM is unusable (the accel rule decides)."""
+    """Skip tests marked ``kvm`` where hardware KVM is unusable (the accel rule decides).
+
+    Where ``HVEXT_EXPECT_KVM=1`` says the machine has KVM, they fail instead, so a
+    broken /dev/kvm cannot silently turn them into skips.
+    """
     from hvext import accel
 
     try:
@@ -18,10 +29,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason = acc.reason
     if acc is not None and acc.is_kvm:
         return
-    skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
+    reason = f"needs KVM: {reason}"
+    if os.environ.get(EXPECT_KVM, "") == "1":
+        mark = pytest.mark.requires(False, f"{reason} ({EXPECT_KVM}=1 says this machine has KVM)", fail=True)
+    else:
+        mark = pytest.mark.skip(reason=reason)
     for item in items:
         if item.get_closest_marker("kvm"):
-            item.add_marker(skip)
+            item.add_marker(mark)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

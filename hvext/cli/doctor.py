@@ -6,8 +6,11 @@ import argparse
 import pwd
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
 
 from hvext import accel, image
 from hvext.cli import common
@@ -17,12 +20,33 @@ from hvext.memory.host import meminfo
 from hvext.paths import PATCHED_QEMU
 
 
-@dataclass
+#: Verdicts, best first; the report's verdict is the worst of its checks.
+STATUSES = ("ok", "warn", "fail")
+USERFAULTFD_SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
+
+
+@dataclass(frozen=True)
 class Check:
+    """One finding: a *value* a script can test, the verdict on it, and why (*reason*) apart from both."""
+
     name: str
     status: str  # "ok", "warn" (works with less), "fail" (hvext cannot work)
-    detail: str
+    value: Any  # the fact: "tcg", 4095 (MiB), {"path": ..., "version": ...}; None when unknown
+    detail: str  # one line for people
+    reason: str = ""  # why this verdict or this value (e.g. why TCG), without the fix
     fix: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "ok": self.status == "ok", "value": self.value,
+                "reason": self.reason, "fix": self.fix, "detail": self.detail}
+
+
+def report(checks: list[Check]) -> dict[str, Any]:
+    """``doctor --json``: the verdict, the accelerator (the value scripts test most) and every check."""
+    verdict = max((c.status for c in checks), key=STATUSES.index, default="ok")
+    accelerator = next((c.value for c in checks if c.name == "accelerator"), None)
+    return {"verdict": verdict, "ok": verdict != "fail", "accelerator": accelerator,
+            "checks": [c.to_dict() for c in checks]}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -48,63 +72,112 @@ def _daemon_running(name: str) -> bool:
         return False
 
 
+def userfaultfd_check(setting: str | None) -> Check:
+    """``vm.unprivileged_userfaultfd`` (the text of its /proc file, None when absent): the post-copy trade-off."""
+    why = ("post-copy migration needs it: the destination QEMU (user libvirt-qemu, no capabilities) catches "
+           "faults on guest RAM with userfaultfd(2), kernel faults included, which unprivileged processes may "
+           "do only with this setting")
+    risk = ("the price: every local user may then catch kernel page faults with userfaultfd, a known aid "
+            "for exploiting kernel race bugs")
+    try:
+        value = int(setting) if setting is not None else None
+    except ValueError:
+        value = None
+    if value is None:
+        return Check("userfaultfd", "warn", None, "vm.unprivileged_userfaultfd unreadable",
+                     f"{USERFAULTFD_SYSCTL} is missing or not a number", "`setup/host.sh sysctls`")
+    if value:
+        return Check("userfaultfd", "ok", value, "vm.unprivileged_userfaultfd = 1 (post-copy migration works)",
+                     f"{why}; {risk}", "on a host with untrusted local users and no post-copy, "
+                     "`sysctl vm.unprivileged_userfaultfd=0` and remove /etc/sysctl.d/60-hvext.conf")
+    return Check("userfaultfd", "warn", value, "vm.unprivileged_userfaultfd = 0 (post-copy migration fails)",
+                 f"{why}; without it a migration that switches to post-copy fails on the destination",
+                 f"`setup/host.sh sysctls` sets it to 1 ({risk})")
+
+
+def _read_sysctl(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _qemu(binary: str | Path) -> dict[str, str]:
+    return {"path": str(binary), "version": _qemu_version(binary)}
+
+
 def run_checks(uri: str | None) -> list[Check]:
     checks: list[Check] = []
     try:
         acc = accel.current()
-        checks.append(Check("accelerator", "ok", f"{acc.name.upper()}: {acc.reason}",
+        checks.append(Check("accelerator", "ok", acc.name, f"{acc.name.upper()}: {acc.reason}", acc.reason,
                             "" if acc.is_kvm else "VMs run under TCG (slower); set HVEXT_ACCEL=kvm to force KVM"))
     except HvextError as err:
-        checks.append(Check("accelerator", "fail", str(err), "unset HVEXT_ACCEL or set it to kvm or tcg"))
+        checks.append(Check("accelerator", "fail", None, str(err), str(err),
+                            "unset HVEXT_ACCEL or set it to kvm or tcg"))
     try:
         with Host(uri) as host:
             versions = host.versions()
-        checks.append(Check("libvirt", "ok", f"libvirt {versions['libvirt']} at {versions['uri']}, "
-                                            f"QEMU driver for QEMU {versions['hypervisor']}"))
+        checks.append(Check("libvirt", "ok", {"version": versions["libvirt"], "uri": versions["uri"],
+                                              "qemu": versions["hypervisor"]},
+                            f"libvirt {versions['libvirt']} at {versions['uri']}, "
+                            f"QEMU driver for QEMU {versions['hypervisor']}"))
     except HvextError as err:
-        checks.append(Check("libvirt", "fail", str(err), "`make libvirtd` (or `make setup`) starts libvirtd"))
+        checks.append(Check("libvirt", "fail", None, str(err), str(err),
+                            "`make libvirtd` (or `make setup`) starts libvirtd"))
     for daemon in ("virtlogd",):
         running = _daemon_running(daemon)
-        checks.append(Check(daemon, "ok" if running else "fail", "running" if running else "not running",
+        checks.append(Check(daemon, "ok" if running else "fail", running, "running" if running else "not running",
+                            "" if running else f"no live {daemon} process from /run/{daemon}.pid",
                             "" if running else "`make libvirtd` starts it (domains with console logs need it)"))
     try:
-        pwd.getpwnam("libvirt-qemu")
-        checks.append(Check("libvirt-qemu user", "ok", "present"))
+        uid: int | None = pwd.getpwnam("libvirt-qemu").pw_uid
+        checks.append(Check("libvirt-qemu user", "ok", uid, "present"))
     except KeyError:
-        checks.append(Check("libvirt-qemu user", "fail", "missing", "`make setup` installs libvirt-daemon-system"))
-    swap_total = meminfo("SwapTotal")
-    checks.append(Check("host swap", "ok" if swap_total else "warn",
-                        f"{swap_total >> 20} MiB" if swap_total else "none",
-                        "" if swap_total else "`make swap` creates a swap file (needed by reclaim --method swap)"))
+        uid = None
+        checks.append(Check("libvirt-qemu user", "fail", None, "missing", "no user libvirt-qemu (QEMU runs as it)",
+                            "`make setup` installs libvirt-daemon-system"))
+    swap_mib = meminfo("SwapTotal") >> 20
+    checks.append(Check("host swap", "ok" if swap_mib else "warn", swap_mib,
+                        f"{swap_mib} MiB" if swap_mib else "none",
+                        "" if swap_mib else "SwapTotal is 0 in /proc/meminfo",
+                        "" if swap_mib else "`make swap` creates a swap file (needed by reclaim --method swap)"))
     stock = shutil.which("qemu-system-x86_64")
-    checks.append(Check("QEMU", "ok" if stock else "fail",
+    checks.append(Check("QEMU", "ok" if stock else "fail", _qemu(stock) if stock else None,
                         f"{stock}: {_qemu_version(stock)}" if stock else "qemu-system-x86_64 not found",
+                        "" if stock else "qemu-system-x86_64 is not on PATH",
                         "" if stock else "`make setup` installs qemu-system-x86"))
     patched = emulator_path()
-    checks.append(Check("patched QEMU", "ok" if patched else "warn",
+    checks.append(Check("patched QEMU", "ok" if patched else "warn", _qemu(patched) if patched else None,
                         f"{patched}: {_qemu_version(patched)}" if patched else f"not built ({PATCHED_QEMU})",
-                        "" if patched else "`make qemu` builds it; without it dirty page lists and pmem "
-                                           "flush events are unavailable"))
+                        "" if patched else f"no executable {PATCHED_QEMU}; without it dirty page lists and "
+                                           "pmem flush events are unavailable",
+                        "" if patched else "`make qemu` builds it"))
     try:
         guest = image.find_image()
         checks.append(Check("guest image", "ok" if guest else "fail",
+                            {"directory": str(guest.directory), "kernel": guest.kernel_version} if guest else None,
                             f"{guest.directory} (kernel {guest.kernel_version})" if guest
                             else f"not built for the current inputs ({image.input_hash()})",
+                            "" if guest else f"no image for the current inputs ({image.input_hash()})",
                             "" if guest else "`make image` builds it"))
     except HvextError as err:
-        checks.append(Check("guest image", "fail", str(err), "`make setup`"))
+        checks.append(Check("guest image", "fail", None, str(err), str(err), "`make setup`"))
+    checks.append(userfaultfd_check(_read_sysctl(USERFAULTFD_SYSCTL)))
     return checks
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     checks = run_checks(args.uri)
     if args.json:
-        common.print_json([asdict(c) for c in checks])
-    else:
+        common.print_json(report(checks))
+    else:  # details come from outside (libvirt errors, paths): printed literally, never as markup
         colours = {"ok": "green", "warn": "yellow", "fail": "red"}
         for check in checks:
             mark = f"[{colours[check.status]}]{check.status.upper():<4}[/]"
-            common.console.print(f"{mark} {check.name}: {check.detail}", soft_wrap=True)
+            common.console.print(f"{mark} {escape(check.name)}: {escape(check.detail)}", soft_wrap=True)
+            if check.reason and check.reason not in check.detail:
+                common.console.print(f"     why: {escape(check.reason)}", soft_wrap=True)
             if check.fix:
-                common.console.print(f"     -> {check.fix}", soft_wrap=True)
+                common.console.print(f"     -> {escape(check.fix)}", soft_wrap=True)
     return 1 if any(c.status == "fail" for c in checks) else 0

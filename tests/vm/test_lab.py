@@ -2,7 +2,7 @@
 
 The module shares one 2-host lab (about a second to build); the finalizer
 removes it even when a test fails. An already running lab is left alone
-(the module is skipped), since it may belong to someone else.
+(the module is skipped, or fails under CI=true), since it may belong to someone else.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import pytest
 import hvext.host  # noqa: F401  (keeps libvirt from printing errors itself)
 from hvext import lab
 from hvext.lab import net, plan, procs
+from tests.support import require
 
 PY = sys.executable
 TINY_DOMAIN = ("<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
                "<os><type arch='x86_64'>hvm</type></os></domain>")
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (namespaces, libvirtd)"),
-    pytest.mark.skipif(not (shutil.which("libvirtd") or os.path.exists("/usr/sbin/libvirtd")),
-                       reason="libvirtd is not installed"),
+    pytest.mark.requires(os.geteuid() == 0, "the lab needs root (namespaces, libvirtd)"),
+    pytest.mark.requires(shutil.which("libvirtd") or os.path.exists("/usr/sbin/libvirtd"),
+                         "libvirtd is not installed (`make libvirtd`)"),
     pytest.mark.timeout(120),
 ]
 
@@ -41,8 +42,8 @@ def hvext_cli(*argv: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def the_lab() -> Iterator[lab.Lab]:
-    if lab.Lab.load() is not None:
-        pytest.skip("a lab is already up (maybe someone else's); `hvext lab down` first to run these tests")
+    require(lab.Lab.load() is None,
+            "a lab is already up (maybe someone else's); `hvext lab down` first to run these tests")
     started = time.monotonic()
     try:
         built = lab.Lab.up(2)

@@ -17,14 +17,14 @@ from hvext.host import Domain, Host
 from hvext.lab import Lab
 from hvext.memory.swap import qemu_pid
 from hvext.migrate import orchestrate
+from tests.support import require
 from tests.vm.conftest import VMFactory
 
 
 @pytest.fixture(scope="module")
 def lab(guest_image) -> Iterator[Lab]:
     existing = Lab.load()
-    if existing is not None and len(existing.hosts) != 2:
-        pytest.skip("another lab is up; these tests need a 2-host lab")
+    require(existing is None or len(existing.hosts) == 2, "another lab is up; these tests need a 2-host lab")
     lab = Lab.up(2)
     yield lab
     if existing is None:
