@@ -480,6 +480,10 @@ def _save_domain(domain: Domain, group: list[Registration], started: float | Non
         paused_at = time.perf_counter()
         for reg in group:  # recorded now: restore resumes (and thaws) the guest even if the save fails
             reg.pending = pending if paused else None
+    except Exception as err:  # not paused: no consistent copy to take; the other domains go on
+        log.warning("%s: pausing failed: %s", domain.name, _error_text(err))
+        return [{"domain": r.domain, "backing": r.backing, "model": r.model, "error": _error_text(err),
+                 "paused": False, **({"epoch": epoch} if epoch is not None else {})} for r in group]
     finally:
         if prepared and not paused:  # the pause failed or the guest stopped: let its applications go
             _thaw(domain)
