@@ -13,7 +13,7 @@ agent and QMP calls before the pause end by the save's deadline (one budget
 for the whole save, :data:`hvext.pmem.power.PREPAUSE_BUDGET_S`), whatever the
 guest does. After the guest is resumed -- or at once when its pause failed --
 hvext thaws it; the guest also ends a freeze that is never thawed by itself
-(``hold`` seconds of its own time).
+(:data:`FREEZE_HOLD_S` seconds of its own time).
 """
 
 from __future__ import annotations
