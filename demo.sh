@@ -16,7 +16,7 @@ cleanup() {
   done
   if virsh -q -c "${LIBVIRT_DEFAULT_URI:-qemu:///system}" dominfo "$DOMAIN" >/dev/null 2>&1; then
     $HVEXT destroy "$DOMAIN" >/dev/null 2>&1 || true
-    $HVEXT undefine "$DOMAIN" >/dev/null 2>&1 || true
+    $HVEXT undefine "$DOMAIN" --remove-power-store >/dev/null 2>&1 || true
   fi
 }
 trap cleanup EXIT
@@ -42,12 +42,12 @@ step reclaim "$DOMAIN" 128M
 step pmem-mount "$DOMAIN" pmem0 /mnt/pmem --format
 step guest-exec "$DOMAIN" -- sh -c 'echo "written before the power loss at $(date)" > /mnt/pmem/note && sync'
 step pmem-list "$DOMAIN"
-step power loss
+step power loss --domain "$DOMAIN"    # only the demo's guest: other VMs on this host are not touched
 BACKING="$($HVEXT power list --json | python3 -c "import json,sys; print(next(d['backing'] for d in json.load(sys.stdin) if d['domain']=='$DOMAIN'))")"
 printf '\n\033[1m# the host loses power: QEMU dies and /dev/shm is wiped\033[0m\n'
 $HVEXT destroy "$DOMAIN"
 rm -f "$BACKING"
-step power restore
+step power restore --domain "$DOMAIN"
 for _ in $(seq 90); do $HVEXT agent-ping "$DOMAIN" >/dev/null 2>&1 && break; sleep 2; done
 step pmem-mount "$DOMAIN" pmem0 /mnt/pmem
 step guest-exec "$DOMAIN" -- cat /mnt/pmem/note

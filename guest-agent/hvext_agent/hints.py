@@ -11,7 +11,10 @@ written so far is durable")::
     hints.epoch("/mnt/pmem/app.db")   # blocks while the host freezes applications at epochs
 
 or from a shell: ``python3 -m hvext_agent.hints declare PATH KIND`` /
-``python3 -m hvext_agent.hints epoch PATH``. Records go to a JSON-lines file
+``python3 -m hvext_agent.hints epoch PATH``. A freeze holds applications at
+their epoch until the host thaws them, or FREEZE_HOLD_S seconds of guest time
+at most (the guest's clock stops while it is paused), so a host that never
+comes back cannot stop them for good. Records go to a JSON-lines file
 in /run; the agent resolves file ranges to guest physical addresses (FIEMAP
 plus the pmem device's physical start) when the host asks.
 """
@@ -32,6 +35,8 @@ FREEZE = HINTS_DIR + "/freeze"
 KINDS = ("persistent", "volatile", "hot")
 MAX_RECORDS_BYTES = 1 << 20
 MAX_RECORDS = 4096
+#: A freeze the host never thaws ends by itself after this many seconds of guest time.
+FREEZE_HOLD_S = 60.0
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 1
 FIEMAP_EXTENT = struct.Struct("=QQQ2Q I3I")
@@ -69,16 +74,36 @@ def epoch(path: str) -> int:
     path = os.path.abspath(path)
     number = _epochs[path] = _epochs.get(path, 0) + 1
     _append({"op": "epoch", "path": path, "epoch": number, "pid": os.getpid(), "t": time.time()})
-    if os.path.exists(FREEZE):
+    started = time.monotonic()
+    if _frozen_until(started) > started:
         frozen = f"{HINTS_DIR}/frozen-{os.getpid()}"
         with open(frozen, "w") as handle:
             json.dump({"path": path, "epoch": number}, handle)
         try:
-            while os.path.exists(FREEZE):
+            while time.monotonic() < _frozen_until(started):
                 time.sleep(0.02)
         finally:
             os.unlink(frozen)
     return number
+
+
+def _frozen_until(started: float) -> float:
+    """When the current freeze ends by itself (``time.monotonic()``; 0: no freeze).
+
+    Never later than FREEZE_HOLD_S after *started* (the caller's first look), so an
+    unreadable or rewritten freeze file cannot hold anyone longer."""
+    try:
+        with open(FREEZE) as handle:
+            raw = handle.read(256)
+    except FileNotFoundError:
+        return 0.0
+    except OSError:
+        raw = ""
+    try:
+        until = float(json.loads(raw)["until"])
+    except (ValueError, KeyError, TypeError):
+        until = started + FREEZE_HOLD_S
+    return min(until, started + FREEZE_HOLD_S)
 
 
 # -- agent side -------------------------------------------------------------
@@ -143,15 +168,22 @@ def resolve() -> dict[str, Any]:
     if os.path.isdir(HINTS_DIR):
         frozen = [int(n.split("-", 1)[1]) for n in os.listdir(HINTS_DIR) if n.startswith("frozen-")]
     live = sorted(p for p in pids if p > 0 and os.path.exists(f"/proc/{p}"))
+    now = time.monotonic()
     return {"ranges": ranges[:MAX_RECORDS], "epochs": epochs, "errors": errors[:32], "processes": live,
-            "frozen": sorted(frozen), "freeze_requested": os.path.exists(FREEZE)}
+            "frozen": sorted(frozen), "freeze_requested": _frozen_until(now) > now}
 
 
-def freeze(timeout: float) -> dict[str, Any]:
-    """Ask hinting processes to stop at their next epoch; wait (bounded) until all living ones do."""
+def freeze(timeout: float, hold: float = FREEZE_HOLD_S) -> dict[str, Any]:
+    """Ask hinting processes to stop at their next epoch; wait (bounded) until all living ones do.
+
+    The freeze ends at :func:`thaw`, or by itself *hold* seconds (guest time) from now."""
     os.makedirs(HINTS_DIR, exist_ok=True)
-    open(FREEZE, "w").close()
-    deadline = time.monotonic() + timeout
+    now = time.monotonic()
+    tmp = f"{FREEZE}.tmp-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        json.dump({"until": now + min(max(hold, 0.0), FREEZE_HOLD_S)}, handle)
+    os.replace(tmp, FREEZE)  # appears complete: an application never reads half of it
+    deadline = now + timeout
     while True:
         state = resolve()
         missing = [p for p in state["processes"] if p not in state["frozen"]]

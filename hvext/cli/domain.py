@@ -12,6 +12,7 @@ from hvext import aio
 from hvext.cli import common
 from hvext.errors import DomainNotFound, UsageError
 from hvext.host import DomainSpec
+from hvext.pmem import power
 from hvext.units import parse_size_mib
 
 SPEC_KEYS = {"name", "memory", "current_memory", "vcpus", "free_page_reporting"}
@@ -52,6 +53,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("undefine", help="remove a domain's definition (and hvext's overlay disk)")
     common.add_domain(p)
     p.add_argument("--keep-state", action="store_true", help="keep hvext's overlay disk and state dir")
+    p.add_argument("--remove-power-store", action="store_true",
+                   help="also delete the power-loss stores of its protected pmem devices (kept by default)")
     p.set_defaults(func=cmd_undefine)
 
     p = commands.add_parser("dominfo", help="show a domain's basic information")
@@ -157,8 +160,13 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 def cmd_undefine(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
+        uuid = dom.info()["uuid"]
         dom.undefine(remove_state=not args.keep_state)
         common.console.print(f"Domain '{dom.name}' has been undefined")
+    # its power-loss registrations go too: a save would otherwise report them forever
+    for reg in power.unregister_domain(dom.name, uuid, remove_store=args.remove_power_store):
+        common.console.print(f"{reg.backing} no longer protected; store "
+                             + ("removed" if args.remove_power_store else f"kept in {reg.store}"))
     return 0
 
 

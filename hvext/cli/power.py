@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from hvext.cli import common
 from hvext.pmem import hints, power
@@ -30,7 +31,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = sub.add_parser("unprotect", help="stop protecting a device")
     common.add_domain(p)
     p.add_argument("backing", type=Path, metavar="BACKING")
-    p.add_argument("--remove-store", action="store_true", help="delete its store too")
+    p.add_argument("--remove-store", action="store_true",
+                   help="delete its store too (only the files hvext wrote there)")
     p.set_defaults(func=cmd_unprotect)
 
     p = sub.add_parser("list", help="protected devices, their stores and last saves")
@@ -38,12 +40,38 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("loss", help="power is failing: pause guests, save changed blocks durably")
+    _add_domain_filter(p, "save")
+    p.add_argument("--budget", type=_budget, default=power.PREPAUSE_BUDGET_S, metavar="SECONDS",
+                   help="longest time guests may delay their pause (hints, epoch freeze, flush wait), for "
+                        f"all of them together (default {power.PREPAUSE_BUDGET_S:g})")
     common.add_json(p)
     p.set_defaults(func=cmd_loss)
 
     p = sub.add_parser("restore", help="power is back: restore backing files, resume or start guests")
+    _add_domain_filter(p, "restore")
     common.add_json(p)
     p.set_defaults(func=cmd_restore)
+
+
+def _add_domain_filter(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--domain", action="append", metavar="NAME", dest="domains",
+                        help=f"only {verb} this domain's devices (repeatable; default: every protected domain)")
+
+
+def _budget(text: str) -> float:
+    try:
+        return power.check_budget(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    except power.PowerUsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _print_missing(report: dict[str, Any]) -> None:
+    for m in report["missing"]:
+        common.console.print(f"{m['domain']} {m['backing']}: domain no longer exists (store kept in "
+                             f"{m['store']}; `hvext power unprotect {m['domain']} {m['backing']}` drops it)",
+                             markup=False, highlight=False)
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
@@ -88,7 +116,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_loss(args: argparse.Namespace) -> int:
     hints.install()  # the save honours persistence hints and epochs
     with common.open_host(args) as host:
-        report = power.power_loss(host)
+        report = power.power_loss(host, domains=args.domains, budget=args.budget)
     if args.json:
         common.print_json(report)
     else:
@@ -102,6 +130,7 @@ def cmd_loss(args: argparse.Namespace) -> int:
                                      f"{format_size(d['bytes_written'])} written in {d['seconds']:.3f} s "
                                      f"({d['mode']}, {d['blocks_checked']}/{d['blocks_total']} blocks read; "
                                      f"generation {d['generation']})")
+        _print_missing(report)
         common.console.print(f"total {format_size(report['bytes_written'])} in {report['seconds']:.2f} s")
     return 0 if report["ok"] else 1
 
@@ -109,7 +138,7 @@ def cmd_loss(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     hints.install()  # thaws guests frozen at an epoch when they resume
     with common.open_host(args) as host:
-        report = power.power_restore(host)
+        report = power.power_restore(host, domains=args.domains)
     if args.json:
         common.print_json(report)
     else:
@@ -118,4 +147,5 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 common.console.print(f"{dom['domain']}: {dev['backing']}: {dev['action']}")
             common.console.print(f"{dom['domain']}: {dom.get('action', '-')}"
                                  + (f" (error: {common.literal(dom['error'])})" if "error" in dom else ""))
+        _print_missing(report)
     return 0 if report["ok"] else 1

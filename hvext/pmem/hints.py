@@ -7,21 +7,26 @@ QEMU's ``query-memory-devices``), and they only ever shrink what hvext saves
 for that domain's own devices — never touch another VM's memory.
 
 Before a power-loss save, hvext asks the guest to freeze hinting
-applications at their next epoch boundary (bounded wait), then pauses the VM,
-so the saved copy is crash consistent at an epoch; volatile ranges are not
-saved. After the guest is resumed, hvext thaws it.
+applications at their next epoch boundary, then pauses the VM, so the saved
+copy is crash consistent at an epoch; volatile ranges are not saved. All the
+agent and QMP calls before the pause end by the save's deadline (one budget
+for the whole save, :data:`hvext.pmem.power.PREPAUSE_BUDGET_S`), whatever the
+guest does. After the guest is resumed -- or at once when its pause failed --
+hvext thaws it; the guest also ends a freeze that is never thawed by itself
+(:data:`FREEZE_HOLD_S` seconds of its own time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hvext import aio
-from hvext.errors import AgentError, HvextError, QMPError
+from hvext.errors import AgentTimeout, HvextError
 from hvext.host import Domain
 from hvext.pmem import devices, power, virtio
 
@@ -29,7 +34,13 @@ log = logging.getLogger(__name__)
 
 MAX_RANGES = 4096
 KINDS = ("persistent", "volatile", "hot")
+#: Longest wait for hinting applications to reach an epoch (within the pre-pause budget).
 FREEZE_TIMEOUT_S = 3.0
+#: The guest ends a freeze the host never thawed by itself after hvext_agent.hints.FREEZE_HOLD_S
+#: seconds of its own time (60 s; its clock stops while it is paused).
+FREEZE_HOLD_S = 60.0
+#: Longest a thaw may take (the guest is running: its applications wait at the epoch meanwhile).
+THAW_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -153,20 +164,41 @@ def validate(raw: Any, windows: list[tuple[int, int, str]], domain: str) -> Hint
     return hints
 
 
-async def fetch(domain: Domain, *, freeze: bool = False) -> Hints:
-    """The domain's validated hints; with *freeze*, after asking hinting applications to stop at an epoch."""
-    windows = await _device_windows(domain)
-    async with domain.agent(timeout=FREEZE_TIMEOUT_S + 2) as agent:
+async def fetch(domain: Domain, *, freeze: bool = False, timeout: float | None = None) -> Hints:
+    """The domain's validated hints; with *freeze*, after asking hinting applications to stop at an epoch.
+
+    With *timeout*, everything (QMP, agent connection, handshake, request) ends within it
+    (AgentTimeout), and the guest waits for its applications at most part of it."""
+    if timeout is None:
+        return await _fetch(domain, freeze, FREEZE_TIMEOUT_S, FREEZE_TIMEOUT_S + 2)
+    try:
+        # the guest's own wait leaves time for the reply; the agent calls stop at the deadline
+        return await asyncio.wait_for(_fetch(domain, freeze, min(FREEZE_TIMEOUT_S, timeout * 0.6),
+                                             max(timeout, 0.001)), max(timeout, 0.001))
+    except asyncio.TimeoutError as err:
+        raise AgentTimeout(f"{domain.name}: no hints within the {timeout:.1f} s left before the pause") from err
+
+
+async def _fetch(domain: Domain, freeze: bool, guest_wait: float, timeout: float) -> Hints:
+    # the guest first: its freeze is what takes time; the device windows come from QEMU
+    async with domain.agent(timeout=timeout) as agent:
         if freeze:
-            raw = await agent.request("pmem-freeze", {"timeout": FREEZE_TIMEOUT_S}, timeout=FREEZE_TIMEOUT_S + 2)
+            raw = await agent.request("pmem-freeze", {"timeout": round(guest_wait, 3)}, timeout=timeout)
         else:
             raw = await agent.request("pmem-hints")
-    return validate(raw, windows, domain.name)
+    return validate(raw, await _device_windows(domain), domain.name)
 
 
-async def thaw(domain: Domain) -> None:
-    async with domain.agent() as agent:
-        await agent.request("pmem-thaw")
+async def thaw(domain: Domain, timeout: float = THAW_TIMEOUT_S) -> None:
+    """Let the guest's applications go on past their epoch (bounded: a hostile agent cannot stall it)."""
+    async def run() -> None:
+        async with domain.agent(timeout=timeout) as agent:
+            await agent.request("pmem-thaw")
+    try:
+        await asyncio.wait_for(run(), timeout)
+    except asyncio.TimeoutError as err:
+        raise AgentTimeout(f"{domain.name}: the guest did not confirm the thaw within {timeout:.1f} s "
+                           f"(it ends the freeze by itself after {FREEZE_HOLD_S:.0f} s)") from err
 
 
 def save_ranges(device: DeviceHints) -> list[tuple[int, int]]:
@@ -204,19 +236,33 @@ async def _next_flush(domain: Domain, timeout: float) -> dict[str, Any] | None:
             return None
 
 
-def before_pause(domain: Domain) -> dict[str, Any]:
+def before_pause(domain: Domain, deadline: float | None = None) -> dict[str, Any]:
     """Bring the guest to an epoch boundary before it is paused, and remember what to save (best effort).
 
     Hinting applications are frozen at their next epoch. Without any, for a
     domain with virtio-pmem devices, the pause follows the guest's next flush
     request (QEMU's X_HVEXT_PMEM_FLUSH event, patched QEMU): the guest's
-    file system has just made its data durable there.
+    file system has just made its data durable there. Returns by *deadline*
+    (``time.monotonic()``; default: the power-loss budget from now), never raises.
     """
+    if deadline is None:
+        deadline = time.monotonic() + power.PREPAUSE_BUDGET_S
+    hints = None
+    try:  # ranges an earlier save prepared but did not use must not narrow this one
+        for device in devices.list_devices(domain) + virtio.list_devices(domain):
+            _prepared.pop(str(device.path), None)
+    except HvextError as err:
+        log.warning("%s: cannot list pmem devices: %s", domain.name, err)
+    report: dict[str, Any] = {"epoch_consistent": False, "hints": "unavailable: no time left before the pause"}
+    remaining = deadline - time.monotonic()
     try:
-        hints = aio.run(fetch(domain, freeze=True))
-    except (AgentError, QMPError) as err:
-        hints = None
-        report: dict[str, Any] = {"epoch_consistent": False, "hints": f"unavailable: {err}"}
+        if remaining > 0.05:
+            hints = aio.run(fetch(domain, freeze=True, timeout=remaining))
+    except HvextError as err:
+        report["hints"] = f"unavailable: {err}"
+    except Exception as err:  # never let a guest's report stop the pause
+        log.exception("%s: hints failed", domain.name)
+        report["hints"] = f"unavailable: unexpected {type(err).__name__}: {err}"
     if hints is not None:
         for backing, device in hints.devices.items():
             _prepared[backing] = save_ranges(device)
@@ -224,14 +270,23 @@ def before_pause(domain: Domain) -> dict[str, Any]:
                   "not_frozen": hints.missing, "rejected_hints": len(hints.rejected),
                   "volatile_bytes_skipped": sum(sum(n for _, n in d.ranges["volatile"])
                                                 for d in hints.devices.values())}
-    if not report["epoch_consistent"] and virtio.list_devices(domain):
-        try:
-            flush = aio.run(_next_flush(domain, FLUSH_WAIT_S))
-        except QMPError as err:
-            flush, report["flush"] = None, f"unavailable: {err}"
-        if flush:
-            report["paused_after_flush"] = flush  # the guest's last durability point before the pause
+    try:
+        wait = min(FLUSH_WAIT_S, deadline - time.monotonic())
+        if not report["epoch_consistent"] and wait > 0 and virtio.list_devices(domain):
+            flush = aio.run(_bounded(_next_flush(domain, wait), wait))
+            if flush:
+                report["paused_after_flush"] = flush  # the guest's last durability point before the pause
+    except Exception as err:  # QMP gone or busy: the pause just does not wait for a flush
+        report["flush"] = f"unavailable: {err}"
     return report
+
+
+async def _bounded(coro: Any, timeout: float) -> Any:
+    """*coro*'s result, or None when it has not finished in *timeout* (e.g. a slow QMP connect)."""
+    try:
+        return await asyncio.wait_for(coro, timeout)
+    except asyncio.TimeoutError:
+        return None
 
 
 def after_resume(domain: Domain) -> None:

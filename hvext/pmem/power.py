@@ -8,7 +8,9 @@ nonvolatile store on disk (:mod:`hvext.pmem.store`). Registrations are kept in
 * :func:`protect` registers a device, starts the patched QEMU's dirty log for
   its domain (when running) and makes a first, full save.
 * :func:`power_loss` (``hvext power loss``, SIGPWR to ``hvextd``): pauses every
-  running domain with protected devices, saves each device -- only the 64 KiB
+  running domain with protected devices (concurrently; what guests may do
+  before their pause is bounded by one budget, :data:`PREPAUSE_BUDGET_S`),
+  saves each device -- only the 64 KiB
   blocks that the dirty page list names (pages of the device's RAM block map
   1:1 to backing file offsets) when the log has been running, unbroken, since
   the last save in this QEMU process; otherwise every block, compared by
@@ -27,10 +29,12 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
-import shutil
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,11 +48,18 @@ from hvext.errors import DomainNotFound, HvextError, QMPError, UsageError
 from hvext.host import Domain, Host, libvirt_errors
 from hvext.pmem import devices, virtio
 from hvext.pmem.devices import PmemDevice
-from hvext.pmem.store import Store, StoreError, write_atomic
+from hvext.pmem.store import Store, StoreError, make_private_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
 VOLATILE_DIR = paths.VOLATILE_DIR
+#: Seconds that guests may hold up their pause in one power-loss save: agent hints, the freeze of
+#: applications at an epoch and the wait for a virtio-pmem flush, for all domains together (they
+#: run concurrently, against one deadline). After it, every guest is paused whatever it does.
+PREPAUSE_BUDGET_S = 5.0
+MAX_PREPAUSE_BUDGET_S = 300.0
+#: Domains saved at the same time (each in its own thread: libvirt calls and file I/O block).
+MAX_PARALLEL_SAVES = 16
 
 
 class PowerError(HvextError):
@@ -68,12 +79,27 @@ def default_store(domain: str, backing: Path) -> Path:
 
 
 def volatile_backing_dir(domain: Domain) -> Path:
-    """``/dev/shm/hvext/<domain>``, created for QEMU's user (libvirt labels files, not directories)."""
+    """``/dev/shm/hvext/<domain>``, created for QEMU's user (libvirt labels files, not directories).
+
+    It holds guest memory: created 0700 (no window with wider access), never through a symlink,
+    then given to QEMU's group (0770)."""
     directory = VOLATILE_DIR / domain.name
-    directory.mkdir(parents=True, exist_ok=True)
+    VOLATILE_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise PowerError(f"{directory} is not a directory owned by hvext's user; refusing to put guest "
+                         "memory there (remove it)")
     _, gid = domain.host.qemu_user()
-    os.chown(directory, 0, gid)
-    directory.chmod(0o770)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchown(fd, os.geteuid(), gid)
+        os.fchmod(fd, 0o770)
+    finally:
+        os.close(fd)
     return directory
 
 
@@ -102,7 +128,7 @@ class Registration:
 def registry(directory: Path | None = None) -> Iterator[list[Registration]]:
     """The registrations, locked; changes to the list (and its items) are written back atomically."""
     directory = directory or power_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_dir(directory)  # the registry names guest memory files; stores below hold guest memory
     path = directory / "registry.json"
     fd = os.open(directory / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -138,15 +164,19 @@ def set_ranges_hook(hook: RangesHook | None) -> None:
     _ranges_hook = hook
 
 
-PauseHook = Callable[[Domain], dict[str, Any]]
+PauseHook = Callable[[Domain, float], dict[str, Any]]
 ResumeHook = Callable[[Domain], None]
 _before_pause: PauseHook | None = None
 _after_resume: ResumeHook | None = None
 
 
 def set_pause_hooks(before: PauseHook | None, after: ResumeHook | None) -> None:
-    """Install what runs just before a save pauses a guest (e.g. freeze applications at an epoch;
-    its report goes into the save's report) and after restore resumes it (thaw)."""
+    """Install what runs just before a save pauses a guest and what undoes it.
+
+    ``before(domain, deadline)`` (e.g. freeze applications at an epoch; its report goes into the
+    save's report) must return by *deadline* (``time.monotonic()``) and not raise. ``after(domain)``
+    thaws: after restore resumes the guest, or at once when the pause that ``before`` prepared
+    did not happen (the guest runs on)."""
     global _before_pause, _after_resume
     _before_pause, _after_resume = before, after
 
@@ -232,7 +262,8 @@ def protect(domain: Domain, backing: Path, store_dir: Path | None = None, *,
     """Register the device backed by *backing* for power-loss saves and make its first full save."""
     backing = Path(backing)
     device = find_device(domain, backing)
-    store_dir = Path(store_dir) if store_dir else default_store(domain.name, backing)
+    # recorded absolute: a restore at boot (hvextd, another working directory) must find the same store
+    store_dir = Path(os.path.abspath(store_dir)) if store_dir else default_store(domain.name, backing)
     if store_dir.resolve().is_relative_to(Path("/dev/shm")):
         raise PowerUsageError(f"store {store_dir} is in volatile memory; put it on disk")
     if not backing.is_file():
@@ -282,8 +313,34 @@ def unprotect(domain_name: str, backing: Path, *, remove_store: bool = False,
                                   "what is")
         regs.remove(reg)
     if remove_store:
-        shutil.rmtree(reg.store, ignore_errors=True)
+        _remove_store(reg)
     return reg
+
+
+def _remove_store(reg: Registration) -> None:
+    """Delete what hvext wrote in the store (not files someone else put there), and default dirs left empty."""
+    store_dir = Path(reg.store)
+    Store.remove(store_dir)
+    domain_stores = power_dir() / "stores" / reg.domain
+    if store_dir.parent == domain_stores:
+        try:
+            domain_stores.rmdir()
+        except OSError:
+            pass  # other devices' stores, or not there
+
+
+def unregister_domain(name: str, uuid: str, *, remove_store: bool = False,
+                      registry_dir: Path | None = None) -> list[Registration]:
+    """Drop every registration of the domain *uuid* (it is being undefined); stores kept unless asked."""
+    if not ((registry_dir or power_dir()) / "registry.json").exists():
+        return []  # nothing was ever protected on this host
+    with registry(registry_dir) as regs:
+        gone = [r for r in regs if r.uuid == uuid or (not r.uuid and r.domain == name)]
+        regs[:] = [r for r in regs if r not in gone]
+    if remove_store:
+        for reg in gone:
+            _remove_store(reg)
+    return gone
 
 
 def _by_domain(regs: list[Registration]) -> dict[str, list[Registration]]:
@@ -293,6 +350,18 @@ def _by_domain(regs: list[Registration]) -> dict[str, list[Registration]]:
     return groups
 
 
+def _selected(regs: list[Registration], domains: Collection[str] | None) -> dict[str, list[Registration]]:
+    """The registrations grouped by domain, only those of *domains* (names) when given."""
+    if domains is None:
+        return _by_domain(regs)
+    wanted = set(domains)
+    unknown = sorted(wanted - {r.domain for r in regs})
+    if unknown:
+        raise PowerUsageError(f"no protected pmem devices for domain(s) {', '.join(unknown)}; "
+                              "`hvext power list` shows them")
+    return _by_domain([r for r in regs if r.domain in wanted])
+
+
 def _lookup(host: Host, uuid: str) -> Domain | None:
     try:
         return host.lookup(uuid)
@@ -300,44 +369,124 @@ def _lookup(host: Host, uuid: str) -> Domain | None:
         return None
 
 
-def power_loss(host: Host, *, registry_dir: Path | None = None) -> dict[str, Any]:
-    """Pause every guest with protected devices and save those devices durably (see the module doc)."""
+def _missing(group: list[Registration]) -> list[dict[str, Any]]:
+    """Registrations whose domain no longer exists (undefined outside hvext): reported, not failed."""
+    return [{"domain": r.domain, "uuid": r.uuid, "backing": r.backing, "store": r.store} for r in group]
+
+
+def check_budget(budget: float) -> float:
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not math.isfinite(budget) \
+            or not 0 <= budget <= MAX_PREPAUSE_BUDGET_S:
+        raise PowerUsageError(f"the pre-pause budget must be 0 to {MAX_PREPAUSE_BUDGET_S:.0f} seconds, "
+                              f"not {budget!r}")
+    return float(budget)
+
+
+def power_loss(host: Host, *, domains: Collection[str] | None = None, budget: float | None = None,
+               registry_dir: Path | None = None) -> dict[str, Any]:
+    """Pause every guest with protected devices (only *domains*, names, when given) and save those
+    devices durably (see the module doc).
+
+    Domains are saved concurrently. Guests may delay their pause (hints, epoch freeze, flush wait)
+    until one deadline, *budget* seconds (:data:`PREPAUSE_BUDGET_S`) from now. One domain's failure,
+    whatever it is, is reported in its entries and does not stop the others or the registry update.
+    Registrations whose domain is gone are listed under ``missing`` and do not make ``ok`` false.
+    """
+    budget = check_budget(PREPAUSE_BUDGET_S if budget is None else budget)
     started = time.perf_counter()
+    deadline = time.monotonic() + budget
     report: list[dict[str, Any]] = []
+    missing: list[dict[str, Any]] = []
     with registry(registry_dir) as regs:
-        for uuid, group in _by_domain(regs).items():
-            domain = _lookup(host, uuid)
-            if domain is None:
-                report += [{"domain": r.domain, "backing": r.backing, "error": "domain no longer exists"}
-                           for r in group]
-                continue
-            try:
-                report += _save_domain(domain, group)
-            except HvextError as err:  # one domain failing must not stop the others' saves
-                report += [{"domain": r.domain, "backing": r.backing, "error": str(err)} for r in group]
+        groups = list(_selected(regs, domains).items())
+        if groups:
+            with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_SAVES, len(groups)),
+                                    thread_name_prefix="hvext-power") as pool:
+                futures = [pool.submit(_save_guarded, host, uuid, group, started, deadline)
+                           for uuid, group in groups]
+                for future in futures:  # in registry order; each never raises
+                    saved, gone = future.result()
+                    report += saved
+                    missing += gone
     total_written = sum(r.get("bytes_written", 0) for r in report)
-    return {"devices": report, "bytes_written": total_written,
-            "seconds": round(time.perf_counter() - started, 4),
+    return {"devices": report, "missing": missing, "bytes_written": total_written,
+            "seconds": round(time.perf_counter() - started, 4), "budget_seconds": budget,
             "ok": all("error" not in r for r in report)}
 
 
-def _save_domain(domain: Domain, group: list[Registration]) -> list[dict[str, Any]]:
-    paused_at = time.perf_counter()
+def _error_text(err: BaseException) -> str:
+    """An error for a report: hvext's and I/O errors as they are, anything else named (it is a bug)."""
+    return str(err) if isinstance(err, (HvextError, OSError)) else f"unexpected {type(err).__name__}: {err}"
+
+
+def _save_guarded(host: Host, uuid: str, group: list[Registration], started: float,
+                  deadline: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One domain's save (devices, missing); any exception becomes an error entry of its devices."""
+    try:
+        domain = _lookup(host, uuid)
+        if domain is None:
+            return [], _missing(group)
+        return _save_domain(domain, group, started, deadline), []
+    except Exception as err:  # one domain failing must not stop the others' saves or the registry write
+        log.exception("power-loss save of %s failed", group[0].domain)
+        return [{"domain": r.domain, "backing": r.backing, "error": _error_text(err)} for r in group], []
+
+
+def _prepare_pause(domain: Domain, deadline: float) -> dict[str, Any]:
+    """The pause hook's report (bounded by *deadline*); its failure is reported, never raised."""
+    assert _before_pause is not None
+    try:
+        return _before_pause(domain, deadline)
+    except Exception as err:
+        log.warning("%s: preparing the pause failed: %s", domain.name, _error_text(err))
+        return {"epoch_consistent": False, "hints": f"failed: {_error_text(err)}"}
+
+
+def _thaw(domain: Domain) -> None:
+    if _after_resume is None:
+        return
+    try:
+        _after_resume(domain)
+    except Exception as err:
+        log.warning("%s: could not thaw the guest: %s", domain.name, _error_text(err))
+
+
+def _save_domain(domain: Domain, group: list[Registration], started: float | None = None,
+                 deadline: float | None = None) -> list[dict[str, Any]]:
+    started = time.perf_counter() if started is None else started
+    deadline = time.monotonic() + PREPAUSE_BUDGET_S if deadline is None else deadline
     dirty = None
     domain_id = -1
     pending: str | None = None
     epoch: dict[str, Any] | None = None
-    if _before_pause is not None and domain.is_active() and domain.dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
-        epoch = _before_pause(domain)
-    with libvirt_errors(f"pausing {domain.name!r}"):
-        state = domain.dom.state()[0]
-        if domain.dom.isActive():
-            domain_id = domain.dom.ID()
-            if state != libvirt.VIR_DOMAIN_PAUSED:
-                domain.dom.suspend()
-                pending = "resume"
-            elif any(r.pending for r in group):
-                pending = next(r.pending for r in group if r.pending)
+    prepared = paused = False
+    paused_at = time.perf_counter()
+    try:
+        with libvirt_errors(f"pausing {domain.name!r}"):
+            running = domain.dom.isActive() and domain.dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED
+        if _before_pause is not None and running:
+            prepared = True  # from here the guest may hold applications at an epoch: thawed unless paused
+            epoch = _prepare_pause(domain, deadline)
+        with libvirt_errors(f"pausing {domain.name!r}"):
+            state = domain.dom.state()[0]
+            if domain.dom.isActive():
+                domain_id = domain.dom.ID()
+                if state != libvirt.VIR_DOMAIN_PAUSED:
+                    domain.dom.suspend()
+                    pending = "resume"
+                elif any(r.pending for r in group):
+                    pending = next(r.pending for r in group if r.pending)
+        paused = domain_id >= 0
+        paused_at = time.perf_counter()
+        for reg in group:  # recorded now: restore resumes (and thaws) the guest even if the save fails
+            reg.pending = pending if paused else None
+    except Exception as err:  # not paused: no consistent copy to take; the other domains go on
+        log.warning("%s: pausing failed: %s", domain.name, _error_text(err))
+        return [{"domain": r.domain, "backing": r.backing, "model": r.model, "error": _error_text(err),
+                 "paused": False, **({"epoch": epoch} if epoch is not None else {})} for r in group]
+    finally:
+        if prepared and not paused:  # the pause failed or the guest stopped: let its applications go
+            _thaw(domain)
     log_state: dict[str, int] | None = None
     try:
         if domain_id >= 0:
@@ -347,8 +496,8 @@ def _save_domain(domain: Domain, group: list[Registration]) -> list[dict[str, An
                     log_state = {"domain_id": domain_id, "generation": dirty.generation}
             else:  # this QEMU run has no log of ours yet: start it now (guest paused), hash this time
                 log_state = aio.run(_start_log(domain))
-    except QMPError as err:  # monitor busy or gone: the save still happens, by hashes
-        log.warning("%s: QMP unavailable (%s); saving by block hashes", domain.name, err)
+    except Exception as err:  # monitor busy or gone: the save still happens, by hashes
+        log.warning("%s: QMP unavailable (%s); saving by block hashes", domain.name, _error_text(err))
         dirty, log_state = None, None
     results = []
     for reg in group:
@@ -370,11 +519,14 @@ def _save_domain(domain: Domain, group: list[Registration]) -> list[dict[str, An
             entry.update(result.to_dict())
             # the next query (generation + 1) lists every page written after this save read the device
             reg.dirty_log = dict(log_state) if log_state else None
-        except (HvextError, OSError) as err:
-            entry["error"] = str(err)
+        except Exception as err:  # this device failed; the domain's other devices are still saved
+            if not isinstance(err, (HvextError, OSError)):
+                log.exception("%s: saving %s failed", reg.domain, reg.backing)
+            entry["error"] = _error_text(err)
             reg.dirty_log = None  # the pages this save consumed are lost to it: hash everything next time
-        reg.pending = pending if domain_id >= 0 else None
-        entry["paused"] = domain_id >= 0
+        entry["paused"] = paused
+        if paused:
+            entry["paused_after_seconds"] = round(paused_at - started, 4)  # since the power-loss save began
         if epoch is not None:
             entry["epoch"] = epoch
         results.append(entry)
@@ -383,18 +535,25 @@ def _save_domain(domain: Domain, group: list[Registration]) -> list[dict[str, An
     return results
 
 
-def power_restore(host: Host, *, registry_dir: Path | None = None) -> dict[str, Any]:
-    """Recreate backing files from the stores where needed, then resume or start the guests."""
+def power_restore(host: Host, *, domains: Collection[str] | None = None,
+                  registry_dir: Path | None = None) -> dict[str, Any]:
+    """Recreate backing files from the stores where needed, then resume or start the guests (only
+    *domains*, names, when given). Registrations whose domain is gone are listed under ``missing``."""
     started = time.perf_counter()
     report: list[dict[str, Any]] = []
+    missing: list[dict[str, Any]] = []
     with registry(registry_dir) as regs:
-        for uuid, group in _by_domain(regs).items():
-            domain = _lookup(host, uuid)
-            if domain is None:
-                report.append({"domain": group[0].domain, "error": "domain no longer exists"})
-                continue
-            report.append(_restore_domain(domain, group))
-    return {"domains": report, "seconds": round(time.perf_counter() - started, 4),
+        for uuid, group in _selected(regs, domains).items():
+            try:
+                domain = _lookup(host, uuid)
+                if domain is None:
+                    missing += _missing(group)
+                    continue
+                report.append(_restore_domain(domain, group))
+            except Exception as err:  # one domain failing must not stop the others' restores
+                log.exception("power restore of %s failed", group[0].domain)
+                report.append({"domain": group[0].domain, "error": _error_text(err)})
+    return {"domains": report, "missing": missing, "seconds": round(time.perf_counter() - started, 4),
             "ok": all("error" not in r for r in report)}
 
 

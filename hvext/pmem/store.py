@@ -7,6 +7,8 @@ A store is a directory on disk holding the saved contents of one device::
     gen-00000007.dat      the blocks that generation 7 wrote, packed
     store.lock            one saver at a time (flock)
 
+The directory is 0700 and every file 0600: they hold guest memory.
+
 A save writes only blocks whose contents changed since the previous save (it is
 told which blocks may have changed by a dirty page list, or it compares SHA-256
 hashes of every block against the manifest), packs them into a *new* generation
@@ -27,6 +29,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -91,11 +95,42 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_private_dir(directory: Path) -> bool:
+    """Make *directory* (missing parents with default modes) 0700, owned by us; True when created here.
+
+    A symlink, a non-directory or a directory owned by another user is refused: it would let
+    someone else read guest memory or redirect where it is written."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    created = True
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        created = False
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise StoreUsageError(f"{directory} is not a directory owned by this user (a symlink or someone "
+                              "else's); give a directory hvext may make private")
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return created
+
+
+def _create_private(path: Path) -> int:
+    """A new file, 0600 whatever the umask, never through a symlink (write-only fd)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace *path* with *data* durably: temp file, fsync, rename, fsync of the directory."""
+    """Replace *path* with *data* durably (mode 0600): temp file, fsync, rename, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
+        with open(_create_private(tmp), "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -108,6 +143,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def _gen_name(gen: int) -> str:
     return f"gen-{gen:08d}.dat"
+
+
+#: Names of the files hvext writes in a store (what ``remove`` deletes; nothing else is touched).
+OWN_FILES = re.compile(r"(manifest\.json|store\.lock|gen-\d{8}\.dat|\.manifest\.json\.tmp-\d+)")
 
 
 class Store:
@@ -137,7 +176,10 @@ class Store:
     # -- opening ----------------------------------------------------------
     @classmethod
     def create(cls, directory: Path, size: int, block_size: int = BLOCK_SIZE) -> Store:
-        """A new, empty store (every block zero) in *directory* (created; must not hold a store)."""
+        """A new, empty store (every block zero) in *directory*: created 0700, or an existing empty one.
+
+        A directory that is not empty is refused: its files are not hvext's, and removing the
+        store later must not touch them."""
         directory = Path(directory)
         if size <= 0:
             raise StoreUsageError(f"store size must be positive, not {size}")
@@ -146,7 +188,10 @@ class Store:
         if (directory / MANIFEST).exists():
             raise StoreUsageError(f"{directory} already holds a store")
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            created = make_private_dir(directory)
+            if not created and any(directory.iterdir()):
+                raise StoreUsageError(f"{directory} is not empty and holds no store; give a new or empty "
+                                      "directory for the store")
             _fsync_dir(directory.parent)
             nblocks = -(-size // block_size)
             manifest = {"format": FORMAT, "version": VERSION, "size": size, "block_size": block_size,
@@ -185,6 +230,30 @@ class Store:
                 raise StoreUsageError(f"store {directory} holds {store.size} bytes, the device has {size}")
             return store
         return cls.create(directory, size)
+
+    @staticmethod
+    def remove(directory: Path) -> list[str]:
+        """Delete the files hvext wrote in the store *directory* (not others), then the directory if it
+        is left empty. Returns the names removed."""
+        directory = Path(directory)
+        try:
+            names = [n for n in os.listdir(directory) if OWN_FILES.fullmatch(n)]
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise StoreError(f"cannot remove the store in {directory}: {err}") from err
+        for name in names:
+            try:
+                os.unlink(directory / name)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise StoreError(f"cannot remove {directory / name}: {err}") from err
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # someone else's files are left there
+        return names
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -240,7 +309,7 @@ class Store:
         written = 0
         handles: dict[int, Any] = {}
         try:
-            with open(tmp, "wb") as out:
+            with open(_create_private(tmp), "wb") as out:
                 out.truncate(self.size)
                 for block in range(self.nblocks):
                     if self.manifest["locations"][block][0] == 0:
@@ -309,7 +378,7 @@ class Store:
             read = written = slots = 0
             changed = False
             try:
-                with open(source, "rb") as src, open(gen_path, "wb") as out:
+                with open(source, "rb") as src, open(_create_private(gen_path), "wb") as out:
                     for block in candidates:
                         src.seek(block * self.block_size)
                         data = src.read(self.block_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,29 @@ def test_cli_input_errors(argv: list[str], message: str, capsys: pytest.CaptureF
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "error: " in err and message in err, err
+
+
+def test_registry_is_private(tmp_path: Path) -> None:
+    directory = tmp_path / "power"
+    old = os.umask(0o022)
+    try:
+        with power.registry(directory) as regs:
+            regs.append(reg())
+    finally:
+        os.umask(old)
+    assert directory.stat().st_mode & 0o777 == 0o700
+    for name in ("registry.json", "registry.lock"):
+        assert (directory / name).stat().st_mode & 0o777 == 0o600, name
+    directory.chmod(0o755)  # made by an earlier hvext: tightened on the next use
+    power.registrations(directory)
+    assert directory.stat().st_mode & 0o777 == 0o700
+
+
+def test_unprotect_remove_store_keeps_foreign_files(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    Store.create(store_dir, SIZE)
+    (store_dir / "mine.txt").write_text("a user's file")
+    with power.registry(tmp_path) as regs:
+        regs.append(reg(store=str(store_dir)))
+    power.unprotect("d", Path(reg().backing), remove_store=True, registry_dir=tmp_path)
+    assert sorted(p.name for p in store_dir.iterdir()) == ["mine.txt"]

@@ -149,3 +149,60 @@ def test_sigkill_mid_save_keeps_the_previous_copy(tmp_path: Path, point: str) ->
     after.restore(tmp_path / "out.img")
     assert (tmp_path / "out.img").read_bytes() == dev.read_bytes()
     assert sorted(p.name for p in (tmp_path / "store").glob("gen-*")) == ["gen-00000002.dat"]
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_store_is_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        dev = device(tmp_path, random.Random(3).randbytes(SIZE))
+        store = Store.create(tmp_path / "a" / "store", SIZE)
+        store.save(dev)
+        patch(dev, 0, b"new")
+        store.save(dev)
+        store.restore(tmp_path / "out.img")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "a" / "store") == 0o700
+    files = list((tmp_path / "a" / "store").iterdir())
+    assert {p.name for p in files} >= {"manifest.json", "store.lock", "gen-00000002.dat"}
+    assert all(_mode(p) == 0o600 for p in files), {p.name: oct(_mode(p)) for p in files}
+    # an existing empty directory is adopted and made private; a symlink is refused
+    (tmp_path / "empty").mkdir(mode=0o755)
+    Store.create(tmp_path / "empty", SIZE)
+    assert _mode(tmp_path / "empty") == 0o700
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(StoreUsageError, match="symlink"):
+        Store.create(tmp_path / "link", SIZE)
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_create_refuses_a_directory_with_someone_elses_files(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(StoreUsageError, match="not empty"):
+        Store.create(tmp_path / "photos", SIZE)
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["cat.jpg"]
+
+
+def test_remove_deletes_only_what_hvext_wrote(tmp_path: Path) -> None:
+    dev = device(tmp_path, random.Random(4).randbytes(SIZE))
+    store = Store.create(tmp_path / "store", SIZE)
+    store.save(dev)
+    (tmp_path / "store" / "README").write_text("the user's notes")
+    (tmp_path / "store" / "gen-1.dat").write_text("not one of hvext's names")
+    removed = Store.remove(tmp_path / "store")
+    assert set(removed) == {"manifest.json", "store.lock", "gen-00000001.dat"}
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["README", "gen-1.dat"]
+    Store.remove(tmp_path / "store")  # again: nothing of hvext's left, nothing else touched
+    assert (tmp_path / "store" / "README").exists()
+    (tmp_path / "store" / "README").unlink()
+    (tmp_path / "store" / "gen-1.dat").unlink()
+    store = Store.create(tmp_path / "store", SIZE)
+    Store.remove(tmp_path / "store")
+    assert not (tmp_path / "store").exists()  # left empty: removed
+    assert Store.remove(tmp_path / "store") == []
