@@ -183,10 +183,9 @@ class Host:
         """Create the per-host socket dir of a domain, writable by this host's QEMU user."""
         runtime = paths.runtime_dir(name, self.host_id)
         uid, gid = self.qemu_user()
+        paths.domain_dir(name).parent.mkdir(parents=True, exist_ok=True)
         for directory in (paths.domain_dir(name), runtime):
-            directory.mkdir(parents=True, exist_ok=True)
-            os.chown(directory, 0, gid)
-            directory.chmod(0o770)
+            paths.private_dir(directory, mode=0o770, gid=gid)  # QEMU's group may write; no one else
         paths.console_log(name, self.host_id).parent.mkdir(parents=True, exist_ok=True)
         if len(str(runtime / "agent.sock")) >= 108:
             raise UsageError(f"domain name {name!r} is too long for unix socket paths under {paths.STATE_DIR}")

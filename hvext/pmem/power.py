@@ -69,12 +69,8 @@ def default_store(domain: str, backing: Path) -> Path:
 
 def volatile_backing_dir(domain: Domain) -> Path:
     """``/dev/shm/hvext/<domain>``, created for QEMU's user (libvirt labels files, not directories)."""
-    directory = VOLATILE_DIR / domain.name
-    directory.mkdir(parents=True, exist_ok=True)
     _, gid = domain.host.qemu_user()
-    os.chown(directory, 0, gid)
-    directory.chmod(0o770)
-    return directory
+    return paths.volatile_dir(domain.name, gid)
 
 
 @dataclass
