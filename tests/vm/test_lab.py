@@ -59,19 +59,19 @@ def test_both_hosts_answer(the_lab: lab.Lab) -> None:
     for s in statuses:
         assert s.netns_present and all(s.daemons.values()), s.to_dict()
         assert s.answering, s.to_dict()
-        assert s.unix.hostname == s.tcp.hostname == s.host.hostname
+        assert s.unix.hostname == s.tls.hostname == s.host.hostname
     assert statuses[0].host.uuid != statuses[1].host.uuid
 
 
 def test_virsh_reaches_each_host_from_the_root_namespace(the_lab: lab.Lab) -> None:
     for host in the_lab.hosts:
-        for uri in (host.uri_unix, host.uri_tcp):
+        for uri in (host.uri_unix, host.uri_tls):
             version = subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, text=True, timeout=30)
             assert version.returncode == 0 and "Running hypervisor: QEMU" in version.stdout, version.stderr
             listing = subprocess.run(["virsh", "-c", uri, "list", "--all"], capture_output=True, text=True,
                                      timeout=30)
             assert listing.returncode == 0, listing.stderr
-        conn = libvirt.open(host.uri_tcp)
+        conn = libvirt.open(host.uri_tls)
         try:
             assert f"<uuid>{host.uuid}</uuid>" in conn.getCapabilities()  # its own host UUID
             assert conn.getHostname() == host.hostname
@@ -82,7 +82,7 @@ def test_virsh_reaches_each_host_from_the_root_namespace(the_lab: lab.Lab) -> No
 def test_domains_are_private_to_their_host(the_lab: lab.Lab) -> None:
     host1, host2 = the_lab.hosts
     name = f"hvext-labtest-{os.getpid()}"
-    conn1, conn2, machine = libvirt.open(host1.uri_unix), libvirt.open(host2.uri_tcp), libvirt.open("qemu:///system")
+    conn1, conn2, machine = libvirt.open(host1.uri_unix), libvirt.open(host2.uri_tls), libvirt.open("qemu:///system")
     try:
         dom = conn1.defineXML(TINY_DOMAIN.format(name=name))
         try:
@@ -129,12 +129,64 @@ def test_hosts_reach_each_other_over_the_bridge(the_lab: lab.Lab) -> None:
     host1, host2 = the_lab.hosts
     ping = in_netns(host1, PY, "-c", PING, host2.address)  # ICMP echo, as ping does (no ping binary needed)
     assert ping.returncode == 0 and f"reply from {host2.address}" in ping.stdout, ping.stderr
-    # What peer-to-peer migration does: host1 talks to host2's libvirtd over TCP.
-    remote = in_netns(host1, "virsh", "-c", host2.uri_tcp, "hostname")
+    # What peer-to-peer migration does: host1 talks to host2's libvirtd over TLS.
+    remote = in_netns(host1, "virsh", "-c", host2.uri_tls, "hostname")
     assert remote.returncode == 0 and remote.stdout.strip() == host2.hostname, remote.stderr
     # The hosts see only their own interface and loopback; the lab has no way off the machine.
     routes = in_netns(host1, "ip", "-4", "route")
     assert routes.stdout.strip().splitlines() == [f"198.18.0.0/24 dev eth0 proto kernel scope link src {host1.address}"]
+
+
+def _tls_confirmation(address: str, certfile: Path | None, keyfile: Path | None, ca: Path) -> bytes:
+    """Connect to libvirtd's TLS port as a TLS client (with or without a client certificate) and
+    read libvirt's one-byte confirmation: b"\\x01" only when libvirtd accepted the client."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    if certfile is not None:
+        context.load_cert_chain(str(certfile), str(keyfile))
+    try:
+        with socket.create_connection((address, plan.LIBVIRT_TLS_PORT), timeout=10) as raw:
+            with context.wrap_socket(raw) as tls:
+                return tls.recv(1)
+    except (ssl.SSLError, ConnectionError, socket.timeout):
+        return b""
+
+
+def test_no_libvirt_without_roots_certificate(the_lab: lab.Lab) -> None:
+    """Any local user reaches the lab addresses from the root namespace: nothing there may grant
+    libvirt (root) without authentication."""
+    data = the_lab.state.data_dir
+    ca = plan.client_pki_dir(data) / "cacert.pem"
+    for host in the_lab.hosts:
+        with pytest.raises(ConnectionRefusedError):  # no plain TCP listener at all
+            socket_connect(host.address, 16509)
+        with pytest.raises(libvirt.libvirtError):
+            libvirt.open(f"qemu+tcp://{host.address}/system").close()
+        # The raw protocol: libvirtd confirms a client only when it shows root's certificate ...
+        client = plan.client_pki_dir(data)
+        assert _tls_confirmation(host.address, client / "clientcert.pem", client / "clientkey.pem", ca) == b"\x01"
+        assert _tls_confirmation(host.address, None, None, ca) != b"\x01"
+        # ... and not with the migration certificate, whose key QEMU's (unprivileged) user can read.
+        migrate = plan.host_migrate_tls_dir(data, host.index)
+        assert _tls_confirmation(host.address, migrate / "client-cert.pem", migrate / "client-key.pem",
+                                 ca) != b"\x01"
+        # The unix socket is root's only.
+        assert os.stat(host.socket).st_mode & 0o007 == 0
+        conn = libvirt.open(host.uri_tls)  # the authenticated one works
+        try:
+            assert conn.getHostname() == host.hostname
+        finally:
+            conn.close()
+
+
+def socket_connect(address: str, port: int) -> None:
+    import socket
+
+    with socket.create_connection((address, port), timeout=5):
+        pass
 
 
 def test_domain_runs_inside_its_host(the_lab: lab.Lab) -> None:
@@ -172,7 +224,7 @@ def test_status_from_another_process(the_lab: lab.Lab) -> None:
     data = json.loads(result.stdout)
     assert data["up"] and [h["name"] for h in data["hosts"]] == ["host1", "host2"]
     assert all(h["answering"] for h in data["hosts"])
-    assert data["hosts"][0]["uri_tcp"] == "qemu+tcp://198.18.0.11/system"
+    assert data["hosts"][0]["uri_tls"] == f"qemu+tls://198.18.0.11/system?pkipath={plan.DATA_DIR}/pki/client"
 
 
 def test_up_rebuilds_a_host_whose_libvirtd_died(the_lab: lab.Lab) -> None:
@@ -209,6 +261,7 @@ def test_down_removes_everything(the_lab: lab.Lab) -> None:
         assert not plan.host_run_dir(state.run_dir, host.index).exists()
         assert not plan.host_data_dir(state.data_dir, host.index).exists()
     assert not lab.state_file(state.run_dir).exists() and lab.Lab.load() is None
+    assert not plan.pki_dir(state.data_dir).exists()  # the lab's CA keys go with it
     assert subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
                           timeout=30).returncode == 0  # the machine's own libvirtd is untouched
 
