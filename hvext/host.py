@@ -191,8 +191,10 @@ class Host:
         runtime = paths.runtime_dir(name, self.host_id)
         uid, gid = self.qemu_user()
         paths.domain_dir(name).parent.mkdir(parents=True, exist_ok=True)
-        for directory in (paths.domain_dir(name), runtime):
-            paths.private_dir(directory, mode=0o770, gid=gid)  # QEMU's group may write; no one else
+        # QEMU's group reads the domain's dir (disk overlay, PMEM backings) but cannot swap its entries
+        # for links that root or libvirt would follow; it writes only its sockets in the runtime dir.
+        paths.private_dir(paths.domain_dir(name), mode=0o750, gid=gid)
+        paths.private_dir(runtime, mode=0o770, gid=gid)
         paths.console_log(name, self.host_id).parent.mkdir(parents=True, exist_ok=True)
         if len(str(runtime / "agent.sock")) >= 108:
             raise UsageError(f"domain name {name!r} is too long for unix socket paths under {paths.STATE_DIR}")
@@ -257,7 +259,7 @@ class Host:
         _, gid = self.qemu_user()
         for attempt in (1, 2):
             try:
-                return paths.private_dir(state, mode=0o770, gid=gid, exclusive=True)
+                return paths.private_dir(state, mode=0o750, gid=gid, exclusive=True)
             except FileExistsError:
                 if attempt == 2:
                     raise HostError(f"domain {name!r}: {state} reappeared while hvext removed a leftover one; "

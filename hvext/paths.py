@@ -32,13 +32,16 @@ def volatile_dir(name: str, gid: int) -> Path:
     """``VOLATILE_DIR/<name>`` for a domain's RAM-backed PMEM files, made safely in world-writable /dev/shm.
 
     VOLATILE_DIR is root's, group *gid* (QEMU's) may only pass through it;
-    the domain's directory is root's and open to QEMU's group, to no one else.
+    the domain's directory is root's and readable by QEMU's group, to no one
+    else. QEMU opens the backings hvext made there but cannot add or rename
+    entries: otherwise it could swap a backing for a link that root (a power
+    restore) or libvirt (relabelling at start) would then follow.
     """
     if not name or "/" in name or name in (".", ".."):
         raise UnsafePathError(f"domain name {name!r} cannot name a directory")
     VOLATILE_DIR.parent.mkdir(parents=True, exist_ok=True)
     private_dir(VOLATILE_DIR, mode=0o710, gid=gid)
-    return private_dir(VOLATILE_DIR / name, mode=0o770, gid=gid)
+    return private_dir(VOLATILE_DIR / name, mode=0o750, gid=gid)
 
 
 def runtime_dir(name: str, host_id: str) -> Path:
@@ -66,7 +69,7 @@ def private_dir(path: Path, *, mode: int = 0o700, gid: int | None = None, exclus
     opened with ``O_NOFOLLOW | O_DIRECTORY`` relative to its parent, then
     checked on the open descriptor. A symlink, a non-directory, a directory
     owned by another user, or one that others could write (world-writable,
-    or group-writable by a group other than an allowed *gid*) is refused
+    or group-writable by a group other than *gid*) is refused
     with :class:`UnsafePathError`; an accepted one gets exactly *mode* (extra
     read bits of an older hvext's directory are dropped) and, when *gid* is
     given, that group. *mode* must not grant world access.
@@ -125,7 +128,7 @@ def _check_private(path: Path, st: os.stat_result, mode: int, gid: int | None) -
         raise UnsafePathError(f"{path} is owned by uid {st.st_uid}, not by hvext's user ({os.geteuid()}): "
                               "someone else may control it; remove it and retry")
     current = stat.S_IMODE(st.st_mode)
-    group_ok = bool(mode & 0o020) and gid is not None and st.st_gid == gid
+    group_ok = gid is not None and st.st_gid == gid  # our own group (an older hvext's 0770): tightened below
     if current & 0o002 or (current & 0o020 and not group_ok):
         who = "every user" if current & 0o002 else f"group {st.st_gid}"
         raise UnsafePathError(f"{path} (mode {current:04o}) is writable by {who}: others may have put files "

@@ -88,6 +88,8 @@ def test_group_write_is_accepted_only_for_the_allowed_group(shm_like: Path) -> N
     with pytest.raises(UnsafePathError, match=f"group {NOBODY}"):
         paths.private_dir(shared, mode=0o770, gid=NOBODY - 1)
     assert paths.private_dir(shared, mode=0o770, gid=NOBODY) == shared
+    assert paths.private_dir(shared, mode=0o750, gid=NOBODY) == shared  # an older hvext's dir, tightened
+    assert mode_of(shared) == 0o750
 
 
 def test_a_file_in_its_place_is_refused(shm_like: Path) -> None:
@@ -121,7 +123,7 @@ def test_volatile_dir_layout_and_hostile_domain_dir(shm_like: Path, monkeypatch:
     monkeypatch.setattr(paths, "VOLATILE_DIR", shm_like / "hvext")
     made = paths.volatile_dir("vm1", NOBODY)
     assert made == shm_like / "hvext" / "vm1"
-    for path, mode in ((shm_like / "hvext", 0o710), (made, 0o770)):
+    for path, mode in ((shm_like / "hvext", 0o710), (made, 0o750)):
         st = os.lstat(path)
         assert (st.st_uid, st.st_gid, mode_of(path)) == (0, NOBODY, mode)
     # A user who can write the top directory (if it ever were open) plants a link for the next domain:
