@@ -185,6 +185,12 @@ def libvirtd_conf(index: int, host_uuid: str, data_dir: Path) -> str:
         "tls_no_verify_certificate = 0",
         "tls_no_sanity_certificate = 0",
         f'tls_allowed_dn_list = ["{ROOT_CLIENT_DN}"]',
+        # The sockets (reachable from the root namespace under the run dir) are root's alone, whatever
+        # polkit would say: read-only access lists every domain, read-write is root's power.
+        'unix_sock_group = "root"',
+        'unix_sock_ro_perms = "0700"',
+        'unix_sock_rw_perms = "0700"',
+        'unix_sock_admin_perms = "0700"',
         f'key_file = "{tls / "serverkey.pem"}"',
         f'cert_file = "{tls / "servercert.pem"}"',
         f'ca_file = "{tls / "cacert.pem"}"',

@@ -85,6 +85,8 @@ def test_libvirtd_conf_listens_only_with_tls_and_roots_client_certificate() -> N
     assert "listen_tcp = 0" in conf and "listen_tls = 1" in conf and "auth_tcp" not in conf
     assert "tls_no_verify_certificate = 0" in conf and "tls_no_sanity_certificate = 0" in conf
     assert 'tls_allowed_dn_list = ["O=hvext lab,CN=root@hvext-lab"]' in conf
+    for kind in ("ro", "rw", "admin"):
+        assert f'unix_sock_{kind}_perms = "0700"' in conf
     assert 'key_file = "/var/lib/hvext/lab/host2/tls/serverkey.pem"' in conf
     assert 'ca_file = "/var/lib/hvext/lab/host2/tls/cacert.pem"' in conf
     with pytest.raises(ValueError):

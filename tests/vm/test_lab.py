@@ -173,8 +173,12 @@ def test_no_libvirt_without_roots_certificate(the_lab: lab.Lab) -> None:
         migrate = plan.host_migrate_tls_dir(data, host.index)
         assert _tls_confirmation(host.address, migrate / "client-cert.pem", migrate / "client-key.pem",
                                  ca) != b"\x01"
-        # The unix socket is root's only.
-        assert os.stat(host.socket).st_mode & 0o007 == 0
+        # The unix sockets are root's only.
+        for sock in (host.socket, host.socket.with_name("libvirt-sock-ro")):
+            assert os.stat(sock).st_mode & 0o077 == 0, sock
+        as_nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "virsh", "-c",
+                                    host.uri_unix, "hostname"], capture_output=True, text=True, timeout=30)
+        assert as_nobody.returncode != 0 and host.hostname not in as_nobody.stdout
         conn = libvirt.open(host.uri_tls)  # the authenticated one works
         try:
             assert conn.getHostname() == host.hostname
