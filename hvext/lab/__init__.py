@@ -7,9 +7,10 @@ in the root namespace, with an address in 198.18.0.0/15. Migration and
 failover code reaches the hosts through :attr:`LabHost.uri_unix` (a socket
 reachable from the root namespace, root's only) or :attr:`LabHost.uri_tls`
 (libvirt's TLS transport with root's client certificate from the lab's own
-CA; see :mod:`hvext.lab.pki`). Nothing in the lab listens without
-authentication: libvirtd has no plain TCP listener, and migrations are
-TLS-encrypted between QEMUs that show lab certificates.
+CA; see :mod:`hvext.lab.pki`). Nothing in the lab answers the root
+namespace without authentication: libvirtd has no plain TCP listener, and
+each host's firewall admits only the TLS port from outside the lab's hosts
+(so QEMU's migration ports are for the lab hosts alone).
 
 The state file (``/run/hvext-lab/lab.json``) lets separate processes (the
 CLI, tests, benchmarks) find one lab; a lock serialises ``up`` and ``down``.
@@ -18,7 +19,7 @@ CLI, tests, benchmarks) find one lab; a lock serialises ``up`` and ``down``.
 
     lab = Lab.up(2)                  # or Lab.load() for the lab that is up, if any
     src, dst = lab.hosts
-    ... libvirt.open(src.uri_unix) ... migrateToURI3(dst.uri_tls, ..., flags | VIR_MIGRATE_TLS)
+    ... libvirt.open(src.uri_unix) ... migrateToURI3(dst.uri_tls, ...)
     lab.down()
 """
 

@@ -51,8 +51,8 @@ def prepare(host: LabHost, count: int, run_dir: Path, data_dir: Path) -> None:
         (etc / "libvirtd.conf").write_text(plan.libvirtd_conf(host.index, host.uuid, data_dir))
         machine_qemu = MACHINE_LIBVIRT_CONF / "qemu.conf"
         base_qemu = machine_qemu.read_text() if machine_qemu.exists() else ""
-        (etc / "qemu.conf").write_text(plan.qemu_conf(base_qemu, host.index, data_dir))
-        pki.make_host_credentials(data_dir, host.index, pki.qemu_ids(base_qemu)[1])
+        (etc / "qemu.conf").write_text(plan.qemu_conf(base_qemu, host.index))
+        pki.make_host_credentials(data_dir, host.index)
         (hdata / "hosts").write_text(plan.hosts_file(Path("/etc/hosts").read_text(), count))
         # QEMU capability probing costs seconds per emulator; libvirt re-validates a seeded
         # cache (binary ctimes, libvirt and kernel versions) and re-probes if it is stale.

@@ -1,33 +1,24 @@
-"""The lab's own certificate authorities, so its hosts talk TLS with client certificates, as a real cluster does.
+"""The lab's own certificate authority, so its libvirtds talk TLS with client certificates, as a real cluster does.
 
-Two CAs, made fresh by every `lab up` with ``openssl`` and removed by `down`:
+A CA made fresh by every `lab up` with ``openssl`` and removed by `down`
+signs each host's libvirtd server certificate and one client certificate,
+root's: only root (and each host's libvirtd, for peer-to-peer migration)
+can read its key, so only root gets a lab libvirt connection
+(``qemu+tls://ADDRESS/system?pkipath=...``). The CA key is 0600 in a 0700
+directory owned by root. Layout under the lab's data dir::
 
-* the *libvirt* CA signs each host's libvirtd server certificate and one
-  client certificate, root's: only root (and each host's libvirtd, for
-  peer-to-peer migration) can read its key, so only root gets a lab
-  libvirt connection (``qemu+tls://ADDRESS/system?pkipath=...``);
-* the *migration* CA signs the certificates QEMU uses for its TLS migration
-  stream (qemu.conf ``migrate_tls_*``). QEMU runs as an unprivileged user and
-  must read its key, so that key is a different CA's: holding it never opens
-  a libvirt connection.
+    pki/libvirt-ca/{ca-key.pem,ca-cert.pem}                  root only
+    pki/client/{cacert.pem,clientcert.pem,clientkey.pem}     root's pkipath
+    host<i>/tls/{cacert.pem,servercert.pem,serverkey.pem}    host i's libvirtd
 
-CA keys are 0600 in 0700 directories owned by root. Layout under the lab's
-data dir::
-
-    pki/libvirt-ca/{ca-key.pem,ca-cert.pem}        root only
-    pki/migration-ca/{ca-key.pem,ca-cert.pem}      root only
-    pki/client/{cacert.pem,clientcert.pem,clientkey.pem}   root's pkipath
-    host<i>/tls/{cacert.pem,servercert.pem,serverkey.pem}  host i's libvirtd
-    host<i>/migrate-tls/{ca-cert,server-cert,server-key,client-cert,client-key}.pem
-                                                   host i's QEMUs (group: QEMU's)
+(Migration streams between QEMUs are kept from the root namespace by each
+host's firewall, see :func:`hvext.lab.plan.firewall_rules`: the patched QEMU
+is built without GnuTLS, so QEMU's own migration TLS is not available.)
 """
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -112,52 +103,28 @@ def issue(ca: Path, out_dir: Path, stem: str, cn: str, *, server_for: int | None
     return cert, key
 
 
-def qemu_ids(machine_qemu_conf: str) -> tuple[int, int]:
-    """uid and gid QEMU runs as, from qemu.conf's ``user``/``group`` (Debian's default: libvirt-qemu)."""
-    found = {}
-    for key in ("user", "group"):
-        match = re.search(rf'^\s*{key}\s*=\s*"([^"]+)"', machine_qemu_conf, re.MULTILINE)
-        found[key] = match.group(1) if match else "libvirt-qemu"
-    try:
-        user, group = found["user"], found["group"]
-        uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
-        gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
-    except (KeyError, ValueError) as err:
-        raise LabError(f"cannot find QEMU's user and group {found} from qemu.conf: {err}") from err
-    return uid, gid
-
-
 def make_lab_authorities(data_dir: Path) -> None:
-    """The two CAs and root's client certificate (a fresh set; an old one is removed first)."""
+    """The CA and root's client certificate (a fresh set; an old one is removed first)."""
     pki = plan.pki_dir(data_dir)
     remove(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     paths.private_dir(pki, mode=0o700, exclusive=True)
     make_ca(pki / "libvirt-ca", f"{ORG} libvirt CA")
-    make_ca(pki / "migration-ca", f"{ORG} migration CA")
     client = paths.private_dir(plan.client_pki_dir(data_dir), mode=0o700, exclusive=True)
     issue(pki / "libvirt-ca", client, "client", plan.ROOT_CLIENT_CN)
     shutil.copyfile(pki / "libvirt-ca" / "ca-cert.pem", client / "cacert.pem")
 
 
-def make_host_credentials(data_dir: Path, index: int, qemu_gid: int) -> None:
-    """Host *index*'s libvirtd server certificate and its QEMUs' migration certificates."""
+def make_host_credentials(data_dir: Path, index: int) -> None:
+    """Host *index*'s libvirtd server certificate, key and the CA certificate."""
     pki = plan.pki_dir(data_dir)
     tls = paths.private_dir(plan.host_tls_dir(data_dir, index), mode=0o700)
     issue(pki / "libvirt-ca", tls, "server", plan.hostname(index), server_for=index)
     shutil.copyfile(pki / "libvirt-ca" / "ca-cert.pem", tls / "cacert.pem")
-    # QEMU reads these as its own user: the directory and files are open to QEMU's group only.
-    migrate = paths.private_dir(plan.host_migrate_tls_dir(data_dir, index), mode=0o750, gid=qemu_gid)
-    cert, key = issue(pki / "migration-ca", migrate, "server-", plan.hostname(index), server_for=index)
-    ccert, ckey = issue(pki / "migration-ca", migrate, "client-", f"{plan.hostname(index)} migration")
-    shutil.copyfile(pki / "migration-ca" / "ca-cert.pem", migrate / "ca-cert.pem")
-    for name in ("ca-cert.pem", cert.name, key.name, ccert.name, ckey.name):
-        os.chown(migrate / name, 0, qemu_gid)
-        os.chmod(migrate / name, 0o640)
 
 
 def remove(data_dir: Path) -> list[str]:
-    """Remove the lab's CAs and root's client certificate."""
+    """Remove the lab's CA and root's client certificate."""
     pki = plan.pki_dir(data_dir)
     if not pki.exists() and not pki.is_symlink():
         return []

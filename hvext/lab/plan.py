@@ -154,11 +154,6 @@ def host_tls_dir(data_dir: Path, index: int) -> Path:
     return host_data_dir(data_dir, index) / "tls"
 
 
-def host_migrate_tls_dir(data_dir: Path, index: int) -> Path:
-    """Certificates host *index*'s QEMUs use for TLS-encrypted migration (qemu.conf migrate_tls_x509_cert_dir)."""
-    return host_data_dir(data_dir, index) / "migrate-tls"
-
-
 def uri_tls(index: int, data_dir: Path) -> str:
     """Host *index*'s libvirt over TLS, authenticated by root's client certificate (reachable from
     the root namespace and from every lab host; only root can read the key)."""
@@ -200,18 +195,15 @@ def libvirtd_conf(index: int, host_uuid: str, data_dir: Path) -> str:
 
 
 #: qemu.conf keys the lab sets; lines setting them in the machine's qemu.conf are dropped.
-QEMU_CONF_KEYS = ("migration_address", "migration_host", "cgroup_controllers", "migrate_tls_x509_cert_dir",
-                  "migrate_tls_x509_verify", "migrate_tls_force")
+QEMU_CONF_KEYS = ("migration_address", "migration_host", "cgroup_controllers")
 
 
-def qemu_conf(base: str, index: int, data_dir: Path) -> str:
+def qemu_conf(base: str, index: int) -> str:
     """The machine's qemu.conf with the lab's settings for host *index* appended.
 
     Migration listens on and advertises the lab address (the hostname is not
-    resolvable), and only with TLS (``VIR_MIGRATE_TLS``) where both QEMUs show
-    a certificate of the lab's migration CA: the port is reachable from the
-    root namespace, so a plain stream would let any local user feed a guest.
-    Cgroups are off: all lab hosts share the kernel's cgroup tree,
+    resolvable); the host's firewall keeps those ports from the root
+    namespace (:func:`firewall_rules`). Cgroups are off: all lab hosts share the kernel's cgroup tree,
     where two libvirtds would name domain groups alike (``qemu-1-NAME``).
     """
     kept = [line for line in base.splitlines()
@@ -221,9 +213,6 @@ def qemu_conf(base: str, index: int, data_dir: Path) -> str:
         f"# hvext lab {host_name(index)}",
         f'migration_address = "{host_address(index)}"',
         f'migration_host = "{host_address(index)}"',
-        f'migrate_tls_x509_cert_dir = "{host_migrate_tls_dir(data_dir, index)}"',
-        "migrate_tls_x509_verify = 1",
-        "migrate_tls_force = 1",
         "cgroup_controllers = [ ]",
         "",
     ])
@@ -237,11 +226,28 @@ def hosts_file(base: str, count: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def firewall_rules() -> list[list[str]]:
+    """iptables arguments for the INPUT chain of every lab host's network namespace.
+
+    The lab addresses are reachable from the root namespace, where every local
+    user is: from there only libvirtd's TLS port (client certificate required)
+    answers. Everything else a host serves (QEMU's migration ports, NBD, any
+    guest display) accepts only the other lab hosts. A user in the root
+    namespace cannot take a lab host's source address (no raw sockets, and the
+    replies go to that host), so the rules go by source address.
+    """
+    rules = [["-i", "lo", "-j", "ACCEPT"],
+             ["-p", "tcp", "--dport", str(LIBVIRT_TLS_PORT), "-j", "ACCEPT"]]
+    rules += [["-s", host_address(i), "-j", "ACCEPT"] for i in range(MIN_HOSTS, MAX_HOSTS + 1)]
+    rules += [["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"], ["-j", "DROP"]]
+    return rules
+
+
 def start_script(index: int, run_dir: Path, data_dir: Path) -> str:
     """The shell script that runs inside host *index*'s new mount and UTS namespaces.
 
     It makes libvirt's directories private bind mounts of the host's own
-    directories, then starts virtlogd and libvirtd as daemons and exits; the
+    directories, sets the host's firewall (:func:`firewall_rules`), then starts virtlogd and libvirtd as daemons and exits; the
     daemons keep the namespaces alive. /run/libvirt is bound from the host's
     run directory so its sockets are reachable from the root namespace.
     """
@@ -254,6 +260,10 @@ def start_script(index: int, run_dir: Path, data_dir: Path) -> str:
         f"mount --bind {hdata / 'hosts'} /etc/hosts",
     ]
     lines += [f"mount --bind {hdata / sub} {target}" for target, sub in PRIVATE_DIRS.items()]
+    # No IPv6 (link-local addresses would bypass the rules), then the firewall, before any daemon.
+    lines += [f"if [ -w /proc/sys/net/ipv6/conf/{c}/disable_ipv6 ]; then echo 1 > /proc/sys/net/ipv6/conf/{c}/disable_ipv6; fi"
+              for c in ("all", "default", HOST_IFNAME)]
+    lines += ["iptables -w -A INPUT " + " ".join(rule) for rule in firewall_rules()]
     lines += [
         f"/usr/sbin/virtlogd --daemon --config /etc/libvirt/virtlogd.conf --pid-file {hrun / 'virtlogd.pid'}",
         f"/usr/sbin/libvirtd --daemon --listen --config /etc/libvirt/libvirtd.conf "

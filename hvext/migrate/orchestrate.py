@@ -146,10 +146,6 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         flags, params = build_params(p, dest_xml)
         if shared_storage:
             flags |= libvirt.VIR_MIGRATE_UNSAFE  # the disk is the same file on both hosts (lab, NFS, ...)
-        if dest_uri.startswith("qemu+tls://"):
-            # Guest memory travels as the control connection does: over TLS (QEMU's, with the
-            # hosts' migrate_tls certificates), never as a plain stream on an open port.
-            flags |= libvirt.VIR_MIGRATE_TLS
         migrate_uri = dest_uri.replace("+unix", "").split("?")[0] if "+unix" in dest_uri else dest_uri
         started = time.monotonic()
         worker = loop.run_in_executor(None, lambda: domain.dom.migrateToURI3(migrate_uri, params, flags))

@@ -1,4 +1,4 @@
-"""The lab's CAs and certificates (hvext.lab.pki), made with the real openssl in a temporary dir."""
+"""The lab's CA and certificates (hvext.lab.pki), made with the real openssl in a temporary dir."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import pytest
 
 from hvext.lab import pki, plan
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the lab's PKI is root's (chown to QEMU's group)"),
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the lab's PKI is root's"),
               pytest.mark.skipif(shutil.which("openssl") is None and os.environ.get("CI") != "true",
                                  reason="openssl is not installed (setup/host.sh installs it)")]
-NOBODY = 65534
 
 
 def mode(path: Path) -> int:
@@ -32,45 +31,32 @@ def lab_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("lab")
     pki.make_lab_authorities(data)
     plan.host_data_dir(data, 2).mkdir()
-    pki.make_host_credentials(data, 2, NOBODY)
+    pki.make_host_credentials(data, 2)
     return data
 
 
 def test_ca_keys_and_roots_client_key_are_root_only(lab_pki: Path) -> None:
     root = plan.pki_dir(lab_pki)
-    for directory in (root, root / "libvirt-ca", root / "migration-ca", plan.client_pki_dir(lab_pki),
+    for directory in (root, root / "libvirt-ca", plan.client_pki_dir(lab_pki),
                       plan.host_tls_dir(lab_pki, 2)):
         assert mode(directory) == 0o700 and os.lstat(directory).st_uid == 0, directory
-    for key in (root / "libvirt-ca" / "ca-key.pem", root / "migration-ca" / "ca-key.pem",
-                plan.client_pki_dir(lab_pki) / "clientkey.pem", plan.host_tls_dir(lab_pki, 2) / "serverkey.pem"):
+    for key in (root / "libvirt-ca" / "ca-key.pem", plan.client_pki_dir(lab_pki) / "clientkey.pem", plan.host_tls_dir(lab_pki, 2) / "serverkey.pem"):
         assert mode(key) == 0o600 and os.lstat(key).st_uid == 0, key
     assert sorted(p.name for p in plan.client_pki_dir(lab_pki).iterdir()) == [
         "cacert.pem", "clientcert.pem", "clientkey.pem"]  # what libvirt's pkipath wants
 
 
-def test_qemu_reads_only_its_migration_credentials(lab_pki: Path) -> None:
-    migrate = plan.host_migrate_tls_dir(lab_pki, 2)
-    assert mode(migrate) == 0o750 and os.lstat(migrate).st_gid == NOBODY
-    assert sorted(p.name for p in migrate.iterdir()) == [
-        "ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem", "server-key.pem"]
-    for item in migrate.iterdir():
-        st = os.lstat(item)
-        assert (st.st_uid, st.st_gid, mode(item)) == (0, NOBODY, 0o640), item
-
-
-def test_certificates_chain_to_their_own_ca_only(lab_pki: Path) -> None:
+def test_certificates_chain_to_the_lab_ca_only(lab_pki: Path, tmp_path: Path) -> None:
     root = plan.pki_dir(lab_pki)
-    libvirt_ca, migration_ca = root / "libvirt-ca" / "ca-cert.pem", root / "migration-ca" / "ca-cert.pem"
+    libvirt_ca = root / "libvirt-ca" / "ca-cert.pem"
     client = plan.client_pki_dir(lab_pki) / "clientcert.pem"
     server = plan.host_tls_dir(lab_pki, 2) / "servercert.pem"
-    migrate = plan.host_migrate_tls_dir(lab_pki, 2)
     assert verify(libvirt_ca, client, "sslclient").returncode == 0
     assert verify(libvirt_ca, server, "sslserver").returncode == 0
-    assert verify(migration_ca, migrate / "server-cert.pem", "sslserver").returncode == 0
-    assert verify(migration_ca, migrate / "client-cert.pem", "sslclient").returncode == 0
-    # The key QEMU's user can read never passes as a libvirt client (another CA).
-    assert verify(libvirt_ca, migrate / "client-cert.pem", "sslclient").returncode != 0
     assert verify(libvirt_ca, server, "sslclient").returncode != 0  # a server cert is no client cert
+    other = tmp_path / "other-lab"  # another lab's (or anyone's) CA is not this lab's
+    pki.make_lab_authorities(other)
+    assert verify(libvirt_ca, plan.client_pki_dir(other) / "clientcert.pem", "sslclient").returncode != 0
 
 
 def test_subjects_and_names(lab_pki: Path) -> None:
@@ -89,10 +75,3 @@ def test_remove_takes_the_authorities_away(tmp_path: Path) -> None:
     pki.make_lab_authorities(tmp_path)
     assert pki.remove(tmp_path) == [f"dir {plan.pki_dir(tmp_path)}"]
     assert not plan.pki_dir(tmp_path).exists() and pki.remove(tmp_path) == []
-
-
-def test_qemu_ids_from_qemu_conf() -> None:
-    assert pki.qemu_ids('user = "+64055"\ngroup = "+107"\n') == (64055, 107)
-    assert pki.qemu_ids('#user = "nobody"\nuser = "root"\ngroup = "root"\n') == (0, 0)
-    with pytest.raises(plan.LabError):
-        pki.qemu_ids('user = "no-such-user-hvext"\n')

@@ -95,13 +95,10 @@ def test_libvirtd_conf_listens_only_with_tls_and_roots_client_certificate() -> N
 
 def test_qemu_conf_replaces_the_keys_the_lab_sets() -> None:
     base = ('user = "libvirt-qemu"\nmigration_address = "0.0.0.0"\n#migration_host = "x"\n'
-            '  cgroup_controllers = [ "cpu" ]\nmigrate_tls_force = 0\n')
-    conf = plan.qemu_conf(base, 1, DATA)
+            '  cgroup_controllers = [ "cpu" ]\n')
+    conf = plan.qemu_conf(base, 1)
     assert 'user = "libvirt-qemu"' in conf and '#migration_host = "x"' in conf  # comments and others kept
-    assert '"0.0.0.0"' not in conf and '"cpu"' not in conf and "migrate_tls_force = 0" not in conf
-    # Migration streams only with TLS, both QEMUs showing a certificate of the lab's migration CA.
-    assert "migrate_tls_force = 1" in conf and "migrate_tls_x509_verify = 1" in conf
-    assert 'migrate_tls_x509_cert_dir = "/var/lib/hvext/lab/host1/migrate-tls"' in conf
+    assert '"0.0.0.0"' not in conf and '"cpu"' not in conf
     assert 'migration_address = "198.18.0.11"' in conf and 'migration_host = "198.18.0.11"' in conf
     assert "cgroup_controllers = [ ]" in conf
 
@@ -123,6 +120,17 @@ def test_start_script_binds_private_dirs_and_starts_both_daemons() -> None:
     assert script.index("mount --bind") < script.index("virtlogd") < script.index("libvirtd --daemon")
     assert "--pid-file /run/hvext-lab/host2/libvirtd.pid" in script
     assert "--pid-file /run/hvext-lab/host2/virtlogd.pid" in script
+    # The firewall and no IPv6 come before any daemon listens.
+    assert script.index("disable_ipv6") < script.index("virtlogd") and script.index("iptables") < script.index("virtlogd")
+    assert "iptables -w -A INPUT -p tcp --dport 16514 -j ACCEPT" in script
+
+
+def test_firewall_admits_only_tls_from_outside_the_lab_hosts() -> None:
+    rules = [" ".join(r) for r in plan.firewall_rules()]
+    assert rules[0] == "-i lo -j ACCEPT" and rules[1] == "-p tcp --dport 16514 -j ACCEPT"
+    assert rules[2:-2] == [f"-s 198.18.0.{10 + i} -j ACCEPT" for i in range(1, 9)]
+    assert f"-s {plan.BRIDGE_ADDRESS} -j ACCEPT" not in rules  # the root namespace's address
+    assert rules[-2:] == ["-p tcp -j REJECT --reject-with tcp-reset", "-j DROP"]
 
 
 def _state(count: int = 2) -> LabState:

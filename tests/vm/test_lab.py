@@ -169,10 +169,6 @@ def test_no_libvirt_without_roots_certificate(the_lab: lab.Lab) -> None:
         client = plan.client_pki_dir(data)
         assert _tls_confirmation(host.address, client / "clientcert.pem", client / "clientkey.pem", ca) == b"\x01"
         assert _tls_confirmation(host.address, None, None, ca) != b"\x01"
-        # ... and not with the migration certificate, whose key QEMU's (unprivileged) user can read.
-        migrate = plan.host_migrate_tls_dir(data, host.index)
-        assert _tls_confirmation(host.address, migrate / "client-cert.pem", migrate / "client-key.pem",
-                                 ca) != b"\x01"
         # The unix sockets are root's only.
         for sock in (host.socket, host.socket.with_name("libvirt-sock-ro")):
             assert os.stat(sock).st_mode & 0o077 == 0, sock
@@ -184,6 +180,52 @@ def test_no_libvirt_without_roots_certificate(the_lab: lab.Lab) -> None:
             assert conn.getHostname() == host.hostname
         finally:
             conn.close()
+
+
+LISTEN = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(8)
+print("listening", flush=True)
+s.settimeout(60)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"hello")
+    c.close()
+"""
+
+CONNECT = r"""
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as c:
+        print(c.recv(5).decode())
+except OSError as err:
+    print(type(err).__name__)
+"""
+
+
+def test_migration_ports_answer_lab_hosts_only(the_lab: lab.Lab) -> None:
+    """QEMU's incoming migration port takes a plain stream: from the root namespace (any local user)
+    a host's ports other than libvirt's TLS port are closed, from another lab host they are open."""
+    host1, host2 = the_lab.hosts
+    port = 49152  # the first port of libvirt's migration range
+    server = subprocess.Popen(["ip", "netns", "exec", host2.netns, PY, "-c", LISTEN, host2.address, str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        from_host1 = in_netns(host1, PY, "-c", CONNECT, host2.address, str(port))
+        assert from_host1.stdout.strip() == "hello", from_host1
+        from_root = subprocess.run([PY, "-c", CONNECT, host2.address, str(port)], capture_output=True, text=True,
+                                   timeout=30)
+        assert from_root.stdout.strip() == "ConnectionRefusedError", from_root
+        as_user = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PY, "-c", CONNECT,
+                                  host2.address, str(port)], capture_output=True, text=True, timeout=30)
+        assert as_user.stdout.strip() == "ConnectionRefusedError", as_user
+    finally:
+        server.kill()
+        server.wait()
 
 
 def socket_connect(address: str, port: int) -> None:

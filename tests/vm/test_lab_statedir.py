@@ -61,10 +61,11 @@ def test_define_keeps_another_hosts_state(two_hosts: tuple[Host, Host], name: st
         owner, _ = statedir.read_owner(paths.domain_dir(name))
         assert owner is not None and owner.domain_uuid == first.dom.UUIDString()
         assert owner.host_uuid == host1.host_uuid and owner.uri == host1.uri
-        before = disk.stat()
+        marker = paths.domain_dir(name) / "marker"
+        marker.write_text("host1's")  # the file system may reuse a removed disk's inode number: mark the dir
         with pytest.raises(HostError, match=f"belongs to domain '{name}'.*defined on the host at"):
             host2.define(DomainSpec(name=name, memory_mib=256))
-        assert disk.stat().st_ino == before.st_ino  # host1's disk is still there, untouched
+        assert marker.read_text() == "host1's" and disk.is_file()  # host1's state is untouched
         with pytest.raises(libvirt.libvirtError):
             host2.conn.lookupByName(name)
         # host2 undefining a same-named domain of its own does not take host1's state either.
