@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 import libvirt
 from lxml import etree
 
-from hvext import accel, aio, domxml, image, paths
+from hvext import accel, aio, domxml, image, paths, statedir
 from hvext.agent.client import AgentClient
 from hvext.errors import (AgentUnavailable, DomainNotFound, DomainStateError, HostError, HvextError,
                           LibvirtUnavailable, UnsupportedError, UsageError)
@@ -183,21 +184,26 @@ class Host:
 
     # -- defining -------------------------------------------------------
     @functools.cached_property
-    def host_id(self) -> str:
-        """A short id of this libvirt host (from its host UUID), used in per-host paths."""
+    def host_uuid(self) -> str:
+        """This libvirt host's UUID (libvirtd.conf host_uuid, else the machine's)."""
         with libvirt_errors("reading capabilities"):
             caps = etree.fromstring(self.conn.getCapabilities().encode())
-        uuid = caps.findtext("host/uuid") or ""
-        return uuid.replace("-", "")[:8] or "local"
+        return caps.findtext("host/uuid") or ""
+
+    @functools.cached_property
+    def host_id(self) -> str:
+        """A short id of this libvirt host (from its host UUID), used in per-host paths."""
+        return self.host_uuid.replace("-", "")[:8] or "local"
 
     def prepare_runtime_dir(self, name: str) -> Path:
         """Create the per-host socket dir of a domain, writable by this host's QEMU user."""
         runtime = paths.runtime_dir(name, self.host_id)
         uid, gid = self.qemu_user()
-        for directory in (paths.domain_dir(name), runtime):
-            directory.mkdir(parents=True, exist_ok=True)
-            os.chown(directory, 0, gid)
-            directory.chmod(0o770)
+        paths.domain_dir(name).parent.mkdir(parents=True, exist_ok=True)
+        # QEMU's group reads the domain's dir (disk overlay, PMEM backings) but cannot swap its entries
+        # for links that root or libvirt would follow; it writes only its sockets in the runtime dir.
+        paths.private_dir(paths.domain_dir(name), mode=0o750, gid=gid)
+        paths.private_dir(runtime, mode=0o770, gid=gid)
         paths.console_log(name, self.host_id).parent.mkdir(parents=True, exist_ok=True)
         if len(str(runtime / "qmp-cli.sock")) >= 108:  # the longest socket name
             raise UsageError(f"domain name {name!r} is too long for unix socket paths under {paths.STATE_DIR}")
@@ -239,19 +245,99 @@ class Host:
             except libvirt.libvirtError as err:
                 if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise
-        state = paths.domain_dir(spec.name)
-        if state.exists():
-            shutil.rmtree(state)  # left by a domain undefined outside hvext
+        state = self._claim_state_dir(spec.name)
+        domain_uuid = str(uuidlib.uuid4())
         try:
+            statedir.write_owner(state, statedir.StateOwner(self.host_uuid, self.uri, domain_uuid, spec.name))
             self.prepare_runtime_dir(spec.name)
             _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(guest.rootfs),
                   str(state / "disk.qcow2")])
-            xml = self.build_xml(spec, guest)
+            xml = self.build_xml(spec, guest, uuid=domain_uuid)
             with libvirt_errors(f"defining {spec.name!r}"):
                 return Domain(self, self.conn.defineXML(xml))
         except BaseException:
             shutil.rmtree(state, ignore_errors=True)
             raise
+
+
+    # -- shared state directories ------------------------------------------
+    def _claim_state_dir(self, name: str) -> Path:
+        """Create the domain's state dir, hvext's alone; a leftover one is removed only when its
+        owner record shows the domain it belonged to is gone (hosts of a lab share STATE_DIR)."""
+        state = paths.domain_dir(name)
+        state.parent.mkdir(parents=True, exist_ok=True)
+        _, gid = self.qemu_user()
+        for attempt in (1, 2):
+            try:
+                return paths.private_dir(state, mode=0o750, gid=gid, exclusive=True)
+            except FileExistsError:
+                if attempt == 2:
+                    raise HostError(f"domain {name!r}: {state} reappeared while hvext removed a leftover one; "
+                                    "is another hvext defining the same name?") from None
+            self._check_leftover_state(name, state)
+            shutil.rmtree(state)  # left by a domain undefined outside hvext
+        raise AssertionError("unreachable")
+
+    def _check_leftover_state(self, name: str, state: Path) -> None:
+        """Raise unless *state*'s owner record shows its domain no longer exists on its host."""
+        owner, why = statedir.read_owner(state)
+        if owner is None:
+            raise HostError(f"domain {name!r}: {state} already exists and hvext cannot tell which domain it "
+                            f"belongs to: {why}. If no domain on any host uses it, remove it and retry")
+        if self._owner_exists(owner, state):
+            where = "this host" if owner.host_uuid == self.host_uuid else f"the host at {owner.uri}"
+            raise HostError(f"domain {name!r}: {state} belongs to domain {owner.name!r} ({owner.domain_uuid}) "
+                            f"defined on {where}; hvext will not remove it. Pick another name, or undefine "
+                            "that domain first")
+
+    def _owner_exists(self, owner: statedir.StateOwner, state: Path) -> bool:
+        """Whether the recorded domain is still defined on its recorded host (HostError if unknowable)."""
+        unverified = f"{state} belongs to domain {owner.name!r} on the host at {owner.uri}, and hvext cannot check"
+        if owner.host_uuid == self.host_uuid:
+            conn, opened = self.conn, False
+        else:
+            try:
+                conn, opened = libvirt.open(owner.uri), True
+            except libvirt.libvirtError as err:
+                raise HostError(f"{unverified} that it is gone ({err.get_error_message()}); if it is, remove "
+                                f"{state} and retry") from err
+        try:
+            if opened:
+                caps = etree.fromstring(conn.getCapabilities().encode())
+                if (caps.findtext("host/uuid") or "") != owner.host_uuid:
+                    raise HostError(f"{unverified}: {owner.uri} is now another host; if the domain is gone, "
+                                    f"remove {state} and retry")
+            try:
+                conn.lookupByUUIDString(owner.domain_uuid)
+                return True
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False
+                raise translate(err, unverified) from err
+        except libvirt.libvirtError as err:
+            raise translate(err, unverified) from err
+        finally:
+            if opened:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+
+    def adopt_state(self, name: str, domain_uuid: str) -> None:
+        """After a migration to this host: record it as the owner of the domain's shared state dir."""
+        state = paths.domain_dir(name)
+        if not state.is_dir():
+            return
+        try:
+            statedir.write_owner(state, statedir.StateOwner(self.host_uuid, self.uri, domain_uuid, name))
+        except OSError as err:  # the migration itself succeeded; a later define would refuse, not delete
+            log.warning("%s: cannot record the new owner of %s: %s", name, state, err)
+
+    def owns_state(self, name: str, domain_uuid: str) -> bool:
+        """Whether the state dir of *name* is this domain's (or predates owner records)."""
+        state = paths.domain_dir(name)
+        if not os.path.lexists(state / statedir.OWNER_FILE):
+            return True
+        owner, _ = statedir.read_owner(state)
+        return owner is not None and owner.domain_uuid == domain_uuid
 
 
 def _version(number: int) -> str:
@@ -393,8 +479,12 @@ class Domain:
             if self.dom.isActive():
                 raise DomainStateError(f"domain {self.name!r} is running; shut it down or destroy it first")
             facts = domxml.read_facts(self.dom.XMLDesc(0))
+            domain_uuid = self.dom.UUIDString()
             self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         if remove_state and facts.hvext_managed:
+            if not self.host.owns_state(self.name, domain_uuid):  # another host's domain of the same name
+                log.warning("%s: %s belongs to another domain; left in place", self.name, paths.domain_dir(self.name))
+                return
             shutil.rmtree(paths.domain_dir(self.name), ignore_errors=True)
             shutil.rmtree(paths.VOLATILE_DIR / self.name, ignore_errors=True)
 

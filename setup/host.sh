@@ -12,6 +12,7 @@ PACKAGES=(
   pkg-config gcc python3 python3-dev python3-venv
   mmdebstrap linux-image-amd64 e2fsprogs kmod
   iproute2 dnsmasq-base
+  openssl iptables
 )
 
 log() { printf 'setup: %s\n' "$*"; }

@@ -54,7 +54,7 @@ def _print_uris(hosts: list[lab.LabHost]) -> None:
     common.console.print("libvirt URIs:")
     for h in hosts:
         common.console.print(f"  {h.name}  {h.uri_unix}", soft_wrap=True)
-        common.console.print(f"  {h.name}  {h.uri_tcp}", soft_wrap=True)
+        common.console.print(f"  {h.name}  {h.uri_tls}", soft_wrap=True)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -76,7 +76,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _host_dicts(the_lab: lab.Lab) -> list[dict[str, str]]:
     return [{"name": h.name, "address": h.address, "netns": h.netns, "hostname": h.hostname,
-             "uuid": h.uuid, "uri_unix": h.uri_unix, "uri_tcp": h.uri_tcp} for h in the_lab.hosts]
+             "uuid": h.uuid, "uri_unix": h.uri_unix, "uri_tls": h.uri_tls} for h in the_lab.hosts]
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -111,12 +111,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in statuses:
         pid = s.daemons.get("libvirtd")
         rows.append([s.host.name, s.host.address, pid or "dead",
-                     "yes" if s.unix.ok else "no", "yes" if s.tcp.ok else "no",
+                     "yes" if s.unix.ok else "no", "yes" if s.tls.ok else "no",
                      s.unix.domains if s.unix.ok else "-"])
     common.print_table(f"hvext lab: {len(statuses)} hosts, {the_lab.state.phase}",
-                       ["host", "address", "libvirtd", "unix answers", "tcp answers", "domains"], rows)
+                       ["host", "address", "libvirtd", "unix answers", "tls answers", "domains"], rows)
     for s in statuses:
-        for kind, probe in (("unix", s.unix), ("tcp", s.tcp)):
+        for kind, probe in (("unix", s.unix), ("tls", s.tls)):
             if not probe.ok:
                 common.console.print(f"{s.host.name} {kind}: {probe.error}", soft_wrap=True)
     _print_uris(the_lab.hosts)

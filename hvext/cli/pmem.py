@@ -14,12 +14,21 @@ from hvext.pmem import devices, hints, power, virtio
 from hvext.units import format_size, parse_size
 
 
+def _backing(text: str) -> Path:
+    """--backing / BACKING: made absolute at input (links are not followed, see devices.backing_path)."""
+    try:
+        return devices.backing_path(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("pmem-attach", help="add an NVDIMM backed by a host file")
     common.add_domain(p)
     p.add_argument("--size", required=True, help="usable size, e.g. 256M (multiple of 2 MiB; 16 MiB for DAX)")
     p.add_argument("--type", choices=["nvdimm", "virtio-pmem"], default="nvdimm")
-    p.add_argument("--backing", type=Path, help="backing file (default: in hvext's domain state dir)")
+    p.add_argument("--backing", type=_backing,
+                   help="backing file, a regular file of root's (default: in hvext's domain state dir)")
     p.add_argument("--label-size", default="0", help="label area, e.g. 128K (default: none)")
     p.add_argument("--live", action="store_true", help="hot-plug into the running guest as well")
     p.add_argument("--volatile-backing", action="store_true",
@@ -29,7 +38,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("pmem-detach", help="remove a persistent-memory device")
     common.add_domain(p)
-    p.add_argument("backing", type=Path, metavar="BACKING", help="backing file of the device (see pmem-list)")
+    p.add_argument("backing", type=_backing, metavar="BACKING",
+                   help="backing file of the device (see pmem-list)")
     p.add_argument("--live", action="store_true", help="hot-unplug from the running guest as well")
     p.add_argument("--remove-backing", action="store_true", help="delete a backing file hvext created")
     p.set_defaults(func=cmd_detach)

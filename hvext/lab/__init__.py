@@ -5,7 +5,12 @@ own virtlogd and libvirtd (own config, run, lib, log and cache directories,
 own host UUID and hostname), joined to the others by veth pairs on a bridge
 in the root namespace, with an address in 198.18.0.0/15. Migration and
 failover code reaches the hosts through :attr:`LabHost.uri_unix` (a socket
-reachable from the root namespace) or :attr:`LabHost.uri_tcp`.
+reachable from the root namespace, root's only) or :attr:`LabHost.uri_tls`
+(libvirt's TLS transport with root's client certificate from the lab's own
+CA; see :mod:`hvext.lab.pki`). Nothing in the lab answers the root
+namespace without authentication: libvirtd has no plain TCP listener, and
+each host's firewall admits only the TLS port from outside the lab's hosts
+(so QEMU's migration ports are for the lab hosts alone).
 
 The state file (``/run/hvext-lab/lab.json``) lets separate processes (the
 CLI, tests, benchmarks) find one lab; a lock serialises ``up`` and ``down``.
@@ -14,7 +19,7 @@ CLI, tests, benchmarks) find one lab; a lock serialises ``up`` and ``down``.
 
     lab = Lab.up(2)                  # or Lab.load() for the lab that is up, if any
     src, dst = lab.hosts
-    ... libvirt.open(src.uri_unix) ... migrateToURI3(dst.uri_tcp, ...)
+    ... libvirt.open(src.uri_unix) ... migrateToURI3(dst.uri_tls, ...)
     lab.down()
 """
 
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hvext.errors import HvextError
-from hvext.lab import daemons, net, plan, procs
+from hvext.lab import daemons, net, pki, plan, procs
 from hvext.lab.daemons import Probe
 from hvext.lab.plan import MAX_HOSTS, MIN_HOSTS, LabError, LabHost, LabState, LabUsageError, ProcessRef
 
@@ -102,22 +107,22 @@ class HostStatus:
     netns_present: bool
     daemons: dict[str, int | None]  # daemon -> PID when it still runs
     unix: Probe
-    tcp: Probe
+    tls: Probe
 
     @property
     def answering(self) -> bool:
-        return self.unix.ok and self.tcp.ok
+        return self.unix.ok and self.tls.ok
 
     def to_dict(self) -> dict[str, Any]:
         h = self.host
         return {
             "name": h.name, "address": h.address, "netns": h.netns, "hostname": h.hostname,
-            "uuid": h.uuid, "uri_unix": h.uri_unix, "uri_tcp": h.uri_tcp,
+            "uuid": h.uuid, "uri_unix": h.uri_unix, "uri_tls": h.uri_tls,
             "netns_present": self.netns_present, "daemons": self.daemons,
             "answering": self.answering,
             "unix": {"ok": self.unix.ok, "error": self.unix.error, "hostname": self.unix.hostname,
                      "libvirt": self.unix.version, "domains": self.unix.domains},
-            "tcp": {"ok": self.tcp.ok, "error": self.tcp.error, "hostname": self.tcp.hostname},
+            "tls": {"ok": self.tls.ok, "error": self.tls.error, "hostname": self.tls.hostname},
         }
 
 
@@ -181,7 +186,7 @@ class Lab:
                 _teardown(existing, run_dir, data_dir)
             elif _leftovers(run_dir):
                 _teardown(None, run_dir, data_dir)
-            state = LabState(hosts=plan.new_hosts(count, run_dir), phase="creating", created=time.time(),
+            state = LabState(hosts=plan.new_hosts(count, run_dir, data_dir), phase="creating", created=time.time(),
                              run_dir=run_dir, data_dir=data_dir)
             _write_state(state)
             try:
@@ -201,7 +206,7 @@ class Lab:
             return _teardown(current, self.state.run_dir, self.state.data_dir)
 
     def status(self) -> list[HostStatus]:
-        """Each host: its namespace, daemons, and whether libvirtd answers on the unix and TCP URIs."""
+        """Each host: its namespace, daemons, and whether libvirtd answers on the unix and TLS URIs."""
         result = []
         for h in self.state.hosts:
             alive = {d: (ref.pid if procs.is_alive(ref) else None) for d, ref in h.processes.items()}
@@ -210,7 +215,7 @@ class Lab:
             result.append(HostStatus(
                 host=h, netns_present=net.netns_exists(h.netns), daemons=alive,
                 unix=daemons.probe_libvirt(h.uri_unix),
-                tcp=daemons.probe_libvirt(h.uri_tcp, tcp=(h.address, plan.LIBVIRT_TCP_PORT))))
+                tls=daemons.probe_libvirt(h.uri_tls, tcp=(h.address, plan.LIBVIRT_TLS_PORT))))
         return result
 
 
@@ -238,6 +243,7 @@ def _build(state: LabState) -> None:
     net.ensure_bridge()
     for h in state.hosts:
         net.add_host(h.index)
+    pki.make_lab_authorities(state.data_dir)
     for h in state.hosts:
         daemons.prepare(h, count, state.run_dir, state.data_dir)
     for h in state.hosts:  # all daemons start first, then we wait for them together
@@ -290,7 +296,8 @@ def _teardown(state: LabState | None, run_dir: Path, data_dir: Path) -> list[str
     errors: list[HvextError] = []
     recorded = {h.index: h for h in (state.hosts if state else [])}
     indexes = set(recorded) | set(net.indexes_present()) | _dir_indexes(run_dir, data_dir)
-    hosts = [recorded.get(i) or LabHost(index=i, uuid="", run_dir=run_dir) for i in sorted(indexes)]
+    hosts = [recorded.get(i) or LabHost(index=i, uuid="", run_dir=run_dir, data_dir=data_dir)
+             for i in sorted(indexes)]
     # Domains and QEMUs first (virtlogd holds their logs), then all daemons together:
     # libvirtd takes about a second to shut down, and the hosts need not wait for each other.
     refs: list[ProcessRef] = []
@@ -319,10 +326,11 @@ def _teardown(state: LabState | None, run_dir: Path, data_dir: Path) -> list[str
             except HvextError as err:
                 errors.append(err)
     if not errors:
-        try:
-            removed += net.remove_bridge()
-        except HvextError as err:
-            errors.append(err)
+        for step in (net.remove_bridge, lambda: pki.remove(data_dir)):
+            try:
+                removed += step()
+            except HvextError as err:
+                errors.append(err)
     path = state_file(run_dir)
     if not errors:
         for leftover in (path, path.with_suffix(".tmp")):

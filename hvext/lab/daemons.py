@@ -21,7 +21,7 @@ from pathlib import Path
 import libvirt
 
 import hvext.host  # noqa: F401  (installs the handler that keeps libvirt from printing errors itself)
-from hvext.lab import net, plan, procs
+from hvext.lab import net, pki, plan, procs
 from hvext.lab.plan import LabError, LabHost, ProcessRef
 
 
@@ -48,10 +48,11 @@ def prepare(host: LabHost, count: int, run_dir: Path, data_dir: Path) -> None:
         if (MACHINE_LIBVIRT_CONF / "nwfilter").is_dir():
             shutil.copytree(MACHINE_LIBVIRT_CONF / "nwfilter", etc / "nwfilter", dirs_exist_ok=True)
         (etc / "qemu").mkdir(exist_ok=True)
-        (etc / "libvirtd.conf").write_text(plan.libvirtd_conf(host.index, host.uuid))
+        (etc / "libvirtd.conf").write_text(plan.libvirtd_conf(host.index, host.uuid, data_dir))
         machine_qemu = MACHINE_LIBVIRT_CONF / "qemu.conf"
         base_qemu = machine_qemu.read_text() if machine_qemu.exists() else ""
         (etc / "qemu.conf").write_text(plan.qemu_conf(base_qemu, host.index))
+        pki.make_host_credentials(data_dir, host.index)
         (hdata / "hosts").write_text(plan.hosts_file(Path("/etc/hosts").read_text(), count))
         # QEMU capability probing costs seconds per emulator; libvirt re-validates a seeded
         # cache (binary ctimes, libvirt and kernel versions) and re-probes if it is stale.

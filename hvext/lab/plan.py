@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import urllib.parse
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,12 @@ VETH_PREFIX = "hvlab"
 #: The interface name each host sees inside its namespace.
 HOST_IFNAME = "eth0"
 HOSTNAME_DOMAIN = "hvext-lab"
-LIBVIRT_TCP_PORT = 16509
+#: libvirtd's TLS port on each host's lab address (libvirt's default); plain TCP (16509) is off.
+LIBVIRT_TLS_PORT = 16514
+#: The subject of root's client certificate, the only one a lab libvirtd accepts.
+ROOT_CLIENT_CN = "root@hvext-lab"
+#: That subject as libvirt reads it (certificate order, see virt-pki-query-dn), for ``tls_allowed_dn_list``.
+ROOT_CLIENT_DN = f"O=hvext lab,CN={ROOT_CLIENT_CN}"
 
 #: Runtime files (state file, lock, per-host sockets and pid files).
 RUN_DIR = Path(os.environ.get("HVEXT_LAB_RUN_DIR", "/run/hvext-lab"))
@@ -133,24 +139,56 @@ def uri_unix(run_dir: Path, index: int) -> str:
     return f"qemu+unix:///system?socket={libvirt_socket(run_dir, index)}"
 
 
-def uri_tcp(index: int) -> str:
-    return f"qemu+tcp://{host_address(index)}/system"
+def pki_dir(data_dir: Path) -> Path:
+    """The lab's CAs (keys private to root) and root's client certificate."""
+    return data_dir / "pki"
+
+
+def client_pki_dir(data_dir: Path) -> Path:
+    """root's libvirt client credentials (cacert.pem, clientcert.pem, clientkey.pem): the URIs' pkipath."""
+    return pki_dir(data_dir) / "client"
+
+
+def host_tls_dir(data_dir: Path, index: int) -> Path:
+    """Host *index*'s libvirtd server certificate and key."""
+    return host_data_dir(data_dir, index) / "tls"
+
+
+def uri_tls(index: int, data_dir: Path) -> str:
+    """Host *index*'s libvirt over TLS, authenticated by root's client certificate (reachable from
+    the root namespace and from every lab host; only root can read the key)."""
+    pki = urllib.parse.quote(str(client_pki_dir(data_dir)), safe="/")
+    return f"qemu+tls://{host_address(index)}/system?pkipath={pki}"
 
 
 # -- config files ---------------------------------------------------------
 
-def libvirtd_conf(index: int, host_uuid: str) -> str:
-    """libvirtd.conf of one host: its own UUID, TCP without auth on its lab address only."""
+def libvirtd_conf(index: int, host_uuid: str, data_dir: Path) -> str:
+    """libvirtd.conf of one host: its own UUID; TLS only, on its lab address only, with a client
+    certificate from the lab's CA that must be root's."""
     uuid.UUID(host_uuid)  # raises ValueError on a malformed UUID
+    tls = host_tls_dir(data_dir, index)
     return "\n".join([
         f"# hvext lab {host_name(index)}: written by `hvext lab up`, removed by `hvext lab down`.",
         f'host_uuid = "{host_uuid}"',
-        "listen_tls = 0",
-        "listen_tcp = 1",
+        "listen_tcp = 0",
+        "listen_tls = 1",
         f'listen_addr = "{host_address(index)}"',
-        f'tcp_port = "{LIBVIRT_TCP_PORT}"',
-        # No authentication: the address exists only on the lab bridge of this machine.
-        'auth_tcp = "none"',
+        f'tls_port = "{LIBVIRT_TLS_PORT}"',
+        # The client certificate is the authentication: signed by the lab's libvirt CA, and root's.
+        'auth_tls = "none"',
+        "tls_no_verify_certificate = 0",
+        "tls_no_sanity_certificate = 0",
+        f'tls_allowed_dn_list = ["{ROOT_CLIENT_DN}"]',
+        # The sockets (reachable from the root namespace under the run dir) are root's alone, whatever
+        # polkit would say: read-only access lists every domain, read-write is root's power.
+        'unix_sock_group = "root"',
+        'unix_sock_ro_perms = "0700"',
+        'unix_sock_rw_perms = "0700"',
+        'unix_sock_admin_perms = "0700"',
+        f'key_file = "{tls / "serverkey.pem"}"',
+        f'cert_file = "{tls / "servercert.pem"}"',
+        f'ca_file = "{tls / "cacert.pem"}"',
         'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"',
         "",
     ])
@@ -164,7 +202,8 @@ def qemu_conf(base: str, index: int) -> str:
     """The machine's qemu.conf with the lab's settings for host *index* appended.
 
     Migration listens on and advertises the lab address (the hostname is not
-    resolvable). Cgroups are off: all lab hosts share the kernel's cgroup tree,
+    resolvable); the host's firewall keeps those ports from the root
+    namespace (:func:`firewall_rules`). Cgroups are off: all lab hosts share the kernel's cgroup tree,
     where two libvirtds would name domain groups alike (``qemu-1-NAME``).
     """
     kept = [line for line in base.splitlines()
@@ -187,11 +226,28 @@ def hosts_file(base: str, count: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def firewall_rules() -> list[list[str]]:
+    """iptables arguments for the INPUT chain of every lab host's network namespace.
+
+    The lab addresses are reachable from the root namespace, where every local
+    user is: from there only libvirtd's TLS port (client certificate required)
+    answers. Everything else a host serves (QEMU's migration ports, NBD, any
+    guest display) accepts only the other lab hosts. A user in the root
+    namespace cannot take a lab host's source address (no raw sockets, and the
+    replies go to that host), so the rules go by source address.
+    """
+    rules = [["-i", "lo", "-j", "ACCEPT"],
+             ["-p", "tcp", "--dport", str(LIBVIRT_TLS_PORT), "-j", "ACCEPT"]]
+    rules += [["-s", host_address(i), "-j", "ACCEPT"] for i in range(MIN_HOSTS, MAX_HOSTS + 1)]
+    rules += [["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"], ["-j", "DROP"]]
+    return rules
+
+
 def start_script(index: int, run_dir: Path, data_dir: Path) -> str:
     """The shell script that runs inside host *index*'s new mount and UTS namespaces.
 
     It makes libvirt's directories private bind mounts of the host's own
-    directories, then starts virtlogd and libvirtd as daemons and exits; the
+    directories, sets the host's firewall (:func:`firewall_rules`), then starts virtlogd and libvirtd as daemons and exits; the
     daemons keep the namespaces alive. /run/libvirt is bound from the host's
     run directory so its sockets are reachable from the root namespace.
     """
@@ -204,6 +260,10 @@ def start_script(index: int, run_dir: Path, data_dir: Path) -> str:
         f"mount --bind {hdata / 'hosts'} /etc/hosts",
     ]
     lines += [f"mount --bind {hdata / sub} {target}" for target, sub in PRIVATE_DIRS.items()]
+    # No IPv6 (link-local addresses would bypass the rules), then the firewall, before any daemon.
+    lines += [f"if [ -w /proc/sys/net/ipv6/conf/{c}/disable_ipv6 ]; then echo 1 > /proc/sys/net/ipv6/conf/{c}/disable_ipv6; fi"
+              for c in ("all", "default", HOST_IFNAME)]
+    lines += ["iptables -w -A INPUT " + " ".join(rule) for rule in firewall_rules()]
     lines += [
         f"/usr/sbin/virtlogd --daemon --config /etc/libvirt/virtlogd.conf --pid-file {hrun / 'virtlogd.pid'}",
         f"/usr/sbin/libvirtd --daemon --listen --config /etc/libvirt/libvirtd.conf "
@@ -232,6 +292,7 @@ class LabHost:
     uuid: str
     run_dir: Path = RUN_DIR
     processes: dict[str, ProcessRef] = field(default_factory=dict)
+    data_dir: Path = DATA_DIR
 
     @property
     def name(self) -> str:
@@ -250,8 +311,14 @@ class LabHost:
         return hostname(self.index)
 
     @property
+    def uri_tls(self) -> str:
+        """The host's libvirt over the network (TLS with root's client certificate)."""
+        return uri_tls(self.index, self.data_dir)
+
+    @property
     def uri_tcp(self) -> str:
-        return uri_tcp(self.index)
+        """Former name of :attr:`uri_tls` (the lab has no plain TCP listener any more)."""
+        return self.uri_tls
 
     @property
     def uri_unix(self) -> str:
@@ -283,7 +350,7 @@ class LabState:
             "hosts": [{
                 "name": h.name, "index": h.index, "uuid": h.uuid, "address": h.address,
                 "netns": h.netns, "hostname": h.hostname,
-                "uri_unix": h.uri_unix, "uri_tcp": h.uri_tcp,
+                "uri_unix": h.uri_unix, "uri_tls": h.uri_tls,
                 "processes": {k: asdict(v) for k, v in h.processes.items()},
             } for h in self.hosts],
         }
@@ -319,7 +386,7 @@ class LabState:
                 if host_name(index) != entry["name"]:
                     raise ValueError(f"host {entry['name']!r} has index {index!r}")
                 hosts.append(LabHost(index=index, uuid=str(uuid.UUID(entry["uuid"])), run_dir=run_dir,
-                                     processes=processes))
+                                     processes=processes, data_dir=Path(data["data_dir"])))
             if [h.index for h in hosts] != list(range(1, len(hosts) + 1)):
                 raise ValueError("hosts are not host1..hostN in order")
             validate_count(len(hosts))
@@ -330,6 +397,7 @@ class LabState:
                            "`hvext lab down` removes the lab") from err
 
 
-def new_hosts(count: int, run_dir: Path = RUN_DIR) -> list[LabHost]:
+def new_hosts(count: int, run_dir: Path = RUN_DIR, data_dir: Path = DATA_DIR) -> list[LabHost]:
     """Hosts 1..count, each with a fresh random host UUID."""
-    return [LabHost(index=i, uuid=str(uuid.uuid4()), run_dir=run_dir) for i in range(1, validate_count(count) + 1)]
+    return [LabHost(index=i, uuid=str(uuid.uuid4()), run_dir=run_dir, data_dir=data_dir)
+            for i in range(1, validate_count(count) + 1)]

@@ -189,6 +189,7 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         total = time.monotonic() - started
         completed = _source_completed_stats(domain) or \
             await loop.run_in_executor(None, _completed_stats, dest, domain.name)
+        dest.adopt_state(domain.name, domain.dom.UUIDString())  # the shared state dir is now dest's domain's
         with _errors(domain, "removing the source definition of"):
             if domain.dom.isPersistent() and not domain.dom.isActive():
                 domain.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)

@@ -11,7 +11,9 @@ domain that has one ("virtio-pmem memory device info is not handled yet").
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,23 +99,111 @@ def validate_sizes(size: int, label_size: int) -> int:
     return -(-total // SIZE_ALIGN) * SIZE_ALIGN
 
 
-def prepare_backing(path: Path, size: int) -> bool:
+def backing_path(path: Path | str) -> Path:
+    """A user-given backing path as hvext records it: absolute (relative to the current directory,
+    ``..`` folded) without following links, so the XML never holds a path that means another file
+    for libvirt, QEMU or a later command."""
+    text = os.fspath(path)
+    if not text or "\0" in text:
+        raise UsageError(f"backing path {text!r} is not a file name")
+    return Path(os.path.abspath(text))
+
+
+def _check_parent(path: Path) -> None:
+    """Refuse a directory where another user could swap the backing for a link after hvext checked it
+    (libvirt relabels the backing's target at every start)."""
+    try:
+        st = os.stat(path.parent)
+    except FileNotFoundError:
+        raise UsageError(f"directory {path.parent} for the backing file does not exist") from None
+    except OSError as err:
+        raise UsageError(f"directory {path.parent} for the backing file: {err.strerror}") from err
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path.parent} is not a directory")
+    if st.st_uid not in (0, os.geteuid()):
+        raise UsageError(f"directory {path.parent} belongs to uid {st.st_uid}: that user could replace the "
+                         "backing file by a link; use a directory of root's")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise UsageError(f"directory {path.parent} is writable by every user: anyone could replace the backing "
+                         "file by a link; use a directory of root's")
+
+
+def prepare_backing(path: Path, size: int, owner: tuple[int, int] | None = None,
+                    allowed_uids: tuple[int, ...] = ()) -> bool:
     """Create a sparse backing file of *size* bytes, or check an existing one (its data is kept).
 
-    Returns whether it was created, so a failed attach can remove it again.
+    Never through a link: a symlink, a hard-linked file, anything but a
+    regular file, or a file owned by another user than root (or
+    *allowed_uids*, e.g. QEMU's) is refused; the checks, the truncate and
+    the chown to *owner* act on the descriptor opened with ``O_NOFOLLOW``.
+    A new file is 0600 (it holds guest data). Returns whether it was
+    created, so a failed attach can remove it again.
     """
-    if path.exists():
-        if not path.is_file():
-            raise UsageError(f"backing {path} is not a regular file")
-        if path.stat().st_size != size:
-            raise UsageError(f"backing {path} has {path.stat().st_size} bytes; the device needs exactly {size} "
-                             "(the size plus any label area, 2 MiB aligned)")
-        return False
-    if not path.parent.is_dir():
-        raise UsageError(f"directory {path.parent} for the backing file does not exist")
-    with open(path, "xb") as handle:
-        handle.truncate(size)
-    return True
+    if not path.is_absolute():
+        raise UsageError(f"backing {path} must be an absolute path")
+    _check_parent(path)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        created = True
+    except FileExistsError:
+        created = False
+        fd = _open_existing(path, flags)
+    except OSError as err:
+        raise UsageError(f"cannot create backing {path}: {err.strerror}") from err
+    try:
+        st = os.fstat(fd)
+        if not created:
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"backing {path} is not a regular file")
+            if st.st_nlink != 1:
+                raise UsageError(f"backing {path} has {st.st_nlink} hard links; give a file with one name")
+            if st.st_uid not in (0, os.geteuid(), *allowed_uids):
+                raise UsageError(f"backing {path} belongs to uid {st.st_uid}: that user could replace it by a "
+                                 "link later; copy it to a file of root's")
+            if st.st_size != size:
+                raise UsageError(f"backing {path} has {st.st_size} bytes; the device needs exactly {size} "
+                                 "(the size plus any label area, 2 MiB aligned)")
+        else:
+            os.ftruncate(fd, size)
+        if owner is not None:
+            os.fchown(fd, *owner)  # on what was opened and checked, whatever the path names now
+    except BaseException:
+        if created:
+            _unlink_if_same(path, fd)
+        raise
+    finally:
+        os.close(fd)
+    return created
+
+
+def _open_existing(path: Path, flags: int) -> int:
+    """Open an existing backing without following a link and without blocking on a FIFO."""
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        raise UsageError(f"backing {path}: {err.strerror}") from err
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"backing {path} is a symbolic link; give the file itself (hvext does not follow links "
+                         "for files it hands to QEMU)")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"backing {path} is not a regular file")
+    try:
+        return os.open(path, flags | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UsageError(f"backing {path} is a symbolic link; give the file itself") from err
+        raise UsageError(f"cannot open backing {path}: {err.strerror}") from err
+
+
+def _unlink_if_same(path: Path, fd: int) -> None:
+    """Remove the file hvext created at *path*, unless the name now means another file."""
+    try:
+        mine, now = os.fstat(fd), os.lstat(path)
+        if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _default_backing(domain: Domain, existing: list[PmemDevice]) -> Path:
@@ -142,10 +232,10 @@ def attach(domain: Domain, size: int, *, label_size: int = 0, backing: Path | No
                          "to the definition)")
     if not live and not persistent:
         raise UsageError(f"domain {domain.name!r} is transient: use --live")
-    path = Path(backing) if backing else _default_backing(domain, existing)
+    path = backing_path(backing) if backing else _default_backing(domain, existing)
     if any(d.path == path for d in existing):
         raise UsageError(f"{path} already backs a pmem device of {domain.name!r}")
-    created = prepare_backing(path, device_size)
+    created = prepare_backing(path, device_size, allowed_uids=(domain.host.qemu_user()[0],))
     flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0
     if live:
         flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
@@ -164,7 +254,7 @@ def detach(domain: Domain, path: Path, *, live: bool = False, remove_backing: bo
     with libvirt_errors(f"domain {domain.name!r}"):
         persistent = bool(domain.dom.isPersistent())
         xml = domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if persistent and not live else 0)
-    device = next((d for d in parse_devices(xml) if d.path == Path(path)), None)
+    device = next((d for d in parse_devices(xml) if d.path == backing_path(path)), None)
     if device is None:
         raise UsageError(f"domain {domain.name!r} has no pmem device backed by {path}; `hvext pmem-list` shows them")
     if not live and domain.is_active():
@@ -174,7 +264,7 @@ def detach(domain: Domain, path: Path, *, live: bool = False, remove_backing: bo
     with libvirt_errors(f"detaching pmem from {domain.name!r}"):
         domain.dom.detachDeviceFlags(device_xml(device.path, device.size, device.label_size, device.node or 0),
                                      flags)
-    if remove_backing and device.path.is_relative_to(paths.domain_dir(domain.name)):
+    if remove_backing and backing_path(device.path).is_relative_to(paths.domain_dir(domain.name)):
         os.unlink(device.path)
     return device
 

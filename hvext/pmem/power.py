@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import stat
 import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -79,28 +78,9 @@ def default_store(domain: str, backing: Path) -> Path:
 
 
 def volatile_backing_dir(domain: Domain) -> Path:
-    """``/dev/shm/hvext/<domain>``, created for QEMU's user (libvirt labels files, not directories).
-
-    It holds guest memory: created 0700 (no window with wider access), never through a symlink,
-    then given to QEMU's group (0770)."""
-    directory = VOLATILE_DIR / domain.name
-    VOLATILE_DIR.mkdir(parents=True, exist_ok=True)
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise PowerError(f"{directory} is not a directory owned by hvext's user; refusing to put guest "
-                         "memory there (remove it)")
+    """``/dev/shm/hvext/<domain>``, created for QEMU's user (libvirt labels files, not directories)."""
     _, gid = domain.host.qemu_user()
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        os.fchown(fd, os.geteuid(), gid)
-        os.fchmod(fd, 0o770)
-    finally:
-        os.close(fd)
-    return directory
+    return paths.volatile_dir(domain.name, gid)
 
 
 @dataclass

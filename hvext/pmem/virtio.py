@@ -17,7 +17,6 @@ A domain has either libvirt NVDIMMs or hvext virtio-pmem devices, not both
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import libvirt
@@ -133,12 +132,12 @@ async def attach(domain: Domain, size: int, *, backing: Path | None = None, live
     existing = parse(config_xml) + parse(live_xml)
     used_ids = {d.alias for d in existing}
     dev_id = next(f"{ID_PREFIX}{i}" for i in range(64) if f"{ID_PREFIX}{i}" not in used_ids)
-    path = Path(backing) if backing else paths.domain_dir(domain.name) / f"{dev_id}.img"
+    path = devices.backing_path(backing) if backing else paths.domain_dir(domain.name) / f"{dev_id}.img"
     if any(d.path == path for d in existing):
         raise UsageError(f"{path} already backs a pmem device of {domain.name!r}")
-    created = devices.prepare_backing(path, size)
     uid, gid = domain.host.qemu_user()
-    os.chown(path, uid, gid)  # libvirt does not label files it does not know about
+    # libvirt does not label files it does not know about: hvext hands this one to QEMU's user.
+    created = devices.prepare_backing(path, size, owner=(uid, gid), allowed_uids=(uid,))
     try:
         if live:
             async with domain.qmp() as qmp:
@@ -165,7 +164,7 @@ def detach(domain: Domain, path: Path, *, live: bool = False, remove_backing: bo
     with libvirt_errors(f"domain {domain.name!r}"):
         config_xml = domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
         active = bool(domain.dom.isActive())
-    device = next((d for d in parse(config_xml) if d.path == Path(path)), None)
+    device = next((d for d in parse(config_xml) if d.path == devices.backing_path(path)), None)
     if device is None:
         raise UsageError(f"domain {domain.name!r} has no virtio-pmem device backed by {path}")
     if live or active:
@@ -173,7 +172,7 @@ def detach(domain: Domain, path: Path, *, live: bool = False, remove_backing: bo
                                "detach it without --live")
     with libvirt_errors(f"updating the definition of {domain.name!r}"):
         domain.host.conn.defineXML(_edit_commandline(config_xml, remove_id=device.alias))
-    if remove_backing and device.path.is_relative_to(paths.domain_dir(domain.name)):
+    if remove_backing and devices.backing_path(device.path).is_relative_to(paths.domain_dir(domain.name)):
         device.path.unlink(missing_ok=True)
     return device
 

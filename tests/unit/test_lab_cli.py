@@ -59,7 +59,7 @@ def test_status_of_a_recorded_lab_whose_hosts_are_gone(capsys: pytest.CaptureFix
     assert data["hosts"][1]["uri_unix"] == f"qemu+unix:///system?socket={run_dir}/host2/libvirt/libvirt-sock"
     assert not any(h["answering"] for h in data["hosts"])
     status, out, _ = run(capsys, "lab", "status")
-    assert "dead" in out and "host2 tcp: refused" in out and "qemu+tcp://198.18.0.12/system" in out
+    assert "dead" in out and "host2 tls: refused" in out and "qemu+tls://198.18.0.12/system?pkipath=" in out
 
 
 def test_malformed_state_file_is_reported(capsys: pytest.CaptureFixture[str], run_dir: Path) -> None:

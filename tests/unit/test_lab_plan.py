@@ -13,6 +13,7 @@ from hvext.errors import HostError, UsageError
 from hvext.lab import plan
 from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError, ProcessRef
 
+DATA = Path("/var/lib/hvext/lab")
 RUN = Path("/run/hvext-lab")
 
 
@@ -45,7 +46,7 @@ def test_addresses_are_distinct_in_the_benchmark_range_and_off_the_bridge() -> N
 
 @pytest.mark.parametrize("index", [0, 9, -3])
 def test_per_host_names_reject_bad_indexes(index: int) -> None:
-    for fn in (plan.host_name, plan.host_address, plan.netns_name, plan.veth_name, plan.uri_tcp):
+    for fn in (plan.host_name, plan.host_address, plan.netns_name, plan.veth_name):
         with pytest.raises(LabUsageError):
             fn(index)
 
@@ -67,21 +68,29 @@ def test_host_index_round_trips() -> None:
 
 def test_uris() -> None:
     assert plan.uri_unix(RUN, 1) == "qemu+unix:///system?socket=/run/hvext-lab/host1/libvirt/libvirt-sock"
-    assert plan.uri_tcp(2) == "qemu+tcp://198.18.0.12/system"
-    host = LabHost(index=3, uuid=str(uuid.uuid4()), run_dir=Path("/tmp/x"))
+    assert plan.uri_tls(2, DATA) == "qemu+tls://198.18.0.12/system?pkipath=/var/lib/hvext/lab/pki/client"
+    assert plan.uri_tls(1, Path("/srv/my lab")) == "qemu+tls://198.18.0.11/system?pkipath=/srv/my%20lab/pki/client"
+    host = LabHost(index=3, uuid=str(uuid.uuid4()), run_dir=Path("/tmp/x"), data_dir=Path("/d"))
+    assert host.uri_tls == host.uri_tcp == "qemu+tls://198.18.0.13/system?pkipath=/d/pki/client"
     assert host.uri_unix == "qemu+unix:///system?socket=/tmp/x/host3/libvirt/libvirt-sock"
     assert host.socket == Path("/tmp/x/host3/libvirt/libvirt-sock")
     assert (host.name, host.address, host.netns) == ("host3", "198.18.0.13", "hvext-lab-host3")
 
 
-def test_libvirtd_conf_listens_without_auth_only_on_the_lab_address() -> None:
+def test_libvirtd_conf_listens_only_with_tls_and_roots_client_certificate() -> None:
     host_uuid = str(uuid.uuid4())
-    conf = plan.libvirtd_conf(2, host_uuid)
+    conf = plan.libvirtd_conf(2, host_uuid, DATA)
     assert f'host_uuid = "{host_uuid}"' in conf
     assert 'listen_addr = "198.18.0.12"' in conf
-    assert "listen_tcp = 1" in conf and "listen_tls = 0" in conf and 'auth_tcp = "none"' in conf
+    assert "listen_tcp = 0" in conf and "listen_tls = 1" in conf and "auth_tcp" not in conf
+    assert "tls_no_verify_certificate = 0" in conf and "tls_no_sanity_certificate = 0" in conf
+    assert 'tls_allowed_dn_list = ["O=hvext lab,CN=root@hvext-lab"]' in conf
+    for kind in ("ro", "rw", "admin"):
+        assert f'unix_sock_{kind}_perms = "0700"' in conf
+    assert 'key_file = "/var/lib/hvext/lab/host2/tls/serverkey.pem"' in conf
+    assert 'ca_file = "/var/lib/hvext/lab/host2/tls/cacert.pem"' in conf
     with pytest.raises(ValueError):
-        plan.libvirtd_conf(2, "not-a-uuid")
+        plan.libvirtd_conf(2, "not-a-uuid", DATA)
 
 
 def test_qemu_conf_replaces_the_keys_the_lab_sets() -> None:
@@ -111,6 +120,17 @@ def test_start_script_binds_private_dirs_and_starts_both_daemons() -> None:
     assert script.index("mount --bind") < script.index("virtlogd") < script.index("libvirtd --daemon")
     assert "--pid-file /run/hvext-lab/host2/libvirtd.pid" in script
     assert "--pid-file /run/hvext-lab/host2/virtlogd.pid" in script
+    # The firewall and no IPv6 come before any daemon listens.
+    assert script.index("disable_ipv6") < script.index("virtlogd") and script.index("iptables") < script.index("virtlogd")
+    assert "iptables -w -A INPUT -p tcp --dport 16514 -j ACCEPT" in script
+
+
+def test_firewall_admits_only_tls_from_outside_the_lab_hosts() -> None:
+    rules = [" ".join(r) for r in plan.firewall_rules()]
+    assert rules[0] == "-i lo -j ACCEPT" and rules[1] == "-p tcp --dport 16514 -j ACCEPT"
+    assert rules[2:-2] == [f"-s 198.18.0.{10 + i} -j ACCEPT" for i in range(1, 9)]
+    assert f"-s {plan.BRIDGE_ADDRESS} -j ACCEPT" not in rules  # the root namespace's address
+    assert rules[-2:] == ["-p tcp -j REJECT --reject-with tcp-reset", "-j DROP"]
 
 
 def _state(count: int = 2) -> LabState:
@@ -130,7 +150,7 @@ def test_state_round_trips() -> None:
     again = LabState.from_json(state.to_json())
     assert again == state
     data = json.loads(state.to_json())
-    assert data["hosts"][1]["uri_tcp"] == "qemu+tcp://198.18.0.12/system"
+    assert data["hosts"][1]["uri_tls"] == "qemu+tls://198.18.0.12/system?pkipath=/var/lib/hvext/lab/pki/client"
     assert data["bridge"] == {"name": "hvextlab0", "address": "198.18.0.1/24"}
 
 

@@ -60,19 +60,19 @@ def test_both_hosts_answer(the_lab: lab.Lab) -> None:
     for s in statuses:
         assert s.netns_present and all(s.daemons.values()), s.to_dict()
         assert s.answering, s.to_dict()
-        assert s.unix.hostname == s.tcp.hostname == s.host.hostname
+        assert s.unix.hostname == s.tls.hostname == s.host.hostname
     assert statuses[0].host.uuid != statuses[1].host.uuid
 
 
 def test_virsh_reaches_each_host_from_the_root_namespace(the_lab: lab.Lab) -> None:
     for host in the_lab.hosts:
-        for uri in (host.uri_unix, host.uri_tcp):
+        for uri in (host.uri_unix, host.uri_tls):
             version = subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, text=True, timeout=30)
             assert version.returncode == 0 and "Running hypervisor: QEMU" in version.stdout, version.stderr
             listing = subprocess.run(["virsh", "-c", uri, "list", "--all"], capture_output=True, text=True,
                                      timeout=30)
             assert listing.returncode == 0, listing.stderr
-        conn = libvirt.open(host.uri_tcp)
+        conn = libvirt.open(host.uri_tls)
         try:
             assert f"<uuid>{host.uuid}</uuid>" in conn.getCapabilities()  # its own host UUID
             assert conn.getHostname() == host.hostname
@@ -83,7 +83,7 @@ def test_virsh_reaches_each_host_from_the_root_namespace(the_lab: lab.Lab) -> No
 def test_domains_are_private_to_their_host(the_lab: lab.Lab) -> None:
     host1, host2 = the_lab.hosts
     name = f"hvext-labtest-{os.getpid()}"
-    conn1, conn2, machine = libvirt.open(host1.uri_unix), libvirt.open(host2.uri_tcp), libvirt.open("qemu:///system")
+    conn1, conn2, machine = libvirt.open(host1.uri_unix), libvirt.open(host2.uri_tls), libvirt.open("qemu:///system")
     try:
         dom = conn1.defineXML(TINY_DOMAIN.format(name=name))
         try:
@@ -130,12 +130,110 @@ def test_hosts_reach_each_other_over_the_bridge(the_lab: lab.Lab) -> None:
     host1, host2 = the_lab.hosts
     ping = in_netns(host1, PY, "-c", PING, host2.address)  # ICMP echo, as ping does (no ping binary needed)
     assert ping.returncode == 0 and f"reply from {host2.address}" in ping.stdout, ping.stderr
-    # What peer-to-peer migration does: host1 talks to host2's libvirtd over TCP.
-    remote = in_netns(host1, "virsh", "-c", host2.uri_tcp, "hostname")
+    # What peer-to-peer migration does: host1 talks to host2's libvirtd over TLS.
+    remote = in_netns(host1, "virsh", "-c", host2.uri_tls, "hostname")
     assert remote.returncode == 0 and remote.stdout.strip() == host2.hostname, remote.stderr
     # The hosts see only their own interface and loopback; the lab has no way off the machine.
     routes = in_netns(host1, "ip", "-4", "route")
     assert routes.stdout.strip().splitlines() == [f"198.18.0.0/24 dev eth0 proto kernel scope link src {host1.address}"]
+
+
+def _tls_confirmation(address: str, certfile: Path | None, keyfile: Path | None, ca: Path) -> bytes:
+    """Connect to libvirtd's TLS port as a TLS client (with or without a client certificate) and
+    read libvirt's one-byte confirmation: b"\\x01" only when libvirtd accepted the client."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    if certfile is not None:
+        context.load_cert_chain(str(certfile), str(keyfile))
+    try:
+        with socket.create_connection((address, plan.LIBVIRT_TLS_PORT), timeout=10) as raw:
+            with context.wrap_socket(raw) as tls:
+                return tls.recv(1)
+    except (ssl.SSLError, ConnectionError, socket.timeout):
+        return b""
+
+
+def test_no_libvirt_without_roots_certificate(the_lab: lab.Lab) -> None:
+    """Any local user reaches the lab addresses from the root namespace: nothing there may grant
+    libvirt (root) without authentication."""
+    data = the_lab.state.data_dir
+    ca = plan.client_pki_dir(data) / "cacert.pem"
+    for host in the_lab.hosts:
+        with pytest.raises(ConnectionRefusedError):  # no plain TCP listener at all
+            socket_connect(host.address, 16509)
+        with pytest.raises(libvirt.libvirtError):
+            libvirt.open(f"qemu+tcp://{host.address}/system").close()
+        # The raw protocol: libvirtd confirms a client only when it shows root's certificate ...
+        client = plan.client_pki_dir(data)
+        assert _tls_confirmation(host.address, client / "clientcert.pem", client / "clientkey.pem", ca) == b"\x01"
+        assert _tls_confirmation(host.address, None, None, ca) != b"\x01"
+        # The unix sockets are root's only.
+        for sock in (host.socket, host.socket.with_name("libvirt-sock-ro")):
+            assert os.stat(sock).st_mode & 0o077 == 0, sock
+        as_nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "virsh", "-c",
+                                    host.uri_unix, "hostname"], capture_output=True, text=True, timeout=30)
+        assert as_nobody.returncode != 0 and host.hostname not in as_nobody.stdout
+        conn = libvirt.open(host.uri_tls)  # the authenticated one works
+        try:
+            assert conn.getHostname() == host.hostname
+        finally:
+            conn.close()
+
+
+LISTEN = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(8)
+print("listening", flush=True)
+s.settimeout(60)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"hello")
+    c.close()
+"""
+
+CONNECT = r"""
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as c:
+        print(c.recv(5).decode())
+except OSError as err:
+    print(type(err).__name__)
+"""
+
+
+def test_migration_ports_answer_lab_hosts_only(the_lab: lab.Lab) -> None:
+    """QEMU's incoming migration port takes a plain stream: from the root namespace (any local user)
+    a host's ports other than libvirt's TLS port are closed, from another lab host they are open."""
+    host1, host2 = the_lab.hosts
+    port = 49152  # the first port of libvirt's migration range
+    server = subprocess.Popen(["ip", "netns", "exec", host2.netns, PY, "-c", LISTEN, host2.address, str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        from_host1 = in_netns(host1, PY, "-c", CONNECT, host2.address, str(port))
+        assert from_host1.stdout.strip() == "hello", from_host1
+        from_root = subprocess.run([PY, "-c", CONNECT, host2.address, str(port)], capture_output=True, text=True,
+                                   timeout=30)
+        assert from_root.stdout.strip() == "ConnectionRefusedError", from_root
+        as_user = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PY, "-c", CONNECT,
+                                  host2.address, str(port)], capture_output=True, text=True, timeout=30)
+        assert as_user.stdout.strip() == "ConnectionRefusedError", as_user
+    finally:
+        server.kill()
+        server.wait()
+
+
+def socket_connect(address: str, port: int) -> None:
+    import socket
+
+    with socket.create_connection((address, port), timeout=5):
+        pass
 
 
 def test_domain_runs_inside_its_host(the_lab: lab.Lab) -> None:
@@ -173,7 +271,7 @@ def test_status_from_another_process(the_lab: lab.Lab) -> None:
     data = json.loads(result.stdout)
     assert data["up"] and [h["name"] for h in data["hosts"]] == ["host1", "host2"]
     assert all(h["answering"] for h in data["hosts"])
-    assert data["hosts"][0]["uri_tcp"] == "qemu+tcp://198.18.0.11/system"
+    assert data["hosts"][0]["uri_tls"] == f"qemu+tls://198.18.0.11/system?pkipath={plan.DATA_DIR}/pki/client"
 
 
 def test_up_rebuilds_a_host_whose_libvirtd_died(the_lab: lab.Lab) -> None:
@@ -210,6 +308,7 @@ def test_down_removes_everything(the_lab: lab.Lab) -> None:
         assert not plan.host_run_dir(state.run_dir, host.index).exists()
         assert not plan.host_data_dir(state.data_dir, host.index).exists()
     assert not lab.state_file(state.run_dir).exists() and lab.Lab.load() is None
+    assert not plan.pki_dir(state.data_dir).exists()  # the lab's CA keys go with it
     assert subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
                           timeout=30).returncode == 0  # the machine's own libvirtd is untouched
 

@@ -135,3 +135,21 @@ def test_migrate_input_errors(migrating_vm: Domain, lab: Lab, capsys) -> None:
         assert status == 1 and err.splitlines()[-1].startswith("error: "), (argv, err)
         assert message in err, (argv, err)
     assert migrating_vm.state() == "running"
+
+
+def test_migration_hands_over_the_shared_state(migrating_vm: Domain, hosts, lab: Lab) -> None:
+    """hvext's migration (over the TLS URI) moves the state dir's owner record to the destination, so
+    `define` of the same name on the source can no longer remove the running guest's disk."""
+    from hvext import paths, statedir
+    from hvext.errors import HostError
+    from hvext.host import DomainSpec
+
+    aio.run(orchestrate.migrate(migrating_vm, lab.hosts[1].uri_tls, policy="plain"))
+    owner, _ = statedir.read_owner(paths.domain_dir(migrating_vm.name))
+    assert owner is not None and owner.host_uuid == hosts[1].host_uuid
+    marker = paths.domain_dir(migrating_vm.name) / "marker"
+    marker.write_text("running on host2")
+    with pytest.raises(HostError, match="belongs to domain"):
+        hosts[0].define(DomainSpec(name=migrating_vm.name, memory_mib=256))
+    assert marker.exists() and (paths.domain_dir(migrating_vm.name) / "disk.qcow2").is_file()
+    assert agent_info(hosts[1].lookup(migrating_vm.name))["kernel"]

@@ -74,8 +74,12 @@ def test_hot_plugged_nvdimm_appears_in_the_guest(pmem_vm: Domain, capsys) -> Non
     assert len(sizes) == 2 and sizes[0] <= 64 * MIB
 
 
-def test_pmem_input_errors(pmem_vm: Domain, capsys) -> None:
+def test_pmem_input_errors(pmem_vm: Domain, capsys, tmp_path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(bytes(2 * 1024 * 1024))
+    (tmp_path / "link.img").symlink_to(victim)
     for argv, message in [
+        (["pmem-attach", pmem_vm.name, "--size", "2M", "--backing", str(tmp_path / "link.img")], "symbolic link"),
         (["pmem-attach", pmem_vm.name, "--size", "3M"], "multiple of 2 MiB"),
         (["pmem-attach", pmem_vm.name, "--size", "lots"], "invalid size"),
         (["pmem-attach", pmem_vm.name, "--size", "64M", "--label-size", "4K"], "at least 128 KiB"),

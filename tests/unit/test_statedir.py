@@ -1,0 +1,83 @@
+"""The owner record of a shared state directory (hvext.statedir): written safely, trusted only when
+root's and well-formed, and never a reason to open a command-running libvirt transport."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hvext import statedir
+from hvext.statedir import StateOwner
+
+OWNER = StateOwner(host_uuid=str(uuid.uuid4()), uri="qemu+unix:///system?socket=/run/hvext-lab/host1/libvirt/libvirt-sock",
+                   domain_uuid=str(uuid.uuid4()), name="vm1")
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the record is trusted only when root's")
+
+
+@root_only
+def test_round_trip(tmp_path: Path) -> None:
+    statedir.write_owner(tmp_path, OWNER)
+    assert statedir.read_owner(tmp_path) == (OWNER, "")
+    assert oct(os.stat(tmp_path / statedir.OWNER_FILE).st_mode & 0o777) == "0o644"
+    assert [p.name for p in tmp_path.iterdir()] == [statedir.OWNER_FILE]  # no temporary left
+
+
+def test_missing_record(tmp_path: Path) -> None:
+    owner, why = statedir.read_owner(tmp_path)
+    assert owner is None and "no owner.json" in why
+
+
+@root_only
+def test_a_record_replaced_by_a_link_or_another_users_file_is_not_trusted(tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere.json"
+    real.write_text(json.dumps(OWNER.__dict__))
+    (tmp_path / statedir.OWNER_FILE).symlink_to(real)
+    assert statedir.read_owner(tmp_path)[0] is None
+    (tmp_path / statedir.OWNER_FILE).unlink()
+    statedir.write_owner(tmp_path, OWNER)
+    os.chown(tmp_path / statedir.OWNER_FILE, 64055, 64055)  # QEMU's user rewrote it (its group may write the dir)
+    owner, why = statedir.read_owner(tmp_path)
+    assert owner is None and "root" in why
+    os.chown(tmp_path / statedir.OWNER_FILE, 0, 0)
+    os.chmod(tmp_path / statedir.OWNER_FILE, 0o666)
+    assert statedir.read_owner(tmp_path)[0] is None
+
+
+@root_only
+@pytest.mark.parametrize("record", [
+    "{", "[]", '{"host_uuid": "x", "uri": "qemu:///system", "domain_uuid": "y", "name": "a"}',
+    json.dumps({**OWNER.__dict__, "extra": 1}), json.dumps({**OWNER.__dict__, "name": 5}),
+    json.dumps({**OWNER.__dict__, "name": "x" * 5000}), "\udcff",
+])
+def test_malformed_records_are_not_trusted(tmp_path: Path, record: str) -> None:
+    (tmp_path / statedir.OWNER_FILE).write_bytes(record.encode(errors="surrogateescape"))
+    owner, why = statedir.read_owner(tmp_path)
+    assert owner is None and why
+
+
+@pytest.mark.parametrize("uri,safe", [
+    ("qemu:///system", True),
+    ("qemu+unix:///system?socket=/run/hvext-lab/host1/libvirt/libvirt-sock", True),
+    ("qemu+tls://198.18.0.12/system?pkipath=/var/lib/hvext/lab/pki/client", True),
+    ("qemu+tcp://host2.example:16509/system", True),
+    ("qemu+ext:///system?command=/tmp/evil", False),
+    ("qemu+ssh://root@198.18.0.12/system", False),
+    ("qemu+unix:///system?socket=/x&command=/tmp/evil", False),
+    ("qemu+tls://198.18.0.12/system?pkipath=/p&no_verify=1", False),
+    ("qemu:///session", False),
+    ("qemu+tls://198.18.0.12/system?pkipath=/p\n", False),
+])
+def test_only_plain_uris_are_opened_on_a_records_word(uri: str, safe: bool) -> None:
+    assert statedir.safe_uri(uri) is safe
+
+
+@root_only
+def test_a_record_with_a_command_uri_is_not_trusted(tmp_path: Path) -> None:
+    statedir.write_owner(tmp_path, StateOwner(OWNER.host_uuid, "qemu+ext:///system?command=/tmp/evil",
+                                              OWNER.domain_uuid, "vm1"))
+    owner, why = statedir.read_owner(tmp_path)
+    assert owner is None and "URI" in why
