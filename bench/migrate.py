@@ -3,16 +3,21 @@
 Runs on a 2-host lab (`hvext lab`), with the migration bandwidth capped so the
 200 % case exists on one machine. One guest is booted and migrated back and
 forth; before each migration the agent's stress workload is set to the case's
-dirty rate. Reports converged (within --timeout), total time, downtime, bytes
-sent, and total time / (RAM / bandwidth), the physical limit.
+dirty rate. Each case runs --runs times (interleaved plain/auto); the table
+shows min/median/max over the runs of total time, downtime and total time /
+(RAM / bandwidth), the physical limit, each ratio computed in its own run, plus
+how many runs converged (within --timeout) and switched to post-copy.
 
-    .venv/bin/python bench/migrate.py [--quick] [--bandwidth 32] [--timeout 120]
+    .venv/bin/python bench/migrate.py [--quick] [--bandwidth 32] [--timeout 120] [--runs 3]
+        [--cases 0,0.5,2] [--policies plain,auto] [--samples FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +33,30 @@ from hvext.migrate import orchestrate  # noqa: E402
 MIB = 1 << 20
 
 
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    """min/median/max of *values* (one value as itself, none as '-')."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return "/".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+def summarize(runs: list[dict]) -> dict[str, str]:
+    """One table row from the runs of one case and policy."""
+    done = [r for r in runs if r["converged"]]
+    switched = sum(1 for r in done if r["postcopy"])
+    notes = sorted({r["note"] for r in runs if r["note"]})
+    if switched:
+        notes.insert(0, f"post-copy in {switched}/{len(done)}")
+    return {"converged": f"{len(done)}/{len(runs)}",
+            "total": spread([r["total_s"] for r in done]),
+            "downtime": spread([r["downtime_ms"] for r in done if r["downtime_ms"] is not None], "{:.0f}"),
+            "sent": spread([r["sent_mib"] for r in done if r["sent_mib"] is not None], "{:.0f}"),
+            "ratio": spread([r["ratio"] for r in done], "{:.2f}x"),
+            "note": "; ".join(notes)}
+
+
 async def set_stress(domain: Domain, rate_mib: float, wss_mib: int) -> None:
     async with domain.agent() as agent:
         await agent.request("stress-stop")
@@ -41,9 +70,17 @@ def main() -> int:
     parser.add_argument("--bandwidth", type=int, default=32, help="migration bandwidth cap, MiB/s")
     parser.add_argument("--timeout", type=float, default=120.0, help="converged = done within this")
     parser.add_argument("--memory", type=int, default=512, help="guest RAM, MiB")
+    parser.add_argument("--runs", type=int, help="runs per case (default 3, 1 with --quick)")
+    parser.add_argument("--cases", default="0,0.5,2", help="dirty rates as fractions of the bandwidth")
+    parser.add_argument("--policies", default="plain,auto", help="policies to compare")
+    parser.add_argument("--samples", help="write every run's result and progress samples here (JSON)")
     args = parser.parse_args()
     memory = 256 if args.quick else args.memory
     timeout = 60.0 if args.quick else args.timeout
+    runs = args.runs or (1 if args.quick else 3)
+    fractions = [float(f) for f in args.cases.split(",")]
+    policies = args.policies.split(",")
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     # one image for the whole run, even if the guest files change meanwhile
     os.environ["HVEXT_IMAGE"] = str(image.build().directory)
     existing = Lab.load()
@@ -58,26 +95,31 @@ def main() -> int:
         aio.run(domain.wait_agent(240))
         where = 0
         limit_s = memory / args.bandwidth
-        for fraction in (0.0, 0.5, 2.0):
-            for policy in ("plain", "auto"):
-                rate = fraction * args.bandwidth
-                aio.run(set_stress(domain, rate, int(memory * 0.6)))
-                time.sleep(3)
-                started = time.monotonic()
-                try:
-                    result = aio.run(orchestrate.migrate(domain, uris[1 - where], policy=policy,
-                                                         bandwidth_mib=args.bandwidth, timeout_s=timeout))
-                    where = 1 - where
-                    domain = hosts[where].lookup(name)
-                    rows.append((f"{fraction:.0%}", policy, "yes", result.total_s, result.downtime_ms,
-                                 (result.bytes_sent or 0) / MIB, result.total_s / limit_s,
-                                 "post-copy" if result.postcopy_switch else ""))
-                except HvextError as err:
-                    rows.append((f"{fraction:.0%}", policy, "no", time.monotonic() - started, None, None,
-                                 None, "aborted, source kept running" if "did not converge" in str(err)
-                                 else str(err)[:80]))
-                    domain = hosts[where].lookup(name)
-                print(rows[-1], flush=True)
+        for fraction in fractions:
+            for run in range(runs):
+                for policy in policies:
+                    rate = fraction * args.bandwidth
+                    aio.run(set_stress(domain, rate, int(memory * 0.6)))
+                    time.sleep(3)
+                    started = time.monotonic()
+                    row = {"fraction": fraction, "policy": policy, "run": run + 1, "converged": False,
+                           "postcopy": False, "total_s": 0.0, "downtime_ms": None, "sent_mib": None,
+                           "ratio": None, "note": ""}
+                    try:
+                        result = aio.run(orchestrate.migrate(domain, uris[1 - where], policy=policy,
+                                                             bandwidth_mib=args.bandwidth, timeout_s=timeout))
+                        where = 1 - where
+                        domain = hosts[where].lookup(name)
+                        row.update(converged=True, postcopy=bool(result.postcopy_switch), total_s=result.total_s,
+                                   downtime_ms=result.downtime_ms, sent_mib=(result.bytes_sent or 0) / MIB,
+                                   ratio=result.total_s / limit_s, result=result.to_dict())
+                    except HvextError as err:
+                        row.update(total_s=time.monotonic() - started,
+                                   note=f"aborted at {timeout:.0f} s, the source kept running"
+                                   if "did not converge" in str(err) else str(err)[:80])
+                        domain = hosts[where].lookup(name)
+                    rows.append(row)
+                    print({k: v for k, v in row.items() if k != "result"}, flush=True)
     finally:
         for host in hosts:
             try:
@@ -90,13 +132,23 @@ def main() -> int:
             host.close()
         if existing is None:
             lab.down()
+    if args.samples:
+        Path(args.samples).write_text(json.dumps(rows, indent=1))
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\nguest {memory} MiB, bandwidth cap {args.bandwidth} MiB/s, physical limit RAM/bandwidth "
-          f"{limit_s:.1f} s, converged = done within {timeout:.0f} s")
-    print(f"{'dirty/bw':>8} {'policy':>6} {'conv':>5} {'total s':>8} {'downtime ms':>11} {'sent MiB':>9} "
-          f"{'total/limit':>11}  note")
-    for fraction, policy, converged, total, downtime, sent, ratio, note in rows:
-        print(f"{fraction:>8} {policy:>6} {converged:>5} {total:8.1f} {downtime if downtime is not None else '-':>11} "
-              f"{f'{sent:.0f}' if sent is not None else '-':>9} {f'{ratio:.2f}x' if ratio else '-':>11}  {note}")
+          f"{limit_s:.1f} s, converged = done within {timeout:.0f} s, {runs} run(s) per case, "
+          f"values min/median/max over converged runs; load average {' '.join(load_before)} before, "
+          f"{' '.join(load_after)} after")
+    print(f"{'dirty/bw':>8} {'policy':>6} {'conv':>5} {'total s':>16} {'downtime ms':>13} {'sent MiB':>13} "
+          f"{'total/limit':>17}  note")
+    for fraction in fractions:
+        for policy in policies:
+            case = [r for r in rows if r["fraction"] == fraction and r["policy"] == policy]
+            if not case:
+                continue
+            row = summarize(case)
+            print(f"{fraction:>8.0%} {policy:>6} {row['converged']:>5} {row['total']:>16} {row['downtime']:>13} "
+                  f"{row['sent']:>13} {row['ratio']:>17}  {row['note']}")
     return 0
 
 
