@@ -86,3 +86,35 @@ def should_switch_to_postcopy(p: Plan, history: list[Progress]) -> str:
     if now.iteration >= 4 and min(h.remaining for h in same_pass) >= 0.9 * max(h.remaining for h in same_pass):
         return f"remaining RAM stopped shrinking ({now.remaining / MIB:.0f} MiB after {now.iteration} passes)"
     return ""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What to do with the source after a failed migration, and what to tell the user."""
+
+    resume: bool
+    outcome: str
+
+
+def after_failure(state: str, pause_reason: str, paused_before: bool, postcopy_started: bool) -> Recovery:
+    """Whether to resume the source of a failed migration: only if the migration itself paused it.
+
+    *state* is the source's state now ("running", "paused", ...), *pause_reason*
+    why it is paused ("migration", "user", "post-copy", "post-copy failed", ...),
+    *paused_before* whether it was paused when the migration started and
+    *postcopy_started* whether hvext asked for the switch to post-copy. After
+    that switch the guest's newest memory is on the destination: resuming the
+    source would run it from stale memory, so it stays paused.
+    """
+    if state == "running":
+        return Recovery(False, "the source keeps running; no guest state was lost")
+    if state != "paused":
+        return Recovery(False, f"the source is {state}")
+    if postcopy_started or pause_reason.startswith("post-copy"):
+        return Recovery(False, "the source is paused after the switch to post-copy and was not resumed (part of "
+                               "the guest's memory is only on the destination): check it with `hvext dominfo`")
+    if paused_before:
+        return Recovery(False, "the source is paused, as it was before the migration")
+    if pause_reason == "migration":
+        return Recovery(True, "the source was paused for the migration and has been resumed")
+    return Recovery(False, f"the source is paused ({pause_reason}), not by the migration, and was left so")

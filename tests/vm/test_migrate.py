@@ -135,3 +135,21 @@ def test_migrate_input_errors(migrating_vm: Domain, lab: Lab, capsys) -> None:
         assert status == 1 and err.splitlines()[-1].startswith("error: "), (argv, err)
         assert message in err, (argv, err)
     assert migrating_vm.state() == "running"
+
+
+def test_failed_migration_leaves_a_user_paused_source_paused(migrating_vm: Domain, hosts, lab: Lab) -> None:
+    """Only a pause the migration made is undone: a domain the user had paused stays paused."""
+    source, dest = hosts
+    migrating_vm.dom.suspend()
+    try:
+        with pytest.raises(orchestrate.MigrationError) as failed:  # 1 MiB/s cannot move the guest in 3 s
+            aio.run(orchestrate.migrate(migrating_vm, lab.hosts[1].uri_tcp, policy="plain", bandwidth_mib=1,
+                                        timeout_s=3))
+        assert "as it was before the migration" in str(failed.value), failed.value
+        assert migrating_vm.state() == "paused"
+        with pytest.raises(DomainNotFound):
+            dest.lookup(migrating_vm.name)
+    finally:
+        if migrating_vm.state() == "paused":
+            migrating_vm.dom.resume()
+    assert agent_info(migrating_vm)["kernel"]  # the guest runs on where it was
