@@ -15,6 +15,7 @@ how many runs converged (within --timeout) and switched to post-copy.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -58,10 +59,20 @@ def summarize(runs: list[dict]) -> dict[str, str]:
 
 
 async def set_stress(domain: Domain, rate_mib: float, wss_mib: int) -> None:
+    """Run the case's workload, returning once it dirties at its pace.
+
+    The workload first writes its whole working set once; a dirty rate
+    measured meanwhile (auto's plan) would see that burst, not the case.
+    """
     async with domain.agent() as agent:
         await agent.request("stress-stop")
         if rate_mib > 0:
             await agent.request("stress-start", {"rate_mib_s": rate_mib, "wss_mib": wss_mib})
+            deadline = time.monotonic() + 120
+            while "elapsed_s" not in await agent.request("stress-status"):  # no status before the pacing starts
+                if time.monotonic() > deadline:
+                    raise HvextError("the stress workload did not start within 120 s")
+                await asyncio.sleep(0.5)
 
 
 def main() -> int:
