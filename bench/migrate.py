@@ -43,6 +43,12 @@ def spread(values: list[float], fmt: str = "{:.1f}") -> str:
     return "/".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
+def link_rate(samples: list[dict]) -> float | None:
+    """The link's rate in this run, MiB/s: the median of libvirt's sending rate while data moved."""
+    rates = [s["bps"] / MIB for s in samples if s["bps"] > 0]
+    return statistics.median(rates) if rates else None
+
+
 def summarize(runs: list[dict]) -> dict[str, str]:
     """One table row from the runs of one case and policy."""
     done = [r for r in runs if r["converged"]]
@@ -54,6 +60,7 @@ def summarize(runs: list[dict]) -> dict[str, str]:
             "total": spread([r["total_s"] for r in done]),
             "downtime": spread([r["downtime_ms"] for r in done if r["downtime_ms"] is not None], "{:.0f}"),
             "sent": spread([r["sent_mib"] for r in done if r["sent_mib"] is not None], "{:.0f}"),
+            "link": spread([r["link_mib_s"] for r in done], "{:.1f}"),
             "ratio": spread([r["ratio"] for r in done], "{:.2f}x"),
             "note": "; ".join(notes)}
 
@@ -121,9 +128,11 @@ def main() -> int:
                                                              bandwidth_mib=args.bandwidth, timeout_s=timeout))
                         where = 1 - where
                         domain = hosts[where].lookup(name)
+                        link = link_rate(result.samples) or args.bandwidth
                         row.update(converged=True, postcopy=bool(result.postcopy_switch), total_s=result.total_s,
                                    downtime_ms=result.downtime_ms, sent_mib=(result.bytes_sent or 0) / MIB,
-                                   ratio=result.total_s / limit_s, result=result.to_dict())
+                                   link_mib_s=link, ratio=result.total_s / (memory / link),
+                                   ratio_cap=result.total_s / limit_s, result=result.to_dict())
                     except HvextError as err:
                         row.update(total_s=time.monotonic() - started,
                                    note=f"aborted at {timeout:.0f} s, the source kept running"
@@ -150,8 +159,9 @@ def main() -> int:
           f"{limit_s:.1f} s, converged = done within {timeout:.0f} s, {runs} run(s) per case, "
           f"values min/median/max over converged runs; load average {' '.join(load_before)} before, "
           f"{' '.join(load_after)} after")
+    print("total/limit: total time / (RAM / the link's median sending rate in the same run)")
     print(f"{'dirty/bw':>8} {'policy':>6} {'conv':>5} {'total s':>16} {'downtime ms':>13} {'sent MiB':>13} "
-          f"{'total/limit':>17}  note")
+          f"{'link MiB/s':>16} {'total/limit':>17}  note")
     for fraction in fractions:
         for policy in policies:
             case = [r for r in rows if r["fraction"] == fraction and r["policy"] == policy]
@@ -159,7 +169,7 @@ def main() -> int:
                 continue
             row = summarize(case)
             print(f"{fraction:>8.0%} {policy:>6} {row['converged']:>5} {row['total']:>16} {row['downtime']:>13} "
-                  f"{row['sent']:>13} {row['ratio']:>17}  {row['note']}")
+                  f"{row['sent']:>13} {row['link']:>16} {row['ratio']:>17}  {row['note']}")
     return 0
 
 
