@@ -97,13 +97,20 @@ def should_switch_to_postcopy(p: Plan, history: list[Progress]) -> str:
         return f"pre-copy has not finished after {now.elapsed_s:.0f} s"
     if now.expected_downtime_ms <= p.downtime_ms:
         return ""  # about to complete
-    if now.bps > 0 and now.dirty_rate >= HIGH * now.bps:
+    link = link_rate(history)
+    if link and now.dirty_rate >= HIGH * link:
         return (f"the guest dirtied {now.dirty_rate / MIB:.0f} MiB/s during the last pass, "
-                f"the link sends {now.bps / MIB:.0f} MiB/s: pre-copy would re-send the working set")
+                f"the link sends {link / MIB:.0f} MiB/s: pre-copy would re-send the working set")
     starts = pass_starts(history)
     if now.iteration >= STALLED_PASSES and len(starts) >= 3 and starts[-1] >= 0.9 * min(starts[-3:-1]):
         return f"remaining RAM stopped shrinking ({starts[-1] / MIB:.0f} MiB to send in pass {now.iteration})"
     return ""
+
+
+def link_rate(history: list[Progress]) -> int:
+    """The link's sending rate so far (bytes/s): the median sample, so that one slow moment is not the link."""
+    rates = sorted(h.bps for h in history if h.bps > 0)
+    return rates[len(rates) // 2] if rates else 0
 
 
 def pass_starts(history: list[Progress]) -> list[int]:

@@ -86,6 +86,14 @@ def test_a_first_pass_dirtying_near_the_bandwidth_switches_after_it() -> None:
     assert "dirtied 28 MiB/s" in should_switch_to_postcopy(p, history)
 
 
+def test_one_slow_moment_of_the_link_does_not_switch() -> None:
+    """A sample in which the source sent only 13 MiB/s (the host was busy) is not the link's rate."""
+    p = capped(16)
+    history = first_pass() + [sample(15.5, 2, 200, dirty_mib_s=16, expected_downtime_ms=6000),
+                              sample(16, 2, 190, dirty_mib_s=16, bps_mib_s=13, expected_downtime_ms=15000)]
+    assert should_switch_to_postcopy(p, history) == ""
+
+
 def test_a_converging_second_pass_is_left_alone() -> None:
     p = capped(16)
     history = first_pass() + [sample(15.5, 2, 200, dirty_mib_s=15, expected_downtime_ms=6000)]
