@@ -48,8 +48,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json(result.to_dict())
     else:
+        postcopy = result.postcopy_switch or (f"refused ({result.postcopy_switch_error})"
+                                              if result.postcopy_switch_error else "not used")
         common.print_fields({"Domain": result.domain, "Destination": result.destination,
-                             "Plan": result.plan_reason, "Post-copy": result.postcopy_switch or "not used",
+                             "Plan": result.plan_reason, "Post-copy": postcopy,
                              "Total time": f"{result.total_s:.1f} s", "Downtime": f"{result.downtime_ms} ms",
                              "Data sent": f"{(result.bytes_sent or 0) / MIB:.0f} MiB"})
     return 0

@@ -316,11 +316,6 @@ class LabHost:
         return uri_tls(self.index, self.data_dir)
 
     @property
-    def uri_tcp(self) -> str:
-        """Former name of :attr:`uri_tls` (the lab has no plain TCP listener any more)."""
-        return self.uri_tls
-
-    @property
     def uri_unix(self) -> str:
         return uri_unix(self.run_dir, self.index)
 

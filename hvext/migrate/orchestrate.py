@@ -4,13 +4,16 @@ The blocking ``migrateToURI3`` call runs in a worker thread while a loop on
 hvext's event loop samples the job statistics, feeds progress to the caller
 and switches to post-copy when the policy says so. If the migration fails
 (destination gone, network broken), libvirt cancels it and the source keeps
-running; the error says what happened and that the source still runs.
+running; the error says what happened and in which state the source is. A
+source left paused is resumed only if the migration paused it (see
+:func:`hvext.migrate.policy.after_failure`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,10 +25,15 @@ from lxml import etree
 from hvext import paths
 from hvext.dirty import rate
 from hvext.errors import HostError, HvextError, UsageError
-from hvext.host import Domain, Host, translate
-from hvext.migrate.policy import MIB, Plan, Progress, plan, should_switch_to_postcopy
+from hvext.host import STATE_NAMES, Domain, Host, translate
+from hvext.migrate.policy import MIB, Plan, Progress, after_failure, plan, should_switch_to_postcopy
 
+log = logging.getLogger(__name__)
 POLL_S = 0.5
+PAUSE_REASONS = {libvirt.VIR_DOMAIN_PAUSED_USER: "user", libvirt.VIR_DOMAIN_PAUSED_MIGRATION: "migration",
+                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY: "post-copy",
+                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED: "post-copy failed",
+                 libvirt.VIR_DOMAIN_PAUSED_IOERROR: "I/O error"}
 # The source definition is removed by hvext after reading the completed job's statistics
 # (with VIR_MIGRATE_UNDEFINE_SOURCE they would vanish with it).
 BASE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
@@ -42,6 +50,7 @@ class Result:
     policy: str
     plan_reason: str
     postcopy_switch: str
+    postcopy_switch_error: str  # why a switch the policy asked for was refused ("" if none was)
     total_s: float
     downtime_ms: int | None
     bytes_sent: int | None
@@ -117,6 +126,7 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
     if bandwidth_mib is not None and not 1 <= bandwidth_mib <= 100_000:
         raise UsageError("bandwidth must be 1 to 100000 MiB/s")
     domain.require_running()
+    paused_before = domain.state() == "paused"
     loop = asyncio.get_running_loop()
     dest = await loop.run_in_executor(None, Host, dest_uri)
     try:
@@ -151,6 +161,8 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         worker = loop.run_in_executor(None, lambda: domain.dom.migrateToURI3(migrate_uri, params, flags))
         history: list[Progress] = []
         switched = ""
+        switch_error = ""
+        asked_switch = False
         aborted = ""
         downtime_set = False
         while not worker.done():
@@ -171,11 +183,16 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
             if not switched:
                 reason = should_switch_to_postcopy(p, history)
                 if reason:
+                    asked_switch = True
                     try:
                         domain.dom.migrateStartPostCopy(0)
                         switched = reason
-                    except libvirt.libvirtError:
-                        pass  # already finishing; nothing to switch
+                    except libvirt.libvirtError as err:  # e.g. the job is just finishing: retried next poll
+                        cause = err.get_error_message() or str(err)
+                        if cause != switch_error:
+                            log.warning("%s: switching to post-copy (%s) refused, pre-copy goes on: %s",
+                                        domain.name, reason, cause)
+                        switch_error = cause
             if on_progress:
                 on_progress(sample, "post-copy" if switched else "pre-copy")
             if time.monotonic() - started > p.time_budget_s and not switched and not aborted:
@@ -185,7 +202,7 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         try:
             await worker
         except libvirt.libvirtError as err:
-            raise _failure(domain, err, aborted) from err
+            raise _failure(domain, err, aborted, paused_before, asked_switch) from err
         total = time.monotonic() - started
         completed = _source_completed_stats(domain) or \
             await loop.run_in_executor(None, _completed_stats, dest, domain.name)
@@ -195,6 +212,7 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
                 domain.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         return Result(
             domain=domain.name, destination=dest_uri, policy=policy, plan_reason=p.reason, postcopy_switch=switched,
+            postcopy_switch_error="" if switched else switch_error,
             total_s=round(total, 2), downtime_ms=completed.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME),
             bytes_sent=completed.get(libvirt.VIR_DOMAIN_JOB_DATA_PROCESSED), ram=ram,
             iterations=completed.get(libvirt.VIR_DOMAIN_JOB_MEMORY_ITERATION),
@@ -210,23 +228,25 @@ def _errors(domain: Domain, action: str):  # type: ignore[no-untyped-def]
     return libvirt_errors(f"{action} {domain.name!r}")
 
 
-def _failure(domain: Domain, err: libvirt.libvirtError, aborted: str = "") -> MigrationError:
-    """Say what went wrong and what state the source is in now."""
+def _failure(domain: Domain, err: libvirt.libvirtError, aborted: str, paused_before: bool,
+             postcopy_started: bool) -> MigrationError:
+    """Say what went wrong and what state the source is in now (resumed only if the migration paused it)."""
     try:
-        state = domain.state()
+        with _errors(domain, "reading the state of"):
+            code, reason_code = domain.dom.state()
+        state = STATE_NAMES.get(code, "unknown")
+        reason = PAUSE_REASONS.get(reason_code, f"reason {reason_code}") if state == "paused" else ""
     except HvextError:
-        state = "unknown"
+        state, reason = "unknown", ""
     cause = f"migrating {domain.name!r} {aborted}" if aborted else translate(err, f"migrating {domain.name!r}")
-    if state == "running":
-        outcome = "the source keeps running; no guest state was lost"
-    elif state == "paused":
+    recovery = after_failure(state, reason, paused_before, postcopy_started)
+    outcome = recovery.outcome
+    if recovery.resume:
         try:
             domain.dom.resume()
-            outcome = "the source was paused and has been resumed"
-        except libvirt.libvirtError:
-            outcome = "the source is paused (post-copy may have failed): check it with `hvext dominfo`"
-    else:
-        outcome = f"the source is {state}"
+        except libvirt.libvirtError as resume_err:
+            outcome = (f"the source was paused for the migration and could not be resumed "
+                       f"({resume_err.get_error_message()}): check it with `hvext dominfo`")
     return MigrationError(f"{cause}; {outcome}")
 
 

@@ -3,10 +3,13 @@
 Pre-copy converges when the guest dirties memory clearly slower than the link
 sends it; the closer the dirty rate comes to the bandwidth, the more it needs
 help: XBZRLE (sends deltas of re-dirtied pages) and auto-converge (throttles
-the vCPUs). At or above the bandwidth only post-copy finishes in bounded time:
-the guest moves and pulls the rest on demand. Multifd uses several streams,
-which only pays when nothing caps the bandwidth; QEMU 7.2 cannot combine it
-with post-copy.
+the vCPUs). At or above the bandwidth pre-copy cannot converge, and every
+further pass re-sends the working set: post-copy then starts as soon as the
+migration runs, so each page crosses the link once (the guest moves and
+pulls the rest on demand). Below that, post-copy is only a safety net, used
+when the passes show that pre-copy does not converge after all. Multifd uses
+several streams, which only pays when nothing caps the bandwidth; QEMU 7.2
+cannot combine it with post-copy.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 MIB = 1 << 20
 LOW, HIGH = 0.3, 0.8  # dirty rate / bandwidth thresholds
+STALLED_PASSES = 4  # passes after which remaining RAM that does not shrink means pre-copy has stalled
 
 
 @dataclass(frozen=True)
@@ -25,14 +29,20 @@ class Plan:
     auto_converge: bool = False
     xbzrle_cache: int = 0  # bytes; 0 = no XBZRLE
     multifd_channels: int = 0
-    postcopy: bool = False  # enable the capability (switch decided by adapt())
+    postcopy: bool = False  # enable the capability (switch decided by should_switch_to_postcopy())
+    postcopy_at_start: bool = False  # switch as soon as the migration runs: pre-copy cannot converge
     time_budget_s: float = 120.0
     reason: str = ""
 
 
 @dataclass(frozen=True)
 class Progress:
-    """One sample of a running migration (from libvirt's job statistics)."""
+    """One sample of a running migration (from libvirt's job statistics).
+
+    *iteration* is QEMU's dirty-bitmap sync count: 0 while the job sets up,
+    1 during the first full pass over RAM, n + 1 once n passes are done.
+    *dirty_rate* is QEMU's rate over the last finished pass (0 during the first).
+    """
 
     elapsed_s: float
     iteration: int
@@ -48,6 +58,7 @@ def plan(policy: str, ram: int, dirty_rate: int, bandwidth: int | None, downtime
     """Choose the features for a migration of *ram* bytes at *dirty_rate* bytes/s over *bandwidth* bytes/s.
 
     *bandwidth* is the cap when there is one, else an estimate (or None: unknown, assumed fast).
+    *dirty_rate* is measured before the migration (QEMU's calc-dirty-rate).
     """
     link = bandwidth or 1024 * MIB
     budget = max(60.0, 3 * ram / link + 30)
@@ -60,13 +71,15 @@ def plan(policy: str, ram: int, dirty_rate: int, bandwidth: int | None, downtime
         channels = 0 if bandwidth_cap_mib else 2
         return Plan("auto", downtime_ms, bandwidth_cap_mib, multifd_channels=channels, postcopy=channels == 0,
                     time_budget_s=budget, reason=f"{base}: pre-copy converges"
-                    + (", multifd (no cap)" if channels else ", post-copy as a safety net"))
-    cache = min(max(64 * MIB, ram // 4), 1024 * MIB)
-    if ratio < HIGH:
+                    + (", multifd (no cap)" if channels else ", post-copy only if it stalls"))
+    if ratio < 1:
+        cache = min(max(64 * MIB, ram // 4), 1024 * MIB)
         return Plan("auto", downtime_ms, bandwidth_cap_mib, auto_converge=True, xbzrle_cache=cache, postcopy=True,
                     time_budget_s=budget, reason=f"{base}: XBZRLE and auto-converge, post-copy if it stalls")
-    return Plan("auto", downtime_ms, bandwidth_cap_mib, auto_converge=True, xbzrle_cache=cache, postcopy=True,
-                time_budget_s=budget, reason=f"{base}: pre-copy cannot converge, switch to post-copy after a pass")
+    # Each pre-copy pass would re-send the working set the guest dirtied meanwhile: move the guest now.
+    return Plan("auto", downtime_ms, bandwidth_cap_mib, postcopy=True, postcopy_at_start=True,
+                time_budget_s=budget, reason=f"{base}: pre-copy cannot converge, post-copy from the start "
+                                             "(each page sent once)")
 
 
 def should_switch_to_postcopy(p: Plan, history: list[Progress]) -> str:
@@ -74,15 +87,68 @@ def should_switch_to_postcopy(p: Plan, history: list[Progress]) -> str:
     if not p.postcopy or not history:
         return ""
     now = history[-1]
+    if p.postcopy_at_start:
+        if now.iteration < 1:
+            return ""  # QEMU's side of the job has not started yet
+        return "planned: the guest dirties memory at least as fast as the link sends it"
     if now.iteration < 2:
-        return ""  # let one full pass go first: post-copy then pulls only what was dirtied since
+        return ""  # the first pass sends everything once whatever happens; judge it when it is done
     if now.elapsed_s > p.time_budget_s * 0.5:
         return f"pre-copy has not finished after {now.elapsed_s:.0f} s"
     if now.expected_downtime_ms <= p.downtime_ms:
-        return ""
-    if now.dirty_rate >= now.bps > 0:
-        return f"guest dirties {now.dirty_rate / MIB:.0f} MiB/s, link sends {now.bps / MIB:.0f} MiB/s"
-    same_pass = [h for h in history if h.iteration >= now.iteration - 2]
-    if now.iteration >= 4 and min(h.remaining for h in same_pass) >= 0.9 * max(h.remaining for h in same_pass):
-        return f"remaining RAM stopped shrinking ({now.remaining / MIB:.0f} MiB after {now.iteration} passes)"
+        return ""  # about to complete
+    link = link_rate(history)
+    if link and now.dirty_rate >= HIGH * link:
+        return (f"the guest dirtied {now.dirty_rate / MIB:.0f} MiB/s during the last pass, "
+                f"the link sends {link / MIB:.0f} MiB/s: pre-copy would re-send the working set")
+    starts = pass_starts(history)
+    if now.iteration >= STALLED_PASSES and len(starts) >= 3 and starts[-1] >= 0.9 * min(starts[-3:-1]):
+        return f"remaining RAM stopped shrinking ({starts[-1] / MIB:.0f} MiB to send in pass {now.iteration})"
     return ""
+
+
+def link_rate(history: list[Progress]) -> int:
+    """The link's sending rate so far (bytes/s): the median sample, so that one slow moment is not the link."""
+    rates = sorted(h.bps for h in history if h.bps > 0)
+    return rates[len(rates) // 2] if rates else 0
+
+
+def pass_starts(history: list[Progress]) -> list[int]:
+    """The RAM left to send at the start of each pass after the first, oldest first (largest sample of each)."""
+    starts: dict[int, int] = {}
+    for h in history:
+        if h.iteration >= 2:
+            starts[h.iteration] = max(starts.get(h.iteration, 0), h.remaining)
+    return [starts[i] for i in sorted(starts)]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What to do with the source after a failed migration, and what to tell the user."""
+
+    resume: bool
+    outcome: str
+
+
+def after_failure(state: str, pause_reason: str, paused_before: bool, postcopy_started: bool) -> Recovery:
+    """Whether to resume the source of a failed migration: only if the migration itself paused it.
+
+    *state* is the source's state now ("running", "paused", ...), *pause_reason*
+    why it is paused ("migration", "user", "post-copy", "post-copy failed", ...),
+    *paused_before* whether it was paused when the migration started and
+    *postcopy_started* whether hvext asked for the switch to post-copy. After
+    that switch the guest's newest memory is on the destination: resuming the
+    source would run it from stale memory, so it stays paused.
+    """
+    if state == "running":
+        return Recovery(False, "the source keeps running; no guest state was lost")
+    if state != "paused":
+        return Recovery(False, f"the source is {state}")
+    if postcopy_started or pause_reason.startswith("post-copy"):
+        return Recovery(False, "the source is paused after the switch to post-copy and was not resumed (part of "
+                               "the guest's memory is only on the destination): check it with `hvext dominfo`")
+    if paused_before:
+        return Recovery(False, "the source is paused, as it was before the migration")
+    if pause_reason == "migration":
+        return Recovery(True, "the source was paused for the migration and has been resumed")
+    return Recovery(False, f"the source is paused ({pause_reason}), not by the migration, and was left so")

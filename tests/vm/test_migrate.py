@@ -63,7 +63,7 @@ def agent_info(domain: Domain) -> dict:
 def test_plain_then_auto_under_a_dirtying_workload(migrating_vm: Domain, hosts, lab: Lab) -> None:
     source, dest = hosts
     uptime = agent_info(migrating_vm)["uptime_s"]
-    plain = aio.run(orchestrate.migrate(migrating_vm, lab.hosts[1].uri_tcp, policy="plain"))
+    plain = aio.run(orchestrate.migrate(migrating_vm, lab.hosts[1].uri_tls, policy="plain"))
     assert plain.downtime_ms is not None and plain.total_s > 0
     with pytest.raises(DomainNotFound):
         source.lookup(migrating_vm.name)  # undefined on the source
@@ -75,7 +75,7 @@ def test_plain_then_auto_under_a_dirtying_workload(migrating_vm: Domain, hosts, 
             await agent.request("stress-start", {"rate_mib_s": 64, "wss_mib": 200})
     aio.run(stress())
     time.sleep(3)
-    auto = aio.run(orchestrate.migrate(moved, lab.hosts[0].uri_tcp, policy="auto", bandwidth_mib=32))
+    auto = aio.run(orchestrate.migrate(moved, lab.hosts[0].uri_tls, policy="auto", bandwidth_mib=32))
     assert auto.measured_dirty_rate_mib_s and auto.measured_dirty_rate_mib_s > 16
     assert "post-copy" in auto.plan_reason and auto.postcopy_switch, auto.plan_reason
     back = source.lookup(migrating_vm.name)
@@ -95,7 +95,7 @@ def test_killed_destination_leaves_the_source_running(migrating_vm: Domain, host
 
     def run() -> None:
         try:
-            aio.run(orchestrate.migrate(migrating_vm, lab.hosts[1].uri_tcp, policy="plain", bandwidth_mib=4))
+            aio.run(orchestrate.migrate(migrating_vm, lab.hosts[1].uri_tls, policy="plain", bandwidth_mib=4))
         except BaseException as err:  # noqa: BLE001 - handed to the test thread
             errors.append(err)
 
@@ -125,11 +125,11 @@ def test_migrate_input_errors(migrating_vm: Domain, lab: Lab, capsys) -> None:
     from tests.vm.helpers import cli
     source = ["-c", lab.hosts[0].uri_unix, "migrate", migrating_vm.name]
     for argv, message in [
-        (source + [lab.hosts[0].uri_tcp], "already runs on"),
-        (source + [lab.hosts[1].uri_tcp, "--downtime-ms", "0"], "downtime must be 1 to 60000 ms"),
-        (source + [lab.hosts[1].uri_tcp, "--bandwidth", "0"], "bandwidth must be 1 to 100000"),
-        (source + [lab.hosts[1].uri_tcp, "--policy", "fast"], "invalid choice"),
-        (["-c", lab.hosts[0].uri_unix, "migrate", "hvext-test-no-such", lab.hosts[1].uri_tcp], "no such domain"),
+        (source + [lab.hosts[0].uri_tls], "already runs on"),
+        (source + [lab.hosts[1].uri_tls, "--downtime-ms", "0"], "downtime must be 1 to 60000 ms"),
+        (source + [lab.hosts[1].uri_tls, "--bandwidth", "0"], "bandwidth must be 1 to 100000"),
+        (source + [lab.hosts[1].uri_tls, "--policy", "fast"], "invalid choice"),
+        (["-c", lab.hosts[0].uri_unix, "migrate", "hvext-test-no-such", lab.hosts[1].uri_tls], "no such domain"),
     ]:
         status, _, err = cli(capsys, *argv)
         assert status == 1 and err.splitlines()[-1].startswith("error: "), (argv, err)
@@ -153,3 +153,21 @@ def test_migration_hands_over_the_shared_state(migrating_vm: Domain, hosts, lab:
         hosts[0].define(DomainSpec(name=migrating_vm.name, memory_mib=256))
     assert marker.exists() and (paths.domain_dir(migrating_vm.name) / "disk.qcow2").is_file()
     assert agent_info(hosts[1].lookup(migrating_vm.name))["kernel"]
+
+
+def test_failed_migration_leaves_a_user_paused_source_paused(migrating_vm: Domain, hosts, lab: Lab) -> None:
+    """Only a pause the migration made is undone: a domain the user had paused stays paused."""
+    source, dest = hosts
+    migrating_vm.dom.suspend()
+    try:
+        with pytest.raises(orchestrate.MigrationError) as failed:  # 1 MiB/s cannot move the guest in 3 s
+            aio.run(orchestrate.migrate(migrating_vm, lab.hosts[1].uri_tls, policy="plain", bandwidth_mib=1,
+                                        timeout_s=3))
+        assert "as it was before the migration" in str(failed.value), failed.value
+        assert migrating_vm.state() == "paused"
+        with pytest.raises(DomainNotFound):
+            dest.lookup(migrating_vm.name)
+    finally:
+        if migrating_vm.state() == "paused":
+            migrating_vm.dom.resume()
+    assert agent_info(migrating_vm)["kernel"]  # the guest runs on where it was
