@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hvext import aio
-from hvext.errors import AgentTimeout, HvextError
+from hvext.errors import AgentTimeout, HvextError, QMPError
 from hvext.host import Domain
 from hvext.pmem import devices, power, virtio
 

@@ -71,7 +71,7 @@ def test_uris() -> None:
     assert plan.uri_tls(2, DATA) == "qemu+tls://198.18.0.12/system?pkipath=/var/lib/hvext/lab/pki/client"
     assert plan.uri_tls(1, Path("/srv/my lab")) == "qemu+tls://198.18.0.11/system?pkipath=/srv/my%20lab/pki/client"
     host = LabHost(index=3, uuid=str(uuid.uuid4()), run_dir=Path("/tmp/x"), data_dir=Path("/d"))
-    assert host.uri_tls == host.uri_tcp == "qemu+tls://198.18.0.13/system?pkipath=/d/pki/client"
+    assert host.uri_tls == "qemu+tls://198.18.0.13/system?pkipath=/d/pki/client"
     assert host.uri_unix == "qemu+unix:///system?socket=/tmp/x/host3/libvirt/libvirt-sock"
     assert host.socket == Path("/tmp/x/host3/libvirt/libvirt-sock")
     assert (host.name, host.address, host.netns) == ("host3", "198.18.0.13", "hvext-lab-host3")

@@ -13,6 +13,7 @@ import pytest
 
 from hvext import aio
 from hvext.host import Domain
+from hvext.pmem import hints
 from tests.vm.helpers import cli, cli_json, guest_exec, guest_sh, protected_pmem_vm
 
 MIB = 1 << 20
