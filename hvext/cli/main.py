@@ -121,9 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader is gone (`hvext ... | head`): stop quietly. Point stdout at /dev/null so that
         # the interpreter's flush at exit does not fail on what is still buffered (Python docs,
         # "Note on SIGPIPE").
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a file descriptor (embedding, tests): nothing to redirect
+            pass
         return EXIT_BROKEN_PIPE
 
 
