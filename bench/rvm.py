@@ -44,11 +44,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-try:
-    from hvext import rvm
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hvext import rvm
+# Measure the hvext.rvm of the checkout this script is in, not whatever
+# hvext is installed (an editable install may point at another worktree).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hvext import rvm  # noqa: E402
 
 try:
     import lmdb
@@ -320,6 +319,15 @@ def threaded_run(bench: RVMBench, txns: list, nthreads: int, seconds: float) -> 
     return sum(counts), time.perf_counter() - t0
 
 
+def _loadavg() -> str:
+    """The machine's load averages (the benchmark shares the machine)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.0f}"
 
@@ -339,13 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     seconds = args.seconds or (1.0 if args.quick else 3.0)
-    rounds = 3 if args.quick else 8
+    rounds = 6 if args.quick else 12  # short interleaved slices: drift hits all systems alike
     warmup = 0.1 if args.quick else 0.3
     base = args.dir or os.getcwd()
+    load_start = _loadavg()
     d = Path(tempfile.mkdtemp(prefix="rvm-bench-", dir=base))
     rng = random.Random(args.seed)
     src = rng.randbytes(1 << 20)
     counts = [int(x) for x in args.ranges.split(",")]
+    print(f"# hvext.rvm from {Path(rvm.__file__).parent}; loadavg {_loadavg()}", file=sys.stderr)
     print(f"# setting up in {d} (64 MiB segment, rvm log {args.log_size >> 20} MiB) ...", file=sys.stderr)
     try:
         raw = RawSync(d, src)
@@ -378,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 res["truncations"] = rb.stats()["truncations"] - before
                 for name, m in meters.items():
                     print(f"#  {nr:2d} ranges {'flush' if flush else 'no_flush':8s} {name:16s} "
-                          f"{m.rate:10,.0f} tx/s  ({m.done} in {m.seconds:.2f} s)", file=sys.stderr)
+                          f"{m.rate:10,.0f} tx/s  ({m.done} in {m.seconds:.2f} s, "
+                          f"{m.commit_seconds:.2f} s committing)", file=sys.stderr)
                 rows.append((nr, "flush" if flush else "no_flush", res))
         grp = None
         if args.threads > 1:  # interleaved too: 1 thread, N threads, 1 thread, ...
@@ -402,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"command: python bench/rvm.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"loadavg at the start: {load_start}, at the end: {_loadavg()}")
     print()
     print("| ranges | mode | fdatasync limit | hvext.rvm | (commit path) | SQLite | LMDB "
           "| limit/rvm | limit/commit path | rvm/SQLite | rvm/LMDB |")

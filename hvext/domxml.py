@@ -21,6 +21,7 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 HVEXT_NS = "https://hvext.dev/xmlns/domain/1"
 AGENT_PORT = "org.hvext.agent.0"
 QMP_CHARDEV_ID = "hvext-qmp"
+QMP_CLI_CHARDEV_ID = "hvext-qmp-cli"
 MEMORY_DEVICE_SLOTS = 8
 MEMORY_DEVICE_ROOM_MIB = 64 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -157,13 +158,23 @@ class RNG:
 
 @dataclass(frozen=True)
 class QMPMonitor:
-    """An extra QMP monitor for hvext (events included), added on QEMU's command line."""
+    """hvext's two extra QMP monitors (events included), added on QEMU's command line.
+
+    QEMU serves one client per monitor, so hvextd has its own (*socket*) and
+    every other caller (the CLI, scripts, tests) uses the second (*cli_socket*):
+    a reclaim or a power-loss save in hvextd never locks `hvext qmp` out.
+    """
 
     socket: Path
+    cli_socket: Path
 
     def args(self) -> list[str]:
-        return ["-chardev", f"socket,id={QMP_CHARDEV_ID},path={self.socket},server=on,wait=off",
-                "-mon", f"chardev={QMP_CHARDEV_ID},mode=control"]
+        return [*self._monitor(QMP_CHARDEV_ID, self.socket), *self._monitor(QMP_CLI_CHARDEV_ID, self.cli_socket)]
+
+    @staticmethod
+    def _monitor(chardev: str, socket: Path) -> list[str]:
+        return ["-chardev", f"socket,id={chardev},path={socket},server=on,wait=off",
+                "-mon", f"chardev={chardev},mode=control"]
 
 
 #: QEMU merges repeated -machine options; libvirt sets nvdimm=on only when an
@@ -203,6 +214,7 @@ class DomainXML:
         metadata = _sub(root, "metadata")
         marker = etree.SubElement(metadata, f"{{{HVEXT_NS}}}domain", nsmap={"hvext": HVEXT_NS})
         etree.SubElement(marker, f"{{{HVEXT_NS}}}qmp", path=str(self.qmp.socket))
+        etree.SubElement(marker, f"{{{HVEXT_NS}}}qmp-cli", path=str(self.qmp.cli_socket))
         etree.SubElement(marker, f"{{{HVEXT_NS}}}agent", port=AGENT_PORT)
         # Room for memory devices (NVDIMM, virtio-pmem) to be added later, cold or hot.
         _sub(root, "maxMemory", str(self.memory_mib + MEMORY_DEVICE_ROOM_MIB), slots=str(MEMORY_DEVICE_SLOTS),
@@ -249,12 +261,22 @@ class DomainFacts:
     """What hvext needs from a domain's (live) XML."""
 
     hvext_managed: bool
-    qmp_socket: Path | None
+    qmp_socket: Path | None  # hvextd's monitor
+    qmp_cli_socket: Path | None  # everyone else's; None for domains defined before hvext had two
     agent_socket: Path | None
     has_agent_channel: bool
     console_log: Path | None
     max_memory_kib: int
     current_memory_kib: int
+
+    def monitor_socket(self, which: str) -> Path | None:
+        """The socket of hvext's monitor *which* ("daemon" or "cli"); None without hvext monitors.
+
+        Domains defined before hvext gave them two have one: everybody shares it.
+        """
+        if which == "cli" and self.qmp_cli_socket is not None:
+            return self.qmp_cli_socket
+        return self.qmp_socket
 
 
 def read_facts(xml: str) -> DomainFacts:
@@ -262,6 +284,7 @@ def read_facts(xml: str) -> DomainFacts:
     root = etree.fromstring(xml.encode())
     marker = root.find(f"metadata/{{{HVEXT_NS}}}domain")
     qmp = marker.find(f"{{{HVEXT_NS}}}qmp") if marker is not None else None
+    qmp_cli = marker.find(f"{{{HVEXT_NS}}}qmp-cli") if marker is not None else None
     agent_socket = None
     has_channel = False
     for channel in root.iterfind("devices/channel"):
@@ -275,6 +298,7 @@ def read_facts(xml: str) -> DomainFacts:
     return DomainFacts(
         hvext_managed=marker is not None,
         qmp_socket=Path(qmp.get("path")) if qmp is not None and qmp.get("path") else None,
+        qmp_cli_socket=Path(qmp_cli.get("path")) if qmp_cli is not None and qmp_cli.get("path") else None,
         agent_socket=agent_socket,
         has_agent_channel=has_channel,
         console_log=Path(log.get("file")) if log is not None and log.get("file") else None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import subprocess
@@ -26,9 +27,12 @@ from hvext import accel, aio, domxml, image, paths
 from hvext.agent.client import AgentClient
 from hvext.errors import (AgentUnavailable, DomainNotFound, DomainStateError, HostError, HvextError,
                           LibvirtUnavailable, UnsupportedError, UsageError)
-from hvext.qmp import PassthroughQMP, QMPSession, SocketQMP
+from hvext.qmp import PassthroughQMP, QMPSession
+from hvext.qmp import monitor as qmp_monitor
+from hvext.qmp import shared as shared_qmp
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 DEFAULT_URI = "qemu:///system"
 
 STATE_NAMES = {
@@ -125,8 +129,10 @@ class Host:
                 "running? `make libvirtd` starts it, `hvext doctor` checks it") from err
 
     def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
+        try:
             self.conn.close()
+        except libvirt.libvirtError as err:  # closing a connection libvirtd already dropped
+            log.debug("closing %s: %s", self.uri, err.get_error_message())
 
     def __enter__(self) -> Host:
         return self
@@ -160,6 +166,11 @@ class Host:
                     "hypervisor": _version(self.conn.getVersion()),
                     "uri": self.conn.getURI()}
 
+    def memory_mib(self) -> int:
+        """The host's memory in MiB, as libvirt reports it (the node of the connection, not this process's)."""
+        with libvirt_errors("reading the host's information"):
+            return int(self.conn.getInfo()[1])
+
     def qemu_user(self) -> tuple[int, int]:
         """uid and gid QEMU processes run as (libvirt's DAC base label)."""
         with libvirt_errors("reading capabilities"):
@@ -188,7 +199,7 @@ class Host:
             os.chown(directory, 0, gid)
             directory.chmod(0o770)
         paths.console_log(name, self.host_id).parent.mkdir(parents=True, exist_ok=True)
-        if len(str(runtime / "agent.sock")) >= 108:
+        if len(str(runtime / "qmp-cli.sock")) >= 108:  # the longest socket name
             raise UsageError(f"domain name {name!r} is too long for unix socket paths under {paths.STATE_DIR}")
         return runtime
 
@@ -205,7 +216,8 @@ class Host:
             cpu=domxml.CPU(kvm=acc.is_kvm, vcpus=spec.vcpus, memory_mib=spec.memory_mib),
             disk=domxml.Disk(paths.domain_dir(spec.name) / "disk.qcow2"),
             console=domxml.SerialConsole(paths.console_log(spec.name, self.host_id)),
-            qmp=domxml.QMPMonitor(paths.runtime_dir(spec.name, self.host_id) / "qmp.sock"),
+            qmp=domxml.QMPMonitor(paths.runtime_dir(spec.name, self.host_id) / "qmp.sock",
+                                  paths.runtime_dir(spec.name, self.host_id) / "qmp-cli.sock"),
             emulator=emulator_path(),
             devices=[domxml.AgentChannel(paths.runtime_dir(spec.name, self.host_id) / "agent.sock"),
                      domxml.Balloon(free_page_reporting=spec.free_page_reporting),
@@ -278,6 +290,20 @@ class Domain:
         with self._errors(""):
             return bool(self.dom.isActive())
 
+    def uuid(self) -> str:
+        with self._errors(""):
+            return str(self.dom.UUIDString())
+
+    def id(self) -> int | None:
+        """The hypervisor's id of a running domain; None when it is not running."""
+        with self._errors(""):
+            return int(self.dom.ID()) if self.dom.isActive() else None
+
+    def xml(self, *, inactive: bool = False) -> str:
+        """The domain's XML: live (inactive XML when it is off), or with *inactive* its persistent definition."""
+        with self._errors("reading the definition of"):
+            return str(self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0))
+
     def facts(self) -> domxml.DomainFacts:
         """Facts from the live XML (inactive XML when the domain is off)."""
         with self._errors(""):
@@ -325,13 +351,16 @@ class Domain:
 
     async def _shutdown_and_wait(self, timeout: float) -> None:
         async with self.lifecycle_events() as events:
-            with self._errors("shutting down"):
-                self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            await asyncio.to_thread(self._press_power_button)
             try:
                 await asyncio.wait_for(_until_stopped(events, self), timeout)
             except asyncio.TimeoutError as err:
                 raise DomainStateError(f"domain {self.name!r} did not power off within {timeout:.0f} s; "
                                        f"`hvext destroy {self.name}` forces it off") from err
+
+    def _press_power_button(self) -> None:
+        with self._errors("shutting down"):
+            self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
 
     @contextlib.asynccontextmanager
     async def lifecycle_events(self) -> AsyncIterator[asyncio.Queue[tuple[int, int]]]:
@@ -341,14 +370,22 @@ class Domain:
         def callback(conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
             queue.put_nowait((event, detail))
 
-        with self._errors("watching"):
-            handle = self.host.conn.domainEventRegisterAny(
-                self.dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None)
+        def register() -> int:
+            with self._errors("watching"):
+                return int(self.host.conn.domainEventRegisterAny(
+                    self.dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None))
+
+        def deregister(handle: int) -> None:
+            try:
+                self.host.conn.domainEventDeregisterAny(handle)
+            except libvirt.libvirtError as err:  # the connection is gone: so is the callback
+                log.debug("deregistering lifecycle events of %s: %s", self.name, err.get_error_message())
+
+        handle = await asyncio.to_thread(register)
         try:
             yield queue
         finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                self.host.conn.domainEventDeregisterAny(handle)
+            await asyncio.to_thread(deregister, handle)
 
     def undefine(self, *, remove_state: bool = True) -> None:
         """Undefine (the domain must be off) and remove hvext's overlay disk and state."""
@@ -369,25 +406,35 @@ class Domain:
             return {str(k): int(v) for k, v in self.dom.memoryStats().items()}
 
     # -- channels -------------------------------------------------------
+    def _running_facts(self) -> domxml.DomainFacts:
+        """:meth:`facts` of a running domain (blocking: async callers run it in a thread)."""
+        self.require_running()
+        return self.facts()
+
     @contextlib.asynccontextmanager
     async def qmp(self) -> AsyncIterator[QMPSession]:
-        """A QMP session: hvext's own monitor when present, else libvirt passthrough."""
-        self.require_running()
-        facts = self.facts()
-        if facts.qmp_socket is not None:
-            session: QMPSession = await SocketQMP(facts.qmp_socket, name=self.name).connect()
-        else:
+        """A QMP session: this process's hvext monitor when the domain has one, else libvirt passthrough.
+
+        hvextd uses the domain's daemon monitor, every other process the CLI
+        monitor (the daemon's on domains defined before there were two); the
+        sessions of one process share one connection (:func:`hvext.qmp.shared`).
+        """
+        facts = await asyncio.to_thread(self._running_facts)
+        socket = facts.monitor_socket(qmp_monitor())
+        if socket is None:
             session = PassthroughQMP(self.dom)
-        try:
-            yield session
-        finally:
-            await session.close()
+            try:
+                yield session
+            finally:
+                await session.close()
+            return
+        async with shared_qmp(socket, name=self.name) as shared:
+            yield shared
 
     @contextlib.asynccontextmanager
     async def agent(self, *, timeout: float = 10.0) -> AsyncIterator[AgentClient]:
         """A synchronised agent session (AgentUnavailable when the domain has no agent)."""
-        self.require_running()
-        facts = self.facts()
+        facts = await asyncio.to_thread(self._running_facts)
         if not facts.has_agent_channel:
             raise AgentUnavailable(f"domain {self.name!r} has no hvext agent channel "
                                    f"({domxml.AGENT_PORT}); commands that need the agent do not work on it")
@@ -421,7 +468,7 @@ class Domain:
 
 
 async def _until_stopped(events: asyncio.Queue[tuple[int, int]], domain: Domain) -> None:
-    if not domain.is_active():
+    if not await asyncio.to_thread(domain.is_active):
         return
     while True:
         event, _ = await events.get()

@@ -1,24 +1,30 @@
-"""QMP sessions: hvext's own monitor socket (with events) or libvirt passthrough.
+"""QMP sessions: hvext's own monitor sockets (with events) or libvirt passthrough.
 
-A domain hvext defined carries an extra QMP monitor (see ``domxml.QMPMonitor``)
+A domain hvext defined carries two extra QMP monitors (see ``domxml.QMPMonitor``)
 that :class:`SocketQMP` talks to with ``qemu.qmp``: commands and events, without
-disturbing libvirt's own monitor. A domain hvext did not define is reached
-through libvirt's QMP passthrough (:class:`PassthroughQMP`): commands only.
-Both raise :class:`hvext.errors.QMPError` with the underlying error as cause.
+disturbing libvirt's own monitor. QEMU serves one client per monitor, so hvextd
+uses one (:func:`use_monitor` ``("daemon")``) and every other process the other;
+within a process, concurrent sessions share one connection (:func:`shared`:
+qemu.qmp matches replies to commands and hands events to every listener). A
+domain hvext did not define is reached through libvirt's QMP passthrough
+(:class:`PassthroughQMP`): commands only. All raise
+:class:`hvext.errors.QMPError` with the underlying error as cause.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import libvirt
 import libvirt_qemu
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, Runstate
 from qemu.qmp import QMPError as _QMPLibError
 
 from hvext.errors import QMPError, UnsupportedError
@@ -27,6 +33,22 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 EXECUTE_TIMEOUT_S = 60.0
+
+Monitor = Literal["daemon", "cli"]
+_monitor: Monitor = "cli"
+
+
+def use_monitor(which: Monitor) -> None:
+    """Choose which of a domain's hvext monitors this process uses (hvextd: "daemon"; default "cli")."""
+    global _monitor
+    if which not in ("daemon", "cli"):
+        raise ValueError(f"unknown QMP monitor {which!r}")
+    _monitor = which
+
+
+def monitor() -> Monitor:
+    """The hvext monitor this process uses (see :func:`use_monitor`)."""
+    return _monitor
 
 
 class QMPSession(Protocol):
@@ -54,8 +76,8 @@ class SocketQMP:
             await asyncio.wait_for(self.client.connect(str(self.socket)), CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError as err:
             raise QMPError(f"hvext's QMP monitor at {self.socket} did not greet within {CONNECT_TIMEOUT_S:.0f} s; "
-                           "QEMU serves one client per monitor: is another hvext command or hvextd using it?") \
-                from err
+                           "QEMU serves one client per monitor: is another process using it? (hvextd has a "
+                           "monitor of its own on domains defined since hvext gave them two)") from err
         except (ConnectError, OSError) as err:
             raise QMPError(f"cannot connect to hvext's QMP monitor at {self.socket}: {err}; "
                            "is the domain running?") from err
@@ -78,6 +100,10 @@ class SocketQMP:
             async for event in listener:
                 yield dict(event)
 
+    @property
+    def connected(self) -> bool:
+        return bool(self.client.runstate == Runstate.RUNNING)
+
     async def close(self) -> None:
         await self.client.disconnect()
 
@@ -86,6 +112,58 @@ class SocketQMP:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+@dataclass
+class _Shared:
+    session: SocketQMP
+    users: int = 0
+
+
+_sessions: dict[Path, _Shared] = {}
+_connecting: dict[Path, asyncio.Lock] = {}
+
+
+@contextlib.asynccontextmanager
+async def shared(socket: Path, *, name: str) -> AsyncIterator[SocketQMP]:
+    """A session on the monitor at *socket*, sharing this process's connection to it.
+
+    The connection is opened by the first user and closed when the last one
+    leaves; a connection that died is replaced for the next user. (QEMU would
+    leave a second connection of the same process waiting for a greeting.)
+    """
+    lock = _connecting.setdefault(socket, asyncio.Lock())
+    async with lock:
+        entry = _sessions.get(socket)
+        if entry is None or not entry.session.connected:
+            entry = _Shared(await SocketQMP(socket, name=name).connect())
+            _sessions[socket] = entry
+        entry.users += 1
+    try:
+        yield entry.session
+    finally:
+        entry.users -= 1
+        if entry.users == 0:
+            if _sessions.get(socket) is entry:
+                del _sessions[socket]
+            await entry.session.close()
+
+
+def passthrough_result(command: str, raw: str) -> Any:
+    """The ``return`` of a QMP reply libvirt passed through (QEMU's text: checked, QMPError otherwise)."""
+    try:
+        reply = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise QMPError(f"QMP {command}: QEMU's reply is not JSON ({err})") from err
+    if not isinstance(reply, dict):
+        raise QMPError(f"QMP {command}: QEMU's reply is not an object")
+    if "error" in reply:
+        error = reply["error"]
+        desc = error.get("desc") if isinstance(error, dict) else None
+        raise QMPError(f"QMP {command} failed: {desc if isinstance(desc, str) else str(error)[:200]}")
+    if "return" not in reply:
+        raise QMPError(f"QMP {command}: QEMU's reply has neither 'return' nor 'error'")
+    return reply["return"]
 
 
 class PassthroughQMP:
@@ -106,10 +184,7 @@ class PassthroughQMP:
                 None, libvirt_qemu.qemuMonitorCommand, self.domain, json.dumps(request), 0)
         except libvirt.libvirtError as err:
             raise QMPError(f"QMP {command} through libvirt failed: {err.get_error_message()}") from err
-        reply = json.loads(raw)
-        if "error" in reply:
-            raise QMPError(f"QMP {command} failed: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
+        return passthrough_result(command, raw)
 
     async def events(self, *names: str) -> AsyncIterator[dict[str, Any]]:
         raise UnsupportedError("QMP events need hvext's monitor socket; this domain was not defined by hvext")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from hvext.errors import UsageError
 
@@ -11,8 +12,12 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 TIB = 1024 * GIB
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE | re.ASCII)
 _MULTIPLIER = {"": 1, "k": KIB, "m": MIB, "g": GIB, "t": TIB}
+#: The largest size hvext accepts (1 EiB): far above any host, yet every size fits a signed 64-bit field.
+MAX_SIZE = 1 << 60
+#: Longer size strings are refused before any arithmetic (a size has no business being longer).
+MAX_SIZE_TEXT = 64
 
 
 def parse_size(text: str, *, default_unit: str = "") -> int:
@@ -20,10 +25,14 @@ def parse_size(text: str, *, default_unit: str = "") -> int:
 
     Units are binary, as in virsh and QEMU: ``K``/``KiB``/``KB`` mean 1024.
     A bare number is in *default_unit* (``""`` bytes, ``"M"`` MiB, ...).
-    Raises :class:`UsageError` for anything else, negative or fractional bytes.
+    The number is parsed exactly (no float rounding), and at most
+    :data:`MAX_SIZE` bytes are accepted. Raises :class:`UsageError` for
+    anything else, negative or fractional bytes.
     """
     if not isinstance(text, str):
         text = str(text)
+    if len(text) > MAX_SIZE_TEXT:
+        raise UsageError(f"invalid size {text[:20]!r}...: longer than {MAX_SIZE_TEXT} characters")
     match = _SIZE_RE.match(text)
     if not match:
         raise UsageError(
@@ -35,9 +44,11 @@ def parse_size(text: str, *, default_unit: str = "") -> int:
     unit = (unit or default_unit).lower()
     if unit not in _MULTIPLIER:
         raise UsageError(f"invalid default unit {default_unit!r}")
-    value = float(number) * _MULTIPLIER[unit]
-    if value != int(value):
+    value = Fraction(number) * _MULTIPLIER[unit]
+    if value.denominator != 1:
         raise UsageError(f"invalid size {text!r}: not a whole number of bytes")
+    if value > MAX_SIZE:
+        raise UsageError(f"invalid size {text!r}: larger than the maximum of {format_size(MAX_SIZE)}")
     return int(value)
 
 
@@ -52,8 +63,8 @@ def parse_size_mib(text: str) -> int:
 def format_size(nbytes: int | float) -> str:
     """Format *nbytes* with a binary unit, e.g. ``1.50 GiB``."""
     value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(value) < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
-    return f"{value:.2f} TiB"
+    return f"{value:.2f} EiB"

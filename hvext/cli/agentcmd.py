@@ -16,13 +16,13 @@ from hvext.host import Domain
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("agent-ping", help="check that the hvext agent in the guest answers")
     common.add_domain(p)
-    p.add_argument("--timeout", type=common.positive_float, default=10.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=common.seconds, default=10.0, metavar="SECONDS")
     common.add_json(p)
     p.set_defaults(func=cmd_agent_ping)
 
     p = commands.add_parser("guest-exec", help="run a program in the guest through the agent (like qemu-ga's guest-exec)")
     common.add_domain(p)
-    p.add_argument("--timeout", type=common.positive_float, default=60.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=common.seconds, default=60.0, metavar="SECONDS")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS]")
     p.set_defaults(func=cmd_guest_exec)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,11 +67,37 @@ def print_fields(fields: dict[str, Any]) -> None:
         console.print(f"{key + ':':<{width}} {'-' if value is None else value}")
 
 
-def positive_float(text: str) -> float:
+#: The longest wait or interval a command accepts (a week): beyond it is a typo, not a plan.
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def seconds(text: str) -> float:
+    """argparse type of every SECONDS option: a finite positive number up to :data:`MAX_SECONDS`.
+
+    ``nan`` and ``inf`` parse as floats but would wait forever (or never).
+    """
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} seconds is more than the maximum of {MAX_SECONDS:.0f} (a week)")
     return value
+
+
+def count(low: int, high: int) -> Callable[[str], int]:
+    """argparse type of every count option (N): a whole number from *low* to *high*."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} out of range: use {low} to {high}")
+        return value
+    parse.__name__ = "count"  # argparse names the type in its messages
+    return parse

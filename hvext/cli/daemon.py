@@ -24,12 +24,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         p.add_argument("--config", type=Path,
                        help=f"hvextd's TOML config (default: {service.CONFIG_FILE} when it exists)")
         p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-        p.add_argument("--wait", type=float, default=15.0, metavar="S",
+        p.add_argument("--wait", type=common.seconds, default=15.0, metavar="S",
                        help="seconds to wait for hvextd to connect to libvirt (default 15)")
         _add_paths(p)
         p.set_defaults(func=cmd_start if name == "start" else cmd_restart)
     p = sub.add_parser("stop", help="SIGTERM hvextd and wait until it exited")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait (default 30)")
+    p.add_argument("--timeout", type=common.seconds, default=30.0, metavar="S", help="seconds to wait (default 30)")
     _add_paths(p)
     p.set_defaults(func=cmd_stop)
     p = sub.add_parser("status", help="whether hvextd runs (exit 0), or not (exit 3)")

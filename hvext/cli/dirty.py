@@ -39,7 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("dirtylog", help="pages the guest dirtied over an interval, or every interval with "
                                              "--watch (needs the patched QEMU)")
     common.add_domain(p)
-    p.add_argument("--seconds", type=common.positive_float, metavar="SECONDS",
+    p.add_argument("--seconds", type=common.seconds, metavar="SECONDS",
                    help=f"interval (default {DEFAULT_INTERVAL_S:g})")
     watch.add_arguments(p, default=DEFAULT_INTERVAL_S, source="with the pages dirtied in the last interval")
     common.add_json(p)

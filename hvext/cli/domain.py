@@ -10,7 +10,7 @@ from typing import Any
 
 from hvext import aio
 from hvext.cli import common
-from hvext.errors import UsageError
+from hvext.errors import DomainNotFound, UsageError
 from hvext.host import DomainSpec
 from hvext.units import parse_size_mib
 
@@ -28,20 +28,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--spec", type=Path, help="TOML file with name, memory, current_memory, vcpus")
     p.add_argument("--memory", help="maximum memory, e.g. 512M, 2G (default 512M)")
     p.add_argument("--current-memory", help="initial balloon target (default: --memory)")
-    p.add_argument("--vcpus", type=int, help="virtual CPUs (default 1)")
+    p.add_argument("--vcpus", type=common.count(1, 64), help="virtual CPUs (default 1)")
     p.add_argument("--free-page-reporting", action="store_true", default=None,
                    help="let the guest report free pages to the host through the balloon")
     p.set_defaults(func=cmd_define)
 
     p = commands.add_parser("start", help="start a defined domain")
     common.add_domain(p)
-    p.add_argument("--wait-agent", type=common.positive_float, nargs="?", const=60.0, metavar="SECONDS",
+    p.add_argument("--wait-agent", type=common.seconds, nargs="?", const=60.0, metavar="SECONDS",
                    help="wait until the hvext agent answers (default 60 s)")
     p.set_defaults(func=cmd_start)
 
     p = commands.add_parser("shutdown", help="power a domain off gracefully (ACPI power button)")
     common.add_domain(p)
-    p.add_argument("--wait", type=common.positive_float, nargs="?", const=60.0, metavar="SECONDS",
+    p.add_argument("--wait", type=common.seconds, nargs="?", const=60.0, metavar="SECONDS",
                    help="wait until it is off (default 60 s)")
     p.set_defaults(func=cmd_shutdown)
 
@@ -61,14 +61,18 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("console-log", help="print the guest's serial console log")
     common.add_domain(p)
-    p.add_argument("--lines", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--lines", type=common.count(0, 10**9), metavar="N", help="only the last N lines")
     p.set_defaults(func=cmd_console_log)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    rows = []
     with common.open_host(args) as host:
-        rows = [{"id": d.dom.ID() if d.is_active() else None, "name": d.name, "state": d.state(),
-                 "hvext": d.facts().hvext_managed} for d in host.domains(include_inactive=args.all)]
+        for d in host.domains(include_inactive=args.all):
+            try:
+                rows.append({"id": d.id(), "name": d.name, "state": d.state(), "hvext": d.facts().hvext_managed})
+            except DomainNotFound:
+                continue  # undefined while we were listing
     if args.json:
         common.print_json(rows)
     else:

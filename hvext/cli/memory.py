@@ -27,10 +27,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     common.add_domain(p)
     p.add_argument("size", metavar="SIZE", help="new target, e.g. 512M, 2G, 1.5GiB (at least 64 MiB, at most "
                                                 "the domain's memory)")
-    p.add_argument("--wait", type=common.positive_float, nargs="?", const=balloon.DEFAULT_TIMEOUT_S,
+    p.add_argument("--wait", type=common.seconds, nargs="?", const=balloon.DEFAULT_TIMEOUT_S,
                    metavar="SECONDS", help="follow the balloon until it reaches the target or the guest stops "
                                            f"(at most SECONDS, default {balloon.DEFAULT_TIMEOUT_S:.0f})")
-    p.add_argument("--stall", type=common.positive_float, default=balloon.DEFAULT_STALL_S, metavar="SECONDS",
+    p.add_argument("--stall", type=common.seconds, default=balloon.DEFAULT_STALL_S, metavar="SECONDS",
                    help="with --wait: the guest has stopped when the balloon did not move closer for this long "
                         f"(default {balloon.DEFAULT_STALL_S:.0f})")
     p.add_argument("--force", action="store_true",

@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="auto: measure and adapt (default); plain: libvirt's default live migration")
     p.add_argument("--downtime-ms", type=int, default=300, help="maximum downtime target (default 300)")
     p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="cap the migration bandwidth")
-    p.add_argument("--timeout", type=common.positive_float, metavar="SECONDS",
+    p.add_argument("--timeout", type=common.seconds, metavar="SECONDS",
                    help="abort (the source keeps running) if not done by then")
     p.add_argument("--no-shared-storage", action="store_true",
                    help="refuse unless libvirt itself deems the storage safe to migrate")

@@ -126,7 +126,7 @@ def host_capacity_mib(args: argparse.Namespace) -> int:
     """The memory of the host the tree divides: libvirt's when a URI is given, else /proc/meminfo."""
     if args.uri:
         with common.open_host(args) as host:
-            return int(host.conn.getInfo()[1])  # MiB
+            return host.memory_mib()
     total = meminfo("MemTotal")
     if not total:
         raise UsageError("cannot read MemTotal from /proc/meminfo")  # pragma: no cover
@@ -239,7 +239,7 @@ def domain_figures(args: argparse.Namespace, domains: list[str]) -> tuple[dict[s
                 if not dom.is_active():
                     figures[name] = DomainFigures(dom.state())
                     continue
-                _state, _max_kib, cur_kib, _vcpus, _cpu = dom.dom.info()  # live currentMemory = balloon actual
+                cur_kib = dom.info()["used_memory_kib"]  # live currentMemory = balloon actual
                 rss = dom.balloon_stats().get("rss")
                 figures[name] = DomainFigures("running", cur_kib * KIB // 2**20,
                                               rss // 1024 if rss is not None else None)

@@ -30,7 +30,7 @@ def cmd_qmp(args: argparse.Namespace) -> int:
     if args.arguments:
         try:
             arguments = json.loads(args.arguments)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than Python's stack
             raise UsageError(f"arguments are not valid JSON: {err}") from err
         if not isinstance(arguments, dict):
             raise UsageError("arguments must be a JSON object, e.g. '{\"calc-time\": 1}'")

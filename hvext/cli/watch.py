@@ -23,21 +23,22 @@ from hvext.cli import common
 from hvext.errors import UsageError
 
 T = TypeVar("T")
+MAX_COUNT = 10**9
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, default: float | None, source: str) -> None:
     """``--watch [SECONDS]`` (*default* when given without a value) and ``--count N``."""
     every = f"every SECONDS (default {default:g})" if default is not None else "every SECONDS"
-    parser.add_argument("--watch", type=common.positive_float, nargs="?", const=default, default=None,
+    parser.add_argument("--watch", type=common.seconds, nargs="?", const=default, default=None,
                         metavar="SECONDS", help=f"refresh {every} {source} until Ctrl-C")
-    parser.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N samples")
+    parser.add_argument("--count", type=common.count(1, MAX_COUNT), metavar="N",
+                        help="with --watch: stop after N samples")
 
 
-def check(args: argparse.Namespace, *, watching: bool | None = None) -> None:
-    """Refuse ``--count`` without ``--watch`` (or without *watching*) and a count below 1."""
-    watching = args.watch is not None if watching is None else watching
-    if args.count is not None and (args.count < 1 or not watching):
-        raise UsageError("--count needs --watch and a positive number")
+def check(args: argparse.Namespace) -> None:
+    """Refuse ``--count`` without ``--watch`` (its range is checked by its argparse type)."""
+    if args.count is not None and args.watch is None:
+        raise UsageError("--count needs --watch")
 
 
 @contextmanager

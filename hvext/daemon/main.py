@@ -5,6 +5,11 @@ shared asyncio loop (libvirtaio) and logs one line per event, and it
 reconnects with backoff when libvirtd goes away. With ``--config FILE`` it
 also runs the policy loops configured there (``[reclaim]``: see
 hvext.daemon.reclaim_loop). It stops cleanly on SIGTERM or SIGINT.
+
+No failure in one round of a loop (watching, reclaim, a SIGPWR save) stops
+hvextd: it is logged with its traceback and the loop goes on. Blocking calls
+(libvirt, files) run in threads, never on the shared loop, which must stay free
+for libvirt's keepalives and events.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 import libvirt
 
-from hvext import aio
+from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable
 from hvext.daemon import reclaim_loop
 from hvext.daemon.reclaim_loop import ReclaimConfig
@@ -49,47 +54,78 @@ class Daemon:
         self.disconnected = asyncio.Event()
 
     def _on_lifecycle(self, conn: Any, dom: libvirt.virDomain, event: int, detail: int, opaque: Any) -> None:
-        log.info("domain %s %s (detail %d)", dom.name(), EVENT_NAMES.get(event, f"event {event}"), detail)
+        try:
+            log.info("domain %s %s (detail %d)", dom.name(), EVENT_NAMES.get(event, f"event {event}"), detail)
+        except Exception:  # libvirt would print the traceback on stderr and drop it
+            log.exception("handling lifecycle event %d (detail %d) failed", event, detail)
 
     def _on_close(self, conn: Any, reason: int, opaque: Any) -> None:
         log.warning("libvirt connection closed (reason %d)", reason)
         self.disconnected.set()
 
     async def serve(self) -> None:
+        """Watch the host until stopped; every failure is logged and retried with backoff."""
         backoff = 1.0
         while not self.stopping.is_set():
             try:
-                host = Host(self.uri)
+                host = await asyncio.to_thread(Host, self.uri)
             except LibvirtUnavailable as err:
                 log.error("%s; retrying in %.0f s", err, backoff)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff = await self._back_off(backoff)
+                continue
+            except Exception:
+                log.exception("connecting to libvirt failed unexpectedly; retrying in %.0f s", backoff)
+                backoff = await self._back_off(backoff)
                 continue
             backoff = 1.0
             self.disconnected.clear()
             try:
-                host.conn.setKeepAlive(5, 3)
-                host.conn.registerCloseCallback(self._on_close, None)
-                callback = host.conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
-                log.info("watching %s (%d domains)", host.uri, len(host.domains()))
-                loops = [asyncio.ensure_future(reclaim_loop.run(host, self.reclaim, self.stopping))] \
-                    if self.reclaim else []
-                try:
-                    await self._wait_any(self.stopping, self.disconnected)
-                finally:
-                    for task in loops:
-                        task.cancel()
-                    await asyncio.gather(*loops, return_exceptions=True)
-                if not self.disconnected.is_set():
-                    host.conn.domainEventDeregisterAny(callback)
-                    host.conn.unregisterCloseCallback()
+                await self._watch(host)
             except (libvirt.libvirtError, HvextError) as err:
                 log.error("libvirt failed: %s; retrying in %.0f s", err, backoff)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff = await self._back_off(backoff)
+            except Exception:
+                log.exception("watching %s failed unexpectedly; retrying in %.0f s", host.uri, backoff)
+                backoff = await self._back_off(backoff)
             finally:
-                host.close()
+                await asyncio.to_thread(host.close)
+
+    async def _back_off(self, seconds: float) -> float:
+        """Wait *seconds* (or until stopped) and return the next, longer wait."""
+        await self._sleep(seconds)
+        return min(seconds * 2, MAX_BACKOFF_S)
+
+    def _register(self, host: Host) -> int:
+        """Keepalive, close callback and lifecycle events on *host* (blocking: run in a thread)."""
+        try:
+            host.conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                raise
+            log.info("%s has no keepalive (a local driver): not needed", host.uri)
+        host.conn.registerCloseCallback(self._on_close, None)
+        callback: int = host.conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        log.info("watching %s (%d domains)", host.uri, len(host.domains()))
+        return callback
+
+    def _deregister(self, host: Host, callback: int) -> None:
+        host.conn.domainEventDeregisterAny(callback)
+        host.conn.unregisterCloseCallback()
+
+    async def _watch(self, host: Host) -> None:
+        """Register on *host*, run the policy loops, and wait until stopped or disconnected."""
+        callback = await asyncio.to_thread(self._register, host)
+        loops = [asyncio.ensure_future(reclaim_loop.run(host, self.reclaim, self.stopping))] \
+            if self.reclaim else []
+        try:
+            await self._wait_any(self.stopping, self.disconnected)
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+        if not self.disconnected.is_set():
+            await asyncio.to_thread(self._deregister, host, callback)
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -117,6 +153,9 @@ def on_power_loss(uri: str | None) -> None:
     except HvextError as err:
         log.error("power-loss save failed: %s", err)
         return
+    except Exception:  # hvextd must live on: the next SIGPWR (or a restore at start) may still work
+        log.exception("power-loss save failed unexpectedly")
+        return
     for device in report["devices"]:
         log.warning("power loss: %s %s: %s", device["domain"], device["backing"],
                     device.get("error") or f"{device.get('bytes_written', 0)} bytes in {device.get('seconds')} s "
@@ -131,6 +170,9 @@ def on_start_restore(uri: str | None) -> None:
     except HvextError as err:
         log.error("cannot read the power registry: %s", err)
         return
+    except Exception:
+        log.exception("cannot read the power registry")
+        return
     if not pending:
         return
     log.warning("a power loss was recorded for %d device(s): restoring", len(pending))
@@ -140,6 +182,9 @@ def on_start_restore(uri: str | None) -> None:
             report = power.power_restore(host)
     except HvextError as err:
         log.error("power restore failed: %s", err)
+        return
+    except Exception:
+        log.exception("power restore failed unexpectedly")
         return
     for domain in report.get("domains", []):
         log.warning("power restore: %s: %s", domain.get("domain"), domain.get("error") or domain.get("action"))
@@ -158,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except HvextError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    qmp.use_monitor("daemon")  # the CLI keeps the other one: `hvext qmp` works while hvextd holds this one
     loop = aio.loop()
 
     async def start() -> Daemon:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,25 +53,36 @@ class ReclaimConfig:
         unknown = set(data) - {"interval_s", "host_available_min_mib", "step_mib", "method", "domains"}
         if unknown:
             raise UsageError(f"config {path}: unknown [reclaim] keys {sorted(unknown)}")
+        domains = data.get("domains", [])
+        if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+            raise UsageError('reclaim.domains must be a list of domain names, e.g. ["web1", "db1"]')
         values: dict[str, Any] = {k: tuple(v) if k == "domains" else v for k, v in data.items()}
-        config = cls(**values)
-        if not (isinstance(config.interval_s, (int, float)) and config.interval_s >= 1):
-            raise UsageError("reclaim.interval_s must be at least 1")
-        if not (isinstance(config.step_mib, int) and config.step_mib >= 16):
+        return cls(**values).validate()
+
+    def validate(self) -> ReclaimConfig:
+        """This config, or UsageError naming the first bad value (TOML has nan, inf and booleans)."""
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not (number(self.interval_s) and math.isfinite(self.interval_s) and 1 <= self.interval_s <= 86400):
+            raise UsageError("reclaim.interval_s must be a number of seconds from 1 to 86400")
+        if not (number(self.step_mib) and isinstance(self.step_mib, int) and 16 <= self.step_mib <= 1 << 30):
             raise UsageError("reclaim.step_mib must be an integer of at least 16")
-        if not isinstance(config.host_available_min_mib, int) or config.host_available_min_mib < 0:
+        if not (number(self.host_available_min_mib) and isinstance(self.host_available_min_mib, int)
+                and 0 <= self.host_available_min_mib <= 1 << 40):
             raise UsageError("reclaim.host_available_min_mib must be a non-negative integer")
-        if config.method not in METHODS:
+        if self.method not in METHODS:
             raise UsageError(f"reclaim.method must be one of {', '.join(METHODS)}")
-        return config
+        return self
 
 
 def _pool_entitlements(domains: list[Domain], demand: dict[str, int]) -> dict[str, int]:
-    """Entitlement in bytes per domain assigned to a pool (others absent)."""
+    """Entitlement in bytes per domain assigned to a pool (others absent; none when the store is unusable)."""
     try:
         from hvext.memory.pools_store import PoolStore
         tree = PoolStore().load(capacity_mib=max(1, sum(demand.values()) // MIB))
-    except (HvextError, OSError):
+    except (HvextError, OSError) as err:
+        log.warning("pool entitlements unavailable, ordering VMs by size: %s", err)
         return {}
     by_leaf = {}
     for domain in domains:
@@ -83,22 +95,46 @@ def _pool_entitlements(domains: list[Domain], demand: dict[str, int]) -> dict[st
     return {by_leaf[leaf]: mib * MIB for leaf, mib in shares.items() if leaf in by_leaf}
 
 
+def candidates(host: Host, config: ReclaimConfig) -> list[Domain]:
+    """Running hvext VMs to take from, most above their entitlement first (blocking: libvirt, pool store).
+
+    A VM that cannot be read (it vanished, libvirt failed on it) is skipped
+    this round, logged: it must not stop the others from being considered.
+    """
+    found: list[Domain] = []
+    actual: dict[str, int] = {}
+    for domain in host.domains(include_inactive=False):
+        if config.domains and domain.name not in config.domains:
+            continue
+        try:
+            if not domain.facts().hvext_managed:
+                continue
+            actual[domain.name] = domain.info()["used_memory_kib"] * 1024
+        except HvextError as err:
+            log.warning("skipping %s this round: %s", domain.name, err)
+            continue
+        found.append(domain)
+    entitled = _pool_entitlements(found, actual)
+    found.sort(key=lambda d: actual[d.name] - entitled.get(d.name, 0), reverse=True)
+    return found
+
+
 async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
-    """Reclaim once if the host is short of memory; returns what was done (also logged)."""
-    available = meminfo("MemAvailable")
+    """Reclaim once if the host is short of memory; returns what was done (also logged).
+
+    Blocking work runs in threads; a VM whose reclaim fails, however, is
+    logged and the next one is tried.
+    """
+    available = await asyncio.to_thread(meminfo, "MemAvailable")
     floor = config.host_available_min_mib * MIB
     if available >= floor:
         return []
     need = floor - available
-    candidates = [d for d in host.domains(include_inactive=False)
-                  if d.facts().hvext_managed and (not config.domains or d.name in config.domains)]
-    actual = {d.name: d.info()["used_memory_kib"] * 1024 for d in candidates}
-    entitled = _pool_entitlements(candidates, actual)
-    candidates.sort(key=lambda d: actual[d.name] - entitled.get(d.name, 0), reverse=True)
+    found = await asyncio.to_thread(candidates, host, config)
     log.info("host available %d MiB < %d MiB: reclaiming %d MiB from %d VMs", available // MIB,
-             config.host_available_min_mib, need // MIB, len(candidates))
+             config.host_available_min_mib, need // MIB, len(found))
     done = []
-    for domain in candidates:
+    for domain in found:
         if need <= 0:
             break
         amount = min(config.step_mib * MIB, need)
@@ -106,6 +142,9 @@ async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
             report = await reclaim.reclaim(domain, amount, config.method)
         except HvextError as err:
             log.warning("reclaim from %s refused: %s", domain.name, err)
+            continue
+        except Exception:
+            log.exception("reclaim from %s failed unexpectedly", domain.name)
             continue
         log.info("reclaimed from %s: %s, %d MiB returned (%s)", domain.name, report.method,
                  report.returned // MIB, report.decision["reason"])
@@ -121,6 +160,8 @@ async def run(host: Host, config: ReclaimConfig, stopping: asyncio.Event) -> Non
             await one_round(host, config)
         except HvextError as err:
             log.error("reclaim round failed: %s", err)
+        except Exception:
+            log.exception("reclaim round failed unexpectedly; the next one runs in %s s", config.interval_s)
         try:
             await asyncio.wait_for(stopping.wait(), config.interval_s)
         except asyncio.TimeoutError:

@@ -26,7 +26,7 @@ is refused unless forced.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,6 +40,8 @@ from hvext.errors import DomainStateError, HvextError, QMPError, UsageError
 from hvext.host import Domain, libvirt_errors
 from hvext.domxml import libvirt_size
 from hvext.units import KIB, MIB, format_size
+
+log = logging.getLogger(__name__)
 
 BALLOON_QOM_PATH = "/machine/peripheral/balloon0"  # libvirt names the balloon device balloon0
 METADATA_NS = "https://hvext.dev/xmlns/balloon/1"  # not hvext's domain marker namespace: one element per URI
@@ -136,13 +138,15 @@ class BalloonResult:
 
 
 def boot_memory(domain: Domain) -> int:
-    """The balloon's ceiling in bytes: the domain's boot RAM (memory devices such as NVDIMMs excluded).
-
-    The sum of the NUMA cells when the XML has them (hvext domains do), else
-    ``<memory>`` minus the memory devices.
-    """
+    """The balloon's ceiling in bytes: the domain's boot RAM (memory devices such as NVDIMMs excluded)."""
     with libvirt_errors(f"reading the definition of {domain.name!r}"):
         root = etree.fromstring(domain.dom.XMLDesc(0).encode())
+    return boot_memory_of(root)
+
+
+def boot_memory_of(root: etree._Element) -> int:
+    """Boot RAM in bytes of a domain XML: the sum of the NUMA cells when it has them (hvext
+    domains do), else ``<memory>`` minus the memory devices (which libvirt counts in it)."""
     cells = root.findall("cpu/numa/cell")
     if cells:
         return sum(libvirt_size(c.get("memory"), c.get("unit")) for c in cells)
@@ -150,6 +154,20 @@ def boot_memory(domain: Domain) -> int:
     total = libvirt_size(memory.text, memory.get("unit")) if memory is not None else 0
     devices = sum(libvirt_size(e.text, e.get("unit")) for e in root.iterfind("devices/memory/target/size"))
     return total - devices
+
+
+def definition_target(root: etree._Element) -> int | None:
+    """The balloon target a domain XML starts the guest with, in bytes; None without ``<currentMemory>``.
+
+    libvirt counts memory devices (NVDIMM, virtio-pmem) in ``<currentMemory>``
+    (attaching one adds its size), while QEMU's balloon works on boot RAM and
+    caps its target there: so the target is ``currentMemory`` capped at the
+    boot memory, never a figure that includes PMEM.
+    """
+    current = root.find("currentMemory")
+    if current is None or not current.text:
+        return None
+    return min(libvirt_size(current.text, current.get("unit")), boot_memory_of(root))
 
 
 def autodeflate(domain: Domain) -> bool:
@@ -184,8 +202,21 @@ def check_target(domain: Domain, size: int) -> int:
 async def read_balloon(domain: Domain) -> tuple[int, dict[str, Any]]:
     """(actual bytes, QMP guest-stats reply) of a running domain."""
     async with domain.qmp() as qmp:
-        actual = int((await qmp.execute("query-balloon"))["actual"])
+        actual = await query_actual(qmp)
         return actual, await _guest_stats(qmp)
+
+
+async def query_actual(qmp: Any) -> int:
+    """``actual`` of QEMU's query-balloon, in bytes."""
+    return actual_of(await qmp.execute("query-balloon"))
+
+
+def actual_of(reply: Any) -> int:
+    """``actual`` (bytes) of a query-balloon reply; QMPError when it does not carry a sane one."""
+    actual = reply.get("actual") if isinstance(reply, dict) else None
+    if not isinstance(actual, int) or isinstance(actual, bool) or not 0 <= actual < 2**63:
+        raise QMPError(f"QMP query-balloon: no usable 'actual' in the reply ({str(reply)[:80]!r})")
+    return actual
 
 
 async def _guest_stats(qmp: Any) -> dict[str, Any]:
@@ -212,8 +243,9 @@ async def guest_available(domain: Domain) -> tuple[int | None, str]:
         value = meminfo.get("MemAvailable") if isinstance(meminfo, dict) else None
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53:
             return value * KIB, "agent"
-    except HvextError:
-        pass
+        log.info("agent of %s sent no usable MemAvailable (%r): using balloon statistics", domain.name, value)
+    except HvextError as err:
+        log.info("agent of %s unavailable (%s): using balloon statistics", domain.name, err)
     _actual, stats = await read_balloon(domain)
     if stats_fresh(stats):
         return stat_value(stats, "stat-available-memory"), "balloon statistics"
@@ -249,18 +281,19 @@ def recorded_target(domain: Domain) -> Target | None:
                           float(element.get("set-at", "nan")) if element.get("set-at") else None)
     except libvirt.libvirtError as err:
         if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            log.warning("cannot read the balloon target hvext recorded for %s: %s", domain.name,
+                        err.get_error_message())
             return None
-    except (ValueError, etree.XMLSyntaxError):
-        pass  # a metadata element someone else wrote: ignore it
+    except (ValueError, etree.XMLSyntaxError) as err:  # a metadata element someone else wrote
+        log.warning("ignoring the unreadable balloon target recorded for %s: %s", domain.name, err)
     try:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if domain.dom.isPersistent() else 0
         root = etree.fromstring(domain.dom.XMLDesc(flags).encode())
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as err:
+        log.warning("cannot read the definition of %s: %s", domain.name, err.get_error_message())
         return None
-    current = root.find("currentMemory")
-    if current is None or not current.text:
-        return None
-    return Target(libvirt_size(current.text, current.get("unit")), "definition")
+    target = definition_target(root)
+    return Target(target, "definition") if target is not None else None
 
 
 # -- setting --------------------------------------------------------------
@@ -283,11 +316,10 @@ async def apply_target(domain: Domain, size: int, *, force: bool = False) -> Set
 
     Refuses (UsageError) sizes below 64 MiB or above the boot memory and, unless
     *force*, shrinking a running guest below what it can spare. libvirt calls
-    run in the loop's executor, so the daemon can await this.
+    run in threads, so the daemon can await this.
     """
-    loop = asyncio.get_running_loop()
-    target = await loop.run_in_executor(None, check_target, domain, size)
-    live = await loop.run_in_executor(None, domain.is_active)
+    target = await asyncio.to_thread(check_target, domain, size)
+    live = await asyncio.to_thread(domain.is_active)
     actual = floor = None
     if live:
         available, source = await guest_available(domain)
@@ -301,7 +333,7 @@ async def apply_target(domain: Domain, size: int, *, force: bool = False) -> Set
                     f"{format_size(actual)}, available {format_size(available)} by its {source}) and needs "
                     f"headroom, so {format_size(floor)} is the lowest safe target; --force tries anyway (the "
                     "guest may OOM-kill its processes, or panic)")
-    await loop.run_in_executor(None, _set_memory, domain, target, live)
+    await asyncio.to_thread(_set_memory, domain, target, live)
     return SetResult(domain.name, target, live, actual, floor)
 
 
@@ -332,7 +364,7 @@ async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOU
 
     *start* is where the balloon was before the target was set (default: now).
     """
-    if not domain.is_active():
+    if not await asyncio.to_thread(domain.is_active):
         raise DomainStateError(f"domain {domain.name!r} is not running: there is no balloon to follow")
     began = time.monotonic()
     async with domain.qmp() as qmp:
@@ -341,11 +373,11 @@ async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOU
         if qmp.supports_events:
             async def watch() -> None:
                 async for event in qmp.events("BALLOON_CHANGE"):  # type: ignore[attr-defined]
-                    updates.put_nowait(int(event.get("data", {}).get("actual", -1)))
+                    updates.put_nowait(event_actual(event))
             watcher = asyncio.ensure_future(watch())
             await asyncio.sleep(0)  # subscribed before the first query
         try:
-            actual = int((await qmp.execute("query-balloon"))["actual"])
+            actual = await query_actual(qmp)
             first = actual if start is None else start
             best_gap = abs(actual - target)
             last_progress = time.monotonic()
@@ -374,13 +406,12 @@ async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOU
                         continue
                 except TimeoutError:
                     pass
-                actual = int((await qmp.execute("query-balloon"))["actual"])
+                actual = await query_actual(qmp)
             stats = await _guest_stats(qmp) if outcome != "reached" else {}
         finally:
             if watcher is not None:
                 watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await watcher
+                await _reap_watcher(watcher, domain.name)
     last_update = stats.get("last-update") if isinstance(stats.get("last-update"), int) else None
     return BalloonResult(
         domain=domain.name, target=target, start=first, actual=actual, outcome=outcome,
@@ -389,6 +420,28 @@ async def follow(domain: Domain, target: int, *, timeout: float = DEFAULT_TIMEOU
         guest_free=stat_value(stats, "stat-free-memory"), guest_available=stat_value(stats, "stat-available-memory"),
         guest_stats_age_s=round(time.time() - last_update, 1) if last_update else None,
         events=events)
+
+
+def event_actual(event: Any) -> int:
+    """``actual`` (bytes) of a BALLOON_CHANGE event from QEMU, or -1 when the event does not carry one."""
+    data = event.get("data") if isinstance(event, dict) else None
+    actual = data.get("actual") if isinstance(data, dict) else None
+    if isinstance(actual, int) and not isinstance(actual, bool) and 0 <= actual < 2**63:
+        return actual
+    return -1
+
+
+async def _reap_watcher(watcher: asyncio.Future[None], name: str) -> None:
+    """Wait for a cancelled event watcher; a failure it met is logged (following fell back to polling)."""
+    try:
+        await watcher
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the caller itself is being cancelled, not only the watcher
+    except Exception as err:
+        log.warning("BALLOON_CHANGE events of %s stopped (%s: %s); following relied on polling",
+                    name, type(err).__name__, err)
 
 
 async def set_and_follow(domain: Domain, size: int, *, force: bool = False,

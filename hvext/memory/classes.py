@@ -31,6 +31,7 @@ get the more disruptive method for itself, never memory from another VM.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
@@ -220,13 +221,13 @@ async def host_limit(domain: Domain) -> tuple[int, str]:
     where only the boot memory bounds it.)
     """
     from hvext.memory import balloon
-    if balloon.autodeflate(domain):
-        return balloon.boot_memory(domain), "boot memory"
+    if await asyncio.to_thread(balloon.autodeflate, domain):
+        return await asyncio.to_thread(balloon.boot_memory, domain), "boot memory"
     try:
         async with domain.qmp() as qmp:
-            return int((await qmp.execute("query-balloon"))["actual"]), "balloon actual"
+            return await balloon.query_actual(qmp), "balloon actual"
     except QMPError:
-        return balloon.boot_memory(domain), "boot memory"
+        return await asyncio.to_thread(balloon.boot_memory, domain), "boot memory"
 
 
 async def fetch(domain: Domain, *, interval: float | None = None, cached: bool = False,

@@ -4,6 +4,10 @@ Collect (balloon statistics, the agent's usage classes) -> decide
 (:mod:`hvext.memory.policy`, pure) -> act (:mod:`hvext.memory.balloon`,
 :mod:`hvext.memory.swap`) -> measure what the host really got back (the QEMU
 process's RSS and the host's available memory, not only balloon figures).
+
+Everything blocking (libvirt calls, /proc reads, the ``process_madvise``
+page-out, which can take seconds) runs in a thread: hvextd shares its event
+loop with libvirt's keepalives and events and with a SIGPWR save.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ async def _swap_writeback_settled(timeout: float = 10.0) -> None:
     """Wait (bounded) until paged-out pages have reached swap and left RAM, so that the
     host's available memory is measured after the fact, not while writes are in flight."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and meminfo("Writeback") > MIB:
+    while time.monotonic() < deadline and await asyncio.to_thread(meminfo, "Writeback") > MIB:
         await asyncio.sleep(0.2)
 
 
@@ -88,31 +92,33 @@ async def collect(domain: Domain) -> tuple[policy.VMState, list[str]]:
 
 async def reclaim(domain: Domain, amount: int, method: str = "auto") -> ReclaimReport:
     """Take *amount* bytes from the running *domain* and return what was decided, done and measured."""
-    domain.require_running()
+    await asyncio.to_thread(domain.require_running)
     started = time.monotonic()
     state, notes = await collect(domain)
     decision = policy.decide(state, amount, method)
     log.info("reclaim %s from %s: %s (%s)", amount, domain.name, decision.method, decision.reason)
-    pid = swap.qemu_pid(domain.name)
-    rss_before = swap.process_memory(pid)["rss"]
-    available_before = meminfo("MemAvailable")
+    pid = await asyncio.to_thread(swap.qemu_pid, domain.name)
+    rss_before = (await asyncio.to_thread(swap.process_memory, pid))["rss"]
+    available_before = await asyncio.to_thread(meminfo, "MemAvailable")
     if decision.balloon:
         try:
             await balloon.set_and_follow(domain, state.actual - decision.balloon, timeout=90)
         except balloon.BalloonStalled as err:
             notes.append(f"balloon stopped short: {err}")
     if decision.swap:
-        ram = balloon.boot_memory(domain)
-        result = swap.page_out(pid, ram, decision.swap)
+        ram = await asyncio.to_thread(balloon.boot_memory, domain)
+        result = await asyncio.to_thread(swap.page_out, pid, ram, decision.swap)
         notes.append(f"host swap: {result.reclaimed >> 20} MiB paged out in {result.seconds:.2f} s")
     actual_after, _ = await balloon.read_balloon(domain)
     if decision.swap:
         await _swap_writeback_settled()
+    rss_after = (await asyncio.to_thread(swap.process_memory, pid))["rss"]
+    available_after = await asyncio.to_thread(meminfo, "MemAvailable")
     return ReclaimReport(
         domain=domain.name, method=decision.method,
         decision={"balloon": decision.balloon, "swap": decision.swap, "reason": decision.reason},
-        rss_before=rss_before, rss_after=swap.process_memory(pid)["rss"],
-        host_available_before=available_before, host_available_after=meminfo("MemAvailable"),
+        rss_before=rss_before, rss_after=rss_after,
+        host_available_before=available_before, host_available_after=available_after,
         balloon_actual_before=state.actual, balloon_actual_after=actual_after,
         seconds=round(time.monotonic() - started, 2), notes=notes)
 

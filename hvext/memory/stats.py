@@ -9,6 +9,7 @@ checked to be non-negative integers and kept apart from the hypervisor's own.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,16 +86,26 @@ async def agent_meminfo(domain: Domain) -> dict[str, dict[str, int]]:
             "vmstat": _clean_counters(result.get("vmstat"))}
 
 
+def guest_stats_of(reply: Any) -> tuple[dict[str, int], int | None]:
+    """(statistics, last update) of QEMU's guest-stats reply, keeping only sane values: QEMU reports
+    a statistic the guest never sent as 2**64 - 1 (-1 in older versions)."""
+    if not isinstance(reply, dict):
+        return {}, None
+    raw = reply.get("stats")
+    keys = [k for k in raw if isinstance(k, str)][:64] if isinstance(raw, dict) else []
+    clean = {k: v for k in keys if (v := balloon.stat_value(reply, k)) is not None}
+    updated = reply.get("last-update")
+    return clean, updated if isinstance(updated, int) and not isinstance(updated, bool) else None
+
+
 async def collect(domain: Domain) -> MemStats:
     """Balloon figures from QMP and meminfo from the agent; a missing agent is reported, not fatal."""
-    stats = MemStats(balloon_target=balloon.recorded_target(domain))
+    stats = MemStats(balloon_target=await asyncio.to_thread(balloon.recorded_target, domain))
     try:
         async with domain.qmp() as qmp:
-            stats.balloon_actual = int((await qmp.execute("query-balloon"))["actual"])
+            stats.balloon_actual = await balloon.query_actual(qmp)
             guest = await qmp.execute("qom-get", {"path": BALLOON_QOM_PATH, "property": "guest-stats"})
-            # QEMU reports a statistic the guest never sent as 2**64 - 1 (-1 in older versions)
-            stats.guest_stats = {k: int(v) for k, v in guest.get("stats", {}).items() if 0 <= int(v) < 2**63}
-            stats.guest_stats_updated = guest.get("last-update")
+            stats.guest_stats, stats.guest_stats_updated = guest_stats_of(guest)
     except QMPError as err:
         stats.qmp_error = str(err)
     try:

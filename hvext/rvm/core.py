@@ -29,6 +29,7 @@ import mmap
 import os
 import threading
 import time
+import zlib
 from typing import Any, Callable
 
 from hvext.rvm import logformat as lf
@@ -61,6 +62,17 @@ _PAD = bytes(lf.ALIGN)
 _REC_SIZE = lf.REC.size
 _BODY_PACK = lf.REC_BODY.pack
 _U32_PACK = lf.U32.pack
+_ALIGN_MASK = lf.ALIGN - 1
+_crc32 = zlib.crc32
+_clock = time.perf_counter
+
+# Truncation hands the GIL to committers after this much work (seconds)
+# while commits go on (the last one less than _COMMITS_GONE seconds ago); without
+# that a committer waits up to the interpreter's switch interval (5 ms) for
+# it. time.sleep(0) costs 50-120 us (timer slack), so it is paid neither per
+# record nor when nobody commits (a foreground truncate(), close()).
+_YIELD_EVERY = 0.000025
+_COMMITS_GONE = 0.005
 
 DEFAULT_TRUNCATE_RATIO = 0.5
 _OPTIONS = ("truncate_ratio", "background_truncation")
@@ -231,15 +243,21 @@ class Region(bytearray):
 
 
 class _Txn:
-    """An active transaction: declared ranges and, with restore, old values."""
+    """An active transaction: declared ranges and, with restore, old values.
 
-    __slots__ = ("tid", "restore", "ranges")
+    ``table`` is built as ranges are declared, flat, in the order of the
+    record's range table (segment id, length, segment offset per range), so
+    that a commit packs it with one ``struct`` call and loops over nothing.
+    """
+
+    __slots__ = ("tid", "restore", "ranges", "table")
 
     def __init__(self, tid: int, restore: bool) -> None:
         self.tid = tid
         self.restore = restore
-        # (region, offset, length, old bytes or None, memoryview of the range)
-        self.ranges: list[tuple[Region, int, int, bytes | None, memoryview]] = []
+        # (region, memoryview of the range, old bytes or None)
+        self.ranges: list[tuple[Region, memoryview, bytes | None]] = []
+        self.table: list[int] = []
 
 
 class Transaction:
@@ -349,8 +367,7 @@ class RVM:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._hdr_lock = threading.Lock()
-        self._sync_cond = threading.Condition(threading.Lock())
-        self._syncing = False
+        self._sync_mutex = threading.Lock()
         self._synced = self._tail
         self._truncating = False
         self._epoch = 1
@@ -365,6 +382,7 @@ class RVM:
         self._worker: threading.Thread | None = None
         self._wake = threading.Event()
         self._stats = {"commits": 0, "truncations": 0, "syncs": 0}
+        self._last_commit = 0.0  # _clock() of the last commit (truncation yields the GIL after one)
         self._closed = False
 
     # ------------------------------------------------------------------ options
@@ -626,15 +644,14 @@ class RVM:
             if (
                 type(offset) is not int
                 or type(length) is not int
-                or offset < 0
-                or length <= 0
-                or offset + length > len(region)
+                or not 0 <= offset < offset + length <= len(region)
             ):
                 raise RVMRangeError(
                     f"range [{offset!r}:+{length!r}] is outside region of length {len(region)}"
                 )
             view = region._mv[offset : offset + length]
-            txn.ranges.append((region, offset, length, bytes(view) if txn.restore else None, view))
+            txn.ranges.append((region, view, bytes(view) if txn.restore else None))
+            txn.table += (region._seg.id, length, region._base + offset)
             return view
 
     def abort_transaction(self, tid: int) -> None:
@@ -649,7 +666,7 @@ class RVM:
                     f"transaction {tid} was begun with restore=False and cannot be aborted"
                 )
             del self._active[tid]
-            for _region, _off, _n, old, view in reversed(txn.ranges):
+            for _region, view, old in reversed(txn.ranges):
                 view[:] = old
 
     def _discard(self, tid: int) -> None:
@@ -674,22 +691,19 @@ class RVM:
                 self._check_open()
                 raise RVMInactiveTransactionError(f"transaction {tid!r} is not active")
             if txn.ranges:
-                self._committing[tid] = txn  # unmap must wait: the lock may be released
                 try:
                     end = self._append_txn_locked(txn)
                 except BaseException:
                     if not self._closed:
                         self._active[tid] = txn  # still active: the caller may abort it
                     raise
-                finally:
-                    del self._committing[tid]
                 self._stats["commits"] += 1
+                self._last_commit = _clock()
             else:
                 end = self._tail
+            ratio = self._truncate_ratio
             need_truncate = (
-                self._truncate_ratio is not None
-                and not self._truncating
-                and self._tail - self._head >= self._truncate_ratio * self._cap
+                ratio is not None and not self._truncating and end - self._head >= ratio * self._cap
             )
         if flush and self._synced < end:
             self._sync_to(end)
@@ -699,42 +713,69 @@ class RVM:
     # ---------------------------------------------------------------- the log
 
     def _append_txn_locked(self, txn: _Txn) -> int:
-        """Lock held. Write the record (and the segment declarations the epoch lacks)."""
+        """Lock held. Write the record (and the segment declarations the epoch lacks).
+
+        The fast path (no declaration due, no wrap, room enough) is one
+        ``pwritev`` of the record header, the range table packed in one call
+        and memoryviews of the region's bytes (no copy of the data), checksummed
+        straight from those views.
+        """
         cap = self._cap
-        targs: list[int] = []
-        views: list[memoryview] = []
-        plen = 0
-        for region, off, n, _old, view in txn.ranges:
-            targs += (region._seg.id, n, region._base + off)
-            views.append(view)
-            plen += n
+        targs = txn.table
+        views = [rng[1] for rng in txn.ranges]
         count = len(views)
         table = lf.range_table(count).pack(*targs)
-        used = _REC_SIZE + len(table) + plen
-        size = lf.aligned(used)
-        payload = [table, *views]
-        if size != used:
-            payload.append(_PAD[: size - used])
-        while True:
-            self._check_open()
-            self._raise_if_broken()
-            epoch = self._epoch
-            decls: list[_Segment] = []
-            for region, *_ in txn.ranges:
-                seg = region._seg
-                if seg.declared != epoch and seg not in decls:
-                    decls.append(seg)
-            lsn = self._tail
-            if not decls and size <= cap - lsn % cap and lsn + size - self._head <= cap:
-                # Fast path: one record, no wrap, room enough: one pwritev.
+        used = _REC_SIZE + len(table) + sum(targs[1::3])
+        size = (used + _ALIGN_MASK) & ~_ALIGN_MASK
+        lsn = self._tail
+        if (
+            self._broken is None
+            and not self._closed
+            and size <= cap - lsn % cap
+            and lsn + size - self._head <= cap
+            and count < _IOV_MAX - 4
+        ):
+            epoch, segs = self._epoch, self._segs
+            for seg_id in {*targs[0::3]}:
+                if segs[seg_id].declared != epoch:
+                    break
+            else:  # fast path
                 body = _BODY_PACK(lf.KIND_TXN, 0, size, count, lsn)
-                crc = lf.record_crc(body, payload, self._salt)
+                crc = _crc32(table, _crc32(body, self._salt))
+                for view in views:
+                    crc = _crc32(view, crc)
+                pad = _PAD[: size - used]
+                iov = [_U32_PACK(_crc32(pad, crc)), body, table, *views, pad]
                 try:
-                    _write_iov(self._fd, [_U32_PACK(crc), body, *payload], lf.physical(lsn, cap))
+                    n = os.pwritev(self._fd, iov, lf.DATA_START + lsn % cap)
+                    if n != size:  # short write: finish the rest the slow way
+                        _write_all(self._fd, memoryview(b"".join(iov))[n:], lf.DATA_START + lsn % cap + n)
                 except OSError as err:
                     raise RVMIOError(f"cannot write to log {self._path}: {err.strerror}") from err
                 self._tail = lsn + size
                 return lsn + size
+        # Slow path: segment declarations, a wrap, or waiting for room (the
+        # lock may be released meanwhile: unmap must see the transaction).
+        self._committing[txn.tid] = txn
+        try:
+            return self._append_slow_locked(targs, table, views, used, size)
+        finally:
+            del self._committing[txn.tid]
+
+    def _append_slow_locked(self, targs: list[int], table: bytes, views: list, used: int, size: int) -> int:
+        """Lock held (maybe released meanwhile). Lay out and write declarations and the record."""
+        cap = self._cap
+        payload = [table, *views]
+        if size != used:
+            payload.append(_PAD[: size - used])
+        count = len(views)
+        seg_ids = sorted({*targs[0::3]})
+        while True:
+            self._check_open()
+            self._raise_if_broken()
+            epoch = self._epoch
+            decls = [self._segs[i] for i in seg_ids if self._segs[i].declared != epoch]
+            lsn = self._tail
             records = [(lf.KIND_SEG, seg.id, [os.fsencode(seg.path)]) for seg in decls]
             records.append((lf.KIND_TXN, count, payload))
             sizes = [lf.aligned(_REC_SIZE + len(rec[2][0])) for rec in records[:-1]] + [size]
@@ -828,31 +869,28 @@ class RVM:
             self._header = new
 
     def _sync_to(self, lsn: int) -> None:
-        """Make the log durable up to ``lsn``; concurrent callers share one fdatasync."""
-        cond = self._sync_cond
-        with cond:
-            while self._synced < lsn:
-                if self._syncing:
-                    cond.wait()
-                    continue
-                self._raise_if_broken()
-                self._syncing = True
-                target = self._tail
-                cond.release()
-                try:
-                    _fdatasync(self._fd)
-                except OSError as err:
-                    # After a failed fdatasync the kernel may have dropped the
-                    # dirty pages: nothing written since the last sync is safe.
-                    self._broken = err
-                    raise RVMIOError(f"fdatasync of log {self._path} failed: {err.strerror}") from err
-                finally:
-                    cond.acquire()
-                    self._syncing = False
-                    cond.notify_all()
-                self._stats["syncs"] += 1
-                if target > self._synced:
-                    self._synced = target
+        """Make the log durable up to ``lsn``; concurrent callers share one fdatasync.
+
+        Group commit: the sync mutex serialises the fdatasyncs; a thread that
+        finds one running waits on the mutex, and the first of the waiters
+        then syncs everything written meanwhile (the tail as it is then), so
+        the others find their records covered and return without a sync.
+        """
+        with self._sync_mutex:
+            if self._synced >= lsn:
+                return
+            self._raise_if_broken()
+            target = self._tail  # every record below the tail is completely written
+            try:
+                _fdatasync(self._fd)
+            except OSError as err:
+                # After a failed fdatasync the kernel may have dropped the
+                # dirty pages: nothing written since the last sync is safe.
+                self._broken = err
+                raise RVMIOError(f"fdatasync of log {self._path} failed: {err.strerror}") from err
+            self._stats["syncs"] += 1
+            if target > self._synced:
+                self._synced = target
 
     def flush(self) -> None:
         """Make every commit made so far (no_flush ones included) durable."""
@@ -908,20 +946,34 @@ class RVM:
         scanner = lf.Scanner(self._fd, self._cap, self._salt, self._header.log_size)
         segs = self._segs
         touched: dict[int, _Segment] = {}
-        for i, rec in enumerate(scanner.scan(start, stop)):
-            if not i & 15:
-                time.sleep(0)  # let committers have the GIL: truncation runs alongside them
-            for seg_id, off, data in rec.ranges:
-                seg = segs[seg_id]
-                touched[seg_id] = seg
-                end = off + len(data)
-                m = seg.map
-                if m is None or end > len(m):
-                    m = seg.writer(end)
-                if m is not None:
-                    m[off:end] = data
-                else:
-                    _write_all(seg.fd, data, off)
+        clock = _clock
+        next_yield = clock() + _YIELD_EVERY
+        n = 0
+        for seg_id, off, data in scanner.ranges(start, stop):
+            n += 1
+            if not n & 3 and clock() >= next_yield:
+                # While commits go on, a committer back from its write or
+                # fdatasync waits for the GIL: hand it over regularly. With no
+                # commit for a while nobody waits: do not pay for sleeps.
+                if clock() - self._last_commit < _COMMITS_GONE:
+                    time.sleep(0)
+                next_yield = clock() + _YIELD_EVERY
+            seg = touched.get(seg_id)
+            if seg is None:
+                if seg_id >= len(segs):
+                    self._broken = RVMLogCorruptError(
+                        f"{self._path}: the log reads back an unknown segment id {seg_id}"
+                    )
+                    raise self._broken
+                seg = touched[seg_id] = segs[seg_id]
+            end = off + len(data)
+            m = seg.map
+            if m is None or end > len(m):
+                m = seg.writer(end)
+            if m is not None:
+                m[off:end] = data
+            else:
+                _write_all(seg.fd, data, off)
         if scanner.end_lsn != stop:
             self._broken = RVMLogCorruptError(
                 f"{self._path}: the log reads back damaged at LSN {scanner.end_lsn}"

@@ -273,3 +273,69 @@ class Scanner:
         else:
             self.torn = False
         self.end_lsn = lsn
+
+    def ranges(self, start_lsn: int, stop_lsn: int) -> Iterator[tuple[int, int, memoryview]]:
+        """Yield (segment id, segment offset, new bytes) of every range logged in [start, stop).
+
+        For truncation, which reads back records this process wrote (and
+        synced) itself: the structure of every record is checked (LSN, kind,
+        length, table) but not its CRC, which would cost a pass over all the
+        data (about 0.3 us per KiB). Stops early, with ``torn`` set, at a record
+        that does not parse; ``end_lsn`` says where.
+        """
+        cap = self._cap
+        hsize, rsize = REC.size, RANGE.size
+        unpack_rec, iter_ranges, unpack_range = REC.unpack_from, RANGE.iter_unpack, RANGE.unpack_from
+        lsn = start_lsn
+        buf, buf_lsn = self._buf, self._buf_lsn
+        self.torn = True
+        while lsn < stop_lsn:
+            room = cap - lsn % cap
+            if room < hsize:  # implicit wrap
+                lsn += room
+                continue
+            pos = lsn - buf_lsn
+            if pos < 0 or pos + hsize > len(buf):
+                win = self._window(lsn, hsize)
+                if win is None:
+                    break
+                buf, pos = win
+                buf_lsn = lsn
+            _crc, kind, flags, length, count, rec_lsn = unpack_rec(buf, pos)
+            if rec_lsn != lsn or flags or length < hsize or length & (ALIGN - 1) or length > room:
+                break
+            if pos + length > len(buf):
+                win = self._window(lsn, length)
+                if win is None:
+                    break
+                buf, pos = win
+                buf_lsn = lsn
+            if kind == KIND_TXN:
+                p = pos + hsize + rsize * count
+                if count == 1 and length >= hsize + rsize:  # the common case: no table loop
+                    seg_id, n, off = unpack_range(buf, pos + hsize)
+                    if (hsize + rsize + n + ALIGN - 1) & ~(ALIGN - 1) != length:
+                        break
+                    yield seg_id, off, buf[p : p + n]
+                    lsn += length
+                    continue
+                if p > pos + length:
+                    break
+                table = list(iter_ranges(buf[pos + hsize : p]))
+                q = p
+                for entry in table:
+                    q += entry[1]
+                if (q - pos + ALIGN - 1) & ~(ALIGN - 1) != length:
+                    break  # checked before yielding: no byte of a bad record is applied
+                for seg_id, n, off in table:
+                    yield seg_id, off, buf[p : p + n]
+                    p += n
+            elif kind == KIND_WRAP:
+                lsn += room
+                continue
+            elif kind != KIND_SEG:
+                break
+            lsn += length
+        else:
+            self.torn = False
+        self.end_lsn = lsn

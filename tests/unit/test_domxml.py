@@ -19,7 +19,7 @@ def make(kvm: bool) -> domxml.DomainXML:
         os_boot=domxml.OSBoot(Path("/cache/vmlinuz"), Path("/cache/initrd.img"), "root=/dev/vda rw"),
         cpu=domxml.CPU(kvm=kvm, vcpus=2, memory_mib=1024), disk=domxml.Disk(state / "disk.qcow2"),
         console=domxml.SerialConsole(Path("/var/log/hvext/console/golden.log")),
-        qmp=domxml.QMPMonitor(state / "qmp.sock"),
+        qmp=domxml.QMPMonitor(state / "qmp.sock", state / "qmp-cli.sock"),
         emulator=Path("/usr/local/lib/hvext/qemu-system-x86_64") if kvm else None,
         devices=[domxml.AgentChannel(state / "agent.sock"), domxml.Balloon(free_page_reporting=kvm), domxml.RNG()],
     )
@@ -39,6 +39,9 @@ def test_facts_of_hvext_domain() -> None:
     facts = domxml.read_facts(xml)
     assert facts.hvext_managed
     assert facts.qmp_socket == Path("/var/lib/hvext/domains/golden/qmp.sock")
+    assert facts.qmp_cli_socket == Path("/var/lib/hvext/domains/golden/qmp-cli.sock")
+    assert facts.monitor_socket("daemon") == facts.qmp_socket
+    assert facts.monitor_socket("cli") == facts.qmp_cli_socket  # hvextd and the CLI never share a monitor
     assert facts.agent_socket == Path("/var/lib/hvext/domains/golden/agent.sock") and facts.has_agent_channel
     assert facts.console_log == Path("/var/log/hvext/console/golden.log")
     assert (facts.max_memory_kib, facts.current_memory_kib) == (1024 * 1024, 768 * 1024)
@@ -51,6 +54,16 @@ def test_facts_of_plain_libvirt_domain() -> None:
     assert not facts.hvext_managed and facts.qmp_socket is None
     assert not facts.has_agent_channel and facts.console_log is None
     assert (facts.max_memory_kib, facts.current_memory_kib) == (262144, 1024 * 1024)
+
+
+def test_domain_defined_with_one_monitor_keeps_working() -> None:
+    """Domains defined before hvext gave them two monitors: hvextd and the CLI share the one they have."""
+    xml = make(False).render()
+    old = xml.replace('<hvext:qmp-cli path="/var/lib/hvext/domains/golden/qmp-cli.sock"/>', "")
+    assert old != xml
+    facts = domxml.read_facts(old)
+    assert facts.qmp_cli_socket is None
+    assert facts.monitor_socket("cli") == facts.monitor_socket("daemon") == facts.qmp_socket
 
 
 @pytest.mark.parametrize("name", ["", "-x", "a b", "a/b", "x" * 65, "é"])

@@ -117,6 +117,29 @@ def test_recorded_target_prefers_hvexts_record() -> None:
         balloon.Target(400 * MIB, "definition")  # type: ignore[arg-type]
 
 
+#: What libvirt writes for a 768 MiB hvext guest after `hvext pmem-attach` of a 64 MiB NVDIMM (cold):
+#: it adds the device to <memory> and <currentMemory> (captured from libvirt 9.0).
+LIBVIRT_AFTER_NVDIMM_ATTACH = """<domain type='kvm'><name>vm</name>
+  <maxMemory slots='8' unit='KiB'>67108864</maxMemory>
+  <memory unit='KiB'>851968</memory><currentMemory unit='KiB'>851968</currentMemory>
+  <cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model>
+    <numa><cell id='0' cpus='0' memory='786432' unit='KiB'/></numa></cpu>
+  <devices><memory model='nvdimm'><source><path>/var/lib/hvext/pmem/vm.img</path></source>
+    <target><size unit='KiB'>65536</size><node>0</node></target></memory>
+  <memballoon model='virtio'/></devices></domain>"""
+
+
+def test_the_definitions_target_does_not_count_pmem() -> None:
+    """dommemstat showed "balloon target (definition) 832 MiB" for this 768 MiB guest."""
+    assert balloon.recorded_target(FakeDomain(LIBVIRT_AFTER_NVDIMM_ATTACH)) == \
+        balloon.Target(768 * MIB, "definition")  # type: ignore[arg-type]
+    # currentMemory 512 MiB before the attach, 576 after: libvirt hands QEMU 576, below the boot memory
+    ballooned = LIBVIRT_AFTER_NVDIMM_ATTACH.replace("<currentMemory unit='KiB'>851968",
+                                                    "<currentMemory unit='KiB'>589824")
+    assert balloon.recorded_target(FakeDomain(ballooned)) == \
+        balloon.Target(576 * MIB, "definition")  # type: ignore[arg-type]
+
+
 def follow(script: list[int], target: int, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> balloon.BalloonResult:
     monkeypatch.setattr(balloon, "POLL_INTERVAL_S", 0.01)
     stats = {"stats": {"stat-free-memory": 5 * MIB, "stat-available-memory": 8 * MIB}, "last-update": 1}

@@ -29,8 +29,8 @@ class FakeDomain:
     def state(self) -> str:
         return "running" if self.running else "shut off"
 
-    def info(self) -> list[int]:
-        return [1, 1024 * 1024, self.actual_kib, 1, 0]
+    def info(self) -> dict[str, Any]:
+        return {"state": self.state(), "max_memory_kib": 1024 * 1024, "used_memory_kib": self.actual_kib}
 
     def balloon_stats(self) -> dict[str, int]:
         return {"actual": self.actual_kib, "rss": self.rss_kib}

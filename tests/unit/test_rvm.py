@@ -957,3 +957,111 @@ def test_failed_log_sync_stops_the_rvm_until_reopened(tmp_path, log, monkeypatch
             commit(r, region, 20, b"more")
     with rvm.RVM(log) as r:  # reopening recovers what the log holds
         assert bytes(r.map(seg, 100)[:4]) == b"safe"
+
+
+# ------------------------------------------- preallocated log, lean truncation
+
+
+def test_preallocated_zeros_are_never_taken_for_records(tmp_path, log):
+    """A crash in the middle of the preallocated (zero-filled) area: zeros end the log.
+
+    The ring is zero-filled at creation, so whatever part of a record never
+    reached the disk reads back as zeros: such a record, a record entirely
+    of zeros, and the zeros after the last record must never validate.
+    """
+    seg = tmp_path / "s"
+    assert rvm.scan_log(log)["records"] == [] and rvm.scan_log(log)["end_lsn"] == 0
+    txns = write_history(log, seg, 10)
+    info = rvm.scan_log(log)
+    end = txns[-1]["offset"] + txns[-1]["length"]
+    assert read_file(log, end, 4096) == bytes(4096)  # preallocated zeros after the tail
+    assert info["end_lsn"] == txns[-1]["lsn"] + txns[-1]["length"]  # zeros: no record
+    raw = bytearray(read_file(log))
+    last = txns[-1]
+    cut = last["offset"] + last["length"] // 2  # its second half never left the cache
+    raw[cut:end] = bytes(end - cut)
+    log.write_bytes(raw)
+    assert recovered(log, seg) == expected_after(9)
+    # A whole record lost in the middle (its sectors still zeros): a prefix, nothing later.
+    txns = write_history(log, seg, 8)
+    raw = bytearray(read_file(log))
+    mid = txns[4]
+    raw[mid["offset"] : mid["offset"] + mid["length"]] = bytes(mid["length"])
+    log.write_bytes(raw)
+    assert [t["lsn"] for t in rvm.scan_log(log)["records"] if t["kind"] == "transaction"] == [
+        t["lsn"] for t in txns[:4]
+    ]
+
+
+@pytest.mark.parametrize("where", ["lsn", "length", "table", "segment"])
+def test_truncation_stops_on_a_log_that_reads_back_damaged(tmp_path, log, where):
+    """Truncation checks the structure of what it reads back (not the CRC: it wrote it).
+
+    A record that does not parse stops the truncation before any of its
+    bytes reach the segment, and the RVM refuses further commits; reopening
+    recovers the valid prefix.
+    """
+    seg = tmp_path / "s"
+    with rvm.RVM(log, truncate_ratio=None) as r:
+        region = r.map(seg, 4096)
+        commit(r, region, 0, b"good", flush=False)
+        commit(r, region, 100, b"damaged!", flush=False)
+        recs = [x for x in rvm.scan_log(log)["records"] if x["kind"] == "transaction"]
+        bad = recs[-1]
+        at_table = lf.REC.size  # the first range entry: segment id, then length
+        fields = {"lsn": (16, 8), "length": (8, 4), "table": (at_table + 4, 4), "segment": (at_table, 4)}
+        field = fields[where]
+        fd = os.open(log, os.O_RDWR)  # behind the RVM's back
+        try:
+            off = bad["offset"] + field[0]
+            raw = bytearray(os.pread(fd, field[1], off))
+            raw[0] ^= 0x40
+            os.pwrite(fd, bytes(raw), off)
+        finally:
+            os.close(fd)
+        with pytest.raises(rvm.RVMLogCorruptError):
+            r.truncate()
+        with pytest.raises(rvm.RVMIOError):
+            commit(r, region, 200, b"more")
+        assert read_file(seg, 100, 8) == bytes(8)  # nothing of the bad record applied
+    assert recovered(log, seg)[:4] == b"good"
+
+
+def test_truncation_yields_the_gil_only_while_commits_go_on(tmp_path, log, monkeypatch):
+    """A foreground truncation with no committer never sleeps; with one committing, it does."""
+    from hvext.rvm import core
+
+    sleeps = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(core.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
+    monkeypatch.setattr(core, "_YIELD_EVERY", 0.0, raising=False)  # consider a yield at every range
+    seg = tmp_path / "s"
+    big_log = tmp_path / "big.log"
+    rvm.create_log(big_log, 8 << 20)
+    with rvm.RVM(big_log, truncate_ratio=None) as r:
+        region = r.map(seg, 1 << 20)
+        for i in range(3000):
+            commit(r, region, (i * 331) % ((1 << 20) - 64), b"x" * 64, flush=False)
+        real_sleep(0.05)  # nobody committed for a while
+        r.truncate()
+        assert sleeps == []
+        for i in range(3000):
+            commit(r, region, (i * 331) % ((1 << 20) - 64), b"y" * 64, flush=False)
+        other = r.map(tmp_path / "t", 4096)
+        stop = threading.Event()
+
+        def committer():
+            while not stop.is_set():
+                commit(r, other, 0, b"z", flush=False)
+
+        t = threading.Thread(target=committer)
+        t.start()
+        try:
+            r.truncate()
+        finally:
+            stop.set()
+            t.join()
+        assert sleeps
+        final = bytes(region)
+    assert read_file(seg) == final
+

@@ -14,7 +14,7 @@ from hvext import aio
 from hvext.cli.main import main
 from hvext.host import Domain
 from hvext.units import MIB
-from tests.vm.helpers import cli
+from tests.vm.helpers import cli, cli_json
 from tests.vm.helpers import guest_exec as guest
 
 
@@ -51,6 +51,13 @@ def test_cold_plugged_nvdimm_is_seen_and_dax_writes_reach_the_backing_file(pmem_
     (namespace,) = json.loads(out)["guest"]
     assert namespace["mode"] == "fsdax" and namespace["mount"] == {"mountpoint": "/mnt/pmem", "fstype": "ext4",
                                                                     "dax": True}
+
+
+def test_dommemstat_target_does_not_count_pmem(pmem_vm: Domain, capsys) -> None:
+    """libvirt adds the NVDIMM to currentMemory: dommemstat showed a 768 MiB target for this 512 MiB guest."""
+    stats = cli_json(capsys, "dommemstat", pmem_vm.name)
+    assert stats["balloon_target"] == {"bytes": 512 * MIB, "source": "definition", "set_at": None}
+    assert stats["balloon_actual"] == 512 * MIB
 
 
 def test_hot_plugged_nvdimm_appears_in_the_guest(pmem_vm: Domain, capsys) -> None:

@@ -3,7 +3,9 @@ whose balloon driver is gone, and both really return memory to the host (QEMU's 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -73,3 +75,36 @@ def test_hvextd_reclaim_loop_logs_its_decisions(reclaim_vm: Domain, tmp_path) ->
     done = subprocess.run([sys.executable, "-m", "hvext.daemon.main", "--config", str(bad)],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "step_mib" in done.stderr
+
+
+def test_reclaim_leaves_the_shared_loop_free(reclaim_vm: Domain, record_property) -> None:
+    """The page-out (process_madvise, seconds) and libvirt calls ran on hvext's shared loop, which
+    libvirt's keepalives and events and hvextd's SIGPWR save need: a heartbeat task measures it."""
+    async def reclaim_with_heartbeat() -> tuple[reclaim.ReclaimReport, float]:
+        lag = 0.0
+        running = True
+
+        async def heartbeat() -> None:
+            nonlocal lag
+            while running:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                lag = max(lag, time.monotonic() - before - 0.01)
+
+        beat = asyncio.ensure_future(heartbeat())
+        try:
+            report = await reclaim.reclaim(reclaim_vm, 384 * MIB, "swap")
+        finally:
+            running = False
+            await beat
+        return report, lag
+
+    guest(reclaim_vm, "python3 -c 'b = bytearray(450 << 20); b[::4096] = b\"y\" * len(b[::4096])'")  # resident
+    report, lag = aio.run(reclaim_with_heartbeat())
+    pageout = next(n for n in report.notes if n.startswith("host swap:"))
+    pageout_s = float(re.search(r"in ([0-9.]+) s", pageout).group(1))  # type: ignore[union-attr]
+    record_property("pageout_s", pageout_s)
+    record_property("loop_lag_s", round(lag, 3))
+    print(f"page-out {pageout_s:.2f} s, loop lag {lag:.3f} s")
+    assert pageout_s >= 0.1, f"the page-out was too quick to tell ({pageout}); the test needs a longer one"
+    assert lag < pageout_s / 2, f"the loop stalled {lag:.2f} s during a {pageout_s:.2f} s page-out"

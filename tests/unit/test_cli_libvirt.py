@@ -1,0 +1,103 @@
+"""libvirt failing under the CLI (libvirt's test driver, shared by the connections of this process):
+a domain that vanishes between lookup and use gives `error: ...` or is skipped, never a traceback.
+
+The vanishing is forced at an exact point: a profile hook destroys the (transient) domain for real,
+through libvirt, when the named hvext.host.Domain method returns for it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import libvirt
+import pytest
+
+from hvext.cli.main import main
+from hvext.errors import DomainNotFound
+from hvext.host import Host
+
+URI = "test:///default"
+
+
+@pytest.fixture
+def transient() -> Iterator[libvirt.virDomain]:
+    """A running transient domain on the test driver (destroying it makes it vanish)."""
+    conn = libvirt.open(URI)
+    name = f"hvext-test-vanish-{uuid.uuid4().hex[:8]}"
+    dom = conn.createXML(f"<domain type='test'><name>{name}</name><memory>65536</memory>"
+                         "<os><type>hvm</type></os></domain>", 0)
+    try:
+        yield dom
+    finally:
+        try:
+            dom.destroy()
+        except libvirt.libvirtError:
+            pass
+        conn.close()
+
+
+@contextmanager
+def vanish_after(method: str, dom: libvirt.virDomain) -> Iterator[None]:
+    """Destroy *dom* once, right after hvext.host.Domain.<method> returned for it."""
+    name = dom.name()
+    done = False
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        nonlocal done
+        if done or event != "return" or frame.f_code.co_name != method \
+                or not frame.f_code.co_filename.endswith(str(Path("hvext", "host.py"))):
+            return
+        handle = frame.f_locals.get("self")
+        if getattr(handle, "name", None) == name:
+            done = True
+            dom.destroy()
+
+    sys.setprofile(hook)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
+    assert done, f"Domain.{method} never ran for {name}"
+
+
+def test_list_skips_a_domain_undefined_while_listing(transient: libvirt.virDomain,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with vanish_after("state", transient):
+        status = main(["-c", URI, "list", "--json"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert transient.name() not in [row["name"] for row in json.loads(out)]
+
+
+def test_pool_list_reports_a_domain_that_vanished_between_lookup_and_use(
+        transient: libvirt.virDomain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`dom.dom.info()` was a raw libvirt call: a vanished domain gave a libvirtError traceback."""
+    monkeypatch.setenv("HVEXT_POOLS_DB", str(tmp_path / "pools.sqlite"))
+    assert main(["-c", URI, "pool-assign", transient.name(), "/vm", "--create"]) == 0
+    capsys.readouterr()
+    with vanish_after("is_active", transient):
+        status = main(["-c", URI, "pool-list", "--json"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    leaf = json.loads(out)["tree"]["children"][0]
+    assert leaf["domain"] == transient.name() and leaf["domain_state"] == "missing"
+
+
+def test_domain_accessors_translate_libvirt_errors(transient: libvirt.virDomain) -> None:
+    with Host(URI) as host:
+        domain = host.lookup(transient.name())
+        assert domain.id() is not None and domain.uuid() == transient.UUIDString()
+        assert transient.name() in domain.xml()
+        assert host.memory_mib() > 0
+        transient.destroy()
+        for accessor in (domain.id, domain.xml, domain.info, domain.state):  # the UUID is known locally
+            with pytest.raises(DomainNotFound):
+                accessor()
