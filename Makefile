@@ -6,9 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup packages libvirtd swap venv image qemu demo test unit vm bench clean-vms
+.PHONY: setup packages libvirtd swap venv completion image qemu demo test unit vm bench man clean-vms
 
-setup: packages libvirtd swap venv image qemu
+setup: packages libvirtd swap venv completion image qemu
 
 packages:
 	setup/host.sh packages
@@ -27,6 +27,10 @@ $(VENV)/.installed: pyproject.toml | packages
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
+
+# Shell completion of commands, options and domain names: /etc/bash_completion.d/hvext.
+completion: venv
+	HVEXT_VENV=$(VENV) setup/host.sh completion
 
 image: venv
 	$(PY) -m hvext.image build
@@ -55,6 +59,11 @@ bench: setup
 	@failed=""; for b in $(BENCHES); do echo "== $$b $(BENCH_ARGS)"; \
 	  $(PY) $$b $(BENCH_ARGS) || failed="$$failed $$b"; echo; done; \
 	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
+
+# The manual page, generated from the CLI's parser: man -l docs/hvext.1
+man: venv
+	COLUMNS=80 $(PY) -m hvext.cli.manpage > docs/hvext.1.tmp || { rm -f docs/hvext.1.tmp; exit 1; }
+	mv docs/hvext.1.tmp docs/hvext.1
 
 # Remove domains left by interrupted test runs (names start with hvext-test-).
 clean-vms: venv

@@ -3,7 +3,8 @@
 # Idempotent: every step checks first and skips what is already done.
 #   setup/host.sh packages   install missing Debian packages
 #   setup/host.sh libvirtd   make sure virtlogd and libvirtd run (starts them without systemd)
-#   setup/host.sh all        both
+#   setup/host.sh completion shell completion for hvext (/etc/bash_completion.d/hvext; needs the venv)
+#   setup/host.sh all        packages, libvirtd, swap, sysctls
 set -euo pipefail
 
 PACKAGES=(
@@ -12,7 +13,7 @@ PACKAGES=(
   pkg-config gcc python3 python3-dev python3-venv
   mmdebstrap linux-image-amd64 e2fsprogs kmod
   iproute2 dnsmasq-base
-  openssl iptables
+  openssl iptables groff-base
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -101,11 +102,35 @@ sysctls() {
   log "vm.unprivileged_userfaultfd: set to 1 (post-copy migration)"
 }
 
+# Shell completion of commands, options and domain names (argcomplete, hvext/cli/completion.py).
+# The file is read by bash-completion (package bash-completion) or by `source` in ~/.bashrc.
+completion() {
+  local root venv target=/etc/bash_completion.d/hvext tmp
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  venv="${HVEXT_VENV:-$root/.venv}"
+  [ -x "$venv/bin/python" ] || die "no virtualenv at $venv: make venv builds it"
+  install -d -m 0755 /etc/bash_completion.d
+  tmp="$(mktemp /etc/bash_completion.d/.hvext.XXXXXX)"
+  if ! "$venv/bin/python" -m hvext.cli.completion bash > "$tmp"; then
+    rm -f "$tmp"
+    die "python -m hvext.cli.completion failed (is argcomplete installed in $venv? make venv)"
+  fi
+  if cmp -s "$tmp" "$target"; then
+    rm -f "$tmp"
+    log "shell completion: $target up to date"
+    return
+  fi
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$target"
+  log "shell completion: $target installed"
+}
+
 case "${1:-all}" in
   packages) packages ;;
   libvirtd) libvirtd ;;
   swap) swap ;;
   sysctls) sysctls ;;
+  completion) completion ;;
   all) packages; libvirtd; swap; sysctls ;;
-  *) die "unknown step ${1}; use packages, libvirtd, swap, sysctls or all" ;;
+  *) die "unknown step ${1}; use packages, libvirtd, swap, sysctls, completion or all" ;;
 esac

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
-from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hvext import aio
-from hvext.cli import common
+from hvext.cli import common, watch
 from hvext.errors import UsageError
 from hvext.host import Domain
 from hvext.memory import balloon, classes, stats
@@ -44,9 +41,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("memclass", help="guest memory usage classes (free, page cache, anon, slab, ...) "
                                              "from the agent, checked")
     common.add_domain(p)
-    p.add_argument("--watch", type=common.seconds, nargs="?", const=2.0, metavar="SECONDS",
-                   help="refresh every SECONDS (default 2) from the agent's periodic sampler until Ctrl-C")
-    p.add_argument("--count", type=common.count(1, 10**9), metavar="N", help="with --watch: stop after N samples")
+    watch.add_arguments(p, default=2.0, source="from the agent's periodic sampler")
     common.add_json(p)
     p.set_defaults(func=cmd_memclass)
 
@@ -150,8 +145,7 @@ def classes_table(report: classes.MemClasses) -> Table:
 
 
 def cmd_memclass(args: argparse.Namespace) -> int:
-    if args.count is not None and args.watch is None:
-        raise UsageError("--count needs --watch")
+    watch.check(args)
     with common.open_domain(args) as dom:
         dom.require_running()
         if args.watch is None:
@@ -167,31 +161,6 @@ def cmd_memclass(args: argparse.Namespace) -> int:
 def _watch(dom: Domain, args: argparse.Namespace) -> int:
     """Poll the agent's periodic sampler every --watch seconds (JSON: one object per line)."""
     interval: float = args.watch
-    live = common.console.is_terminal and not args.json
-    samples = 0
-    with Live(console=common.console, auto_refresh=False, transient=False) if live else _nothing() as screen:
-        while args.count is None or samples < args.count:
-            began = time.monotonic()
-            report = aio.run(classes.fetch(dom, interval=interval, cached=True, max_age=interval * 1.5))
-            samples += 1
-            if args.json:
-                sys.stdout.write(json.dumps(report.to_dict(), sort_keys=True, default=str) + "\n")
-                sys.stdout.flush()
-            elif screen is not None:
-                screen.update(classes_table(report), refresh=True)
-            else:
-                common.console.print(classes_table(report))
-            if args.count is not None and samples >= args.count:
-                break
-            time.sleep(max(0.0, interval - (time.monotonic() - began)))
-    return 0
-
-
-class _nothing:
-    """A context manager standing in for Live when output is not a terminal."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    return watch.run(lambda: aio.run(classes.fetch(dom, interval=interval, cached=True, max_age=interval * 1.5)),
+                     interval=interval, count=args.count, as_json=args.json,
+                     to_dict=classes.MemClasses.to_dict, render=classes_table)

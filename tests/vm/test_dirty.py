@@ -135,6 +135,29 @@ def test_page_list_holds_the_pages_the_workload_wrote(booted_vm: Domain, stress,
 
 
 @patched
+def test_dirtylog_watch_takes_count_samples_of_the_workload(booted_vm: Domain, stress, capsys) -> None:
+    stress(16, 32)
+    started = time.monotonic()
+    status = main(["dirtylog", booted_vm.name, "--watch", "1", "--count", "3", "--json"])
+    elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    samples = [json.loads(line) for line in out.splitlines()]  # one JSON object per line
+    assert status == 0, err
+    assert [s["sample"] for s in samples] == [1, 2, 3] and {s["domain"] for s in samples} == {booted_vm.name}
+    for sample in samples:  # each covers one interval, and the workload wrote in each
+        assert 500 <= sample["interval_ms"] <= 5000 and sample["dirty"] > 0 and sample["mib_per_s"] > 0
+        assert sample["dirty"] == sum(b["dirty"] for b in sample["blocks"].values())
+    assert elapsed >= 3.0
+    # Without --json (not a terminal): each sample printed in turn, with the history plot.
+    assert main(["dirtylog", booted_vm.name, "--watch", "0.5", "--count", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "sample 1 at" in text and "sample 2 at" in text and "last 2 intervals" in text
+    # The watch stopped its dirty log: a one-off log starts and stops as usual.
+    assert main(["dirtylog", booted_vm.name, "--seconds", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dirty"] > 0
+
+
+@patched
 def test_dirty_log_coexists_with_dirty_rate(booted_vm: Domain, stress) -> None:
     stress(16, 100)
 
