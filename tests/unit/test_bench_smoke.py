@@ -52,7 +52,7 @@ def test_a_guest_benchmark_that_cannot_start_prints_rows_not_a_traceback(bench: 
     assert "FileNotFoundError" in done.stdout
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.requires(shutil.which("make"), "make is not installed (the README's first step installs it)")
 def test_make_bench_runs_every_benchmark_and_fails_at_the_end(tmp_path: Path) -> None:
     failing = tmp_path / "broken.py"
     failing.write_text("import sys\nsys.exit('broken benchmark')\n")

@@ -12,9 +12,8 @@ import pytest
 
 from hvext.lab import pki, plan
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the lab's PKI is root's"),
-              pytest.mark.skipif(shutil.which("openssl") is None and os.environ.get("CI") != "true",
-                                 reason="openssl is not installed (setup/host.sh installs it)")]
+pytestmark = [pytest.mark.requires(os.geteuid() == 0, "the lab's PKI is root's"),
+              pytest.mark.requires(shutil.which("openssl"), "openssl is not installed (setup/host.sh installs it)")]
 
 
 def mode(path: Path) -> int:

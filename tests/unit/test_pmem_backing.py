@@ -14,7 +14,7 @@ from hvext.pmem import devices
 
 SIZE = 2 * 1024 * 1024
 NOBODY = 65534
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="files of another user need root")
+root_only = pytest.mark.requires(os.geteuid() == 0, "files of another user need root")
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from hvext.errors import HostError
 from hvext.paths import UnsafePathError
 
 NOBODY = 65534
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+root_only = pytest.mark.requires(os.geteuid() == 0, "chown to another user needs root")
 
 
 @pytest.fixture

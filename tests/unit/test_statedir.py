@@ -15,7 +15,7 @@ from hvext.statedir import StateOwner
 
 OWNER = StateOwner(host_uuid=str(uuid.uuid4()), uri="qemu+unix:///system?socket=/run/hvext-lab/host1/libvirt/libvirt-sock",
                    domain_uuid=str(uuid.uuid4()), name="vm1")
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the record is trusted only when root's")
+root_only = pytest.mark.requires(os.geteuid() == 0, "the record is trusted only when root's")
 
 
 @root_only

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import missing
+
 from hvext import image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,13 +44,12 @@ def test_reclaim_bench_smoke(guest_image: image.GuestImage) -> None:
     assert len(rows) == 1 and "error" not in rows[0], done.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (namespaces, libvirtd)")
-@pytest.mark.skipif(not (shutil.which("libvirtd") or os.path.exists("/usr/sbin/libvirtd")),
-                    reason="libvirtd is not installed")
+@pytest.mark.requires(os.geteuid() == 0, "the lab needs root (namespaces, libvirtd)")
+@pytest.mark.requires(shutil.which("libvirtd") or os.path.exists("/usr/sbin/libvirtd"), "libvirtd is not installed")
 def test_migrate_bench_smoke(guest_image: image.GuestImage) -> None:
     from hvext.lab import Lab
     if Lab.load() is not None:
-        pytest.skip("a lab is already up; it may belong to someone else (bench/migrate.py would use it)")
+        missing("a lab is already up; it may belong to someone else (bench/migrate.py would use it)")
     done = run_bench(guest_image, "bench/migrate.py", "--smoke", timeout=600)
     rows = [line for line in done.stdout.splitlines() if line.split()[:2] == ["0%", "auto"]]
     assert len(rows) == 1 and "not run" not in rows[0], done.stdout

@@ -10,18 +10,20 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
+from tests.support import missing
+
 from hvext import paths, statedir
 from hvext.errors import HostError
 from hvext.host import DomainSpec, Host
 from hvext.lab import Lab
 
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"), pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.requires(os.geteuid() == 0, "the lab needs root"), pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")
 def lab(guest_image) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
     if Lab.load() is not None:
-        pytest.skip("a lab is already up (maybe someone else's); `hvext lab down` first to run these tests")
+        missing("a lab is already up (maybe someone else's); `hvext lab down` first to run these tests")
     built = Lab.up(2)
     try:
         yield built
