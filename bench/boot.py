@@ -140,7 +140,7 @@ def boot_once(host: Host, variant: str, image_dir: Path, memory: int, timeout: f
         ready_host = tail.find(READY)[0]  # type: ignore[index]
         aio.run(domain.wait_agent(30))
         answered = time.monotonic()
-        dmesg = aio.run(guest_exec(domain, ["dmesg"], 30))["stdout"]
+        dmesg = aio.run(guest_exec(domain, ["dmesg"], 30)).stdout
         # host time of the guest's uptime 0: the earliest (arrival - uptime) over lines that carry both
         stamped = [t - float(m.group(1)) for t, line in tail.lines if (m := UP_RE.search(line))]
         run_init = dmesg_time(dmesg, "Run /init as init process")
