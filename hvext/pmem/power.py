@@ -47,7 +47,7 @@ from hvext.errors import DomainNotFound, HvextError, QMPError, UsageError
 from hvext.host import Domain, Host, libvirt_errors
 from hvext.pmem import devices, virtio
 from hvext.pmem.devices import PmemDevice
-from hvext.pmem.store import Store, StoreError, make_private_dir, write_atomic
+from hvext.pmem.store import Store, StoreError, make_store_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Registration:
 def registry(directory: Path | None = None) -> Iterator[list[Registration]]:
     """The registrations, locked; changes to the list (and its items) are written back atomically."""
     directory = directory or power_dir()
-    make_private_dir(directory)  # the registry names guest memory files; stores below hold guest memory
+    make_store_dir(directory)  # the registry names guest memory files; stores below hold guest memory
     path = directory / "registry.json"
     fd = os.open(directory / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:

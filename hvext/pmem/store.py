@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hvext import paths
 from hvext.errors import HvextError, UsageError
 
 FORMAT = "hvext-power-store"
@@ -95,28 +95,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def make_private_dir(directory: Path) -> bool:
-    """Make *directory* (missing parents with default modes) 0700, owned by us; True when created here.
-
-    A symlink, a non-directory or a directory owned by another user is refused: it would let
-    someone else read guest memory or redirect where it is written."""
-    directory = Path(directory)
+def make_store_dir(directory: Path) -> bool:
+    """Make *directory* (missing parents with default modes) private to us (0700) with
+    :func:`hvext.paths.private_dir`; True when created here. A symlink, a non-directory or a
+    directory someone else owns or can write is refused with :class:`StoreUsageError`: it would
+    let someone else read guest memory or redirect where it is written."""
+    directory = Path(os.path.abspath(directory))
     directory.parent.mkdir(parents=True, exist_ok=True)
-    created = True
     try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        created = False
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise StoreUsageError(f"{directory} is not a directory owned by this user (a symlink or someone "
-                              "else's); give a directory hvext may make private")
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
-    return created
+        try:
+            paths.private_dir(directory, mode=0o700, exclusive=True)
+            return True
+        except FileExistsError:
+            paths.private_dir(directory, mode=0o700)
+            return False
+    except paths.UnsafePathError as err:
+        raise StoreUsageError(f"{err}; give a directory hvext may make private") from err
 
 
 def _create_private(path: Path) -> int:
@@ -188,7 +182,7 @@ class Store:
         if (directory / MANIFEST).exists():
             raise StoreUsageError(f"{directory} already holds a store")
         try:
-            created = make_private_dir(directory)
+            created = make_store_dir(directory)
             if not created and any(directory.iterdir()):
                 raise StoreUsageError(f"{directory} is not empty and holds no store; give a new or empty "
                                       "directory for the store")

@@ -10,7 +10,7 @@ import pytest
 
 from hvext.dirty.pages import DirtyBlock, DirtyPages
 from hvext.pmem import power
-from hvext.pmem.store import BLOCK_SIZE, Store
+from hvext.pmem.store import BLOCK_SIZE, Store, StoreError
 
 SIZE = 16 * BLOCK_SIZE
 
@@ -117,3 +117,12 @@ def test_unprotect_remove_store_keeps_foreign_files(tmp_path: Path) -> None:
         regs.append(reg(store=str(store_dir)))
     power.unprotect("d", Path(reg().backing), remove_store=True, registry_dir=tmp_path)
     assert sorted(p.name for p in store_dir.iterdir()) == ["mine.txt"]
+
+
+def test_registry_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    directory = tmp_path / "power"
+    directory.mkdir()
+    directory.chmod(0o777)
+    with pytest.raises(StoreError, match="writable by every user"):
+        power.registrations(directory)
+    assert not list(directory.iterdir())

@@ -206,3 +206,14 @@ def test_remove_deletes_only_what_hvext_wrote(tmp_path: Path) -> None:
     Store.remove(tmp_path / "store")
     assert not (tmp_path / "store").exists()  # left empty: removed
     assert Store.remove(tmp_path / "store") == []
+
+
+def test_create_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    """The store directory goes through paths.private_dir: an existing world-writable one (others
+    may have put links in it) is refused, not adopted with a chmod."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(StoreUsageError, match="writable by every user"):
+        Store.create(shared, SIZE)
+    assert _mode(shared) == 0o777 and not list(shared.iterdir())
