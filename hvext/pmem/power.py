@@ -571,8 +571,10 @@ def _restore_domain(domain: Domain, group: list[Registration]) -> dict[str, Any]
 def _restore_file(domain: Domain, reg: Registration, owner: tuple[int, int], *, force: bool) -> dict[str, Any]:
     backing = Path(reg.backing)
     store = Store.open(Path(reg.store))
-    if backing.exists():
-        if not store.differs(backing):
+    if os.path.lexists(backing):
+        with os.fdopen(devices.open_backing(backing, os.O_RDONLY), "rb") as current:  # no link, no FIFO
+            differs = store.differs(current)
+        if not differs:
             return {"backing": reg.backing, "action": "intact"}
         if not force:
             return {"backing": reg.backing, "action": "kept (differs from the store, and no power loss "

@@ -30,12 +30,13 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from hvext import paths
 from hvext.errors import HvextError, UsageError
@@ -299,11 +300,17 @@ class Store:
         """Write the saved contents to *target* (replaced via a temp file and rename; sparse for zeros)."""
         started = time.perf_counter()
         target = Path(target)
-        tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
         written = 0
         handles: dict[int, Any] = {}
+        # a new file of a random name (O_EXCL, no link followed: the backing's directory may be
+        # sticky world-writable), chowned and chmodded on its descriptor, then renamed over the target
         try:
-            with open(_create_private(tmp), "wb") as out:
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.restore-")
+        except OSError as err:
+            raise StoreError(f"cannot restore {target} from {self.directory}: {err}") from err
+        tmp = Path(tmp_name)
+        try:
+            with open(fd, "wb") as out:
                 out.truncate(self.size)
                 for block in range(self.nblocks):
                     if self.manifest["locations"][block][0] == 0:
@@ -314,9 +321,9 @@ class Store:
                     written += len(data)
                 out.flush()
                 os.fsync(out.fileno())
-            if owner is not None:
-                os.chown(tmp, *owner)
-            os.chmod(tmp, 0o660)
+                if owner is not None:
+                    os.fchown(out.fileno(), *owner)
+                os.fchmod(out.fileno(), 0o660)
             os.replace(tmp, target)
         except OSError as err:
             raise StoreError(f"cannot restore {target} from {self.directory}: {err}") from err
@@ -327,10 +334,11 @@ class Store:
         return {"generation": self.generation, "bytes_written": written, "size": self.size,
                 "seconds": round(time.perf_counter() - started, 4)}
 
-    def differs(self, source: Path) -> list[int]:
-        """Blocks of *source* whose hash is not the saved one (empty: the file equals the store)."""
+    def differs(self, source: Path | BinaryIO) -> list[int]:
+        """Blocks of *source* (a path, or a file the caller opened safely) whose hash is not the saved
+        one (empty: the file equals the store)."""
         changed = []
-        with open(source, "rb") as handle:
+        with open(source, "rb") if isinstance(source, (str, os.PathLike)) else source as handle:
             for block in range(self.nblocks):
                 data = handle.read(self.block_size)
                 if hashlib.sha256(data.ljust(self.block_size, b"\0")).hexdigest() != self.manifest["hashes"][block]:
