@@ -110,16 +110,6 @@ def test_registry_is_private(tmp_path: Path) -> None:
     assert directory.stat().st_mode & 0o777 == 0o700
 
 
-def test_unprotect_remove_store_keeps_foreign_files(tmp_path: Path) -> None:
-    store_dir = tmp_path / "store"
-    Store.create(store_dir, SIZE)
-    (store_dir / "mine.txt").write_text("a user's file")
-    with power.registry(tmp_path) as regs:
-        regs.append(reg(store=str(store_dir)))
-    power.unprotect("d", Path(reg().backing), remove_store=True, registry_dir=tmp_path)
-    assert sorted(p.name for p in store_dir.iterdir()) == ["mine.txt"]
-
-
 def test_registry_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
     directory = tmp_path / "power"
     directory.mkdir()
@@ -147,3 +137,13 @@ def test_restore_check_does_not_follow_a_link_or_block_on_a_fifo(tmp_path: Path)
     os.mkfifo(backing)
     with pytest.raises(UsageError, match="not a regular file"):
         power._restore_file(None, registration, (os.getuid(), os.getgid()), force=True)  # type: ignore[arg-type]
+
+
+def test_unprotect_remove_store_keeps_foreign_files(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    Store.create(store_dir, SIZE)
+    (store_dir / "mine.txt").write_text("a user's file")
+    with power.registry(tmp_path) as regs:
+        regs.append(reg(store=str(store_dir)))
+    power.unprotect("d", Path(reg().backing), remove_store=True, registry_dir=tmp_path)
+    assert sorted(p.name for p in store_dir.iterdir()) == ["mine.txt"]

@@ -189,25 +189,6 @@ def test_create_refuses_a_directory_with_someone_elses_files(tmp_path: Path) -> 
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["cat.jpg"]
 
 
-def test_remove_deletes_only_what_hvext_wrote(tmp_path: Path) -> None:
-    dev = device(tmp_path, random.Random(4).randbytes(SIZE))
-    store = Store.create(tmp_path / "store", SIZE)
-    store.save(dev)
-    (tmp_path / "store" / "README").write_text("the user's notes")
-    (tmp_path / "store" / "gen-1.dat").write_text("not one of hvext's names")
-    removed = Store.remove(tmp_path / "store")
-    assert set(removed) == {"manifest.json", "store.lock", "gen-00000001.dat"}
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["README", "gen-1.dat"]
-    Store.remove(tmp_path / "store")  # again: nothing of hvext's left, nothing else touched
-    assert (tmp_path / "store" / "README").exists()
-    (tmp_path / "store" / "README").unlink()
-    (tmp_path / "store" / "gen-1.dat").unlink()
-    store = Store.create(tmp_path / "store", SIZE)
-    Store.remove(tmp_path / "store")
-    assert not (tmp_path / "store").exists()  # left empty: removed
-    assert Store.remove(tmp_path / "store") == []
-
-
 def test_create_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
     """The store directory goes through paths.private_dir: an existing world-writable one (others
     may have put links in it) is refused, not adopted with a chmod."""
@@ -234,3 +215,22 @@ def test_restore_writes_a_new_file_not_one_planted_at_the_temp_name(tmp_path: Pa
         assert target.read_bytes() == data
         assert spy.read() == b"planted"
     assert _mode(target) == 0o660
+
+
+def test_remove_deletes_only_what_hvext_wrote(tmp_path: Path) -> None:
+    dev = device(tmp_path, random.Random(4).randbytes(SIZE))
+    store = Store.create(tmp_path / "store", SIZE)
+    store.save(dev)
+    (tmp_path / "store" / "README").write_text("the user's notes")
+    (tmp_path / "store" / "gen-1.dat").write_text("not one of hvext's names")
+    removed = Store.remove(tmp_path / "store")
+    assert set(removed) == {"manifest.json", "store.lock", "gen-00000001.dat"}
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["README", "gen-1.dat"]
+    Store.remove(tmp_path / "store")  # again: nothing of hvext's left, nothing else touched
+    assert (tmp_path / "store" / "README").exists()
+    (tmp_path / "store" / "README").unlink()
+    (tmp_path / "store" / "gen-1.dat").unlink()
+    store = Store.create(tmp_path / "store", SIZE)
+    Store.remove(tmp_path / "store")
+    assert not (tmp_path / "store").exists()  # left empty: removed
+    assert Store.remove(tmp_path / "store") == []
