@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -36,10 +37,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from hvext import paths
 from hvext.errors import HvextError, UsageError
+from hvext.paths import UnsafePathError, private_dir
 
 FORMAT = "hvext-power-store"
 VERSION = 1
@@ -105,12 +106,12 @@ def make_store_dir(directory: Path) -> bool:
     directory.parent.mkdir(parents=True, exist_ok=True)
     try:
         try:
-            paths.private_dir(directory, mode=0o700, exclusive=True)
+            private_dir(directory, mode=0o700, exclusive=True)
             return True
         except FileExistsError:
-            paths.private_dir(directory, mode=0o700)
+            private_dir(directory, mode=0o700)
             return False
-    except paths.UnsafePathError as err:
+    except UnsafePathError as err:
         raise StoreUsageError(f"{err}; give a directory hvext may make private") from err
 
 
@@ -334,7 +335,7 @@ class Store:
         return {"generation": self.generation, "bytes_written": written, "size": self.size,
                 "seconds": round(time.perf_counter() - started, 4)}
 
-    def differs(self, source: Path | BinaryIO) -> list[int]:
+    def differs(self, source: Path | io.BufferedIOBase) -> list[int]:
         """Blocks of *source* (a path, or a file the caller opened safely) whose hash is not the saved
         one (empty: the file equals the store)."""
         changed = []
