@@ -13,6 +13,7 @@ import pytest
 
 from hvext import image
 from hvext.errors import ImageError
+from tests.support import require
 
 KERNEL_VERSION = image.host_kernel_version() if list(Path("/boot").glob("vmlinuz-*")) else None
 needs_kernel = pytest.mark.requires(KERNEL_VERSION is not None,
@@ -162,10 +163,7 @@ def test_prune_keeps_images_that_overlays_use_or_that_were_used_lately(tmp_path:
     """Three sessions' worth of old images beyond the limit: the one a domain's qcow2 overlay (a real
     ``qemu-img create -b``) still has as its backing file, and the one another test session just
     found, stay; the others beyond the limit go (the protected ones count towards it)."""
-    if shutil.which("qemu-img") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("qemu-img is missing (setup installs it)")
-        pytest.skip("qemu-img is missing")
+    require(shutil.which("qemu-img"), "needs qemu-img (setup installs it)")
     cache, state = tmp_path / "cache", tmp_path / "state"
     monkeypatch.setattr(image, "CACHE_DIR", cache)
     monkeypatch.setattr(image, "STATE_DIR", state)
@@ -194,8 +192,7 @@ def test_prune_keeps_images_that_overlays_use_or_that_were_used_lately(tmp_path:
 
 
 def test_backing_file_of_reads_the_qcow2_header(tmp_path: Path) -> None:
-    if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img is missing")
+    require(shutil.which("qemu-img"), "needs qemu-img (setup installs it)")
     base = tmp_path / "base.img"
     base.write_bytes(bytes(4096))
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
