@@ -262,7 +262,8 @@ def protect(domain: Domain, backing: Path, store_dir: Path | None = None, *,
         if domain.is_active():
             reg.dirty_log = aio.run(_start_log(domain)) if not _log_owned(regs, domain) else \
                 _adopt_log(regs, domain)
-        result = store.save(backing)  # full: the log (started first) covers what changes meanwhile
+        with os.fdopen(devices.open_backing(backing, os.O_RDONLY), "rb") as current:  # no link, no FIFO
+            result = store.save(current)  # full: the log (started first) covers what changes meanwhile
         reg.last_save = result.to_dict()
         regs.append(reg)
     return {"registration": reg.to_dict(), "save": result.to_dict()}
@@ -493,8 +494,8 @@ def _save_domain(domain: Domain, group: list[Registration], started: float | Non
             blocks = _dirty_blocks(reg, dirty, domain_id, store)
             wanted = store.blocks_of_ranges(ranges_to_save(reg))
             mode = "dirty-log" if blocks is not None else "hashes"
-            result = store.save(Path(reg.backing), sorted(wanted if blocks is None else blocks & wanted),
-                                mode=mode)
+            with os.fdopen(devices.open_backing(Path(reg.backing), os.O_RDONLY), "rb") as current:  # as root
+                result = store.save(current, sorted(wanted if blocks is None else blocks & wanted), mode=mode)
             reg.last_save = result.to_dict()
             entry.update(result.to_dict())
             # the next query (generation + 1) lists every page written after this save read the device

@@ -359,14 +359,16 @@ class Store:
                 blocks.update(range(first, last // self.block_size + 1))
         return blocks
 
-    def save(self, source: Path, blocks: Iterable[int] | None = None, *, mode: str | None = None,
-             hook: Hook | None = None) -> SaveResult:
-        """Save *source* (the device's backing file): only *blocks* when given (a dirty list), else every
-        block; either way only blocks whose SHA-256 changed are written, to a new generation."""
+    def save(self, source: Path | io.BufferedIOBase, blocks: Iterable[int] | None = None, *,
+             mode: str | None = None, hook: Hook | None = None) -> SaveResult:
+        """Save *source* (the device's backing file, or that file opened safely by the caller): only
+        *blocks* when given (a dirty list), else every block; either way only blocks whose SHA-256
+        changed are written, to a new generation."""
         started = time.perf_counter()
+        opened = isinstance(source, (str, os.PathLike))
         with self._locked():
             try:
-                st = os.stat(source)
+                st = os.stat(source) if opened else os.fstat(source.fileno())
             except OSError as err:
                 raise StoreError(f"cannot read the device backing {source}: {err}") from err
             if st.st_size != self.size:
@@ -381,7 +383,8 @@ class Store:
             read = written = slots = 0
             changed = False
             try:
-                with open(source, "rb") as src, open(_create_private(gen_path), "wb") as out:
+                with open(source, "rb") if opened else source as src, \
+                        open(_create_private(gen_path), "wb") as out:
                     for block in candidates:
                         src.seek(block * self.block_size)
                         data = src.read(self.block_size)
