@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvext.errors import ImageError
-from hvext.paths import CACHE_DIR, SOURCE_DIR
+from hvext.paths import CACHE_DIR, SOURCE_DIR, STATE_DIR
 
 BUILDER_VERSION = "1"
 SUITE = "bookworm"
@@ -68,6 +68,10 @@ ROOTFS, KERNEL, INITRD, MANIFEST = "rootfs.img", "vmlinux", "initrd.img", "manif
 #: cryptomgr.notests skips the crypto self-tests (about 0.4 s of every boot under TCG).
 CMDLINE = "root=/dev/vda rw console=ttyS0 init=/sbin/hvext-init quiet cryptomgr.notests"
 INITRAMFS_INIT = "guest-agent/image/initramfs-init"
+#: Touched whenever :func:`find_image` or :func:`build` hands out an image (what :func:`prune` goes by).
+USED_STAMP = "last-used"
+#: An image handed out this recently is never pruned: a test session or a `define` may be about to use it.
+IN_USE_SECONDS = 6 * 3600
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,57 @@ def find_image() -> GuestImage | None:
     kernel_version = host_kernel_version()
     directory = CACHE_DIR / "images" / input_hash(kernel_version)
     if (directory / MANIFEST).is_file():
+        _mark_used(directory)
         return GuestImage(directory, kernel_version)
     return None
+
+
+def _mark_used(directory: Path) -> None:
+    """Stamp *directory* as used now (best effort: a user who cannot write the cache only reads it)."""
+    try:
+        (directory / USED_STAMP).touch()
+    except OSError:
+        pass
+
+
+def _last_used(directory: Path) -> float:
+    for path in (directory / USED_STAMP, directory):
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def backing_file_of(path: Path) -> Path | None:
+    """The backing file a qcow2 image names in its header (absolute; relative names are relative to
+    the image's directory), or None for anything else. Reads the header only: offset 8 holds the
+    name's offset (u64, big-endian), offset 16 its length (u32)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != b"QFI\xfb":
+                return None
+            offset, size = struct.unpack(">QI", header[8:20])
+            if not offset or not 0 < size <= 4096:
+                return None
+            f.seek(offset)
+            name = f.read(size)
+    except OSError:
+        return None
+    if len(name) != size:
+        return None
+    return Path(os.path.normpath(path.parent / os.fsdecode(name)))
+
+
+def _images_in_use() -> set[Path]:
+    """Image directories whose rootfs a domain's qcow2 overlay under STATE_DIR has as backing file."""
+    used = set()
+    for overlay in (STATE_DIR / "domains").glob("*/*.qcow2"):
+        backing = backing_file_of(overlay)
+        if backing is not None:
+            used.add(backing.parent)
+    return used
 
 
 def require_image() -> GuestImage:
@@ -450,6 +503,7 @@ def build(*, force: bool = False) -> GuestImage:
     final = CACHE_DIR / "images" / input_hash(kernel_version)
     if (final / MANIFEST).is_file() and not force:
         print(f"guest image up to date: {final}")
+        _mark_used(final)
         return GuestImage(final, kernel_version)
     started = time.monotonic()
     base = build_base(kernel_version)
@@ -484,16 +538,24 @@ def build(*, force: bool = False) -> GuestImage:
         shutil.rmtree(work, ignore_errors=True)
         raise
     _publish(work, final)
+    _mark_used(final)
     prune(keep=final)
     print(f"guest image built in {time.monotonic() - started:.1f} s: {final}")
     return GuestImage(final, kernel_version)
 
 
 def prune(*, keep: Path, max_images: int = 3) -> None:
-    """Drop the oldest cached images beyond *max_images* (never *keep*)."""
+    """Drop the least recently used cached images beyond *max_images* (never *keep*).
+
+    Never one a domain's disk overlay still has as backing file, nor one handed out within
+    :data:`IN_USE_SECONDS` (other worktrees' test sessions build and use other images at once)."""
     images = sorted((p for p in (CACHE_DIR / "images").iterdir() if (p / MANIFEST).is_file() and p != keep),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
+                    key=_last_used, reverse=True)
+    in_use = {p.resolve() for p in _images_in_use()}
+    now = time.time()
     for old in images[max_images - 1:]:
+        if old.resolve() in in_use or now - _last_used(old) < IN_USE_SECONDS:
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -148,16 +148,12 @@ def prepare_backing(path: Path, size: int, owner: tuple[int, int] | None = None,
         created = True
     except FileExistsError:
         created = False
-        fd = _open_existing(path, flags)
+        fd = open_backing(path, flags)
     except OSError as err:
         raise UsageError(f"cannot create backing {path}: {err.strerror}") from err
     try:
         st = os.fstat(fd)
         if not created:
-            if not stat.S_ISREG(st.st_mode):
-                raise UsageError(f"backing {path} is not a regular file")
-            if st.st_nlink != 1:
-                raise UsageError(f"backing {path} has {st.st_nlink} hard links; give a file with one name")
             if st.st_uid not in (0, os.geteuid(), *allowed_uids):
                 raise UsageError(f"backing {path} belongs to uid {st.st_uid}: that user could replace it by a "
                                  "link later; copy it to a file of root's")
@@ -177,8 +173,10 @@ def prepare_backing(path: Path, size: int, owner: tuple[int, int] | None = None,
     return created
 
 
-def _open_existing(path: Path, flags: int) -> int:
-    """Open an existing backing without following a link and without blocking on a FIFO."""
+def open_backing(path: Path, flags: int) -> int:
+    """Open an existing backing file (*flags*: ``O_RDONLY`` or ``O_RDWR``) as root may: never through a
+    link (``O_NOFOLLOW``), without blocking on a FIFO, and only a regular file with one name (checked on
+    the descriptor). For every open of a backing by hvext: prepare, snapshot, restore."""
     try:
         st = os.lstat(path)
     except OSError as err:
@@ -189,11 +187,22 @@ def _open_existing(path: Path, flags: int) -> int:
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"backing {path} is not a regular file")
     try:
-        return os.open(path, flags | os.O_NONBLOCK)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise UsageError(f"backing {path} is a symbolic link; give the file itself") from err
         raise UsageError(f"cannot open backing {path}: {err.strerror}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"backing {path} is not a regular file")
+        if st.st_nlink != 1:
+            raise UsageError(f"backing {path} has {st.st_nlink} hard links; give a file with one name")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _unlink_if_same(path: Path, fd: int) -> None:

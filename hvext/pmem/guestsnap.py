@@ -131,7 +131,7 @@ def snapshot(domain: Domain, spec: str, name: str, **create: Any) -> dict[str, A
     with open_region(domain, device, create=True, **create) as region:
         if name in region.snapshots():
             raise UsageError(f"snapshot {name!r} of {device.path} already exists")
-        with paused(domain) as (paused_at, epoch), open(device.path, "rb") as src:
+        with paused(domain) as (paused_at, epoch), os.fdopen(devices.open_backing(device.path, os.O_RDONLY), "rb") as src:
             keep = hints.take_prepared(device.path) or [(0, device.size)]  # volatile ranges are not kept
             for offset in range(0, device.size, CHUNK):
                 length = min(CHUNK, device.size - offset)
@@ -158,7 +158,7 @@ def restore(domain: Domain, spec: str, name: str) -> dict[str, Any]:
     with open_region(domain, device) as region:
         if name not in region.snapshots():
             raise UsageError(f"{device.path} has no snapshot {name!r}; it has: {', '.join(region.snapshots()) or 'none'}")
-        with paused(domain, require_stopped=True), open(device.path, "r+b") as dst:
+        with paused(domain, require_stopped=True), os.fdopen(devices.open_backing(device.path, os.O_RDWR), "r+b") as dst:
             for offset in range(0, device.size, CHUNK):
                 length = min(CHUNK, device.size - offset)
                 wanted = region.read_snapshot(name, offset, length)

@@ -47,7 +47,7 @@ from hvext.errors import DomainNotFound, HvextError, QMPError, UsageError
 from hvext.host import Domain, Host, libvirt_errors
 from hvext.pmem import devices, virtio
 from hvext.pmem.devices import PmemDevice
-from hvext.pmem.store import Store, StoreError, make_private_dir, write_atomic
+from hvext.pmem.store import Store, StoreError, make_store_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Registration:
 def registry(directory: Path | None = None) -> Iterator[list[Registration]]:
     """The registrations, locked; changes to the list (and its items) are written back atomically."""
     directory = directory or power_dir()
-    make_private_dir(directory)  # the registry names guest memory files; stores below hold guest memory
+    make_store_dir(directory)  # the registry names guest memory files; stores below hold guest memory
     path = directory / "registry.json"
     fd = os.open(directory / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -262,7 +262,8 @@ def protect(domain: Domain, backing: Path, store_dir: Path | None = None, *,
         if domain.is_active():
             reg.dirty_log = aio.run(_start_log(domain)) if not _log_owned(regs, domain) else \
                 _adopt_log(regs, domain)
-        result = store.save(backing)  # full: the log (started first) covers what changes meanwhile
+        with os.fdopen(devices.open_backing(backing, os.O_RDONLY), "rb") as current:  # no link, no FIFO
+            result = store.save(current)  # full: the log (started first) covers what changes meanwhile
         reg.last_save = result.to_dict()
         regs.append(reg)
     return {"registration": reg.to_dict(), "save": result.to_dict()}
@@ -493,8 +494,8 @@ def _save_domain(domain: Domain, group: list[Registration], started: float | Non
             blocks = _dirty_blocks(reg, dirty, domain_id, store)
             wanted = store.blocks_of_ranges(ranges_to_save(reg))
             mode = "dirty-log" if blocks is not None else "hashes"
-            result = store.save(Path(reg.backing), sorted(wanted if blocks is None else blocks & wanted),
-                                mode=mode)
+            with os.fdopen(devices.open_backing(Path(reg.backing), os.O_RDONLY), "rb") as current:  # as root
+                result = store.save(current, sorted(wanted if blocks is None else blocks & wanted), mode=mode)
             reg.last_save = result.to_dict()
             entry.update(result.to_dict())
             # the next query (generation + 1) lists every page written after this save read the device
@@ -571,8 +572,10 @@ def _restore_domain(domain: Domain, group: list[Registration]) -> dict[str, Any]
 def _restore_file(domain: Domain, reg: Registration, owner: tuple[int, int], *, force: bool) -> dict[str, Any]:
     backing = Path(reg.backing)
     store = Store.open(Path(reg.store))
-    if backing.exists():
-        if not store.differs(backing):
+    if os.path.lexists(backing):
+        with os.fdopen(devices.open_backing(backing, os.O_RDONLY), "rb") as current:  # no link, no FIFO
+            differs = store.differs(current)
+        if not differs:
             return {"backing": reg.backing, "action": "intact"}
         if not force:
             return {"backing": reg.backing, "action": "kept (differs from the store, and no power loss "

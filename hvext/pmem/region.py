@@ -48,8 +48,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
+from hvext import paths
 from hvext.errors import HvextError, UsageError
 
 __all__ = [
@@ -770,6 +772,20 @@ def _lock(nvm_dir: str) -> int:
 # ------------------------------------------------------------- the region
 
 
+def _make_region_dirs(*dirs: str) -> None:
+    """Create the region's directories 0700 with :func:`hvext.paths.private_dir` (missing parents
+    with default modes): they may be user-given places in world-writable ``/dev/shm``, and hold
+    guest data, so a link, or a directory someone else owns or can write, is refused."""
+    for directory in dirs:
+        try:
+            os.makedirs(os.path.dirname(directory), exist_ok=True)
+            paths.private_dir(Path(directory), mode=0o700)
+        except paths.UnsafePathError as err:
+            raise RegionUsageError(str(err)) from err
+        except OSError as err:
+            raise RegionIOError(f"cannot create region directory {directory}: {err}") from err
+
+
 class NVMRegion:
     """A block store on two tiers with snapshots and purge; see the module doc."""
 
@@ -830,11 +846,7 @@ class NVMRegion:
             raise RegionUsageError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
         nvm = os.path.abspath(os.fspath(nvm_dir))
         mass = os.path.abspath(os.fspath(mass_dir))
-        try:
-            os.makedirs(nvm, exist_ok=True)
-            os.makedirs(mass, exist_ok=True)
-        except OSError as err:
-            raise RegionIOError(f"cannot create region directories {nvm}, {mass}") from err
+        _make_region_dirs(nvm, mass)
         lock_fd = _lock(nvm)
         try:
             db_path = os.path.join(nvm, DB_NAME)

@@ -27,10 +27,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
-import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from hvext.errors import HvextError, UsageError
+from hvext.paths import UnsafePathError, private_dir
 
 FORMAT = "hvext-power-store"
 VERSION = 1
@@ -95,28 +97,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def make_private_dir(directory: Path) -> bool:
-    """Make *directory* (missing parents with default modes) 0700, owned by us; True when created here.
-
-    A symlink, a non-directory or a directory owned by another user is refused: it would let
-    someone else read guest memory or redirect where it is written."""
-    directory = Path(directory)
+def make_store_dir(directory: Path) -> bool:
+    """Make *directory* (missing parents with default modes) private to us (0700) with
+    :func:`hvext.paths.private_dir`; True when created here. A symlink, a non-directory or a
+    directory someone else owns or can write is refused with :class:`StoreUsageError`: it would
+    let someone else read guest memory or redirect where it is written."""
+    directory = Path(os.path.abspath(directory))
     directory.parent.mkdir(parents=True, exist_ok=True)
-    created = True
     try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        created = False
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise StoreUsageError(f"{directory} is not a directory owned by this user (a symlink or someone "
-                              "else's); give a directory hvext may make private")
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
-    return created
+        try:
+            private_dir(directory, mode=0o700, exclusive=True)
+            return True
+        except FileExistsError:
+            private_dir(directory, mode=0o700)
+            return False
+    except UnsafePathError as err:
+        raise StoreUsageError(f"{err}; give a directory hvext may make private") from err
 
 
 def _create_private(path: Path) -> int:
@@ -188,7 +184,7 @@ class Store:
         if (directory / MANIFEST).exists():
             raise StoreUsageError(f"{directory} already holds a store")
         try:
-            created = make_private_dir(directory)
+            created = make_store_dir(directory)
             if not created and any(directory.iterdir()):
                 raise StoreUsageError(f"{directory} is not empty and holds no store; give a new or empty "
                                       "directory for the store")
@@ -305,11 +301,17 @@ class Store:
         """Write the saved contents to *target* (replaced via a temp file and rename; sparse for zeros)."""
         started = time.perf_counter()
         target = Path(target)
-        tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
         written = 0
         handles: dict[int, Any] = {}
+        # a new file of a random name (O_EXCL, no link followed: the backing's directory may be
+        # sticky world-writable), chowned and chmodded on its descriptor, then renamed over the target
         try:
-            with open(_create_private(tmp), "wb") as out:
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.restore-")
+        except OSError as err:
+            raise StoreError(f"cannot restore {target} from {self.directory}: {err}") from err
+        tmp = Path(tmp_name)
+        try:
+            with open(fd, "wb") as out:
                 out.truncate(self.size)
                 for block in range(self.nblocks):
                     if self.manifest["locations"][block][0] == 0:
@@ -320,9 +322,9 @@ class Store:
                     written += len(data)
                 out.flush()
                 os.fsync(out.fileno())
-            if owner is not None:
-                os.chown(tmp, *owner)
-            os.chmod(tmp, 0o660)
+                if owner is not None:
+                    os.fchown(out.fileno(), *owner)
+                os.fchmod(out.fileno(), 0o660)
             os.replace(tmp, target)
         except OSError as err:
             raise StoreError(f"cannot restore {target} from {self.directory}: {err}") from err
@@ -333,10 +335,11 @@ class Store:
         return {"generation": self.generation, "bytes_written": written, "size": self.size,
                 "seconds": round(time.perf_counter() - started, 4)}
 
-    def differs(self, source: Path) -> list[int]:
-        """Blocks of *source* whose hash is not the saved one (empty: the file equals the store)."""
+    def differs(self, source: Path | io.BufferedIOBase) -> list[int]:
+        """Blocks of *source* (a path, or a file the caller opened safely) whose hash is not the saved
+        one (empty: the file equals the store)."""
         changed = []
-        with open(source, "rb") as handle:
+        with open(source, "rb") if isinstance(source, (str, os.PathLike)) else source as handle:
             for block in range(self.nblocks):
                 data = handle.read(self.block_size)
                 if hashlib.sha256(data.ljust(self.block_size, b"\0")).hexdigest() != self.manifest["hashes"][block]:
@@ -356,14 +359,16 @@ class Store:
                 blocks.update(range(first, last // self.block_size + 1))
         return blocks
 
-    def save(self, source: Path, blocks: Iterable[int] | None = None, *, mode: str | None = None,
-             hook: Hook | None = None) -> SaveResult:
-        """Save *source* (the device's backing file): only *blocks* when given (a dirty list), else every
-        block; either way only blocks whose SHA-256 changed are written, to a new generation."""
+    def save(self, source: Path | io.BufferedIOBase, blocks: Iterable[int] | None = None, *,
+             mode: str | None = None, hook: Hook | None = None) -> SaveResult:
+        """Save *source* (the device's backing file, or that file opened safely by the caller): only
+        *blocks* when given (a dirty list), else every block; either way only blocks whose SHA-256
+        changed are written, to a new generation."""
         started = time.perf_counter()
+        opened = isinstance(source, (str, os.PathLike))
         with self._locked():
             try:
-                st = os.stat(source)
+                st = os.stat(source) if opened else os.fstat(source.fileno())
             except OSError as err:
                 raise StoreError(f"cannot read the device backing {source}: {err}") from err
             if st.st_size != self.size:
@@ -378,7 +383,8 @@ class Store:
             read = written = slots = 0
             changed = False
             try:
-                with open(source, "rb") as src, open(_create_private(gen_path), "wb") as out:
+                with open(source, "rb") if opened else source as src, \
+                        open(_create_private(gen_path), "wb") as out:
                     for block in candidates:
                         src.seek(block * self.block_size)
                         data = src.read(self.block_size)

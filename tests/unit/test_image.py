@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from hvext import image
 from hvext.errors import ImageError
+from tests.support import require
 
 KERNEL_VERSION = image.host_kernel_version() if list(Path("/boot").glob("vmlinuz-*")) else None
 needs_kernel = pytest.mark.requires(KERNEL_VERSION is not None,
@@ -141,3 +144,61 @@ def test_the_image_hash_covers_the_boot_path(tmp_path: Path, monkeypatch: pytest
     assert changed_init != before
     monkeypatch.setattr(image, "INITRAMFS_MODULES", image.INITRAMFS_MODULES + ["virtio_net"])
     assert image.input_hash("6.1.0-1-amd64") not in (before, changed_init)
+
+
+def _fake_image(cache: Path, name: str, age: float) -> Path:
+    """A cached image directory (manifest and a 1 MiB raw rootfs) last touched *age* seconds ago."""
+    directory = cache / "images" / name
+    directory.mkdir(parents=True)
+    (directory / image.MANIFEST).write_text('{"kernel_version": "6.1.0-test"}')
+    with open(directory / image.ROOTFS, "wb") as f:
+        f.truncate(1 << 20)
+    then = time.time() - age
+    for path in (directory / image.MANIFEST, directory / image.ROOTFS, directory):
+        os.utime(path, (then, then))
+    return directory
+
+
+def test_prune_keeps_images_that_overlays_use_or_that_were_used_lately(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three sessions' worth of old images beyond the limit: the one a domain's qcow2 overlay (a real
+    ``qemu-img create -b``) still has as its backing file, and the one another test session just
+    found, stay; the others beyond the limit go (the protected ones count towards it)."""
+    require(shutil.which("qemu-img"), "needs qemu-img (setup installs it)")
+    cache, state = tmp_path / "cache", tmp_path / "state"
+    monkeypatch.setattr(image, "CACHE_DIR", cache)
+    monkeypatch.setattr(image, "STATE_DIR", state)
+    monkeypatch.delenv("HVEXT_IMAGE", raising=False)
+    day = 86400.0
+    keep = _fake_image(cache, "new", 0)
+    _fake_image(cache, "recent1", 1 * day)
+    _fake_image(cache, "recent2", 2 * day)
+    backing = _fake_image(cache, "backs-a-domain", 5 * day)
+    unused = _fake_image(cache, "unused", 6 * day)
+    found = _fake_image(cache, "found-just-now", 7 * day)
+    overlay_dir = state / "domains" / "hvext-test-1-1"
+    overlay_dir.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing / image.ROOTFS),
+                    str(overlay_dir / "disk.qcow2")], check=True)
+    monkeypatch.setattr(image, "input_hash", lambda kernel_version=None: "found-just-now")
+    monkeypatch.setattr(image, "host_kernel_version", lambda: "6.1.0-test")
+    assert image.find_image() == image.GuestImage(found, "6.1.0-test")  # marks it used now
+    image.prune(keep=keep, max_images=3)
+    left = sorted(p.name for p in (cache / "images").iterdir())
+    assert left == ["backs-a-domain", "found-just-now", "new", "recent1"], left
+    assert not unused.exists()
+    (overlay_dir / "disk.qcow2").unlink()  # the domain is gone: its image may go too
+    image.prune(keep=keep, max_images=3)
+    assert not backing.exists() and found.exists()
+
+
+def test_backing_file_of_reads_the_qcow2_header(tmp_path: Path) -> None:
+    require(shutil.which("qemu-img"), "needs qemu-img (setup installs it)")
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(4096))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
+                    str(tmp_path / "top.qcow2")], check=True)
+    assert image.backing_file_of(tmp_path / "top.qcow2") == base
+    assert image.backing_file_of(base) is None  # not a qcow2 file
+    (tmp_path / "short").write_bytes(b"QFI\xfb\0\0\0\3")
+    assert image.backing_file_of(tmp_path / "short") is None

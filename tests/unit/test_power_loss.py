@@ -130,6 +130,24 @@ def test_an_unexpected_exception_in_one_domain_does_not_stop_the_others(lab: Lab
     assert Store.open(Path(regs[good.name].store)).differs(good_backing) == []
 
 
+def test_a_save_does_not_read_through_a_backing_replaced_by_a_link(lab: Lab) -> None:
+    """The save reads the backing as root: a link put in its place (to a file of root's of the
+    device's size) is refused, so root's file never reaches the store (nor, by a restore, QEMU)."""
+    linked, linked_backing = lab.add("linked")
+    good, good_backing = lab.add("good")
+    victim = lab.tmp / "root-secret"
+    victim.write_bytes(b"secret" * (SIZE // 6) + bytes(SIZE % 6))
+    linked_backing.unlink()
+    linked_backing.symlink_to(victim)
+    report = power.power_loss(lab.host, registry_dir=lab.registry)
+    devices = by_domain(report)
+    assert "symbolic link" in devices[linked.name]["error"], report
+    assert "error" not in devices[good.name], report
+    regs = {r.domain: r for r in power.registrations(lab.registry)}
+    with open(victim, "rb") as secret:
+        assert Store.open(Path(regs[linked.name].store)).differs(secret) != []  # not saved
+
+
 def test_a_failing_pause_hook_still_pauses_and_saves(lab: Lab) -> None:
     domain, _ = lab.add("hook")
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from hvext.dirty.pages import DirtyBlock, DirtyPages
+from hvext.errors import UsageError
 from hvext.pmem import power
-from hvext.pmem.store import BLOCK_SIZE, Store
+from hvext.pmem.store import BLOCK_SIZE, Store, StoreError
 
 SIZE = 16 * BLOCK_SIZE
 
@@ -107,6 +108,35 @@ def test_registry_is_private(tmp_path: Path) -> None:
     directory.chmod(0o755)  # made by an earlier hvext: tightened on the next use
     power.registrations(directory)
     assert directory.stat().st_mode & 0o777 == 0o700
+
+
+def test_registry_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    directory = tmp_path / "power"
+    directory.mkdir()
+    directory.chmod(0o777)
+    with pytest.raises(StoreError, match="writable by every user"):
+        power.registrations(directory)
+    assert not list(directory.iterdir())
+
+
+def test_restore_check_does_not_follow_a_link_or_block_on_a_fifo(tmp_path: Path) -> None:
+    """Power restore compares the backing with the store as root: a backing replaced by a link (to a
+    file of root's) or by a FIFO is refused, not read through (nor waited on)."""
+    source = tmp_path / "dev.img"
+    source.write_bytes(bytes(SIZE))
+    Store.create(tmp_path / "store", SIZE).save(source)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's secret")
+    backing = tmp_path / "backing.img"
+    backing.symlink_to(victim)
+    registration = reg(backing=str(backing), store=str(tmp_path / "store"))
+    with pytest.raises(UsageError, match="symbolic link"):
+        power._restore_file(None, registration, (os.getuid(), os.getgid()), force=False)  # type: ignore[arg-type]
+    assert victim.read_bytes() == b"root's secret" and backing.is_symlink()
+    backing.unlink()
+    os.mkfifo(backing)
+    with pytest.raises(UsageError, match="not a regular file"):
+        power._restore_file(None, registration, (os.getuid(), os.getgid()), force=True)  # type: ignore[arg-type]
 
 
 def test_unprotect_remove_store_keeps_foreign_files(tmp_path: Path) -> None:

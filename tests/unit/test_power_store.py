@@ -189,6 +189,34 @@ def test_create_refuses_a_directory_with_someone_elses_files(tmp_path: Path) -> 
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["cat.jpg"]
 
 
+def test_create_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    """The store directory goes through paths.private_dir: an existing world-writable one (others
+    may have put links in it) is refused, not adopted with a chmod."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(StoreUsageError, match="writable by every user"):
+        Store.create(shared, SIZE)
+    assert _mode(shared) == 0o777 and not list(shared.iterdir())
+
+
+def test_restore_writes_a_new_file_not_one_planted_at_the_temp_name(tmp_path: Path) -> None:
+    """Restore (as root, maybe in a sticky world-writable directory) writes guest memory into a file it
+    made itself: a file someone planted at the old fixed temp name must not receive it (nor be
+    renamed over the backing, where its planter would keep reading it)."""
+    data = random.Random(7).randbytes(SIZE)
+    store = Store.create(tmp_path / "store", SIZE)
+    store.save(device(tmp_path, data))
+    target = tmp_path / "backing.img"
+    planted = tmp_path / f".{target.name}.restore-{os.getpid()}"
+    planted.write_bytes(b"planted")
+    with open(planted, "rb") as spy:
+        store.restore(target)
+        assert target.read_bytes() == data
+        assert spy.read() == b"planted"
+    assert _mode(target) == 0o660
+
+
 def test_remove_deletes_only_what_hvext_wrote(tmp_path: Path) -> None:
     dev = device(tmp_path, random.Random(4).randbytes(SIZE))
     store = Store.create(tmp_path / "store", SIZE)

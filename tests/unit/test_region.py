@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 
 import pytest
 
@@ -403,3 +404,24 @@ def test_one_directory_for_both_tiers(tmp_path, strategy):
     with NVMRegion.open(tmp_path, tmp_path) as r:
         assert r.read_snapshot("s", 0, 2 * BS) == block("a", 2)
         assert r.check() == []
+
+
+def test_create_makes_private_dirs_and_refuses_links(tmp_path):
+    """--nvm-dir may be under world-writable /dev/shm: the directories are made 0700 whatever the
+    umask, and a planted symlink (or a dir others can write) is refused, nothing written through it."""
+    old = os.umask(0o022)
+    try:
+        NVMRegion.create(tmp_path / "a" / "nvm", tmp_path / "a" / "mass", "64K").close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "nvm").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "mass").st_mode) == 0o700
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "victim", target_is_directory=True)
+    with pytest.raises(RegionUsageError, match="symlink"):
+        NVMRegion.create(tmp_path / "link", tmp_path / "mass2", "64K")
+    assert not list((tmp_path / "victim").iterdir())
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)
+    with pytest.raises(RegionUsageError, match="writable by every user"):
+        NVMRegion.create(tmp_path / "nvm3", tmp_path / "open", "64K")

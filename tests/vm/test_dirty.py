@@ -177,8 +177,19 @@ def vpmem_vm(vm_factory_module) -> Domain:
     return vm_factory_module.boot(domain)
 
 
+@pytest.fixture(scope="module")
+def vpmem_fs(vpmem_vm: Domain) -> Domain:
+    """The guest with an ext4 file system on its virtio-pmem device mounted at /mnt/f (made once,
+    whichever test of the module asks first)."""
+    from tests.vm.helpers import guest_sh
+    guest_sh(vpmem_vm, "mountpoint -q /mnt/f || { mkfs.ext4 -q -F -b 4096 /dev/pmem0 && mkdir -p /mnt/f && "
+                       "mount /dev/pmem0 /mnt/f; }")
+    return vpmem_vm
+
+
 @patched
-def test_guest_fsync_on_virtio_pmem_raises_a_flush_event(vpmem_vm: Domain) -> None:
+def test_guest_fsync_on_virtio_pmem_raises_a_flush_event(vpmem_fs: Domain) -> None:
+    vpmem_vm = vpmem_fs
     async def run() -> list[dict[str, Any]]:
         async with vpmem_vm.qmp() as qmp:
             events: list[dict[str, Any]] = []
@@ -189,9 +200,6 @@ def test_guest_fsync_on_virtio_pmem_raises_a_flush_event(vpmem_vm: Domain) -> No
             watcher = asyncio.ensure_future(collect())
             await asyncio.sleep(0)
             async with vpmem_vm.agent(timeout=120) as client:
-                await client.request("exec", {"argv": ["sh", "-c", "mkfs.ext4 -q -F -b 4096 /dev/pmem0 && "
-                                                       "mkdir -p /mnt/f && mount /dev/pmem0 /mnt/f"],
-                                              "timeout": 100}, timeout=110)
                 before = len(events)
                 await client.request("exec", {"argv": ["python3", "-c",
                                                         "import os; fd = os.open('/mnt/f/x', os.O_WRONLY | os.O_CREAT);"
@@ -209,11 +217,11 @@ def test_guest_fsync_on_virtio_pmem_raises_a_flush_event(vpmem_vm: Domain) -> No
 
 
 @patched
-def test_a_pause_for_a_save_follows_a_guest_flush(vpmem_vm: Domain) -> None:
+def test_a_pause_for_a_save_follows_a_guest_flush(vpmem_fs: Domain) -> None:
     from hvext.pmem import hints
     from tests.vm.helpers import guest_sh
-    guest_sh(vpmem_vm, "mountpoint -q /mnt/f || mount /dev/pmem0 /mnt/f; "
-                       "setsid sh -c 'while true; do date > /mnt/f/tick; sync; sleep 0.2; done' "
+    vpmem_vm = vpmem_fs
+    guest_sh(vpmem_vm, "setsid sh -c 'while true; do date > /mnt/f/tick; sync; sleep 0.2; done' "
                        ">/dev/null 2>&1 </dev/null &")
     report = hints.before_pause(vpmem_vm)
     assert report["paused_after_flush"]["device"] == "hvext-vpmem0", report
