@@ -203,7 +203,7 @@ async def _start_log(domain: Domain) -> dict[str, int] | None:
     """Start the patched QEMU's dirty log; None when QEMU lacks it or someone else's log is running."""
     async with domain.qmp() as qmp:
         try:
-            commands = {c["name"] for c in await qmp.execute("query-commands")}
+            commands = pages.command_names(await qmp.execute("query-commands"))
             if pages.START not in commands:
                 return None
             await qmp.execute(pages.START)
