@@ -2,7 +2,10 @@
 
 One module per command group registers its commands; :func:`main` is the one
 error boundary: every :class:`HvextError` becomes ``error: ...`` on stderr and
-exit status 1.
+exit status 1, and so does a ``libvirt.libvirtError`` that escaped a command
+module (translated by :func:`hvext.host.translate`, see :func:`run_command`).
+Any other exception is a bug in hvext and keeps Python's traceback, as it
+should be reported with it; ``--debug`` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import libvirt
+
 from hvext import __version__
 from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, migrate, pmem, qmpcmd
 from hvext.cli import pools, reclaim
 from hvext.cli import pmemsnap, power
 from hvext.cli import daemon
 from hvext.errors import HvextError
+from hvext.host import translate
 
 GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty, migrate]
 GROUPS += [pools, reclaim]
@@ -46,6 +52,19 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; a libvirtError it let escape becomes the hvext error users can read.
+
+    Command modules should call libvirt through :class:`hvext.host.Host` /
+    ``Domain`` (which translate); this is the last resort, so that a missed
+    raw call gives ``error: ...``, exit 1, like virsh, never a traceback.
+    """
+    try:
+        return args.func(args) or 0
+    except libvirt.libvirtError as err:
+        raise translate(err, f"hvext {args.command}") from err
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -56,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args) or 0
+        return run_command(args)
     except HvextError as err:
         if args.debug:
             raise
