@@ -487,8 +487,7 @@ class Domain:
             if not self.host.owns_state(self.name, domain_uuid):  # another host's domain of the same name
                 log.warning("%s: %s belongs to another domain; left in place", self.name, paths.domain_dir(self.name))
                 return
-            shutil.rmtree(paths.domain_dir(self.name), ignore_errors=True)
-            shutil.rmtree(paths.VOLATILE_DIR / self.name, ignore_errors=True)
+            remove_domain_state(self.name)
 
     # -- memory ---------------------------------------------------------
     def balloon_stats(self) -> dict[str, int]:
@@ -559,6 +558,26 @@ class Domain:
             await asyncio.sleep(AGENT_POLL_S)
         raise AgentUnavailable(f"agent of {self.name!r} not ready within {timeout:.0f} s "
                                f"(last error: {last}); see `hvext console-log {self.name}`") from last
+
+
+def remove_domain_state(name: str) -> list[str]:
+    """Remove hvext's state and volatile directories of domain *name* (after its undefine).
+
+    What cannot be removed (a symlink in place of a directory, an I/O error,
+    a busy mount) is logged as a warning -- on stderr in the CLI -- and
+    returned: the undefine itself stands, the leftovers need the admin.
+    """
+    failures: list[str] = []
+
+    def failed(function: object, path: str, exc_info: tuple[type[BaseException], BaseException, object]) -> None:
+        failures.append(f"{path}: {exc_info[1]}")
+
+    for directory in (paths.domain_dir(name), paths.VOLATILE_DIR / name):
+        if os.path.lexists(directory):
+            shutil.rmtree(directory, onerror=failed)
+    for failure in failures:
+        log.warning("%s: undefined, but its state was not fully removed: %s", name, failure)
+    return failures
 
 
 async def _until_stopped(events: asyncio.Queue[tuple[int, int]], domain: Domain) -> None:

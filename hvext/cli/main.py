@@ -2,7 +2,11 @@
 
 One module per command group registers its commands; :func:`main` is the one
 error boundary: every :class:`HvextError` becomes ``error: ...`` on stderr and
-exit status 1, and output into a closed pipe (``hvext ... | head``) ends the
+exit status 1, and so does a ``libvirt.libvirtError`` that escaped a command
+module (translated by :func:`hvext.host.translate`, see :func:`run_command`).
+Any other exception is a bug in hvext and keeps Python's traceback, as it
+should be reported with it; ``--debug`` shows the traceback of every error.
+Output into a closed pipe (``hvext ... | head``) ends the
 command quietly with status 141, as a shell reports a process SIGPIPE killed.
 """
 
@@ -15,6 +19,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import libvirt
+
 from hvext import __version__
 from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, migrate, pmem, qmpcmd
 from hvext.cli import pools, reclaim
@@ -22,6 +28,7 @@ from hvext.cli import pmemsnap, power
 from hvext.cli import daemon
 from hvext.cli import completion
 from hvext.errors import HvextError
+from hvext.host import translate
 
 GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty, migrate]
 GROUPS += [pools, reclaim]
@@ -62,6 +69,19 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; a libvirtError it let escape becomes the hvext error users can read.
+
+    Command modules should call libvirt through :class:`hvext.host.Host` /
+    ``Domain`` (which translate); this is the last resort, so that a missed
+    raw call gives ``error: ...``, exit 1, like virsh, never a traceback.
+    """
+    try:
+        return args.func(args) or 0
+    except libvirt.libvirtError as err:
+        raise translate(err, f"hvext {args.command}") from err
+
+
 def subcommand(parser: argparse.ArgumentParser, path: Sequence[str]) -> argparse.ArgumentParser:
     """The parser of ``hvext PATH...`` (e.g. ``["daemon", "start"]``); UsageError for an unknown one."""
     current = parser
@@ -100,7 +120,7 @@ def _run(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args) or 0
+        return run_command(args)
     except HvextError as err:
         if args.debug:
             raise

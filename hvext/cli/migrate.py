@@ -51,7 +51,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         postcopy = result.postcopy_switch or (f"refused ({result.postcopy_switch_error})"
                                               if result.postcopy_switch_error else "not used")
         common.print_fields({"Domain": result.domain, "Destination": result.destination,
-                             "Plan": result.plan_reason, "Post-copy": postcopy,
+                             "Plan": result.plan_reason + (f" (without a measured dirty rate: {result.dirty_rate_error})"
+                                                           if result.dirty_rate_error else ""),
+                             "Post-copy": postcopy,
                              "Total time": f"{result.total_s:.1f} s", "Downtime": f"{result.downtime_ms} ms",
                              "Data sent": f"{(result.bytes_sent or 0) / MIB:.0f} MiB"})
     return 0

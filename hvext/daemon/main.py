@@ -4,7 +4,8 @@ It watches the host: it follows libvirt's domain lifecycle events on hvext's
 shared asyncio loop (libvirtaio) and logs one line per event, and it
 reconnects with backoff when libvirtd goes away. With ``--config FILE`` it
 also runs the policy loops configured there (``[reclaim]``: see
-hvext.daemon.reclaim_loop). It stops cleanly on SIGTERM or SIGINT.
+hvext.daemon.reclaim_loop) and takes its SIGPWR saves' pre-pause budget from
+``[power] budget`` (hvext.daemon.config). It stops cleanly on SIGTERM or SIGINT.
 
 No failure in one round of a loop (watching, reclaim, a SIGPWR save) stops
 hvextd: it is logged with its traceback and the loop goes on. Blocking calls
@@ -28,6 +29,7 @@ import libvirt
 from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable
 from hvext.daemon import reclaim_loop
+from hvext.daemon.config import PowerConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.host import Host
 from hvext.pmem import hints, power
@@ -143,13 +145,14 @@ class Daemon:
                 waiter.cancel()
 
 
-def on_power_loss(uri: str | None) -> None:
-    """SIGPWR (the UPS/BIOS says power is failing): what `hvext power loss` does, logged."""
+def on_power_loss(uri: str | None, budget: float | None = None) -> None:
+    """SIGPWR (the UPS/BIOS says power is failing): what `hvext power loss` does, logged.
+    *budget*: the config's ``[power] budget`` (None: :data:`hvext.pmem.power.PREPAUSE_BUDGET_S`)."""
     log.warning("SIGPWR: power is failing; saving protected pmem devices")
     hints.install()
     try:
         with Host(uri) as host:
-            report = power.power_loss(host)
+            report = power.power_loss(host, budget=budget)
     except HvextError as err:
         log.error("power-loss save failed: %s", err)
         return
@@ -160,7 +163,12 @@ def on_power_loss(uri: str | None) -> None:
         log.warning("power loss: %s %s: %s", device["domain"], device["backing"],
                     device.get("error") or f"{device.get('bytes_written', 0)} bytes in {device.get('seconds')} s "
                                            f"({device.get('mode')})")
-    log.warning("power loss: %d bytes saved in %.2f s", report["bytes_written"], report["seconds"])
+    for gone in report["missing"]:
+        log.warning("power loss: %s %s: registered, but the domain no longer exists; its store %s is kept "
+                    "(`hvext power unprotect` removes the registration)", gone["domain"], gone["backing"],
+                    gone["store"])
+    log.warning("power loss: %d bytes saved in %.2f s (pre-pause budget %.1f s)", report["bytes_written"],
+                report["seconds"], report["budget_seconds"])
 
 
 def on_start_restore(uri: str | None) -> None:
@@ -200,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         reclaim = ReclaimConfig.load(args.config) if args.config else None
+        power_config = PowerConfig.load(args.config) if args.config else PowerConfig()
     except HvextError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -219,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     while not future.done():  # the main thread stays free to receive signals
         if power_failing.is_set():
             power_failing.clear()
-            on_power_loss(args.uri)
+            on_power_loss(args.uri, power_config.budget)
         try:
             future.result(timeout=0.5)
         except TimeoutError:

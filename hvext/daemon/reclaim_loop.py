@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,15 +43,8 @@ class ReclaimConfig:
 
     @classmethod
     def load(cls, path: Path) -> ReclaimConfig:
-        try:
-            data = tomllib.loads(path.read_text()).get("reclaim", {})
-        except OSError as err:
-            raise UsageError(f"cannot read config {path}: {err.strerror}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise UsageError(f"config {path} is not valid TOML: {err}") from err
-        unknown = set(data) - {"interval_s", "host_available_min_mib", "step_mib", "method", "domains"}
-        if unknown:
-            raise UsageError(f"config {path}: unknown [reclaim] keys {sorted(unknown)}")
+        from hvext.daemon.config import section
+        data = section(path, "reclaim", {"interval_s", "host_available_min_mib", "step_mib", "method", "domains"})
         domains = data.get("domains", [])
         if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
             raise UsageError('reclaim.domains must be a list of domain names, e.g. ["web1", "db1"]')

@@ -26,6 +26,7 @@ from hvext import paths
 from hvext.dirty import rate
 from hvext.errors import HostError, HvextError, UsageError
 from hvext.host import STATE_NAMES, Domain, Host, translate
+from hvext.memory import balloon
 from hvext.migrate.policy import MIB, Plan, Progress, after_failure, plan, should_switch_to_postcopy
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Result:
     iterations: int | None
     measured_dirty_rate_mib_s: float | None
     samples: list[dict[str, Any]] = field(default_factory=list)
+    #: Why auto planned without a measured dirty rate ("" when it had one, or for plain).
+    dirty_rate_error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,8 +128,9 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         raise UsageError("downtime must be 1 to 60000 ms")
     if bandwidth_mib is not None and not 1 <= bandwidth_mib <= 100_000:
         raise UsageError("bandwidth must be 1 to 100000 MiB/s")
-    domain.require_running()
-    paused_before = domain.state() == "paused"
+    # Every libvirt call and file access runs in a thread: the loop may be hvextd's, shared with
+    # keepalives, events and power-loss saves.
+    paused_before = await asyncio.to_thread(_paused_before, domain)
     loop = asyncio.get_running_loop()
     dest = await loop.run_in_executor(None, Host, dest_uri)
     try:
@@ -135,19 +139,12 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         if dest_uri.startswith(("qemu:///", "qemu+unix:///")) and "socket=" not in dest_uri:
             raise UsageError("peer-to-peer migration needs a destination URI the source libvirtd can reach, "
                              "e.g. qemu+tcp://HOST/system")
-        dest.prepare_runtime_dir(domain.name)  # same file system in a lab; see docs for separate hosts
-        ram = domain.facts().max_memory_kib * 1024
-        measured: float | None = None
-        if policy == "auto":
-            try:
-                measured_rate = await rate.measure(domain, 2, "page-sampling", 2048)
-                measured = float(measured_rate.rate_mib_s)
-            except HvextError:
-                measured = None  # no QMP (plain libvirt domain): plan without it
+        # same file system in a lab; see docs for separate hosts
+        await asyncio.to_thread(dest.prepare_runtime_dir, domain.name)
+        ram, measured, rate_error = await _ram_and_rate(domain, policy)
         p = plan(policy, ram, int((measured or 0) * MIB), bandwidth_mib * MIB if bandwidth_mib else None,
                  downtime_ms, bandwidth_mib)
-        with _errors(domain, "preparing the migration of"):
-            xml = domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
+        xml = await asyncio.to_thread(_migratable_xml, domain)
         dest_xml = rewrite_host_paths(xml, domain.name, domain.host.host_id, dest.host_id)
         if timeout_s is not None:
             if timeout_s <= 0:
@@ -171,9 +168,9 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
                 break
             try:
                 if not downtime_set:
-                    domain.dom.migrateSetMaxDowntime(downtime_ms, 0)
+                    await asyncio.to_thread(domain.dom.migrateSetMaxDowntime, downtime_ms, 0)
                     downtime_set = True
-                stats = domain.dom.jobStats(0)
+                stats = await asyncio.to_thread(domain.dom.jobStats, 0)
             except libvirt.libvirtError:
                 continue  # the job may not have started yet, or just ended
             if stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
@@ -185,7 +182,7 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
                 if reason:
                     asked_switch = True
                     try:
-                        domain.dom.migrateStartPostCopy(0)
+                        await asyncio.to_thread(domain.dom.migrateStartPostCopy, 0)
                         switched = reason
                     except libvirt.libvirtError as err:  # e.g. the job is just finishing: retried next poll
                         cause = err.get_error_message() or str(err)
@@ -197,19 +194,16 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
                 on_progress(sample, "post-copy" if switched else "pre-copy")
             if time.monotonic() - started > p.time_budget_s and not switched and not aborted:
                 with _errors(domain, "aborting the migration of"):
-                    domain.dom.abortJob()
+                    await asyncio.to_thread(domain.dom.abortJob)
                 aborted = f"did not converge within {p.time_budget_s:.0f} s and was aborted"
         try:
             await worker
         except libvirt.libvirtError as err:
-            raise _failure(domain, err, aborted, paused_before, asked_switch) from err
+            raise await asyncio.to_thread(_failure, domain, err, aborted, paused_before, asked_switch) from err
         total = time.monotonic() - started
-        completed = _source_completed_stats(domain) or \
+        completed = await asyncio.to_thread(_source_completed_stats, domain) or \
             await loop.run_in_executor(None, _completed_stats, dest, domain.name)
-        dest.adopt_state(domain.name, domain.dom.UUIDString())  # the shared state dir is now dest's domain's
-        with _errors(domain, "removing the source definition of"):
-            if domain.dom.isPersistent() and not domain.dom.isActive():
-                domain.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        await asyncio.to_thread(_finish_source, domain, dest)
         return Result(
             domain=domain.name, destination=dest_uri, policy=policy, plan_reason=p.reason, postcopy_switch=switched,
             postcopy_switch_error="" if switched else switch_error,
@@ -218,9 +212,43 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
             iterations=completed.get(libvirt.VIR_DOMAIN_JOB_MEMORY_ITERATION),
             measured_dirty_rate_mib_s=measured,
             samples=[asdict(h) for h in history[-200:]],
+            dirty_rate_error=rate_error,
         )
     finally:
         dest.close()
+
+
+def _paused_before(domain: Domain) -> bool:
+    domain.require_running()
+    return domain.state() == "paused"
+
+
+async def _ram_and_rate(domain: Domain, policy: str) -> tuple[int, float | None, str]:
+    """The guest RAM to move (boot memory: PMEM is not RAM), auto's measured dirty rate (MiB/s) or
+    None, and why there is none ("" when measured or not asked for)."""
+    ram = await asyncio.to_thread(balloon.boot_memory, domain)
+    if policy != "auto":
+        return ram, None, ""
+    try:
+        measured = await rate.measure(domain, 2, "page-sampling", 2048)
+    except HvextError as err:  # e.g. no QMP (plain libvirt domain): plan without it, and say so
+        log.warning("%s: dirty rate not measured (%s: %s); planning without it", domain.name,
+                    type(err).__name__, err)
+        return ram, None, str(err) or type(err).__name__
+    return ram, float(measured.rate_mib_s), ""
+
+
+def _migratable_xml(domain: Domain) -> str:
+    with _errors(domain, "preparing the migration of"):
+        return domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
+
+
+def _finish_source(domain: Domain, dest: Host) -> None:
+    """After success: dest owns the shared state dir; the source definition goes."""
+    dest.adopt_state(domain.name, domain.dom.UUIDString())
+    with _errors(domain, "removing the source definition of"):
+        if domain.dom.isPersistent() and not domain.dom.isActive():
+            domain.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
 
 
 def _errors(domain: Domain, action: str):  # type: ignore[no-untyped-def]

@@ -93,8 +93,12 @@ def paused(domain: Domain, *, require_stopped: bool = False) -> Iterator[tuple[f
         suspended = state == libvirt.VIR_DOMAIN_RUNNING
     if suspended:  # stop hinting applications at an epoch first: the copy is then crash consistent
         epoch = hints.before_pause(domain)
-        with libvirt_errors(f"pausing {domain.name!r}"):
-            domain.dom.suspend()
+        try:
+            with libvirt_errors(f"pausing {domain.name!r}"):
+                domain.dom.suspend()
+        except BaseException:
+            hints.after_resume(domain)  # the pause did not happen: the frozen applications go on
+            raise
     else:
         epoch = {"epoch_consistent": state == libvirt.VIR_DOMAIN_SHUTOFF, "hints": "guest not running: nothing to freeze"}
     started = time.perf_counter()
@@ -102,9 +106,11 @@ def paused(domain: Domain, *, require_stopped: bool = False) -> Iterator[tuple[f
         yield started, epoch
     finally:
         if suspended:
-            with libvirt_errors(f"resuming {domain.name!r}"):
-                domain.dom.resume()
-            hints.after_resume(domain)
+            try:
+                with libvirt_errors(f"resuming {domain.name!r}"):
+                    domain.dom.resume()
+            finally:
+                hints.after_resume(domain)  # a guest frozen at an epoch is always thawed
 
 
 def _changed_blocks(a: bytes, b: bytes, block_size: int) -> Iterator[tuple[int, int]]:

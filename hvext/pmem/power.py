@@ -42,6 +42,7 @@ from typing import Any
 import libvirt
 
 from hvext import aio, paths
+from hvext.agent import protocol
 from hvext.dirty import pages
 from hvext.errors import DomainNotFound, HvextError, QMPError, UsageError
 from hvext.host import Domain, Host, libvirt_errors
@@ -114,9 +115,10 @@ def registry(directory: Path | None = None) -> Iterator[list[Registration]]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            raw = json.loads(path.read_text()) if path.exists() else {"devices": []}
+            # a damaged or hostile file: too deep, huge numbers, not JSON -> PowerError, nothing else
+            raw = protocol.loads(path.read_bytes(), PowerError, "the file") if path.exists() else {"devices": []}
             regs = [Registration(**item) for item in raw["devices"]]
-        except (ValueError, KeyError, TypeError) as err:
+        except (PowerError, ValueError, KeyError, TypeError) as err:
             raise PowerError(f"power registry {path} is unreadable: {err}") from err
         before = json.dumps([r.to_dict() for r in regs], sort_keys=True)
         yield regs
@@ -203,7 +205,7 @@ async def _start_log(domain: Domain) -> dict[str, int] | None:
     """Start the patched QEMU's dirty log; None when QEMU lacks it or someone else's log is running."""
     async with domain.qmp() as qmp:
         try:
-            commands = {c["name"] for c in await qmp.execute("query-commands")}
+            commands = pages.command_names(await qmp.execute("query-commands"))
             if pages.START not in commands:
                 return None
             await qmp.execute(pages.START)

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hvext.agent import protocol
 from hvext.errors import HvextError, UsageError
 from hvext.paths import UnsafePathError, private_dir
 
@@ -208,13 +209,13 @@ class Store:
         except OSError as err:
             raise StoreError(f"cannot read {directory / MANIFEST}: {err}") from err
         try:
-            manifest = json.loads(raw)
+            manifest = protocol.loads(raw, StoreCorrupt, "the file")  # too deep, not JSON, huge numbers
             if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
                 raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}")
             nblocks = -(-int(manifest["size"]) // int(manifest["block_size"]))
             if len(manifest["locations"]) != nblocks or len(manifest["hashes"]) != nblocks:
                 raise ValueError("block tables do not match the size")
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (StoreCorrupt, ValueError, KeyError, TypeError, AttributeError) as err:
             raise StoreCorrupt(f"{directory / MANIFEST} is not a valid store manifest: {err}") from err
         return cls(directory, manifest)
 

@@ -16,18 +16,21 @@ A domain has either libvirt NVDIMMs or hvext virtio-pmem devices, not both
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import libvirt
 from lxml import etree
 
 from hvext import paths
 from hvext.domxml import HVEXT_NS, QEMU_NS
-from hvext.errors import HostError, UnsupportedError, UsageError
+from hvext.errors import HostError, QMPError, UnsupportedError, UsageError
 from hvext.host import Domain, libvirt_errors
 from hvext.pmem import devices
 from hvext.pmem.devices import PmemDevice
+from hvext.qmp import QMPSession
 
 ID_PREFIX = "hvext-vpmem"
 METADATA_URI = HVEXT_NS + "/virtio-pmem"
@@ -86,14 +89,32 @@ def _libvirt_memory_devices(xml: str) -> list[PmemDevice]:
     return [d for d in devices.parse_devices(xml) if d.model == "nvdimm"]
 
 
-async def _free_root_port(qmp) -> str:  # type: ignore[no-untyped-def]
-    """qdev id of a PCIe root port with nothing behind it."""
-    for bus in await qmp.execute("query-pci"):
-        for dev in bus["devices"]:
-            bridge = dev.get("pci_bridge")
-            if bridge is not None and dev.get("qdev_id") and not bridge.get("devices"):
-                return str(dev["qdev_id"])
+def free_root_port(reply: Any) -> str:
+    """qdev id of a PCIe root port with nothing behind it, from QEMU's ``query-pci`` reply.
+
+    The reply is untrusted: anything but a list of buses with device lists is a QMPError.
+    """
+    if not isinstance(reply, list):
+        raise QMPError("malformed query-pci reply: not a list of buses")
+    for bus in reply:
+        bus_devices = bus.get("devices") if isinstance(bus, dict) else None
+        if not isinstance(bus_devices, list):
+            raise QMPError("malformed query-pci reply: a bus without a device list")
+        for dev in bus_devices:
+            if not isinstance(dev, dict):
+                raise QMPError("malformed query-pci reply: a device that is not an object")
+            bridge, qdev_id = dev.get("pci_bridge"), dev.get("qdev_id")
+            if bridge is None or not qdev_id:
+                continue
+            if not isinstance(bridge, dict) or not isinstance(qdev_id, str):
+                raise QMPError("malformed query-pci reply: a bridge with a bad qdev_id or pci_bridge")
+            if not bridge.get("devices"):
+                return qdev_id
     raise HostError("no free PCIe root port for hot-plugging (hvext domains start with 4 free ones)")
+
+
+async def _free_root_port(qmp: QMPSession) -> str:
+    return free_root_port(await qmp.execute("query-pci"))
 
 
 def _edit_commandline(xml: str, add: list[str] | None = None, remove_id: str | None = None) -> str:
@@ -112,14 +133,26 @@ def _edit_commandline(xml: str, add: list[str] | None = None, remove_id: str | N
     return etree.tostring(root, encoding="unicode")
 
 
-async def attach(domain: Domain, size: int, *, backing: Path | None = None, live: bool = False) -> PmemDevice:
-    """Add a virtio-pmem device (definition, and with *live* the running guest too)."""
-    size = devices.validate_sizes(size, 0)
+def _definitions(domain: Domain) -> tuple[bool, bool, str, str]:
+    """Persistent?, active?, the inactive and the live XML (blocking: attach runs it in a thread)."""
     with libvirt_errors(f"domain {domain.name!r}"):
-        persistent = bool(domain.dom.isPersistent())
-        active = bool(domain.dom.isActive())
-        config_xml = domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-        live_xml = domain.dom.XMLDesc(0)
+        return (bool(domain.dom.isPersistent()), bool(domain.dom.isActive()),
+                domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE),
+                domain.dom.XMLDesc(0))
+
+
+def _define(domain: Domain, xml: str) -> None:
+    with libvirt_errors(f"updating the definition of {domain.name!r}"):
+        domain.host.conn.defineXML(xml)
+
+
+async def attach(domain: Domain, size: int, *, backing: Path | None = None, live: bool = False) -> PmemDevice:
+    """Add a virtio-pmem device (definition, and with *live* the running guest too).
+
+    libvirt calls and file I/O run in threads: the caller's loop may be shared (hvextd).
+    """
+    size = devices.validate_sizes(size, 0)
+    persistent, active, config_xml, live_xml = await asyncio.to_thread(_definitions, domain)
     if live and not active:
         raise UsageError(f"--live needs a running domain; {domain.name!r} is off")
     if not persistent:
@@ -135,9 +168,9 @@ async def attach(domain: Domain, size: int, *, backing: Path | None = None, live
     path = devices.backing_path(backing) if backing else paths.domain_dir(domain.name) / f"{dev_id}.img"
     if any(d.path == path for d in existing):
         raise UsageError(f"{path} already backs a pmem device of {domain.name!r}")
-    uid, gid = domain.host.qemu_user()
+    uid, gid = await asyncio.to_thread(domain.host.qemu_user)
     # libvirt does not label files it does not know about: hvext hands this one to QEMU's user.
-    created = devices.prepare_backing(path, size, owner=(uid, gid), allowed_uids=(uid,))
+    created = await asyncio.to_thread(devices.prepare_backing, path, size, owner=(uid, gid), allowed_uids=(uid,))
     try:
         if live:
             async with domain.qmp() as qmp:
@@ -151,8 +184,7 @@ async def attach(domain: Domain, size: int, *, backing: Path | None = None, live
                     raise
         else:
             args = _device_args(dev_id, path, size, _free_port_in_definition(config_xml))
-        with libvirt_errors(f"updating the definition of {domain.name!r}"):
-            domain.host.conn.defineXML(_edit_commandline(config_xml, add=args))
+        await asyncio.to_thread(_define, domain, _edit_commandline(config_xml, add=args))
     except BaseException:
         if created:
             path.unlink(missing_ok=True)

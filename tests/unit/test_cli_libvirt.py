@@ -7,6 +7,7 @@ through libvirt, when the named hvext.host.Domain method returns for it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import uuid
@@ -19,6 +20,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from hvext.cli import domain as cli_domain
 from hvext.cli.main import main
 from hvext.errors import DomainNotFound
 from hvext.host import Host
@@ -101,3 +103,24 @@ def test_domain_accessors_translate_libvirt_errors(transient: libvirt.virDomain)
         for accessor in (domain.id, domain.xml, domain.info, domain.state):  # the UUID is known locally
             with pytest.raises(DomainNotFound):
                 accessor()
+
+
+def test_a_libvirt_error_that_escapes_a_command_is_an_error_line(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A raw libvirt call a command module forgot to translate gave a traceback; now `error: ...`, exit 1."""
+    def raw_lookup(args: argparse.Namespace) -> int:
+        libvirt.open("test:///default").lookupByName("hvext-unit-no-such-domain")  # a real libvirtError
+        return 0
+    monkeypatch.setattr(cli_domain, "cmd_dominfo", raw_lookup)
+    assert main(["-c", "test:///default", "dominfo", "whatever"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: hvext dominfo: no such domain") and "Traceback" not in err
+
+
+def test_an_unexpected_exception_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug is not dressed up as a user error: it propagates (Python prints its traceback)."""
+    def buggy(args: argparse.Namespace) -> int:
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(cli_domain, "cmd_dominfo", buggy)
+    with pytest.raises(ZeroDivisionError):
+        main(["-c", "test:///default", "dominfo", "whatever"])

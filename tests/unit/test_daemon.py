@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from hvext import aio, qmp
+from hvext import aio, paths, qmp
+from hvext.daemon import main as daemon_main
 from hvext.daemon import reclaim_loop
+from hvext.daemon.config import PowerConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.errors import QMPError, UsageError
 from hvext.host import Host
 from hvext.memory import balloon
 from hvext.memory import stats as memstats
+from hvext.pmem import power
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,3 +166,44 @@ def test_passthrough_replies_are_validated(raw: str, message: str) -> None:
     with pytest.raises(QMPError, match=message):
         qmp.passthrough_result("query-status", raw)
     assert qmp.passthrough_result("query-status", '{"return": {"status": "running"}}') == {"status": "running"}
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("budget = nan", "power.budget"), ("budget = inf", "power.budget"), ("budget = -1", "power.budget"),
+    ("budget = 1e9", "power.budget"), ('budget = "5"', "power.budget"), ("budget = true", "power.budget"),
+    ("budgets = 5", r"unknown \[power\] keys"), ("power = 5", r"\[power\] must be a section"),
+])
+def test_power_config_refuses_bad_budgets(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "hvextd.toml"
+    path.write_text(toml + "\n" if toml.startswith("power =") else f"[power]\n{toml}\n")
+    with pytest.raises(UsageError, match=message):
+        PowerConfig.load(path)
+
+
+def test_power_config_budget(tmp_path: Path) -> None:
+    path = tmp_path / "hvextd.toml"
+    path.write_text("[reclaim]\nstep_mib = 64\n")
+    assert PowerConfig.load(path).budget is None  # no [power]: power's default
+    path.write_text("[power]\nbudget = 2\n")
+    assert PowerConfig.load(path) == PowerConfig(2.0)
+
+
+def test_hvextd_refuses_a_bad_power_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "hvextd.toml"
+    path.write_text("[power]\nbudget = nan\n")
+    assert daemon_main.main(["-c", "test:///default", "--config", str(path)]) == 1
+    assert "error: config" in capsys.readouterr().err
+
+
+def test_a_sigpwr_save_logs_registrations_of_gone_domains_and_uses_the_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(paths, "STATE_DIR", tmp_path)
+    with power.registry() as regs:
+        regs.append(power.Registration("hvext-unit-gone", "00000000-0000-4000-8000-00000000dead",
+                                       str(tmp_path / "gone.img"), str(tmp_path / "store"), "nvdimm", 65536,
+                                       "memnvdimm0"))
+    with caplog.at_level(logging.WARNING, "hvextd"):
+        daemon_main.on_power_loss("test:///default", budget=2.5)
+    assert f"power loss: hvext-unit-gone {tmp_path / 'gone.img'}: registered, but the domain no longer exists" \
+        in caplog.text
+    assert "(pre-pause budget 2.5 s)" in caplog.text

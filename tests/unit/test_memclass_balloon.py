@@ -181,3 +181,29 @@ def test_follow_gives_up_at_the_timeout_while_still_moving(monkeypatch: pytest.M
     assert result.outcome == "timeout" and "still moving" in result.reason()
     with pytest.raises(balloon.BalloonStalled, match="stopped at .* still moving"):
         raise balloon.BalloonStalled(result)
+
+
+class EventQMP(FakeQMP):
+    """query-balloon never moves; BALLOON_CHANGE events (some malformed) carry the only progress."""
+
+    def __init__(self, events: list[Any], stats: dict[str, Any]) -> None:
+        super().__init__([512 * MIB], stats)
+        self.queued = events
+
+    async def events(self, *names: str) -> AsyncIterator[dict[str, Any]]:
+        assert names == ("BALLOON_CHANGE",)
+        for event in self.queued:
+            await asyncio.sleep(0.02)
+            yield event
+        await asyncio.sleep(3600)
+
+
+def test_malformed_balloon_events_are_skipped_and_the_watcher_keeps_going(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU's event data is untrusted: a bad ``actual`` is ignored, the events after it still count."""
+    monkeypatch.setattr(balloon, "POLL_INTERVAL_S", 0.01)
+    bad = [{"data": {"actual": "x"}}, {"data": {"actual": [1] * 3}}, {"data": None}, "junk",
+           {"data": {"actual": 2**70}}, {"data": {"actual": -1}}, {"data": {"actual": 1.5}}]
+    good = {"event": "BALLOON_CHANGE", "data": {"actual": 300 * MIB}}
+    dom = domain(qmp=EventQMP([*bad, good], {"stats": {}, "last-update": 1}))
+    result = aio.run(balloon.follow(dom, 300 * MIB, stall_after=5, timeout=10))  # type: ignore[arg-type]
+    assert result.reached and result.actual == 300 * MIB and result.events == len(bad) + 1

@@ -147,3 +147,13 @@ def test_unprotect_remove_store_keeps_foreign_files(tmp_path: Path) -> None:
         regs.append(reg(store=str(store_dir)))
     power.unprotect("d", Path(reg().backing), remove_store=True, registry_dir=tmp_path)
     assert sorted(p.name for p in store_dir.iterdir()) == ["mine.txt"]
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000, b'{"devices": ' + b"9" * 5000 + b"}", b"\xff\xfe",
+                                     b'{"devices": [{"x": NaN}]}', b"[]", b'{"devices": [1]}'], ids=["deep", "huge-int", "not-utf8", "nan", "list", "not-objects"])
+def test_a_damaged_registry_is_a_power_error(tmp_path: Path, content: bytes) -> None:
+    """A damaged or hostile registry gave RecursionError (deep nesting) instead of a PowerError."""
+    power.registrations(tmp_path)  # creates the private directory
+    (tmp_path / "registry.json").write_bytes(content)
+    with pytest.raises(power.PowerError, match="registry.json"):
+        power.registrations(tmp_path)

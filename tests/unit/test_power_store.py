@@ -234,3 +234,13 @@ def test_remove_deletes_only_what_hvext_wrote(tmp_path: Path) -> None:
     Store.remove(tmp_path / "store")
     assert not (tmp_path / "store").exists()  # left empty: removed
     assert Store.remove(tmp_path / "store") == []
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000, b'{"format": ' + b"9" * 5000 + b"}", b"\xff", b"{]"], ids=["deep", "huge-int", "not-utf8", "not-json"])
+def test_a_damaged_manifest_is_store_corrupt(tmp_path: Path, content: bytes) -> None:
+    """A damaged or hostile manifest gave RecursionError (deep nesting) instead of StoreCorrupt."""
+    store = tmp_path / "store"
+    Store.create(store, BLOCK_SIZE)
+    (store / "manifest.json").write_bytes(content)
+    with pytest.raises(StoreCorrupt, match="manifest.json"):
+        Store.open(store)

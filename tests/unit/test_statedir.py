@@ -4,13 +4,14 @@ root's and well-formed, and never a reason to open a command-running libvirt tra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 
 import pytest
 
-from hvext import statedir
+from hvext import host, paths, statedir
 from hvext.statedir import StateOwner
 
 OWNER = StateOwner(host_uuid=str(uuid.uuid4()), uri="qemu+unix:///system?socket=/run/hvext-lab/host1/libvirt/libvirt-sock",
@@ -81,3 +82,23 @@ def test_a_record_with_a_command_uri_is_not_trusted(tmp_path: Path) -> None:
                                               OWNER.domain_uuid, "vm1"))
     owner, why = statedir.read_owner(tmp_path)
     assert owner is None and "URI" in why
+
+
+def test_state_that_cannot_be_removed_at_undefine_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Undefine removed state with rmtree(ignore_errors=True): a failure went unnoticed."""
+    monkeypatch.setattr(paths, "STATE_DIR", tmp_path / "state")
+    monkeypatch.setattr(paths, "VOLATILE_DIR", tmp_path / "shm")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("not hvext's")
+    paths.domain_dir("vm").parent.mkdir(parents=True)
+    paths.domain_dir("vm").symlink_to(elsewhere)  # not a directory hvext can remove (nor follow)
+    (paths.VOLATILE_DIR / "vm").mkdir(parents=True)
+    (paths.VOLATILE_DIR / "vm" / "pmem.img").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, "hvext.host"):
+        failures = host.remove_domain_state("vm")
+    assert len(failures) == 1 and str(paths.domain_dir("vm")) in failures[0]
+    assert "vm: undefined, but its state was not fully removed" in caplog.text
+    assert (elsewhere / "keep").exists() and not (paths.VOLATILE_DIR / "vm").exists()
+    assert host.remove_domain_state("other") == []  # nothing there: nothing to report

@@ -1,0 +1,79 @@
+"""The pause around a guest PMEM snapshot, on libvirt's test driver (a real libvirt domain, no VM):
+a guest frozen at an epoch for the pause is thawed also when the suspend or the resume fails."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import libvirt
+import pytest
+
+from hvext.errors import HostError
+from hvext.host import Domain, Host
+from hvext.pmem import guestsnap, hints
+
+XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory>
+<os><type>hvm</type></os></domain>"""
+
+
+class Failing:
+    """Fault injection (the test driver cannot be made to refuse a suspend or resume): libvirt's
+    handle of the domain, except that the named call fails."""
+
+    def __init__(self, dom: libvirt.virDomain, call: str) -> None:
+        self._dom, self._call = dom, call
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._call:
+            def refuse(*args: Any) -> int:
+                raise libvirt.libvirtError(f"injected: {name} refused")
+            return refuse
+        return getattr(self._dom, name)
+
+
+@pytest.fixture
+def domain() -> Iterator[Domain]:
+    name = f"hvext-unit-{os.getpid()}-snap"
+    with Host("test:///default") as host:
+        dom = host.conn.defineXML(XML.format(name=name))
+        dom.create()
+        try:
+            yield host.lookup(name)
+        finally:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the guest agent would be asked: freeze before the pause, thaw after."""
+    seen: list[str] = []
+    monkeypatch.setattr(hints, "before_pause", lambda dom: seen.append("freeze") or {"epoch_consistent": True})
+    monkeypatch.setattr(hints, "after_resume", lambda dom: seen.append("thaw"))
+    return seen
+
+
+def test_a_guest_frozen_for_a_pause_that_fails_is_thawed(domain: Domain, calls: list[str]) -> None:
+    real = domain.dom
+    domain.dom = Failing(real, "suspend")  # type: ignore[assignment]
+    with pytest.raises(HostError, match="suspend refused"), guestsnap.paused(domain):
+        pytest.fail("the block ran without a pause")
+    assert calls == ["freeze", "thaw"]
+    assert real.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_a_guest_whose_resume_fails_is_thawed_all_the_same(domain: Domain, calls: list[str]) -> None:
+    real = domain.dom
+    domain.dom = Failing(real, "resume")  # type: ignore[assignment]
+    with pytest.raises(HostError, match="resume refused"), guestsnap.paused(domain):
+        assert real.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    assert calls == ["freeze", "thaw"]
+
+
+def test_a_paused_snapshot_freezes_and_thaws_once(domain: Domain, calls: list[str]) -> None:
+    with guestsnap.paused(domain) as (_, epoch):
+        assert domain.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED and epoch == {"epoch_consistent": True}
+    assert calls == ["freeze", "thaw"] and domain.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
