@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 
 from hvext import aio
 from hvext.agent.protocol import MAX_LINE
