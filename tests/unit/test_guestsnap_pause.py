@@ -3,15 +3,16 @@ a guest frozen at an epoch for the pause is thawed also when the suspend or the 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import libvirt
 import pytest
 
+from tests.unit.testdriver import running_domain
+
 from hvext.errors import HostError
-from hvext.host import Domain, Host
+from hvext.host import Domain
 from hvext.pmem import guestsnap, hints
 
 XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory>
@@ -35,16 +36,8 @@ class Failing:
 
 @pytest.fixture
 def domain() -> Iterator[Domain]:
-    name = f"hvext-unit-{os.getpid()}-snap"
-    with Host("test:///default") as host:
-        dom = host.conn.defineXML(XML.format(name=name))
-        dom.create()
-        try:
-            yield host.lookup(name)
-        finally:
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
+    with running_domain(XML, "snap") as dom:
+        yield dom
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from hvext import aio, paths
 from hvext.host import Domain, Host
 from hvext.migrate import orchestrate, policy
 from hvext.units import MIB
+from tests.unit.testdriver import running_domain
 from tests.unit.test_qemu_replies import ThreadSpy
 
 XML = """<domain type='test'><name>{name}</name>
@@ -29,15 +29,8 @@ XML = """<domain type='test'><name>{name}</name>
 
 @pytest.fixture
 def domain() -> Iterator[Domain]:
-    name = f"hvext-unit-{os.getpid()}-migrate"
-    with Host("test:///default") as host:
-        dom = host.conn.defineXML(XML.format(name=name))
-        dom.create()
-        try:
-            yield host.lookup(name)
-        finally:
-            dom.destroy()
-            dom.undefine()
+    with running_domain(XML, "migrate") as dom:
+        yield dom
 
 
 class OtherHost(Host):
