@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import heapq
 import operator
 import os
@@ -51,7 +50,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hvext import paths
+from hvext import durable, paths
 from hvext.errors import HvextError, UsageError
 
 __all__ = [
@@ -685,14 +684,6 @@ def _parse_size(size: Any) -> int:
     return _as_int("size", size)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -707,18 +698,6 @@ def _create_empty(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
 
 
 def _read_marker(path: str) -> str | None:
@@ -756,17 +735,11 @@ def _lock(nvm_dir: str) -> int:
     """Take the region's exclusive lock; the fd holds it until closed."""
     path = os.path.join(nvm_dir, LOCK_NAME)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return durable.lock_file(path, wait=0)
+    except BlockingIOError as err:
+        raise RegionBusy(f"the region in {nvm_dir} is open elsewhere") from err
     except OSError as err:
-        raise RegionIOError(f"cannot open lock file {path}") from err
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise RegionBusy(f"the region in {nvm_dir} is open elsewhere") from err
         raise RegionIOError(f"cannot lock {path}") from err
-    return fd
 
 
 # ------------------------------------------------------------- the region
@@ -883,10 +856,10 @@ class NVMRegion:
                     conn.close()
                 _fsync_path(tmp_db)
                 _create_empty(os.path.join(mass, MASS_DATA))
-                _write_atomic(marker, region_id)
+                durable.atomic_write(marker, region_id.encode())
                 _create_empty(os.path.join(nvm, NVM_DATA))
                 os.replace(tmp_db, db_path)  # the region exists from here on
-                _fsync_dir(nvm)
+                durable.fsync_dir(nvm)
             except (OSError, sqlite3.Error) as err:
                 raise RegionIOError(f"cannot create region in {nvm} / {mass}") from err
             return cls._open_locked(nvm, mass, lock_fd)

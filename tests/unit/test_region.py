@@ -425,3 +425,29 @@ def test_create_makes_private_dirs_and_refuses_links(tmp_path):
     (tmp_path / "open").chmod(0o777)
     with pytest.raises(RegionUsageError, match="writable by every user"):
         NVMRegion.create(tmp_path / "nvm3", tmp_path / "open", "64K")
+
+
+def test_create_failing_to_write_the_marker_leaves_no_temp_file(dirs, monkeypatch):
+    """The mass marker is written through hvext.durable: a failure leaves neither a temp file nor a
+    marker, and a new create succeeds."""
+    from hvext import durable
+
+    def full(step: str) -> None:
+        if step == "written":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable, "_step_hook", full)
+    with pytest.raises(region_mod.RegionIOError):
+        NVMRegion.create(*dirs, 8 * BS)
+    assert sorted(p.name for p in dirs[1].iterdir()) == ["mass.dat"]
+    monkeypatch.setattr(durable, "_step_hook", None)
+    NVMRegion.create(*dirs, 8 * BS).close()
+
+
+def test_region_lock_is_never_taken_through_a_symlink(dirs, tmp_path):
+    NVMRegion.create(*dirs, 8 * BS).close()
+    (dirs[0] / "region.lock").unlink()
+    (dirs[0] / "region.lock").symlink_to(tmp_path / "victim")
+    with pytest.raises(region_mod.RegionIOError):
+        NVMRegion.open(*dirs)
+    assert not (tmp_path / "victim").exists()
