@@ -453,3 +453,14 @@ def test_region_lock_is_never_taken_through_a_symlink(dirs, tmp_path):
     with pytest.raises(region_mod.RegionIOError):
         NVMRegion.open(*dirs)
     assert not (tmp_path / "victim").exists()
+
+
+def test_region_package_modules_import_only_public_names_of_each_other():
+    import ast
+    import pathlib
+
+    for src in pathlib.Path(region_mod.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(src.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hvext.pmem.region"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{src.name} imports private {private} from {node.module}"

@@ -17,7 +17,7 @@ MASS_DATA = "mass.dat"
 MASS_ID = "region.id"
 
 
-def _fsync_path(path: str) -> None:
+def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -25,7 +25,7 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _create_empty(path: str) -> None:
+def create_empty(path: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.fsync(fd)
@@ -33,7 +33,7 @@ def _create_empty(path: str) -> None:
         os.close(fd)
 
 
-def _read_marker(path: str) -> str | None:
+def read_marker(path: str) -> str | None:
     try:
         with open(path, encoding="ascii") as f:
             return f.read().strip()
@@ -43,7 +43,7 @@ def _read_marker(path: str) -> str | None:
         raise RegionIOError(f"cannot read region marker {path}") from err
 
 
-def _tmp_db_region_id(path: str) -> str | None:
+def tmp_db_region_id(path: str) -> str | None:
     """The region id in an interrupted ``create``'s temporary database."""
     if not os.path.exists(path):
         return None
@@ -58,13 +58,13 @@ def _tmp_db_region_id(path: str) -> str | None:
     return row[0] if row else None
 
 
-def _remove(*paths: str) -> None:
+def remove_files(*paths: str) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
 
-def _lock(nvm_dir: str) -> int:
+def lock_region(nvm_dir: str) -> int:
     """Take the region's exclusive lock; the fd holds it until closed."""
     path = os.path.join(nvm_dir, LOCK_NAME)
     try:
@@ -75,7 +75,7 @@ def _lock(nvm_dir: str) -> int:
         raise RegionIOError(f"cannot lock {path}") from err
 
 
-def _make_region_dirs(*dirs: str) -> None:
+def make_region_dirs(*dirs: str) -> None:
     """Create the region's directories 0700 with :func:`hvext.paths.private_dir` (missing parents
     with default modes): they may be user-given places in world-writable ``/dev/shm``, and hold
     guest data, so a link, or a directory someone else owns or can write, is refused."""

@@ -32,16 +32,16 @@ from hvext.pmem.region.fs import (
     MASS_DATA,
     MASS_ID,
     NVM_DATA,
-    _create_empty,
-    _fsync_path,
-    _lock,
-    _make_region_dirs,
-    _read_marker,
-    _remove,
-    _tmp_db_region_id,
+    create_empty,
+    fsync_path,
+    lock_region,
+    make_region_dirs,
+    read_marker,
+    remove_files,
+    tmp_db_region_id,
 )
-from hvext.pmem.region.slab import MASS, NVM, _Slab
-from hvext.pmem.region.strategies import _COMMON_SCHEMA, _STRATEGY_CLASSES, STRATEGIES, _Strategy
+from hvext.pmem.region.slab import MASS, NVM, Slab
+from hvext.pmem.region.strategies import COMMON_SCHEMA, STRATEGIES, STRATEGY_CLASSES, Strategy
 
 FORMAT_VERSION = "1"
 MIN_BLOCK_SIZE = 512
@@ -100,7 +100,7 @@ def _parse_size(size: Any) -> int:
 
 
 class NVMRegion:
-    """A block store on two tiers with snapshots and purge; see the module doc."""
+    """A block store on two tiers with snapshots and purge; see the package doc (:mod:`hvext.pmem.region`)."""
 
     def __init__(
         self,
@@ -109,9 +109,9 @@ class NVMRegion:
         db: sqlite3.Connection,
         lock_fd: int,
         meta: dict[str, str],
-        strategy_cls: type[_Strategy],
-        nvm: _Slab,
-        mass: _Slab,
+        strategy_cls: type[Strategy],
+        nvm: Slab,
+        mass: Slab,
     ) -> None:
         """Use :meth:`create` or :meth:`open`."""
         self.nvm_dir = nvm_dir
@@ -155,30 +155,30 @@ class NVMRegion:
             raise RegionUsageError(f"size {size} must be a positive multiple of block_size {block_size}")
         if size // block_size > MAX_BLOCKS:
             raise RegionUsageError(f"size {size} exceeds {MAX_BLOCKS} blocks")
-        if strategy not in _STRATEGY_CLASSES:
+        if strategy not in STRATEGY_CLASSES:
             raise RegionUsageError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
         nvm = os.path.abspath(os.fspath(nvm_dir))
         mass = os.path.abspath(os.fspath(mass_dir))
-        _make_region_dirs(nvm, mass)
-        lock_fd = _lock(nvm)
+        make_region_dirs(nvm, mass)
+        lock_fd = lock_region(nvm)
         try:
             db_path = os.path.join(nvm, DB_NAME)
             tmp_db = db_path + ".tmp"
             if os.path.exists(db_path):
                 raise RegionExists(f"{nvm} already holds a region")
             marker = os.path.join(mass, MASS_ID)
-            other = _read_marker(marker)
-            if other is not None and other != _tmp_db_region_id(tmp_db):
+            other = read_marker(marker)
+            if other is not None and other != tmp_db_region_id(tmp_db):
                 raise RegionExists(
                     f"{mass} already holds the mass tier of region {other}; remove it or pick another directory"
                 )
             # (A marker matching the temporary database is our own interrupted create.)
             region_id = uuid.uuid4().hex
             try:
-                _remove(tmp_db, tmp_db + "-journal")
+                remove_files(tmp_db, tmp_db + "-journal")
                 conn = sqlite3.connect(tmp_db, isolation_level=None)
                 try:
-                    conn.executescript(_COMMON_SCHEMA + _STRATEGY_CLASSES[strategy].schema)
+                    conn.executescript(COMMON_SCHEMA + STRATEGY_CLASSES[strategy].schema)
                     conn.execute("BEGIN")
                     conn.executemany(
                         "INSERT INTO meta(key, value) VALUES (?, ?)",
@@ -194,10 +194,10 @@ class NVMRegion:
                     conn.execute("COMMIT")
                 finally:
                     conn.close()
-                _fsync_path(tmp_db)
-                _create_empty(os.path.join(mass, MASS_DATA))
+                fsync_path(tmp_db)
+                create_empty(os.path.join(mass, MASS_DATA))
                 durable.atomic_write(marker, region_id.encode())
-                _create_empty(os.path.join(nvm, NVM_DATA))
+                create_empty(os.path.join(nvm, NVM_DATA))
                 os.replace(tmp_db, db_path)  # the region exists from here on
                 durable.fsync_dir(nvm)
             except (OSError, sqlite3.Error) as err:
@@ -214,7 +214,7 @@ class NVMRegion:
         mass = os.path.abspath(os.fspath(mass_dir))
         if not os.path.exists(os.path.join(nvm, DB_NAME)):
             raise RegionNotFound(f"no region in {nvm}")
-        lock_fd = _lock(nvm)
+        lock_fd = lock_region(nvm)
         try:
             return cls._open_locked(nvm, mass, lock_fd)
         except BaseException:
@@ -228,7 +228,7 @@ class NVMRegion:
             db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as err:
             raise RegionIOError(f"cannot open region metadata {db_path}") from err
-        slabs: list[_Slab] = []
+        slabs: list[Slab] = []
         try:
             try:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -242,10 +242,10 @@ class NVMRegion:
                 raise RegionCorrupt(f"region metadata {db_path} is unreadable") from err
             if meta.get("format") != FORMAT_VERSION:
                 raise RegionCorrupt(f"{db_path}: unsupported region format {meta.get('format')!r}")
-            strategy_cls = _STRATEGY_CLASSES.get(meta.get("strategy", ""))
+            strategy_cls = STRATEGY_CLASSES.get(meta.get("strategy", ""))
             if strategy_cls is None:
                 raise RegionCorrupt(f"{db_path}: unknown strategy {meta.get('strategy')!r}")
-            marker = _read_marker(os.path.join(mass, MASS_ID))
+            marker = read_marker(os.path.join(mass, MASS_ID))
             if marker != meta.get("region_id"):
                 raise RegionMismatch(
                     f"{mass} is not the mass tier of region {meta.get('region_id')}"
@@ -256,8 +256,8 @@ class NVMRegion:
             except sqlite3.DatabaseError as err:
                 raise RegionCorrupt(f"region metadata {db_path} is unreadable") from err
             bs = int(meta["block_size"])
-            slabs.append(_Slab(os.path.join(nvm, NVM_DATA), NVM, bs, nvm_used))
-            slabs.append(_Slab(os.path.join(mass, MASS_DATA), MASS, bs, mass_used))
+            slabs.append(Slab(os.path.join(nvm, NVM_DATA), NVM, bs, nvm_used))
+            slabs.append(Slab(os.path.join(mass, MASS_DATA), MASS, bs, mass_used))
             return cls(nvm, mass, db, lock_fd, meta, strategy_cls, slabs[0], slabs[1])
         except BaseException:
             for slab in slabs:

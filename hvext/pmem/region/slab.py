@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from hvext.pmem.region.errors import RegionCorrupt
 
 NVM, MASS = 0, 1  # tier numbers stored in the metadata
-_TIER_NAMES = ("nvm", "mass")
+TIER_NAMES = ("nvm", "mass")
 
 
 # ---------------------------------------------------- hole punching
@@ -36,7 +36,7 @@ _PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZ
 # ------------------------------------------------------------ data tiers
 
 
-class _Slab:
+class Slab:
     """One tier's data file: an array of block-sized slots.
 
     The free list lives in memory only and is rebuilt from the metadata at
@@ -53,7 +53,7 @@ class _Slab:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as err:
-            raise RegionCorrupt(f"{_TIER_NAMES[tier]} data file {path} cannot be opened") from err
+            raise RegionCorrupt(f"{TIER_NAMES[tier]} data file {path} cannot be opened") from err
         try:
             used_set = set(used)
             self.high = max(used_set) + 1 if used_set else 0

@@ -6,14 +6,14 @@ import sqlite3
 from typing import NamedTuple
 
 from hvext.pmem.region.errors import RegionCorrupt
-from hvext.pmem.region.slab import _TIER_NAMES, MASS, NVM, _Slab
+from hvext.pmem.region.slab import MASS, NVM, TIER_NAMES, Slab
 
 STRATEGIES = ("virtblocks", "pointer-elimination")
 
 
 # ---------------------------------------------------- metadata schema
 
-_COMMON_SCHEMA = """
+COMMON_SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE snap(id INTEGER PRIMARY KEY AUTOINCREMENT,
                   name TEXT NOT NULL UNIQUE,
@@ -29,7 +29,7 @@ class _Entry(NamedTuple):
     refs: int
 
 
-class _Strategy:
+class Strategy:
     """L1 tables, block bookkeeping and purge for one strategy.
 
     Snapshot id 0 is the running point.  Every method runs inside the
@@ -39,7 +39,7 @@ class _Strategy:
     name = ""
     schema = ""
 
-    def __init__(self, db: sqlite3.Connection, nvm: _Slab, mass: _Slab, nblocks: int) -> None:
+    def __init__(self, db: sqlite3.Connection, nvm: Slab, mass: Slab, nblocks: int) -> None:
         self.db = db
         self.nvm = nvm
         self.mass = mass
@@ -81,13 +81,13 @@ class _Strategy:
             actual = slab.in_use()
             if actual != seen[slab.tier]:
                 problems.append(
-                    f"{_TIER_NAMES[slab.tier]} allocator out of step with metadata: "
+                    f"{TIER_NAMES[slab.tier]} allocator out of step with metadata: "
                     f"{len(actual)} slots in use, {len(seen[slab.tier])} referenced"
                 )
         return problems
 
 
-class _Virtblocks(_Strategy):
+class _Virtblocks(Strategy):
     """L1 entry -> virtblock entry (tier, slot) -> data."""
 
     name = "virtblocks"
@@ -192,7 +192,7 @@ class _Virtblocks(_Strategy):
                 problems.append(f"virtblock {vid}: bad tier {tier}")
                 continue
             if slot in seen[tier]:
-                problems.append(f"virtblock {vid}: {_TIER_NAMES[tier]} slot {slot} shared")
+                problems.append(f"virtblock {vid}: {TIER_NAMES[tier]} slot {slot} shared")
             seen[tier].add(slot)
             if refs != counts.get(vid, 0) or refs <= 0:
                 problems.append(f"virtblock {vid}: refs {refs}, {counts.get(vid, 0)} L1 entries")
@@ -205,7 +205,7 @@ class _Virtblocks(_Strategy):
         return problems + self._check_slabs(seen)
 
 
-class _PointerElimination(_Strategy):
+class _PointerElimination(Strategy):
     """L1 entry -> (tier, slot): NVM block until purge rewrites it to mass."""
 
     name = "pointer-elimination"
@@ -360,10 +360,10 @@ class _PointerElimination(_Strategy):
                 problems.append(f"mass block {slot}: refs {refs}, {counts.get((MASS, slot), 0)} L1 entries")
         for tier, ptr in counts:
             if ptr not in seen.get(tier, set()):
-                problems.append(f"L1 entries point at missing {_TIER_NAMES[tier]} block {ptr}")
+                problems.append(f"L1 entries point at missing {TIER_NAMES[tier]} block {ptr}")
         return problems + self._check_slabs(seen)
 
 
-_STRATEGY_CLASSES: dict[str, type[_Strategy]] = {
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (_Virtblocks, _PointerElimination)
 }
