@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import os
@@ -38,12 +39,35 @@ DEFAULT_URI = "qemu:///system"
 #: Interval between attempts of :meth:`Domain.wait_agent` (each a cheap connect and handshake).
 AGENT_POLL_S = 0.2
 
-STATE_NAMES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "no state", libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "in shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+
+class RunState(enum.Enum):
+    """A domain's run state as libvirt reports it; the value is the name hvext prints (as virsh does)."""
+
+    NOSTATE = "no state"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "in shutdown"
+    SHUTOFF = "shut off"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+    UNKNOWN = "unknown"  # a state this hvext does not know (a newer libvirt)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_RUN_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: RunState.NOSTATE, libvirt.VIR_DOMAIN_RUNNING: RunState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: RunState.BLOCKED, libvirt.VIR_DOMAIN_PAUSED: RunState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: RunState.SHUTDOWN, libvirt.VIR_DOMAIN_SHUTOFF: RunState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: RunState.CRASHED, libvirt.VIR_DOMAIN_PMSUSPENDED: RunState.PMSUSPENDED,
 }
+#: Why a paused domain is paused (libvirt's VIR_DOMAIN_PAUSED_* reasons that hvext tells apart).
+PAUSE_REASONS = {libvirt.VIR_DOMAIN_PAUSED_USER: "user", libvirt.VIR_DOMAIN_PAUSED_MIGRATION: "migration",
+                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY: "post-copy",
+                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED: "post-copy failed",
+                 libvirt.VIR_DOMAIN_PAUSED_IOERROR: "I/O error"}
 
 _UNAVAILABLE_CODES = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_AUTH_FAILED}
 _UNSUPPORTED_CODES = {libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
@@ -370,11 +394,22 @@ class Domain:
         return libvirt_errors(f"{action} {self.name!r}" if action else f"domain {self.name!r}")
 
     # -- state ----------------------------------------------------------
-    def state(self) -> str:
+    @property
+    def state(self) -> RunState:
+        """The run state now (a libvirt call each time: read it once, then compare)."""
+        return self.state_and_reason()[0]
+
+    def state_and_reason(self) -> tuple[RunState, str]:
+        """The run state and, when paused, why ("user", "migration", "post-copy", ...; "" otherwise)."""
         with self._errors(""):
-            return STATE_NAMES.get(self.dom.state()[0], "unknown")
+            code, reason = self.dom.state()
+        state = _RUN_STATES.get(code, RunState.UNKNOWN)
+        if state is not RunState.PAUSED:
+            return state, ""
+        return state, PAUSE_REASONS.get(reason, f"reason {reason}")
 
     def is_active(self) -> bool:
+        """Whether the domain has a QEMU process (running, paused, in shutdown, ...)."""
         with self._errors(""):
             return bool(self.dom.isActive())
 
@@ -404,7 +439,7 @@ class Domain:
             return {
                 "name": self.name, "uuid": self.dom.UUIDString(),
                 "id": self.dom.ID() if self.dom.isActive() else None,
-                "state": STATE_NAMES.get(state, "unknown"), "vcpus": vcpus,
+                "state": _RUN_STATES.get(state, RunState.UNKNOWN).value, "vcpus": vcpus,
                 "max_memory_kib": max_kib, "used_memory_kib": cur_kib, "cpu_time_s": cpu_ns / 1e9,
                 "persistent": bool(self.dom.isPersistent()), "autostart": bool(self.dom.autostart()),
                 "hvext_managed": facts.hvext_managed, "agent_channel": facts.has_agent_channel,
@@ -412,6 +447,7 @@ class Domain:
             }
 
     def require_running(self) -> None:
+        """Guard: DomainStateError unless the domain has a QEMU process (running or paused)."""
         if not self.is_active():
             raise DomainStateError(f"domain {self.name!r} is not running; `hvext start {self.name}` first")
 

@@ -25,16 +25,12 @@ from lxml import etree
 from hvext import paths
 from hvext.dirty import rate
 from hvext.errors import HostError, HvextError, UsageError
-from hvext.host import STATE_NAMES, Domain, Host, translate
+from hvext.host import Domain, Host, RunState, translate
 from hvext.memory import balloon
 from hvext.migrate.policy import MIB, Plan, Progress, after_failure, plan, should_switch_to_postcopy
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
-PAUSE_REASONS = {libvirt.VIR_DOMAIN_PAUSED_USER: "user", libvirt.VIR_DOMAIN_PAUSED_MIGRATION: "migration",
-                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY: "post-copy",
-                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED: "post-copy failed",
-                 libvirt.VIR_DOMAIN_PAUSED_IOERROR: "I/O error"}
 # The source definition is removed by hvext after reading the completed job's statistics
 # (with VIR_MIGRATE_UNDEFINE_SOURCE they would vanish with it).
 BASE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
@@ -220,7 +216,7 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
 
 def _paused_before(domain: Domain) -> bool:
     domain.require_running()
-    return domain.state() == "paused"
+    return domain.state is RunState.PAUSED
 
 
 async def _ram_and_rate(domain: Domain, policy: str) -> tuple[int, float | None, str]:
@@ -260,12 +256,10 @@ def _failure(domain: Domain, err: libvirt.libvirtError, aborted: str, paused_bef
              postcopy_started: bool) -> MigrationError:
     """Say what went wrong and what state the source is in now (resumed only if the migration paused it)."""
     try:
-        with _errors(domain, "reading the state of"):
-            code, reason_code = domain.dom.state()
-        state = STATE_NAMES.get(code, "unknown")
-        reason = PAUSE_REASONS.get(reason_code, f"reason {reason_code}") if state == "paused" else ""
+        run_state, reason = domain.state_and_reason()
+        state = run_state.value
     except HvextError:
-        state, reason = "unknown", ""
+        state, reason = RunState.UNKNOWN.value, ""
     cause = f"migrating {domain.name!r} {aborted}" if aborted else translate(err, f"migrating {domain.name!r}")
     recovery = after_failure(state, reason, paused_before, postcopy_started)
     outcome = recovery.outcome

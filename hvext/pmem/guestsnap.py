@@ -28,7 +28,7 @@ import libvirt
 
 from hvext import paths
 from hvext.errors import DomainStateError, HvextError, UsageError
-from hvext.host import Domain, libvirt_errors
+from hvext.host import Domain, RunState, libvirt_errors
 from hvext.pmem import devices, hints, virtio
 from hvext.pmem.devices import PmemDevice
 from hvext.pmem.region import NVMRegion, RegionNotFound
@@ -85,12 +85,11 @@ def open_region(domain: Domain, device: PmemDevice, *, create: bool = False, str
 def paused(domain: Domain, *, require_stopped: bool = False) -> Iterator[tuple[float, dict[str, Any]]]:
     """Keep the guest from writing: suspend a running guest for the block, resume it after.
     With *require_stopped*, a running guest is refused (the caller changes what it sees)."""
-    with libvirt_errors(f"pausing {domain.name!r}"):
-        state = domain.dom.state()[0] if domain.dom.isActive() else libvirt.VIR_DOMAIN_SHUTOFF
-        if state == libvirt.VIR_DOMAIN_RUNNING and require_stopped:
-            raise DomainStateError(f"domain {domain.name!r} is running: pause it (`virsh suspend`) or shut it "
-                                   "down before restoring its pmem")
-        suspended = state == libvirt.VIR_DOMAIN_RUNNING
+    state = domain.state if domain.is_active() else RunState.SHUTOFF
+    if state is RunState.RUNNING and require_stopped:
+        raise DomainStateError(f"domain {domain.name!r} is running: pause it (`virsh suspend`) or shut it "
+                               "down before restoring its pmem")
+    suspended = state is RunState.RUNNING
     if suspended:  # stop hinting applications at an epoch first: the copy is then crash consistent
         epoch = hints.before_pause(domain)
         try:
@@ -100,7 +99,7 @@ def paused(domain: Domain, *, require_stopped: bool = False) -> Iterator[tuple[f
             hints.after_resume(domain)  # the pause did not happen: the frozen applications go on
             raise
     else:
-        epoch = {"epoch_consistent": state == libvirt.VIR_DOMAIN_SHUTOFF, "hints": "guest not running: nothing to freeze"}
+        epoch = {"epoch_consistent": state is RunState.SHUTOFF, "hints": "guest not running: nothing to freeze"}
     started = time.perf_counter()
     try:
         yield started, epoch

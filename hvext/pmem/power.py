@@ -45,7 +45,7 @@ from hvext import aio, paths
 from hvext.agent import protocol
 from hvext.dirty import pages
 from hvext.errors import DomainNotFound, HvextError, QMPError, UsageError
-from hvext.host import Domain, Host, libvirt_errors
+from hvext.host import Domain, Host, RunState, libvirt_errors
 from hvext.pmem import devices, virtio
 from hvext.pmem.devices import PmemDevice
 from hvext.pmem.store import Store, StoreError, make_store_dir, write_atomic
@@ -445,16 +445,15 @@ def _save_domain(domain: Domain, group: list[Registration], started: float | Non
     prepared = paused = False
     paused_at = time.perf_counter()
     try:
-        with libvirt_errors(f"pausing {domain.name!r}"):
-            running = domain.dom.isActive() and domain.dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED
+        running = domain.is_active() and domain.state is not RunState.PAUSED
         if _before_pause is not None and running:
             prepared = True  # from here the guest may hold applications at an epoch: thawed unless paused
             epoch = _prepare_pause(domain, deadline)
         with libvirt_errors(f"pausing {domain.name!r}"):
-            state = domain.dom.state()[0]
+            state = domain.state
             if domain.dom.isActive():
                 domain_id = domain.dom.ID()
-                if state != libvirt.VIR_DOMAIN_PAUSED:
+                if state is not RunState.PAUSED:
                     domain.dom.suspend()
                     pending = "resume"
                 elif any(r.pending for r in group):
@@ -548,7 +547,7 @@ def _restore_domain(domain: Domain, group: list[Registration]) -> dict[str, Any]
             # QEMU still maps the (possibly unlinked) memory: its contents are the newest
             for reg in group:
                 entry["devices"].append({"backing": reg.backing, "action": "kept (guest still has it mapped)"})
-            if pending and domain.state() == "paused":
+            if pending and domain.state is RunState.PAUSED:
                 with libvirt_errors(f"resuming {domain.name!r}"):
                     domain.dom.resume()
                 if _after_resume is not None:
@@ -611,7 +610,7 @@ def status(host: Host, *, registry_dir: Path | None = None) -> list[dict[str, An
     for reg in registrations(registry_dir):
         domain = _lookup(host, reg.uuid)
         row = reg.to_dict()
-        row["state"] = domain.state() if domain else "missing"
+        row["state"] = domain.state.value if domain else "missing"
         try:
             row["store_stats"] = Store.open(Path(reg.store)).stats()
         except StoreError as err:
