@@ -191,8 +191,8 @@ def test_unregistering_an_undefined_domain_keeps_the_store_unless_asked(lab: Lab
     two, _ = lab.add("two")
     stores = {r.domain: Path(r.store) for r in power.registrations(lab.registry)}
     (foreign := stores[two.name] / "notes.txt").write_text("a user's file")
-    assert [r.domain for r in power.unregister_domain(one.name, one.dom.UUIDString())] == [one.name]
-    assert [r.domain for r in power.unregister_domain(two.name, two.dom.UUIDString(), remove_store=True)] \
+    assert [r.domain for r in power.unregister_domain(one.name, one.uuid())] == [one.name]
+    assert [r.domain for r in power.unregister_domain(two.name, two.uuid(), remove_store=True)] \
         == [two.name]
     assert power.registrations(lab.registry) == []
     assert (stores[one.name] / "manifest.json").exists()

@@ -82,9 +82,9 @@ def test_stock_qemu_refuses_what_would_crash_it(vm_factory, capsys) -> None:
     stock = shutil.which("qemu-system-x86_64")
     require(stock, "needs Debian's QEMU (make setup installs qemu-system-x86)")
     domain = vm_factory.define(memory_mib=512)
-    root = ET.fromstring(domain.dom.XMLDesc(0))
+    root = ET.fromstring(domain.xml())
     root.find("devices/emulator").text = stock  # type: ignore[union-attr]
-    vm_factory.host.conn.defineXML(ET.tostring(root, encoding="unicode"))
+    domain.redefine(ET.tostring(root, encoding="unicode"))
     vm_factory.boot(domain)
     with pytest.raises(UnsupportedError, match="patched QEMU"):
         aio.run(dirty_pages_over(domain, 1))

@@ -50,11 +50,11 @@ def test_snapshot_purge_restore(snap_vm: Domain, capsys) -> None:
     # restore needs the guest paused or off
     status, _, err = cli(capsys, "pmem-restore", vm.name, "nvdimm0", "s1")
     assert status == 1 and "is running" in err
-    vm.dom.suspend()
+    vm.suspend()
     status, out, err = cli(capsys, "pmem-restore", vm.name, "nvdimm0", "s1", "--json")
     assert status == 0, err
     assert json.loads(out)["bytes_written"] == BLOCK
-    vm.dom.resume()
+    vm.resume()
     assert guest_sha256(vm) == hashlib.sha256(first).hexdigest()
     # the restore copied s1's bytes into the running point: s2's version is non-active now
     status, out, err = cli(capsys, "pmem-purge", vm.name, "nvdimm0", "--json")
