@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import os
@@ -16,18 +17,19 @@ import shutil
 import subprocess
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu
 from lxml import etree
 
 from hvext import accel, aio, domxml, image, paths, statedir
 from hvext.agent.client import AgentClient
 from hvext.errors import (AgentUnavailable, DomainNotFound, DomainStateError, HostError, HvextError,
-                          LibvirtUnavailable, UnsupportedError, UsageError)
+                          LibvirtUnavailable, QMPError, UnsupportedError, UsageError)
 from hvext.qmp import PassthroughQMP, QMPSession
 from hvext.qmp import monitor as qmp_monitor
 from hvext.qmp import shared as shared_qmp
@@ -38,12 +40,51 @@ DEFAULT_URI = "qemu:///system"
 #: Interval between attempts of :meth:`Domain.wait_agent` (each a cheap connect and handshake).
 AGENT_POLL_S = 0.2
 
-STATE_NAMES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "no state", libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "in shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+
+class RunState(enum.Enum):
+    """A domain's run state as libvirt reports it; the value is the name hvext prints (as virsh does)."""
+
+    NOSTATE = "no state"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "in shutdown"
+    SHUTOFF = "shut off"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+    UNKNOWN = "unknown"  # a state this hvext does not know (a newer libvirt)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_RUN_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: RunState.NOSTATE, libvirt.VIR_DOMAIN_RUNNING: RunState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: RunState.BLOCKED, libvirt.VIR_DOMAIN_PAUSED: RunState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: RunState.SHUTDOWN, libvirt.VIR_DOMAIN_SHUTOFF: RunState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: RunState.CRASHED, libvirt.VIR_DOMAIN_PMSUSPENDED: RunState.PMSUSPENDED,
 }
+#: Why a paused domain is paused (libvirt's VIR_DOMAIN_PAUSED_* reasons that hvext tells apart).
+PAUSE_REASONS = {libvirt.VIR_DOMAIN_PAUSED_USER: "user", libvirt.VIR_DOMAIN_PAUSED_MIGRATION: "migration",
+                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY: "post-copy",
+                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED: "post-copy failed",
+                 libvirt.VIR_DOMAIN_PAUSED_IOERROR: "I/O error"}
+#: libvirt's lifecycle events by the names hvextd logs.
+LIFECYCLE_EVENTS = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined", libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed", libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
+#: (event name, detail) pairs of a lifecycle event that ends or begins a migration on this host.
+MIGRATION_EVENTS: dict[tuple[str, int], str] = {
+    ("stopped", libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED): "out",
+    ("started", libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED): "in",
+}
+# The source definition is removed by hvext after reading the completed job's statistics
+# (with VIR_MIGRATE_UNDEFINE_SOURCE they would vanish with it).
+_MIGRATE_BASE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
 
 _UNAVAILABLE_CODES = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_AUTH_FAILED}
 _UNSUPPORTED_CODES = {libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
@@ -111,6 +152,90 @@ class DomainSpec:
         if not 1 <= self.vcpus <= 64:
             raise UsageError(f"vcpus {self.vcpus} out of range: use 1 to 64")
         return self
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """What a live migration uses (peer to peer, the definition persisted on the destination)."""
+
+    dest_xml: str  # the domain's XML for the destination (its per-host paths rewritten)
+    bandwidth_mib: int | None = None  # cap in MiB/s, pre-copy and post-copy
+    auto_converge: bool = False
+    xbzrle_cache: int = 0  # bytes; 0 = no XBZRLE compression
+    multifd_channels: int = 0
+    postcopy: bool = False  # allow a switch to post-copy (:meth:`Domain.start_postcopy`)
+    unsafe: bool = False  # storage libvirt cannot prove shared (the same file on both hosts: lab, NFS)
+
+    def flags_and_params(self) -> tuple[int, dict[str, Any]]:
+        """libvirt's flags and typed parameters for ``migrateToURI3``."""
+        flags = _MIGRATE_BASE_FLAGS
+        params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: self.dest_xml,
+                                  libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: self.dest_xml}
+        if self.bandwidth_mib:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = self.bandwidth_mib
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = self.bandwidth_mib
+        if self.auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if self.xbzrle_cache:
+            flags |= libvirt.VIR_MIGRATE_COMPRESSED
+            params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = "xbzrle"
+            params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION_XBZRLE_CACHE] = self.xbzrle_cache
+        if self.multifd_channels:
+            flags |= libvirt.VIR_MIGRATE_PARALLEL
+            params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = self.multifd_channels
+        if self.postcopy:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if self.unsafe:
+            flags |= libvirt.VIR_MIGRATE_UNSAFE
+        return flags, params
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """The figures hvext reads from libvirt's statistics of a domain's job (a migration).
+
+    A figure libvirt did not report is None.
+    """
+
+    active: bool  # a job is running (libvirt's job type is not VIR_DOMAIN_JOB_NONE)
+    memory_total: int | None = None  # bytes of RAM to send
+    memory_remaining: int | None = None  # bytes of RAM still to send
+    memory_iteration: int | None = None  # QEMU's dirty-bitmap sync count
+    memory_dirty_rate: int | None = None  # pages/s over the last finished pass
+    memory_page_size: int | None = None
+    memory_bps: int | None = None  # bytes/s sent
+    downtime_ms: int | None = None  # expected while running, actual once completed
+    data_processed: int | None = None  # bytes sent
+
+    @classmethod
+    def from_libvirt(cls, stats: dict[str, Any]) -> JobStats | None:
+        """From ``virDomainGetJobStats``'s dict; None when it is empty (no job recorded)."""
+        if not stats:
+            return None
+
+        def figure(key: str) -> int | None:
+            value = stats.get(key)
+            return None if value is None else int(value)
+
+        return cls(
+            active=stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE,
+            memory_total=figure(libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL),
+            memory_remaining=figure(libvirt.VIR_DOMAIN_JOB_MEMORY_REMAINING),
+            memory_iteration=figure(libvirt.VIR_DOMAIN_JOB_MEMORY_ITERATION),
+            memory_dirty_rate=figure(libvirt.VIR_DOMAIN_JOB_MEMORY_DIRTY_RATE),
+            memory_page_size=figure(libvirt.VIR_DOMAIN_JOB_MEMORY_PAGE_SIZE),
+            memory_bps=figure(libvirt.VIR_DOMAIN_JOB_MEMORY_BPS),
+            downtime_ms=figure(libvirt.VIR_DOMAIN_JOB_DOWNTIME),
+            data_processed=figure(libvirt.VIR_DOMAIN_JOB_DATA_PROCESSED),
+        )
+
+
+def libvirt_message(err: BaseException) -> str:
+    """libvirt's own message behind a translated error (without hvext's context), else ``str(err)``."""
+    cause = err.__cause__
+    if isinstance(cause, libvirt.libvirtError):
+        return cause.get_error_message() or str(cause)
+    return str(err)
 
 
 def emulator_path() -> Path | None:
@@ -183,6 +308,47 @@ class Host:
                 uid, gid = label.text.split(":", 1)
                 return int(uid.lstrip("+")), int(gid.lstrip("+"))
         return 0, 0
+
+    # -- watching (hvextd) ---------------------------------------------------
+    def keep_alive(self, interval_s: int = 5, count: int = 3) -> bool:
+        """Have libvirt probe the connection (a dead libvirtd is noticed); False when the driver
+        has no keepalive (a local one, which does not need it)."""
+        with libvirt_errors(f"enabling keepalive on {self.uri}"):
+            try:
+                self.conn.setKeepAlive(interval_s, count)
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
+                return False
+        return True
+
+    def watch(self, on_event: Callable[[str, str, int], None], on_close: Callable[[int], None]) -> int:
+        """Call ``on_event(domain name, event name, detail)`` on every domain's lifecycle event (names
+        from :data:`LIFECYCLE_EVENTS`) and ``on_close(reason)`` when the connection closes; returns the
+        handle for :meth:`unwatch`. Both run on hvext's event loop; what they raise is logged."""
+
+        def lifecycle(conn: Any, dom: libvirt.virDomain, event: int, detail: int, opaque: Any) -> None:
+            try:
+                on_event(dom.name(), LIFECYCLE_EVENTS.get(event, f"event {event}"), detail)
+            except Exception:  # libvirt would print the traceback on stderr and drop it
+                log.exception("handling lifecycle event %d (detail %d) failed", event, detail)
+
+        def closed(conn: Any, reason: int, opaque: Any) -> None:
+            try:
+                on_close(reason)
+            except Exception:
+                log.exception("handling the close of %s failed", self.uri)
+
+        with libvirt_errors(f"watching {self.uri}"):
+            self.conn.registerCloseCallback(closed, None)
+            return int(self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                                        lifecycle, None))
+
+    def unwatch(self, handle: int) -> None:
+        """Undo :meth:`watch`."""
+        with libvirt_errors(f"watching {self.uri}"):
+            self.conn.domainEventDeregisterAny(handle)
+            self.conn.unregisterCloseCallback()
 
     # -- defining -------------------------------------------------------
     @functools.cached_property
@@ -342,6 +508,11 @@ class Host:
         return owner is not None and owner.domain_uuid == domain_uuid
 
 
+def _affect(*, config: bool, live: bool) -> int:
+    """libvirt's VIR_DOMAIN_AFFECT_* flags: the persistent definition, the running domain, or both."""
+    return (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0) | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
+
+
 def _version(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
@@ -370,11 +541,22 @@ class Domain:
         return libvirt_errors(f"{action} {self.name!r}" if action else f"domain {self.name!r}")
 
     # -- state ----------------------------------------------------------
-    def state(self) -> str:
+    @property
+    def state(self) -> RunState:
+        """The run state now (a libvirt call each time: read it once, then compare)."""
+        return self.state_and_reason()[0]
+
+    def state_and_reason(self) -> tuple[RunState, str]:
+        """The run state and, when paused, why ("user", "migration", "post-copy", ...; "" otherwise)."""
         with self._errors(""):
-            return STATE_NAMES.get(self.dom.state()[0], "unknown")
+            code, reason = self.dom.state()
+        state = _RUN_STATES.get(code, RunState.UNKNOWN)
+        if state is not RunState.PAUSED:
+            return state, ""
+        return state, PAUSE_REASONS.get(reason, f"reason {reason}")
 
     def is_active(self) -> bool:
+        """Whether the domain has a QEMU process (running, paused, in shutdown, ...)."""
         with self._errors(""):
             return bool(self.dom.isActive())
 
@@ -387,15 +569,34 @@ class Domain:
         with self._errors(""):
             return int(self.dom.ID()) if self.dom.isActive() else None
 
-    def xml(self, *, inactive: bool = False) -> str:
-        """The domain's XML: live (inactive XML when it is off), or with *inactive* its persistent definition."""
+    def is_persistent(self) -> bool:
+        """Whether the domain has a persistent definition (False: transient, gone when it stops)."""
+        with self._errors(""):
+            return bool(self.dom.isPersistent())
+
+    def xml(self, *, inactive: bool = False, secure: bool = False, migratable: bool = False) -> str:
+        """The domain's XML: live (inactive XML when it is off), or with *inactive* its persistent definition;
+        *secure* includes secrets, *migratable* is the form a migration sends."""
+        flags = (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0) | \
+            (libvirt.VIR_DOMAIN_XML_SECURE if secure else 0) | (libvirt.VIR_DOMAIN_XML_MIGRATABLE if migratable else 0)
         with self._errors("reading the definition of"):
-            return str(self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0))
+            return str(self.dom.XMLDesc(flags))
+
+    def redefine(self, xml: str) -> None:
+        """Replace the domain's persistent definition with *xml* (same name and UUID)."""
+        with self._errors("updating the definition of"):
+            self.host.conn.defineXML(xml)
 
     def facts(self) -> domxml.DomainFacts:
         """Facts from the live XML (inactive XML when the domain is off)."""
         with self._errors(""):
             return domxml.read_facts(self.dom.XMLDesc(0))
+
+    def memory_kib(self) -> tuple[int, int]:
+        """(maximum, current) memory in KiB as libvirt reports it (current is the balloon's size)."""
+        with self._errors(""):
+            _state, max_kib, cur_kib, _vcpus, _cpu_ns = self.dom.info()
+        return int(max_kib), int(cur_kib)
 
     def info(self) -> dict[str, Any]:
         with self._errors(""):
@@ -404,7 +605,7 @@ class Domain:
             return {
                 "name": self.name, "uuid": self.dom.UUIDString(),
                 "id": self.dom.ID() if self.dom.isActive() else None,
-                "state": STATE_NAMES.get(state, "unknown"), "vcpus": vcpus,
+                "state": _RUN_STATES.get(state, RunState.UNKNOWN).value, "vcpus": vcpus,
                 "max_memory_kib": max_kib, "used_memory_kib": cur_kib, "cpu_time_s": cpu_ns / 1e9,
                 "persistent": bool(self.dom.isPersistent()), "autostart": bool(self.dom.autostart()),
                 "hvext_managed": facts.hvext_managed, "agent_channel": facts.has_agent_channel,
@@ -412,15 +613,32 @@ class Domain:
             }
 
     def require_running(self) -> None:
+        """Guard: DomainStateError unless the domain has a QEMU process (running or paused)."""
         if not self.is_active():
             raise DomainStateError(f"domain {self.name!r} is not running; `hvext start {self.name}` first")
 
     # -- lifecycle ------------------------------------------------------
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        """Start the domain; with *paused*, its vCPUs wait for :meth:`resume` (guard: it must be off)."""
         with self._errors("starting"):
             if self.dom.isActive():
                 raise DomainStateError(f"domain {self.name!r} is already running")
-            self.dom.create()
+            if paused:
+                self.dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+            else:
+                self.dom.create()
+
+    def suspend(self) -> None:
+        """Stop the vCPUs (guard: the domain must be running; a paused one stays paused)."""
+        self.require_running()
+        with self._errors("pausing"):
+            self.dom.suspend()
+
+    def resume(self) -> None:
+        """Let the vCPUs run again (guard: the domain must be running; a running one goes on)."""
+        self.require_running()
+        with self._errors("resuming"):
+            self.dom.resume()
 
     def destroy(self) -> None:
         with self._errors("destroying"):
@@ -489,12 +707,79 @@ class Domain:
                 return
             remove_domain_state(self.name)
 
+    # -- devices --------------------------------------------------------
+    def attach_device(self, xml: str, *, config: bool, live: bool) -> None:
+        """Add the device *xml* to the persistent definition (*config*) and/or the running guest (*live*)."""
+        with self._errors("attaching a device to"):
+            self.dom.attachDeviceFlags(xml, _affect(config=config, live=live))
+
+    def detach_device(self, xml: str, *, config: bool, live: bool) -> None:
+        """Remove the device *xml* from the persistent definition (*config*) and/or the running guest (*live*)."""
+        with self._errors("detaching a device from"):
+            self.dom.detachDeviceFlags(xml, _affect(config=config, live=live))
+
     # -- memory ---------------------------------------------------------
+    def set_memory(self, kib: int, *, live: bool) -> None:
+        """Set the balloon target (*live*) or the next start's current memory, in KiB."""
+        with self._errors("setting the memory of"):
+            self.dom.setMemoryFlags(kib, _affect(config=not live, live=live))
+
+    def metadata(self, namespace: str, *, live: bool = True) -> str | None:
+        """hvext's metadata element in *namespace* (live or persistent); None when none is recorded."""
+        with self._errors("reading the metadata of"):
+            try:
+                return str(self.dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace,
+                                             _affect(config=not live, live=live)))
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    raise
+                return None
+
+    def set_metadata(self, key: str, namespace: str, xml: str, *, live: bool = True) -> None:
+        """Record the element *xml* as metadata in *namespace* (prefix *key*), live or persistent."""
+        with self._errors("recording the metadata of"):
+            self.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, namespace,
+                                 _affect(config=not live, live=live))
+
     def balloon_stats(self) -> dict[str, int]:
         """libvirt's memoryStats (KiB): actual, unused, available, usable, rss, ..."""
         self.require_running()
         with self._errors("reading memory statistics of"):
             return {str(k): int(v) for k, v in self.dom.memoryStats().items()}
+
+    # -- migration ------------------------------------------------------
+    def migrate(self, dest_uri: str, options: MigrationOptions) -> None:
+        """Live-migrate to *dest_uri* (blocking until done; run it in a thread)."""
+        flags, params = options.flags_and_params()
+        with self._errors("migrating"):
+            self.dom.migrateToURI3(dest_uri, params, flags)
+
+    def set_max_downtime(self, ms: int) -> None:
+        """The downtime the running migration may take when it switches over."""
+        with self._errors("setting the migration downtime of"):
+            self.dom.migrateSetMaxDowntime(ms, 0)
+
+    def start_postcopy(self) -> None:
+        """Switch the running migration (started with post-copy allowed) to post-copy."""
+        with self._errors("starting post-copy in the migration of"):
+            self.dom.migrateStartPostCopy(0)
+
+    def abort_job(self) -> None:
+        """Cancel the running job (a migration): the domain stays here."""
+        with self._errors("aborting the migration of"):
+            self.dom.abortJob()
+
+    def job_stats(self, *, completed: bool = False) -> JobStats | None:
+        """The running job's statistics, or with *completed* the last finished one's; None when libvirt has none."""
+        with self._errors("reading the job statistics of"):
+            return JobStats.from_libvirt(self.dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0))
+
+    def monitor_command(self, command: str, request: str) -> str:
+        """QEMU's raw reply to the QMP *request* through libvirt's passthrough (QMPError when it fails)."""
+        try:
+            return str(libvirt_qemu.qemuMonitorCommand(self.dom, request, 0))
+        except libvirt.libvirtError as err:
+            raise QMPError(f"QMP {command} through libvirt failed: {err.get_error_message()}") from err
 
     # -- channels -------------------------------------------------------
     def _running_facts(self) -> domxml.DomainFacts:
@@ -513,7 +798,7 @@ class Domain:
         facts = await asyncio.to_thread(self._running_facts)
         socket = facts.monitor_socket(qmp_monitor())
         if socket is None:
-            session = PassthroughQMP(self.dom)
+            session = PassthroughQMP(self.monitor_command)
             try:
                 yield session
             finally:

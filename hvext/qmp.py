@@ -17,13 +17,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import libvirt
-import libvirt_qemu
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, Runstate
 from qemu.qmp import QMPError as _QMPLibError
 
@@ -169,19 +167,16 @@ class PassthroughQMP:
 
     supports_events = False
 
-    def __init__(self, domain: libvirt.virDomain) -> None:
-        self.domain = domain
+    def __init__(self, send: Callable[[str, str], str]) -> None:
+        """*send(command, request)*: QEMU's raw reply text, or QMPError (:meth:`hvext.host.Domain.monitor_command`)."""
+        self.send = send
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         request: dict[str, Any] = {"execute": command}
         if arguments:
             request["arguments"] = arguments
         loop = asyncio.get_running_loop()
-        try:
-            raw = await loop.run_in_executor(
-                None, libvirt_qemu.qemuMonitorCommand, self.domain, json.dumps(request), 0)
-        except libvirt.libvirtError as err:
-            raise QMPError(f"QMP {command} through libvirt failed: {err.get_error_message()}") from err
+        raw = await loop.run_in_executor(None, self.send, command, json.dumps(request))
         return passthrough_result(command, raw)
 
     async def events(self, *names: str) -> AsyncIterator[dict[str, Any]]:

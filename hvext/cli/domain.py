@@ -73,7 +73,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with common.open_host(args) as host:
         for d in host.domains(include_inactive=args.all):
             try:
-                rows.append({"id": d.id(), "name": d.name, "state": d.state(), "hvext": d.facts().hvext_managed})
+                rows.append({"id": d.id(), "name": d.name, "state": d.state.value, "hvext": d.facts().hvext_managed})
             except DomainNotFound:
                 continue  # undefined while we were listing
     if args.json:

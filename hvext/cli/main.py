@@ -3,7 +3,7 @@
 One module per command group registers its commands; :func:`main` is the one
 error boundary: every :class:`HvextError` becomes ``error: ...`` on stderr and
 exit status 1, and so does a ``libvirt.libvirtError`` that escaped a command
-module (translated by :func:`hvext.host.translate`, see :func:`run_command`).
+module (translated by :func:`hvext.host.libvirt_errors`, see :func:`run_command`).
 Any other exception is a bug in hvext and keeps Python's traceback, as it
 should be reported with it; ``--debug`` shows the traceback of every error.
 Output into a closed pipe (``hvext ... | head``) ends the
@@ -19,8 +19,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-import libvirt
-
 from hvext import __version__
 from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, migrate, pmem, qmpcmd
 from hvext.cli import pools, reclaim
@@ -28,7 +26,7 @@ from hvext.cli import pmemsnap, power
 from hvext.cli import daemon
 from hvext.cli import completion
 from hvext.errors import HvextError
-from hvext.host import translate
+from hvext.host import libvirt_errors
 
 GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty, migrate]
 GROUPS += [pools, reclaim]
@@ -76,10 +74,8 @@ def run_command(args: argparse.Namespace) -> int:
     ``Domain`` (which translate); this is the last resort, so that a missed
     raw call gives ``error: ...``, exit 1, like virsh, never a traceback.
     """
-    try:
+    with libvirt_errors(f"hvext {args.command}"):
         return args.func(args) or 0
-    except libvirt.libvirtError as err:
-        raise translate(err, f"hvext {args.command}") from err
 
 
 def subcommand(parser: argparse.ArgumentParser, path: Sequence[str]) -> argparse.ArgumentParser:

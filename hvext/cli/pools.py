@@ -237,7 +237,7 @@ def domain_figures(args: argparse.Namespace, domains: list[str]) -> tuple[dict[s
             try:
                 dom = host.lookup(name)
                 if not dom.is_active():
-                    figures[name] = DomainFigures(dom.state())
+                    figures[name] = DomainFigures(dom.state.value)
                     continue
                 cur_kib = dom.info()["used_memory_kib"]  # live currentMemory = balloon actual
                 rss = dom.balloon_stats().get("rss")

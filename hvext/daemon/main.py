@@ -24,9 +24,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
-
-import libvirt
 
 from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable
@@ -38,13 +35,6 @@ from hvext.pmem import hints, power
 
 log = logging.getLogger("hvextd")
 
-EVENT_NAMES = {
-    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined", libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
-    libvirt.VIR_DOMAIN_EVENT_STARTED: "started", libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
-    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed", libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
-    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
-    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
-}
 MAX_BACKOFF_S = 30.0
 
 
@@ -58,14 +48,11 @@ class Daemon:
         self.disconnected = asyncio.Event()
         self.host: Host | None = None  # the connection being watched (read by the metrics collector)
 
-    def _on_lifecycle(self, conn: Any, dom: libvirt.virDomain, event: int, detail: int, opaque: Any) -> None:
-        try:
-            log.info("domain %s %s (detail %d)", dom.name(), EVENT_NAMES.get(event, f"event {event}"), detail)
-            metrics.count_lifecycle(dom.name(), event, detail)
-        except Exception:  # libvirt would print the traceback on stderr and drop it
-            log.exception("handling lifecycle event %d (detail %d) failed", event, detail)
+    def _on_lifecycle(self, domain: str, event: str, detail: int) -> None:
+        log.info("domain %s %s (detail %d)", domain, event, detail)
+        metrics.count_lifecycle(domain, event, detail)
 
-    def _on_close(self, conn: Any, reason: int, opaque: Any) -> None:
+    def _on_close(self, reason: int) -> None:
         log.warning("libvirt connection closed (reason %d)", reason)
         self.disconnected.set()
 
@@ -88,7 +75,7 @@ class Daemon:
             self.host = host
             try:
                 await self._watch(host)
-            except (libvirt.libvirtError, HvextError) as err:
+            except HvextError as err:
                 log.error("libvirt failed: %s; retrying in %.0f s", err, backoff)
                 backoff = await self._back_off(backoff)
             except Exception:
@@ -105,21 +92,14 @@ class Daemon:
 
     def _register(self, host: Host) -> int:
         """Keepalive, close callback and lifecycle events on *host* (blocking: run in a thread)."""
-        try:
-            host.conn.setKeepAlive(5, 3)
-        except libvirt.libvirtError as err:
-            if err.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-                raise
+        if not host.keep_alive(5, 3):
             log.info("%s has no keepalive (a local driver): not needed", host.uri)
-        host.conn.registerCloseCallback(self._on_close, None)
-        callback: int = host.conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        callback = host.watch(self._on_lifecycle, self._on_close)
         log.info("watching %s (%d domains)", host.uri, len(host.domains()))
         return callback
 
     def _deregister(self, host: Host, callback: int) -> None:
-        host.conn.domainEventDeregisterAny(callback)
-        host.conn.unregisterCloseCallback()
+        host.unwatch(callback)
 
     async def _watch(self, host: Host) -> None:
         """Register on *host*, run the policy loops, and wait until stopped or disconnected."""

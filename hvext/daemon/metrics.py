@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import libvirt
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -41,7 +40,7 @@ from hvext.daemon.config import MetricsConfig
 from hvext.dirty import rate
 from hvext.errors import (AgentError, AgentTimeout, AgentUnavailable, DomainNotFound, DomainStateError, HvextError,
                           QMPError)
-from hvext.host import Domain, Host, libvirt_errors
+from hvext.host import MIGRATION_EVENTS, Domain, Host
 from hvext.memory import balloon, classes, swap
 from hvext.memory.host import meminfo
 from hvext.memory.pools_store import PoolStore
@@ -139,15 +138,9 @@ def exported_names() -> set[str]:
 
 # -- what hvextd counts itself ------------------------------------------------------------------
 
-#: libvirt lifecycle (event, detail) pairs that are migration outcomes hvextd can see.
-MIGRATION_EVENTS: dict[tuple[int, int], str] = {
-    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED): "out",
-    (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED): "in",
-}
-
-
-def count_lifecycle(domain: str, event: int, detail: int) -> None:
-    """Count a lifecycle event that is a migration outcome (others are ignored)."""
+def count_lifecycle(domain: str, event: str, detail: int) -> None:
+    """Count a lifecycle event (as :meth:`hvext.host.Host.watch` names it) that is a migration
+    outcome; others are ignored."""
     direction = MIGRATION_EVENTS.get((event, detail))
     if direction is not None:
         MIGRATIONS.labels(domain, direction).inc()
@@ -218,8 +211,7 @@ class Snapshot:
 def read_libvirt(domain: Domain) -> DomainSample:
     """The libvirt and /proc part of a domain's sample (blocking)."""
     stats = domain.balloon_stats()
-    with libvirt_errors(f"domain {domain.name!r}"):
-        _state, max_kib, current_kib, _vcpus, _cpu = domain.dom.info()
+    max_kib, current_kib = domain.memory_kib()
     # without a balloon driver libvirt reports no "actual": the current memory is where it stands
     actual_kib = stats.get("actual", current_kib)
     facts = domain.facts()

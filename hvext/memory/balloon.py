@@ -32,12 +32,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import libvirt
 from lxml import etree
 
 from hvext import aio
 from hvext.errors import DomainStateError, HvextError, QMPError, UsageError
-from hvext.host import Domain, libvirt_errors
+from hvext.host import Domain, libvirt_message
 from hvext.domxml import libvirt_size
 from hvext.units import KIB, MIB, format_size
 
@@ -139,9 +138,7 @@ class BalloonResult:
 
 def boot_memory(domain: Domain) -> int:
     """The balloon's ceiling in bytes: the domain's boot RAM (memory devices such as NVDIMMs excluded)."""
-    with libvirt_errors(f"reading the definition of {domain.name!r}"):
-        root = etree.fromstring(domain.dom.XMLDesc(0).encode())
-    return boot_memory_of(root)
+    return boot_memory_of(etree.fromstring(domain.xml().encode()))
 
 
 def boot_memory_of(root: etree._Element) -> int:
@@ -172,8 +169,7 @@ def definition_target(root: etree._Element) -> int | None:
 
 def autodeflate(domain: Domain) -> bool:
     """True when the balloon deflates on guest OOM (then MemTotal keeps the inflated pages)."""
-    with libvirt_errors(f"reading the definition of {domain.name!r}"):
-        root = etree.fromstring(domain.dom.XMLDesc(0).encode())
+    root = etree.fromstring(domain.xml().encode())
     return any(b.get("autodeflate") == "on" for b in root.iterfind("devices/memballoon"))
 
 
@@ -268,25 +264,20 @@ def recorded_target(domain: Domain) -> Target | None:
     (``virsh setmem``) is not seen. None for a domain with no definition to ask.
     """
     try:
-        live = domain.dom.isActive()
-        if live:
-            xml = domain.dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS,
-                                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        xml = domain.metadata(METADATA_NS, live=True) if domain.is_active() else None
+        if xml is not None:
             element = etree.fromstring(xml.encode())
             return Target(int(element.get("target-kib", "")) * KIB, "hvext",
                           float(element.get("set-at", "nan")) if element.get("set-at") else None)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-            log.warning("cannot read the balloon target hvext recorded for %s: %s", domain.name,
-                        err.get_error_message())
-            return None
+    except HvextError as err:
+        log.warning("cannot read the balloon target hvext recorded for %s: %s", domain.name, libvirt_message(err))
+        return None
     except (ValueError, etree.XMLSyntaxError) as err:  # a metadata element someone else wrote
         log.warning("ignoring the unreadable balloon target recorded for %s: %s", domain.name, err)
     try:
-        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if domain.dom.isPersistent() else 0
-        root = etree.fromstring(domain.dom.XMLDesc(flags).encode())
-    except libvirt.libvirtError as err:
-        log.warning("cannot read the definition of %s: %s", domain.name, err.get_error_message())
+        root = etree.fromstring(domain.xml(inactive=domain.is_persistent()).encode())
+    except HvextError as err:
+        log.warning("cannot read the definition of %s: %s", domain.name, libvirt_message(err))
         return None
     target = definition_target(root)
     return Target(target, "definition") if target is not None else None
@@ -334,14 +325,10 @@ async def apply_target(domain: Domain, size: int, *, force: bool = False) -> Set
 
 
 def _set_memory(domain: Domain, target: int, live: bool) -> None:
-    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if live else libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    with libvirt_errors(f"setting the memory of {domain.name!r}"):
-        domain.dom.setMemoryFlags(target // KIB, flags)
-        if live:
-            record = etree.Element("balloon", {"target-kib": str(target // KIB), "set-at": f"{time.time():.3f}"})
-            domain.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                                   etree.tostring(record, encoding="unicode"),
-                                   METADATA_KEY, METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    domain.set_memory(target // KIB, live=live)
+    if live:
+        record = etree.Element("balloon", {"target-kib": str(target // KIB), "set-at": f"{time.time():.3f}"})
+        domain.set_metadata(METADATA_KEY, METADATA_NS, etree.tostring(record, encoding="unicode"), live=True)
 
 
 def set_target(domain: Domain, size: int, *, force: bool = False) -> SetResult:

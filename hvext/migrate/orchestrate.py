@@ -19,25 +19,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import libvirt
 from lxml import etree
 
 from hvext import paths
 from hvext.dirty import rate
 from hvext.errors import HostError, HvextError, UsageError
-from hvext.host import STATE_NAMES, Domain, Host, translate
+from hvext.host import Domain, Host, JobStats, MigrationOptions, RunState, libvirt_message
 from hvext.memory import balloon
 from hvext.migrate.policy import MIB, Plan, Progress, after_failure, plan, should_switch_to_postcopy
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
-PAUSE_REASONS = {libvirt.VIR_DOMAIN_PAUSED_USER: "user", libvirt.VIR_DOMAIN_PAUSED_MIGRATION: "migration",
-                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY: "post-copy",
-                 libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED: "post-copy failed",
-                 libvirt.VIR_DOMAIN_PAUSED_IOERROR: "I/O error"}
-# The source definition is removed by hvext after reading the completed job's statistics
-# (with VIR_MIGRATE_UNDEFINE_SOURCE they would vanish with it).
-BASE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
 
 
 class MigrationError(HostError):
@@ -79,38 +71,25 @@ def rewrite_host_paths(xml: str, name: str, src_id: str, dst_id: str) -> str:
     return etree.tostring(root, encoding="unicode")
 
 
-def _progress(stats: dict[str, Any], started: float) -> Progress:
-    page = stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_PAGE_SIZE, 4096) or 4096
+def _progress(stats: JobStats, started: float) -> Progress:
+    page = stats.memory_page_size or 4096
     return Progress(
         elapsed_s=time.monotonic() - started,
-        iteration=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_ITERATION, 0)),
-        remaining=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_REMAINING, 0)),
-        total=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL, 0)),
-        dirty_rate=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_DIRTY_RATE, 0)) * page,
-        bps=int(stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_BPS, 0)),
-        expected_downtime_ms=int(stats.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME, 0)),
+        iteration=stats.memory_iteration or 0,
+        remaining=stats.memory_remaining or 0,
+        total=stats.memory_total or 0,
+        dirty_rate=(stats.memory_dirty_rate or 0) * page,
+        bps=stats.memory_bps or 0,
+        expected_downtime_ms=stats.downtime_ms or 0,
     )
 
 
-def build_params(p: Plan, dest_xml: str) -> tuple[int, dict[str, Any]]:
-    flags = BASE_FLAGS
-    params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml,
-                              libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_xml}
-    if p.bandwidth_mib:
-        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = p.bandwidth_mib
-        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = p.bandwidth_mib
-    if p.auto_converge:
-        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-    if p.xbzrle_cache:
-        flags |= libvirt.VIR_MIGRATE_COMPRESSED
-        params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = "xbzrle"
-        params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION_XBZRLE_CACHE] = p.xbzrle_cache
-    if p.multifd_channels:
-        flags |= libvirt.VIR_MIGRATE_PARALLEL
-        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = p.multifd_channels
-    if p.postcopy:
-        flags |= libvirt.VIR_MIGRATE_POSTCOPY
-    return flags, params
+def migration_options(p: Plan, dest_xml: str, *, shared_storage: bool) -> MigrationOptions:
+    """What libvirt is asked for to carry out plan *p* (*shared_storage*: the disk is the same file on
+    both hosts, as in a lab or on NFS, which libvirt cannot check)."""
+    return MigrationOptions(dest_xml=dest_xml, bandwidth_mib=p.bandwidth_mib, auto_converge=p.auto_converge,
+                            xbzrle_cache=p.xbzrle_cache, multifd_channels=p.multifd_channels,
+                            postcopy=p.postcopy, unsafe=shared_storage)
 
 
 async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downtime_ms: int = 300,
@@ -150,12 +129,10 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
             if timeout_s <= 0:
                 raise UsageError("timeout must be positive")
             p = dataclasses.replace(p, time_budget_s=timeout_s)
-        flags, params = build_params(p, dest_xml)
-        if shared_storage:
-            flags |= libvirt.VIR_MIGRATE_UNSAFE  # the disk is the same file on both hosts (lab, NFS, ...)
+        options = migration_options(p, dest_xml, shared_storage=shared_storage)
         migrate_uri = dest_uri.replace("+unix", "").split("?")[0] if "+unix" in dest_uri else dest_uri
         started = time.monotonic()
-        worker = loop.run_in_executor(None, lambda: domain.dom.migrateToURI3(migrate_uri, params, flags))
+        worker = loop.run_in_executor(None, domain.migrate, migrate_uri, options)
         history: list[Progress] = []
         switched = ""
         switch_error = ""
@@ -168,12 +145,12 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
                 break
             try:
                 if not downtime_set:
-                    await asyncio.to_thread(domain.dom.migrateSetMaxDowntime, downtime_ms, 0)
+                    await asyncio.to_thread(domain.set_max_downtime, downtime_ms)
                     downtime_set = True
-                stats = await asyncio.to_thread(domain.dom.jobStats, 0)
-            except libvirt.libvirtError:
+                stats = await asyncio.to_thread(domain.job_stats)
+            except HvextError:
                 continue  # the job may not have started yet, or just ended
-            if stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
+            if stats is None or not stats.active:
                 continue
             sample = _progress(stats, started)
             history.append(sample)
@@ -182,10 +159,10 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
                 if reason:
                     asked_switch = True
                     try:
-                        await asyncio.to_thread(domain.dom.migrateStartPostCopy, 0)
+                        await asyncio.to_thread(domain.start_postcopy)
                         switched = reason
-                    except libvirt.libvirtError as err:  # e.g. the job is just finishing: retried next poll
-                        cause = err.get_error_message() or str(err)
+                    except HvextError as err:  # e.g. the job is just finishing: retried next poll
+                        cause = libvirt_message(err)
                         if cause != switch_error:
                             log.warning("%s: switching to post-copy (%s) refused, pre-copy goes on: %s",
                                         domain.name, reason, cause)
@@ -193,23 +170,21 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
             if on_progress:
                 on_progress(sample, "post-copy" if switched else "pre-copy")
             if time.monotonic() - started > p.time_budget_s and not switched and not aborted:
-                with _errors(domain, "aborting the migration of"):
-                    await asyncio.to_thread(domain.dom.abortJob)
+                await asyncio.to_thread(domain.abort_job)
                 aborted = f"did not converge within {p.time_budget_s:.0f} s and was aborted"
         try:
             await worker
-        except libvirt.libvirtError as err:
+        except HvextError as err:
             raise await asyncio.to_thread(_failure, domain, err, aborted, paused_before, asked_switch) from err
         total = time.monotonic() - started
         completed = await asyncio.to_thread(_source_completed_stats, domain) or \
-            await loop.run_in_executor(None, _completed_stats, dest, domain.name)
+            await loop.run_in_executor(None, _completed_stats, dest, domain.name) or JobStats(active=False)
         await asyncio.to_thread(_finish_source, domain, dest)
         return Result(
             domain=domain.name, destination=dest_uri, policy=policy, plan_reason=p.reason, postcopy_switch=switched,
             postcopy_switch_error="" if switched else switch_error,
-            total_s=round(total, 2), downtime_ms=completed.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME),
-            bytes_sent=completed.get(libvirt.VIR_DOMAIN_JOB_DATA_PROCESSED), ram=ram,
-            iterations=completed.get(libvirt.VIR_DOMAIN_JOB_MEMORY_ITERATION),
+            total_s=round(total, 2), downtime_ms=completed.downtime_ms,
+            bytes_sent=completed.data_processed, ram=ram, iterations=completed.memory_iteration,
             measured_dirty_rate_mib_s=measured,
             samples=[asdict(h) for h in history[-200:]],
             dirty_rate_error=rate_error,
@@ -220,7 +195,7 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
 
 def _paused_before(domain: Domain) -> bool:
     domain.require_running()
-    return domain.state() == "paused"
+    return domain.state is RunState.PAUSED
 
 
 async def _ram_and_rate(domain: Domain, policy: str) -> tuple[int, float | None, str]:
@@ -239,60 +214,52 @@ async def _ram_and_rate(domain: Domain, policy: str) -> tuple[int, float | None,
 
 
 def _migratable_xml(domain: Domain) -> str:
-    with _errors(domain, "preparing the migration of"):
-        return domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
+    return domain.xml(migratable=True, secure=True)
 
 
 def _finish_source(domain: Domain, dest: Host) -> None:
-    """After success: dest owns the shared state dir; the source definition goes."""
-    dest.adopt_state(domain.name, domain.dom.UUIDString())
-    with _errors(domain, "removing the source definition of"):
-        if domain.dom.isPersistent() and not domain.dom.isActive():
-            domain.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    """After success: dest owns the shared state dir; the source definition goes (its state dir stays:
+    it is the destination's now)."""
+    dest.adopt_state(domain.name, domain.uuid())
+    if domain.is_persistent() and not domain.is_active():
+        domain.undefine(remove_state=False)
 
 
-def _errors(domain: Domain, action: str):  # type: ignore[no-untyped-def]
-    from hvext.host import libvirt_errors
-    return libvirt_errors(f"{action} {domain.name!r}")
-
-
-def _failure(domain: Domain, err: libvirt.libvirtError, aborted: str, paused_before: bool,
+def _failure(domain: Domain, err: HvextError, aborted: str, paused_before: bool,
              postcopy_started: bool) -> MigrationError:
     """Say what went wrong and what state the source is in now (resumed only if the migration paused it)."""
     try:
-        with _errors(domain, "reading the state of"):
-            code, reason_code = domain.dom.state()
-        state = STATE_NAMES.get(code, "unknown")
-        reason = PAUSE_REASONS.get(reason_code, f"reason {reason_code}") if state == "paused" else ""
+        run_state, reason = domain.state_and_reason()
+        state = run_state.value
     except HvextError:
-        state, reason = "unknown", ""
-    cause = f"migrating {domain.name!r} {aborted}" if aborted else translate(err, f"migrating {domain.name!r}")
+        state, reason = RunState.UNKNOWN.value, ""
+    cause = f"migrating {domain.name!r} {aborted}" if aborted else str(err)
     recovery = after_failure(state, reason, paused_before, postcopy_started)
     outcome = recovery.outcome
     if recovery.resume:
         try:
-            domain.dom.resume()
-        except libvirt.libvirtError as resume_err:
+            domain.resume()
+        except HvextError as resume_err:
             outcome = (f"the source was paused for the migration and could not be resumed "
-                       f"({resume_err.get_error_message()}): check it with `hvext dominfo`")
+                       f"({libvirt_message(resume_err)}): check it with `hvext dominfo`")
     return MigrationError(f"{cause}; {outcome}")
 
 
-def _source_completed_stats(domain: Domain) -> dict[str, Any]:
+def _source_completed_stats(domain: Domain) -> JobStats | None:
     try:
-        return domain.dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    except libvirt.libvirtError:
-        return {}
+        return domain.job_stats(completed=True)
+    except HvextError:
+        return None
 
 
-def _completed_stats(dest: Host, name: str, wait_s: float = 10.0) -> dict[str, Any]:
+def _completed_stats(dest: Host, name: str, wait_s: float = 10.0) -> JobStats | None:
     """The destination's record of the finished job (post-copy finishes there a little later)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            stats = dest.conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        except libvirt.libvirtError:
-            stats = {}
-        if stats.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME) is not None or time.monotonic() > deadline:
+            stats = dest.lookup(name).job_stats(completed=True)
+        except HvextError:
+            stats = None
+        if (stats is not None and stats.downtime_ms is not None) or time.monotonic() > deadline:
             return stats
         time.sleep(0.5)

@@ -18,12 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import libvirt
 from lxml import etree
 
 from hvext import paths
 from hvext.errors import HostError, UsageError
-from hvext.host import Domain, libvirt_errors
+from hvext.host import Domain
 from hvext.domxml import libvirt_size
 from hvext.units import MIB, format_size
 
@@ -232,10 +231,9 @@ def attach(domain: Domain, size: int, *, label_size: int = 0, backing: Path | No
     device's size (its contents are the guest's data and are kept).
     """
     device_size = validate_sizes(size, label_size)
-    with libvirt_errors(f"domain {domain.name!r}"):
-        persistent = bool(domain.dom.isPersistent())
-        active = bool(domain.dom.isActive())
-        existing = parse_devices(domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if persistent else 0))
+    persistent = domain.is_persistent()
+    active = domain.is_active()
+    existing = parse_devices(domain.xml(inactive=persistent))
     if live and not active:
         raise UsageError(f"--live needs a running domain; {domain.name!r} is off (omit --live to add it "
                          "to the definition)")
@@ -245,12 +243,8 @@ def attach(domain: Domain, size: int, *, label_size: int = 0, backing: Path | No
     if any(d.path == path for d in existing):
         raise UsageError(f"{path} already backs a pmem device of {domain.name!r}")
     created = prepare_backing(path, device_size, allowed_uids=(domain.host.qemu_user()[0],))
-    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0
-    if live:
-        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
     try:
-        with libvirt_errors(f"attaching pmem to {domain.name!r}"):
-            domain.dom.attachDeviceFlags(device_xml(path, device_size, label_size), flags)
+        domain.attach_device(device_xml(path, device_size, label_size), config=persistent, live=live)
     except BaseException:
         if created:
             path.unlink(missing_ok=True)
@@ -260,19 +254,16 @@ def attach(domain: Domain, size: int, *, label_size: int = 0, backing: Path | No
 
 def detach(domain: Domain, path: Path, *, live: bool = False, remove_backing: bool = False) -> PmemDevice:
     """Remove the device backed by *path* from the definition (and the running guest with *live*)."""
-    with libvirt_errors(f"domain {domain.name!r}"):
-        persistent = bool(domain.dom.isPersistent())
-        xml = domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if persistent and not live else 0)
+    persistent = domain.is_persistent()
+    xml = domain.xml(inactive=persistent and not live)
     device = next((d for d in parse_devices(xml) if d.path == backing_path(path)), None)
     if device is None:
         raise UsageError(f"domain {domain.name!r} has no pmem device backed by {path}; `hvext pmem-list` shows them")
     if not live and domain.is_active():
         raise UsageError(f"domain {domain.name!r} is running: use --live (the guest must release the device), "
                          "or shut it down first")
-    flags = (libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0) | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
-    with libvirt_errors(f"detaching pmem from {domain.name!r}"):
-        domain.dom.detachDeviceFlags(device_xml(device.path, device.size, device.label_size, device.node or 0),
-                                     flags)
+    domain.detach_device(device_xml(device.path, device.size, device.label_size, device.node or 0),
+                         config=persistent, live=live)
     if remove_backing and backing_path(device.path).is_relative_to(paths.domain_dir(domain.name)):
         os.unlink(device.path)
     return device
@@ -280,5 +271,4 @@ def detach(domain: Domain, path: Path, *, live: bool = False, remove_backing: bo
 
 def list_devices(domain: Domain) -> list[PmemDevice]:
     """Devices of the running domain (live XML), or of its definition when it is off."""
-    with libvirt_errors(f"domain {domain.name!r}"):
-        return parse_devices(domain.dom.XMLDesc(0))
+    return parse_devices(domain.xml())

@@ -24,11 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 from hvext import durable, paths
 from hvext.errors import DomainStateError, HvextError, UsageError
-from hvext.host import Domain, libvirt_errors
+from hvext.host import Domain, RunState
 from hvext.pmem import devices, hints, virtio
 from hvext.pmem.devices import PmemDevice
 from hvext.pmem.region import NVMRegion, RegionNotFound
@@ -43,9 +41,8 @@ class GuestSnapshotError(HvextError):
 
 def resolve_device(domain: Domain, spec: str) -> PmemDevice:
     """The device named by its backing path, its alias (nvdimm0, hvext-vpmem0) or its backing file's stem."""
-    with libvirt_errors(f"domain {domain.name!r}"):
-        xml = domain.dom.XMLDesc(0)
-        inactive = domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if domain.dom.isPersistent() else xml
+    xml = domain.xml()
+    inactive = domain.xml(inactive=True) if domain.is_persistent() else xml
     found = {d.path: d for d in devices.parse_devices(inactive) + devices.parse_devices(xml)}
     found.update({d.path: d for d in virtio.list_devices(domain)})
     for device in found.values():
@@ -84,30 +81,27 @@ def open_region(domain: Domain, device: PmemDevice, *, create: bool = False, str
 def paused(domain: Domain, *, require_stopped: bool = False) -> Iterator[tuple[float, dict[str, Any]]]:
     """Keep the guest from writing: suspend a running guest for the block, resume it after.
     With *require_stopped*, a running guest is refused (the caller changes what it sees)."""
-    with libvirt_errors(f"pausing {domain.name!r}"):
-        state = domain.dom.state()[0] if domain.dom.isActive() else libvirt.VIR_DOMAIN_SHUTOFF
-        if state == libvirt.VIR_DOMAIN_RUNNING and require_stopped:
-            raise DomainStateError(f"domain {domain.name!r} is running: pause it (`virsh suspend`) or shut it "
-                                   "down before restoring its pmem")
-        suspended = state == libvirt.VIR_DOMAIN_RUNNING
+    state = domain.state if domain.is_active() else RunState.SHUTOFF
+    if state is RunState.RUNNING and require_stopped:
+        raise DomainStateError(f"domain {domain.name!r} is running: pause it (`virsh suspend`) or shut it "
+                               "down before restoring its pmem")
+    suspended = state is RunState.RUNNING
     if suspended:  # stop hinting applications at an epoch first: the copy is then crash consistent
         epoch = hints.before_pause(domain)
         try:
-            with libvirt_errors(f"pausing {domain.name!r}"):
-                domain.dom.suspend()
+            domain.suspend()
         except BaseException:
             hints.after_resume(domain)  # the pause did not happen: the frozen applications go on
             raise
     else:
-        epoch = {"epoch_consistent": state == libvirt.VIR_DOMAIN_SHUTOFF, "hints": "guest not running: nothing to freeze"}
+        epoch = {"epoch_consistent": state is RunState.SHUTOFF, "hints": "guest not running: nothing to freeze"}
     started = time.perf_counter()
     try:
         yield started, epoch
     finally:
         if suspended:
             try:
-                with libvirt_errors(f"resuming {domain.name!r}"):
-                    domain.dom.resume()
+                domain.resume()
             finally:
                 hints.after_resume(domain)  # a guest frozen at an epoch is always thawed
 

@@ -38,13 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 from hvext import aio, durable, paths
 from hvext.agent import protocol
 from hvext.dirty import pages
 from hvext.errors import DomainNotFound, HvextError, QMPError, UsageError
-from hvext.host import Domain, Host, libvirt_errors
+from hvext.host import Domain, Host, RunState
 from hvext.pmem import devices, virtio
 from hvext.pmem.devices import PmemDevice
 from hvext.pmem.store import Store, StoreError, make_store_dir
@@ -170,12 +168,9 @@ def ranges_to_save(reg: Registration) -> list[tuple[int, int]]:
 # -- finding devices ------------------------------------------------------
 def find_device(domain: Domain, backing: Path) -> PmemDevice:
     """The NVDIMM or hvext virtio-pmem device of *domain* backed by *backing*."""
-    with libvirt_errors(f"domain {domain.name!r}"):
-        xml = domain.dom.XMLDesc(0)
-    nvdimms = devices.parse_devices(xml)
-    if not nvdimms and domain.dom.isPersistent():
-        with libvirt_errors(f"domain {domain.name!r}"):
-            nvdimms = devices.parse_devices(domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    nvdimms = devices.parse_devices(domain.xml())
+    if not nvdimms and domain.is_persistent():
+        nvdimms = devices.parse_devices(domain.xml(inactive=True))
     for device in nvdimms + virtio.list_devices(domain):
         if device.path == Path(backing):
             return device
@@ -189,8 +184,7 @@ def ram_block_id(domain: Domain, device: PmemDevice) -> str:
         return device.alias or ""
     if device.alias:
         return f"mem{device.alias}"
-    with libvirt_errors(f"domain {domain.name!r}"):
-        live = devices.parse_devices(domain.dom.XMLDesc(0)) if domain.dom.isActive() else []
+    live = devices.parse_devices(domain.xml()) if domain.is_active() else []
     match = next((d for d in live if d.path == device.path and d.alias), None)
     return f"mem{match.alias}" if match else ""
 
@@ -208,7 +202,8 @@ async def _start_log(domain: Domain) -> dict[str, int] | None:
             log.warning("%s: no dirty log for power-loss saves (%s); saves compare block hashes",
                         domain.name, err)
             return None
-    return {"domain_id": domain.dom.ID(), "generation": 0}
+    domain_id = domain.id()
+    return None if domain_id is None else {"domain_id": domain_id, "generation": 0}
 
 
 async def _fetch_dirty(domain: Domain) -> pages.DirtyPages | None:
@@ -254,7 +249,7 @@ def protect(domain: Domain, backing: Path, store_dir: Path | None = None, *,
             store = Store.open_or_create(store_dir, device.size)
         except StoreError as err:
             raise PowerError(f"cannot use store {store_dir}: {err}") from err
-        reg = Registration(domain.name, domain.dom.UUIDString(), str(backing), str(store_dir), device.model,
+        reg = Registration(domain.name, domain.uuid(), str(backing), str(store_dir), device.model,
                            device.size, ram_block_id(domain, device))
         if domain.is_active():
             reg.dirty_log = aio.run(_start_log(domain)) if not _log_owned(regs, domain) else \
@@ -267,14 +262,16 @@ def protect(domain: Domain, backing: Path, store_dir: Path | None = None, *,
 
 
 def _log_owned(regs: list[Registration], domain: Domain) -> bool:
-    return any(r.domain == domain.name and r.dirty_log and r.dirty_log.get("domain_id") == domain.dom.ID()
+    domain_id = domain.id()
+    return any(r.domain == domain.name and r.dirty_log and r.dirty_log.get("domain_id") == domain_id
                for r in regs)
 
 
 def _adopt_log(regs: list[Registration], domain: Domain) -> dict[str, int] | None:
     """A second device of a domain shares the log the first started (same generation)."""
+    domain_id = domain.id()
     for r in regs:
-        if r.domain == domain.name and r.dirty_log and r.dirty_log.get("domain_id") == domain.dom.ID():
+        if r.domain == domain.name and r.dirty_log and r.dirty_log.get("domain_id") == domain_id:
             return dict(r.dirty_log)
     return None
 
@@ -440,20 +437,19 @@ def _save_domain(domain: Domain, group: list[Registration], started: float | Non
     prepared = paused = False
     paused_at = time.perf_counter()
     try:
-        with libvirt_errors(f"pausing {domain.name!r}"):
-            running = domain.dom.isActive() and domain.dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED
+        running = domain.is_active() and domain.state is not RunState.PAUSED
         if _before_pause is not None and running:
             prepared = True  # from here the guest may hold applications at an epoch: thawed unless paused
             epoch = _prepare_pause(domain, deadline)
-        with libvirt_errors(f"pausing {domain.name!r}"):
-            state = domain.dom.state()[0]
-            if domain.dom.isActive():
-                domain_id = domain.dom.ID()
-                if state != libvirt.VIR_DOMAIN_PAUSED:
-                    domain.dom.suspend()
-                    pending = "resume"
-                elif any(r.pending for r in group):
-                    pending = next(r.pending for r in group if r.pending)
+        state = domain.state
+        running_id = domain.id()  # None: not running (nothing to pause)
+        if running_id is not None:
+            if state is not RunState.PAUSED:
+                domain.suspend()
+                pending = "resume"
+            elif any(r.pending for r in group):
+                pending = next(r.pending for r in group if r.pending)
+            domain_id = running_id
         paused = domain_id >= 0
         paused_at = time.perf_counter()
         for reg in group:  # recorded now: restore resumes (and thaws) the guest even if the save fails
@@ -543,9 +539,8 @@ def _restore_domain(domain: Domain, group: list[Registration]) -> dict[str, Any]
             # QEMU still maps the (possibly unlinked) memory: its contents are the newest
             for reg in group:
                 entry["devices"].append({"backing": reg.backing, "action": "kept (guest still has it mapped)"})
-            if pending and domain.state() == "paused":
-                with libvirt_errors(f"resuming {domain.name!r}"):
-                    domain.dom.resume()
+            if pending and domain.state is RunState.PAUSED:
+                domain.resume()
                 if _after_resume is not None:
                     _after_resume(domain)
                 entry["action"] = "resumed"
@@ -587,16 +582,14 @@ def _restore_file(domain: Domain, reg: Registration, owner: tuple[int, int], *, 
 
 def _start_paused_with_log(domain: Domain) -> dict[str, int] | None:
     """Start the domain paused, start the dirty log, then let it run (no write escapes the log)."""
-    with libvirt_errors(f"starting {domain.name!r}"):
-        domain.dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+    domain.start(paused=True)
     try:
         dirty_log = aio.run(_start_log(domain))
     except QMPError as err:  # the guest still starts; the next save hashes every block
         log.warning("%s: no dirty log after restore (%s)", domain.name, err)
         dirty_log = None
     finally:
-        with libvirt_errors(f"resuming {domain.name!r}"):
-            domain.dom.resume()
+        domain.resume()
     return dirty_log
 
 
@@ -606,7 +599,7 @@ def status(host: Host, *, registry_dir: Path | None = None) -> list[dict[str, An
     for reg in registrations(registry_dir):
         domain = _lookup(host, reg.uuid)
         row = reg.to_dict()
-        row["state"] = domain.state() if domain else "missing"
+        row["state"] = domain.state.value if domain else "missing"
         try:
             row["store_stats"] = Store.open(Path(reg.store)).stats()
         except StoreError as err:

@@ -21,13 +21,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import libvirt
 from lxml import etree
 
 from hvext import paths
 from hvext.domxml import HVEXT_NS, QEMU_NS
 from hvext.errors import HostError, QMPError, UnsupportedError, UsageError
-from hvext.host import Domain, libvirt_errors
+from hvext.host import Domain
 from hvext.pmem import devices
 from hvext.pmem.devices import PmemDevice
 from hvext.qmp import QMPSession
@@ -135,15 +134,7 @@ def _edit_commandline(xml: str, add: list[str] | None = None, remove_id: str | N
 
 def _definitions(domain: Domain) -> tuple[bool, bool, str, str]:
     """Persistent?, active?, the inactive and the live XML (blocking: attach runs it in a thread)."""
-    with libvirt_errors(f"domain {domain.name!r}"):
-        return (bool(domain.dom.isPersistent()), bool(domain.dom.isActive()),
-                domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE),
-                domain.dom.XMLDesc(0))
-
-
-def _define(domain: Domain, xml: str) -> None:
-    with libvirt_errors(f"updating the definition of {domain.name!r}"):
-        domain.host.conn.defineXML(xml)
+    return domain.is_persistent(), domain.is_active(), domain.xml(inactive=True, secure=True), domain.xml()
 
 
 async def attach(domain: Domain, size: int, *, backing: Path | None = None, live: bool = False) -> PmemDevice:
@@ -184,7 +175,7 @@ async def attach(domain: Domain, size: int, *, backing: Path | None = None, live
                     raise
         else:
             args = _device_args(dev_id, path, size, _free_port_in_definition(config_xml))
-        await asyncio.to_thread(_define, domain, _edit_commandline(config_xml, add=args))
+        await asyncio.to_thread(domain.redefine, _edit_commandline(config_xml, add=args))
     except BaseException:
         if created:
             path.unlink(missing_ok=True)
@@ -193,17 +184,15 @@ async def attach(domain: Domain, size: int, *, backing: Path | None = None, live
 
 
 def detach(domain: Domain, path: Path, *, live: bool = False, remove_backing: bool = False) -> PmemDevice:
-    with libvirt_errors(f"domain {domain.name!r}"):
-        config_xml = domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-        active = bool(domain.dom.isActive())
+    config_xml = domain.xml(inactive=True, secure=True)
+    active = domain.is_active()
     device = next((d for d in parse(config_xml) if d.path == devices.backing_path(path)), None)
     if device is None:
         raise UsageError(f"domain {domain.name!r} has no virtio-pmem device backed by {path}")
     if live or active:
         raise UnsupportedError("QEMU 7.2 cannot hot-unplug virtio-pmem devices; shut the domain down and "
                                "detach it without --live")
-    with libvirt_errors(f"updating the definition of {domain.name!r}"):
-        domain.host.conn.defineXML(_edit_commandline(config_xml, remove_id=device.alias))
+    domain.redefine(_edit_commandline(config_xml, remove_id=device.alias))
     if remove_backing and devices.backing_path(device.path).is_relative_to(paths.domain_dir(domain.name)):
         device.path.unlink(missing_ok=True)
     return device
@@ -211,5 +200,4 @@ def detach(domain: Domain, path: Path, *, live: bool = False, remove_backing: bo
 
 def list_devices(domain: Domain) -> list[PmemDevice]:
     """virtio-pmem devices of the definition (which includes hot-plugged ones)."""
-    with libvirt_errors(f"domain {domain.name!r}"):
-        return parse(domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    return parse(domain.xml(inactive=True))

@@ -100,7 +100,7 @@ def test_domain_accessors_translate_libvirt_errors(transient: libvirt.virDomain)
         assert transient.name() in domain.xml()
         assert host.memory_mib() > 0
         transient.destroy()
-        for accessor in (domain.id, domain.xml, domain.info, domain.state):  # the UUID is known locally
+        for accessor in (domain.id, domain.xml, domain.info, lambda: domain.state):  # the UUID is known locally
             with pytest.raises(DomainNotFound):
                 accessor()
 

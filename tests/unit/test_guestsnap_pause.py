@@ -12,7 +12,7 @@ import pytest
 from tests.unit.testdriver import running_domain
 
 from hvext.errors import HostError
-from hvext.host import Domain
+from hvext.host import Domain, RunState
 from hvext.pmem import guestsnap, hints
 
 XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory>
@@ -55,18 +55,18 @@ def test_a_guest_frozen_for_a_pause_that_fails_is_thawed(domain: Domain, calls: 
     with pytest.raises(HostError, match="suspend refused"), guestsnap.paused(domain):
         pytest.fail("the block ran without a pause")
     assert calls == ["freeze", "thaw"]
-    assert real.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert domain.state is RunState.RUNNING
 
 
 def test_a_guest_whose_resume_fails_is_thawed_all_the_same(domain: Domain, calls: list[str]) -> None:
     real = domain.dom
     domain.dom = Failing(real, "resume")  # type: ignore[assignment]
     with pytest.raises(HostError, match="resume refused"), guestsnap.paused(domain):
-        assert real.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        assert domain.state is RunState.PAUSED
     assert calls == ["freeze", "thaw"]
 
 
 def test_a_paused_snapshot_freezes_and_thaws_once(domain: Domain, calls: list[str]) -> None:
     with guestsnap.paused(domain) as (_, epoch):
-        assert domain.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED and epoch == {"epoch_consistent": True}
-    assert calls == ["freeze", "thaw"] and domain.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert domain.state is RunState.PAUSED and epoch == {"epoch_consistent": True}
+    assert calls == ["freeze", "thaw"] and domain.state is RunState.RUNNING

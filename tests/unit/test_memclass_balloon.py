@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import libvirt
 import pytest
 
 from hvext import aio
@@ -48,31 +47,25 @@ class FakeQMP:
 
 
 class FakeDomain:
+    """The parts of hvext.host.Domain balloon control reads, from fixed XML and metadata."""
+
     def __init__(self, xml: str, qmp: FakeQMP | None = None, metadata: str | None = None) -> None:
         self.name = "vm"
-        self.xml = xml
+        self.definition = xml
         self.session = qmp
         self.meta = metadata
-        self.dom = self
 
-    def XMLDesc(self, flags: int = 0) -> str:  # libvirt's name
-        return self.xml
+    def xml(self, *, inactive: bool = False, secure: bool = False, migratable: bool = False) -> str:
+        return self.definition
 
-    def isActive(self) -> bool:
-        return True
-
-    def isPersistent(self) -> bool:
+    def is_persistent(self) -> bool:
         return True
 
     def is_active(self) -> bool:
         return True
 
-    def metadata(self, kind: int, uri: str, flags: int) -> str:
-        assert uri == balloon.METADATA_NS
-        if self.meta is None:
-            err = libvirt.libvirtError("no metadata")
-            err.err = (libvirt.VIR_ERR_NO_DOMAIN_METADATA, 0, "", 0, "", None, None, 0, 0)
-            raise err
+    def metadata(self, namespace: str, *, live: bool = True) -> str | None:
+        assert namespace == balloon.METADATA_NS and live
         return self.meta
 
     @contextlib.asynccontextmanager

@@ -172,9 +172,9 @@ def counter(name: str, **labels: str) -> float:
 def test_migration_lifecycle_events_are_counted_and_others_ignored() -> None:
     before_out, before_in = counter("hvext_migrations_total", domain="m1", direction="out"), \
         counter("hvext_migrations_total", domain="m1", direction="in")
-    metrics.count_lifecycle("m1", libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED)
-    metrics.count_lifecycle("m1", libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED)
-    metrics.count_lifecycle("m1", libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED)
+    metrics.count_lifecycle("m1", "stopped", libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED)
+    metrics.count_lifecycle("m1", "started", libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED)
+    metrics.count_lifecycle("m1", "stopped", libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED)
     assert counter("hvext_migrations_total", domain="m1", direction="out") == before_out + 1
     assert counter("hvext_migrations_total", domain="m1", direction="in") == before_in + 1
 

@@ -12,6 +12,7 @@ from hvext.cli import common
 from hvext.cli import pools as pools_cli
 from hvext.cli.main import main
 from hvext.errors import DomainNotFound, LibvirtUnavailable
+from hvext.host import RunState
 from hvext.memory.pools_store import PoolStore
 
 
@@ -26,11 +27,12 @@ class FakeDomain:
     def is_active(self) -> bool:
         return self.running
 
-    def state(self) -> str:
-        return "running" if self.running else "shut off"
+    @property
+    def state(self) -> RunState:
+        return RunState.RUNNING if self.running else RunState.SHUTOFF
 
     def info(self) -> dict[str, Any]:
-        return {"state": self.state(), "max_memory_kib": 1024 * 1024, "used_memory_kib": self.actual_kib}
+        return {"state": self.state.value, "max_memory_kib": 1024 * 1024, "used_memory_kib": self.actual_kib}
 
     def balloon_stats(self) -> dict[str, int]:
         return {"actual": self.actual_kib, "rss": self.rss_kib}

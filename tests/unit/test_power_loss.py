@@ -22,7 +22,7 @@ import libvirt
 import pytest
 
 from hvext import paths
-from hvext.host import Domain, Host
+from hvext.host import Domain, Host, RunState
 from hvext.pmem import hints, power
 from hvext.pmem.store import BLOCK_SIZE, Store
 
@@ -122,7 +122,7 @@ def test_an_unexpected_exception_in_one_domain_does_not_stop_the_others(lab: Lab
     assert "TypeError" in devices[bad.name]["error"], report
     assert devices[good.name]["blocks_written"] == 1 and "error" not in devices[good.name], report
     assert report["ok"] is False
-    assert bad.state() == good.state() == "paused"
+    assert bad.state is good.state is RunState.PAUSED
     # the registry was written back: both guests are resumed by restore, the good save is recorded
     regs = {r.domain: r for r in power.registrations(lab.registry)}
     assert regs[bad.name].pending == regs[good.name].pending == "resume"
@@ -157,7 +157,7 @@ def test_a_failing_pause_hook_still_pauses_and_saves(lab: Lab) -> None:
     report = power.power_loss(lab.host, registry_dir=lab.registry)
     (entry,) = report["devices"]
     assert report["ok"] and entry["paused"] and "KeyError" in entry["epoch"]["hints"], report
-    assert domain.state() == "paused"
+    assert domain.state is RunState.PAUSED
 
 
 def test_registrations_of_undefined_domains_are_reported_apart(lab: Lab, tmp_path: Path,
@@ -180,7 +180,7 @@ def test_registrations_of_undefined_domains_are_reported_apart(lab: Lab, tmp_pat
     assert main(["-c", URI, "power", "restore", "--json"]) == 0
     restored = json.loads(capsys.readouterr().out)
     assert restored["ok"] and [m["domain"] for m in restored["missing"]] == [gone.name], restored
-    assert kept.state() == "running"
+    assert kept.state is RunState.RUNNING
 
 
 def test_unregistering_an_undefined_domain_keeps_the_store_unless_asked(lab: Lab, tmp_path: Path,
@@ -191,8 +191,8 @@ def test_unregistering_an_undefined_domain_keeps_the_store_unless_asked(lab: Lab
     two, _ = lab.add("two")
     stores = {r.domain: Path(r.store) for r in power.registrations(lab.registry)}
     (foreign := stores[two.name] / "notes.txt").write_text("a user's file")
-    assert [r.domain for r in power.unregister_domain(one.name, one.dom.UUIDString())] == [one.name]
-    assert [r.domain for r in power.unregister_domain(two.name, two.dom.UUIDString(), remove_store=True)] \
+    assert [r.domain for r in power.unregister_domain(one.name, one.uuid())] == [one.name]
+    assert [r.domain for r in power.unregister_domain(two.name, two.uuid(), remove_store=True)] \
         == [two.name]
     assert power.registrations(lab.registry) == []
     assert (stores[one.name] / "manifest.json").exists()
@@ -209,14 +209,14 @@ def test_domain_filter_touches_only_the_named_domains(lab: Lab, tmp_path: Path, 
     assert main(["-c", URI, "power", "loss", "--domain", mine.name, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert list(by_domain(report)) == [mine.name], report
-    assert mine.state() == "paused" and other.state() == "running"
+    assert mine.state is RunState.PAUSED and other.state is RunState.RUNNING
     # an unknown name is an input error: nothing is paused
     assert main(["-c", URI, "power", "loss", "--domain", other.name, "--domain", "nope"]) == 1
-    assert "error: " in capsys.readouterr().err and other.state() == "running"
+    assert "error: " in capsys.readouterr().err and other.state is RunState.RUNNING
     assert main(["-c", URI, "power", "restore", "--domain", mine.name, "--json"]) == 0
     (restored,) = json.loads(capsys.readouterr().out)["domains"]
     assert restored["domain"] == mine.name and restored["action"] == "resumed"
-    assert mine.state() == "running"
+    assert mine.state is RunState.RUNNING
     regs = {r.domain: r for r in power.registrations(lab.registry)}
     assert regs[other.name].pending is None
 
@@ -296,7 +296,7 @@ def test_hostile_agents_do_not_hold_the_pauses_beyond_one_budget(lab: Lab, tmp_p
         for entry in report["devices"]:
             assert entry["paused"] and entry["paused_after_seconds"] < 1.5 + 1.0, report
             assert entry["epoch"]["epoch_consistent"] is False and "unavailable" in entry["epoch"]["hints"]
-        assert report["ok"] and all(d.state() == "paused" for d in domains), report
+        assert report["ok"] and all(d.state is RunState.PAUSED for d in domains), report
     finally:
         for agent in agents:
             agent.close()
@@ -329,7 +329,7 @@ def test_a_guest_prepared_for_a_pause_that_fails_is_thawed(lab: Lab, monkeypatch
     (entry,) = report["devices"]
     assert calls == ["freeze", "thaw"], calls
     assert "suspend refused" in entry["error"] and not report["ok"], report
-    assert domain.state() == "running"
+    assert domain.state is RunState.RUNNING
     assert power.registrations(lab.registry)[0].pending is None  # nothing for restore to resume
 
 

@@ -25,7 +25,7 @@ from hvext.cli.main import main
 from hvext.dirty import rate
 from hvext.dirty.pages import DirtyLog
 from hvext.errors import UnsupportedError
-from hvext.host import Domain, emulator_path
+from hvext.host import Domain, RunState, emulator_path
 from tests.support import require
 
 # The patched QEMU is installed by setup (`make qemu`): missing, its tests skip locally and fail under CI=true.
@@ -74,7 +74,7 @@ def test_dirty_ring_is_refused_under_tcg(booted_vm: Domain, capsys) -> None:
     status = main(["domdirtyrate", booted_vm.name, "--mode", "dirty-ring"])
     err = capsys.readouterr().err
     assert status == 1 and err.startswith("error: ") and "needs KVM" in err, err
-    assert booted_vm.state() == "running"
+    assert booted_vm.state is RunState.RUNNING
 
 
 def test_stock_qemu_refuses_what_would_crash_it(vm_factory, capsys) -> None:
@@ -82,9 +82,9 @@ def test_stock_qemu_refuses_what_would_crash_it(vm_factory, capsys) -> None:
     stock = shutil.which("qemu-system-x86_64")
     require(stock, "needs Debian's QEMU (make setup installs qemu-system-x86)")
     domain = vm_factory.define(memory_mib=512)
-    root = ET.fromstring(domain.dom.XMLDesc(0))
+    root = ET.fromstring(domain.xml())
     root.find("devices/emulator").text = stock  # type: ignore[union-attr]
-    vm_factory.host.conn.defineXML(ET.tostring(root, encoding="unicode"))
+    domain.redefine(ET.tostring(root, encoding="unicode"))
     vm_factory.boot(domain)
     with pytest.raises(UnsupportedError, match="patched QEMU"):
         aio.run(dirty_pages_over(domain, 1))
@@ -94,7 +94,7 @@ def test_stock_qemu_refuses_what_would_crash_it(vm_factory, capsys) -> None:
         assert status == 0 and json.loads(out)["mode"] == "dirty-bitmap", err
     else:  # refused before QEMU was asked
         assert status == 1 and "crashes in dirty-bitmap mode" in err, err
-    assert domain.state() == "running"
+    assert domain.state is RunState.RUNNING
 
 
 @pytest.mark.kvm
@@ -106,7 +106,7 @@ def test_guests_run_under_kvm_and_dirty_bitmap_needs_no_patch(booted_vm: Domain,
     assert aio.run(query_kvm()) == {"enabled": True, "present": True}
     stress(16, 200)
     result = aio.run(rate.measure(booted_vm, 3, "dirty-bitmap"))
-    assert booted_vm.state() == "running"
+    assert booted_vm.state is RunState.RUNNING
     assert 12 <= result.rate_mib_s <= 24, result
 
 
@@ -114,7 +114,7 @@ def test_guests_run_under_kvm_and_dirty_bitmap_needs_no_patch(booted_vm: Domain,
 def test_dirty_bitmap_rate_under_tcg_does_not_crash(booted_vm: Domain, stress) -> None:
     stress(16, 200)
     result = aio.run(rate.measure(booted_vm, 3, "dirty-bitmap"))
-    assert booted_vm.state() == "running"
+    assert booted_vm.state is RunState.RUNNING
     assert 12 <= result.rate_mib_s <= 24, result  # 48 MiB of distinct pages in 3 s, plus a little guest noise
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hvext import aio
-from hvext.host import Domain
+from hvext.host import Domain, RunState
 from hvext.pmem import hints
 from tests.vm.helpers import cli, cli_json, guest_exec, guest_sh, protected_pmem_vm
 
@@ -127,7 +127,7 @@ def test_a_guest_frozen_for_a_pause_that_fails_is_thawed(hinted_vm, capsys, monk
             report = power.power_loss(host, domains=[domain.name], budget=30)
         (entry,) = report["devices"]
         assert "suspend refused" in entry.get("error", "") and entry["epoch"]["epoch_consistent"] is True, report
-        assert domain.state() == "running"
+        assert domain.state is RunState.RUNNING
         held = progress(domain)
         time.sleep(2)
         assert progress(domain) > held, "the application is still frozen at its epoch"  # thawed, not held 60 s

@@ -13,7 +13,7 @@ import pytest
 
 from hvext import aio
 from hvext.errors import DomainNotFound
-from hvext.host import Domain, Host
+from hvext.host import Domain, Host, RunState
 from hvext.lab import Lab
 from hvext.memory.swap import qemu_pid
 from hvext.migrate import orchestrate
@@ -68,7 +68,7 @@ def test_plain_then_auto_under_a_dirtying_workload(migrating_vm: Domain, hosts, 
     with pytest.raises(DomainNotFound):
         source.lookup(migrating_vm.name)  # undefined on the source
     moved = dest.lookup(migrating_vm.name)
-    assert moved.state() == "running" and agent_info(moved)["uptime_s"] >= uptime  # same guest, not rebooted
+    assert moved.state is RunState.RUNNING and agent_info(moved)["uptime_s"] >= uptime  # same guest, not rebooted
 
     async def stress() -> None:
         async with moved.agent() as agent:
@@ -79,7 +79,7 @@ def test_plain_then_auto_under_a_dirtying_workload(migrating_vm: Domain, hosts, 
     assert auto.measured_dirty_rate_mib_s and auto.measured_dirty_rate_mib_s > 16
     assert "post-copy" in auto.plan_reason and auto.postcopy_switch, auto.plan_reason
     back = source.lookup(migrating_vm.name)
-    assert back.state() == "running"
+    assert back.state is RunState.RUNNING
     assert aio.run(_stress_status(back))["running"]  # the workload survived the move
 
 
@@ -115,7 +115,7 @@ def test_killed_destination_leaves_the_source_running(migrating_vm: Domain, host
     assert not worker.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], orchestrate.MigrationError), errors
     assert "source keeps running" in str(errors[0])
-    assert migrating_vm.state() == "running"
+    assert migrating_vm.state is RunState.RUNNING
     assert agent_info(migrating_vm)["kernel"]  # the guest still answers
     with pytest.raises(DomainNotFound):
         dest.lookup(migrating_vm.name)
@@ -134,7 +134,7 @@ def test_migrate_input_errors(migrating_vm: Domain, lab: Lab, capsys) -> None:
         status, _, err = cli(capsys, *argv)
         assert status == 1 and err.splitlines()[-1].startswith("error: "), (argv, err)
         assert message in err, (argv, err)
-    assert migrating_vm.state() == "running"
+    assert migrating_vm.state is RunState.RUNNING
 
 
 def test_migration_hands_over_the_shared_state(migrating_vm: Domain, hosts, lab: Lab) -> None:
@@ -164,10 +164,10 @@ def test_failed_migration_leaves_a_user_paused_source_paused(migrating_vm: Domai
             aio.run(orchestrate.migrate(migrating_vm, lab.hosts[1].uri_tls, policy="plain", bandwidth_mib=1,
                                         timeout_s=3))
         assert "as it was before the migration" in str(failed.value), failed.value
-        assert migrating_vm.state() == "paused"
+        assert migrating_vm.state is RunState.PAUSED
         with pytest.raises(DomainNotFound):
             dest.lookup(migrating_vm.name)
     finally:
-        if migrating_vm.state() == "paused":
+        if migrating_vm.state is RunState.PAUSED:
             migrating_vm.dom.resume()
     assert agent_info(migrating_vm)["kernel"]  # the guest runs on where it was

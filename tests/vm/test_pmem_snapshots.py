@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from hvext import paths
-from hvext.host import Domain
+from hvext.host import Domain, RunState
 from hvext.pmem import guestsnap
 from tests.vm.test_power import cli, guest_sha256, guest_write
 
@@ -37,7 +37,7 @@ def test_snapshot_purge_restore(snap_vm: Domain, capsys) -> None:
     status, out, err = cli(capsys, "pmem-snapshot", vm.name, "nvdimm0", "s1", "--json")
     assert status == 0, err
     s1 = json.loads(out)
-    assert s1["bytes_written"] == 2 * MIB and vm.state() == "running", s1
+    assert s1["bytes_written"] == 2 * MIB and vm.state is RunState.RUNNING, s1
     second = bytearray(first)
     second[2 * MIB:2 * MIB + 4096] = guest_write(vm, 2 * MIB, 4096, seed=12)
     status, out, err = cli(capsys, "pmem-snapshot", vm.name, "nvdimm0", "s2", "--json")
@@ -50,11 +50,11 @@ def test_snapshot_purge_restore(snap_vm: Domain, capsys) -> None:
     # restore needs the guest paused or off
     status, _, err = cli(capsys, "pmem-restore", vm.name, "nvdimm0", "s1")
     assert status == 1 and "is running" in err
-    vm.dom.suspend()
+    vm.suspend()
     status, out, err = cli(capsys, "pmem-restore", vm.name, "nvdimm0", "s1", "--json")
     assert status == 0, err
     assert json.loads(out)["bytes_written"] == BLOCK
-    vm.dom.resume()
+    vm.resume()
     assert guest_sha256(vm) == hashlib.sha256(first).hexdigest()
     # the restore copied s1's bytes into the running point: s2's version is non-active now
     status, out, err = cli(capsys, "pmem-purge", vm.name, "nvdimm0", "--json")

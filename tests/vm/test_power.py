@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hvext import aio
-from hvext.host import Domain
+from hvext.host import Domain, RunState
 from hvext.pmem import power
 from hvext.pmem.store import Store
 from hvext.units import MIB
@@ -65,7 +65,7 @@ def test_power_loss_wipe_restore_and_incremental_save(protected_vm: tuple[Domain
     assert status == 0, err
     (saved,) = [d for d in json.loads(out)["devices"] if d["domain"] == domain.name]
     assert saved["blocks_written"] == MIB // BLOCK and saved["bytes_written"] == MIB, saved
-    assert domain.state() == "paused"
+    assert domain.state is RunState.PAUSED
 
     # 2. the power goes: QEMU dies, /dev/shm is wiped
     domain.destroy()
@@ -90,7 +90,7 @@ def test_power_loss_wipe_restore_and_incremental_save(protected_vm: tuple[Domain
     assert saved["blocks_checked"] < 64, saved  # only the dirty blocks were read, not all 1024
     status, out, err = cli(capsys, "power", "restore", "--domain", domain.name, "--json")  # QEMU survived: resume only
     assert status == 0, err
-    assert domain.state() == "running"
+    assert domain.state is RunState.RUNNING
     assert guest_sha256(domain) == hashlib.sha256(expected).hexdigest()
     store = Store.open(Path(next(r.store for r in power.registrations() if r.domain == domain.name)))
     assert not store.differs(backing)
@@ -235,7 +235,7 @@ def test_a_hung_guest_agent_delays_no_pause_beyond_the_budget(vm_factory, tmp_pa
         assert 3.5 <= devices[hung.name]["paused_after_seconds"] < 4 + 3, report
         assert "frozen" in devices[good.name]["epoch"], report  # its agent answered in time
         assert devices[good.name]["paused_after_seconds"] < devices[hung.name]["paused_after_seconds"], report
-        assert hung.state() == good.state() == "paused"
+        assert hung.state is good.state is RunState.PAUSED
     finally:
         for fixture in fixtures:
             fixture.close()
