@@ -41,10 +41,9 @@ Adding a section is one entry in :data:`SECTIONS` (a frozen class with
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -68,11 +67,6 @@ class SectionValue(Protocol):
 
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> Any: ...
-
-
-def number(value: object) -> bool:
-    """An int or float, not a bool (TOML has booleans; Python counts them as ints)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -159,8 +153,8 @@ def defaults() -> Config:
     return Config(None, MappingProxyType({name: spec.absent for name, spec in SECTIONS.items()}))
 
 
-def _names(names: object) -> str:
-    return ", ".join(sorted(str(n) for n in names))  # type: ignore[attr-defined]
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
 
 
 def load(path: Path) -> Config:

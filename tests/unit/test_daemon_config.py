@@ -80,7 +80,8 @@ def test_the_role_template_keys_are_accepted(tmp_path: Path) -> None:
     """What ansible/roles/hvext_host/templates/hvextd.toml.j2 writes ([reclaim], [ha]) passes."""
     path = write(tmp_path, '[reclaim]\ninterval_s = 10\nhost_available_min_mib = 2048\nstep_mib = 256\n'
                            'method = "auto"\ndomains = ["web1"]\n[power]\nbudget = 5\n'
-                           '[ha]\ncluster = ""\netcd_endpoints = ["http://192.0.2.1:2379", "https://[2001:db8::1]:2379"]\n')
+                           '[ha]\ncluster = ""\n'
+                           'etcd_endpoints = ["http://192.0.2.1:2379", "https://[2001:db8::1]:2379"]\n')
     config = daemon_config.load(path)
     assert config.get(HAConfig) == HAConfig("", ("http://192.0.2.1:2379", "https://[2001:db8::1]:2379"))
     assert config.get(ReclaimConfig) == ReclaimConfig(domains=("web1",))
