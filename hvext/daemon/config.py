@@ -22,6 +22,17 @@ docs/power.md). Absent: the default budget (5 s)::
     [power]
     budget = 5     # seconds guests may delay their pause in a SIGPWR save, 0 to 300
 
+``[metrics]`` -- the Prometheus endpoint (:class:`MetricsConfig`,
+hvext.daemon.metrics, docs/metrics.md). Absent (or empty): none is served.
+A change takes effect when hvextd restarts (a reload logs that it is pending)::
+
+    [metrics]
+    enabled = true          # false: keep the section but serve nothing
+    address = "127.0.0.1"   # an IP address; a non-loopback one needs allow_remote
+    port = 9177             # 0 to 65535; 0: any free port (logged)
+    allow_remote = false    # true: serve on a non-loopback address (no authentication!)
+    domains = ["web1"]      # export only these domains (default: every running one)
+
 ``[ha]`` -- cluster membership for high availability (:class:`HAConfig`).
 Absent: no cluster. HA is not implemented yet: the section is checked, then
 not used::
@@ -41,6 +52,7 @@ Adding a section is one entry in :data:`SECTIONS` (a frozen class with
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -112,6 +124,51 @@ class HAConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint: served on *address*:*port* when *enabled* (hvext.daemon.metrics).
+
+    Loopback only unless *allow_remote*: the metrics name every guest and its
+    memory, and the endpoint has no authentication.
+    """
+
+    KEYS: ClassVar[tuple[str, ...]] = ("enabled", "address", "port", "allow_remote", "domains")
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9177
+    allow_remote: bool = False
+    domains: tuple[str, ...] = ()
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> MetricsConfig:
+        """The ``[metrics]`` section: enabled defaults to true inside it, but an empty one is as absent."""
+        if not table:
+            return cls()
+        domains = table.get("domains", [])
+        if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+            raise UsageError(f'domains: must be a list of domain names, e.g. ["web1"], not {domains!r:.80}')
+        return cls(**{"enabled": True, **table, "domains": tuple(domains)}).validate()
+
+    def validate(self) -> MetricsConfig:
+        """This config, or UsageError naming the first bad value."""
+        for key in ("enabled", "allow_remote"):
+            if not isinstance(getattr(self, key), bool):
+                raise UsageError(f"{key}: must be true or false, not {getattr(self, key)!r:.80}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise UsageError(f"port: must be an integer from 0 (any free port) to 65535, not {self.port!r:.80}")
+        try:
+            ip = ipaddress.ip_address(self.address) if isinstance(self.address, str) else None
+        except ValueError:
+            ip = None
+        if ip is None:
+            raise UsageError(f"address: must be an IP address such as \"127.0.0.1\" or \"::1\", "
+                             f"not {str(self.address)[:64]!r}")
+        if not ip.is_loopback and not self.allow_remote:
+            raise UsageError(f"address: {self.address} is reachable from other hosts and the endpoint has "
+                             "no authentication; set allow_remote = true to serve it there anyway")
+        return self
+
+
+@dataclass(frozen=True)
 class Section:
     """One entry of :data:`SECTIONS`: the section's class, and its value when the file has no such section."""
 
@@ -123,6 +180,7 @@ class Section:
 SECTIONS: Mapping[str, Section] = MappingProxyType({
     "reclaim": Section(ReclaimConfig, absent=None),     # no [reclaim]: no reclaim loop
     "power": Section(PowerConfig, absent=PowerConfig()),
+    "metrics": Section(MetricsConfig, absent=MetricsConfig()),  # no [metrics]: no endpoint
     "ha": Section(HAConfig, absent=None),
 })
 

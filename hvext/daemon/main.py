@@ -5,13 +5,16 @@ shared asyncio loop (libvirtaio) and logs one line per event, and it
 reconnects with backoff when libvirtd goes away. With ``--config FILE`` it
 also runs the policy loops configured there (``[reclaim]``: see
 hvext.daemon.reclaim_loop) and takes its SIGPWR saves' pre-pause budget from
-``[power] budget``; every section is documented in hvext.daemon.config.
+``[power] budget``; with a ``[metrics]`` section it serves Prometheus
+metrics (hvext.daemon.metrics, docs/metrics.md). Every section is documented
+in hvext.daemon.config.
 
-Signals: SIGHUP reloads the config file (a valid one takes effect at once, a
-bad one is logged and the one in force stays); SIGPWR saves protected PMEM
-(docs/power.md); SIGTERM or SIGINT stops it cleanly. It reports readiness
-(once watching libvirt), reloads and stopping to ``$NOTIFY_SOCKET``
-(hvext.daemon.notify: systemd's ``Type=notify``, ``hvext daemon start``).
+Signals: SIGHUP reloads the config file (a valid one takes effect at once,
+except ``[metrics]``, at the next start; a bad one is logged and the one in
+force stays); SIGPWR saves protected PMEM (docs/power.md); SIGTERM or SIGINT
+stops it cleanly. It reports readiness (once watching libvirt), reloads and
+stopping to ``$NOTIFY_SOCKET`` (hvext.daemon.notify: systemd's
+``Type=notify``, ``hvext daemon start``).
 
 No failure in one round of a loop (watching, reclaim, a SIGPWR save) stops
 hvextd: it is logged with its traceback and the loop goes on. Blocking calls
@@ -35,8 +38,8 @@ import libvirt
 from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable
 from hvext.daemon import config as daemon_config
-from hvext.daemon import notify, reclaim_loop
-from hvext.daemon.config import Config, PowerConfig
+from hvext.daemon import metrics, notify, reclaim_loop
+from hvext.daemon.config import Config, MetricsConfig, PowerConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.host import Host
 from hvext.pmem import hints, power
@@ -64,6 +67,7 @@ class Daemon:
         self.disconnected = asyncio.Event()
         self.reloaded = asyncio.Event()
         self.ready = False  # READY=1 was sent (the first time it watched libvirt)
+        self.host: Host | None = None  # the connection being watched (read by the metrics collector)
 
     async def apply(self, config: Config) -> None:
         """Use *config* from now on: the policy loops restart with it (a round in progress ends first)."""
@@ -73,6 +77,7 @@ class Daemon:
     def _on_lifecycle(self, conn: Any, dom: libvirt.virDomain, event: int, detail: int, opaque: Any) -> None:
         try:
             log.info("domain %s %s (detail %d)", dom.name(), EVENT_NAMES.get(event, f"event {event}"), detail)
+            metrics.count_lifecycle(dom.name(), event, detail)
         except Exception:  # libvirt would print the traceback on stderr and drop it
             log.exception("handling lifecycle event %d (detail %d) failed", event, detail)
 
@@ -96,6 +101,7 @@ class Daemon:
                 continue
             backoff = 1.0
             self.disconnected.clear()
+            self.host = host
             try:
                 await self._watch(host)
             except (libvirt.libvirtError, HvextError) as err:
@@ -105,6 +111,7 @@ class Daemon:
                 log.exception("watching %s failed unexpectedly; retrying in %.0f s", host.uri, backoff)
                 backoff = await self._back_off(backoff)
             finally:
+                self.host = None
                 await asyncio.to_thread(host.close)
 
     async def _back_off(self, seconds: float) -> float:
@@ -188,6 +195,7 @@ def on_power_loss(uri: str | None, budget: float | None = None) -> None:
     except Exception:  # hvextd must live on: the next SIGPWR (or a restore at start) may still work
         log.exception("power-loss save failed unexpectedly")
         return
+    metrics.count_power_loss(report)
     for device in report["devices"]:
         log.warning("power loss: %s %s: %s", device["domain"], device["backing"],
                     device.get("error") or f"{device.get('bytes_written', 0)} bytes in {device.get('seconds')} s "
@@ -240,6 +248,8 @@ def reload(path: Path | None, daemon: Daemon, loop: asyncio.AbstractEventLoop) -
         except HvextError as err:
             log.error("SIGHUP: %s; the configuration in force stays", err)
             return False
+        if new.get(MetricsConfig) != daemon.config.get(MetricsConfig):
+            log.warning("SIGHUP: [metrics] changed: the endpoint keeps its settings until hvextd restarts")
         asyncio.run_coroutine_threadsafe(daemon.apply(new), loop).result(timeout=30)
         log.info("SIGHUP: reloaded %s: %s", path, new.summary())
         return True
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hvextd", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--connect", metavar="URI", dest="uri", help="libvirt URI (as for hvext)")
     parser.add_argument("--config", type=Path,
-                        help="TOML file: [reclaim], [power], [ha] (documented in hvext/daemon/config.py)")
+                        help="TOML file: [reclaim], [power], [metrics], [ha] (documented in hvext/daemon/config.py)")
     parser.add_argument("--check-config", action="store_true",
                         help="check the --config file, print what it sets, and exit (0: valid, 1: not)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -278,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     async def start() -> Daemon:
         return Daemon(args.uri, config)
     daemon = aio.run(start())
+    metrics_config = config.get(MetricsConfig)
+    server = None
+    if metrics_config is not None and metrics_config.enabled:
+        try:
+            server = metrics.serve(metrics_config, lambda: daemon.host)
+        except HvextError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
 
     def stop(*_: object) -> None:
         notify.stopping()
@@ -306,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         except TimeoutError:
             continue
     future.result()
+    if server is not None:
+        server.shutdown()
     log.info("stopped")
     return 0
 

@@ -30,6 +30,7 @@ import pytest
 from hvext import image, paths
 from hvext.daemon import config as daemon_config
 from hvext.daemon import service
+from hvext.daemon.config import MetricsConfig
 from hvext.errors import HvextError
 from tests.support import require
 
@@ -259,9 +260,11 @@ hvext_host_cluster_name: lab
     assert "ExecReload=/bin/kill -HUP $MAINPID\n" in unit and "NotifyAccess=main\n" in unit
     config = tomllib.loads((out / "hvextd.toml").read_text())
     assert config["power"] == {"budget": 5}
-    daemon_config.load(out / "hvextd.toml")  # what hvextd accepts (unknown sections or keys are refused)
+    loaded = daemon_config.load(out / "hvextd.toml")  # what hvextd accepts (unknown sections or keys are refused)
+    assert loaded.get(MetricsConfig) == MetricsConfig(enabled=True, address="127.0.0.1", port=9177)
     assert config["reclaim"] == {"interval_s": 10, "host_available_min_mib": 2048, "step_mib": 256, "method": "auto"}
     assert config["ha"] == {"cluster": "lab", "etcd_endpoints": ["http://192.0.2.1:2379"]}
+    assert config["metrics"] == {"address": "127.0.0.1", "port": 9177, "allow_remote": False}
 
 
 def test_patched_qemu_copied_from_the_controller(tmp_path: Path) -> None:
