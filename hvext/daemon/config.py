@@ -24,7 +24,7 @@ docs/power.md). Absent: the default budget (5 s)::
 
 ``[metrics]`` -- the Prometheus endpoint (:class:`MetricsConfig`,
 hvext.daemon.metrics, docs/metrics.md). Absent (or empty): none is served.
-A change takes effect when hvextd restarts (a reload logs that it is pending)::
+A reload with other settings serves anew (one it cannot bind is refused)::
 
     [metrics]
     enabled = true          # false: keep the section but serve nothing

@@ -9,9 +9,9 @@ hvext.daemon.reclaim_loop) and takes its SIGPWR saves' pre-pause budget from
 metrics (hvext.daemon.metrics, docs/metrics.md). Every section is documented
 in hvext.daemon.config.
 
-Signals: SIGHUP reloads the config file (a valid one takes effect at once,
-except ``[metrics]``, at the next start; a bad one is logged and the one in
-force stays); SIGPWR saves protected PMEM (docs/power.md); SIGTERM or SIGINT
+Signals: SIGHUP reloads the config file (a valid one takes effect at once;
+a bad one, or a ``[metrics]`` address it cannot bind, is logged and the
+config in force stays); SIGPWR saves protected PMEM (docs/power.md); SIGTERM or SIGINT
 stops it cleanly. It reports readiness (once watching libvirt), reloads and
 stopping to ``$NOTIFY_SOCKET`` (hvext.daemon.notify: systemd's
 ``Type=notify``, ``hvext daemon start``).
@@ -30,6 +30,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -235,9 +236,42 @@ def on_start_restore(uri: str | None) -> None:
         log.warning("power restore: %s: %s", domain.get("domain"), domain.get("error") or domain.get("action"))
 
 
-def reload(path: Path | None, daemon: Daemon, loop: asyncio.AbstractEventLoop) -> bool:
-    """SIGHUP: read *path* again; a valid file replaces the daemon's config, a bad one is logged and the
-    config in force stays. Whether the new one was taken."""
+class MetricsEndpoint:
+    """hvextd's Prometheus endpoint as its ``[metrics]`` section says; served anew when a reload changes it."""
+
+    def __init__(self, host: Callable[[], Host | None]) -> None:
+        self.host = host
+        self.config = MetricsConfig()  # what is served (enabled=False: nothing)
+        self.endpoint: metrics.Endpoint | None = None
+
+    def apply(self, config: MetricsConfig | None) -> None:
+        """Serve as *config* says; HvextError when it cannot (then the previous settings are served again)."""
+        config = config or MetricsConfig()
+        if config == self.config:
+            return
+        previous = self.config
+        self.close()
+        try:
+            if config.enabled:
+                self.endpoint = metrics.serve(config, self.host)
+            self.config = config
+        except HvextError:
+            if previous.enabled:
+                self.endpoint = metrics.serve(previous, self.host)
+                self.config = previous
+            raise
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.endpoint = None
+        self.config = MetricsConfig()
+
+
+def reload(path: Path | None, daemon: Daemon, loop: asyncio.AbstractEventLoop,
+           endpoint: MetricsEndpoint) -> bool:
+    """SIGHUP: read *path* again; a valid file replaces the daemon's config, a bad one (or a ``[metrics]``
+    address that cannot be served) is logged and the config in force stays. Whether the new one was taken."""
     notify.reloading()
     try:
         if path is None:
@@ -245,11 +279,10 @@ def reload(path: Path | None, daemon: Daemon, loop: asyncio.AbstractEventLoop) -
             return False
         try:
             new = daemon_config.load(path)
+            endpoint.apply(new.get(MetricsConfig))
         except HvextError as err:
             log.error("SIGHUP: %s; the configuration in force stays", err)
             return False
-        if new.get(MetricsConfig) != daemon.config.get(MetricsConfig):
-            log.warning("SIGHUP: [metrics] changed: the endpoint keeps its settings until hvextd restarts")
         asyncio.run_coroutine_threadsafe(daemon.apply(new), loop).result(timeout=30)
         log.info("SIGHUP: reloaded %s: %s", path, new.summary())
         return True
@@ -288,14 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     async def start() -> Daemon:
         return Daemon(args.uri, config)
     daemon = aio.run(start())
-    metrics_config = config.get(MetricsConfig)
-    server = None
-    if metrics_config is not None and metrics_config.enabled:
-        try:
-            server = metrics.serve(metrics_config, lambda: daemon.host)
-        except HvextError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+    endpoint = MetricsEndpoint(lambda: daemon.host)
+    try:
+        endpoint.apply(config.get(MetricsConfig))
+    except HvextError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
     def stop(*_: object) -> None:
         notify.stopping()
@@ -316,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if hangup.is_set():
             hangup.clear()
             try:
-                reload(args.config, daemon, loop)
+                reload(args.config, daemon, loop, endpoint)
             except Exception:  # hvextd must live on with the config in force
                 log.exception("SIGHUP: reloading failed unexpectedly; the configuration in force stays")
         try:
@@ -324,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         except TimeoutError:
             continue
     future.result()
-    if server is not None:
-        server.shutdown()
+    endpoint.close()
     log.info("stopped")
     return 0
 

@@ -452,8 +452,26 @@ def url(address: str, port: int) -> str:
     return f"http://{host}:{port}/metrics"
 
 
-def serve(config: MetricsConfig, host: Callable[[], Host | None]) -> Any:
-    """Start the endpoint (a thread) with :class:`HvextCollector` on :data:`REGISTRY`; the HTTP server.
+@dataclass
+class Endpoint:
+    """A running endpoint: its HTTP server (a thread) and the collector it registered."""
+
+    server: Any
+    collector: HvextCollector
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        """Stop serving and unregister the collector (a reload may serve anew; counters are kept)."""
+        self.server.shutdown()
+        self.server.server_close()
+        REGISTRY.unregister(self.collector)
+
+
+def serve(config: MetricsConfig, host: Callable[[], Host | None]) -> Endpoint:
+    """Start the endpoint (a thread) with :class:`HvextCollector` on :data:`REGISTRY`.
 
     QMP goes through this process's monitor: hvextd's (hvext.qmp.use_monitor("daemon"))."""
     collector = HvextCollector(host, config.domains)
@@ -465,4 +483,4 @@ def serve(config: MetricsConfig, host: Callable[[], Host | None]) -> Any:
         raise HvextError(f"cannot serve metrics on {config.address} port {config.port}: "
                          f"{err.strerror or err}") from err
     log.info("serving metrics on %s", url(config.address, server.server_port))
-    return server
+    return Endpoint(server, collector)

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -174,6 +176,14 @@ def test_hvextd_notifies_ready_reloading_and_stopping(tmp_path: Path) -> None:
             assert daemon.wait(timeout=20) == 0, log.read_text()
 
 
+def scrape(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=20) as reply:
+        assert reply.status == 200
+        body: bytes = reply.read()
+    assert b"hvext_" in body
+    return body
+
+
 def wait_for(log: Path, pattern: str, count: int = 1, timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -187,7 +197,8 @@ def wait_for(log: Path, pattern: str, count: int = 1, timeout: float = 30) -> st
 def test_sighup_applies_a_valid_config_and_keeps_the_old_one_when_the_new_is_bad(tmp_path: Path) -> None:
     """A real hvextd: no [reclaim] (no rounds), then a floor no host reaches every second (rounds logged),
     then a bad file (error logged, the rounds go on), then [power] budget (used by the next SIGPWR save)
-    and [metrics] (pending until a restart: said so)."""
+    with a [metrics] endpoint (served; a port it cannot bind is refused and the endpoint stays; removed:
+    no longer served)."""
     config = write(tmp_path, "[power]\nbudget = 1\n")
     with listener(directory=tmp_path) as (sock, where):
         daemon, log = hvextd(tmp_path, "--config", str(config), notify_socket=where)
@@ -213,12 +224,28 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_one_when_the_new_is_bad
             config.write_text("[power]\nbudget = 2.5\n[metrics]\nport = 0\n")
             daemon.send_signal(signal.SIGHUP)
             text = wait_for(log, "SIGHUP: reloaded", count=2)
-            assert "SIGHUP: [metrics] changed: the endpoint keeps its settings until hvextd restarts" in text
-            assert "serving metrics" not in text
             time.sleep(1.5)  # a round already under way may still log
             settled = len(re.findall(rounds, log.read_text()))
             time.sleep(2.5)
             assert len(re.findall(rounds, log.read_text())) == settled, "[reclaim] removed, rounds went on"
+            url = re.findall(r"serving metrics on (http://\S+)", text)[-1]
+            assert scrape(url)
+
+            with socket.socket() as busy:  # a [metrics] port it cannot bind: refused, the endpoint stays
+                busy.bind(("127.0.0.1", 0))
+                busy.listen()
+                config.write_text(f"[metrics]\nport = {busy.getsockname()[1]}\n")
+                daemon.send_signal(signal.SIGHUP)
+                text = wait_for(log, r"ERROR: SIGHUP: cannot serve metrics on 127\.0\.0\.1 port \d+: .*; the "
+                                     r"configuration in force stays")
+            url = re.findall(r"serving metrics on (http://\S+)", text)[-1]  # port 0 again: a new one
+            assert scrape(url)
+
+            config.write_text("[power]\nbudget = 2.5\n")
+            daemon.send_signal(signal.SIGHUP)
+            wait_for(log, "SIGHUP: reloaded", count=3)
+            with pytest.raises(urllib.error.URLError):
+                scrape(url)
             daemon.send_signal(signal.SIGPWR)
             wait_for(log, r"pre-pause budget 2\.5 s")
             daemon.send_signal(signal.SIGTERM)
