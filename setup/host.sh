@@ -14,6 +14,7 @@ PACKAGES=(
   mmdebstrap linux-image-amd64 e2fsprogs kmod
   iproute2 dnsmasq-base
   openssl iptables groff-base
+  bash-completion
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -103,7 +104,8 @@ sysctls() {
 }
 
 # Shell completion of commands, options and domain names (argcomplete, hvext/cli/completion.py).
-# The file is read by bash-completion (package bash-completion) or by `source` in ~/.bashrc.
+# The file is read by bash-completion (installed by `packages`): every interactive login shell
+# (/etc/profile.d/bash_completion.sh) and Debian's default ~/.bashrc (/etc/skel) load it.
 completion() {
   local root venv target=/etc/bash_completion.d/hvext tmp
   root="$(cd "$(dirname "$0")/.." && pwd)"

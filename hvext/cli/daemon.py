@@ -1,4 +1,4 @@
-"""``hvext daemon start|stop|restart|status``: hvextd on a host without systemd.
+"""``hvext daemon start|stop|restart|reload|status``: hvextd on a host without systemd.
 
 hvextd runs detached with a pid file under /run (``/run/hvext/hvextd.pid``)
 and logs to ``/var/log/hvext/hvextd.log``; see hvext/daemon/service.py. With
@@ -15,7 +15,7 @@ from hvext.daemon import service
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    group = commands.add_parser("daemon", help="run hvextd without systemd (start, stop, restart, status)")
+    group = commands.add_parser("daemon", help="run hvextd without systemd (start, stop, restart, reload, status)")
     sub = group.add_subparsers(dest="daemon_command", metavar="ACTION", parser_class=type(group))
     sub.required = True
     for name, text in (("start", "start hvextd detached unless it runs"),
@@ -25,13 +25,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help=f"hvextd's TOML config (default: {service.CONFIG_FILE} when it exists)")
         p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         p.add_argument("--wait", type=common.seconds, default=15.0, metavar="S",
-                       help="seconds to wait for hvextd to connect to libvirt (default 15)")
+                       help="seconds to wait for hvextd to be ready: connected to libvirt (default 15)")
         _add_paths(p)
         p.set_defaults(func=cmd_start if name == "start" else cmd_restart)
     p = sub.add_parser("stop", help="SIGTERM hvextd and wait until it exited")
     p.add_argument("--timeout", type=common.seconds, default=30.0, metavar="S", help="seconds to wait (default 30)")
     _add_paths(p)
     p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("reload", help="check hvextd's config file, then make hvextd reread it (SIGHUP)")
+    _add_paths(p)
+    p.set_defaults(func=cmd_reload)
     p = sub.add_parser("status", help="whether hvextd runs (exit 0), or not (exit 3)")
     _add_paths(p)
     common.add_json(p)
@@ -65,6 +68,15 @@ def cmd_start(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     pid = service.stop(pid_file=args.pid_file, timeout_s=args.timeout)
     print("hvextd is not running" if pid is None else f"hvextd (PID {pid}) stopped")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    pid, config = service.reload(pid_file=args.pid_file)
+    if config is None:
+        print(f"hvextd (PID {pid}) runs without a config file: SIGHUP sent, nothing to reload")
+    else:
+        print(f"{config} is valid; hvextd (PID {pid}) rereads it (SIGHUP); log {args.log_file}")
     return 0
 
 

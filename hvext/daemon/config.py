@@ -1,65 +1,126 @@
-"""hvextd's config file (TOML): one section per concern, each validated into a frozen value.
+"""hvextd's configuration file (TOML; ``hvextd --config FILE``, /etc/hvext/hvextd.toml from the role).
 
-``[reclaim]`` is :class:`hvext.daemon.reclaim_loop.ReclaimConfig`; ``[power]``
-is :class:`PowerConfig`; ``[metrics]`` is :class:`MetricsConfig`::
+This docstring is the reference for every section and key. A section that is
+absent means its feature's default (said per section); a file with no
+sections is valid. ``hvextd --check-config --config FILE`` checks a file
+without starting anything (the Ansible role runs it before installing one).
+
+``[reclaim]`` -- keep the host's available memory above a floor
+(:class:`hvext.daemon.reclaim_loop.ReclaimConfig`). Absent: no reclaim loop.
+Present (even empty): the loop runs with these keys' defaults::
+
+    [reclaim]
+    interval_s = 10                # seconds between checks, 1 to 86400
+    host_available_min_mib = 2048  # floor for the host's MemAvailable, an integer >= 0
+    step_mib = 256                 # at most this much per VM per round, an integer >= 16
+    method = "auto"                # "auto", "balloon" or "swap" (as `hvext reclaim --method`)
+    domains = ["web1", "db1"]      # only these domains (default: every running hvext VM)
+
+``[power]`` -- SIGPWR saves of protected PMEM (:class:`PowerConfig`,
+docs/power.md). Absent: the default budget (5 s)::
 
     [power]
-    budget = 5     # seconds guests may delay their pause in a SIGPWR save (0 to 300)
+    budget = 5     # seconds guests may delay their pause in a SIGPWR save, 0 to 300
 
-    [metrics]      # Prometheus endpoint (docs/metrics.md); absent: none is served
-    enabled = true
+``[metrics]`` -- the Prometheus endpoint (:class:`MetricsConfig`,
+hvext.daemon.metrics, docs/metrics.md). Absent (or empty): none is served.
+A reload with other settings serves anew (one it cannot bind is refused)::
+
+    [metrics]
+    enabled = true          # false: keep the section but serve nothing
     address = "127.0.0.1"   # an IP address; a non-loopback one needs allow_remote
-    port = 9177             # 0: any free port (logged)
-    allow_remote = false
-    domains = ["web1"]      # optional: export only these domains (default: every running one)
+    port = 9177             # 0 to 65535; 0: any free port (logged)
+    allow_remote = false    # true: serve on a non-loopback address (no authentication!)
+    domains = ["web1"]      # export only these domains (default: every running one)
 
-A bad file or value is a UsageError naming it: hvextd then refuses to start.
+``[ha]`` -- cluster membership for high availability (:class:`HAConfig`).
+Absent: no cluster. HA is not implemented yet: the section is checked, then
+not used::
+
+    [ha]
+    cluster = "lab"                              # the cluster's name
+    etcd_endpoints = ["http://192.0.2.1:2379"]   # http:// or https:// URLs
+
+Errors name the file, the section, the key and what is allowed: an unknown
+section or key, a value of the wrong type or out of range, or a key outside
+any section is a :class:`UsageError`. At start hvextd then refuses to start
+(exit 1); on SIGHUP it logs the error and keeps the configuration in force.
+
+Adding a section is one entry in :data:`SECTIONS` (a frozen class with
+``KEYS`` and ``from_table``) plus its paragraph here.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar, Protocol, TypeVar
 
+from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.errors import UsageError
 from hvext.pmem import power
 
+T = TypeVar("T")
 
-def section(path: Path, name: str, keys: set[str]) -> dict[str, Any]:
-    """Section *name* of the TOML file *path* ({} when absent); UsageError for an unreadable file,
-    bad TOML or a key not in *keys*."""
-    try:
-        data = tomllib.loads(path.read_text()).get(name, {})
-    except OSError as err:
-        raise UsageError(f"cannot read config {path}: {err.strerror}") from err
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"config {path} is not valid TOML: {err}") from err
-    if not isinstance(data, dict):
-        raise UsageError(f"config {path}: [{name}] must be a section")
-    unknown = set(data) - keys
-    if unknown:
-        raise UsageError(f"config {path}: unknown [{name}] keys {sorted(unknown)}")
-    return data
+
+class SectionValue(Protocol):
+    """What a section's class provides: its allowed keys and a checked constructor.
+
+    ``from_table`` gets the section's table with known keys only and raises
+    UsageError("KEY: what is allowed, not VALUE") for a bad value.
+    """
+
+    KEYS: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> Any: ...
 
 
 @dataclass(frozen=True)
 class PowerConfig:
     """SIGPWR saves: *budget* seconds for the guests' pre-pause work (None: power's default)."""
 
+    KEYS: ClassVar[tuple[str, ...]] = ("budget",)
     budget: float | None = None
 
     @classmethod
-    def load(cls, path: Path) -> PowerConfig:
-        data = section(path, "power", {"budget"})
-        if "budget" not in data:
+    def from_table(cls, table: dict[str, Any]) -> PowerConfig:
+        if "budget" not in table:
             return cls()
         try:
-            return cls(power.check_budget(data["budget"]))
+            return cls(power.check_budget(table["budget"]))
         except UsageError as err:
-            raise UsageError(f"config {path}: power.budget: {err}") from err
+            raise UsageError(f"budget: {err}") from err
+
+
+ENDPOINT = re.compile(r"https?://[^\s/]+(/\S*)?")
+
+
+@dataclass(frozen=True)
+class HAConfig:
+    """Cluster membership (the HA issue); checked, not used yet."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("cluster", "etcd_endpoints")
+    cluster: str = ""
+    etcd_endpoints: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> HAConfig:
+        cluster = table.get("cluster", "")
+        if not isinstance(cluster, str) or len(cluster) > 253 or not cluster.isprintable():
+            raise UsageError(f"cluster: must be a name (a string of at most 253 printable characters), "
+                             f"not {cluster!r:.80}")
+        endpoints = table.get("etcd_endpoints", [])
+        if not isinstance(endpoints, list) or \
+                not all(isinstance(e, str) and ENDPOINT.fullmatch(e) for e in endpoints):
+            raise UsageError('etcd_endpoints: must be a list of http:// or https:// URLs, e.g. '
+                             f'["http://192.0.2.1:2379"], not {endpoints!r:.80}')
+        return cls(cluster, tuple(endpoints))
 
 
 @dataclass(frozen=True)
@@ -70,6 +131,7 @@ class MetricsConfig:
     memory, and the endpoint has no authentication.
     """
 
+    KEYS: ClassVar[tuple[str, ...]] = ("enabled", "address", "port", "allow_remote", "domains")
     enabled: bool = False
     address: str = "127.0.0.1"
     port: int = 9177
@@ -77,34 +139,111 @@ class MetricsConfig:
     domains: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, path: Path) -> MetricsConfig:
-        """The ``[metrics]`` section; without one, no endpoint (enabled defaults to true inside it)."""
-        data = section(path, "metrics", {"enabled", "address", "port", "allow_remote", "domains"})
-        if not data:
+    def from_table(cls, table: dict[str, Any]) -> MetricsConfig:
+        """The ``[metrics]`` section: enabled defaults to true inside it, but an empty one is as absent."""
+        if not table:
             return cls()
-        domains = data.get("domains", [])
+        domains = table.get("domains", [])
         if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
-            raise UsageError(f'config {path}: metrics.domains must be a list of domain names, e.g. ["web1"]')
-        try:
-            return cls(**{"enabled": True, **data, "domains": tuple(domains)}).validate()
-        except UsageError as err:
-            raise UsageError(f"config {path}: {err}") from err
+            raise UsageError(f'domains: must be a list of domain names, e.g. ["web1"], not {domains!r:.80}')
+        return cls(**{"enabled": True, **table, "domains": tuple(domains)}).validate()
 
     def validate(self) -> MetricsConfig:
         """This config, or UsageError naming the first bad value."""
         for key in ("enabled", "allow_remote"):
             if not isinstance(getattr(self, key), bool):
-                raise UsageError(f"metrics.{key} must be true or false")
+                raise UsageError(f"{key}: must be true or false, not {getattr(self, key)!r:.80}")
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
-            raise UsageError("metrics.port must be an integer from 0 (any free port) to 65535")
+            raise UsageError(f"port: must be an integer from 0 (any free port) to 65535, not {self.port!r:.80}")
         try:
             ip = ipaddress.ip_address(self.address) if isinstance(self.address, str) else None
         except ValueError:
             ip = None
         if ip is None:
-            raise UsageError(f"metrics.address must be an IP address such as \"127.0.0.1\" or \"::1\", "
+            raise UsageError(f"address: must be an IP address such as \"127.0.0.1\" or \"::1\", "
                              f"not {str(self.address)[:64]!r}")
         if not ip.is_loopback and not self.allow_remote:
-            raise UsageError(f"metrics.address {self.address} is reachable from other hosts and the endpoint has "
-                             "no authentication; set metrics.allow_remote = true to serve it there anyway")
+            raise UsageError(f"address: {self.address} is reachable from other hosts and the endpoint has "
+                             "no authentication; set allow_remote = true to serve it there anyway")
         return self
+
+
+@dataclass(frozen=True)
+class Section:
+    """One entry of :data:`SECTIONS`: the section's class, and its value when the file has no such section."""
+
+    cls: type[SectionValue]
+    absent: object
+
+
+#: Every section hvextd accepts: name -> (class, value when absent). Nothing else is allowed.
+SECTIONS: Mapping[str, Section] = MappingProxyType({
+    "reclaim": Section(ReclaimConfig, absent=None),     # no [reclaim]: no reclaim loop
+    "power": Section(PowerConfig, absent=PowerConfig()),
+    "metrics": Section(MetricsConfig, absent=MetricsConfig()),  # no [metrics]: no endpoint
+    "ha": Section(HAConfig, absent=None),
+})
+
+
+@dataclass(frozen=True)
+class Config:
+    """A checked configuration: one value per section of :data:`SECTIONS` (its ``absent`` value when absent)."""
+
+    path: Path | None
+    values: Mapping[str, object]
+
+    def get(self, cls: type[T]) -> T | None:
+        """The value of the section whose class is *cls* (None when that section is off)."""
+        for name, spec in SECTIONS.items():
+            if spec.cls is cls:
+                value = self.values[name]
+                assert value is None or isinstance(value, cls)
+                return value
+        raise KeyError(f"no config section has class {cls.__name__}")
+
+    def summary(self) -> str:
+        """One line for the log: each section's value (``off`` when absent and off)."""
+        return "; ".join(f"[{name}] {'off' if value is None else value}" for name, value in self.values.items())
+
+
+def defaults() -> Config:
+    """The configuration of an hvextd started without ``--config``: every section absent."""
+    return Config(None, MappingProxyType({name: spec.absent for name, spec in SECTIONS.items()}))
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
+
+
+def load(path: Path) -> Config:
+    """The checked configuration in *path*; UsageError naming file, section, key and what is allowed."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise UsageError(f"cannot read config {path}: {err.strerror}") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"config {path} is not valid TOML: {err}") from err
+    known = _names(f"[{n}]" for n in SECTIONS)
+    values = {}
+    for name, table in data.items():
+        if name not in SECTIONS:
+            what = "unknown section" if isinstance(table, dict) else "key outside any section"
+            raise UsageError(f"config {path}: {what} {f'[{name}]' if isinstance(table, dict) else repr(name)}; "
+                             f"the sections are {known} (hvext/daemon/config.py documents them)")
+        if not isinstance(table, dict):
+            raise UsageError(f"config {path}: [{name}] must be a section (a table), not {type(table).__name__} "
+                             f"{name} = ...")
+    for name, spec in SECTIONS.items():
+        if name not in data:
+            values[name] = spec.absent
+            continue
+        table = data[name]
+        unknown = sorted(set(table) - set(spec.cls.KEYS))
+        if unknown:
+            raise UsageError(f"config {path}: [{name}] unknown key{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(unknown)}; allowed: {_names(spec.cls.KEYS)}")
+        try:
+            values[name] = spec.cls.from_table(table)
+        except UsageError as err:
+            raise UsageError(f"config {path}: [{name}] {err}") from err
+    return Config(path, MappingProxyType(values))

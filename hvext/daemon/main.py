@@ -5,9 +5,16 @@ shared asyncio loop (libvirtaio) and logs one line per event, and it
 reconnects with backoff when libvirtd goes away. With ``--config FILE`` it
 also runs the policy loops configured there (``[reclaim]``: see
 hvext.daemon.reclaim_loop) and takes its SIGPWR saves' pre-pause budget from
-``[power] budget`` (hvext.daemon.config). With a ``[metrics]`` section it serves
-Prometheus metrics (hvext.daemon.metrics, docs/metrics.md). It stops cleanly on
-SIGTERM or SIGINT.
+``[power] budget``; with a ``[metrics]`` section it serves Prometheus
+metrics (hvext.daemon.metrics, docs/metrics.md). Every section is documented
+in hvext.daemon.config.
+
+Signals: SIGHUP reloads the config file (a valid one takes effect at once;
+a bad one, or a ``[metrics]`` address it cannot bind, is logged and the
+config in force stays); SIGPWR saves protected PMEM (docs/power.md); SIGTERM or SIGINT
+stops it cleanly. It reports readiness (once watching libvirt), reloads and
+stopping to ``$NOTIFY_SOCKET`` (hvext.daemon.notify: systemd's
+``Type=notify``, ``hvext daemon start``).
 
 No failure in one round of a loop (watching, reclaim, a SIGPWR save) stops
 hvextd: it is logged with its traceback and the loop goes on. Blocking calls
@@ -23,12 +30,14 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable
-from hvext.daemon import metrics, reclaim_loop
-from hvext.daemon.config import MetricsConfig, PowerConfig
+from hvext.daemon import config as daemon_config
+from hvext.daemon import metrics, notify, reclaim_loop
+from hvext.daemon.config import Config, MetricsConfig, PowerConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.host import Host
 from hvext.pmem import hints, power
@@ -39,14 +48,22 @@ MAX_BACKOFF_S = 30.0
 
 
 class Daemon:
-    """Connects to libvirt, logs lifecycle events, reconnects when the connection drops."""
+    """Connects to libvirt, logs lifecycle events, reconnects when the connection drops,
+    runs the policy loops of its config (replaced by :meth:`apply` on a reload)."""
 
-    def __init__(self, uri: str | None, reclaim: ReclaimConfig | None = None) -> None:
+    def __init__(self, uri: str | None, config: Config | None = None) -> None:
         self.uri = uri
-        self.reclaim = reclaim
+        self.config = config or daemon_config.defaults()
         self.stopping = asyncio.Event()
         self.disconnected = asyncio.Event()
+        self.reloaded = asyncio.Event()
+        self.ready = False  # READY=1 was sent (the first time it watched libvirt)
         self.host: Host | None = None  # the connection being watched (read by the metrics collector)
+
+    async def apply(self, config: Config) -> None:
+        """Use *config* from now on: the policy loops restart with it (a round in progress ends first)."""
+        self.config = config
+        self.reloaded.set()
 
     def _on_lifecycle(self, domain: str, event: str, detail: int) -> None:
         log.info("domain %s %s (detail %d)", domain, event, detail)
@@ -95,23 +112,37 @@ class Daemon:
         if not host.keep_alive(5, 3):
             log.info("%s has no keepalive (a local driver): not needed", host.uri)
         callback = host.watch(self._on_lifecycle, self._on_close)
-        log.info("watching %s (%d domains)", host.uri, len(host.domains()))
+        watching = f"watching {host.uri} ({len(host.domains())} domains)"
+        log.info("%s", watching)
+        if not self.ready:
+            self.ready = True
+            notify.ready(watching)
+        else:
+            notify.status(watching)
         return callback
 
     def _deregister(self, host: Host, callback: int) -> None:
         host.unwatch(callback)
 
     async def _watch(self, host: Host) -> None:
-        """Register on *host*, run the policy loops, and wait until stopped or disconnected."""
+        """Register on *host*, run the policy loops (again after each reload), and wait until stopped or
+        disconnected."""
         callback = await asyncio.to_thread(self._register, host)
-        loops = [asyncio.ensure_future(reclaim_loop.run(host, self.reclaim, self.stopping))] \
-            if self.reclaim else []
-        try:
-            await self._wait_any(self.stopping, self.disconnected)
-        finally:
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+        while True:
+            self.reloaded.clear()
+            finish = asyncio.Event()
+            reclaim = self.config.get(ReclaimConfig)
+            loops = [asyncio.ensure_future(reclaim_loop.run(host, reclaim, finish))] if reclaim else []
+            try:
+                await self._wait_any(self.stopping, self.disconnected, self.reloaded)
+                if self.stopping.is_set() or self.disconnected.is_set():
+                    break
+                finish.set()  # a reload: the round in progress ends, then the loops start with the new config
+                await asyncio.gather(*loops, return_exceptions=True)
+            finally:
+                for task in loops:
+                    task.cancel()
+                await asyncio.gather(*loops, return_exceptions=True)
         if not self.disconnected.is_set():
             await asyncio.to_thread(self._deregister, host, callback)
 
@@ -185,52 +216,126 @@ def on_start_restore(uri: str | None) -> None:
         log.warning("power restore: %s: %s", domain.get("domain"), domain.get("error") or domain.get("action"))
 
 
+class MetricsEndpoint:
+    """hvextd's Prometheus endpoint as its ``[metrics]`` section says; served anew when a reload changes it."""
+
+    def __init__(self, host: Callable[[], Host | None]) -> None:
+        self.host = host
+        self.config = MetricsConfig()  # what is served (enabled=False: nothing)
+        self.endpoint: metrics.Endpoint | None = None
+
+    def apply(self, config: MetricsConfig | None) -> None:
+        """Serve as *config* says; HvextError when it cannot (then the previous settings are served again)."""
+        config = config or MetricsConfig()
+        if config == self.config:
+            return
+        previous = self.config
+        self.close()
+        try:
+            if config.enabled:
+                self.endpoint = metrics.serve(config, self.host)
+            self.config = config
+        except HvextError:
+            if previous.enabled:
+                self.endpoint = metrics.serve(previous, self.host)
+                self.config = previous
+            raise
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.endpoint = None
+        self.config = MetricsConfig()
+
+
+def reload(path: Path | None, daemon: Daemon, loop: asyncio.AbstractEventLoop,
+           endpoint: MetricsEndpoint) -> bool:
+    """SIGHUP: read *path* again; a valid file replaces the daemon's config, a bad one (or a ``[metrics]``
+    address that cannot be served) is logged and the config in force stays. Whether the new one was taken."""
+    notify.reloading()
+    try:
+        if path is None:
+            log.info("SIGHUP: hvextd runs without --config: nothing to reload")
+            return False
+        try:
+            new = daemon_config.load(path)
+            endpoint.apply(new.get(MetricsConfig))
+        except HvextError as err:
+            log.error("SIGHUP: %s; the configuration in force stays", err)
+            return False
+        asyncio.run_coroutine_threadsafe(daemon.apply(new), loop).result(timeout=30)
+        log.info("SIGHUP: reloaded %s: %s", path, new.summary())
+        return True
+    finally:
+        if daemon.ready:
+            notify.ready()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hvextd", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--connect", metavar="URI", dest="uri", help="libvirt URI (as for hvext)")
-    parser.add_argument("--config", type=Path, help="TOML file with policy loops, e.g. [reclaim]")
+    parser.add_argument("--config", type=Path,
+                        help="TOML file: [reclaim], [power], [metrics], [ha] (documented in hvext/daemon/config.py)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the --config file, print what it sets, and exit (0: valid, 1: not)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.check_config and args.config is None:
+        print("error: --check-config needs --config FILE", file=sys.stderr)
+        return 1
     try:
-        reclaim = ReclaimConfig.load(args.config) if args.config else None
-        power_config = PowerConfig.load(args.config) if args.config else PowerConfig()
-        metrics_config = MetricsConfig.load(args.config) if args.config else MetricsConfig()
+        config = daemon_config.load(args.config) if args.config else daemon_config.defaults()
     except HvextError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if args.check_config:
+        print(f"{args.config}: valid: {config.summary()}")
+        return 0
+    if args.config:
+        log.info("config %s: %s", args.config, config.summary())
     qmp.use_monitor("daemon")  # the CLI keeps the other one: `hvext qmp` works while hvextd holds this one
     loop = aio.loop()
 
     async def start() -> Daemon:
-        return Daemon(args.uri, reclaim)
+        return Daemon(args.uri, config)
     daemon = aio.run(start())
-    server = None
-    if metrics_config.enabled:
-        try:
-            server = metrics.serve(metrics_config, lambda: daemon.host)
-        except HvextError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-    stop = lambda *_: loop.call_soon_threadsafe(daemon.stopping.set)  # noqa: E731
+    endpoint = MetricsEndpoint(lambda: daemon.host)
+    try:
+        endpoint.apply(config.get(MetricsConfig))
+    except HvextError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    def stop(*_: object) -> None:
+        notify.stopping()
+        loop.call_soon_threadsafe(daemon.stopping.set)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     power_failing = threading.Event()
     signal.signal(signal.SIGPWR, lambda *_: power_failing.set())
+    hangup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hangup.set())
     on_start_restore(args.uri)
     future = asyncio.run_coroutine_threadsafe(daemon.serve(), loop)
     while not future.done():  # the main thread stays free to receive signals
         if power_failing.is_set():
             power_failing.clear()
-            on_power_loss(args.uri, power_config.budget)
+            power_config = daemon.config.get(PowerConfig)
+            on_power_loss(args.uri, power_config.budget if power_config else None)
+        if hangup.is_set():
+            hangup.clear()
+            try:
+                reload(args.config, daemon, loop, endpoint)
+            except Exception:  # hvextd must live on with the config in force
+                log.exception("SIGHUP: reloading failed unexpectedly; the configuration in force stays")
         try:
             future.result(timeout=0.5)
         except TimeoutError:
             continue
     future.result()
-    if server is not None:
-        server.shutdown()
+    endpoint.close()
     log.info("stopped")
     return 0
 

@@ -29,14 +29,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from hvext import aio
-from hvext.daemon.config import MetricsConfig
 from hvext.dirty import rate
 from hvext.errors import (AgentError, AgentTimeout, AgentUnavailable, DomainNotFound, DomainStateError, HvextError,
                           QMPError)
@@ -47,6 +46,9 @@ from hvext.memory.pools_store import PoolStore
 from hvext.pmem import power
 from hvext.pmem.store import Store
 from hvext.units import KIB, MIB
+
+if TYPE_CHECKING:  # hvext.daemon.config imports reclaim_loop, which imports this module
+    from hvext.daemon.config import MetricsConfig
 
 log = logging.getLogger("hvextd.metrics")
 
@@ -442,8 +444,26 @@ def url(address: str, port: int) -> str:
     return f"http://{host}:{port}/metrics"
 
 
-def serve(config: MetricsConfig, host: Callable[[], Host | None]) -> Any:
-    """Start the endpoint (a thread) with :class:`HvextCollector` on :data:`REGISTRY`; the HTTP server.
+@dataclass
+class Endpoint:
+    """A running endpoint: its HTTP server (a thread) and the collector it registered."""
+
+    server: Any
+    collector: HvextCollector
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        """Stop serving and unregister the collector (a reload may serve anew; counters are kept)."""
+        self.server.shutdown()
+        self.server.server_close()
+        REGISTRY.unregister(self.collector)
+
+
+def serve(config: MetricsConfig, host: Callable[[], Host | None]) -> Endpoint:
+    """Start the endpoint (a thread) with :class:`HvextCollector` on :data:`REGISTRY`.
 
     QMP goes through this process's monitor: hvextd's (hvext.qmp.use_monitor("daemon"))."""
     collector = HvextCollector(host, config.domains)
@@ -455,4 +475,4 @@ def serve(config: MetricsConfig, host: Callable[[], Host | None]) -> Any:
         raise HvextError(f"cannot serve metrics on {config.address} port {config.port}: "
                          f"{err.strerror or err}") from err
     log.info("serving metrics on %s", url(config.address, server.server_port))
-    return server
+    return Endpoint(server, collector)

@@ -6,13 +6,9 @@ balloon is above their pool entitlement when they are assigned to a pool,
 else by size), at most ``step_mib`` per VM per round, each through the same
 collect -> decide -> act path as ``hvext reclaim``, and logs every decision.
 
-Config (TOML, section ``[reclaim]``)::
-
-    interval_s = 10
-    host_available_min_mib = 2048
-    step_mib = 256
-    method = "auto"            # or "balloon" / "swap"
-    domains = ["web1", "db1"]  # optional: only these
+Its config is the ``[reclaim]`` section of hvextd's file (keys, defaults
+and allowed values: hvext/daemon/config.py); without that section the loop
+does not run.
 """
 
 from __future__ import annotations
@@ -21,8 +17,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hvext.daemon import metrics
 from hvext.errors import HvextError, UsageError
@@ -36,6 +31,9 @@ log = logging.getLogger("hvextd.reclaim")
 
 @dataclass(frozen=True)
 class ReclaimConfig:
+    """The ``[reclaim]`` section (keys documented in hvext/daemon/config.py)."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("interval_s", "host_available_min_mib", "step_mib", "method", "domains")
     interval_s: float = 10.0
     host_available_min_mib: int = 2048
     step_mib: int = 256
@@ -43,13 +41,12 @@ class ReclaimConfig:
     domains: tuple[str, ...] = field(default=())
 
     @classmethod
-    def load(cls, path: Path) -> ReclaimConfig:
-        from hvext.daemon.config import section
-        data = section(path, "reclaim", {"interval_s", "host_available_min_mib", "step_mib", "method", "domains"})
-        domains = data.get("domains", [])
+    def from_table(cls, table: dict[str, Any]) -> ReclaimConfig:
+        """The checked section (known keys only: hvext.daemon.config checks the names)."""
+        domains = table.get("domains", [])
         if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
-            raise UsageError('reclaim.domains must be a list of domain names, e.g. ["web1", "db1"]')
-        values: dict[str, Any] = {k: tuple(v) if k == "domains" else v for k, v in data.items()}
+            raise UsageError(f'domains: must be a list of domain names, e.g. ["web1", "db1"], not {domains!r:.80}')
+        values: dict[str, Any] = {k: tuple(v) if k == "domains" else v for k, v in table.items()}
         return cls(**values).validate()
 
     def validate(self) -> ReclaimConfig:
@@ -58,14 +55,15 @@ class ReclaimConfig:
             return isinstance(value, (int, float)) and not isinstance(value, bool)
 
         if not (number(self.interval_s) and math.isfinite(self.interval_s) and 1 <= self.interval_s <= 86400):
-            raise UsageError("reclaim.interval_s must be a number of seconds from 1 to 86400")
+            raise UsageError(f"interval_s: must be a number of seconds from 1 to 86400, not {self.interval_s!r}")
         if not (number(self.step_mib) and isinstance(self.step_mib, int) and 16 <= self.step_mib <= 1 << 30):
-            raise UsageError("reclaim.step_mib must be an integer of at least 16")
+            raise UsageError(f"step_mib: must be an integer from 16 to {1 << 30}, not {self.step_mib!r}")
         if not (number(self.host_available_min_mib) and isinstance(self.host_available_min_mib, int)
                 and 0 <= self.host_available_min_mib <= 1 << 40):
-            raise UsageError("reclaim.host_available_min_mib must be a non-negative integer")
+            raise UsageError(f"host_available_min_mib: must be an integer from 0 to {1 << 40}, "
+                             f"not {self.host_available_min_mib!r}")
         if self.method not in METHODS:
-            raise UsageError(f"reclaim.method must be one of {', '.join(METHODS)}")
+            raise UsageError(f"method: must be one of {', '.join(map(repr, METHODS))}, not {self.method!r:.80}")
         return self
 
 

@@ -13,8 +13,14 @@ this module; with systemd, the unit in ansible/roles/hvext_host does the same.
 - The daemon's stdout and stderr go to a log file (opened O_APPEND|O_NOFOLLOW).
 - ``start`` is idempotent (already running: says so), and reports a daemon
   that exits during start-up (a bad config) as an error with its last log
-  lines; it counts the daemon ready once it logs that it is watching libvirt.
+  lines. It counts the daemon ready when it sends ``READY=1`` (once it
+  watches libvirt) to a notify socket, as systemd's ``Type=notify`` does:
+  ``$NOTIFY_SOCKET`` names a datagram socket in a fresh 0700 directory beside
+  the pid file, and only messages whose kernel-checked sender is the started
+  process count (hvext.daemon.notify is the sending side).
 - ``stop`` sends SIGTERM, waits for the process to exit and removes the pid file.
+- ``reload`` checks the config the running hvextd was started with, then
+  sends it SIGHUP (``systemctl reload`` does the same with systemd).
 - ``start`` and ``stop`` hold a lock (``hvextd.lock`` beside the pid file),
   so two of them at once cannot both start a daemon.
 """
@@ -22,10 +28,14 @@ this module; with systemd, the unit in ansible/roles/hvext_host does the same.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +45,7 @@ from typing import Any
 
 import hvext
 from hvext import durable, paths
+from hvext.daemon import notify
 from hvext.errors import HvextError
 from hvext.lab import procs
 
@@ -44,8 +55,6 @@ PID_FILE = RUN_DIR / "hvextd.pid"
 LOG_FILE = paths.LOG_DIR / "hvextd.log"
 #: The configuration the Ansible role installs; used by ``start`` when it exists.
 CONFIG_FILE = Path(os.environ.get("HVEXT_CONFIG", "/etc/hvext/hvextd.toml"))
-#: hvextd logs this once it is connected to libvirt (hvext/daemon/main.py: "watching URI (N domains)").
-READY_MARK = b" watching "
 MODULE = "hvext.daemon.main"
 
 
@@ -179,12 +188,14 @@ def _log_since(log_file: Path, offset: int, limit: int = 1 << 16) -> bytes:
 
 
 def daemon_argv(config: Path | None, uri: str | None, log_level: str | None) -> list[str]:
-    """The command line of hvextd run by this Python (so the same hvext and virtualenv)."""
+    """The command line of hvextd run by this Python (so the same hvext and virtualenv).
+
+    *config* is made absolute: hvextd runs in ``/`` and rereads it on SIGHUP."""
     argv = [sys.executable, "-m", MODULE]
     if uri:
         argv += ["-c", uri]
     if config is not None:
-        argv += ["--config", str(config)]
+        argv += ["--config", str(config.absolute())]
     if log_level:
         argv += ["--log-level", log_level]
     return argv
@@ -194,7 +205,46 @@ def daemon_argv(config: Path | None, uri: str | None, log_level: str | None) -> 
 class Started:
     pid: int
     already: bool      # it was running before: nothing was started
-    ready: bool        # it logged that it watches libvirt (False: still connecting when we stopped waiting)
+    ready: bool        # it sent READY=1: it watches libvirt (False: still connecting when we stopped waiting)
+
+
+class NotifySocket:
+    """The receiving side of sd_notify for one start: a datagram socket in a fresh 0700 directory.
+
+    Only datagrams sent by *pid* (SO_PASSCRED: the kernel says who sent it) count.
+    """
+
+    def __init__(self, parent: Path) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix=".notify-", dir=parent))  # 0700, a new name: no link
+        self.path = self.directory / "sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self.sock.bind(str(self.path))
+        except OSError as err:
+            self.close()
+            raise ServiceError(f"cannot create a notify socket in {self.directory}: {err.strerror}") from err
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def receive(self, pid: int, timeout_s: float) -> dict[str, str]:
+        """The ``KEY=VALUE`` pairs of the next datagram from *pid* within *timeout_s* ({} when none)."""
+        self.sock.settimeout(timeout_s)
+        ucred = struct.calcsize("3i")
+        try:
+            data, ancillary, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(ucred))
+        except TimeoutError:
+            return {}
+        sender = None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= ucred:
+                sender = struct.unpack("3i", payload[:ucred])[0]
+        if sender != pid:
+            return {}
+        lines = data.decode(errors="replace").splitlines()
+        return dict(line.split("=", 1) for line in lines if "=" in line)
 
 
 def start(*, config: Path | None = None, uri: str | None = None, log_level: str | None = None,
@@ -223,9 +273,11 @@ def _start(config: Path | None, uri: str | None, log_level: str | None, pid_file
                            "'hvext daemon start' running? retry in a moment") from None
     except OSError as err:
         raise ServiceError(f"cannot create pid file {pid_file}: {err.strerror}") from err
+    notify_socket = None
     try:
         os.fchmod(pid_fd, 0o644)
         log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        notify_socket = NotifySocket(pid_file.parent)
         log_fd = _open_log(log_file)
         try:
             offset = os.lseek(log_fd, 0, os.SEEK_END)
@@ -234,6 +286,7 @@ def _start(config: Path | None, uri: str | None, log_level: str | None, pid_file
             package_root = str(Path(hvext.__file__).resolve().parents[1])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
             env["PYTHONUNBUFFERED"] = "1"
+            env[notify.ENV] = str(notify_socket.path)
             child = subprocess.Popen(daemon_argv(config, uri, log_level), stdin=subprocess.DEVNULL,
                                      stdout=log_fd, stderr=log_fd, cwd="/", env=env, start_new_session=True)
         finally:
@@ -242,8 +295,19 @@ def _start(config: Path | None, uri: str | None, log_level: str | None, pid_file
     except BaseException:
         os.close(pid_fd)
         pid_file.unlink(missing_ok=True)
+        if notify_socket is not None:
+            notify_socket.close()
         raise
     os.close(pid_fd)
+    try:
+        return _wait_ready(child, notify_socket, pid_file, log_file, offset, wait_s)
+    finally:
+        notify_socket.close()
+
+
+def _wait_ready(child: subprocess.Popen[bytes], notify_socket: NotifySocket, pid_file: Path, log_file: Path,
+                offset: int, wait_s: float) -> Started:
+    """Wait for *child*'s READY=1; ServiceError (pid file removed) when it exits first."""
     deadline = time.monotonic() + wait_s
     while True:
         code = child.poll()
@@ -252,11 +316,50 @@ def _start(config: Path | None, uri: str | None, log_level: str | None, pid_file
             tail = _log_since(log_file, offset).decode(errors="replace").strip().splitlines()[-5:]
             raise ServiceError(f"hvextd exited with status {code} while starting"
                                + (": " + " | ".join(tail) if tail else "") + f" (log: {log_file})")
-        if READY_MARK in _log_since(log_file, offset):
-            return Started(child.pid, already=False, ready=True)
-        if time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             return Started(child.pid, already=False, ready=False)
-        time.sleep(0.1)
+        if notify_socket.receive(child.pid, min(left, 0.2)).get("READY") == "1":
+            return Started(child.pid, already=False, ready=True)
+
+
+def config_of(argv: list[str]) -> Path | None:
+    """The ``--config`` file in hvextd's argument vector (None without one)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def reload(*, pid_file: Path = PID_FILE) -> tuple[int, Path | None]:
+    """Check the config the running hvextd was started with, then SIGHUP it; (its PID, that config).
+
+    A bad config is a UsageError and nothing is signalled (hvextd would keep
+    its config in force anyway, but say so only in its log); no running
+    hvextd is a ServiceError.
+    """
+    current = status(pid_file)
+    if not current.running:
+        raise ServiceError("hvextd is not running" + (f" (stale pid file {pid_file}: {current.stale})"
+                                                       if current.stale else ""))
+    pid = current.pid
+    assert pid is not None
+    config = config_of(cmdline(pid) or [])
+    if config is not None:
+        from hvext.daemon import config as daemon_config  # the policy modules: only when needed
+        if not config.is_absolute():
+            try:
+                config = Path(os.readlink(procs.PROC / str(pid) / "cwd")) / config
+            except OSError as err:
+                raise ServiceError(f"cannot find hvextd's working directory: {err.strerror}") from err
+        daemon_config.load(config)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise ServiceError(f"hvextd (PID {pid}) exited meanwhile") from None
+    return pid, config
 
 
 def stop(*, pid_file: Path = PID_FILE, timeout_s: float = 30.0) -> int | None:

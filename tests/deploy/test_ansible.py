@@ -2,8 +2,8 @@
 
 Three runs of ansible/site.yml: the first may change things; the second must
 report ``changed=0``; the third, after one variable changed (hvextd's reclaim
-floor), must change exactly the config file and restart hvextd. libvirtd is
-never restarted (its PID stays). The machine must be set up (``make setup``):
+floor), must change exactly the config file and reload hvextd (SIGHUP: same
+PID, the new floor in force). libvirtd is never restarted (its PID stays). The machine must be set up (``make setup``):
 the image and QEMU steps are then cache hits, and the runs take seconds.
 
 The hvextd the role starts can touch nobody's VM: its reclaim loop only
@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from hvext import image, paths
+from hvext.daemon import config as daemon_config
 from hvext.daemon import service
 from hvext.daemon.config import MetricsConfig
 from hvext.errors import HvextError
@@ -193,14 +195,20 @@ def test_role_is_idempotent_and_a_changed_variable_changes_only_its_dependents(m
 
     variables["hvext_host_reclaim_host_available_min_mib"] = 2
     vars_file.write_text(json.dumps(variables))
+    log_offset = service.LOG_FILE.stat().st_size if not systemd() else 0
     third = play(vars_file, home)
-    restart = "Restart hvextd (systemd)" if systemd() else "Restart hvextd (without systemd)"
-    assert third.changed_tasks == ["hvext_host : Install the hvextd configuration", f"hvext_host : {restart}"], \
+    reload = "Reload hvextd (systemd)" if systemd() else "Reload hvextd (without systemd)"
+    assert third.changed_tasks == ["hvext_host : Install the hvextd configuration", f"hvext_host : {reload}"], \
         third.output[-4000:]
     assert third.changed == 2
     assert "host_available_min_mib = 2" in service.CONFIG_FILE.read_text()
-    third_pid = hvextd_pid()
-    assert third_pid is not None and third_pid != first_pid
+    assert hvextd_pid() == first_pid, "a changed config restarted hvextd instead of reloading it"
+    if not systemd():
+        deadline = time.monotonic() + 30
+        while b"SIGHUP: reloaded" not in (log := service.LOG_FILE.read_bytes()[log_offset:]):
+            assert time.monotonic() < deadline, log.decode(errors="replace")
+            time.sleep(0.1)
+        assert b"host_available_min_mib=2," in log
     assert libvirtd_pid() == libvirtd, "the role restarted libvirtd although its config did not change"
 
 
@@ -248,12 +256,15 @@ hvext_host_cluster_name: lab
     assert "ExecStart=/opt/hvext/src/.venv/bin/hvextd -c qemu+ssh://peer/system --config /etc/hvext/hvextd.toml " \
            "--log-level INFO\n" in unit
     assert 'Environment="HVEXT_STATE_DIR=/srv/hvext"\n' in unit
-    assert "Restart=on-failure\n" in unit and "Type=simple\n" in unit and "SIGPWR" in unit
+    assert "Restart=on-failure\n" in unit and "Type=notify\n" in unit and "SIGPWR" in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID\n" in unit and "NotifyAccess=main\n" in unit
     config = tomllib.loads((out / "hvextd.toml").read_text())
+    assert config["power"] == {"budget": 5}
+    loaded = daemon_config.load(out / "hvextd.toml")  # what hvextd accepts (unknown sections or keys are refused)
+    assert loaded.get(MetricsConfig) == MetricsConfig(enabled=True, address="127.0.0.1", port=9177)
     assert config["reclaim"] == {"interval_s": 10, "host_available_min_mib": 2048, "step_mib": 256, "method": "auto"}
     assert config["ha"] == {"cluster": "lab", "etcd_endpoints": ["http://192.0.2.1:2379"]}
     assert config["metrics"] == {"address": "127.0.0.1", "port": 9177, "allow_remote": False}
-    assert MetricsConfig.load(out / "hvextd.toml") == MetricsConfig(enabled=True, address="127.0.0.1", port=9177)
 
 
 def test_patched_qemu_copied_from_the_controller(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ The file as it was before the test is restored afterwards.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -56,3 +57,24 @@ def test_setup_installs_completion_once_and_bash_uses_it(target: Path) -> None:
     proc = subprocess.run(["bash", "-c", script, "bash", str(target), str(HVEXT)], capture_output=True, text=True,
                           env=env(), timeout=60)
     assert [line.strip() for line in proc.stdout.splitlines()] == ["dirtylog"], proc.stderr
+
+
+def test_a_fresh_shell_completes_hvext_after_setup(target: Path, tmp_path: Path) -> None:
+    """`setup/host.sh packages` installs bash-completion, which loads /etc/bash_completion.d/hvext in every
+    interactive login shell and under Debian's default ~/.bashrc; without it the file was never read."""
+    proc = subprocess.run([str(ROOT / "setup/host.sh"), "packages"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    setup_step()
+    (tmp_path / "login").mkdir()
+    (tmp_path / "skel").mkdir()
+    skel_bashrc = Path("/etc/skel/.bashrc")
+    if skel_bashrc.is_file():
+        (tmp_path / "skel" / ".bashrc").write_bytes(skel_bashrc.read_bytes())
+    shells = {"login": ["bash", "-il", "-c", "complete -p hvext"]}
+    if skel_bashrc.is_file():
+        shells["skel"] = ["bash", "-i", "-c", "complete -p hvext"]
+    for home, command in shells.items():
+        shell = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+                               env={"HOME": str(tmp_path / home), "PATH": os.environ["PATH"], "TERM": "dumb"})
+        assert shell.returncode == 0 and re.search(r" -F \S+ hvext$", shell.stdout, re.M), (home, shell.stderr)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,7 +149,8 @@ def test_stale_pid_files_are_reported_and_removed(where: dict[str, Path], conten
 def test_a_daemon_that_dies_while_starting_is_an_error_with_its_log(where: dict[str, Path], tmp_path: Path) -> None:
     config = tmp_path / "hvextd.toml"
     config.write_text("[reclaim]\nfloor_mib = 3\n")
-    with pytest.raises(service.ServiceError, match=r"exited with status 1 .*unknown \[reclaim\] keys"):
+    with pytest.raises(service.ServiceError,
+                       match=r"exited with status 1 .*\[reclaim\] unknown key floor_mib; allowed: "):
         service.start(uri=URI, config=config, **where)
     assert not where["pid_file"].exists()
     with pytest.raises(service.ServiceError, match="does not exist"):
@@ -197,3 +200,68 @@ def test_cli_status_start_stop(where: dict[str, Path], capsys: pytest.CaptureFix
     assert main(["daemon", "stop", *paths]) == 0
     assert "not running" in capsys.readouterr().out
     assert os.path.exists(where["pid_file"]) is False
+
+
+def test_start_waits_for_ready_on_a_private_notify_socket(where: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readiness is hvextd's READY=1 (not a log line); the socket's 0700 directory is gone afterwards.
+    A relative --config is the caller's file (hvextd runs in /; it was looked up there, and failed)."""
+    monkeypatch.chdir(tmp_path)
+    Path("hvextd.toml").write_text("[power]\nbudget = 1\n")
+    started = service.start(uri=URI, config=Path("hvextd.toml"), **where)
+    assert started.ready and not started.already
+    assert service.cmdline(started.pid)[-2:] == ["--config", str(tmp_path / "hvextd.toml")]  # type: ignore[index]
+    assert os.environ.get("NOTIFY_SOCKET") is None
+    assert not [p for p in where["pid_file"].parent.iterdir() if p.name.startswith(".notify-")]
+
+
+def test_a_notify_socket_takes_only_the_started_process_word(tmp_path: Path) -> None:
+    """READY=1 from another process (here this one) does not count: the kernel names the sender."""
+    notify_socket = service.NotifySocket(tmp_path)
+    try:
+        assert stat.S_IMODE(notify_socket.directory.stat().st_mode) == 0o700
+        sender = subprocess.Popen([sys.executable, "-c", "import sys; from hvext.daemon import notify; "
+                                   "sys.exit(0 if notify.ready('x') else 1)"],
+                                  env=os.environ | {"NOTIFY_SOCKET": str(notify_socket.path)},
+                                  cwd=Path(__file__).resolve().parents[2])
+        assert sender.wait(timeout=30) == 0
+        assert notify_socket.receive(os.getpid(), 1.0) == {}  # sent by `sender`, not by us
+        notify_sender = subprocess.Popen([sys.executable, "-c", "import sys, time; from hvext.daemon import notify; "
+                                          "notify.ready('x'); time.sleep(5)"],
+                                         env=os.environ | {"NOTIFY_SOCKET": str(notify_socket.path)},
+                                         cwd=Path(__file__).resolve().parents[2])
+        try:
+            assert notify_socket.receive(notify_sender.pid, 20.0) == {"READY": "1", "STATUS": "x"}
+        finally:
+            notify_sender.kill()
+            notify_sender.wait()
+    finally:
+        notify_socket.close()
+    assert not notify_socket.directory.exists()
+
+
+def test_cli_reload_checks_the_config_then_sighups(where: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    paths = ["--pid-file", str(where["pid_file"]), "--log-file", str(where["log_file"])]
+    assert main(["daemon", "reload", *paths]) == 1
+    assert "error: hvextd is not running" in capsys.readouterr().err
+    config = tmp_path / "hvextd.toml"
+    config.write_text("[power]\nbudget = 1\n")
+    assert main(["-c", URI, "daemon", "start", "--config", str(config), *paths]) == 0
+    pid = int(where["pid_file"].read_text())
+    config.write_text("[power]\nbudget = 2\n")
+    capsys.readouterr()
+    assert main(["daemon", "reload", *paths]) == 0
+    assert f"{config} is valid; hvextd (PID {pid}) rereads it (SIGHUP)" in capsys.readouterr().out
+    deadline = time.monotonic() + 20
+    while b"SIGHUP: reloaded" not in where["log_file"].read_bytes():
+        assert time.monotonic() < deadline, where["log_file"].read_text()
+        time.sleep(0.1)
+    assert b"PowerConfig(budget=2.0)" in where["log_file"].read_bytes()
+
+    config.write_text("[power]\nbudget = 2\n[reclaim]\nfloor = 1\n")
+    assert main(["daemon", "reload", *paths]) == 1
+    assert re.search(r"error: config .*\[reclaim\] unknown key floor; allowed: ", capsys.readouterr().err)
+    time.sleep(1)
+    assert where["log_file"].read_bytes().count(b"SIGHUP") == 1  # nothing was sent
+    assert service.status(where["pid_file"]).pid == pid

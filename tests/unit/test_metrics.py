@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hvext.daemon import metrics
+from hvext.daemon import config as daemon_config
 from hvext.daemon.config import MetricsConfig
 from hvext.domxml import HVEXT_NS
 from hvext.errors import QMPError, UsageError
@@ -29,6 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "ops" / "grafana" / "hvext.json"
 
 
+def load_metrics(path: Path) -> MetricsConfig | None:
+    return daemon_config.load(path).get(MetricsConfig)
+
+
 def config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "hvextd.toml"
     path.write_text(text)
@@ -39,35 +44,35 @@ def config(tmp_path: Path, text: str) -> Path:
 
 
 def test_no_metrics_section_serves_nothing_and_a_section_serves_loopback(tmp_path: Path) -> None:
-    assert MetricsConfig.load(config(tmp_path, "[power]\nbudget = 1\n")) == MetricsConfig(enabled=False)
-    assert MetricsConfig.load(config(tmp_path, "[metrics]\n")) == MetricsConfig(enabled=False)  # empty: as absent
-    loaded = MetricsConfig.load(config(tmp_path, "[metrics]\nport = 9200\n"))
+    assert load_metrics(config(tmp_path, "[power]\nbudget = 1\n")) == MetricsConfig(enabled=False)
+    assert load_metrics(config(tmp_path, "[metrics]\n")) == MetricsConfig(enabled=False)  # empty: as absent
+    loaded = load_metrics(config(tmp_path, "[metrics]\nport = 9200\n"))
     assert loaded == MetricsConfig(enabled=True, address="127.0.0.1", port=9200)
-    assert MetricsConfig.load(config(tmp_path, '[metrics]\naddress = "::1"\nport = 0\ndomains = ["a"]\n')) == \
+    assert load_metrics(config(tmp_path, '[metrics]\naddress = "::1"\nport = 0\ndomains = ["a"]\n')) == \
         MetricsConfig(enabled=True, address="::1", port=0, domains=("a",))
-    assert not MetricsConfig.load(config(tmp_path, "[metrics]\nenabled = false\n")).enabled
+    assert load_metrics(config(tmp_path, "[metrics]\nenabled = false\n")) == MetricsConfig(enabled=False)
 
 
 def test_a_remote_address_needs_allow_remote(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="allow_remote"):
-        MetricsConfig.load(config(tmp_path, '[metrics]\naddress = "0.0.0.0"\n'))
+        load_metrics(config(tmp_path, '[metrics]\naddress = "0.0.0.0"\n'))
     with pytest.raises(UsageError, match="allow_remote"):
-        MetricsConfig.load(config(tmp_path, '[metrics]\naddress = "198.18.0.1"\n'))
-    loaded = MetricsConfig.load(config(tmp_path, '[metrics]\naddress = "0.0.0.0"\nallow_remote = true\n'))
-    assert loaded.address == "0.0.0.0" and loaded.allow_remote
+        load_metrics(config(tmp_path, '[metrics]\naddress = "198.18.0.1"\n'))
+    loaded = load_metrics(config(tmp_path, '[metrics]\naddress = "0.0.0.0"\nallow_remote = true\n'))
+    assert loaded is not None and loaded.address == "0.0.0.0" and loaded.allow_remote
 
 
 @pytest.mark.parametrize("toml,message", [
-    ("port = 65536", "metrics.port"), ("port = -1", "metrics.port"), ('port = "9177"', "metrics.port"),
-    ("port = true", "metrics.port"), ("port = 9177.0", "metrics.port"),
+    ("port = 65536", r"\[metrics\] port: "), ("port = -1", r"\[metrics\] port: "), ('port = "9177"', r"\[metrics\] port: "),
+    ("port = true", r"\[metrics\] port: "), ("port = 9177.0", r"\[metrics\] port: "),
     ('address = "localhost"', "IP address"), ('address = "127.0.0.1:9177"', "IP address"), ("address = 1", "IP address"),
-    ('enabled = "yes"', "metrics.enabled"), ("allow_remote = 1", "metrics.allow_remote"),
-    ('domains = "web1"', "metrics.domains"), ("domains = [1]", "metrics.domains"),
-    ("listen = 1", r"unknown \[metrics\] keys"),
+    ('enabled = "yes"', r"\[metrics\] enabled: "), ("allow_remote = 1", r"\[metrics\] allow_remote: "),
+    ('domains = "web1"', r"\[metrics\] domains: "), ("domains = [1]", r"\[metrics\] domains: "),
+    ("listen = 1", r"\[metrics\] unknown key listen; allowed: "),
 ])
 def test_bad_metrics_values_are_refused(tmp_path: Path, toml: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
-        MetricsConfig.load(config(tmp_path, f"[metrics]\n{toml}\n"))
+        load_metrics(config(tmp_path, f"[metrics]\n{toml}\n"))
 
 
 def test_hvextd_refuses_a_remote_metrics_address(tmp_path: Path) -> None:
