@@ -305,11 +305,19 @@ def overlaps(offset: int, length: int, keep: list[tuple[int, int]]) -> bool:
     return any(start < offset + length and offset < start + size for start, size in keep)
 
 
-def _ranges_for(reg: power.Registration) -> list[tuple[int, int]] | None:
-    return take_prepared(reg.backing)
+class GuestHints:
+    """The guest agent's hints as a :class:`hvext.pmem.power.HintProvider`: freeze at an epoch before
+    the pause, thaw after it, save what :func:`before_pause` prepared (all but volatile ranges)."""
+
+    def before_pause(self, domain: Domain, deadline: float) -> dict[str, Any]:
+        return before_pause(domain, deadline)
+
+    def after_resume(self, domain: Domain) -> None:
+        after_resume(domain)
+
+    def ranges(self, reg: power.Registration) -> list[tuple[int, int]] | None:
+        return take_prepared(reg.backing)
 
 
-def install() -> None:
-    """Make power-loss saves use hints (called when hvext.pmem.power runs a save)."""
-    power.set_ranges_hook(_ranges_for)
-    power.set_pause_hooks(before_pause, after_resume)
+#: What ``hvext power loss``/``restore`` and hvextd pass to :func:`hvext.pmem.power.power_loss`.
+PROVIDER: power.HintProvider = GuestHints()

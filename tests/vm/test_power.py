@@ -113,7 +113,7 @@ def save(self, *args, **kwargs):
 
 store.Store.save = save
 with Host() as host:
-    power.power_loss(host, domains=[sys.argv[1]])
+    power.power_loss(host, hints=None, domains=[sys.argv[1]])
 """
 
 
