@@ -182,10 +182,7 @@ async def fetch(domain: Domain, *, freeze: bool = False, timeout: float | None =
 async def _fetch(domain: Domain, freeze: bool, guest_wait: float, timeout: float) -> Hints:
     # the guest first: its freeze is what takes time; the device windows come from QEMU
     async with domain.agent(timeout=timeout) as agent:
-        if freeze:
-            raw = await agent.request("pmem-freeze", {"timeout": round(guest_wait, 3)}, timeout=timeout)
-        else:
-            raw = await agent.request("pmem-hints")
+        raw = await agent.pmem_freeze(guest_wait, timeout=timeout) if freeze else await agent.pmem_hints()
     return validate(raw, await _device_windows(domain), domain.name)
 
 
@@ -193,7 +190,7 @@ async def thaw(domain: Domain, timeout: float = THAW_TIMEOUT_S) -> None:
     """Let the guest's applications go on past their epoch (bounded: a hostile agent cannot stall it)."""
     async def run() -> None:
         async with domain.agent(timeout=timeout) as agent:
-            await agent.request("pmem-thaw")
+            await agent.pmem_thaw()
     try:
         await asyncio.wait_for(run(), timeout)
     except asyncio.TimeoutError as err:

@@ -145,6 +145,5 @@ def progress(domain: Domain) -> int:
 def guest_exec_status(domain: Domain, command: str) -> int:
     async def run() -> int:
         async with domain.agent(timeout=60) as agent:
-            result = await agent.request("exec", {"argv": ["sh", "-c", command], "timeout": 50}, timeout=60)
-        return int(result["exitcode"])
+            return (await agent.exec(["sh", "-c", command], timeout=50)).exitcode
     return aio.run(run())
