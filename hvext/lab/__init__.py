@@ -23,8 +23,9 @@ CLI, tests, benchmarks) find one lab; a lock serialises ``up`` and ``down``.
     lab.down()
 """
 
-from hvext.lab.control import HostStatus, Lab, down, state_file
+from hvext.lab.control import HostStatus, Lab, down
 from hvext.lab.plan import MAX_HOSTS, MIN_HOSTS, LabError, LabHost, LabUsageError, ProcessRef
+from hvext.lab.statefile import state_file
 
 __all__ = ["Lab", "LabHost", "HostStatus", "LabError", "LabUsageError", "ProcessRef",
            "MIN_HOSTS", "MAX_HOSTS", "down", "state_file"]

@@ -1,79 +1,21 @@
-"""The lab's life cycle: :class:`Lab` (``up``, ``load``, ``status``, ``down``) and its state file.
+"""The lab's life cycle: :class:`Lab` (``up``, ``load``, ``status``, ``down``).
 
 What the lab is, and how other code uses it: :mod:`hvext.lab`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hvext.errors import HvextError
-from hvext.lab import daemons, net, pki, plan, procs
+from hvext.lab import daemons, net, pki, plan, procs, statefile, teardown
 from hvext.lab.daemons import Probe
-from hvext.lab.plan import MAX_HOSTS, LabError, LabHost, LabState, LabUsageError, ProcessRef
+from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError
 
 log = logging.getLogger(__name__)
-LOCK_TIMEOUT_S = 300.0
-
-
-def state_file(run_dir: Path | None = None) -> Path:
-    return (run_dir or plan.RUN_DIR) / "lab.json"
-
-
-@contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
-    """Serialise up and down across processes (the lock file sits beside the run dir, which down removes)."""
-    lock_path = run_dir.with_name(run_dir.name + ".lock")
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise LabError(f"cannot open the lab lock {lock_path}: {err}") from err
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError as err:
-                if time.monotonic() > deadline:
-                    raise LabError(f"another `hvext lab` command has held {lock_path} for "
-                                   f"{LOCK_TIMEOUT_S:.0f} s") from err
-                time.sleep(0.2)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _read_state(run_dir: Path) -> LabState | None:
-    path = state_file(run_dir)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise LabError(f"cannot read the lab state {path}: {err}") from err
-    return LabState.from_json(text, str(path))
-
-
-def _write_state(state: LabState) -> None:
-    path = state_file(state.run_dir)
-    tmp = path.with_suffix(".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(state.to_json())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise LabError(f"cannot write the lab state {path}: {err}") from err
 
 
 @dataclass
@@ -132,7 +74,7 @@ class Lab:
     @classmethod
     def load(cls) -> Lab | None:
         """The lab recorded in the state file, or None when no lab is up."""
-        state = _read_state(plan.RUN_DIR)
+        state = statefile.read_state(plan.RUN_DIR)
         return None if state is None else cls(state)
 
     @classmethod
@@ -145,9 +87,9 @@ class Lab:
         count = plan.validate_count(count)
         started = time.monotonic()
         run_dir, data_dir = plan.RUN_DIR, plan.DATA_DIR
-        with _locked(run_dir):
+        with statefile.locked(run_dir):
             replaced = ""
-            existing = _read_state(run_dir)
+            existing = statefile.read_state(run_dir)
             if existing is not None:
                 if len(existing.hosts) != count:
                     if not force:
@@ -160,17 +102,17 @@ class Lab:
                     if not replaced:
                         return cls(existing, created=False, seconds=time.monotonic() - started)
                 log.info("replacing the recorded lab: %s", replaced)
-                _teardown(existing, run_dir, data_dir)
-            elif _leftovers(run_dir):
-                _teardown(None, run_dir, data_dir)
+                teardown.teardown(existing, run_dir, data_dir)
+            elif teardown.leftovers(run_dir):
+                teardown.teardown(None, run_dir, data_dir)
             state = LabState(hosts=plan.new_hosts(count, run_dir, data_dir), phase="creating", created=time.time(),
                              run_dir=run_dir, data_dir=data_dir)
-            _write_state(state)
+            statefile.write_state(state)
             try:
                 _build(state)
             except BaseException as err:
                 try:
-                    _teardown(state, run_dir, data_dir)
+                    teardown.teardown(state, run_dir, data_dir)
                 except HvextError as cleanup:
                     err.add_note(f"removing the half-built lab also failed: {cleanup}")
                 raise
@@ -178,9 +120,9 @@ class Lab:
 
     def down(self) -> list[str]:
         """Remove this lab (processes, namespaces, links, directories); returns what was removed."""
-        with _locked(self.state.run_dir):
-            current = _read_state(self.state.run_dir)
-            return _teardown(current, self.state.run_dir, self.state.data_dir)
+        with statefile.locked(self.state.run_dir):
+            current = statefile.read_state(self.state.run_dir)
+            return teardown.teardown(current, self.state.run_dir, self.state.data_dir)
 
     def status(self) -> list[HostStatus]:
         """Each host: its namespace, daemons, and whether libvirtd answers on the unix and TLS URIs."""
@@ -199,10 +141,10 @@ class Lab:
 def down() -> list[str]:
     """Remove the lab, whether or not a (readable) state file records it; nothing up is fine."""
     run_dir, data_dir = plan.RUN_DIR, plan.DATA_DIR
-    with _locked(run_dir):
+    with statefile.locked(run_dir):
         notes = []
         try:
-            state = _read_state(run_dir)
+            state = statefile.read_state(run_dir)
         except LabError as err:
             # Clean up by fixed names and by the daemons' own pid files instead.
             log.info("%s", err)
@@ -210,11 +152,10 @@ def down() -> list[str]:
             state = None
         if state is not None:
             run_dir, data_dir = state.run_dir, state.data_dir
-        return notes + _teardown(state, run_dir, data_dir)
+        return notes + teardown.teardown(state, run_dir, data_dir)
 
 
 # -- internals ------------------------------------------------------------------
-
 def _build(state: LabState) -> None:
     count = len(state.hosts)
     net.ensure_bridge()
@@ -227,9 +168,9 @@ def _build(state: LabState) -> None:
         daemons.launch(h, state.run_dir)
     for h in state.hosts:
         h.processes = daemons.wait_ready(h, state.run_dir, state.data_dir)
-        _write_state(state)
+        statefile.write_state(state)
     state.phase = "up"
-    _write_state(state)
+    statefile.write_state(state)
 
 
 def _health_problem(state: LabState) -> str:
@@ -250,99 +191,3 @@ def _health_problem(state: LabState) -> str:
     return ""
 
 
-_HOST_DIR = re.compile(r"host[1-9][0-9]*")
-
-
-def _dir_indexes(*roots: Path) -> set[int]:
-    found = set()
-    for root in roots:
-        if root.is_dir():
-            found |= {plan.host_index(p.name) for p in root.iterdir()
-                      if p.is_dir() and _HOST_DIR.fullmatch(p.name) and int(p.name[4:]) <= MAX_HOSTS}
-    return found
-
-
-def _leftovers(run_dir: Path) -> bool:
-    present = net.present()
-    return bool(present["netns"] or present["links"] or _dir_indexes(run_dir, plan.DATA_DIR))
-
-
-def _teardown(state: LabState | None, run_dir: Path, data_dir: Path) -> list[str]:
-    """Remove every trace of the lab; collects failures and raises them together at the end."""
-    removed: list[str] = []
-    errors: list[HvextError] = []
-    recorded = {h.index: h for h in (state.hosts if state else [])}
-    indexes = set(recorded) | set(net.indexes_present()) | _dir_indexes(run_dir, data_dir)
-    hosts = [recorded.get(i) or LabHost(index=i, uuid="", run_dir=run_dir, data_dir=data_dir)
-             for i in sorted(indexes)]
-    # Domains and QEMUs first (virtlogd holds their logs), then all daemons together:
-    # libvirtd takes about a second to shut down, and the hosts need not wait for each other.
-    refs: list[ProcessRef] = []
-    owner: dict[int, str] = {}
-    for host in hosts:
-        try:
-            removed += _stop_domains(host, run_dir)
-        except HvextError as err:
-            errors.append(err)
-        for ref in _daemon_refs(host, run_dir):
-            refs.append(ref)
-            owner[ref.pid] = host.name
-    try:
-        stopped = procs.kill_all([r for r in refs if r.comm == "libvirtd"])
-        stopped += procs.kill_all([r for r in refs if r.comm == "virtlogd"])
-        removed += [f"{r.comm} pid {r.pid} of {owner[r.pid]}" for r in stopped]
-    except HvextError as err:
-        # Something of the lab still runs: keep its namespaces and directories for a later down.
-        errors.append(err)
-        raise LabError(f"lab down incomplete: {'; '.join(str(e) for e in errors)}") from errors[0]
-    for host in hosts:
-        for step in (lambda: net.remove_host(host.index),
-                     lambda: daemons.remove_dirs(host.index, run_dir, data_dir)):
-            try:
-                removed += step()
-            except HvextError as err:
-                errors.append(err)
-    if not errors:
-        for step in (net.remove_bridge, lambda: pki.remove(data_dir)):
-            try:
-                removed += step()
-            except HvextError as err:
-                errors.append(err)
-    path = state_file(run_dir)
-    if not errors:
-        for leftover in (path, path.with_suffix(".tmp")):
-            if leftover.exists():
-                leftover.unlink()
-                removed.append(f"state {leftover}" if leftover == path else f"file {leftover}")
-        for directory in (run_dir, data_dir):
-            try:
-                directory.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as err:
-                errors.append(LabError(f"{directory} is not empty after removing the lab: {err}"))
-    if errors:
-        raise LabError("lab down incomplete: " + "; ".join(str(e) for e in errors)) from errors[0]
-    return removed
-
-
-def _daemon_refs(host: LabHost, run_dir: Path) -> list[ProcessRef]:
-    """Host's running daemons: as recorded, or from their pid files when `up` was interrupted."""
-    refs = []
-    for daemon in plan.DAEMONS:
-        ref = host.processes.get(daemon)
-        if ref is None or not procs.is_alive(ref):
-            ref = daemons.daemon_ref(host, daemon, run_dir)
-        if ref is not None:
-            refs.append(ref)
-    return refs
-
-
-def _stop_domains(host: LabHost, run_dir: Path) -> list[str]:
-    """Destroy host's running domains through its libvirtd, then kill QEMUs libvirt left behind."""
-    stopped: list[str] = []
-    if daemons.probe_libvirt(host.uri_unix).ok:
-        stopped += daemons.destroy_domains(host, run_dir)
-    for qemu in procs.kill_all(daemons.leftover_qemus(host, run_dir)):
-        stopped.append(f"{qemu.comm} pid {qemu.pid} of {host.name}")
-    return stopped
