@@ -24,8 +24,8 @@ CLI, tests, benchmarks) find one lab; a lock serialises ``up`` and ``down``.
 """
 
 from hvext.lab.control import HostStatus, Lab, down
-from hvext.lab.plan import MAX_HOSTS, MIN_HOSTS, LabError, LabHost, LabUsageError, ProcessRef
+from hvext.lab.plan import MAX_HOSTS, MIN_HOSTS, LabError, LabHost, LabUsageError, Phase, ProcessRef
 from hvext.lab.statefile import state_file
 
-__all__ = ["Lab", "LabHost", "HostStatus", "LabError", "LabUsageError", "ProcessRef",
+__all__ = ["Lab", "LabHost", "HostStatus", "LabError", "LabUsageError", "Phase", "ProcessRef",
            "MIN_HOSTS", "MAX_HOSTS", "down", "state_file"]

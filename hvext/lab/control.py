@@ -13,7 +13,7 @@ from typing import Any
 from hvext.errors import HvextError
 from hvext.lab import daemons, net, pki, plan, procs, statefile, teardown
 from hvext.lab.daemons import Probe
-from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError
+from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError, Phase
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ class Lab:
                 teardown.teardown(existing, run_dir, data_dir)
             elif teardown.leftovers(run_dir):
                 teardown.teardown(None, run_dir, data_dir)
-            state = LabState(hosts=plan.new_hosts(count, run_dir, data_dir), phase="creating", created=time.time(),
-                             run_dir=run_dir, data_dir=data_dir)
+            state = LabState(hosts=plan.new_hosts(count, run_dir, data_dir), phase=Phase.CREATING,
+                             created=time.time(), run_dir=run_dir, data_dir=data_dir)
             statefile.write_state(state)
             try:
                 _build(state)
@@ -169,14 +169,14 @@ def _build(state: LabState) -> None:
     for h in state.hosts:
         h.processes = daemons.wait_ready(h, state.run_dir, state.data_dir)
         statefile.write_state(state)
-    state.phase = "up"
+    state.mark_up()
     statefile.write_state(state)
 
 
 def _health_problem(state: LabState) -> str:
     """Why the recorded lab is not usable as it is ("" when every host has its namespace,
     its daemons and an answering libvirtd)."""
-    if state.phase != "up":
+    if state.phase is not Phase.UP:
         return "an earlier `lab up` did not finish"
     for h in state.hosts:
         if not net.netns_exists(h.netns):
