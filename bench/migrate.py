@@ -30,8 +30,7 @@ from hvext.errors import HvextError  # noqa: E402
 from hvext.host import Domain, DomainSpec, Host  # noqa: E402
 from hvext.lab import Lab  # noqa: E402
 from hvext.migrate import orchestrate  # noqa: E402
-
-MIB = 1 << 20
+from hvext.units import MIB  # noqa: E402
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:

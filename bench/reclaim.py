@@ -29,8 +29,8 @@ from hvext.agent.client import ExecResult  # noqa: E402
 from hvext.errors import HvextError, UsageError  # noqa: E402
 from hvext.host import Domain, DomainSpec, Host  # noqa: E402
 from hvext.memory import reclaim, swap  # noqa: E402
+from hvext.units import MIB  # noqa: E402
 
-MIB = 1 << 20
 STATUS = "/run/hvext-kv.json"
 
 

@@ -305,14 +305,25 @@ def test_agent_answers_hostile_requests_with_an_error_and_keeps_serving(line: by
     assert second == {"id": 2, "ok": True, "result": {}}
 
 
-def test_limits_agree_across_the_host_guest_boundary() -> None:
-    from hvext.agent import protocol
-    from hvext_agent import PROTOCOL_VERSION
+def test_constants_agree_across_the_host_guest_boundary() -> None:
+    """Each side defines them once (host: hvext.agent.protocol, hvext.pmem.hints, hvext.agent.client;
+    guest: hvext_agent and its modules); they must be equal (or fit) across the channel."""
+    import hvext_agent
     from hvext_agent import agent as guest
+    from hvext_agent import hints as guest_hints
+    from hvext_agent import stress as guest_stress
+
+    from hvext import domxml
+    from hvext.agent import client, protocol
+    from hvext.pmem import hints
     assert guest.HOST_MAX_LINE == protocol.MAX_LINE  # what the agent may send is what the host reads
     assert guest.MAX_LINE == protocol.AGENT_MAX_LINE  # and the other way round
     assert (guest.MAX_DEPTH, guest.MAX_INT_DIGITS) == (protocol.MAX_DEPTH, protocol.MAX_INT_DIGITS)
-    assert PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+    assert hvext_agent.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+    assert hvext_agent.PORT_NAME == protocol.CHANNEL_NAME == domxml.AGENT_PORT  # the port libvirt makes
+    assert guest_hints.FREEZE_HOLD_S == hints.FREEZE_HOLD_S  # a freeze the host never thaws ends then
+    assert guest_hints.KINDS == hints.KINDS
+    assert guest_stress.PFN_SAMPLE <= client.MAX_PFN_SAMPLE  # the host keeps the whole sample
 
 
 def test_a_request_longer_than_the_agent_reads_is_refused_on_the_host() -> None:
