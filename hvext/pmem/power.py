@@ -511,7 +511,8 @@ def _save_domain(domain: Domain, group: list[Registration], hints: HintProvider 
 def power_restore(host: Host, *, hints: HintProvider | None, domains: Collection[str] | None = None,
                   registry_dir: Path | None = None) -> dict[str, Any]:
     """Recreate backing files from the stores where needed, then resume or start the guests (only
-    *domains*, names, when given); *hints* thaw a resumed guest frozen at an epoch. Registrations whose domain is gone are listed under ``missing``."""
+    *domains*, names, when given); *hints* thaw a resumed guest frozen at an epoch. Registrations
+    whose domain is gone are listed under ``missing``."""
     started = time.perf_counter()
     report: list[dict[str, Any]] = []
     missing: list[dict[str, Any]] = []
