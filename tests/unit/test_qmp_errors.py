@@ -61,7 +61,8 @@ def qemu_monitor(tmp_path: Path) -> Iterator[Path]:
         deadline = time.monotonic() + 30
         while not socket.exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"QEMU did not open its monitor: {process.stderr.read()!r}")  # type: ignore[union-attr]
+                stderr = process.stderr.read() if process.poll() is not None else b""  # type: ignore[union-attr]
+                raise AssertionError(f"QEMU did not open its monitor: {stderr!r}")
             time.sleep(0.05)
         yield socket
     finally:
