@@ -74,7 +74,16 @@ def qemu_monitor(tmp_path: Path) -> Iterator[Path]:
 def test_a_command_qemu_refuses_keeps_qemus_class_and_description(qemu_monitor: Path) -> None:
     async def session() -> list[QMPError]:
         errors = []
-        async with await SocketQMP(qemu_monitor, name="unit").connect() as qmp:
+        deadline = time.monotonic() + 30
+        while True:  # QEMU creates the socket file a moment before it listens on it
+            try:
+                qmp = await SocketQMP(qemu_monitor, name="unit").connect()
+                break
+            except QMPError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        async with qmp:
             for command, arguments in (("device_del", {"id": "hvext-unit-nothing"}), ("x-hvext-no-such", None)):
                 with pytest.raises(QMPError) as caught:
                     await qmp.execute(command, arguments)
