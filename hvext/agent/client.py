@@ -20,7 +20,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,7 @@ class AgentClient:
                          f"not {' or '.join(s.value for s in states)}")
 
     async def connect(self) -> AgentClient:
+        """Open the channel (DISCONNECTED -> CONNECTED; the first request synchronises)."""
         self._require("connect", State.DISCONNECTED)
         try:
             reader, self._writer = await asyncio.wait_for(
@@ -188,6 +189,7 @@ class AgentClient:
         return self
 
     async def close(self) -> None:
+        """Close the channel, whatever the state (-> DISCONNECTED; :meth:`connect` may follow)."""
         if self._writer is not None:
             self._writer.close()
             try:
@@ -238,11 +240,11 @@ class AgentClient:
                 await self._sync(timeout)
             return await self._guarded(self._roundtrip(command, args, timeout))
 
-    async def _guarded(self, exchange: Any) -> dict[str, Any]:
+    async def _guarded(self, exchange: Awaitable[dict[str, Any]]) -> dict[str, Any]:
         """Await one exchange and move the state on its failure: a timeout or a protocol violation
         leaves the session unsynced, a channel that closed or failed leaves the client broken."""
         try:
-            return await exchange  # type: ignore[no-any-return]
+            return await exchange
         except (AgentTimeout, AgentProtocolError):
             self._state = State.CONNECTED
             raise
