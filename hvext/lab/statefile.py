@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hvext import durable
 from hvext.lab import plan
 from hvext.lab.plan import LabError, LabState
 
@@ -25,20 +24,12 @@ def locked(run_dir: Path) -> Iterator[None]:
     lock_path = run_dir.with_name(run_dir.name + ".lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = durable.lock_file(lock_path, wait=LOCK_TIMEOUT_S)
+    except BlockingIOError as err:
+        raise LabError(f"another `hvext lab` command has held {lock_path} for {LOCK_TIMEOUT_S:.0f} s") from err
     except OSError as err:
         raise LabError(f"cannot open the lab lock {lock_path}: {err}") from err
     try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError as err:
-                if time.monotonic() > deadline:
-                    raise LabError(f"another `hvext lab` command has held {lock_path} for "
-                                   f"{LOCK_TIMEOUT_S:.0f} s") from err
-                time.sleep(0.2)
         yield
     finally:
         os.close(fd)  # closing releases the lock
