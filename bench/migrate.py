@@ -30,8 +30,7 @@ from hvext.errors import HvextError  # noqa: E402
 from hvext.host import Domain, DomainSpec, Host  # noqa: E402
 from hvext.lab import Lab  # noqa: E402
 from hvext.migrate import orchestrate  # noqa: E402
-
-MIB = 1 << 20
+from hvext.units import MIB  # noqa: E402
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -73,11 +72,11 @@ async def set_stress(domain: Domain, rate_mib: float, wss_mib: int) -> None:
     measured meanwhile (auto's plan) would see that burst, not the case.
     """
     async with domain.agent() as agent:
-        await agent.request("stress-stop")
+        await agent.stress_stop()
         if rate_mib > 0:
-            await agent.request("stress-start", {"rate_mib_s": rate_mib, "wss_mib": wss_mib})
+            await agent.stress_start(rate_mib, wss_mib)
             deadline = time.monotonic() + 120
-            while "elapsed_s" not in await agent.request("stress-status"):  # no status before the pacing starts
+            while (await agent.stress_status()).elapsed_s is None:  # no status before the pacing starts
                 if time.monotonic() > deadline:
                     raise HvextError("the stress workload did not start within 120 s")
                 await asyncio.sleep(0.5)

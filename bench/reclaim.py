@@ -25,23 +25,23 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvext import aio, image  # noqa: E402
+from hvext.agent.client import ExecResult  # noqa: E402
 from hvext.errors import HvextError, UsageError  # noqa: E402
 from hvext.host import Domain, DomainSpec, Host  # noqa: E402
 from hvext.memory import reclaim, swap  # noqa: E402
+from hvext.units import MIB  # noqa: E402
 
-MIB = 1 << 20
 STATUS = "/run/hvext-kv.json"
 
 
 def guest(domain: Domain, command: str, timeout: float = 300) -> str:
-    async def run() -> dict[str, Any]:
+    async def run() -> ExecResult:
         async with domain.agent(timeout=timeout + 10) as agent:
-            return await agent.request("exec", {"argv": ["sh", "-c", command], "timeout": timeout},
-                                       timeout=timeout + 10)
+            return await agent.exec(["sh", "-c", command], timeout=timeout)
     result = aio.run(run())
-    if result["exitcode"] != 0:
-        raise RuntimeError(f"guest command failed: {command}: {result['stderr']}")
-    return result["stdout"]
+    if result.exitcode != 0:
+        raise RuntimeError(f"guest command failed: {command}: {result.stderr}")
+    return result.stdout
 
 
 def ops(domain: Domain, seconds: float) -> float:

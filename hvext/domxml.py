@@ -14,12 +14,13 @@ from pathlib import Path
 
 from lxml import etree
 
+from hvext.agent.protocol import CHANNEL_NAME
 from hvext.errors import UsageError
 from hvext.units import GIB, KIB, MIB, TIB
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 HVEXT_NS = "https://hvext.dev/xmlns/domain/1"
-AGENT_PORT = "org.hvext.agent.0"
+AGENT_PORT = CHANNEL_NAME
 QMP_CHARDEV_ID = "hvext-qmp"
 QMP_CLI_CHARDEV_ID = "hvext-qmp-cli"
 MEMORY_DEVICE_SLOTS = 8

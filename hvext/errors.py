@@ -57,7 +57,15 @@ class UnsupportedError(HostError):
 
 
 class QMPError(HvextError):
-    """The QMP monitor failed, is absent, or refused a command."""
+    """The QMP monitor failed, is absent, or refused a command.
+
+    A command QEMU refused keeps QEMU's error: ``error_class`` (e.g. ``DeviceNotFound``) and
+    ``desc``, for callers that act on the kind of failure; both are None otherwise."""
+
+    def __init__(self, message: str, *, error_class: str | None = None, desc: str | None = None) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.desc = desc
 
 
 class AgentError(HvextError):

@@ -8,7 +8,9 @@ within a process, concurrent sessions share one connection (:func:`shared`:
 qemu.qmp matches replies to commands and hands events to every listener). A
 domain hvext did not define is reached through libvirt's QMP passthrough
 (:class:`PassthroughQMP`): commands only. All raise
-:class:`hvext.errors.QMPError` with the underlying error as cause.
+:class:`hvext.errors.QMPError` with the underlying error as cause; for a
+command QEMU refused, with QEMU's error class and description
+(``error_class``, ``desc``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 EXECUTE_TIMEOUT_S = 60.0
 
+#: Longest QEMU error class or description kept on a QMPError.
+MAX_ERROR_TEXT = 1000
+
 Monitor = Literal["daemon", "cli"]
 _monitor: Monitor = "cli"
 
@@ -48,6 +53,11 @@ def use_monitor(which: Monitor) -> None:
 def monitor() -> Monitor:
     """The hvext monitor this process uses (see :func:`use_monitor`)."""
     return _monitor
+
+
+def _text(value: Any) -> str | None:
+    """QEMU's error class or description, capped (it is untrusted), or None if it is not a string."""
+    return value[:MAX_ERROR_TEXT] if isinstance(value, str) else None
 
 
 class QMPSession(Protocol):
@@ -86,7 +96,8 @@ class SocketQMP:
         try:
             return await asyncio.wait_for(self.client.execute(command, arguments), EXECUTE_TIMEOUT_S)
         except ExecuteError as err:
-            raise QMPError(f"QMP {command} failed: {err}") from err
+            raise QMPError(f"QMP {command} failed: {err}", error_class=_text(err.error_class),
+                           desc=_text(str(err))) from err
         except asyncio.TimeoutError as err:
             raise QMPError(f"QMP {command} timed out after {EXECUTE_TIMEOUT_S:.0f} s") from err
         except (_QMPLibError, OSError, EOFError) as err:
@@ -156,7 +167,9 @@ def passthrough_result(command: str, raw: str) -> Any:
     if "error" in reply:
         error = reply["error"]
         desc = error.get("desc") if isinstance(error, dict) else None
-        raise QMPError(f"QMP {command} failed: {desc if isinstance(desc, str) else str(error)[:200]}")
+        raise QMPError(f"QMP {command} failed: {desc if isinstance(desc, str) else str(error)[:200]}",
+                       error_class=_text(error.get("class")) if isinstance(error, dict) else None,
+                       desc=_text(desc))
     if "return" not in reply:
         raise QMPError(f"QMP {command}: QEMU's reply has neither 'return' nor 'error'")
     return reply["return"]

@@ -4,17 +4,25 @@ Each session starts with ``guest-sync`` and a random nonce; lines before the
 matching reply are stale and dropped. Any protocol violation marks the
 session unsynced, so the next request synchronises again. A guest can make a
 request fail (AgentTimeout, AgentProtocolError), never hang or crash hvext.
+
+The client's :class:`State` says what it may do; a method called in the wrong
+state raises an :class:`~hvext.errors.AgentError` saying so. The requests the
+guest agent serves (``guest-agent/hvext_agent/agent.py``) are typed methods
+(:meth:`AgentClient.exec`, :meth:`AgentClient.info`, ...) that return checked
+values; :meth:`AgentClient.request` stays for the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import math
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from hvext.agent.protocol import MAX_LINE, PROTOCOL_VERSION, LineReader, encode_request, parse_reply
@@ -54,6 +62,85 @@ def exec_result(raw: Any) -> ExecResult:
     return ExecResult(code, stdout, stderr, flags[0], flags[1], sizes[0], sizes[1])
 
 
+@dataclass(frozen=True)
+class AgentInfo:
+    """A checked ``info`` result; what the guest left out or sent malformed is None."""
+
+    agent_version: str | None
+    protocol: int | None
+    kernel: str | None
+    machine: str | None
+    hostname: str | None
+    python: str | None
+    uptime_s: float | None
+
+
+def _text(value: Any, limit: int = 256) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _number(value: Any) -> float | None:
+    """A finite, non-negative number from the guest as float, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def agent_info(raw: dict[str, Any]) -> AgentInfo:
+    """Check an agent ``info`` result (total: bad fields become None)."""
+    protocol = raw.get("protocol")
+    return AgentInfo(_text(raw.get("agent_version"), 64),
+                     protocol if isinstance(protocol, int) and not isinstance(protocol, bool)
+                     and 0 <= protocol < 2**31 else None,
+                     _text(raw.get("kernel")), _text(raw.get("machine")), _text(raw.get("hostname")),
+                     _text(raw.get("python"), 64), _number(raw.get("uptime_s")))
+
+
+@dataclass(frozen=True)
+class StressStatus:
+    """A checked ``stress-status`` result. ``elapsed_s`` is None until the workload paces its writes
+    (it first writes its whole working set once)."""
+
+    running: bool
+    elapsed_s: float | None = None
+    pages_written: int | None = None
+    achieved_mib_s: float | None = None
+    pfn_sample: tuple[int, ...] = ()
+
+
+MAX_PFN_SAMPLE = 4096
+
+
+def stress_status(raw: dict[str, Any]) -> StressStatus:
+    """Check an agent ``stress-status`` result; AgentProtocolError without a boolean ``running``."""
+    running = raw.get("running")
+    if not isinstance(running, bool):
+        raise AgentProtocolError("agent stress-status result has no boolean 'running'")
+    written = _number(raw.get("pages_written"))
+    sample = raw.get("pfn_sample")
+    frames = tuple(p for p in sample[:MAX_PFN_SAMPLE] if isinstance(p, int) and not isinstance(p, bool)
+                   and 0 <= p < 1 << 55) if isinstance(sample, list) else ()
+    return StressStatus(running, _number(raw.get("elapsed_s")),
+                        int(written) if written is not None and written < 2**63 else None,
+                        _number(raw.get("achieved_mib_s")), frames)
+
+
+class State(enum.Enum):
+    """Where an :class:`AgentClient` is; it only moves along these arrows::
+
+        DISCONNECTED --connect--> CONNECTED --sync--> SYNCED
+        SYNCED --timeout or protocol violation--> CONNECTED (the next request synchronises again)
+        CONNECTED/SYNCED --channel closed or failed--> BROKEN
+        any --close--> DISCONNECTED
+    """
+
+    DISCONNECTED = "disconnected"
+    CONNECTED = "connected"
+    SYNCED = "synced"
+    BROKEN = "broken"
+
+
 class AgentClient:
     """Request/reply over the agent channel; use as ``async with AgentClient(path) as agent``."""
 
@@ -66,21 +153,43 @@ class AgentClient:
         self._reader: LineReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._next_id = secrets.randbits(31)  # ids of an earlier session's stale replies are unlikely to match
-        self._synced = False
+        self._state = State.DISCONNECTED
+        self._broken_by = ""
         self._lock = asyncio.Lock()
         self.agent_version: str | None = None
         self.commands: frozenset[str] = frozenset()
 
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def _require(self, action: str, *states: State) -> None:
+        """Refuse *action* unless the client is in one of *states* (AgentUnavailable when it has no
+        usable channel, AgentError for a misuse such as connecting twice)."""
+        if self._state in states:
+            return
+        if self._state is State.DISCONNECTED:
+            raise AgentUnavailable(f"cannot {action}: the agent channel {self.socket} is not connected")
+        if self._state is State.BROKEN:
+            raise AgentUnavailable(f"cannot {action}: the agent channel {self.socket} broke earlier "
+                                   f"({self._broken_by}); close it and connect again")
+        raise AgentError(f"cannot {action}: the agent client is {self._state.value}, "
+                         f"not {' or '.join(s.value for s in states)}")
+
     async def connect(self) -> AgentClient:
+        """Open the channel (DISCONNECTED -> CONNECTED; the first request synchronises)."""
+        self._require("connect", State.DISCONNECTED)
         try:
             reader, self._writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(self.socket)), self.timeout)
         except (OSError, asyncio.TimeoutError) as err:
             raise AgentUnavailable(f"cannot open the agent channel {self.socket}: {err}") from err
         self._reader = LineReader(reader, self.max_line)
+        self._state = State.CONNECTED
         return self
 
     async def close(self) -> None:
+        """Close the channel, whatever the state (-> DISCONNECTED; :meth:`connect` may follow)."""
         if self._writer is not None:
             self._writer.close()
             try:
@@ -88,6 +197,8 @@ class AgentClient:
             except OSError:
                 pass
             self._writer = None
+        self._reader = None
+        self._state = State.DISCONNECTED
 
     async def __aenter__(self) -> AgentClient:
         return await self.connect()
@@ -98,14 +209,16 @@ class AgentClient:
     async def sync(self, timeout: float | None = None) -> dict[str, Any]:
         """The handshake: send guest-sync with a random nonce, drop everything until its reply."""
         async with self._lock:
+            self._require("synchronise", State.CONNECTED, State.SYNCED)
             return await self._sync(timeout or self.timeout)
 
     async def _sync(self, timeout: float) -> dict[str, Any]:
         nonce = secrets.randbits(53)
+        self._state = State.CONNECTED
         assert self._writer is not None
         self._writer.write(b"\xff\n")  # ends any half-written line in the guest's parser
-        result = await self._roundtrip("guest-sync", {"nonce": nonce}, timeout,
-                                       accept=lambda r: r.get("nonce") == nonce)
+        result = await self._guarded(self._roundtrip("guest-sync", {"nonce": nonce}, timeout,
+                                                     accept=lambda r: r.get("nonce") == nonce))
         protocol = result.get("protocol")
         if protocol != PROTOCOL_VERSION:
             raise AgentProtocolError(f"agent speaks protocol {protocol!r}, hvext speaks {PROTOCOL_VERSION}")
@@ -114,7 +227,7 @@ class AgentClient:
         self.agent_version = version[:64] if isinstance(version, str) else None
         self.commands = frozenset(c for c in commands[:256] if isinstance(c, str)) \
             if isinstance(commands, list) else frozenset()
-        self._synced = True
+        self._state = State.SYNCED
         return {"agent_version": self.agent_version, "protocol": protocol, "commands": sorted(self.commands)}
 
     async def request(self, command: str, args: dict[str, Any] | None = None,
@@ -122,18 +235,62 @@ class AgentClient:
         """Run *command* in the guest and return its (schema-checked) result object."""
         timeout = timeout or self.timeout
         async with self._lock:
-            if not self._synced:
+            self._require(f"send {command!r}", State.CONNECTED, State.SYNCED)
+            if self._state is not State.SYNCED:
                 await self._sync(timeout)
-            try:
-                return await self._roundtrip(command, args, timeout)
-            except (AgentTimeout, AgentProtocolError):
-                self._synced = False
-                raise
+            return await self._guarded(self._roundtrip(command, args, timeout))
+
+    async def _guarded(self, exchange: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        """Await one exchange and move the state on its failure: a timeout or a protocol violation
+        leaves the session unsynced, a channel that closed or failed leaves the client broken."""
+        try:
+            return await exchange
+        except (AgentTimeout, AgentProtocolError):
+            self._state = State.CONNECTED
+            raise
+        except AgentUnavailable as err:
+            self._state, self._broken_by = State.BROKEN, str(err)[:200]
+            raise
+
+    # -- the guest agent's requests, typed --------------------------------
+    async def ping(self) -> None:
+        """A round trip that does nothing in the guest."""
+        await self.request("ping")
+
+    async def info(self) -> AgentInfo:
+        """The agent's version and the guest's kernel, machine, host name and uptime, checked."""
+        return agent_info(await self.request("info"))
 
     async def exec(self, argv: list[str], *, stdin: str = "", timeout: float = 60.0) -> ExecResult:
         """Run *argv* in the guest (at most *timeout* s there) and return its checked result."""
         raw = await self.request("exec", {"argv": argv, "stdin": stdin, "timeout": timeout}, timeout=timeout + 10)
         return exec_result(raw)
+
+    async def pmem_hints(self) -> dict[str, Any]:
+        """The guest's persistence hints, unchecked beyond being an object: only
+        :func:`hvext.pmem.hints.validate` can check them (against the domain's devices)."""
+        return await self.request("pmem-hints")
+
+    async def pmem_freeze(self, guest_wait: float, *, timeout: float | None = None) -> dict[str, Any]:
+        """Freeze hinting applications at their next epoch (the guest waits at most *guest_wait* s)
+        and return the hints as :meth:`pmem_hints` does."""
+        return await self.request("pmem-freeze", {"timeout": round(guest_wait, 3)}, timeout=timeout)
+
+    async def pmem_thaw(self) -> None:
+        """Let frozen applications go on past their epoch."""
+        await self.request("pmem-thaw")
+
+    async def stress_start(self, rate_mib_s: float, wss_mib: int) -> None:
+        """Start the guest's memory-dirtying workload (replacing a running one)."""
+        await self.request("stress-start", {"rate_mib_s": rate_mib_s, "wss_mib": wss_mib})
+
+    async def stress_status(self) -> StressStatus:
+        """The workload's checked status."""
+        return stress_status(await self.request("stress-status"))
+
+    async def stress_stop(self) -> None:
+        """Stop the workload (nothing when none runs)."""
+        await self.request("stress-stop")
 
     async def _roundtrip(self, command: str, args: dict[str, Any] | None, timeout: float,
                          accept: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
@@ -142,8 +299,7 @@ class AgentClient:
         Replies to other ids (or that *accept* refuses, e.g. a stale sync nonce) are
         skipped, up to MAX_SKIPPED_LINES; invalid lines likewise.
         """
-        if self._writer is None or self._reader is None:
-            raise AgentUnavailable("agent channel is not connected")
+        assert self._writer is not None and self._reader is not None  # the callers' _require
         request_id = self._next_id
         self._next_id += 1
         deadline = time.monotonic() + timeout

@@ -8,9 +8,9 @@ NaN/Infinity), and replies are checked against a schema before anyone looks
 inside. Validation failures raise :class:`hvext.errors.AgentProtocolError`,
 never anything else.
 
-The guest agent (``guest-agent/hvext_agent/agent.py``, standard library only)
-keeps its own copies of these limits; ``tests/unit/test_agent_protocol.py``
-checks that both sides agree.
+The guest agent (``guest-agent/hvext_agent``, standard library only) keeps
+its own copies of the protocol version, the channel name and these limits;
+``tests/unit/test_agent_protocol.py`` checks that both sides agree.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 from hvext.errors import AgentError, AgentProtocolError, HvextError
 
 PROTOCOL_VERSION = 1
+#: The virtio-serial port the agent listens on (``hvext_agent.PORT_NAME`` in the guest).
+CHANNEL_NAME = "org.hvext.agent.0"
 #: Longest reply line the host reads (the agent caps what it sends to fit, JSON escaping included).
 MAX_LINE = 256 * 1024
 #: Longest request line the agent reads (its ``MAX_LINE``).

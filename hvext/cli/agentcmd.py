@@ -32,12 +32,11 @@ async def ping(domain: Domain, timeout: float) -> dict[str, Any]:
     started = time.monotonic()
     async with domain.agent(timeout=timeout) as agent:
         synced = time.monotonic()
-        await agent.request("ping")
+        await agent.ping()
         done = time.monotonic()
-        info = await agent.request("info")
+        info = await agent.info()
     return {"agent_version": agent.agent_version, "handshake_ms": round((synced - started) * 1000, 2),
-            "ping_ms": round((done - synced) * 1000, 2), "kernel": info.get("kernel"),
-            "uptime_s": info.get("uptime_s")}
+            "ping_ms": round((done - synced) * 1000, 2), "kernel": info.kernel, "uptime_s": info.uptime_s}
 
 
 def cmd_agent_ping(args: argparse.Namespace) -> int:

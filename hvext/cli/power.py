@@ -114,9 +114,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_loss(args: argparse.Namespace) -> int:
-    hints.install()  # the save honours persistence hints and epochs
     with common.open_host(args) as host:
-        report = power.power_loss(host, domains=args.domains, budget=args.budget)
+        report = power.power_loss(host, hints=hints.PROVIDER, domains=args.domains, budget=args.budget)
     if args.json:
         common.print_json(report)
     else:
@@ -136,9 +135,8 @@ def cmd_loss(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    hints.install()  # thaws guests frozen at an epoch when they resume
     with common.open_host(args) as host:
-        report = power.power_restore(host, domains=args.domains)
+        report = power.power_restore(host, hints=hints.PROVIDER, domains=args.domains)
     if args.json:
         common.print_json(report)
     else:

@@ -166,10 +166,9 @@ def on_power_loss(uri: str | None, budget: float | None = None) -> None:
     """SIGPWR (the UPS/BIOS says power is failing): what `hvext power loss` does, logged.
     *budget*: the config's ``[power] budget`` (None: :data:`hvext.pmem.power.PREPAUSE_BUDGET_S`)."""
     log.warning("SIGPWR: power is failing; saving protected pmem devices")
-    hints.install()
     try:
         with Host(uri) as host:
-            report = power.power_loss(host, budget=budget)
+            report = power.power_loss(host, hints=hints.PROVIDER, budget=budget)
     except HvextError as err:
         log.error("power-loss save failed: %s", err)
         return
@@ -202,10 +201,9 @@ def on_start_restore(uri: str | None) -> None:
     if not pending:
         return
     log.warning("a power loss was recorded for %d device(s): restoring", len(pending))
-    hints.install()
     try:
         with Host(uri) as host:
-            report = power.power_restore(host)
+            report = power.power_restore(host, hints=hints.PROVIDER)
     except HvextError as err:
         log.error("power restore failed: %s", err)
         return

@@ -19,9 +19,9 @@ from typing import Any
 
 from hvext.errors import QMPError, UnsupportedError
 from hvext.qmp import QMPSession
+from hvext.units import GIB
 
 START, STOP, QUERY = "x-hvext-dirty-log-start", "x-hvext-dirty-log-stop", "x-hvext-query-dirty-pages"
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)

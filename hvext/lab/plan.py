@@ -8,6 +8,7 @@ The lab uses 198.18.0.0/24, a slice of the benchmarking range 198.18.0.0/15
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import json
 import os
@@ -324,15 +325,33 @@ class LabHost:
         return libvirt_socket(self.run_dir, self.index)
 
 
+class Phase(enum.StrEnum):
+    """Where the recorded lab is: CREATING while ``up`` builds it (and after an ``up`` that did not
+    finish), UP once every libvirtd answered. It only moves from CREATING to UP
+    (:meth:`LabState.mark_up`); ``down`` removes the lab in any phase."""
+
+    CREATING = "creating"
+    UP = "up"
+
+
 @dataclass
 class LabState:
     """What lab.json holds: enough for any process to find, use and remove the lab."""
 
     hosts: list[LabHost]
-    phase: str  # "creating" while `up` runs, "up" once every libvirtd answered
+    phase: Phase
     created: float
     run_dir: Path
     data_dir: Path
+
+    def __post_init__(self) -> None:
+        self.phase = Phase(self.phase)  # ValueError for anything that is not a phase
+
+    def mark_up(self) -> None:
+        """The build finished: CREATING becomes UP; LabError in any other phase."""
+        if self.phase is not Phase.CREATING:
+            raise LabError(f"the lab is {self.phase}, not {Phase.CREATING}: only a lab being created comes up")
+        self.phase = Phase.UP
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -364,7 +383,7 @@ class LabState:
             if data.get("version") != STATE_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {STATE_VERSION}")
             phase = data["phase"]
-            if phase not in ("creating", "up"):
+            if not isinstance(phase, str) or phase not in {p.value for p in Phase}:
                 raise ValueError(f"unknown phase {phase!r}")
             run_dir = Path(data["run_dir"])
             hosts = []
@@ -385,7 +404,7 @@ class LabState:
             if [h.index for h in hosts] != list(range(1, len(hosts) + 1)):
                 raise ValueError("hosts are not host1..hostN in order")
             validate_count(len(hosts))
-            return cls(hosts=hosts, phase=phase, created=float(data["created"]),
+            return cls(hosts=hosts, phase=Phase(phase), created=float(data["created"]),
                        run_dir=run_dir, data_dir=Path(data["data_dir"]))
         except (KeyError, TypeError, ValueError, UsageError) as err:
             raise LabError(f"{source}: malformed ({type(err).__name__}: {err}); "

@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hvext.errors import UsageError
-
-MIB = 1 << 20
+from hvext.units import MIB
 METHODS = ("auto", "balloon", "swap")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MIB = 1 << 20
+from hvext.units import MIB
 LOW, HIGH = 0.3, 0.8  # dirty rate / bandwidth thresholds
 STALLED_PASSES = 4  # passes after which remaining RAM that does not shrink means pre-copy has stalled
 

@@ -182,10 +182,7 @@ async def fetch(domain: Domain, *, freeze: bool = False, timeout: float | None =
 async def _fetch(domain: Domain, freeze: bool, guest_wait: float, timeout: float) -> Hints:
     # the guest first: its freeze is what takes time; the device windows come from QEMU
     async with domain.agent(timeout=timeout) as agent:
-        if freeze:
-            raw = await agent.request("pmem-freeze", {"timeout": round(guest_wait, 3)}, timeout=timeout)
-        else:
-            raw = await agent.request("pmem-hints")
+        raw = await agent.pmem_freeze(guest_wait, timeout=timeout) if freeze else await agent.pmem_hints()
     return validate(raw, await _device_windows(domain), domain.name)
 
 
@@ -193,7 +190,7 @@ async def thaw(domain: Domain, timeout: float = THAW_TIMEOUT_S) -> None:
     """Let the guest's applications go on past their epoch (bounded: a hostile agent cannot stall it)."""
     async def run() -> None:
         async with domain.agent(timeout=timeout) as agent:
-            await agent.request("pmem-thaw")
+            await agent.pmem_thaw()
     try:
         await asyncio.wait_for(run(), timeout)
     except asyncio.TimeoutError as err:
@@ -305,11 +302,19 @@ def overlaps(offset: int, length: int, keep: list[tuple[int, int]]) -> bool:
     return any(start < offset + length and offset < start + size for start, size in keep)
 
 
-def _ranges_for(reg: power.Registration) -> list[tuple[int, int]] | None:
-    return take_prepared(reg.backing)
+class GuestHints:
+    """The guest agent's hints as a :class:`hvext.pmem.power.HintProvider`: freeze at an epoch before
+    the pause, thaw after it, save what :func:`before_pause` prepared (all but volatile ranges)."""
+
+    def before_pause(self, domain: Domain, deadline: float) -> dict[str, Any]:
+        return before_pause(domain, deadline)
+
+    def after_resume(self, domain: Domain) -> None:
+        after_resume(domain)
+
+    def ranges(self, reg: power.Registration) -> list[tuple[int, int]] | None:
+        return take_prepared(reg.backing)
 
 
-def install() -> None:
-    """Make power-loss saves use hints (called when hvext.pmem.power runs a save)."""
-    power.set_ranges_hook(_ranges_for)
-    power.set_pause_hooks(before_pause, after_resume)
+#: What ``hvext power loss``/``restore`` and hvextd pass to :func:`hvext.pmem.power.power_loss`.
+PROVIDER: power.HintProvider = GuestHints()

@@ -21,7 +21,7 @@ nonvolatile store on disk (:mod:`hvext.pmem.store`). Registrations are kept in
   were running at the loss (paused first, so the dirty log starts before the
   guest writes).
 
-Persistence hints (issue 6 part 4) plug in through :func:`set_ranges_hook`.
+Persistence hints (issue 6 part 4) are a :class:`HintProvider` given to both.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hvext import aio, durable, paths
 from hvext.agent import protocol
@@ -127,39 +127,30 @@ def registrations(directory: Path | None = None) -> list[Registration]:
         return list(regs)
 
 
-# -- persistence hints hook (part 4) -------------------------------------
-RangesHook = Callable[[Registration], list[tuple[int, int]] | None]
-_ranges_hook: RangesHook | None = None
+# -- persistence hints (part 4) ------------------------------------------
+class HintProvider(Protocol):
+    """What a power-loss save asks of persistence hints; :data:`hvext.pmem.hints.PROVIDER` asks the
+    guest agent. Passed to :func:`power_loss` and :func:`power_restore` (None: no hints).
+
+    ``before_pause(domain, deadline)`` runs just before the save pauses a running guest (e.g. freeze
+    applications at an epoch; its report goes into the save's report) and must return by *deadline*
+    (``time.monotonic()``). ``after_resume(domain)`` undoes it: after restore resumes the guest, or
+    at once when the pause that ``before_pause`` prepared did not happen (the guest runs on).
+    ``ranges(registration)`` says which (offset, length) byte ranges of the device a save must
+    cover, None for the whole device. Their exceptions are reported, never raised further.
+    """
+
+    def before_pause(self, domain: Domain, deadline: float) -> dict[str, Any]: ...
+
+    def after_resume(self, domain: Domain) -> None: ...
+
+    def ranges(self, reg: Registration) -> list[tuple[int, int]] | None: ...
 
 
-def set_ranges_hook(hook: RangesHook | None) -> None:
-    """Install the function that says which byte ranges of a device must be saved (persistence hints).
-    It returns (offset, length) ranges, or None for "the whole device"."""
-    global _ranges_hook
-    _ranges_hook = hook
-
-
-PauseHook = Callable[[Domain, float], dict[str, Any]]
-ResumeHook = Callable[[Domain], None]
-_before_pause: PauseHook | None = None
-_after_resume: ResumeHook | None = None
-
-
-def set_pause_hooks(before: PauseHook | None, after: ResumeHook | None) -> None:
-    """Install what runs just before a save pauses a guest and what undoes it.
-
-    ``before(domain, deadline)`` (e.g. freeze applications at an epoch; its report goes into the
-    save's report) must return by *deadline* (``time.monotonic()``) and not raise. ``after(domain)``
-    thaws: after restore resumes the guest, or at once when the pause that ``before`` prepared
-    did not happen (the guest runs on)."""
-    global _before_pause, _after_resume
-    _before_pause, _after_resume = before, after
-
-
-def ranges_to_save(reg: Registration) -> list[tuple[int, int]]:
-    """Byte ranges of the device a save must cover; the whole device unless a hints hook narrows it."""
-    if _ranges_hook is not None:
-        ranges = _ranges_hook(reg)
+def ranges_to_save(reg: Registration, hints: HintProvider | None) -> list[tuple[int, int]]:
+    """Byte ranges of the device a save must cover; the whole device unless *hints* narrow it."""
+    if hints is not None:
+        ranges = hints.ranges(reg)
         if ranges is not None:
             return [(int(o), int(n)) for o, n in ranges]
     return [(0, reg.size)]
@@ -357,10 +348,10 @@ def check_budget(budget: float) -> float:
     return float(budget)
 
 
-def power_loss(host: Host, *, domains: Collection[str] | None = None, budget: float | None = None,
-               registry_dir: Path | None = None) -> dict[str, Any]:
+def power_loss(host: Host, *, hints: HintProvider | None, domains: Collection[str] | None = None,
+               budget: float | None = None, registry_dir: Path | None = None) -> dict[str, Any]:
     """Pause every guest with protected devices (only *domains*, names, when given) and save those
-    devices durably (see the module doc).
+    devices durably (see the module doc), with persistence *hints* (None: whole devices, no freeze).
 
     Domains are saved concurrently. Guests may delay their pause (hints, epoch freeze, flush wait)
     until one deadline, *budget* seconds (:data:`PREPAUSE_BUDGET_S`) from now. One domain's failure,
@@ -377,7 +368,7 @@ def power_loss(host: Host, *, domains: Collection[str] | None = None, budget: fl
         if groups:
             with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_SAVES, len(groups)),
                                     thread_name_prefix="hvext-power") as pool:
-                futures = [pool.submit(_save_guarded, host, uuid, group, started, deadline)
+                futures = [pool.submit(_save_guarded, host, uuid, group, hints, started, deadline)
                            for uuid, group in groups]
                 for future in futures:  # in registry order; each never raises
                     saved, gone = future.result()
@@ -394,40 +385,39 @@ def _error_text(err: BaseException) -> str:
     return str(err) if isinstance(err, (HvextError, OSError)) else f"unexpected {type(err).__name__}: {err}"
 
 
-def _save_guarded(host: Host, uuid: str, group: list[Registration], started: float,
-                  deadline: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _save_guarded(host: Host, uuid: str, group: list[Registration], hints: HintProvider | None,
+                  started: float, deadline: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One domain's save (devices, missing); any exception becomes an error entry of its devices."""
     try:
         domain = _lookup(host, uuid)
         if domain is None:
             return [], _missing(group)
-        return _save_domain(domain, group, started, deadline), []
+        return _save_domain(domain, group, hints, started, deadline), []
     except Exception as err:  # one domain failing must not stop the others' saves or the registry write
         log.exception("power-loss save of %s failed", group[0].domain)
         return [{"domain": r.domain, "backing": r.backing, "error": _error_text(err)} for r in group], []
 
 
-def _prepare_pause(domain: Domain, deadline: float) -> dict[str, Any]:
-    """The pause hook's report (bounded by *deadline*); its failure is reported, never raised."""
-    assert _before_pause is not None
+def _prepare_pause(hints: HintProvider, domain: Domain, deadline: float) -> dict[str, Any]:
+    """The hints' pause report (bounded by *deadline*); its failure is reported, never raised."""
     try:
-        return _before_pause(domain, deadline)
+        return hints.before_pause(domain, deadline)
     except Exception as err:
         log.warning("%s: preparing the pause failed: %s", domain.name, _error_text(err))
         return {"epoch_consistent": False, "hints": f"failed: {_error_text(err)}"}
 
 
-def _thaw(domain: Domain) -> None:
-    if _after_resume is None:
+def _thaw(hints: HintProvider | None, domain: Domain) -> None:
+    if hints is None:
         return
     try:
-        _after_resume(domain)
+        hints.after_resume(domain)
     except Exception as err:
         log.warning("%s: could not thaw the guest: %s", domain.name, _error_text(err))
 
 
-def _save_domain(domain: Domain, group: list[Registration], started: float | None = None,
-                 deadline: float | None = None) -> list[dict[str, Any]]:
+def _save_domain(domain: Domain, group: list[Registration], hints: HintProvider | None,
+                 started: float | None = None, deadline: float | None = None) -> list[dict[str, Any]]:
     started = time.perf_counter() if started is None else started
     deadline = time.monotonic() + PREPAUSE_BUDGET_S if deadline is None else deadline
     dirty = None
@@ -438,9 +428,9 @@ def _save_domain(domain: Domain, group: list[Registration], started: float | Non
     paused_at = time.perf_counter()
     try:
         running = domain.is_active() and domain.state is not RunState.PAUSED
-        if _before_pause is not None and running:
+        if hints is not None and running:
             prepared = True  # from here the guest may hold applications at an epoch: thawed unless paused
-            epoch = _prepare_pause(domain, deadline)
+            epoch = _prepare_pause(hints, domain, deadline)
         state = domain.state
         running_id = domain.id()  # None: not running (nothing to pause)
         if running_id is not None:
@@ -460,7 +450,7 @@ def _save_domain(domain: Domain, group: list[Registration], started: float | Non
                  "paused": False, **({"epoch": epoch} if epoch is not None else {})} for r in group]
     finally:
         if prepared and not paused:  # the pause failed or the guest stopped: let its applications go
-            _thaw(domain)
+            _thaw(hints, domain)
     log_state: dict[str, int] | None = None
     try:
         if domain_id >= 0:
@@ -485,7 +475,7 @@ def _save_domain(domain: Domain, group: list[Registration], started: float | Non
                 reg.ram_block = ram_block_id(domain, find_device(domain, Path(reg.backing))) or reg.ram_block
             store = Store.open(Path(reg.store))
             blocks = _dirty_blocks(reg, dirty, domain_id, store)
-            wanted = store.blocks_of_ranges(ranges_to_save(reg))
+            wanted = store.blocks_of_ranges(ranges_to_save(reg, hints))
             mode = "dirty-log" if blocks is not None else "hashes"
             with os.fdopen(devices.open_backing(Path(reg.backing), os.O_RDONLY), "rb") as current:  # as root
                 result = store.save(current, sorted(wanted if blocks is None else blocks & wanted), mode=mode)
@@ -509,10 +499,11 @@ def _save_domain(domain: Domain, group: list[Registration], started: float | Non
     return results
 
 
-def power_restore(host: Host, *, domains: Collection[str] | None = None,
+def power_restore(host: Host, *, hints: HintProvider | None, domains: Collection[str] | None = None,
                   registry_dir: Path | None = None) -> dict[str, Any]:
     """Recreate backing files from the stores where needed, then resume or start the guests (only
-    *domains*, names, when given). Registrations whose domain is gone are listed under ``missing``."""
+    *domains*, names, when given); *hints* thaw a resumed guest frozen at an epoch. Registrations
+    whose domain is gone are listed under ``missing``."""
     started = time.perf_counter()
     report: list[dict[str, Any]] = []
     missing: list[dict[str, Any]] = []
@@ -523,7 +514,7 @@ def power_restore(host: Host, *, domains: Collection[str] | None = None,
                 if domain is None:
                     missing += _missing(group)
                     continue
-                report.append(_restore_domain(domain, group))
+                report.append(_restore_domain(domain, group, hints))
             except Exception as err:  # one domain failing must not stop the others' restores
                 log.exception("power restore of %s failed", group[0].domain)
                 report.append({"domain": group[0].domain, "error": _error_text(err)})
@@ -531,7 +522,7 @@ def power_restore(host: Host, *, domains: Collection[str] | None = None,
             "ok": all("error" not in r for r in report)}
 
 
-def _restore_domain(domain: Domain, group: list[Registration]) -> dict[str, Any]:
+def _restore_domain(domain: Domain, group: list[Registration], hints: HintProvider | None) -> dict[str, Any]:
     entry: dict[str, Any] = {"domain": domain.name, "devices": []}
     pending = next((r.pending for r in group if r.pending), None)
     try:
@@ -541,8 +532,8 @@ def _restore_domain(domain: Domain, group: list[Registration]) -> dict[str, Any]
                 entry["devices"].append({"backing": reg.backing, "action": "kept (guest still has it mapped)"})
             if pending and domain.state is RunState.PAUSED:
                 domain.resume()
-                if _after_resume is not None:
-                    _after_resume(domain)
+                if hints is not None:
+                    hints.after_resume(domain)
                 entry["action"] = "resumed"
         else:
             owner = domain.host.qemu_user()

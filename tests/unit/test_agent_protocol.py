@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hvext.agent.client import AgentClient
+from hvext.agent.client import AgentClient, AgentInfo, ExecResult, State, agent_info, stress_status
 from hvext.agent.protocol import MAX_LINE, LineReader, parse_reply
 from hvext.errors import AgentError, AgentProtocolError, AgentTimeout, AgentUnavailable
 
@@ -75,9 +75,10 @@ def test_real_agent_sync_ping_info_meminfo(serve) -> None:
         async with AgentClient(serve(real_agent()), timeout=5) as client:
             hello = await client.sync()
             assert hello["protocol"] == 1 and "meminfo" in hello["commands"]
-            assert await client.request("ping") == {}
-            info = await client.request("info")
-            assert info["kernel"] and info["uptime_s"] > 0
+            assert await client.ping() is None
+            info = await client.info()
+            assert isinstance(info, AgentInfo) and info.protocol == 1
+            assert info.kernel and info.uptime_s is not None and info.uptime_s > 0
             mem = await client.request("meminfo")
             assert mem["meminfo_kb"]["MemTotal"] > 0 and "pgfault" in mem["vmstat"]
             with pytest.raises(AgentError, match="CommandNotFound"):
@@ -107,8 +108,68 @@ def test_misbehaving_real_agent_gives_clear_error_then_recovers(serve, mode: str
             await client.request("x-test-misbehave", {"mode": mode})
             with pytest.raises(AgentTimeout, match=detail):
                 await client.request("info")
-            assert (await client.request("info"))["kernel"]  # re-synchronised
+            assert (await client.info()).kernel  # re-synchronised
     run(session())
+
+
+def test_the_client_moves_through_its_states_and_refuses_calls_out_of_turn(serve) -> None:
+    async def session() -> None:
+        client = AgentClient(serve(real_agent(testing=True)), timeout=1.5)
+        assert client.state is State.DISCONNECTED
+        with pytest.raises(AgentUnavailable, match="cannot send 'ping': .* not connected"):
+            await client.ping()
+        await client.connect()
+        try:
+            assert client.state is State.CONNECTED
+            with pytest.raises(AgentError, match="cannot connect: the agent client is connected"):
+                await client.connect()
+            await client.ping()  # synchronises first
+            assert client.state is State.SYNCED
+            await client.request("x-test-misbehave", {"mode": "silence"})
+            with pytest.raises(AgentTimeout):
+                await client.ping()
+            assert client.state is State.CONNECTED  # unsynced: the next request synchronises again
+            assert (await client.info()).kernel
+            assert client.state is State.SYNCED
+        finally:
+            await client.close()
+        assert client.state is State.DISCONNECTED
+        with pytest.raises(AgentUnavailable, match="not connected"):
+            await client.sync()
+    run(session())
+
+
+def test_a_channel_that_closed_leaves_the_client_broken_until_it_reconnects(serve) -> None:
+    def one_reply(conn: socket.socket) -> None:
+        agent, seen = Agent(conn.fileno()), b""
+        while b"guest-sync" not in seen or not seen.endswith(b"\n"):  # the handshake, and nothing else
+            if not (chunk := conn.recv(65536)):
+                return
+            agent.feed(chunk)
+            seen += chunk
+        conn.shutdown(socket.SHUT_RDWR)
+
+    async def session() -> None:
+        async with AgentClient(serve(one_reply), timeout=5) as client:
+            await client.sync()
+            with pytest.raises(AgentUnavailable, match="closed during 'ping'"):
+                await client.ping()
+            assert client.state is State.BROKEN
+            with pytest.raises(AgentUnavailable, match="broke earlier .*closed during 'ping'.*connect again"):
+                await client.info()  # refused at once, not sent into the dead channel
+        assert client.state is State.DISCONNECTED
+    run(session())
+
+
+def test_info_and_stress_status_are_checked_whatever_the_guest_sends() -> None:
+    assert agent_info({"kernel": ["x"], "protocol": True, "uptime_s": float("nan"), "hostname": "h" * 999}) \
+        == AgentInfo(None, None, None, None, "h" * 256, None, None)
+    assert agent_info({"uptime_s": 5, "protocol": 1}).uptime_s == 5.0
+    status = stress_status({"running": True, "elapsed_s": 1.5, "pages_written": 7, "pfn_sample": [1, -1, "2", 3]})
+    assert (status.running, status.elapsed_s, status.pages_written, status.pfn_sample) == (True, 1.5, 7, (1, 3))
+    assert stress_status({"running": False}).elapsed_s is None  # not pacing yet
+    with pytest.raises(AgentProtocolError, match="running"):
+        stress_status({"running": "yes"})
 
 
 def test_endless_line_keeps_memory_bounded(serve) -> None:
@@ -244,14 +305,25 @@ def test_agent_answers_hostile_requests_with_an_error_and_keeps_serving(line: by
     assert second == {"id": 2, "ok": True, "result": {}}
 
 
-def test_limits_agree_across_the_host_guest_boundary() -> None:
-    from hvext.agent import protocol
-    from hvext_agent import PROTOCOL_VERSION
+def test_constants_agree_across_the_host_guest_boundary() -> None:
+    """Each side defines them once (host: hvext.agent.protocol, hvext.pmem.hints, hvext.agent.client;
+    guest: hvext_agent and its modules); they must be equal (or fit) across the channel."""
+    import hvext_agent
     from hvext_agent import agent as guest
+    from hvext_agent import hints as guest_hints
+    from hvext_agent import stress as guest_stress
+
+    from hvext import domxml
+    from hvext.agent import client, protocol
+    from hvext.pmem import hints
     assert guest.HOST_MAX_LINE == protocol.MAX_LINE  # what the agent may send is what the host reads
     assert guest.MAX_LINE == protocol.AGENT_MAX_LINE  # and the other way round
     assert (guest.MAX_DEPTH, guest.MAX_INT_DIGITS) == (protocol.MAX_DEPTH, protocol.MAX_INT_DIGITS)
-    assert PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+    assert hvext_agent.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
+    assert hvext_agent.PORT_NAME == protocol.CHANNEL_NAME == domxml.AGENT_PORT  # the port libvirt makes
+    assert guest_hints.FREEZE_HOLD_S == hints.FREEZE_HOLD_S  # a freeze the host never thaws ends then
+    assert guest_hints.KINDS == hints.KINDS
+    assert guest_stress.PFN_SAMPLE <= client.MAX_PFN_SAMPLE  # the host keeps the whole sample
 
 
 def test_a_request_longer_than_the_agent_reads_is_refused_on_the_host() -> None:
@@ -268,21 +340,19 @@ def test_a_request_longer_than_the_agent_reads_is_refused_on_the_host() -> None:
 def test_large_exec_output_is_cut_to_fit_the_hosts_line_and_said_so(serve, script: str) -> None:
     async def session() -> None:
         async with AgentClient(serve(real_agent()), timeout=20) as client:
-            result = await client.request("exec", {"argv": [sys.executable, "-c", script], "timeout": 30})
-            assert result["exitcode"] == 0
-            assert result["stdout_truncated"] is True and result["stdout_bytes"] > len(result["stdout"])
-            assert len(result["stdout"]) > 10_000  # as much as fits, not nothing
-            assert await client.request("ping") == {}
+            result = await client.exec([sys.executable, "-c", script], timeout=30)
+            assert result.exitcode == 0
+            assert result.stdout_truncated is True and result.stdout_bytes > len(result.stdout)
+            assert len(result.stdout) > 10_000  # as much as fits, not nothing
+            await client.ping()
     run(session())
 
 
 def test_small_exec_output_is_whole(serve) -> None:
     async def session() -> None:
         async with AgentClient(serve(real_agent()), timeout=20) as client:
-            result = await client.request("exec", {"argv": ["sh", "-c", "printf 'hi\\n'; printf err >&2"]})
-            assert (result["stdout"], result["stderr"], result["exitcode"]) == ("hi\n", "err", 0)
-            assert result["stdout_truncated"] is False and result["stderr_truncated"] is False
-            assert result["stdout_bytes"] == 3
+            result = await client.exec(["sh", "-c", "printf 'hi\\n'; printf err >&2"])
+            assert result == ExecResult(0, "hi\n", "err", False, False, 3, 3)
     run(session())
 
 

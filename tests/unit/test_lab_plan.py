@@ -11,7 +11,7 @@ import pytest
 
 from hvext.errors import HostError, UsageError
 from hvext.lab import plan
-from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError, ProcessRef
+from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError, Phase, ProcessRef
 
 DATA = Path("/var/lib/hvext/lab")
 RUN = Path("/run/hvext-lab")
@@ -137,6 +137,19 @@ def _state(count: int = 2) -> LabState:
     hosts = plan.new_hosts(count, RUN)
     hosts[0].processes = {"libvirtd": ProcessRef(100, 5000, "libvirtd"), "virtlogd": ProcessRef(99, 4990, "virtlogd")}
     return LabState(hosts=hosts, phase="up", created=1700000000.5, run_dir=RUN, data_dir=Path("/var/lib/hvext/lab"))
+
+
+def test_the_phase_is_an_enum_that_only_moves_from_creating_to_up() -> None:
+    state = _state()
+    assert LabState.from_json(state.to_json()).phase is Phase.UP
+    assert json.loads(state.to_json())["phase"] == "up"  # the file's format is unchanged
+    with pytest.raises(LabError, match="the lab is up, not creating"):
+        state.mark_up()
+    state.phase = Phase.CREATING
+    state.mark_up()
+    assert state.phase is Phase.UP
+    with pytest.raises(ValueError):
+        LabState(hosts=state.hosts, phase="exploding", created=0.0, run_dir=RUN, data_dir=DATA)  # type: ignore[arg-type]
 
 
 def test_new_hosts_get_distinct_uuids() -> None:

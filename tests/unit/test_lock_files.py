@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import hvext.lab as lab
 from hvext import durable
 from hvext.daemon import service
+from hvext.lab import statefile
 from hvext.lab.plan import LabError
 
 
@@ -22,13 +22,13 @@ def test_lab_lock_is_private_exclusive_and_times_out(tmp_path: Path, monkeypatch
     lock = tmp_path / "run" / "lab.lock"
     old = os.umask(0o022)
     try:
-        with lab._locked(run_dir):
+        with statefile.locked(run_dir):
             assert _mode(lock) == 0o600
             with pytest.raises(BlockingIOError):
                 durable.lock_file(lock, wait=0)
-            monkeypatch.setattr(lab, "LOCK_TIMEOUT_S", 0.2)
+            monkeypatch.setattr(statefile, "LOCK_TIMEOUT_S", 0.2)
             with pytest.raises(LabError, match="another `hvext lab` command"):
-                with lab._locked(run_dir):
+                with statefile.locked(run_dir):
                     pass
     finally:
         os.umask(old)
@@ -38,7 +38,7 @@ def test_lab_lock_is_private_exclusive_and_times_out(tmp_path: Path, monkeypatch
 def test_lab_lock_is_never_taken_through_a_symlink(tmp_path: Path) -> None:
     (tmp_path / "lab.lock").symlink_to(tmp_path / "victim")
     with pytest.raises(LabError, match="cannot open the lab lock"):
-        with lab._locked(tmp_path / "lab"):
+        with statefile.locked(tmp_path / "lab"):
             pass
     assert not (tmp_path / "victim").exists()
 

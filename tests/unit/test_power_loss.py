@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +46,23 @@ def host() -> Iterator[Host]:
         yield connection
 
 
-@pytest.fixture
-def hooks() -> Iterator[None]:
-    """Whatever a test installs as pause or ranges hooks is removed afterwards."""
-    before, after, ranges = power._before_pause, power._after_resume, power._ranges_hook
-    power.set_pause_hooks(None, None)
-    power.set_ranges_hook(None)
-    try:
-        yield
-    finally:
-        power.set_pause_hooks(before, after)
-        power.set_ranges_hook(ranges)
+class Hooks:
+    """Persistence hints made of the functions given (a power.HintProvider); the others do nothing."""
+
+    def __init__(self, *, before: Callable[[Domain, float], dict[str, Any]] | None = None,
+                 after: Callable[[Domain], object] | None = None,
+                 ranges: Callable[[power.Registration], list[tuple[int, int]] | None] | None = None) -> None:
+        self._before, self._after, self._ranges = before, after, ranges
+
+    def before_pause(self, domain: Domain, deadline: float) -> dict[str, Any]:
+        return self._before(domain, deadline) if self._before else {"epoch_consistent": False}
+
+    def after_resume(self, domain: Domain) -> None:
+        if self._after:
+            self._after(domain)
+
+    def ranges(self, reg: power.Registration) -> list[tuple[int, int]] | None:
+        return self._ranges(reg) if self._ranges else None
 
 
 class Lab:
@@ -91,7 +97,7 @@ class Lab:
 
 
 @pytest.fixture
-def lab(host: Host, tmp_path: Path, hooks: None) -> Iterator[Lab]:
+def lab(host: Host, tmp_path: Path) -> Iterator[Lab]:
     the_lab = Lab(host, tmp_path)
     try:
         yield the_lab
@@ -116,8 +122,7 @@ def test_an_unexpected_exception_in_one_domain_does_not_stop_the_others(lab: Lab
         if reg.domain == bad.name:
             raise TypeError("a guest's hints broke the hook")
         return None
-    power.set_ranges_hook(ranges)
-    report = power.power_loss(lab.host, registry_dir=lab.registry)
+    report = power.power_loss(lab.host, hints=Hooks(ranges=ranges), registry_dir=lab.registry)
     devices = by_domain(report)
     assert "TypeError" in devices[bad.name]["error"], report
     assert devices[good.name]["blocks_written"] == 1 and "error" not in devices[good.name], report
@@ -139,7 +144,7 @@ def test_a_save_does_not_read_through_a_backing_replaced_by_a_link(lab: Lab) -> 
     victim.write_bytes(b"secret" * (SIZE // 6) + bytes(SIZE % 6))
     linked_backing.unlink()
     linked_backing.symlink_to(victim)
-    report = power.power_loss(lab.host, registry_dir=lab.registry)
+    report = power.power_loss(lab.host, hints=None, registry_dir=lab.registry)
     devices = by_domain(report)
     assert "symbolic link" in devices[linked.name]["error"], report
     assert "error" not in devices[good.name], report
@@ -153,8 +158,7 @@ def test_a_failing_pause_hook_still_pauses_and_saves(lab: Lab) -> None:
 
     def before(dom: Domain, deadline: float) -> dict[str, Any]:
         raise KeyError("frozen")
-    power.set_pause_hooks(before, None)
-    report = power.power_loss(lab.host, registry_dir=lab.registry)
+    report = power.power_loss(lab.host, hints=Hooks(before=before), registry_dir=lab.registry)
     (entry,) = report["devices"]
     assert report["ok"] and entry["paused"] and "KeyError" in entry["epoch"]["hints"], report
     assert domain.state is RunState.PAUSED
@@ -168,7 +172,7 @@ def test_registrations_of_undefined_domains_are_reported_apart(lab: Lab, tmp_pat
     kept, _ = lab.add("kept")
     gone.dom.destroy()
     gone.dom.undefine()  # undefined outside hvext: its registration stays
-    report = power.power_loss(lab.host, registry_dir=lab.registry)
+    report = power.power_loss(lab.host, hints=None, registry_dir=lab.registry)
     assert report["ok"] is True, report
     assert [m["domain"] for m in report["missing"]] == [gone.name]
     assert list(by_domain(report)) == [kept.name]
@@ -286,10 +290,9 @@ def test_hostile_agents_do_not_hold_the_pauses_beyond_one_budget(lab: Lab, tmp_p
     agents = [HostileAgent(tmp_path / f"agent{i}.sock") for i in range(3)]
     try:
         domains = [lab.add(f"hostile{i}", agent_socket=agent.path)[0] for i, agent in enumerate(agents)]
-        hints.install()
         started = time.monotonic()
         monkeypatch.setattr(power, "PREPAUSE_BUDGET_S", 1.5, raising=False)  # the default budget
-        report = power.power_loss(lab.host, registry_dir=lab.registry)
+        report = power.power_loss(lab.host, hints=hints.PROVIDER, registry_dir=lab.registry)
         elapsed = time.monotonic() - started
         assert all(a.requests[:2] == ["guest-sync", "pmem-freeze"] for a in agents), [a.requests for a in agents]
         assert elapsed < 1.5 + 1.5, (elapsed, report)  # concurrently, one deadline: not 3 x (sync + freeze)
@@ -322,15 +325,26 @@ def test_a_guest_prepared_for_a_pause_that_fails_is_thawed(lab: Lab, monkeypatch
     def before(dom: Domain, deadline: float = 0.0) -> dict[str, Any]:
         calls.append("freeze")
         return {"epoch_consistent": True}
-    power.set_pause_hooks(before, lambda dom: calls.append("thaw"))
     domain.dom = SuspendFails(domain.dom)  # type: ignore[assignment]
     monkeypatch.setattr(lab.host, "lookup", lambda name: domain)
-    report = power.power_loss(lab.host, registry_dir=lab.registry)
+    report = power.power_loss(lab.host, hints=Hooks(before=before, after=lambda dom: calls.append("thaw")),
+                              registry_dir=lab.registry)
     (entry,) = report["devices"]
     assert calls == ["freeze", "thaw"], calls
     assert "suspend refused" in entry["error"] and not report["ok"], report
     assert domain.state is RunState.RUNNING
     assert power.registrations(lab.registry)[0].pending is None  # nothing for restore to resume
+
+
+def test_restore_thaws_through_the_hints_given_after_resuming(lab: Lab) -> None:
+    domain, _ = lab.add("resume")
+    calls: list[str] = []
+    assert power.power_loss(lab.host, hints=None, registry_dir=lab.registry)["ok"]
+    assert domain.state is RunState.PAUSED
+    report = power.power_restore(lab.host, hints=Hooks(after=lambda dom: calls.append(f"thaw {dom.state.value}")),
+                                 registry_dir=lab.registry)
+    assert report["ok"] and report["domains"][0]["action"] == "resumed", report
+    assert calls == ["thaw running"]  # after the resume: the guest's applications go on past the epoch
 
 
 def test_a_relative_store_path_is_recorded_absolute(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

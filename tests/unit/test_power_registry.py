@@ -1,16 +1,18 @@
-"""hvext.pmem.power without a VM: the registry, the persistence-hints hook, and trusting dirty lists."""
+"""hvext.pmem.power without a VM: the registry, the persistence hints given to a save, and trusting dirty lists."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hvext.dirty.pages import DirtyBlock, DirtyPages
 from hvext.errors import UsageError
-from hvext.pmem import power
+from hvext.host import Domain
+from hvext.pmem import hints, power
 from hvext.pmem.store import BLOCK_SIZE, Store, StoreError
 
 SIZE = 16 * BLOCK_SIZE
@@ -48,14 +50,34 @@ def test_unprotect(tmp_path: Path) -> None:
     assert power.registrations(tmp_path) == []
 
 
-def test_ranges_hook_defaults_to_the_whole_device() -> None:
-    assert power.ranges_to_save(reg()) == [(0, SIZE)]
-    previous = power._ranges_hook
-    power.set_ranges_hook(lambda r: [(BLOCK_SIZE, 10)])
-    try:
-        assert power.ranges_to_save(reg()) == [(BLOCK_SIZE, 10)]
-    finally:
-        power.set_ranges_hook(previous)
+class Ranges:
+    """A hint provider that only narrows what is saved (power.HintProvider)."""
+
+    def __init__(self, ranges: list[tuple[int, int]] | None) -> None:
+        self._ranges = ranges
+
+    def before_pause(self, domain: Domain, deadline: float) -> dict[str, Any]:
+        return {}
+
+    def after_resume(self, domain: Domain) -> None:
+        pass
+
+    def ranges(self, reg: power.Registration) -> list[tuple[int, int]] | None:
+        return self._ranges
+
+
+def test_the_hints_given_narrow_the_ranges_saved_and_none_means_the_whole_device() -> None:
+    assert power.ranges_to_save(reg(), None) == [(0, SIZE)]
+    assert power.ranges_to_save(reg(), Ranges(None)) == [(0, SIZE)]
+    assert power.ranges_to_save(reg(), Ranges([(BLOCK_SIZE, 10)])) == [(BLOCK_SIZE, 10)]
+
+
+def test_the_guest_hints_provider_saves_what_before_pause_prepared() -> None:
+    registration = reg()
+    assert hints.PROVIDER.ranges(registration) is None  # nothing prepared: the whole device
+    hints._prepared[registration.backing] = [(0, BLOCK_SIZE)]
+    assert power.ranges_to_save(registration, hints.PROVIDER) == [(0, BLOCK_SIZE)]
+    assert hints.PROVIDER.ranges(registration) is None  # taken once: a later save is not narrowed by it
 
 
 def test_dirty_list_is_trusted_only_when_unbroken(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,7 @@ def guest_exec(domain: Domain, *argv: str, stdin: str = "", timeout: float = 120
     """Run a program in the guest through the agent; it must exit 0."""
     async def run() -> dict[str, Any]:
         async with domain.agent(timeout=timeout + 10) as agent:
-            return await agent.request("exec", {"argv": list(argv), "stdin": stdin, "timeout": timeout},
-                                       timeout=timeout + 10)
+            return asdict(await agent.exec(list(argv), stdin=stdin, timeout=timeout))
     result = aio.run(run())
     assert result["exitcode"] == 0, result
     return result

@@ -15,11 +15,13 @@ import json
 import shutil
 import time
 import xml.etree.ElementTree as ET
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
 from hvext import accel, aio
+from hvext.agent.client import AgentClient, StressStatus
 from hvext.cli.dirty import dirty_pages_over
 from hvext.cli.main import main
 from hvext.dirty import rate
@@ -31,13 +33,15 @@ from tests.support import require
 # The patched QEMU is installed by setup (`make qemu`): missing, its tests skip locally and fail under CI=true.
 patched = pytest.mark.requires(emulator_path() is not None, "needs the patched QEMU (make qemu)")
 # What the CPU allows decides between the KVM and TCG complements.
+T = TypeVar("T")
 tcg_only = pytest.mark.skipif(accel.current().is_kvm, reason="runs under KVM, where this mode is available")
 
 
-def agent(domain: Domain, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    async def run() -> dict[str, Any]:
+def agent(domain: Domain, call: Callable[[AgentClient], Awaitable[T]]) -> T:
+    """What *call* returns, given a connected agent client of *domain*."""
+    async def run() -> T:
         async with domain.agent(timeout=30) as client:
-            return await client.request(command, args or {})
+            return await call(client)
     return aio.run(run())
 
 
@@ -45,20 +49,20 @@ def agent(domain: Domain, command: str, args: dict[str, Any] | None = None) -> d
 def stress(booted_vm: Domain):  # type: ignore[no-untyped-def]
     started: list[bool] = []
 
-    def start(rate_mib: float, wss_mib: int) -> dict[str, Any]:
-        agent(booted_vm, "stress-start", {"rate_mib_s": rate_mib, "wss_mib": wss_mib})
+    def start(rate_mib: float, wss_mib: int) -> StressStatus:
+        agent(booted_vm, lambda client: client.stress_start(rate_mib, wss_mib))
         started.append(True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # wait until the working set is faulted in and writing starts
-            status = agent(booted_vm, "stress-status")
-            if status.get("pages_written", 0) > 0:
+            status = agent(booted_vm, lambda client: client.stress_status())
+            if (status.pages_written or 0) > 0:
                 time.sleep(4)  # let the guest settle after faulting in (and freeing) working sets
                 return status
             time.sleep(0.5)
         raise AssertionError("the stress workload never started writing")
     yield start
     if started:
-        agent(booted_vm, "stress-stop")
+        agent(booted_vm, lambda client: client.stress_stop())
 
 
 def test_page_sampling_rate_follows_the_workload(booted_vm: Domain, stress) -> None:
@@ -121,7 +125,7 @@ def test_dirty_bitmap_rate_under_tcg_does_not_crash(booted_vm: Domain, stress) -
 @patched
 def test_page_list_holds_the_pages_the_workload_wrote(booted_vm: Domain, stress, capsys) -> None:
     status = stress(64, 64)  # the whole 64 MiB working set is rewritten every second
-    frames = status["pfn_sample"]
+    frames = status.pfn_sample
     assert len(frames) >= 32
     pages = aio.run(dirty_pages_over(booted_vm, 2.0))
     ram = max(pages.blocks.values(), key=lambda b: b.length)  # libvirt's ram-node0: guest RAM from address 0
@@ -201,9 +205,8 @@ def test_guest_fsync_on_virtio_pmem_raises_a_flush_event(vpmem_fs: Domain) -> No
             await asyncio.sleep(0)
             async with vpmem_vm.agent(timeout=120) as client:
                 before = len(events)
-                await client.request("exec", {"argv": ["python3", "-c",
-                                                        "import os; fd = os.open('/mnt/f/x', os.O_WRONLY | os.O_CREAT);"
-                                                        " os.write(fd, b'durable'); os.fsync(fd)"]})
+                await client.exec(["python3", "-c", "import os; fd = os.open('/mnt/f/x', os.O_WRONLY | os.O_CREAT);"
+                                                    " os.write(fd, b'durable'); os.fsync(fd)"])
             deadline = time.monotonic() + 10
             while len(events) <= before and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)

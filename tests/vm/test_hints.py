@@ -119,12 +119,11 @@ def test_a_guest_frozen_for_a_pause_that_fails_is_thawed(hinted_vm, capsys, monk
             def suspend(self) -> int:
                 raise libvirt.libvirtError("injected: suspend refused")
 
-        hints.install()
         with Host() as host:
             handle = host.lookup(domain.name)
             handle.dom = SuspendFails(handle.dom)  # type: ignore[assignment]
             monkeypatch.setattr(host, "lookup", lambda name: handle)
-            report = power.power_loss(host, domains=[domain.name], budget=30)
+            report = power.power_loss(host, hints=hints.PROVIDER, domains=[domain.name], budget=30)
         (entry,) = report["devices"]
         assert "suspend refused" in entry.get("error", "") and entry["epoch"]["epoch_consistent"] is True, report
         assert domain.state is RunState.RUNNING
@@ -146,6 +145,5 @@ def progress(domain: Domain) -> int:
 def guest_exec_status(domain: Domain, command: str) -> int:
     async def run() -> int:
         async with domain.agent(timeout=60) as agent:
-            result = await agent.request("exec", {"argv": ["sh", "-c", command], "timeout": 50}, timeout=60)
-        return int(result["exitcode"])
+            return (await agent.exec(["sh", "-c", command], timeout=50)).exitcode
     return aio.run(run())

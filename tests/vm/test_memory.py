@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
 def guest(domain: Domain, *argv: str, timeout: float = 120, check: bool = True) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         async with domain.agent(timeout=timeout + 10) as agent:
-            return await agent.request("exec", {"argv": list(argv), "timeout": timeout}, timeout=timeout + 10)
+            return asdict(await agent.exec(list(argv), timeout=timeout))
     result = aio.run(run())
     assert not check or result["exitcode"] == 0, result
     return result

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hvext import aio
+from hvext.agent.client import StressStatus
 from hvext.errors import DomainNotFound
 from hvext.host import Domain, Host, RunState
 from hvext.lab import Lab
@@ -72,7 +73,7 @@ def test_plain_then_auto_under_a_dirtying_workload(migrating_vm: Domain, hosts, 
 
     async def stress() -> None:
         async with moved.agent() as agent:
-            await agent.request("stress-start", {"rate_mib_s": 64, "wss_mib": 200})
+            await agent.stress_start(64, 200)
     aio.run(stress())
     time.sleep(3)
     auto = aio.run(orchestrate.migrate(moved, lab.hosts[0].uri_tls, policy="auto", bandwidth_mib=32))
@@ -80,12 +81,12 @@ def test_plain_then_auto_under_a_dirtying_workload(migrating_vm: Domain, hosts, 
     assert "post-copy" in auto.plan_reason and auto.postcopy_switch, auto.plan_reason
     back = source.lookup(migrating_vm.name)
     assert back.state is RunState.RUNNING
-    assert aio.run(_stress_status(back))["running"]  # the workload survived the move
+    assert aio.run(_stress_status(back)).running  # the workload survived the move
 
 
-async def _stress_status(domain: Domain) -> dict:
+async def _stress_status(domain: Domain) -> StressStatus:
     async with domain.agent() as agent:
-        return await agent.request("stress-status")
+        return await agent.stress_status()
 
 
 def test_killed_destination_leaves_the_source_running(migrating_vm: Domain, hosts, lab: Lab) -> None:

@@ -113,7 +113,7 @@ def save(self, *args, **kwargs):
 
 store.Store.save = save
 with Host() as host:
-    power.power_loss(host, domains=[sys.argv[1]])
+    power.power_loss(host, hints=None, domains=[sys.argv[1]])
 """
 
 
@@ -148,14 +148,13 @@ def test_interrupted_save_keeps_the_previous_copy(protected_vm: tuple[Domain, Pa
 
 async def _region_sha(domain: Domain, offset: int, length: int) -> str:
     async with domain.agent(timeout=60) as agent:
-        result = await agent.request("exec", {"argv": ["python3", "-c",
-                                                       "import hashlib, os\n"
-                                                       "open('/proc/sys/vm/drop_caches', 'w').write('3')\n"
-                                                       "f = open('/dev/pmem0', 'rb')\n"
-                                                       f"f.seek({offset})\n"
-                                                       f"print(hashlib.sha256(f.read({length})).hexdigest())\n"]},
-                                     timeout=60)
-    return result["stdout"].strip()
+        result = await agent.exec(["python3", "-c", "import hashlib, os\n"
+                                                    "open('/proc/sys/vm/drop_caches', 'w').write('3')\n"
+                                                    "f = open('/dev/pmem0', 'rb')\n"
+                                                    f"f.seek({offset})\n"
+                                                    f"print(hashlib.sha256(f.read({length})).hexdigest())\n"],
+                                  timeout=60)
+    return result.stdout.strip()
 
 
 def test_hvextd_restores_at_host_start(protected_vm: tuple[Domain, Path], capsys) -> None:

@@ -1,0 +1,193 @@
+"""The lab's life cycle: :class:`Lab` (``up``, ``load``, ``status``, ``down``).
+
+What the lab is, and how other code uses it: :mod:`hvext.lab`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hvext.errors import HvextError
+from hvext.lab import daemons, net, pki, plan, procs, statefile, teardown
+from hvext.lab.daemons import Probe
+from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError, Phase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HostStatus:
+    """What `hvext lab status` reports for one host."""
+
+    host: LabHost
+    netns_present: bool
+    daemons: dict[str, int | None]  # daemon -> PID when it still runs
+    unix: Probe
+    tls: Probe
+
+    @property
+    def answering(self) -> bool:
+        return self.unix.ok and self.tls.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        h = self.host
+        return {
+            "name": h.name, "address": h.address, "netns": h.netns, "hostname": h.hostname,
+            "uuid": h.uuid, "uri_unix": h.uri_unix, "uri_tls": h.uri_tls,
+            "netns_present": self.netns_present, "daemons": self.daemons,
+            "answering": self.answering,
+            "unix": {"ok": self.unix.ok, "error": self.unix.error, "hostname": self.unix.hostname,
+                     "libvirt": self.unix.version, "domains": self.unix.domains},
+            "tls": {"ok": self.tls.ok, "error": self.tls.error, "hostname": self.tls.hostname},
+        }
+
+
+class Lab:
+    """The lab that is up: open one with :meth:`up` or :meth:`load`."""
+
+    def __init__(self, state: LabState, *, created: bool = False, replaced: str = "",
+                 seconds: float = 0.0) -> None:
+        self.state = state
+        #: True when this `up` built the lab; False when an identical one was already up.
+        self.created = created
+        #: Why `up` first removed a recorded lab (another size with ``force``, or a broken one); "" if not.
+        self.replaced = replaced
+        self.seconds = seconds
+
+    @property
+    def hosts(self) -> list[LabHost]:
+        return list(self.state.hosts)
+
+    def host(self, name: str | int) -> LabHost:
+        """A host by name (``host2``) or index (2)."""
+        index = name if isinstance(name, int) else plan.host_index(name)
+        for h in self.state.hosts:
+            if h.index == index:
+                return h
+        raise LabUsageError(f"the lab has no {plan.host_name(index)}: it has "
+                            f"{', '.join(h.name for h in self.state.hosts)}")
+
+    # -- life cycle ----------------------------------------------------------
+    @classmethod
+    def load(cls) -> Lab | None:
+        """The lab recorded in the state file, or None when no lab is up."""
+        state = statefile.read_state(plan.RUN_DIR)
+        return None if state is None else cls(state)
+
+    @classmethod
+    def up(cls, count: int, *, force: bool = False) -> Lab:
+        """Make sure a lab of *count* hosts is up; a no-op (``created`` False) when it already is.
+
+        A lab of another size is refused unless *force* (then it is removed
+        first). A recorded lab whose daemons or namespaces are gone is rebuilt.
+        """
+        count = plan.validate_count(count)
+        started = time.monotonic()
+        run_dir, data_dir = plan.RUN_DIR, plan.DATA_DIR
+        with statefile.locked(run_dir):
+            replaced = ""
+            existing = statefile.read_state(run_dir)
+            if existing is not None:
+                if len(existing.hosts) != count:
+                    if not force:
+                        raise LabUsageError(
+                            f"a {len(existing.hosts)}-host lab is already up; run `hvext lab down` first, or "
+                            f"`hvext lab up --hosts {count} --force` to replace it")
+                    replaced = f"it had {len(existing.hosts)} hosts"
+                else:
+                    replaced = _health_problem(existing)
+                    if not replaced:
+                        return cls(existing, created=False, seconds=time.monotonic() - started)
+                log.info("replacing the recorded lab: %s", replaced)
+                teardown.teardown(existing, run_dir, data_dir)
+            elif teardown.leftovers(run_dir):
+                teardown.teardown(None, run_dir, data_dir)
+            state = LabState(hosts=plan.new_hosts(count, run_dir, data_dir), phase=Phase.CREATING,
+                             created=time.time(), run_dir=run_dir, data_dir=data_dir)
+            statefile.write_state(state)
+            try:
+                _build(state)
+            except BaseException as err:
+                try:
+                    teardown.teardown(state, run_dir, data_dir)
+                except HvextError as cleanup:
+                    err.add_note(f"removing the half-built lab also failed: {cleanup}")
+                raise
+        return cls(state, created=True, replaced=replaced, seconds=time.monotonic() - started)
+
+    def down(self) -> list[str]:
+        """Remove this lab (processes, namespaces, links, directories); returns what was removed."""
+        with statefile.locked(self.state.run_dir):
+            current = statefile.read_state(self.state.run_dir)
+            return teardown.teardown(current, self.state.run_dir, self.state.data_dir)
+
+    def status(self) -> list[HostStatus]:
+        """Each host: its namespace, daemons, and whether libvirtd answers on the unix and TLS URIs."""
+        result = []
+        for h in self.state.hosts:
+            alive = {d: (ref.pid if procs.is_alive(ref) else None) for d, ref in h.processes.items()}
+            for daemon in plan.DAEMONS:
+                alive.setdefault(daemon, None)
+            result.append(HostStatus(
+                host=h, netns_present=net.netns_exists(h.netns), daemons=alive,
+                unix=daemons.probe_libvirt(h.uri_unix),
+                tls=daemons.probe_libvirt(h.uri_tls, tcp=(h.address, plan.LIBVIRT_TLS_PORT))))
+        return result
+
+
+def down() -> list[str]:
+    """Remove the lab, whether or not a (readable) state file records it; nothing up is fine."""
+    run_dir, data_dir = plan.RUN_DIR, plan.DATA_DIR
+    with statefile.locked(run_dir):
+        notes = []
+        try:
+            state = statefile.read_state(run_dir)
+        except LabError as err:
+            # Clean up by fixed names and by the daemons' own pid files instead.
+            log.info("%s", err)
+            notes.append(f"unreadable state file ignored ({err})")
+            state = None
+        if state is not None:
+            run_dir, data_dir = state.run_dir, state.data_dir
+        return notes + teardown.teardown(state, run_dir, data_dir)
+
+
+# -- internals ------------------------------------------------------------------
+def _build(state: LabState) -> None:
+    count = len(state.hosts)
+    net.ensure_bridge()
+    for h in state.hosts:
+        net.add_host(h.index)
+    pki.make_lab_authorities(state.data_dir)
+    for h in state.hosts:
+        daemons.prepare(h, count, state.run_dir, state.data_dir)
+    for h in state.hosts:  # all daemons start first, then we wait for them together
+        daemons.launch(h, state.run_dir)
+    for h in state.hosts:
+        h.processes = daemons.wait_ready(h, state.run_dir, state.data_dir)
+        statefile.write_state(state)
+    state.mark_up()
+    statefile.write_state(state)
+
+
+def _health_problem(state: LabState) -> str:
+    """Why the recorded lab is not usable as it is ("" when every host has its namespace,
+    its daemons and an answering libvirtd)."""
+    if state.phase is not Phase.UP:
+        return "an earlier `lab up` did not finish"
+    for h in state.hosts:
+        if not net.netns_exists(h.netns):
+            return f"{h.name}'s network namespace is gone"
+        for daemon in plan.DAEMONS:
+            ref = h.processes.get(daemon)
+            if ref is None or not procs.is_alive(ref):
+                return f"{h.name}'s {daemon} is not running"
+        probe = daemons.probe_libvirt(h.uri_unix)
+        if not probe.ok:
+            return f"{h.name}'s libvirtd does not answer ({probe.error})"
+    return ""
+
+
