@@ -24,10 +24,10 @@ from hvext.memory.pools import (
     DEFAULT_SHARES,
     ROOT,
     PoolNotEmptyError,
+    PoolStore,
     ResourceTree,
     normalize_path,
 )
-from hvext.memory.pools_store import PoolStore
 from hvext.units import KIB, parse_size_mib
 
 SHARE_LEVELS = {"low": 500, "normal": 1000, "high": 2000}  # vSphere's names for shares

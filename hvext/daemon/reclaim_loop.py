@@ -71,7 +71,7 @@ class ReclaimConfig:
 def _pool_entitlements(domains: list[Domain], demand: dict[str, int]) -> dict[str, int]:
     """Entitlement in bytes per domain assigned to a pool (others absent; none when the store is unusable)."""
     try:
-        from hvext.memory.pools_store import PoolStore
+        from hvext.memory.pools import PoolStore
         tree = PoolStore().load(capacity_mib=max(1, sum(demand.values()) // MIB))
     except (HvextError, OSError) as err:
         log.warning("pool entitlements unavailable, ordering VMs by size: %s", err)

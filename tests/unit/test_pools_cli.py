@@ -12,7 +12,7 @@ from hvext.cli import common
 from hvext.cli import pools as pools_cli
 from hvext.cli.main import main
 from hvext.errors import DomainNotFound, LibvirtUnavailable
-from hvext.memory.pools_store import PoolStore
+from hvext.memory.pools import PoolStore
 
 
 class FakeDomain:

@@ -60,340 +60,53 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from hvext.errors import HvextError, UsageError
-from hvext.memory.pools_entitlement import compute_allocations
+from hvext.memory.pools.entitlement import compute_allocations
+from hvext.memory.pools.errors import (
+    AssignmentError,
+    ConsistencyError,
+    InvalidPathError,
+    InvalidValueError,
+    PoolExistsError,
+    PoolLockError,
+    PoolNotEmptyError,
+    PoolNotFoundError,
+)
+from hvext.memory.pools.lock import _Held, _RWLock
+from hvext.memory.pools.node import PoolNode, _NodeValue
+from hvext.memory.pools.validate import (
+    DEFAULT_SHARES,
+    ROOT,
+    _check_flag,
+    _check_limit,
+    _check_mib,
+    _check_shares,
+    _depth,
+    _split,
+    check_domain_name,
+    normalize_path,
+)
 
 if TYPE_CHECKING:
-    from hvext.memory.pools_store import PoolStore, _Binding
+    from hvext.memory.pools.store import PoolStore, _Binding
 
 __all__ = [
-    "ROOT",
-    "DEFAULT_SHARES",
     "RULE_LIMIT",
     "RULE_PARENT_LIMIT",
     "RULE_CHILDREN",
-    "PoolError",
-    "PoolUsageError",
-    "InvalidPathError",
-    "InvalidValueError",
-    "PoolNotFoundError",
-    "PoolExistsError",
-    "PoolNotEmptyError",
-    "AssignmentError",
-    "ConsistencyError",
-    "PoolLockError",
-    "PoolStoreError",
-    "StaleStoreError",
-    "PoolNode",
+    "RULE_CACHE",
+    "UNSET",
     "ResourceTree",
-    "PoolStore",
     "check_consistency",
-    "normalize_path",
 ]
-
-ROOT: Final = "/"
-DEFAULT_SHARES: Final = 1000
-MAX_MIB: Final = 1 << 50  # 1 ZiB: far above any host, far below SQLite's 2**63
-MAX_SHARES: Final = 1 << 31
-MAX_NAME_LEN: Final = 64
 
 RULE_LIMIT: Final = "reservation-within-limit"
 RULE_PARENT_LIMIT: Final = "reservation-within-parent-limit"
 RULE_CHILDREN: Final = "children-within-reservation"
 RULE_CACHE: Final = "effective-reservation-cache"
-
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]*")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class PoolError(HvextError):
-    """Root of the resource tree's errors."""
-
-
-class PoolUsageError(PoolError, UsageError):
-    """A request the tree refuses because of what was asked (not a host failure)."""
-
-
-class InvalidPathError(PoolUsageError, ValueError):
-    """A pool path that is not absolute, canonical and made of valid names."""
-
-
-class InvalidValueError(PoolUsageError, ValueError):
-    """A reservation, limit, shares, capacity, demand or flag of the wrong type or range."""
-
-
-class PoolNotFoundError(PoolUsageError, LookupError):
-    """No pool (or VM leaf) at that path."""
-
-
-class PoolExistsError(PoolUsageError):
-    """A pool with that path already exists."""
-
-
-class PoolNotEmptyError(PoolUsageError):
-    """Removing a pool that still has children without ``recursive=True``."""
-
-
-class AssignmentError(PoolUsageError):
-    """A domain cannot be assigned to / unassigned from that node."""
-
-
-class ConsistencyError(PoolUsageError):
-    """A modification would break the tree's structural consistency.
-
-    ``rule`` is one of the ``RULE_*`` names and ``nodes`` the paths involved;
-    both are also in the message.
-    """
-
-    def __init__(self, rule: str, nodes: Iterable[str], detail: str) -> None:
-        self.rule = rule
-        self.nodes: tuple[str, ...] = tuple(dict.fromkeys(nodes))
-        self.detail = detail
-        super().__init__(f"{detail} [rule {rule}; nodes {', '.join(self.nodes)}]")
-
-
-class PoolLockError(PoolError, RuntimeError):
-    """The tree was used in a way that would deadlock (from inside ``locked_subtree``)."""
-
-
-class PoolStoreError(PoolError):
-    """The SQLite store failed or holds something unusable; the tree is unchanged."""
-
-
-class StaleStoreError(PoolStoreError):
-    """The store was changed by another tree or process since this tree was loaded."""
-
-
-# --------------------------------------------------------------------------- values
-
-
-def _check_mib(name: str, value: object) -> int:
-    """Return *value* if it is a whole, non-negative, sane number of MiB."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidValueError(f"{name} must be a whole number of MiB, not {value!r}")
-    if value < 0:
-        raise InvalidValueError(f"{name} must not be negative, got {value}")
-    if value > MAX_MIB:
-        raise InvalidValueError(f"{name} {value} MiB is larger than {MAX_MIB} MiB")
-    return value
-
-
-def _check_limit(name: str, value: object) -> int | None:
-    """Return *value* if it is None (no limit) or a valid MiB count."""
-    if value is None:
-        return None
-    try:
-        return _check_mib(name, value)
-    except InvalidValueError as err:
-        raise InvalidValueError(f"{err} (None means no limit)") from err
-
-
-def _check_shares(value: object) -> int:
-    """Return *value* if it is a positive integer share count."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidValueError(f"shares must be a positive integer, not {value!r}")
-    if not 0 < value <= MAX_SHARES:
-        raise InvalidValueError(f"shares must be between 1 and {MAX_SHARES}, got {value}")
-    return value
-
-
-def _check_flag(value: object) -> bool:
-    """Return *value* if it is a bool (no truthiness guessing)."""
-    if not isinstance(value, bool):
-        raise InvalidValueError(f"expandable must be True or False, not {value!r}")
-    return value
-
-
-def check_domain_name(domain: object) -> str:
-    """Return *domain* if it is a usable libvirt domain name (printable, no '/')."""
-    if (
-        not isinstance(domain, str)
-        or not 0 < len(domain) <= 255
-        or "/" in domain
-        or not domain.isprintable()
-        or domain != domain.strip()
-    ):
-        raise InvalidValueError(
-            f"invalid domain name {domain!r}: use 1-255 printable characters without '/'"
-        )
-    return domain
-
-
-def normalize_path(path: object) -> str:
-    """Return the canonical form of a pool path (``/a/b``; one trailing '/' is dropped).
-
-    Names are 1-64 characters of letters, digits and ``_ . : @ + -`` and do not
-    start with a punctuation character other than ``_``.
-    """
-    if not isinstance(path, str):
-        raise InvalidPathError(f"pool path must be a string, not {path!r}")
-    if not path.startswith("/"):
-        raise InvalidPathError(f"pool path {path!r} must be absolute (start with '/')")
-    if path == ROOT:
-        return ROOT
-    body = path[1:-1] if path.endswith("/") else path[1:]
-    names = body.split("/")
-    for name in names:
-        if not name:
-            raise InvalidPathError(f"pool path {path!r} has an empty name")
-        if len(name) > MAX_NAME_LEN or not _NAME_RE.fullmatch(name):
-            raise InvalidPathError(
-                f"invalid pool name {name!r} in {path!r}: use up to {MAX_NAME_LEN} letters, "
-                "digits and '_.:@+-', starting with a letter, digit or '_'"
-            )
-    return "/" + "/".join(names)
-
-
-def _split(path: str) -> tuple[str, str]:
-    """Split a canonical non-root path into (parent path, name)."""
-    head, _, name = path.rpartition("/")
-    return (head or ROOT), name
-
-
-def _depth(path: str) -> int:
-    """Number of names in a canonical path (the root has depth 0)."""
-    return 0 if path == ROOT else path.count("/")
-
-
-@dataclass(frozen=True)
-class _NodeValue:
-    """The modifiable parameters of a node; replaced whole on commit."""
-
-    reservation_mib: int
-    limit_mib: int | None
-    shares: int
-    expandable: bool
-
-
-@dataclass(frozen=True)
-class PoolNode:
-    """An immutable view of one node, taken under the tree's locks.
-
-    ``children`` are the children's full paths, sorted.  For the root,
-    ``reservation_mib`` and ``limit_mib`` are the host capacity.
-    """
-
-    path: str
-    reservation_mib: int
-    limit_mib: int | None
-    shares: int
-    expandable: bool
-    children: tuple[str, ...]
-    effective_reservation_mib: int
-    domain: str | None = None
-
-    @property
-    def name(self) -> str:
-        """The last path component ('/' for the root)."""
-        return ROOT if self.path == ROOT else _split(self.path)[1]
-
-    @property
-    def parent(self) -> str | None:
-        """The parent's path, None for the root."""
-        return None if self.path == ROOT else _split(self.path)[0]
-
-    @property
-    def depth(self) -> int:
-        return _depth(self.path)
-
-    @property
-    def is_root(self) -> bool:
-        return self.path == ROOT
-
-    @property
-    def is_leaf(self) -> bool:
-        """True for a non-root node without children (where VMs and demands live)."""
-        return self.path != ROOT and not self.children
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON-ready), children as paths."""
-        return {
-            "path": self.path,
-            "name": self.name,
-            "reservation_mib": self.reservation_mib,
-            "limit_mib": self.limit_mib,
-            "shares": self.shares,
-            "expandable": self.expandable,
-            "effective_reservation_mib": self.effective_reservation_mib,
-            "domain": self.domain,
-            "children": list(self.children),
-        }
-
-
-# --------------------------------------------------------------------------- locks
-
-
-class _RWLock:
-    """A writer-preferring readers-writer lock (not re-entrant)."""
-
-    __slots__ = ("_cond", "_readers", "_writer", "_waiting_writers")
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    def acquire_read(self) -> None:
-        with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-
-    def release_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            if not self._readers:
-                self._cond.notify_all()
-
-    def acquire_write(self) -> None:
-        with self._cond:
-            self._waiting_writers += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._waiting_writers -= 1
-            self._writer = True
-
-    def release_write(self) -> None:
-        with self._cond:
-            self._writer = False
-            self._cond.notify_all()
-
-
-class _Held:
-    """The locks one operation holds; released in reverse order when it ends."""
-
-    def __init__(self) -> None:
-        self._releases: list[Callable[[], None]] = []
-
-    def read(self, lock: _RWLock) -> None:
-        lock.acquire_read()
-        self._releases.append(lock.release_read)
-
-    def write(self, lock: _RWLock) -> None:
-        lock.acquire_write()
-        self._releases.append(lock.release_write)
-
-    def mutex(self, lock: threading.Lock) -> None:
-        lock.acquire()
-        self._releases.append(lock.release)
-
-    def __enter__(self) -> _Held:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        while self._releases:
-            self._releases.pop()()
 
 
 class _Node:
@@ -442,7 +155,7 @@ class ResourceTree:
     """A thread-safe tree of memory pools and VM leaves under a host of ``capacity_mib``.
 
     Build it empty with ``ResourceTree(capacity_mib=...)`` (in memory only), or
-    get a persisted one from :meth:`hvext.memory.pools_store.PoolStore.load`;
+    get a persisted one from :meth:`hvext.memory.pools.store.PoolStore.load`;
     then every committed modification is written to SQLite first, in one
     transaction, and applied in memory only if that succeeded.
     """
@@ -685,7 +398,7 @@ class ResourceTree:
         children in proportion to their shares, max-min fair and capped by their
         (limit-capped) demand, so capacity is handed out as long as some demand
         is unmet and no limit stops it.  With ``all_nodes`` pools (and the root)
-        are included.  See :mod:`hvext.memory.pools_entitlement`.
+        are included.  See :mod:`hvext.memory.pools.entitlement`.
         """
         nodes = self.snapshot()
         wanted = self._check_demands(nodes, demands)
@@ -1073,7 +786,7 @@ def check_consistency(nodes: Mapping[str, PoolNode], *, check_cache: bool = Fals
 def __getattr__(name: str) -> Any:
     """Re-export PoolStore lazily (its module imports this one)."""
     if name == "PoolStore":
-        from hvext.memory.pools_store import PoolStore
+        from hvext.memory.pools.store import PoolStore
 
         return PoolStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

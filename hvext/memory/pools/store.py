@@ -24,14 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
-from hvext.memory.pools import (
-    ROOT,
-    PoolStoreError,
-    PoolUsageError,
-    ResourceTree,
-    StaleStoreError,
-    _NodeValue,
-)
+from hvext.memory.pools.errors import PoolStoreError, PoolUsageError, StaleStoreError
+from hvext.memory.pools.node import _NodeValue
+from hvext.memory.pools.tree import ResourceTree
+from hvext.memory.pools.validate import ROOT
 
 __all__ = ["DEFAULT_DB_PATH", "ENV_DB_PATH", "PoolStore", "default_db_path"]
 
