@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+__all__ = ["Held", "RWLock"]
 
-class _RWLock:
+
+class RWLock:
     """A writer-preferring readers-writer lock (not re-entrant)."""
 
     __slots__ = ("_cond", "_readers", "_writer", "_waiting_writers")
@@ -45,17 +47,17 @@ class _RWLock:
             self._cond.notify_all()
 
 
-class _Held:
+class Held:
     """The locks one operation holds; released in reverse order when it ends."""
 
     def __init__(self) -> None:
         self._releases: list[Callable[[], None]] = []
 
-    def read(self, lock: _RWLock) -> None:
+    def read(self, lock: RWLock) -> None:
         lock.acquire_read()
         self._releases.append(lock.release_read)
 
-    def write(self, lock: _RWLock) -> None:
+    def write(self, lock: RWLock) -> None:
         lock.acquire_write()
         self._releases.append(lock.release_write)
 
@@ -63,7 +65,7 @@ class _Held:
         lock.acquire()
         self._releases.append(lock.release)
 
-    def __enter__(self) -> _Held:
+    def __enter__(self) -> Held:
         return self
 
     def __exit__(self, *exc: object) -> None:

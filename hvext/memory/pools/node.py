@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hvext.memory.pools.validate import ROOT, _depth, _split
+from hvext.memory.pools.validate import ROOT, path_depth, split_path
+
+__all__ = ["NodeValue", "PoolNode"]
 
 
 @dataclass(frozen=True)
-class _NodeValue:
+class NodeValue:
     """The modifiable parameters of a node; replaced whole on commit."""
 
     reservation_mib: int
@@ -38,16 +40,16 @@ class PoolNode:
     @property
     def name(self) -> str:
         """The last path component ('/' for the root)."""
-        return ROOT if self.path == ROOT else _split(self.path)[1]
+        return ROOT if self.path == ROOT else split_path(self.path)[1]
 
     @property
     def parent(self) -> str | None:
         """The parent's path, None for the root."""
-        return None if self.path == ROOT else _split(self.path)[0]
+        return None if self.path == ROOT else split_path(self.path)[0]
 
     @property
     def depth(self) -> int:
-        return _depth(self.path)
+        return path_depth(self.path)
 
     @property
     def is_root(self) -> bool:

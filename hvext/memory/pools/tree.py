@@ -75,23 +75,23 @@ from hvext.memory.pools.errors import (
     PoolNotEmptyError,
     PoolNotFoundError,
 )
-from hvext.memory.pools.lock import _Held, _RWLock
-from hvext.memory.pools.node import PoolNode, _NodeValue
+from hvext.memory.pools.lock import Held, RWLock
+from hvext.memory.pools.node import NodeValue, PoolNode
 from hvext.memory.pools.validate import (
     DEFAULT_SHARES,
     ROOT,
-    _check_flag,
-    _check_limit,
-    _check_mib,
-    _check_shares,
-    _depth,
-    _split,
     check_domain_name,
+    check_flag,
+    check_limit,
+    check_mib,
+    check_shares,
     normalize_path,
+    path_depth,
+    split_path,
 )
 
 if TYPE_CHECKING:
-    from hvext.memory.pools.store import PoolStore, _Binding
+    from hvext.memory.pools.store import Binding, PoolStore
 
 __all__ = [
     "RULE_LIMIT",
@@ -114,15 +114,15 @@ class _Node:
 
     __slots__ = ("path", "depth", "parent", "children", "value", "domain", "child_sum", "lock", "budget")
 
-    def __init__(self, path: str, parent: _Node | None, value: _NodeValue, domain: str | None = None) -> None:
+    def __init__(self, path: str, parent: _Node | None, value: NodeValue, domain: str | None = None) -> None:
         self.path = path
-        self.depth = _depth(path)
+        self.depth = path_depth(path)
         self.parent = parent
         self.children: dict[str, _Node] = {}
         self.value = value
         self.domain = domain
         self.child_sum = 0  # sum of the children's effective reservations (cache)
-        self.lock = _RWLock()
+        self.lock = RWLock()
         self.budget = threading.Lock()
 
     @property
@@ -134,7 +134,7 @@ class _Node:
         return self.parent is None or not self.value.expandable
 
 
-def _effective(value: _NodeValue, child_sum: int) -> int:
+def _effective(value: NodeValue, child_sum: int) -> int:
     return max(value.reservation_mib, child_sum) if value.expandable else value.reservation_mib
 
 
@@ -161,11 +161,11 @@ class ResourceTree:
     """
 
     def __init__(self, capacity_mib: int) -> None:
-        capacity = _check_mib("capacity_mib", capacity_mib)
-        self._root = _Node(ROOT, None, _NodeValue(capacity, capacity, DEFAULT_SHARES, False))
+        capacity = check_mib("capacity_mib", capacity_mib)
+        self._root = _Node(ROOT, None, NodeValue(capacity, capacity, DEFAULT_SHARES, False))
         self._domains: dict[str, str] = {}  # domain -> leaf path
         self._domains_lock = threading.Lock()
-        self._binding: _Binding | None = None
+        self._binding: Binding | None = None
         self._local = threading.local()
         # Test hook: called as hook(operation, path) once an operation holds all
         # its locks and has passed its checks, just before it commits.
@@ -196,7 +196,7 @@ class ResourceTree:
         if self._after_lock is not None:
             self._after_lock(operation, path)
 
-    def _lock_path(self, held: _Held, path: str, *, write_from: int) -> list[_Node]:
+    def _lock_path(self, held: Held, path: str, *, write_from: int) -> list[_Node]:
         """Lock root..path top-down (exclusive from depth *write_from*, shared above).
 
         Returns the nodes root first.  Each child is looked up while its parent's
@@ -217,7 +217,7 @@ class ResourceTree:
         return nodes
 
     @staticmethod
-    def _lock_budgets(held: _Held, parent: _Node) -> None:
+    def _lock_budgets(held: Held, parent: _Node) -> None:
         """Take the budget mutexes of *parent*'s accounting chain, top-down."""
         chain = [parent]
         while not chain[-1].is_accounting():
@@ -246,7 +246,7 @@ class ResourceTree:
     def _check_node(
         path: str,
         parent: tuple[str, int | None] | None,
-        working: _NodeValue,
+        working: NodeValue,
         child_sum: int,
         children: Sequence[tuple[str, int]],
     ) -> int:
@@ -336,7 +336,7 @@ class ResourceTree:
         """Return a snapshot of the node at *path*."""
         self._guard()
         path = normalize_path(path)
-        with _Held() as held:
+        with Held() as held:
             node = self._lock_path(held, path, write_from=1 << 30)[-1]
             held.mutex(node.budget)
             return self._view(node)
@@ -352,7 +352,7 @@ class ResourceTree:
     def snapshot(self) -> dict[str, PoolNode]:
         """A consistent view of the whole tree, in pre-order (root first, children by name)."""
         self._guard()
-        with _Held() as held:
+        with Held() as held:
             held.read(self._root.lock)
             level = [self._root]
             while level:
@@ -421,7 +421,7 @@ class ResourceTree:
                 raise InvalidValueError(f"demand for {path!r}, which is not a leaf (demands belong to leaves)")
             if path in wanted:
                 raise InvalidValueError(f"two demands for {path!r}")
-            wanted[path] = _check_mib(f"demand for {path}", mib)
+            wanted[path] = check_mib(f"demand for {path}", mib)
         return wanted
 
     def to_dict(self, demands: Mapping[str, int] | None = None) -> dict[str, Any]:
@@ -465,17 +465,17 @@ class ResourceTree:
         path = normalize_path(path)
         if path == ROOT:
             raise PoolExistsError("the root '/' always exists (it is the host)")
-        working = _NodeValue(
-            reservation_mib=_check_mib("reservation_mib", reservation_mib),
-            limit_mib=_check_limit("limit_mib", limit_mib),
-            shares=_check_shares(shares),
-            expandable=_check_flag(expandable),
+        working = NodeValue(
+            reservation_mib=check_mib("reservation_mib", reservation_mib),
+            limit_mib=check_limit("limit_mib", limit_mib),
+            shares=check_shares(shares),
+            expandable=check_flag(expandable),
         )
         if domain is not None:
             domain = check_domain_name(domain)
-        parent_path, name = _split(path)
-        with _Held() as held:
-            parent = self._lock_path(held, parent_path, write_from=_depth(parent_path))[-1]
+        parent_path, name = split_path(path)
+        with Held() as held:
+            parent = self._lock_path(held, parent_path, write_from=path_depth(parent_path))[-1]
             if name in parent.children:
                 raise PoolExistsError(f"pool {path!r} already exists")
             if parent.domain is not None:
@@ -520,20 +520,20 @@ class ResourceTree:
         self._guard()
         changes: dict[str, Any] = {}
         if not isinstance(reservation_mib, _Unset):
-            changes["reservation_mib"] = _check_mib("reservation_mib", reservation_mib)
+            changes["reservation_mib"] = check_mib("reservation_mib", reservation_mib)
         if not isinstance(limit_mib, _Unset):
-            changes["limit_mib"] = _check_limit("limit_mib", limit_mib)
+            changes["limit_mib"] = check_limit("limit_mib", limit_mib)
         if not isinstance(shares, _Unset):
-            changes["shares"] = _check_shares(shares)
+            changes["shares"] = check_shares(shares)
         if not isinstance(expandable, _Unset):
-            changes["expandable"] = _check_flag(expandable)
+            changes["expandable"] = check_flag(expandable)
         if not changes:
             raise InvalidValueError("modify: give at least one of reservation_mib, limit_mib, shares, expandable")
         path = normalize_path(path)
         if path == ROOT:
             raise InvalidValueError("the root '/' is the host: change its capacity with set_capacity()")
-        with _Held() as held:
-            nodes = self._lock_path(held, path, write_from=_depth(path))
+        with Held() as held:
+            nodes = self._lock_path(held, path, write_from=path_depth(path))
             node, parent = nodes[-1], nodes[-2]
             if "reservation_mib" in changes or "expandable" in changes:
                 self._lock_budgets(held, parent)
@@ -554,15 +554,15 @@ class ResourceTree:
     def set_capacity(self, capacity_mib: int) -> PoolNode:
         """Change the host capacity (the root's reservation and limit); it must hold the top level."""
         self._guard()
-        capacity = _check_mib("capacity_mib", capacity_mib)
-        with _Held() as held:
+        capacity = check_mib("capacity_mib", capacity_mib)
+        with Held() as held:
             root = self._lock_path(held, ROOT, write_from=0)[0]
             if root.child_sum > capacity:
                 raise ConsistencyError(
                     RULE_CHILDREN, [ROOT, *sorted(c.path for c in root.children.values())],
                     f"/: the top-level pools reserve {root.child_sum} MiB, more than a capacity of {capacity} MiB",
                 )
-            working = _NodeValue(capacity, capacity, root.value.shares, False)
+            working = NodeValue(capacity, capacity, root.value.shares, False)
             self._hook("set_capacity", ROOT)
             if working != root.value:
                 if self._binding is not None:
@@ -581,8 +581,8 @@ class ResourceTree:
         path = normalize_path(path)
         if path == ROOT:
             raise InvalidValueError("the root '/' cannot be removed")
-        with _Held() as held:
-            nodes = self._lock_path(held, path, write_from=_depth(path) - 1)
+        with Held() as held:
+            nodes = self._lock_path(held, path, write_from=path_depth(path) - 1)
             node, parent = nodes[-1], nodes[-2]
             if node.children and not recursive:
                 raise PoolNotEmptyError(
@@ -602,7 +602,7 @@ class ResourceTree:
             self._hook("remove", path)
             if self._binding is not None:
                 self._binding.delete([n.path for n in subtree])
-            del parent.children[_split(path)[1]]
+            del parent.children[split_path(path)[1]]
             for anc, new_sum in updates:
                 anc.child_sum = new_sum
 
@@ -620,8 +620,8 @@ class ResourceTree:
         path = normalize_path(path)
         if path == ROOT:
             raise AssignmentError("a domain cannot be assigned to the root '/': VMs are leaves under a pool")
-        with _Held() as held:
-            node = self._lock_path(held, path, write_from=_depth(path))[-1]
+        with Held() as held:
+            node = self._lock_path(held, path, write_from=path_depth(path))[-1]
             if node.domain == domain:
                 return self._view(node)
             if node.children:
@@ -647,9 +647,9 @@ class ResourceTree:
             path = self.lookup(domain)
             if path is None:
                 raise AssignmentError(f"domain {domain!r} is not assigned to any pool")
-            with _Held() as held:
+            with Held() as held:
                 try:
-                    node = self._lock_path(held, path, write_from=_depth(path))[-1]
+                    node = self._lock_path(held, path, write_from=path_depth(path))[-1]
                 except PoolNotFoundError:
                     continue  # reassigned and removed meanwhile: look again
                 if node.domain != domain:
@@ -686,8 +686,8 @@ class ResourceTree:
         """
         self._guard()
         path = normalize_path(path)
-        with _Held() as held:
-            node = self._lock_path(held, path, write_from=_depth(path))[-1]
+        with Held() as held:
+            node = self._lock_path(held, path, write_from=path_depth(path))[-1]
             self._local.holding = True
             try:
                 yield self._view(node)
@@ -697,28 +697,30 @@ class ResourceTree:
     # ---------------------------------------------------------------- persistence
 
     @classmethod
-    def _restore(
+    def restore(
         cls,
         capacity_mib: int,
         rows: Iterable[tuple[str, int, int | None, int, bool, str | None]],
-        binding: _Binding | None,
+        binding: Binding | None,
     ) -> ResourceTree:
         """Build a tree from stored rows (path, reservation, limit, shares, expandable, domain).
 
-        Validates every value and rule; raises PoolUsageError subclasses on bad data.
+        How :meth:`PoolStore.load` makes a tree; with a *binding*, every later
+        commit is written to its store first.  Validates every value and rule;
+        raises PoolUsageError subclasses on bad data.
         """
         tree = cls(capacity_mib)
-        ordered = sorted(rows, key=lambda r: (_depth(normalize_path(r[0])), r[0]))
+        ordered = sorted(rows, key=lambda r: (path_depth(normalize_path(r[0])), r[0]))
         for path, reservation, limit, shares, expandable, domain in ordered:
             if normalize_path(path) != path or path == ROOT:
                 raise InvalidPathError(f"stored path {path!r} is not a canonical pool path")
-            value = _NodeValue(
-                _check_mib(f"{path} reservation_mib", reservation),
-                _check_limit(f"{path} limit_mib", limit),
-                _check_shares(shares),
-                _check_flag(expandable),
+            value = NodeValue(
+                check_mib(f"{path} reservation_mib", reservation),
+                check_limit(f"{path} limit_mib", limit),
+                check_shares(shares),
+                check_flag(expandable),
             )
-            parent_path, name = _split(path)
+            parent_path, name = split_path(path)
             parent = tree._find_unlocked(parent_path)
             if parent is None:
                 raise PoolNotFoundError(f"stored pool {path!r} has no parent {parent_path!r}")
@@ -765,7 +767,7 @@ def check_consistency(nodes: Mapping[str, PoolNode], *, check_cache: bool = Fals
     for path in reversed(list(nodes)):  # pre-order reversed: children before parents
         node = nodes[path]
         child_sum = sum(effective[c] for c in node.children)
-        value = _NodeValue(node.reservation_mib, node.limit_mib, node.shares, node.expandable and not node.is_root)
+        value = NodeValue(node.reservation_mib, node.limit_mib, node.shares, node.expandable and not node.is_root)
         effective[path] = _effective(value, child_sum)
         if check_cache and effective[path] != node.effective_reservation_mib:
             raise ConsistencyError(
@@ -782,11 +784,3 @@ def check_consistency(nodes: Mapping[str, PoolNode], *, check_cache: bool = Fals
             [(c, nodes[c].reservation_mib) for c in node.children],
         )
 
-
-def __getattr__(name: str) -> Any:
-    """Re-export PoolStore lazily (its module imports this one)."""
-    if name == "PoolStore":
-        from hvext.memory.pools.store import PoolStore
-
-        return PoolStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

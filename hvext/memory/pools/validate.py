@@ -11,6 +11,22 @@ from typing import Final
 
 from hvext.memory.pools.errors import InvalidPathError, InvalidValueError
 
+__all__ = [
+    "ROOT",
+    "DEFAULT_SHARES",
+    "MAX_MIB",
+    "MAX_SHARES",
+    "MAX_NAME_LEN",
+    "check_mib",
+    "check_limit",
+    "check_shares",
+    "check_flag",
+    "check_domain_name",
+    "normalize_path",
+    "split_path",
+    "path_depth",
+]
+
 ROOT: Final = "/"
 DEFAULT_SHARES: Final = 1000
 MAX_MIB: Final = 1 << 50  # 1 ZiB: far above any host, far below SQLite's 2**63
@@ -20,7 +36,7 @@ MAX_NAME_LEN: Final = 64
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]*")
 
 
-def _check_mib(name: str, value: object) -> int:
+def check_mib(name: str, value: object) -> int:
     """Return *value* if it is a whole, non-negative, sane number of MiB."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidValueError(f"{name} must be a whole number of MiB, not {value!r}")
@@ -31,17 +47,17 @@ def _check_mib(name: str, value: object) -> int:
     return value
 
 
-def _check_limit(name: str, value: object) -> int | None:
+def check_limit(name: str, value: object) -> int | None:
     """Return *value* if it is None (no limit) or a valid MiB count."""
     if value is None:
         return None
     try:
-        return _check_mib(name, value)
+        return check_mib(name, value)
     except InvalidValueError as err:
         raise InvalidValueError(f"{err} (None means no limit)") from err
 
 
-def _check_shares(value: object) -> int:
+def check_shares(value: object) -> int:
     """Return *value* if it is a positive integer share count."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidValueError(f"shares must be a positive integer, not {value!r}")
@@ -50,7 +66,7 @@ def _check_shares(value: object) -> int:
     return value
 
 
-def _check_flag(value: object) -> bool:
+def check_flag(value: object) -> bool:
     """Return *value* if it is a bool (no truthiness guessing)."""
     if not isinstance(value, bool):
         raise InvalidValueError(f"expandable must be True or False, not {value!r}")
@@ -97,12 +113,12 @@ def normalize_path(path: object) -> str:
     return "/" + "/".join(names)
 
 
-def _split(path: str) -> tuple[str, str]:
+def split_path(path: str) -> tuple[str, str]:
     """Split a canonical non-root path into (parent path, name)."""
     head, _, name = path.rpartition("/")
     return (head or ROOT), name
 
 
-def _depth(path: str) -> int:
+def path_depth(path: str) -> int:
     """Number of names in a canonical path (the root has depth 0)."""
     return 0 if path == ROOT else path.count("/")
