@@ -255,20 +255,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     with open_tree(args) as tree:
         data, libvirt_error = list_data(tree, args)
     subtree = _find(data, normalize_path(args.path))
-    if args.json:
-        common.print_json({"tree": subtree, "libvirt_error": libvirt_error})
-        return 0
-    view = Tree(_label(subtree))
 
     def grow(branch: Tree, node: dict[str, Any]) -> None:
         for child in node["children"]:
             grow(branch.add(_label(child)), child)
 
-    grow(view, subtree)
-    common.console.print(view)
-    common.console.print("[dim]MiB; res: reservation, eff.res: effective reservation; demand: balloon actual of "
-                         "running assigned VMs; entitled: their share of the host by reservation, limit and "
-                         "shares; used: RSS of their QEMU processes[/]")
-    if libvirt_error:
-        common.console.print(f"libvirt unavailable, no demand or usage: {common.literal(libvirt_error)}")
+    def text() -> None:
+        view = Tree(_label(subtree))
+        grow(view, subtree)
+        common.console.print(view)
+        common.console.print("[dim]MiB; res: reservation, eff.res: effective reservation; demand: balloon actual of "
+                             "running assigned VMs; entitled: their share of the host by reservation, limit and "
+                             "shares; used: RSS of their QEMU processes[/]")
+        if libvirt_error:
+            common.console.print(f"libvirt unavailable, no demand or usage: {common.literal(libvirt_error)}")
+
+    common.print_result(args.json, {"tree": subtree, "libvirt_error": libvirt_error}, text)
     return 0
