@@ -112,7 +112,7 @@ def _guest_files() -> list[tuple[Path, str]]:
     for src in sorted((SOURCE_DIR / "guest-agent/hvext_agent").glob("*.py")):
         files.append((src, f"opt/hvext/hvext_agent/{src.name}"))
     pkg = SOURCE_DIR / "hvext"
-    for name in ("__init__.py", "errors.py"):
+    for name in ("__init__.py", "errors.py", "durable.py"):  # what hvext.rvm imports
         files.append((pkg / name, f"opt/hvext/hvext/{name}"))
     for src in sorted((pkg / "rvm").rglob("*.py")):
         files.append((src, f"opt/hvext/hvext/rvm/{src.relative_to(pkg / 'rvm')}"))

@@ -24,6 +24,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hvext import durable
+
 OWNER_FILE = "owner.json"
 MAX_RECORD = 4096
 
@@ -52,19 +54,7 @@ def safe_uri(uri: str) -> bool:
 def write_owner(directory: Path, owner: StateOwner) -> None:
     """Record *owner* in *directory* (atomically; root's file, 0644, no link followed)."""
     data = json.dumps(asdict(owner), indent=1).encode() + b"\n"
-    tmp = directory / f".{OWNER_FILE}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, 0o644)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, directory / OWNER_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    durable.atomic_write(directory / OWNER_FILE, data, mode=0o644)
 
 
 def read_owner(directory: Path) -> tuple[StateOwner | None, str]:

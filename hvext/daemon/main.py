@@ -5,7 +5,9 @@ shared asyncio loop (libvirtaio) and logs one line per event, and it
 reconnects with backoff when libvirtd goes away. With ``--config FILE`` it
 also runs the policy loops configured there (``[reclaim]``: see
 hvext.daemon.reclaim_loop) and takes its SIGPWR saves' pre-pause budget from
-``[power] budget`` (hvext.daemon.config). It stops cleanly on SIGTERM or SIGINT.
+``[power] budget`` (hvext.daemon.config). With a ``[metrics]`` section it serves
+Prometheus metrics (hvext.daemon.metrics, docs/metrics.md). It stops cleanly on
+SIGTERM or SIGINT.
 
 No failure in one round of a loop (watching, reclaim, a SIGPWR save) stops
 hvextd: it is logged with its traceback and the loop goes on. Blocking calls
@@ -28,8 +30,8 @@ import libvirt
 
 from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable
-from hvext.daemon import reclaim_loop
-from hvext.daemon.config import PowerConfig
+from hvext.daemon import metrics, reclaim_loop
+from hvext.daemon.config import MetricsConfig, PowerConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.host import Host
 from hvext.pmem import hints, power
@@ -54,10 +56,12 @@ class Daemon:
         self.reclaim = reclaim
         self.stopping = asyncio.Event()
         self.disconnected = asyncio.Event()
+        self.host: Host | None = None  # the connection being watched (read by the metrics collector)
 
     def _on_lifecycle(self, conn: Any, dom: libvirt.virDomain, event: int, detail: int, opaque: Any) -> None:
         try:
             log.info("domain %s %s (detail %d)", dom.name(), EVENT_NAMES.get(event, f"event {event}"), detail)
+            metrics.count_lifecycle(dom.name(), event, detail)
         except Exception:  # libvirt would print the traceback on stderr and drop it
             log.exception("handling lifecycle event %d (detail %d) failed", event, detail)
 
@@ -81,6 +85,7 @@ class Daemon:
                 continue
             backoff = 1.0
             self.disconnected.clear()
+            self.host = host
             try:
                 await self._watch(host)
             except (libvirt.libvirtError, HvextError) as err:
@@ -90,6 +95,7 @@ class Daemon:
                 log.exception("watching %s failed unexpectedly; retrying in %.0f s", host.uri, backoff)
                 backoff = await self._back_off(backoff)
             finally:
+                self.host = None
                 await asyncio.to_thread(host.close)
 
     async def _back_off(self, seconds: float) -> float:
@@ -159,6 +165,7 @@ def on_power_loss(uri: str | None, budget: float | None = None) -> None:
     except Exception:  # hvextd must live on: the next SIGPWR (or a restore at start) may still work
         log.exception("power-loss save failed unexpectedly")
         return
+    metrics.count_power_loss(report)
     for device in report["devices"]:
         log.warning("power loss: %s %s: %s", device["domain"], device["backing"],
                     device.get("error") or f"{device.get('bytes_written', 0)} bytes in {device.get('seconds')} s "
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reclaim = ReclaimConfig.load(args.config) if args.config else None
         power_config = PowerConfig.load(args.config) if args.config else PowerConfig()
+        metrics_config = MetricsConfig.load(args.config) if args.config else MetricsConfig()
     except HvextError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -218,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     async def start() -> Daemon:
         return Daemon(args.uri, reclaim)
     daemon = aio.run(start())
+    server = None
+    if metrics_config.enabled:
+        try:
+            server = metrics.serve(metrics_config, lambda: daemon.host)
+        except HvextError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     stop = lambda *_: loop.call_soon_threadsafe(daemon.stopping.set)  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -234,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         except TimeoutError:
             continue
     future.result()
+    if server is not None:
+        server.shutdown()
     log.info("stopped")
     return 0
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvext.daemon import metrics
 from hvext.errors import HvextError, UsageError
 from hvext.host import Domain, Host
 from hvext.memory import demand, reclaim
@@ -130,10 +131,13 @@ async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
             report = await reclaim.reclaim(domain, amount, config.method)
         except HvextError as err:
             log.warning("reclaim from %s refused: %s", domain.name, err)
+            metrics.RECLAIM_FAILURES.labels(domain.name).inc()
             continue
         except Exception:
             log.exception("reclaim from %s failed unexpectedly", domain.name)
+            metrics.RECLAIM_FAILURES.labels(domain.name).inc()
             continue
+        metrics.count_reclaim(domain.name, report.method, report.returned)
         log.info("reclaimed from %s: %s, %d MiB returned (%s)", domain.name, report.method,
                  report.returned // MIB, report.decision["reason"])
         need -= max(report.returned, 0)

@@ -21,7 +21,6 @@ this module; with systemd, the unit in ansible/roles/hvext_host does the same.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import stat
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import hvext
-from hvext import paths
+from hvext import durable, paths
 from hvext.errors import HvextError
 from hvext.lab import procs
 
@@ -144,11 +143,10 @@ def ensure_run_dir(directory: Path) -> None:
 def _locked(pid_file: Path) -> Iterator[None]:
     """Serialise start and stop (a lock file beside the pid file, never followed if a link)."""
     try:
-        fd = os.open(pid_file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = durable.lock_file(pid_file.with_suffix(".lock"))
     except OSError as err:
         raise ServiceError(f"cannot open {pid_file.with_suffix('.lock')}: {err.strerror}") from err
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

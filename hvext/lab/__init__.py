@@ -25,7 +25,6 @@ CLI, tests, benchmarks) find one lab; a lock serialises ``up`` and ``down``.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hvext import durable
 from hvext.errors import HvextError
 from hvext.lab import daemons, net, pki, plan, procs
 from hvext.lab.daemons import Probe
@@ -58,20 +58,12 @@ def _locked(run_dir: Path) -> Iterator[None]:
     lock_path = run_dir.with_name(run_dir.name + ".lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = durable.lock_file(lock_path, wait=LOCK_TIMEOUT_S)
+    except BlockingIOError as err:
+        raise LabError(f"another `hvext lab` command has held {lock_path} for {LOCK_TIMEOUT_S:.0f} s") from err
     except OSError as err:
         raise LabError(f"cannot open the lab lock {lock_path}: {err}") from err
     try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError as err:
-                if time.monotonic() > deadline:
-                    raise LabError(f"another `hvext lab` command has held {lock_path} for "
-                                   f"{LOCK_TIMEOUT_S:.0f} s") from err
-                time.sleep(0.2)
         yield
     finally:
         os.close(fd)  # closing releases the lock

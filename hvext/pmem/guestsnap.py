@@ -26,13 +26,12 @@ from typing import Any
 
 import libvirt
 
-from hvext import paths
+from hvext import durable, paths
 from hvext.errors import DomainStateError, HvextError, UsageError
 from hvext.host import Domain, libvirt_errors
 from hvext.pmem import devices, hints, virtio
 from hvext.pmem.devices import PmemDevice
 from hvext.pmem.region import NVMRegion, RegionNotFound
-from hvext.pmem.store import write_atomic
 
 CHUNK = 4 * 1024 * 1024  # bytes compared per step (a multiple of every allowed block size)
 DEFAULT_BLOCK_SIZE = 64 * 1024
@@ -76,7 +75,7 @@ def open_region(domain: Domain, device: PmemDevice, *, create: bool = False, str
     mass = Path(mass_dir) if mass_dir else config.parent / "mass"
     region = NVMRegion.create(nvm, mass, device.size, block_size=block_size, strategy=strategy)
     config.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(config, json.dumps({"backing": str(device.path), "nvm_dir": str(nvm),
+    durable.atomic_write(config, json.dumps({"backing": str(device.path), "nvm_dir": str(nvm),
                                      "mass_dir": str(mass)}).encode())
     return region
 

@@ -26,7 +26,6 @@ Persistence hints (issue 6 part 4) plug in through :func:`set_ranges_hook`.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -41,14 +40,14 @@ from typing import Any
 
 import libvirt
 
-from hvext import aio, paths
+from hvext import aio, durable, paths
 from hvext.agent import protocol
 from hvext.dirty import pages
 from hvext.errors import DomainNotFound, HvextError, QMPError, UsageError
 from hvext.host import Domain, Host, libvirt_errors
 from hvext.pmem import devices, virtio
 from hvext.pmem.devices import PmemDevice
-from hvext.pmem.store import Store, StoreError, make_store_dir, write_atomic
+from hvext.pmem.store import Store, StoreError, make_store_dir
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +110,7 @@ def registry(directory: Path | None = None) -> Iterator[list[Registration]]:
     directory = directory or power_dir()
     make_store_dir(directory)  # the registry names guest memory files; stores below hold guest memory
     path = directory / "registry.json"
-    fd = os.open(directory / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with durable.locked(directory / "registry.lock"):
         try:
             # a damaged or hostile file: too deep, huge numbers, not JSON -> PowerError, nothing else
             raw = protocol.loads(path.read_bytes(), PowerError, "the file") if path.exists() else {"devices": []}
@@ -124,9 +121,7 @@ def registry(directory: Path | None = None) -> Iterator[list[Registration]]:
         yield regs
         after = json.dumps([r.to_dict() for r in regs], sort_keys=True)
         if after != before:
-            write_atomic(path, json.dumps({"devices": [r.to_dict() for r in regs]}, indent=1).encode())
-    finally:
-        os.close(fd)
+            durable.atomic_write(path, json.dumps({"devices": [r.to_dict() for r in regs]}, indent=1).encode())
 
 
 def registrations(directory: Path | None = None) -> list[Registration]:

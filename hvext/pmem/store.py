@@ -24,8 +24,6 @@ new generation then holds every live block (still written next to the old).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -39,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hvext import durable
 from hvext.agent import protocol
 from hvext.errors import HvextError, UsageError
 from hvext.paths import UnsafePathError, private_dir
@@ -90,14 +89,6 @@ def _zero_hash(block_size: int) -> str:
     return ZERO_HASH_CACHE[block_size]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def make_store_dir(directory: Path) -> bool:
     """Make *directory* (missing parents with default modes) private to us (0700) with
     :func:`hvext.paths.private_dir`; True when created here. A symlink, a non-directory or a
@@ -123,27 +114,13 @@ def _create_private(path: Path) -> int:
     return fd
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace *path* with *data* durably (mode 0600): temp file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(_create_private(tmp), "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _gen_name(gen: int) -> str:
     return f"gen-{gen:08d}.dat"
 
 
 #: Names of the files hvext writes in a store (what ``remove`` deletes; nothing else is touched).
-OWN_FILES = re.compile(r"(manifest\.json|store\.lock|gen-\d{8}\.dat|\.manifest\.json\.tmp-\d+)")
+OWN_FILES = re.compile(rf"(manifest\.json|store\.lock|gen-\d{{8}}\.dat|{durable.temp_pattern(MANIFEST)}"
+                       r"|\.manifest\.json\.tmp-\d+)")  # the last: an older hvext's temporary manifest
 
 
 class Store:
@@ -189,12 +166,12 @@ class Store:
             if not created and any(directory.iterdir()):
                 raise StoreUsageError(f"{directory} is not empty and holds no store; give a new or empty "
                                       "directory for the store")
-            _fsync_dir(directory.parent)
+            durable.fsync_dir(directory.parent)
             nblocks = -(-size // block_size)
             manifest = {"format": FORMAT, "version": VERSION, "size": size, "block_size": block_size,
                         "generation": 0, "saved_at": None, "locations": [[0, 0]] * nblocks,
                         "hashes": [_zero_hash(block_size)] * nblocks}
-            write_atomic(directory / MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
+            durable.atomic_write(directory / MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
         except OSError as err:
             raise StoreError(f"cannot create the store in {directory}: {err}") from err
         return cls(directory, manifest)
@@ -255,16 +232,12 @@ class Store:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         try:
-            fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = durable.lock_file(self.directory / LOCK, wait=0)
+        except BlockingIOError as err:
+            raise StoreError(f"store {self.directory} is being saved by another process") from err
         except OSError as err:
             raise StoreError(f"cannot lock store {self.directory}: {err}") from err
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise StoreError(f"store {self.directory} is being saved by another process") from err
-                raise
             # another process may have switched generations since we read the manifest
             self.manifest = Store.open(self.directory).manifest
             yield
@@ -418,8 +391,8 @@ class Store:
                     data_json = json.dumps(manifest, separators=(",", ":")).encode()
                     if hook:
                         hook("switch", gen)
-                    _fsync_dir(self.directory)
-                    write_atomic(self.directory / MANIFEST, data_json)
+                    durable.fsync_dir(self.directory)
+                    durable.atomic_write(self.directory / MANIFEST, data_json)
                     self.manifest = manifest
             except OSError as err:
                 raise StoreError(f"saving {source} to {self.directory} failed (the previous generation "
@@ -470,7 +443,7 @@ class Store:
                 path.unlink(missing_ok=True)
                 removed = True
         if removed:
-            _fsync_dir(self.directory)
+            durable.fsync_dir(self.directory)
 
     def stats(self) -> dict[str, Any]:
         files = sorted(p.name for p in self.directory.glob("gen-*.dat"))

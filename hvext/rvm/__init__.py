@@ -6,7 +6,7 @@ no-undo/redo value logging, no_restore and no_flush modes, crash recovery by
 replaying the log, and truncation in epochs alongside forward processing.
 
 Standard library only: this package is copied into the guest image together
-with ``hvext/__init__.py`` and ``hvext/errors.py``. See ``docs/rvm.md``.
+with ``hvext/__init__.py``, ``hvext/errors.py`` and ``hvext/durable.py``. See ``docs/rvm.md``.
 
 ::
 

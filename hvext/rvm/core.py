@@ -32,6 +32,7 @@ import time
 import zlib
 from typing import Any, Callable
 
+from hvext import durable
 from hvext.rvm import logformat as lf
 from hvext.rvm.errors import (
     RVMAlreadyMappedError,
@@ -81,15 +82,6 @@ _OPTIONS = ("truncate_ratio", "background_truncation")
 def _random32() -> int:
     """A fresh random 32-bit number (os.urandom: differs in forked processes too)."""
     return int.from_bytes(os.urandom(4), "little")
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a directory entry (a file creation or rename) durable."""
-    dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -155,7 +147,7 @@ def create_log(log_path: str | os.PathLike, size: int, *, overwrite: bool = Fals
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(path)
+        durable.fsync_dir(os.path.dirname(path))
     except OSError as err:
         try:
             os.unlink(tmp)
@@ -547,7 +539,7 @@ class RVM:
                     os.ftruncate(seg.fd, offset + length)
                     os.fsync(seg.fd)
                 if created:
-                    _fsync_dir(path)
+                    durable.fsync_dir(os.path.dirname(path))
             except OSError as err:
                 raise RVMIOError(f"cannot size segment {path}: {err.strerror}") from err
             region = Region(length)

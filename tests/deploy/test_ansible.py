@@ -28,6 +28,7 @@ import pytest
 
 from hvext import image, paths
 from hvext.daemon import service
+from hvext.daemon.config import MetricsConfig
 from hvext.errors import HvextError
 from tests.support import require
 
@@ -251,6 +252,8 @@ hvext_host_cluster_name: lab
     config = tomllib.loads((out / "hvextd.toml").read_text())
     assert config["reclaim"] == {"interval_s": 10, "host_available_min_mib": 2048, "step_mib": 256, "method": "auto"}
     assert config["ha"] == {"cluster": "lab", "etcd_endpoints": ["http://192.0.2.1:2379"]}
+    assert config["metrics"] == {"address": "127.0.0.1", "port": 9177, "allow_remote": False}
+    assert MetricsConfig.load(out / "hvextd.toml") == MetricsConfig(enabled=True, address="127.0.0.1", port=9177)
 
 
 def test_patched_qemu_copied_from_the_controller(tmp_path: Path) -> None:

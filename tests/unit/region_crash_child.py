@@ -101,6 +101,7 @@ def run_op(reg: Any, op: Op) -> Any:
 def main(argv: list[str]) -> None:
     nvm, mass, seed, nops, progress = argv[:5]
     from hvext.pmem import region as region_mod
+    from hvext.pmem.region import region as region_core
 
     if len(argv) > 5:
         fault_op, fault_point, nth = argv[5].split(":")
@@ -112,7 +113,7 @@ def main(argv: list[str]) -> None:
                 if hits[0] == int(nth):
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        region_mod._fault_hook = hook
+        region_core._fault_hook = hook
 
     fd = os.open(progress, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     reg = region_mod.NVMRegion.open(nvm, mass)

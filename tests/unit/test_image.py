@@ -202,3 +202,31 @@ def test_backing_file_of_reads_the_qcow2_header(tmp_path: Path) -> None:
     assert image.backing_file_of(base) is None  # not a qcow2 file
     (tmp_path / "short").write_bytes(b"QFI\xfb\0\0\0\3")
     assert image.backing_file_of(tmp_path / "short") is None
+
+
+def test_every_hvext_module_the_guest_imports_is_shipped() -> None:
+    """hvext.rvm runs in the guest: each hvext module it imports (and those import) is in the image."""
+    import ast
+
+    shipped = {dest.removeprefix("opt/hvext/") for _src, dest in image._guest_files() if dest.startswith("opt/hvext/")}
+    todo = [name for name in shipped if name.startswith("hvext/")]
+    seen: set[str] = set()
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        for node in ast.walk(ast.parse((image.SOURCE_DIR / rel).read_text())):
+            modules: list[str] = []
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for module in modules:
+                if module.split(".")[0] != "hvext":
+                    continue
+                path = module.replace(".", "/")
+                for candidate in (f"{path}.py", f"{path}/__init__.py"):
+                    if (image.SOURCE_DIR / candidate).exists():
+                        assert candidate in shipped, f"{rel} imports {module}, which the guest image lacks"
+                        todo.append(candidate)

@@ -157,3 +157,13 @@ def test_a_damaged_registry_is_a_power_error(tmp_path: Path, content: bytes) -> 
     (tmp_path / "registry.json").write_bytes(content)
     with pytest.raises(power.PowerError, match="registry.json"):
         power.registrations(tmp_path)
+
+
+def test_registry_lock_is_never_taken_through_a_symlink(tmp_path: Path) -> None:
+    directory = tmp_path / "power"
+    power.registrations(directory)
+    (directory / "registry.lock").unlink()
+    (directory / "registry.lock").symlink_to(tmp_path / "victim")
+    with pytest.raises(OSError):
+        power.registrations(directory)
+    assert not (tmp_path / "victim").exists()

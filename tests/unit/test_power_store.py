@@ -244,3 +244,15 @@ def test_a_damaged_manifest_is_store_corrupt(tmp_path: Path, content: bytes) -> 
     (store / "manifest.json").write_bytes(content)
     with pytest.raises(StoreCorrupt, match="manifest.json"):
         Store.open(store)
+
+
+def test_remove_deletes_a_manifest_temp_left_by_a_killed_saver(tmp_path: Path) -> None:
+    """A saver killed between creating and renaming its temporary manifest (hvext.durable's name, or
+    an older hvext's) leaves it behind; it is hvext's file, so remove deletes it."""
+    Store.create(tmp_path / "store", SIZE)
+    leftovers = {f".manifest.json.tmp-{os.getpid()}-0badcafe", ".manifest.json.tmp-42"}
+    for name in leftovers:
+        (tmp_path / "store" / name).write_bytes(b"{")
+    removed = Store.remove(tmp_path / "store")
+    assert set(removed) == {"manifest.json"} | leftovers
+    assert not (tmp_path / "store").exists()

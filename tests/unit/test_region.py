@@ -10,6 +10,8 @@ import pytest
 
 from hvext.errors import HvextError, UsageError
 from hvext.pmem import region as region_mod
+from hvext.pmem.region import region as region_core
+from hvext.pmem.region import slab
 from hvext.pmem.region import (
     STRATEGIES,
     NVMRegion,
@@ -197,7 +199,7 @@ def test_purge_gives_nvm_space_back(dirs, strategy):
         before = r.stats()["nvm_bytes_allocated"]
         r.purge()
         after = r.stats()
-        if before < 96 * BS or not region_mod._FALLOCATE:
+        if before < 96 * BS or not slab._FALLOCATE:
             pytest.skip("file system does not report or punch allocated blocks")
         assert after["nvm_bytes_allocated"] <= 64 * BS
         assert after["mass_bytes_allocated"] >= 32 * BS
@@ -369,13 +371,13 @@ def test_failed_operation_rolls_back(reg, monkeypatch):
         if point == "data-synced":
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(region_mod, "_fault_hook", boom)
+    monkeypatch.setattr(region_core, "_fault_hook", boom)
     with pytest.raises(region_mod.RegionIOError) as info:
         reg.write(0, block("b", 2))
     assert isinstance(info.value.__cause__, OSError)
     with pytest.raises(region_mod.RegionIOError):
         reg.purge()
-    monkeypatch.setattr(region_mod, "_fault_hook", None)
+    monkeypatch.setattr(region_core, "_fault_hook", None)
     assert reg.read(0, 2 * BS) == block("a", 2)
     assert reg.stats()["nvm_blocks"] == 2
     assert reg.check() == []
@@ -425,3 +427,40 @@ def test_create_makes_private_dirs_and_refuses_links(tmp_path):
     (tmp_path / "open").chmod(0o777)
     with pytest.raises(RegionUsageError, match="writable by every user"):
         NVMRegion.create(tmp_path / "nvm3", tmp_path / "open", "64K")
+
+
+def test_create_failing_to_write_the_marker_leaves_no_temp_file(dirs, monkeypatch):
+    """The mass marker is written through hvext.durable: a failure leaves neither a temp file nor a
+    marker, and a new create succeeds."""
+    from hvext import durable
+
+    def full(step: str) -> None:
+        if step == "written":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable, "_step_hook", full)
+    with pytest.raises(region_mod.RegionIOError):
+        NVMRegion.create(*dirs, 8 * BS)
+    assert sorted(p.name for p in dirs[1].iterdir()) == ["mass.dat"]
+    monkeypatch.setattr(durable, "_step_hook", None)
+    NVMRegion.create(*dirs, 8 * BS).close()
+
+
+def test_region_lock_is_never_taken_through_a_symlink(dirs, tmp_path):
+    NVMRegion.create(*dirs, 8 * BS).close()
+    (dirs[0] / "region.lock").unlink()
+    (dirs[0] / "region.lock").symlink_to(tmp_path / "victim")
+    with pytest.raises(region_mod.RegionIOError):
+        NVMRegion.open(*dirs)
+    assert not (tmp_path / "victim").exists()
+
+
+def test_region_package_modules_import_only_public_names_of_each_other():
+    import ast
+    import pathlib
+
+    for src in pathlib.Path(region_mod.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(src.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hvext.pmem.region"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{src.name} imports private {private} from {node.module}"

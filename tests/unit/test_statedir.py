@@ -102,3 +102,20 @@ def test_state_that_cannot_be_removed_at_undefine_is_reported(tmp_path: Path, mo
     assert "vm: undefined, but its state was not fully removed" in caplog.text
     assert (elsewhere / "keep").exists() and not (paths.VOLATILE_DIR / "vm").exists()
     assert host.remove_domain_state("other") == []  # nothing there: nothing to report
+
+
+def test_a_failed_write_keeps_the_old_record_and_leaves_no_temporary(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvext import durable
+
+    (tmp_path / statedir.OWNER_FILE).write_bytes(b"old")
+
+    def full(step: str) -> None:
+        if step == "written":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable, "_step_hook", full)
+    with pytest.raises(OSError):
+        statedir.write_owner(tmp_path, OWNER)
+    assert [p.name for p in tmp_path.iterdir()] == [statedir.OWNER_FILE]
+    assert (tmp_path / statedir.OWNER_FILE).read_bytes() == b"old"

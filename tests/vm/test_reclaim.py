@@ -57,15 +57,21 @@ def test_reclaim_input_errors(reclaim_vm: Domain, capsys) -> None:
 
 
 def test_hvextd_reclaim_loop_logs_its_decisions(reclaim_vm: Domain, tmp_path) -> None:
-    from tests.vm.test_daemon import Hvextd
+    from tests.vm.test_daemon import Hvextd, scrape
     config = tmp_path / "hvextd.toml"
     # a floor above the host's memory: every round is short, so the loop acts on our VM only
     config.write_text(f'[reclaim]\ninterval_s = 2\nhost_available_min_mib = {1 << 30}\nstep_mib = 64\n'
-                      f'domains = ["{reclaim_vm.name}"]\n')
+                      f'domains = ["{reclaim_vm.name}"]\n'
+                      f'[metrics]\nport = 0\ndomains = ["{reclaim_vm.name}"]\n')
     daemon = Hvextd("--config", str(config))
     try:
+        url = re.search(r"http://\S+/metrics", daemon.expect("serving metrics on")).group(0)  # type: ignore[union-attr]
         line = daemon.expect(f"reclaimed from {reclaim_vm.name}", timeout=90)
         assert "swap" in line or "balloon" in line
+        method = line.split(f"reclaimed from {reclaim_vm.name}: ", 1)[1].split(",", 1)[0]
+        decisions = scrape(url)[("hvext_reclaim_decisions_total",
+                                 (("domain", reclaim_vm.name), ("method", method)))]
+        assert decisions >= 1
     finally:
         daemon.stop()
     bad = tmp_path / "bad.toml"
