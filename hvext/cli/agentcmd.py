@@ -42,11 +42,9 @@ async def ping(domain: Domain, timeout: float) -> dict[str, Any]:
 def cmd_agent_ping(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         result = aio.run(ping(dom, args.timeout))
-    if args.json:
-        common.print_json(result)
-    else:
-        common.console.print(f"agent {common.literal(result['agent_version'])} of '{dom.name}' answered in {result['ping_ms']} ms "
-                             f"(handshake {result['handshake_ms']} ms)")
+    common.print_result(args.json, result, lambda: (
+        f"agent {common.literal(result['agent_version'])} of '{dom.name}' answered in {result['ping_ms']} ms "
+        f"(handshake {result['handshake_ms']} ms)"))
     return 0
 
 

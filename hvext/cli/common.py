@@ -75,6 +75,21 @@ def print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+def print_result(as_json: bool, data: Any, text: Callable[[], object]) -> None:
+    """A command's result: *data* as JSON (``--json``), else the text form *text* makes.
+
+    *text* runs only for the text form, so it may rely on being needed; what it
+    returns (markup text, a rich renderable) is printed on the console, or it
+    prints by itself and returns None.
+    """
+    if as_json:
+        print_json(data)
+        return
+    shown = text()
+    if shown is not None:
+        console.print(shown)
+
+
 def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
     table = Table(title=literal(title) if title else None, title_justify="left")
     for column in columns:

@@ -89,11 +89,13 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     current = service.status(args.pid_file)
-    if args.json:
-        common.print_json(current.as_dict() | {"log_file": str(args.log_file)})
-    elif current.running:
-        print(f"hvextd is running (PID {current.pid}); log {args.log_file}")
-    else:
-        print("hvextd is not running" + (f" (stale pid file {args.pid_file}: {current.stale})"
-                                         if current.stale else ""))
+
+    def text() -> None:
+        if current.running:
+            print(f"hvextd is running (PID {current.pid}); log {args.log_file}")
+        else:
+            print("hvextd is not running" + (f" (stale pid file {args.pid_file}: {current.stale})"
+                                             if current.stale else ""))
+
+    common.print_result(args.json, current.as_dict() | {"log_file": str(args.log_file)}, text)
     return 0 if current.running else 3

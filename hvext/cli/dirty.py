@@ -50,11 +50,9 @@ def cmd_domdirtyrate(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         with common.console.status(f"measuring for {args.seconds} s ({args.mode})..."):
             result = aio.run(rate.measure(dom, args.seconds, args.mode, args.sample_pages))
-    if args.json:
-        common.print_json(result.to_dict())
-    else:
-        common.print_fields({"Domain": dom.name, "Mode": result.mode, "Calc time": f"{result.seconds:.0f} s",
-                             "Dirty rate": f"{result.rate_mib_s} MiB/s"})
+    common.print_result(args.json, result.to_dict(), lambda: common.print_fields({
+        "Domain": dom.name, "Mode": result.mode, "Calc time": f"{result.seconds:.0f} s",
+        "Dirty rate": f"{result.rate_mib_s} MiB/s"}))
     return 0
 
 
@@ -94,11 +92,12 @@ def cmd_dirtylog(args: argparse.Namespace) -> int:
         seconds = args.seconds or DEFAULT_INTERVAL_S
         with common.console.status(f"logging dirty pages for {seconds:g} s..."):
             pages = aio.run(dirty_pages_over(dom, seconds))
-    if args.json:
-        common.print_json(pages.to_dict())
-        return 0
-    common.console.print(summary(pages))
-    common.console.print(blocks_table(pages))
+
+    def text() -> None:
+        common.console.print(summary(pages))
+        common.console.print(blocks_table(pages))
+
+    common.print_result(args.json, pages.to_dict(), text)
     return 0
 
 

@@ -169,9 +169,8 @@ def run_checks(uri: str | None) -> list[Check]:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     checks = run_checks(args.uri)
-    if args.json:
-        common.print_json(report(checks))
-    else:  # details come from outside (libvirt errors, paths): printed literally, never as markup
+
+    def text() -> None:  # details come from outside (libvirt errors, paths): printed literally, never as markup
         colours = {"ok": "green", "warn": "yellow", "fail": "red"}
         for check in checks:
             mark = f"[{colours[check.status]}]{check.status.upper():<4}[/]"
@@ -180,4 +179,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 common.console.print(f"     why: {escape(check.reason)}", soft_wrap=True)
             if check.fix:
                 common.console.print(f"     -> {escape(check.fix)}", soft_wrap=True)
+
+    common.print_result(args.json, report(checks), text)
     return 1 if any(c.status == "fail" for c in checks) else 0

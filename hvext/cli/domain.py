@@ -76,12 +76,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                 rows.append({"id": d.id(), "name": d.name, "state": d.state.value, "hvext": d.facts().hvext_managed})
             except DomainNotFound:
                 continue  # undefined while we were listing
-    if args.json:
-        common.print_json(rows)
-    else:
-        common.print_table(None, ["Id", "Name", "State", "hvext"],
-                           [[r["id"] if r["id"] is not None else "-", r["name"], r["state"],
-                             "yes" if r["hvext"] else "no"] for r in rows])
+    common.print_result(args.json, rows, lambda: common.print_table(
+        None, ["Id", "Name", "State", "hvext"],
+        [[r["id"] if r["id"] is not None else "-", r["name"], r["state"], "yes" if r["hvext"] else "no"]
+         for r in rows]))
     return 0
 
 
@@ -173,18 +171,15 @@ def cmd_undefine(args: argparse.Namespace) -> int:
 def cmd_dominfo(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         info = dom.info()
-    if args.json:
-        common.print_json(info)
-    else:
-        common.print_fields({
-            "Id": info["id"], "Name": info["name"], "UUID": info["uuid"], "State": info["state"],
-            "CPU(s)": info["vcpus"], "CPU time": f"{info['cpu_time_s']:.1f}s",
-            "Max memory": f"{info['max_memory_kib']} KiB", "Used memory": f"{info['used_memory_kib']} KiB",
-            "Persistent": "yes" if info["persistent"] else "no",
-            "hvext managed": "yes" if info["hvext_managed"] else "no",
-            "Agent channel": "yes" if info["agent_channel"] else "no",
-            "Console log": info["console_log"],
-        })
+    common.print_result(args.json, info, lambda: common.print_fields({
+        "Id": info["id"], "Name": info["name"], "UUID": info["uuid"], "State": info["state"],
+        "CPU(s)": info["vcpus"], "CPU time": f"{info['cpu_time_s']:.1f}s",
+        "Max memory": f"{info['max_memory_kib']} KiB", "Used memory": f"{info['used_memory_kib']} KiB",
+        "Persistent": "yes" if info["persistent"] else "no",
+        "hvext managed": "yes" if info["hvext_managed"] else "no",
+        "Agent channel": "yes" if info["agent_channel"] else "no",
+        "Console log": info["console_log"],
+    }))
     return 0
 
 

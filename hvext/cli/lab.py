@@ -59,18 +59,18 @@ def _print_uris(hosts: list[lab.LabHost]) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     the_lab = lab.Lab.up(args.hosts, force=args.force)
-    if args.json:
-        common.print_json({"created": the_lab.created, "replaced": the_lab.replaced,
-                           "seconds": round(the_lab.seconds, 3),
-                           "hosts": _host_dicts(the_lab)})
-        return 0
-    if the_lab.created:
-        if the_lab.replaced:
-            common.console.print(f"lab up: removed the recorded lab first: {the_lab.replaced}")
-        common.console.print(f"lab up: created {len(the_lab.hosts)} hosts in {the_lab.seconds:.1f} s")
-    else:
-        common.console.print(f"lab up: {len(the_lab.hosts)} hosts already up, nothing to do")
-    _hosts_table(the_lab)
+
+    def text() -> None:
+        if the_lab.created:
+            if the_lab.replaced:
+                common.console.print(f"lab up: removed the recorded lab first: {the_lab.replaced}")
+            common.console.print(f"lab up: created {len(the_lab.hosts)} hosts in {the_lab.seconds:.1f} s")
+        else:
+            common.console.print(f"lab up: {len(the_lab.hosts)} hosts already up, nothing to do")
+        _hosts_table(the_lab)
+
+    common.print_result(args.json, {"created": the_lab.created, "replaced": the_lab.replaced,
+                                    "seconds": round(the_lab.seconds, 3), "hosts": _host_dicts(the_lab)}, text)
     return 0
 
 
@@ -83,41 +83,42 @@ def cmd_down(args: argparse.Namespace) -> int:
     started = time.monotonic()
     removed = lab.down()
     seconds = time.monotonic() - started
-    if args.json:
-        common.print_json({"removed": removed, "seconds": round(seconds, 3)})
-    elif removed:
-        common.console.print(f"lab down: removed {len(removed)} items in {seconds:.1f} s")
-        for item in removed:
-            common.console.print(f"  {item}")
-    else:
-        common.console.print("lab down: no lab was up, nothing to do")
+
+    def text() -> None:
+        if removed:
+            common.console.print(f"lab down: removed {len(removed)} items in {seconds:.1f} s")
+            for item in removed:
+                common.console.print(f"  {item}")
+        else:
+            common.console.print("lab down: no lab was up, nothing to do")
+
+    common.print_result(args.json, {"removed": removed, "seconds": round(seconds, 3)}, text)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     the_lab = lab.Lab.load()
     if the_lab is None:
-        if args.json:
-            common.print_json({"up": False, "hosts": []})
-        else:
-            common.console.print("no lab is up; `hvext lab up --hosts N` creates one")
+        common.print_result(args.json, {"up": False, "hosts": []},
+                            lambda: "no lab is up; `hvext lab up --hosts N` creates one")
         return 0
     statuses = the_lab.status()
-    if args.json:
-        common.print_json({"up": True, "phase": the_lab.state.phase, "state_file": str(lab.state_file()),
-                           "hosts": [s.to_dict() for s in statuses]})
-        return 0
-    rows = []
-    for s in statuses:
-        pid = s.daemons.get("libvirtd")
-        rows.append([s.host.name, s.host.address, pid or "dead",
-                     "yes" if s.unix.ok else "no", "yes" if s.tls.ok else "no",
-                     s.unix.domains if s.unix.ok else "-"])
-    common.print_table(f"hvext lab: {len(statuses)} hosts, {the_lab.state.phase}",
-                       ["host", "address", "libvirtd", "unix answers", "tls answers", "domains"], rows)
-    for s in statuses:
-        for kind, probe in (("unix", s.unix), ("tls", s.tls)):
-            if not probe.ok:
-                common.console.print(f"{s.host.name} {kind}: {probe.error}", soft_wrap=True)
-    _print_uris(the_lab.hosts)
+
+    def text() -> None:
+        rows = []
+        for s in statuses:
+            pid = s.daemons.get("libvirtd")
+            rows.append([s.host.name, s.host.address, pid or "dead",
+                         "yes" if s.unix.ok else "no", "yes" if s.tls.ok else "no",
+                         s.unix.domains if s.unix.ok else "-"])
+        common.print_table(f"hvext lab: {len(statuses)} hosts, {the_lab.state.phase}",
+                           ["host", "address", "libvirtd", "unix answers", "tls answers", "domains"], rows)
+        for s in statuses:
+            for kind, probe in (("unix", s.unix), ("tls", s.tls)):
+                if not probe.ok:
+                    common.console.print(f"{s.host.name} {kind}: {probe.error}", soft_wrap=True)
+        _print_uris(the_lab.hosts)
+
+    common.print_result(args.json, {"up": True, "phase": the_lab.state.phase, "state_file": str(lab.state_file()),
+                                    "hosts": [s.to_dict() for s in statuses]}, text)
     return 0

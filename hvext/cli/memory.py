@@ -56,15 +56,17 @@ def cmd_dommemstat(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         dom.require_running()
         result = aio.run(stats.collect(dom))
-    if args.json:
-        common.print_json(result.to_dict())
-        return 0
-    common.print_table(f"Memory of {dom.name}", ["", "QMP balloon", "guest agent"],
-                       [[r["name"], _fmt(r["qmp"], r["unit"]), _fmt(r["agent"], r["unit"])] for r in result.rows()])
-    if result.qmp_error:
-        common.console.print(f"QMP: {common.literal(result.qmp_error)}")
-    if result.agent_error:
-        common.console.print(f"agent: {common.literal(result.agent_error)}")
+
+    def text() -> None:
+        common.print_table(f"Memory of {dom.name}", ["", "QMP balloon", "guest agent"],
+                           [[r["name"], _fmt(r["qmp"], r["unit"]), _fmt(r["agent"], r["unit"])]
+                            for r in result.rows()])
+        if result.qmp_error:
+            common.console.print(f"QMP: {common.literal(result.qmp_error)}")
+        if result.agent_error:
+            common.console.print(f"agent: {common.literal(result.agent_error)}")
+
+    common.print_result(args.json, result.to_dict(), text)
     return 0
 
 
@@ -79,23 +81,19 @@ def cmd_setmem(args: argparse.Namespace) -> int:
                              "(without --wait, setmem changes the memory it starts with)")
         done = balloon.set_target(dom, size, force=args.force)
         if args.wait is None or not done.live:
-            if args.json:
-                common.print_json(done.to_dict())
-            elif done.live:
-                common.console.print(f"Balloon target of '{dom.name}' set to {format_size(done.target)} "
-                                     f"(actual {format_size(done.previous_actual or 0)}); --wait follows it")
-            else:
-                common.console.print(f"Domain '{dom.name}' is not running: it will start with "
-                                     f"{format_size(done.target)} (currentMemory of its definition)")
+            common.print_result(args.json, done.to_dict(), lambda: (
+                f"Balloon target of '{dom.name}' set to {format_size(done.target)} "
+                f"(actual {format_size(done.previous_actual or 0)}); --wait follows it" if done.live else
+                f"Domain '{dom.name}' is not running: it will start with "
+                f"{format_size(done.target)} (currentMemory of its definition)"))
             return 0
         result = _follow(dom, done, args)
-    if args.json:
-        common.print_json(result.to_dict())
+    # JSON also when the balloon stalled (then the error follows); the text only when it got there
+    common.print_result(args.json, result.to_dict(), lambda: (
+        f"Balloon of '{dom.name}' reached {format_size(result.actual)} in "
+        f"{result.elapsed_s:.1f} s (from {format_size(result.start)})" if result.reached else None))
     if not result.reached:
         raise balloon.BalloonStalled(result)
-    if not args.json:
-        common.console.print(f"Balloon of '{dom.name}' reached {format_size(result.actual)} in "
-                             f"{result.elapsed_s:.1f} s (from {format_size(result.start)})")
     return 0
 
 
@@ -150,10 +148,7 @@ def cmd_memclass(args: argparse.Namespace) -> int:
         dom.require_running()
         if args.watch is None:
             report = aio.run(classes.fetch(dom))
-            if args.json:
-                common.print_json(report.to_dict())
-            else:
-                common.console.print(classes_table(report))
+            common.print_result(args.json, report.to_dict(), lambda: classes_table(report))
             return 0
         return _watch(dom, args)
 

@@ -45,9 +45,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 dom, args.dest_uri, policy=args.policy, downtime_ms=args.downtime_ms,
                 bandwidth_mib=args.bandwidth, shared_storage=not args.no_shared_storage, timeout_s=args.timeout,
                 on_progress=show))
-    if args.json:
-        common.print_json(result.to_dict())
-    else:
+
+    def text() -> None:
         postcopy = result.postcopy_switch or (f"refused ({result.postcopy_switch_error})"
                                               if result.postcopy_switch_error else "not used")
         common.print_fields({"Domain": result.domain, "Destination": result.destination,
@@ -56,4 +55,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                              "Post-copy": postcopy,
                              "Total time": f"{result.total_s:.1f} s", "Downtime": f"{result.downtime_ms} ms",
                              "Data sent": f"{(result.bytes_sent or 0) / MIB:.0f} MiB"})
+
+    common.print_result(args.json, result.to_dict(), text)
     return 0

@@ -147,20 +147,22 @@ def cmd_list(args: argparse.Namespace) -> int:
         else:
             guest_error = "domain is not running"
     namespaces = guest.get("namespaces", []) if isinstance(guest, dict) else []
-    if args.json:
-        common.print_json({"devices": [d.to_dict() for d in host_devices], "guest": namespaces,
-                           "guest_error": guest_error})
-        return 0
-    common.print_table(f"pmem devices of {dom.name}", ["model", "alias", "size", "label", "backing"],
-                       [[d.model, d.alias or "-", format_size(d.size), format_size(d.label_size), d.path]
-                        for d in host_devices])
-    if namespaces:
-        common.print_table("seen by the guest", ["namespace", "mode", "size", "device", "mounted", "DAX"],
-                           [[n.get("namespace"), n.get("mode"), format_size(n.get("size") or 0),
-                             n.get("blockdev") or n.get("chardev"), (n.get("mount") or {}).get("mountpoint", "-"),
-                             "yes" if (n.get("mount") or {}).get("dax") else "no"] for n in namespaces])
-    elif guest_error:
-        common.console.print(f"guest view unavailable: {common.literal(guest_error)}")
+
+    def text() -> None:
+        common.print_table(f"pmem devices of {dom.name}", ["model", "alias", "size", "label", "backing"],
+                           [[d.model, d.alias or "-", format_size(d.size), format_size(d.label_size), d.path]
+                            for d in host_devices])
+        if namespaces:
+            common.print_table("seen by the guest", ["namespace", "mode", "size", "device", "mounted", "DAX"],
+                               [[n.get("namespace"), n.get("mode"), format_size(n.get("size") or 0),
+                                 n.get("blockdev") or n.get("chardev"),
+                                 (n.get("mount") or {}).get("mountpoint", "-"),
+                                 "yes" if (n.get("mount") or {}).get("dax") else "no"] for n in namespaces])
+        elif guest_error:
+            common.console.print(f"guest view unavailable: {common.literal(guest_error)}")
+
+    common.print_result(args.json, {"devices": [d.to_dict() for d in host_devices], "guest": namespaces,
+                                    "guest_error": guest_error}, text)
     return 0
 
 
@@ -172,12 +174,10 @@ async def mount(domain: Domain, blockdev: str, mountpoint: str, fmt: bool) -> di
 def cmd_mount(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         result = aio.run(mount(dom, args.blockdev, args.mountpoint, args.format))
-    if args.json:
-        common.print_json(result)
-    else:
-        common.console.print(f"/dev/{common.literal(result.get('blockdev'))} mounted on "
-                             f"{common.literal(result.get('mountpoint'))} in '{dom.name}' "
-                             f"({'DAX' if result.get('dax') is True else 'no DAX'})")
+    common.print_result(args.json, result, lambda: (
+        f"/dev/{common.literal(result.get('blockdev'))} mounted on "
+        f"{common.literal(result.get('mountpoint'))} in '{dom.name}' "
+        f"({'DAX' if result.get('dax') is True else 'no DAX'})"))
     return 0
 
 
@@ -185,17 +185,18 @@ def cmd_hints(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         dom.require_running()
         result = aio.run(hints.fetch(dom))
-    if args.json:
-        common.print_json(result.to_dict())
-        return 0
-    rows = []
-    for device in result.devices.values():
-        for kind, ranges in device.ranges.items():
-            if ranges:
-                rows.append([device.backing, kind, len(ranges), format_size(sum(n for _, n in ranges))])
-    common.print_table(f"persistence hints of {dom.name}", ["device backing", "kind", "ranges", "bytes"], rows)
-    epochs = max((d.epochs for d in result.devices.values()), default=0)
-    common.console.print(f"epochs marked by the guest: {epochs}")
-    for reason in result.rejected[:10]:
-        common.console.print(f"rejected: {common.literal(reason)}")
+
+    def text() -> None:
+        rows = []
+        for device in result.devices.values():
+            for kind, ranges in device.ranges.items():
+                if ranges:
+                    rows.append([device.backing, kind, len(ranges), format_size(sum(n for _, n in ranges))])
+        common.print_table(f"persistence hints of {dom.name}", ["device backing", "kind", "ranges", "bytes"], rows)
+        epochs = max((d.epochs for d in result.devices.values()), default=0)
+        common.console.print(f"epochs marked by the guest: {epochs}")
+        for reason in result.rejected[:10]:
+            common.console.print(f"rejected: {common.literal(reason)}")
+
+    common.print_result(args.json, result.to_dict(), text)
     return 0

@@ -55,36 +55,39 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         result = guestsnap.snapshot(dom, args.device, args.name, strategy=args.strategy,
                                     block_size=parse_size(args.block_size), nvm_dir=args.nvm_dir,
                                     mass_dir=args.mass_dir)
-    if args.json:
-        common.print_json(result)
-    else:
+
+    def text() -> None:
         common.console.print(f"snapshot {args.name!r} of {result['backing']}: {format_size(result['bytes_written'])} "
                              f"changed since the previous one, {result['seconds']:.2f} s "
                              f"(guest paused {result['guest_paused_seconds']:.2f} s)")
+
+    common.print_result(args.json, result, text)
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         result = guestsnap.listing(dom, args.device)
-    if args.json:
-        common.print_json(result)
-    else:
+
+    def text() -> None:
         stats = result["stats"]
         common.console.print(f"{result['backing']}: snapshots {', '.join(result['snapshots']) or '-'}; "
                              f"NVM {stats['nvm_blocks']} blocks, mass {stats['mass_blocks']} blocks "
                              f"of {format_size(stats['block_size'])} ({stats['strategy']})")
+
+    common.print_result(args.json, result, text)
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         result = guestsnap.restore(dom, args.device, args.name)
-    if args.json:
-        common.print_json(result)
-    else:
+
+    def text() -> None:
         common.console.print(f"{result['backing']} restored to snapshot {args.name!r} "
                              f"({format_size(result['bytes_written'])} rewritten, {result['seconds']:.2f} s)")
+
+    common.print_result(args.json, result, text)
     return 0
 
 
@@ -99,10 +102,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         result = guestsnap.purge(dom, args.device)
-    if args.json:
-        common.print_json(result)
-    else:
+
+    def text() -> None:
         common.console.print(f"purged {result['blocks_moved']} blocks to mass storage ({result['strategy']}, "
                              f"{result['entries_rewritten']} entries rewritten, {result['seconds']:.3f} s); "
                              f"NVM now holds {result['stats']['nvm_blocks']} blocks")
+
+    common.print_result(args.json, result, text)
     return 0

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from rich.tree import Tree
 
 from hvext.cli import common
-from hvext.memory.host import meminfo
-from hvext.errors import DomainNotFound, HvextError, LibvirtUnavailable, UsageError
+from hvext.errors import LibvirtUnavailable, UsageError
 from hvext.host import Host
+from hvext.memory import demand
+from hvext.memory.demand import DomainFigures
 from hvext.memory.pools import (
     DEFAULT_SHARES,
     ROOT,
@@ -27,8 +26,7 @@ from hvext.memory.pools import (
     ResourceTree,
     normalize_path,
 )
-from hvext.memory.pools_store import PoolStore
-from hvext.units import KIB, parse_size_mib
+from hvext.units import parse_size_mib
 
 SHARE_LEVELS = {"low": 500, "normal": 1000, "high": 2000}  # vSphere's names for shares
 
@@ -126,22 +124,13 @@ def host_capacity_mib(args: argparse.Namespace) -> int:
     """The memory of the host the tree divides: libvirt's when a URI is given, else /proc/meminfo."""
     if args.uri:
         with common.open_host(args) as host:
-            return host.memory_mib()
-    total = meminfo("MemTotal")
-    if not total:
-        raise UsageError("cannot read MemTotal from /proc/meminfo")  # pragma: no cover
-    return total >> 20
+            return demand.host_capacity_mib(host)
+    return demand.host_capacity_mib(None)
 
 
-@contextlib.contextmanager
-def open_tree(args: argparse.Namespace) -> Iterator[ResourceTree]:
+def open_tree(args: argparse.Namespace) -> contextlib.AbstractContextManager[ResourceTree]:
     """The stored tree (created with the host's memory as capacity on first use)."""
-    store = PoolStore()
-    try:
-        tree = store.load(capacity_mib=host_capacity_mib(args))  # the capacity is used only for a new store
-        yield tree
-    finally:
-        store.close()
+    return demand.open_tree(host_capacity_mib(args))
 
 
 def _describe(node: Any) -> str:
@@ -214,68 +203,24 @@ def cmd_unassign(args: argparse.Namespace) -> int:
 # -- pool-list ------------------------------------------------------------
 
 
-@dataclass
-class DomainFigures:
-    """What the host says about an assigned domain right now (MiB)."""
-
-    state: str
-    demand_mib: int = 0  # balloon actual of a running domain
-    usage_mib: int | None = None  # RSS of its QEMU process
-
-
 def domain_figures(args: argparse.Namespace, domains: list[str]) -> tuple[dict[str, DomainFigures], str | None]:
     """Current figures of the assigned domains from libvirt; (figures, why none) when it is unreachable."""
-    figures: dict[str, DomainFigures] = {}
     if not domains:
-        return figures, None
+        return {}, None
     try:
         host = Host(args.uri)
     except LibvirtUnavailable as err:
-        return figures, str(err)
+        return {}, str(err)
     try:
-        for name in domains:
-            try:
-                dom = host.lookup(name)
-                if not dom.is_active():
-                    figures[name] = DomainFigures(dom.state.value)
-                    continue
-                cur_kib = dom.info()["used_memory_kib"]  # live currentMemory = balloon actual
-                rss = dom.balloon_stats().get("rss")
-                figures[name] = DomainFigures("running", cur_kib * KIB // 2**20,
-                                              rss // 1024 if rss is not None else None)
-            except DomainNotFound:
-                figures[name] = DomainFigures("missing")
-            except HvextError as err:
-                figures[name] = DomainFigures(f"unknown ({err})")
+        return demand.domain_figures(host, domains), None
     finally:
         host.close()
-    return figures, None
 
 
 def list_data(tree: ResourceTree, args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     """The tree as nested data with demand, entitlement and usage per node."""
-    assignments = tree.assignments()
-    figures, libvirt_error = domain_figures(args, sorted(assignments))
-    demands = {path: figures[d].demand_mib for d, path in assignments.items() if d in figures}
-    data = tree.to_dict(demands)
-
-    def annotate(node: dict[str, Any]) -> tuple[int, int | None]:
-        demand: int = 0
-        usage: int | None = None
-        if node["domain"] is not None and node["domain"] in figures:
-            fig = figures[node["domain"]]
-            node["domain_state"] = fig.state
-            demand, usage = fig.demand_mib, fig.usage_mib
-        for child in node["children"]:
-            child_demand, child_usage = annotate(child)
-            demand += child_demand
-            if child_usage is not None:
-                usage = (usage or 0) + child_usage
-        node["demand_mib"], node["usage_mib"] = demand, usage
-        return demand, usage
-
-    annotate(data)
-    return data, libvirt_error
+    figures, libvirt_error = domain_figures(args, sorted(tree.assignments()))
+    return demand.usage_tree(tree, figures), libvirt_error
 
 
 def _find(data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -310,20 +255,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     with open_tree(args) as tree:
         data, libvirt_error = list_data(tree, args)
     subtree = _find(data, normalize_path(args.path))
-    if args.json:
-        common.print_json({"tree": subtree, "libvirt_error": libvirt_error})
-        return 0
-    view = Tree(_label(subtree))
 
     def grow(branch: Tree, node: dict[str, Any]) -> None:
         for child in node["children"]:
             grow(branch.add(_label(child)), child)
 
-    grow(view, subtree)
-    common.console.print(view)
-    common.console.print("[dim]MiB; res: reservation, eff.res: effective reservation; demand: balloon actual of "
-                         "running assigned VMs; entitled: their share of the host by reservation, limit and "
-                         "shares; used: RSS of their QEMU processes[/]")
-    if libvirt_error:
-        common.console.print(f"libvirt unavailable, no demand or usage: {common.literal(libvirt_error)}")
+    def text() -> None:
+        view = Tree(_label(subtree))
+        grow(view, subtree)
+        common.console.print(view)
+        common.console.print("[dim]MiB; res: reservation, eff.res: effective reservation; demand: balloon actual of "
+                             "running assigned VMs; entitled: their share of the host by reservation, limit and "
+                             "shares; used: RSS of their QEMU processes[/]")
+        if libvirt_error:
+            common.console.print(f"libvirt unavailable, no demand or usage: {common.literal(libvirt_error)}")
+
+    common.print_result(args.json, {"tree": subtree, "libvirt_error": libvirt_error}, text)
     return 0

@@ -77,12 +77,13 @@ def _print_missing(report: dict[str, Any]) -> None:
 def cmd_protect(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         result = power.protect(dom, args.backing, args.store)
-    if args.json:
-        common.print_json(result)
-    else:
+
+    def text() -> None:
         save = result["save"]
         common.console.print(f"{args.backing} of '{dom.name}' protected; store {result['registration']['store']} "
                              f"(first save: {format_size(save['bytes_written'])} in {save['seconds']:.2f} s)")
+
+    common.print_result(args.json, result, text)
     return 0
 
 
@@ -97,28 +98,28 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     with common.open_host(args) as host:
         rows = power.status(host)
-    if args.json:
-        common.print_json(rows)
-        return 0
-    if not rows:
-        common.console.print("no protected pmem devices (`hvext pmem-attach --volatile-backing` or "
-                             "`hvext power protect`)")
-    for r in rows:
-        stats = r["store_stats"]
-        common.console.print(f"{r['domain']} ({r['state']}) {r['model']} {format_size(r['size'])} "
-                             f"{r['backing']}{'' if r['backing_exists'] else ' (missing)'}\n"
-                             f"  store {r['store']}: generation {stats.get('generation', '?')}, "
-                             f"{format_size(stats.get('bytes_on_disk', 0))} on disk; dirty log "
-                             f"{'yes' if r['dirty_log'] else 'no'}; pending {r['pending'] or '-'}")
+
+    def text() -> None:
+        if not rows:
+            common.console.print("no protected pmem devices (`hvext pmem-attach --volatile-backing` or "
+                                 "`hvext power protect`)")
+        for r in rows:
+            stats = r["store_stats"]
+            common.console.print(f"{r['domain']} ({r['state']}) {r['model']} {format_size(r['size'])} "
+                                 f"{r['backing']}{'' if r['backing_exists'] else ' (missing)'}\n"
+                                 f"  store {r['store']}: generation {stats.get('generation', '?')}, "
+                                 f"{format_size(stats.get('bytes_on_disk', 0))} on disk; dirty log "
+                                 f"{'yes' if r['dirty_log'] else 'no'}; pending {r['pending'] or '-'}")
+
+    common.print_result(args.json, rows, text)
     return 0
 
 
 def cmd_loss(args: argparse.Namespace) -> int:
     with common.open_host(args) as host:
         report = power.power_loss(host, hints=hints.PROVIDER, domains=args.domains, budget=args.budget)
-    if args.json:
-        common.print_json(report)
-    else:
+
+    def text() -> None:
         for d in report["devices"]:
             if "error" in d:
                 common.console.print(f"{d['domain']} {d['backing']}: error: {common.literal(d['error'])}")
@@ -131,19 +132,22 @@ def cmd_loss(args: argparse.Namespace) -> int:
                                      f"generation {d['generation']})")
         _print_missing(report)
         common.console.print(f"total {format_size(report['bytes_written'])} in {report['seconds']:.2f} s")
+
+    common.print_result(args.json, report, text)
     return 0 if report["ok"] else 1
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     with common.open_host(args) as host:
         report = power.power_restore(host, hints=hints.PROVIDER, domains=args.domains)
-    if args.json:
-        common.print_json(report)
-    else:
+
+    def text() -> None:
         for dom in report["domains"]:
             for dev in dom.get("devices", []):
                 common.console.print(f"{dom['domain']}: {dev['backing']}: {dev['action']}")
             common.console.print(f"{dom['domain']}: {dom.get('action', '-')}"
                                  + (f" (error: {common.literal(dom['error'])})" if "error" in dom else ""))
         _print_missing(report)
+
+    common.print_result(args.json, report, text)
     return 0 if report["ok"] else 1

@@ -25,18 +25,19 @@ def cmd_reclaim(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         with common.console.status(f"reclaiming {format_size(amount)} from {dom.name}..."):
             report = aio.run(reclaim.reclaim(dom, amount, args.method))
-    if args.json:
-        common.print_json(report.to_dict())
-        return 0
-    common.print_fields({
-        "Domain": report.domain, "Method": report.method, "Why": report.decision["reason"],
-        "Balloon": f"{format_size(report.balloon_actual_before)} -> {format_size(report.balloon_actual_after)}",
-        "QEMU RSS": f"{format_size(report.rss_before)} -> {format_size(report.rss_after)} "
-                    f"({format_size(report.returned)} returned)",
-        "Host available": f"{format_size(report.host_available_before)} -> "
-                          f"{format_size(report.host_available_after)}",
-        "Time": f"{report.seconds:.1f} s",
-    })
-    for note in report.notes:
-        common.console.print(f"note: {common.literal(note)}")
+
+    def text() -> None:
+        common.print_fields({
+            "Domain": report.domain, "Method": report.method, "Why": report.decision["reason"],
+            "Balloon": f"{format_size(report.balloon_actual_before)} -> {format_size(report.balloon_actual_after)}",
+            "QEMU RSS": f"{format_size(report.rss_before)} -> {format_size(report.rss_after)} "
+                        f"({format_size(report.returned)} returned)",
+            "Host available": f"{format_size(report.host_available_before)} -> "
+                              f"{format_size(report.host_available_after)}",
+            "Time": f"{report.seconds:.1f} s",
+        })
+        for note in report.notes:
+            common.console.print(f"note: {common.literal(note)}")
+
+    common.print_result(args.json, report.to_dict(), text)
     return 0

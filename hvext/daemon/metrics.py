@@ -41,8 +41,9 @@ from hvext.errors import (AgentError, AgentTimeout, AgentUnavailable, DomainNotF
                           QMPError)
 from hvext.host import MIGRATION_EVENTS, Domain, Host
 from hvext.memory import balloon, classes, swap
+from hvext.memory.demand import leaf_demands
 from hvext.memory.host import meminfo
-from hvext.memory.pools_store import PoolStore
+from hvext.memory.pools import PoolStore
 from hvext.pmem import power
 from hvext.pmem.store import Store
 from hvext.units import KIB, MIB
@@ -301,7 +302,7 @@ def read_entitlements(demand: dict[str, int], store: PoolStore | None = None) ->
         return {}
     try:
         tree = store.load()
-        leaves = {path: demand.get(name, 0) // MIB for name, path in tree.assignments().items()}
+        leaves = leaf_demands(tree, {name: amount // MIB for name, amount in demand.items()})
         return {path: mib * MIB for path, mib in tree.entitlements(leaves, all_nodes=True).items()}
     finally:
         store.close()

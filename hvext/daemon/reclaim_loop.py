@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from hvext.daemon import metrics
 from hvext.errors import HvextError, UsageError
 from hvext.host import Domain, Host
-from hvext.memory import reclaim
+from hvext.memory import demand, reclaim
 from hvext.memory.host import meminfo
 from hvext.memory.policy import METHODS, MIB
 
@@ -67,23 +67,19 @@ class ReclaimConfig:
         return self
 
 
-def _pool_entitlements(domains: list[Domain], demand: dict[str, int]) -> dict[str, int]:
-    """Entitlement in bytes per domain assigned to a pool (others absent; none when the store is unusable)."""
+def _pool_entitlements(host: Host, actual: dict[str, int]) -> dict[str, int]:
+    """Entitlement in bytes per domain of *actual* (its demand in bytes) assigned to a pool.
+
+    Others are absent; none when the pool store is unusable. A new store
+    starts with the host's memory as capacity, as ``hvext pool-*`` does.
+    """
     try:
-        from hvext.memory.pools_store import PoolStore
-        tree = PoolStore().load(capacity_mib=max(1, sum(demand.values()) // MIB))
+        with demand.open_tree(demand.host_capacity_mib(host)) as tree:
+            entitled = demand.entitlements(tree, {name: amount // MIB for name, amount in actual.items()})
     except (HvextError, OSError) as err:
         log.warning("pool entitlements unavailable, ordering VMs by size: %s", err)
         return {}
-    by_leaf = {}
-    for domain in domains:
-        leaf = tree.lookup(domain.name)
-        if leaf is not None:
-            by_leaf[leaf] = domain.name
-    if not by_leaf:
-        return {}
-    shares = tree.entitlements({leaf: demand[name] // MIB for leaf, name in by_leaf.items()})
-    return {by_leaf[leaf]: mib * MIB for leaf, mib in shares.items() if leaf in by_leaf}
+    return {name: mib * MIB for name, mib in entitled.items()}
 
 
 def candidates(host: Host, config: ReclaimConfig) -> list[Domain]:
@@ -100,12 +96,12 @@ def candidates(host: Host, config: ReclaimConfig) -> list[Domain]:
         try:
             if not domain.facts().hvext_managed:
                 continue
-            actual[domain.name] = domain.info()["used_memory_kib"] * 1024
+            actual[domain.name] = demand.demand_bytes(domain)
         except HvextError as err:
             log.warning("skipping %s this round: %s", domain.name, err)
             continue
         found.append(domain)
-    entitled = _pool_entitlements(found, actual)
+    entitled = _pool_entitlements(host, actual)
     found.sort(key=lambda d: actual[d.name] - entitled.get(d.name, 0), reverse=True)
     return found
 

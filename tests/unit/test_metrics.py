@@ -20,7 +20,7 @@ from hvext.daemon.config import MetricsConfig
 from hvext.domxml import HVEXT_NS
 from hvext.errors import QMPError, UsageError
 from hvext.memory import balloon, classes
-from hvext.memory.pools_store import PoolStore
+from hvext.memory.pools import PoolStore
 from hvext.pmem import power
 from hvext.pmem.store import Store
 from hvext.units import KIB, MIB

@@ -442,3 +442,19 @@ def test_locked_subtree_refuses_reentrant_use(tree: ResourceTree) -> None:
         with pytest.raises(PoolLockError):
             tree.modify("/dev", shares=3)
     tree.modify("/dev", shares=3)
+
+
+def test_pools_package_modules_import_only_public_names_of_each_other() -> None:
+    """The package's modules share public names only, and none re-exports through a module __getattr__."""
+    import ast
+    from pathlib import Path
+
+    import hvext.memory.pools as package
+
+    for src in Path(package.__file__).parent.glob("*.py"):
+        tree = ast.parse(src.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hvext.memory.pools"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{src.name} imports private {private} from {node.module}"
+        assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), src.name

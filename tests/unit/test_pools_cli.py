@@ -13,7 +13,7 @@ from hvext.cli import pools as pools_cli
 from hvext.cli.main import main
 from hvext.errors import DomainNotFound, LibvirtUnavailable
 from hvext.host import RunState
-from hvext.memory.pools_store import PoolStore
+from hvext.memory.pools import PoolStore
 
 
 class FakeDomain:
@@ -33,6 +33,9 @@ class FakeDomain:
 
     def info(self) -> dict[str, Any]:
         return {"state": self.state.value, "max_memory_kib": 1024 * 1024, "used_memory_kib": self.actual_kib}
+
+    def memory_kib(self) -> tuple[int, int]:
+        return 1024 * 1024, self.actual_kib
 
     def balloon_stats(self) -> dict[str, int]:
         return {"actual": self.actual_kib, "rss": self.rss_kib}

@@ -17,10 +17,10 @@ from hvext.memory.pools import (
     PoolExistsError,
     PoolNotEmptyError,
     PoolNotFoundError,
+    PoolStore,
     ResourceTree,
     check_consistency,
 )
-from hvext.memory.pools_store import PoolStore
 
 EXPECTED = (
     ConsistencyError,

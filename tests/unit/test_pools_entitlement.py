@@ -11,8 +11,7 @@ from fractions import Fraction
 
 import pytest
 
-from hvext.memory.pools import ConsistencyError, PoolNode, ResourceTree
-from hvext.memory.pools_entitlement import share_out
+from hvext.memory.pools import ConsistencyError, PoolNode, ResourceTree, share_out
 
 
 # ------------------------------------------------------------------ share_out
@@ -223,7 +222,7 @@ def test_random_trees_satisfy_entitlement_properties(seed: int) -> None:
 
 def test_property_checker_catches_a_wrong_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
     """The property checks are strong enough to reject a plausible but wrong algorithm."""
-    import hvext.memory.pools as pools
+    import hvext.memory.pools.tree as pools
 
     def equal_split(nodes: dict[str, PoolNode], demands: dict[str, int]) -> dict[str, int]:
         alloc = {"/": min(nodes["/"].reservation_mib, sum(demands.values()))}

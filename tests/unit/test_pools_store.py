@@ -13,13 +13,17 @@ import pytest
 from hvext.errors import HvextError
 from hvext.memory import pools
 from hvext.memory.pools import (
+    DEFAULT_DB_PATH,
+    ENV_DB_PATH,
     ConsistencyError,
     PoolNotFoundError,
+    PoolStore,
     PoolStoreError,
     ResourceTree,
     StaleStoreError,
+    default_db_path,
 )
-from hvext.memory.pools_store import DEFAULT_DB_PATH, ENV_DB_PATH, PoolStore, default_db_path
+from hvext.memory.pools import store as pools_store
 
 
 def db_rows(path: Path) -> tuple[list[tuple[object, ...]], dict[str, int]]:
@@ -56,7 +60,7 @@ def test_default_path_and_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert PoolStore(tmp_path / "arg.sqlite").path == tmp_path / "arg.sqlite"  # the argument wins
     PoolStore().load(capacity_mib=1)
     assert (tmp_path / "env.sqlite").exists()
-    assert pools.PoolStore is PoolStore  # re-exported by hvext.memory.pools
+    assert pools.PoolStore is PoolStore is pools_store.PoolStore  # re-exported by hvext.memory.pools
 
 
 def test_round_trip(db: Path, tree: ResourceTree) -> None:
@@ -134,7 +138,7 @@ def test_database_failure_leaves_tree_and_database_unchanged(db: Path, tree: Res
 CRASH_SCRIPT = textwrap.dedent(
     """
     import os, sys
-    from hvext.memory.pools_store import PoolStore
+    from hvext.memory.pools import PoolStore
     store = PoolStore(sys.argv[1])
     tree = store.load()
     tree.unassign("vm-a")  # committed

@@ -60,340 +60,53 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from hvext.errors import HvextError, UsageError
-from hvext.memory.pools_entitlement import compute_allocations
+from hvext.memory.pools.entitlement import compute_allocations
+from hvext.memory.pools.errors import (
+    AssignmentError,
+    ConsistencyError,
+    InvalidPathError,
+    InvalidValueError,
+    PoolExistsError,
+    PoolLockError,
+    PoolNotEmptyError,
+    PoolNotFoundError,
+)
+from hvext.memory.pools.lock import Held, RWLock
+from hvext.memory.pools.node import NodeValue, PoolNode
+from hvext.memory.pools.validate import (
+    DEFAULT_SHARES,
+    ROOT,
+    check_domain_name,
+    check_flag,
+    check_limit,
+    check_mib,
+    check_shares,
+    normalize_path,
+    path_depth,
+    split_path,
+)
 
 if TYPE_CHECKING:
-    from hvext.memory.pools_store import PoolStore, _Binding
+    from hvext.memory.pools.store import Binding, PoolStore
 
 __all__ = [
-    "ROOT",
-    "DEFAULT_SHARES",
     "RULE_LIMIT",
     "RULE_PARENT_LIMIT",
     "RULE_CHILDREN",
-    "PoolError",
-    "PoolUsageError",
-    "InvalidPathError",
-    "InvalidValueError",
-    "PoolNotFoundError",
-    "PoolExistsError",
-    "PoolNotEmptyError",
-    "AssignmentError",
-    "ConsistencyError",
-    "PoolLockError",
-    "PoolStoreError",
-    "StaleStoreError",
-    "PoolNode",
+    "RULE_CACHE",
+    "UNSET",
     "ResourceTree",
-    "PoolStore",
     "check_consistency",
-    "normalize_path",
 ]
-
-ROOT: Final = "/"
-DEFAULT_SHARES: Final = 1000
-MAX_MIB: Final = 1 << 50  # 1 ZiB: far above any host, far below SQLite's 2**63
-MAX_SHARES: Final = 1 << 31
-MAX_NAME_LEN: Final = 64
 
 RULE_LIMIT: Final = "reservation-within-limit"
 RULE_PARENT_LIMIT: Final = "reservation-within-parent-limit"
 RULE_CHILDREN: Final = "children-within-reservation"
 RULE_CACHE: Final = "effective-reservation-cache"
-
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]*")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class PoolError(HvextError):
-    """Root of the resource tree's errors."""
-
-
-class PoolUsageError(PoolError, UsageError):
-    """A request the tree refuses because of what was asked (not a host failure)."""
-
-
-class InvalidPathError(PoolUsageError, ValueError):
-    """A pool path that is not absolute, canonical and made of valid names."""
-
-
-class InvalidValueError(PoolUsageError, ValueError):
-    """A reservation, limit, shares, capacity, demand or flag of the wrong type or range."""
-
-
-class PoolNotFoundError(PoolUsageError, LookupError):
-    """No pool (or VM leaf) at that path."""
-
-
-class PoolExistsError(PoolUsageError):
-    """A pool with that path already exists."""
-
-
-class PoolNotEmptyError(PoolUsageError):
-    """Removing a pool that still has children without ``recursive=True``."""
-
-
-class AssignmentError(PoolUsageError):
-    """A domain cannot be assigned to / unassigned from that node."""
-
-
-class ConsistencyError(PoolUsageError):
-    """A modification would break the tree's structural consistency.
-
-    ``rule`` is one of the ``RULE_*`` names and ``nodes`` the paths involved;
-    both are also in the message.
-    """
-
-    def __init__(self, rule: str, nodes: Iterable[str], detail: str) -> None:
-        self.rule = rule
-        self.nodes: tuple[str, ...] = tuple(dict.fromkeys(nodes))
-        self.detail = detail
-        super().__init__(f"{detail} [rule {rule}; nodes {', '.join(self.nodes)}]")
-
-
-class PoolLockError(PoolError, RuntimeError):
-    """The tree was used in a way that would deadlock (from inside ``locked_subtree``)."""
-
-
-class PoolStoreError(PoolError):
-    """The SQLite store failed or holds something unusable; the tree is unchanged."""
-
-
-class StaleStoreError(PoolStoreError):
-    """The store was changed by another tree or process since this tree was loaded."""
-
-
-# --------------------------------------------------------------------------- values
-
-
-def _check_mib(name: str, value: object) -> int:
-    """Return *value* if it is a whole, non-negative, sane number of MiB."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidValueError(f"{name} must be a whole number of MiB, not {value!r}")
-    if value < 0:
-        raise InvalidValueError(f"{name} must not be negative, got {value}")
-    if value > MAX_MIB:
-        raise InvalidValueError(f"{name} {value} MiB is larger than {MAX_MIB} MiB")
-    return value
-
-
-def _check_limit(name: str, value: object) -> int | None:
-    """Return *value* if it is None (no limit) or a valid MiB count."""
-    if value is None:
-        return None
-    try:
-        return _check_mib(name, value)
-    except InvalidValueError as err:
-        raise InvalidValueError(f"{err} (None means no limit)") from err
-
-
-def _check_shares(value: object) -> int:
-    """Return *value* if it is a positive integer share count."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidValueError(f"shares must be a positive integer, not {value!r}")
-    if not 0 < value <= MAX_SHARES:
-        raise InvalidValueError(f"shares must be between 1 and {MAX_SHARES}, got {value}")
-    return value
-
-
-def _check_flag(value: object) -> bool:
-    """Return *value* if it is a bool (no truthiness guessing)."""
-    if not isinstance(value, bool):
-        raise InvalidValueError(f"expandable must be True or False, not {value!r}")
-    return value
-
-
-def check_domain_name(domain: object) -> str:
-    """Return *domain* if it is a usable libvirt domain name (printable, no '/')."""
-    if (
-        not isinstance(domain, str)
-        or not 0 < len(domain) <= 255
-        or "/" in domain
-        or not domain.isprintable()
-        or domain != domain.strip()
-    ):
-        raise InvalidValueError(
-            f"invalid domain name {domain!r}: use 1-255 printable characters without '/'"
-        )
-    return domain
-
-
-def normalize_path(path: object) -> str:
-    """Return the canonical form of a pool path (``/a/b``; one trailing '/' is dropped).
-
-    Names are 1-64 characters of letters, digits and ``_ . : @ + -`` and do not
-    start with a punctuation character other than ``_``.
-    """
-    if not isinstance(path, str):
-        raise InvalidPathError(f"pool path must be a string, not {path!r}")
-    if not path.startswith("/"):
-        raise InvalidPathError(f"pool path {path!r} must be absolute (start with '/')")
-    if path == ROOT:
-        return ROOT
-    body = path[1:-1] if path.endswith("/") else path[1:]
-    names = body.split("/")
-    for name in names:
-        if not name:
-            raise InvalidPathError(f"pool path {path!r} has an empty name")
-        if len(name) > MAX_NAME_LEN or not _NAME_RE.fullmatch(name):
-            raise InvalidPathError(
-                f"invalid pool name {name!r} in {path!r}: use up to {MAX_NAME_LEN} letters, "
-                "digits and '_.:@+-', starting with a letter, digit or '_'"
-            )
-    return "/" + "/".join(names)
-
-
-def _split(path: str) -> tuple[str, str]:
-    """Split a canonical non-root path into (parent path, name)."""
-    head, _, name = path.rpartition("/")
-    return (head or ROOT), name
-
-
-def _depth(path: str) -> int:
-    """Number of names in a canonical path (the root has depth 0)."""
-    return 0 if path == ROOT else path.count("/")
-
-
-@dataclass(frozen=True)
-class _NodeValue:
-    """The modifiable parameters of a node; replaced whole on commit."""
-
-    reservation_mib: int
-    limit_mib: int | None
-    shares: int
-    expandable: bool
-
-
-@dataclass(frozen=True)
-class PoolNode:
-    """An immutable view of one node, taken under the tree's locks.
-
-    ``children`` are the children's full paths, sorted.  For the root,
-    ``reservation_mib`` and ``limit_mib`` are the host capacity.
-    """
-
-    path: str
-    reservation_mib: int
-    limit_mib: int | None
-    shares: int
-    expandable: bool
-    children: tuple[str, ...]
-    effective_reservation_mib: int
-    domain: str | None = None
-
-    @property
-    def name(self) -> str:
-        """The last path component ('/' for the root)."""
-        return ROOT if self.path == ROOT else _split(self.path)[1]
-
-    @property
-    def parent(self) -> str | None:
-        """The parent's path, None for the root."""
-        return None if self.path == ROOT else _split(self.path)[0]
-
-    @property
-    def depth(self) -> int:
-        return _depth(self.path)
-
-    @property
-    def is_root(self) -> bool:
-        return self.path == ROOT
-
-    @property
-    def is_leaf(self) -> bool:
-        """True for a non-root node without children (where VMs and demands live)."""
-        return self.path != ROOT and not self.children
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON-ready), children as paths."""
-        return {
-            "path": self.path,
-            "name": self.name,
-            "reservation_mib": self.reservation_mib,
-            "limit_mib": self.limit_mib,
-            "shares": self.shares,
-            "expandable": self.expandable,
-            "effective_reservation_mib": self.effective_reservation_mib,
-            "domain": self.domain,
-            "children": list(self.children),
-        }
-
-
-# --------------------------------------------------------------------------- locks
-
-
-class _RWLock:
-    """A writer-preferring readers-writer lock (not re-entrant)."""
-
-    __slots__ = ("_cond", "_readers", "_writer", "_waiting_writers")
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    def acquire_read(self) -> None:
-        with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-
-    def release_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            if not self._readers:
-                self._cond.notify_all()
-
-    def acquire_write(self) -> None:
-        with self._cond:
-            self._waiting_writers += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._waiting_writers -= 1
-            self._writer = True
-
-    def release_write(self) -> None:
-        with self._cond:
-            self._writer = False
-            self._cond.notify_all()
-
-
-class _Held:
-    """The locks one operation holds; released in reverse order when it ends."""
-
-    def __init__(self) -> None:
-        self._releases: list[Callable[[], None]] = []
-
-    def read(self, lock: _RWLock) -> None:
-        lock.acquire_read()
-        self._releases.append(lock.release_read)
-
-    def write(self, lock: _RWLock) -> None:
-        lock.acquire_write()
-        self._releases.append(lock.release_write)
-
-    def mutex(self, lock: threading.Lock) -> None:
-        lock.acquire()
-        self._releases.append(lock.release)
-
-    def __enter__(self) -> _Held:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        while self._releases:
-            self._releases.pop()()
 
 
 class _Node:
@@ -401,15 +114,15 @@ class _Node:
 
     __slots__ = ("path", "depth", "parent", "children", "value", "domain", "child_sum", "lock", "budget")
 
-    def __init__(self, path: str, parent: _Node | None, value: _NodeValue, domain: str | None = None) -> None:
+    def __init__(self, path: str, parent: _Node | None, value: NodeValue, domain: str | None = None) -> None:
         self.path = path
-        self.depth = _depth(path)
+        self.depth = path_depth(path)
         self.parent = parent
         self.children: dict[str, _Node] = {}
         self.value = value
         self.domain = domain
         self.child_sum = 0  # sum of the children's effective reservations (cache)
-        self.lock = _RWLock()
+        self.lock = RWLock()
         self.budget = threading.Lock()
 
     @property
@@ -421,7 +134,7 @@ class _Node:
         return self.parent is None or not self.value.expandable
 
 
-def _effective(value: _NodeValue, child_sum: int) -> int:
+def _effective(value: NodeValue, child_sum: int) -> int:
     return max(value.reservation_mib, child_sum) if value.expandable else value.reservation_mib
 
 
@@ -442,17 +155,17 @@ class ResourceTree:
     """A thread-safe tree of memory pools and VM leaves under a host of ``capacity_mib``.
 
     Build it empty with ``ResourceTree(capacity_mib=...)`` (in memory only), or
-    get a persisted one from :meth:`hvext.memory.pools_store.PoolStore.load`;
+    get a persisted one from :meth:`hvext.memory.pools.store.PoolStore.load`;
     then every committed modification is written to SQLite first, in one
     transaction, and applied in memory only if that succeeded.
     """
 
     def __init__(self, capacity_mib: int) -> None:
-        capacity = _check_mib("capacity_mib", capacity_mib)
-        self._root = _Node(ROOT, None, _NodeValue(capacity, capacity, DEFAULT_SHARES, False))
+        capacity = check_mib("capacity_mib", capacity_mib)
+        self._root = _Node(ROOT, None, NodeValue(capacity, capacity, DEFAULT_SHARES, False))
         self._domains: dict[str, str] = {}  # domain -> leaf path
         self._domains_lock = threading.Lock()
-        self._binding: _Binding | None = None
+        self._binding: Binding | None = None
         self._local = threading.local()
         # Test hook: called as hook(operation, path) once an operation holds all
         # its locks and has passed its checks, just before it commits.
@@ -483,7 +196,7 @@ class ResourceTree:
         if self._after_lock is not None:
             self._after_lock(operation, path)
 
-    def _lock_path(self, held: _Held, path: str, *, write_from: int) -> list[_Node]:
+    def _lock_path(self, held: Held, path: str, *, write_from: int) -> list[_Node]:
         """Lock root..path top-down (exclusive from depth *write_from*, shared above).
 
         Returns the nodes root first.  Each child is looked up while its parent's
@@ -504,7 +217,7 @@ class ResourceTree:
         return nodes
 
     @staticmethod
-    def _lock_budgets(held: _Held, parent: _Node) -> None:
+    def _lock_budgets(held: Held, parent: _Node) -> None:
         """Take the budget mutexes of *parent*'s accounting chain, top-down."""
         chain = [parent]
         while not chain[-1].is_accounting():
@@ -533,7 +246,7 @@ class ResourceTree:
     def _check_node(
         path: str,
         parent: tuple[str, int | None] | None,
-        working: _NodeValue,
+        working: NodeValue,
         child_sum: int,
         children: Sequence[tuple[str, int]],
     ) -> int:
@@ -623,7 +336,7 @@ class ResourceTree:
         """Return a snapshot of the node at *path*."""
         self._guard()
         path = normalize_path(path)
-        with _Held() as held:
+        with Held() as held:
             node = self._lock_path(held, path, write_from=1 << 30)[-1]
             held.mutex(node.budget)
             return self._view(node)
@@ -639,7 +352,7 @@ class ResourceTree:
     def snapshot(self) -> dict[str, PoolNode]:
         """A consistent view of the whole tree, in pre-order (root first, children by name)."""
         self._guard()
-        with _Held() as held:
+        with Held() as held:
             held.read(self._root.lock)
             level = [self._root]
             while level:
@@ -685,7 +398,7 @@ class ResourceTree:
         children in proportion to their shares, max-min fair and capped by their
         (limit-capped) demand, so capacity is handed out as long as some demand
         is unmet and no limit stops it.  With ``all_nodes`` pools (and the root)
-        are included.  See :mod:`hvext.memory.pools_entitlement`.
+        are included.  See :mod:`hvext.memory.pools.entitlement`.
         """
         nodes = self.snapshot()
         wanted = self._check_demands(nodes, demands)
@@ -708,7 +421,7 @@ class ResourceTree:
                 raise InvalidValueError(f"demand for {path!r}, which is not a leaf (demands belong to leaves)")
             if path in wanted:
                 raise InvalidValueError(f"two demands for {path!r}")
-            wanted[path] = _check_mib(f"demand for {path}", mib)
+            wanted[path] = check_mib(f"demand for {path}", mib)
         return wanted
 
     def to_dict(self, demands: Mapping[str, int] | None = None) -> dict[str, Any]:
@@ -752,17 +465,17 @@ class ResourceTree:
         path = normalize_path(path)
         if path == ROOT:
             raise PoolExistsError("the root '/' always exists (it is the host)")
-        working = _NodeValue(
-            reservation_mib=_check_mib("reservation_mib", reservation_mib),
-            limit_mib=_check_limit("limit_mib", limit_mib),
-            shares=_check_shares(shares),
-            expandable=_check_flag(expandable),
+        working = NodeValue(
+            reservation_mib=check_mib("reservation_mib", reservation_mib),
+            limit_mib=check_limit("limit_mib", limit_mib),
+            shares=check_shares(shares),
+            expandable=check_flag(expandable),
         )
         if domain is not None:
             domain = check_domain_name(domain)
-        parent_path, name = _split(path)
-        with _Held() as held:
-            parent = self._lock_path(held, parent_path, write_from=_depth(parent_path))[-1]
+        parent_path, name = split_path(path)
+        with Held() as held:
+            parent = self._lock_path(held, parent_path, write_from=path_depth(parent_path))[-1]
             if name in parent.children:
                 raise PoolExistsError(f"pool {path!r} already exists")
             if parent.domain is not None:
@@ -807,20 +520,20 @@ class ResourceTree:
         self._guard()
         changes: dict[str, Any] = {}
         if not isinstance(reservation_mib, _Unset):
-            changes["reservation_mib"] = _check_mib("reservation_mib", reservation_mib)
+            changes["reservation_mib"] = check_mib("reservation_mib", reservation_mib)
         if not isinstance(limit_mib, _Unset):
-            changes["limit_mib"] = _check_limit("limit_mib", limit_mib)
+            changes["limit_mib"] = check_limit("limit_mib", limit_mib)
         if not isinstance(shares, _Unset):
-            changes["shares"] = _check_shares(shares)
+            changes["shares"] = check_shares(shares)
         if not isinstance(expandable, _Unset):
-            changes["expandable"] = _check_flag(expandable)
+            changes["expandable"] = check_flag(expandable)
         if not changes:
             raise InvalidValueError("modify: give at least one of reservation_mib, limit_mib, shares, expandable")
         path = normalize_path(path)
         if path == ROOT:
             raise InvalidValueError("the root '/' is the host: change its capacity with set_capacity()")
-        with _Held() as held:
-            nodes = self._lock_path(held, path, write_from=_depth(path))
+        with Held() as held:
+            nodes = self._lock_path(held, path, write_from=path_depth(path))
             node, parent = nodes[-1], nodes[-2]
             if "reservation_mib" in changes or "expandable" in changes:
                 self._lock_budgets(held, parent)
@@ -841,15 +554,15 @@ class ResourceTree:
     def set_capacity(self, capacity_mib: int) -> PoolNode:
         """Change the host capacity (the root's reservation and limit); it must hold the top level."""
         self._guard()
-        capacity = _check_mib("capacity_mib", capacity_mib)
-        with _Held() as held:
+        capacity = check_mib("capacity_mib", capacity_mib)
+        with Held() as held:
             root = self._lock_path(held, ROOT, write_from=0)[0]
             if root.child_sum > capacity:
                 raise ConsistencyError(
                     RULE_CHILDREN, [ROOT, *sorted(c.path for c in root.children.values())],
                     f"/: the top-level pools reserve {root.child_sum} MiB, more than a capacity of {capacity} MiB",
                 )
-            working = _NodeValue(capacity, capacity, root.value.shares, False)
+            working = NodeValue(capacity, capacity, root.value.shares, False)
             self._hook("set_capacity", ROOT)
             if working != root.value:
                 if self._binding is not None:
@@ -868,8 +581,8 @@ class ResourceTree:
         path = normalize_path(path)
         if path == ROOT:
             raise InvalidValueError("the root '/' cannot be removed")
-        with _Held() as held:
-            nodes = self._lock_path(held, path, write_from=_depth(path) - 1)
+        with Held() as held:
+            nodes = self._lock_path(held, path, write_from=path_depth(path) - 1)
             node, parent = nodes[-1], nodes[-2]
             if node.children and not recursive:
                 raise PoolNotEmptyError(
@@ -889,7 +602,7 @@ class ResourceTree:
             self._hook("remove", path)
             if self._binding is not None:
                 self._binding.delete([n.path for n in subtree])
-            del parent.children[_split(path)[1]]
+            del parent.children[split_path(path)[1]]
             for anc, new_sum in updates:
                 anc.child_sum = new_sum
 
@@ -907,8 +620,8 @@ class ResourceTree:
         path = normalize_path(path)
         if path == ROOT:
             raise AssignmentError("a domain cannot be assigned to the root '/': VMs are leaves under a pool")
-        with _Held() as held:
-            node = self._lock_path(held, path, write_from=_depth(path))[-1]
+        with Held() as held:
+            node = self._lock_path(held, path, write_from=path_depth(path))[-1]
             if node.domain == domain:
                 return self._view(node)
             if node.children:
@@ -934,9 +647,9 @@ class ResourceTree:
             path = self.lookup(domain)
             if path is None:
                 raise AssignmentError(f"domain {domain!r} is not assigned to any pool")
-            with _Held() as held:
+            with Held() as held:
                 try:
-                    node = self._lock_path(held, path, write_from=_depth(path))[-1]
+                    node = self._lock_path(held, path, write_from=path_depth(path))[-1]
                 except PoolNotFoundError:
                     continue  # reassigned and removed meanwhile: look again
                 if node.domain != domain:
@@ -973,8 +686,8 @@ class ResourceTree:
         """
         self._guard()
         path = normalize_path(path)
-        with _Held() as held:
-            node = self._lock_path(held, path, write_from=_depth(path))[-1]
+        with Held() as held:
+            node = self._lock_path(held, path, write_from=path_depth(path))[-1]
             self._local.holding = True
             try:
                 yield self._view(node)
@@ -984,28 +697,30 @@ class ResourceTree:
     # ---------------------------------------------------------------- persistence
 
     @classmethod
-    def _restore(
+    def restore(
         cls,
         capacity_mib: int,
         rows: Iterable[tuple[str, int, int | None, int, bool, str | None]],
-        binding: _Binding | None,
+        binding: Binding | None,
     ) -> ResourceTree:
         """Build a tree from stored rows (path, reservation, limit, shares, expandable, domain).
 
-        Validates every value and rule; raises PoolUsageError subclasses on bad data.
+        How :meth:`PoolStore.load` makes a tree; with a *binding*, every later
+        commit is written to its store first.  Validates every value and rule;
+        raises PoolUsageError subclasses on bad data.
         """
         tree = cls(capacity_mib)
-        ordered = sorted(rows, key=lambda r: (_depth(normalize_path(r[0])), r[0]))
+        ordered = sorted(rows, key=lambda r: (path_depth(normalize_path(r[0])), r[0]))
         for path, reservation, limit, shares, expandable, domain in ordered:
             if normalize_path(path) != path or path == ROOT:
                 raise InvalidPathError(f"stored path {path!r} is not a canonical pool path")
-            value = _NodeValue(
-                _check_mib(f"{path} reservation_mib", reservation),
-                _check_limit(f"{path} limit_mib", limit),
-                _check_shares(shares),
-                _check_flag(expandable),
+            value = NodeValue(
+                check_mib(f"{path} reservation_mib", reservation),
+                check_limit(f"{path} limit_mib", limit),
+                check_shares(shares),
+                check_flag(expandable),
             )
-            parent_path, name = _split(path)
+            parent_path, name = split_path(path)
             parent = tree._find_unlocked(parent_path)
             if parent is None:
                 raise PoolNotFoundError(f"stored pool {path!r} has no parent {parent_path!r}")
@@ -1052,7 +767,7 @@ def check_consistency(nodes: Mapping[str, PoolNode], *, check_cache: bool = Fals
     for path in reversed(list(nodes)):  # pre-order reversed: children before parents
         node = nodes[path]
         child_sum = sum(effective[c] for c in node.children)
-        value = _NodeValue(node.reservation_mib, node.limit_mib, node.shares, node.expandable and not node.is_root)
+        value = NodeValue(node.reservation_mib, node.limit_mib, node.shares, node.expandable and not node.is_root)
         effective[path] = _effective(value, child_sum)
         if check_cache and effective[path] != node.effective_reservation_mib:
             raise ConsistencyError(
@@ -1069,11 +784,3 @@ def check_consistency(nodes: Mapping[str, PoolNode], *, check_cache: bool = Fals
             [(c, nodes[c].reservation_mib) for c in node.children],
         )
 
-
-def __getattr__(name: str) -> Any:
-    """Re-export PoolStore lazily (its module imports this one)."""
-    if name == "PoolStore":
-        from hvext.memory.pools_store import PoolStore
-
-        return PoolStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hvext.memory.pools import PoolNode
+    from hvext.memory.pools.node import PoolNode
 
 __all__ = ["compute_allocations", "share_out"]
 

@@ -24,16 +24,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
-from hvext.memory.pools import (
-    ROOT,
-    PoolStoreError,
-    PoolUsageError,
-    ResourceTree,
-    StaleStoreError,
-    _NodeValue,
-)
+from hvext.memory.pools.errors import PoolStoreError, PoolUsageError, StaleStoreError
+from hvext.memory.pools.node import NodeValue
+from hvext.memory.pools.tree import ResourceTree
+from hvext.memory.pools.validate import ROOT
 
-__all__ = ["DEFAULT_DB_PATH", "ENV_DB_PATH", "PoolStore", "default_db_path"]
+__all__ = ["DEFAULT_DB_PATH", "ENV_DB_PATH", "Binding", "PoolStore", "default_db_path"]
 
 DEFAULT_DB_PATH: Final = Path("/var/lib/hvext/pools.sqlite")
 ENV_DB_PATH: Final = "HVEXT_POOLS_DB"
@@ -134,7 +130,7 @@ class PoolStore:
         return conn
 
     @contextlib.contextmanager
-    def _transaction(self, binding: _Binding | None) -> Iterator[tuple[sqlite3.Connection, int]]:
+    def _transaction(self, binding: Binding | None) -> Iterator[tuple[sqlite3.Connection, int]]:
         """One write transaction; yields (connection, new generation).
 
         With a *binding*, refuses (StaleStoreError) when the stored generation
@@ -199,18 +195,17 @@ class PoolStore:
                 raise PoolStoreError(
                     f"no pool tree in {str(self.path)!r}: load it with capacity_mib=... to create one"
                 )
-            tree = ResourceTree(capacity_mib)  # validates the capacity
+            ResourceTree(capacity_mib)  # validates the capacity before anything is written
             with self._transaction(None) as (conn, generation):
                 if conn.execute("SELECT 1 FROM meta WHERE key = 'capacity_mib'").fetchone() is not None:
                     raise StaleStoreError(f"{str(self.path)!r} was initialised concurrently; load it again")
                 conn.execute("INSERT INTO meta VALUES ('capacity_mib', ?)", (capacity_mib,))
-            tree._binding = _Binding(self, generation)
-            return tree
+            return ResourceTree.restore(capacity_mib, (), Binding(self, generation))
         try:
-            return ResourceTree._restore(
+            return ResourceTree.restore(
                 meta["capacity_mib"],
                 ((p, r, lim, s, bool(e) if e in (0, 1) else e, d) for p, r, lim, s, e, d in rows),
-                _Binding(self, meta.get("generation", 0)),
+                Binding(self, meta.get("generation", 0)),
             )
         except PoolUsageError as err:
             raise PoolStoreError(f"the pool store {str(self.path)!r} holds an invalid tree: {err}") from err
@@ -237,7 +232,7 @@ class PoolStore:
             )
 
 
-class _Binding:
+class Binding:
     """A tree's link to its store: the writes a commit makes, with the generation it expects."""
 
     def __init__(self, store: PoolStore, generation: int) -> None:
@@ -253,14 +248,14 @@ class _Binding:
         if conn.execute(sql, args).rowcount != 1:
             raise StaleStoreError(f"the pool store {str(self.store.path)!r} has no row for {what}; reload it")
 
-    def insert(self, path: str, value: _NodeValue, domain: str | None) -> None:
+    def insert(self, path: str, value: NodeValue, domain: str | None) -> None:
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO pools VALUES (?, ?, ?, ?, ?, ?)",
                 (path, value.reservation_mib, value.limit_mib, value.shares, int(value.expandable), domain),
             )
 
-    def update(self, path: str, value: _NodeValue) -> None:
+    def update(self, path: str, value: NodeValue) -> None:
         with self._write() as conn:
             self._one(
                 conn,
