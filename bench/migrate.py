@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                     progress = row["progress"]
 
                     def record(sample: Progress, phase: str) -> None:  # called while this run's job runs
-                        progress.append((round(sample.elapsed_s, 2), sample.remaining, phase))
+                        if sample.iteration or sample.remaining:  # not the job's set-up (remaining 0)
+                            progress.append((round(sample.elapsed_s, 2), sample.remaining, phase))
                     try:
                         result = aio.run(orchestrate.migrate(domain, uris[1 - where], policy=policy,
                                                              bandwidth_mib=args.bandwidth, timeout_s=timeout,

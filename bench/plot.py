@@ -95,20 +95,24 @@ def _draw(ax, panel: Panel, colours: dict[str, str], width: int) -> None:  # typ
     ax.set_ylabel(panel.ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
-    drawn = False
-    for label, points in panel.series.items():
-        points = [(x, y) for x, y in points if x is not None and y is not None and (y > 0 or not panel.logy)]
-        if not points:
-            continue
+    series = {label: [(x, y) for x, y in points if x is not None and y is not None and (y > 0 or not panel.logy)]
+              for label, points in panel.series.items()}
+    series = {label: points for label, points in series.items() if points}
+    xs_all = [x for points in series.values() for x, _ in points]
+    middle = (min(xs_all) + max(xs_all)) / 2 if xs_all else 0.0
+    for i, (label, points) in enumerate(series.items()):
         xs, ys = zip(*points)
         colour = colours[label]
         ax.plot(xs, ys, marker="o" if len(points) <= MARKER_POINTS else None, markersize=4, linewidth=1.3,
                 label=label, color=colour)
         for mark in panel.marks.get(label, []):
+            # labels stacked per series so that marks at the same place stay readable, inside the panel
+            right = mark.x > middle
             ax.plot([mark.x], [mark.y], marker="v", markersize=8, color=colour)
-            ax.annotate(mark.text, (mark.x, mark.y), textcoords="offset points", xytext=(4, 6), fontsize=7,
-                        color=colour)
-        drawn = True
+            ax.annotate(mark.text, (mark.x, mark.y), textcoords="offset points",
+                        xytext=(-4 if right else 4, 8 + 10 * i), fontsize=7, color=colour,
+                        ha="right" if right else "left")
+    drawn = bool(series)
     for x, label in panel.vlines:
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -10),
