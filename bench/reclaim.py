@@ -248,12 +248,13 @@ def plot_cases(directory: Path, rows: list[dict[str, Any]], memory: int) -> None
                 ops_s.notes.append(f"{r['method']}: {'refused' if 'refused' in r else 'error'}: "
                                    f"{r.get('error') or r.get('refused')}")
                 continue
-            label = r["method"] if r["chosen"] == r["method"] else f"{r['method']} ({r['chosen']})"
+            label = r["method"]
             rss.series[label] = r["rss_series"]
             ops_s.series[label] = r["ops_series"]
             end = [p for p in r["rss_series"] if p[0] >= r["during_s"]][:1]
+            chose = f" ({r['chosen']})" if r["chosen"] != r["method"] else ""
             if end:
-                rss.marks[label] = [plot.Mark(*end[0], f"done {r['during_s']:.1f} s")]
+                rss.marks[label] = [plot.Mark(*end[0], f"done{chose} {r['during_s']:.1f} s")]
         panels += [rss, ops_s]
     plot.lines(directory, "reclaim", f"Reclaiming 40 % of a {memory} MiB guest: balloon, swap, auto", panels)
 
