@@ -106,19 +106,24 @@ def _draw(ax, panel: Panel, colours: dict[str, str], width: int) -> None:  # typ
               for label, points in panel.series.items()}
     series = {label: points for label, points in series.items() if points}
     xs_all = [x for points in series.values() for x, _ in points]
+    ys_all = [y for points in series.values() for _, y in points]
     middle = (min(xs_all) + max(xs_all)) / 2 if xs_all else 0.0
-    for i, (label, points) in enumerate(series.items()):
+    high = (min(ys_all) + max(ys_all)) / 2 if ys_all else 0.0
+    k = 0
+    for label, points in series.items():
         xs, ys = zip(*points)
         colour = colours[label]
         ax.plot(xs, ys, marker="o" if len(points) <= MARKER_POINTS else None, markersize=4, linewidth=1.3,
                 label=label, color=colour)
         for mark in panel.marks.get(label, []):
-            # labels stacked per series so that marks at the same place stay readable, inside the panel
-            right = mark.x > middle
+            # each label a line further from its mark than the previous one, towards the inside of the panel,
+            # so that marks at the same place stay readable
+            right, up = mark.x > middle, mark.y <= high
             ax.plot([mark.x], [mark.y], marker="v", markersize=8, color=colour)
             ax.annotate(mark.text, (mark.x, mark.y), textcoords="offset points",
-                        xytext=(-4 if right else 4, 8 + 10 * i), fontsize=7, color=colour,
-                        ha="right" if right else "left")
+                        xytext=(-4 if right else 4, (8 + 10 * k) * (1 if up else -1)), fontsize=7, color=colour,
+                        ha="right" if right else "left", va="bottom" if up else "top")
+            k += 1
     drawn = bool(series)
     for x, label in panel.vlines:
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
