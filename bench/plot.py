@@ -17,8 +17,14 @@ import socket
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib is imported only when drawing: a benchmark without it still prints its table
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "bench" / "out"
@@ -65,7 +71,7 @@ def _subtitle() -> str:
     return f"{socket.gethostname()}, {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, load {load}"
 
 
-def _figure(title: str, rows: int, cols: int, width: float, height: float):  # type: ignore[no-untyped-def]
+def _figure(title: str, rows: int, cols: int, width: float, height: float) -> Figure:
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
@@ -75,7 +81,7 @@ def _figure(title: str, rows: int, cols: int, width: float, height: float):  # t
     return fig
 
 
-def _save(fig, directory: Path, name: str) -> Path:  # type: ignore[no-untyped-def]
+def _save(fig: Figure, directory: Path, name: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.png"
     tmp = directory / f".{name}.png.tmp"
@@ -89,14 +95,14 @@ def _save(fig, directory: Path, name: str) -> Path:  # type: ignore[no-untyped-d
     return path
 
 
-def _notes(ax, notes: list[str], width: int) -> None:  # type: ignore[no-untyped-def]
+def _notes(ax: Axes, notes: list[str], width: int) -> None:
     """The missing cases and why, in red at the bottom of the panel."""
     if notes:
         text = "\n".join(textwrap.fill(textwrap.shorten(n, 2 * width, placeholder=" ..."), width) for n in notes)
         ax.text(0.01, 0.01, text, transform=ax.transAxes, fontsize=7, color="firebrick", va="bottom", ha="left")
 
 
-def _draw(ax, panel: Panel, colours: dict[str, str], width: int) -> None:  # type: ignore[no-untyped-def]
+def _draw(ax: Axes, panel: Panel, colours: dict[str, str], width: int) -> None:
     ax.set_title(panel.title, fontsize=9)
     ax.set_xlabel(panel.xlabel, fontsize=8)
     ax.set_ylabel(panel.ylabel, fontsize=8)
@@ -144,7 +150,7 @@ def _draw(ax, panel: Panel, colours: dict[str, str], width: int) -> None:  # typ
     _notes(ax, panel.notes, width)
 
 
-def _write(directory: Path, name: str, draw) -> Path | None:  # type: ignore[no-untyped-def]
+def _write(directory: Path, name: str, draw: Callable[[], Figure]) -> Path | None:
     """Run *draw* (which returns a figure) and save it; on any failure say so on stderr and return None."""
     try:
         path = _save(draw(), directory, name)
@@ -158,7 +164,7 @@ def _write(directory: Path, name: str, draw) -> Path | None:  # type: ignore[no-
 def lines(directory: Path, name: str, title: str, panels: list[Panel], *, cols: int = 2,
           size: tuple[float, float] = (5.0, 3.4)) -> Path | None:
     """Line charts, one panel each, *cols* to a row, into ``directory/name.png``."""
-    def draw():  # type: ignore[no-untyped-def]
+    def draw() -> Figure:
         n = max(1, len(panels))
         ncols = min(cols, n)
         nrows = -(-n // ncols)
@@ -177,7 +183,7 @@ def lines(directory: Path, name: str, title: str, panels: list[Panel], *, cols: 
 def stacked_bars(directory: Path, name: str, title: str, bars: dict[str, dict[str, float]], segments: list[str],
                  *, xlabel: str, notes: list[str] | None = None) -> Path | None:
     """Horizontal bars, one per key of *bars*, each the sum of its *segments* in order, labelled with the total."""
-    def draw():  # type: ignore[no-untyped-def]
+    def draw() -> Figure:
         fig = _figure(title, 1, 1, 9.0, 1.6 + 0.6 * max(1, len(bars)))
         ax = fig.subplots()
         ax.set_xlabel(xlabel, fontsize=8)
