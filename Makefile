@@ -52,12 +52,15 @@ vm: setup
 	$(PY) -m pytest -v -ra $(PYTEST_ARGS) tests/vm
 
 # Every benchmark runs to its table even when an earlier one failed; the target
-# fails at the end, naming the ones that did.
-BENCHES ?= $(sort $(wildcard bench/*.py))
+# fails at the end, naming the ones that did. Each also draws a PNG into PLOT_DIR
+# (bench/plot.py draws them; it is not a benchmark).
+BENCHES ?= $(sort $(filter-out bench/plot.py,$(wildcard bench/*.py)))
 BENCH_ARGS ?= --quick
+PLOT_DIR ?= bench/out
 bench: setup
 	@failed=""; for b in $(BENCHES); do echo "== $$b $(BENCH_ARGS)"; \
-	  $(PY) $$b $(BENCH_ARGS) || failed="$$failed $$b"; echo; done; \
+	  $(PY) $$b $(BENCH_ARGS) --plot-dir "$(PLOT_DIR)" || failed="$$failed $$b"; echo; done; \
+	echo "make bench: plots in $(PLOT_DIR)/"; \
 	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
 
 # The manual page, generated from the CLI's parser: man -l docs/hvext.1

@@ -19,7 +19,10 @@ kernel's TSC calibration fails and it counts timer ticks): that time shows
 up in "firmware", which is the host time not covered by the guest's clock;
 the total is host time throughout.
 
-    .venv/bin/python bench/boot.py [--quick | --smoke] [--runs 3] [--memory 512]
+Besides the table it draws bench/out/boot.png (see bench/plot.py): one
+stacked bar per boot path, its phases' medians end to end.
+
+    .venv/bin/python bench/boot.py [--quick | --smoke] [--runs 3] [--memory 512] [--plot-dir DIR]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import plot  # noqa: E402  (bench/plot.py, beside this script)
 from hvext import aio, image, paths  # noqa: E402
 from hvext.cli.agentcmd import guest_exec  # noqa: E402
 from hvext.errors import HvextError  # noqa: E402
@@ -204,6 +208,19 @@ def report(boots: list[Boot], memory: int, variants: list[str]) -> None:
         print(f"ratio = {variants[1]} / {variants[0]} (medians)")
 
 
+def plot_phases(directory: Path, boots: list[Boot], memory: int, variants: list[str]) -> None:
+    """A stacked bar of the phases' medians per boot path; failed boots are notes."""
+    bars = {}
+    for v in variants:
+        ok = [b for b in boots if b.variant == v and b.error is None]
+        if ok:
+            bars[f"{v} ({len(ok)} boot{'s' if len(ok) > 1 else ''})"] = \
+                {p: statistics.median(b.phases[p] for b in ok) for p in PHASES}
+    notes = [f"{b.variant}: {b.error}" for b in boots if b.error]
+    plot.stacked_bars(directory, "boot", f"Boot phases of a {memory} MiB guest, medians", bars, PHASES,
+                      xlabel="seconds from the host's start call to the agent's answer", notes=notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one boot of each initrd")
@@ -211,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="boots of each initrd, alternating")
     parser.add_argument("--memory", type=int, default=512, help="guest RAM, MiB")
     parser.add_argument("--timeout", type=float, default=180.0, help="per boot, seconds")
+    plot.add_option(parser)
     args = parser.parse_args(argv)
     runs = 1 if args.quick or args.smoke else args.runs
     variants = ["hvext"] if args.smoke else ["hvext", "debian"]
@@ -240,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     report(boots, args.memory, variants)
+    plot_phases(args.plot_dir, boots, args.memory, variants)
     return 1 if any(b.error for b in boots) else 0
 
 

@@ -9,7 +9,12 @@ shows min/median/max over the runs of total time, downtime and total time /
 how many runs converged (within --timeout) and switched to post-copy.
 
     .venv/bin/python bench/migrate.py [--quick] [--bandwidth 32] [--timeout 120] [--runs 3]
-        [--cases 0,0.5,2] [--policies plain,auto] [--samples FILE]
+        [--cases 0,0.5,2] [--policies plain,auto] [--samples FILE] [--plot-dir DIR]
+
+Besides the table it draws bench/out/migrate.png (see bench/plot.py): the RAM
+still to send over time, one panel per dirty rate, one line per policy and run,
+each ending at the downtime (marked with its length), the switch to post-copy
+or the abort.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import plot  # noqa: E402  (bench/plot.py, beside this script)
+
 from hvext import aio, image  # noqa: E402
 from hvext.errors import HvextError  # noqa: E402
 from hvext.host import Domain, DomainSpec, Host  # noqa: E402
 from hvext.lab import Lab  # noqa: E402
 from hvext.migrate import orchestrate  # noqa: E402
+from hvext.migrate.policy import Progress  # noqa: E402
 from hvext.units import MIB  # noqa: E402
 
 
@@ -93,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="0,0.5,2", help="dirty rates as fractions of the bandwidth")
     parser.add_argument("--policies", default="plain,auto", help="policies to compare")
     parser.add_argument("--samples", help="write every run's result and progress samples here (JSON)")
+    plot.add_option(parser)
     args = parser.parse_args(argv)
     short = args.quick or args.smoke
     memory = 256 if short else args.memory
@@ -125,9 +134,15 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(3)
                     started = time.monotonic()
                     row = _row(fraction, policy, run)
+                    progress = row["progress"]
+
+                    def record(sample: Progress, phase: str) -> None:  # called while this run's job runs
+                        if sample.iteration or sample.remaining:  # not the job's set-up (remaining 0)
+                            progress.append((round(sample.elapsed_s, 2), sample.remaining, phase))
                     try:
                         result = aio.run(orchestrate.migrate(domain, uris[1 - where], policy=policy,
-                                                             bandwidth_mib=args.bandwidth, timeout_s=timeout))
+                                                             bandwidth_mib=args.bandwidth, timeout_s=timeout,
+                                                             on_progress=record))
                         where = 1 - where
                         domain = hosts[where].lookup(name)
                         link = link_rate(result.samples) or args.bandwidth
@@ -142,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                    if "did not converge" in str(err) else str(err)[:80])
                         domain = hosts[where].lookup(name)
                     rows.append(row)
-                    print({k: v for k, v in row.items() if k != "result"}, flush=True)
+                    print({k: v for k, v in row.items() if k not in ("result", "progress")}, flush=True)
     except Exception as err:  # noqa: BLE001  no lab, no guest, ...: the cases not run are rows saying why
         errors += 1
         done = {(r["fraction"], r["policy"], r["run"]) for r in rows}
@@ -188,13 +203,45 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{fraction:>8.0%} {policy:>6} {row['converged']:>5} {row['total']:>16} {row['wall']:>16} "
                   f"{row['downtime']:>13} "
                   f"{row['sent']:>13} {row['link']:>16} {row['ratio']:>17}  {row['note']}")
+    plot_progress(args.plot_dir, rows, fractions, memory, args.bandwidth)
     return 1 if errors else 0
+
+
+def plot_progress(directory: Path, rows: list[dict], fractions: list[float], memory: int, bandwidth: int) -> None:
+    """Remaining RAM over time, a panel per dirty rate, a line per policy and run; failed runs are notes."""
+    runs = max((r["run"] for r in rows), default=1)
+    panels = []
+    for fraction in fractions:
+        panel = plot.Panel(f"dirtying at {fraction:.0%} of the link", "seconds since the job started",
+                           "RAM still to send, MiB")
+        for r in (r for r in rows if r["fraction"] == fraction):
+            label = r["policy"] if runs == 1 else f"{r['policy']} #{r['run']}"
+            points = [(t, left / MIB) for t, left, _phase in r["progress"]]
+            marks = []
+            switch = next(((t, left / MIB) for t, left, phase in r["progress"] if phase == "post-copy"), None)
+            if switch:
+                marks.append(plot.Mark(*switch, "post-copy"))
+            if r["converged"]:
+                points.append((r["total_s"], 0.0))
+                downtime = "?" if r["downtime_ms"] is None else f"{r['downtime_ms']:.0f} ms"
+                marks.append(plot.Mark(r["total_s"], 0.0, f"downtime {downtime}"))
+            elif points:
+                marks.append(plot.Mark(*points[-1], "aborted" if "aborted" in r["note"] else "failed"))
+            if not r["converged"]:
+                panel.notes.append(f"{label}: {r['note'] or 'did not converge'}")
+            if points:
+                panel.series[label] = points
+                panel.marks[label] = marks
+        panels.append(panel)
+    plot.lines(directory, "migrate", f"Live migration of a {memory} MiB guest at {bandwidth} MiB/s: "
+               "plain vs auto", panels, cols=3)
 
 
 def _row(fraction: float, policy: str, run: int, note: str = "") -> dict:
     """A result row before (or instead of) its migration."""
     return {"fraction": fraction, "policy": policy, "run": run + 1, "converged": False, "postcopy": False,
-            "total_s": 0.0, "downtime_ms": None, "sent_mib": None, "ratio": None, "note": note}
+            "total_s": 0.0, "downtime_ms": None, "sent_mib": None, "ratio": None, "note": note,
+            "progress": []}  # (seconds, bytes remaining, phase) per sample of the job
 
 
 if __name__ == "__main__":

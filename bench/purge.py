@@ -14,6 +14,8 @@ per moved block, whatever S is.
     python bench/purge.py --smoke    # one small case of each strategy (tests)
 
 A cell that fails is a row saying why; the exit status is then 1.
+Besides the tables it draws bench/out/purge.png (``--plot-dir``, see
+bench/plot.py): purge time against the number of snapshots, a line per strategy.
 
 The NVM tier goes to /dev/shm (tmpfs, like a pmem device: no I/O wait) and
 the mass tier to /var/tmp (disk) unless --nvm-dir / --mass-dir say otherwise.
@@ -30,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import plot  # bench/plot.py, beside this script
 
 try:
     from hvext.pmem.region import STRATEGIES, NVMRegion
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, help="runs per cell, median reported (default 5, quick 1)")
     parser.add_argument("--nvm-dir", default=default_nvm_base(), help="where NVM tiers go (default /dev/shm)")
     parser.add_argument("--mass-dir", default="/var/tmp", help="where mass tiers go (default /var/tmp)")
+    plot.add_option(parser)
     args = parser.parse_args(argv)
 
     blocks = args.blocks or (256 if args.smoke else 1024 if args.quick else 16384)
@@ -142,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  {t_vb / rows[(first, vb)]['seconds']:>13.2f}x"
         )
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
+    failed = [f"{snaps} snapshots, {strategy}: {r['error']}" for (snaps, strategy), r in rows.items() if "error" in r]
+    panel = plot.Panel(f"{overwrite} of {blocks} blocks moved to mass storage", "snapshots", "purge ms",
+                       {s: [(n, rows[(n, s)]["seconds"] * 1000) for n in counts if "error" not in rows[(n, s)]]
+                        for s in STRATEGIES}, notes=failed, logx=True, logy=True)
+    plot.lines(args.plot_dir, "purge", "NVMRegion purge time vs snapshots", [panel], cols=1, size=(7.0, 4.0))
     return 1 if any("error" in r for r in rows.values()) else 0
 
 

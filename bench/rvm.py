@@ -47,6 +47,7 @@ from typing import Callable
 # Measure the hvext.rvm of the checkout this script is in, not whatever
 # hvext is installed (an editable install may point at another worktree).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import plot  # noqa: E402  (bench/plot.py, beside this script)
 from hvext import rvm  # noqa: E402
 
 try:
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranges", default="1,4,16", help="ranges per transaction, comma separated")
     ap.add_argument("--threads", type=int, default=4, help="committer threads for the group-commit row (0: none)")
     ap.add_argument("--seed", type=int, default=1)
+    plot.add_option(ap)
     args = ap.parse_args(argv)
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     rounds = 6 if args.quick else 12  # short interleaved slices: drift hits all systems alike
@@ -438,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         n, rate, single = grp
         print(f"group commit: hvext.rvm flush mode, 4 ranges, {n} threads: {rate:,.0f} tx/s "
               f"(1 thread: {single:,.0f} tx/s, {rate / single:.2f}x)")
+    plot.lines(args.plot_dir, "rvm", "hvext.rvm, SQLite and LMDB: transactions/s vs ranges per transaction",
+               [plot.Panel(mode, "ranges per transaction", "transactions/s",
+                           {name: [(nr, res.get(name)) for nr, m, res in rows if m == mode]
+                            for name in ("fdatasync limit", "hvext.rvm", "rvm commit path", "SQLite", "LMDB")},
+                           logx=True, logy=True) for mode in ("flush", "no_flush")])
     return 0
 
 

@@ -1,7 +1,8 @@
-"""The guest benchmarks run to their tables in a smoke run (one case each), so a broken one cannot land.
+"""The guest benchmarks run to their tables and plots in a smoke run (one case each), so a broken one cannot land.
 
 Each is the real benchmark script as a separate process (`--smoke`: one case,
 short measurements); failures would be rows and exit status 1, tracebacks fail too.
+Each writes its PNG into the test's own plot directory.
 """
 
 from __future__ import annotations
@@ -15,41 +16,45 @@ from pathlib import Path
 import pytest
 
 from tests.support import missing
+from tests.unit.test_bench_smoke import assert_png
 
 from hvext import image
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_bench(guest_image: image.GuestImage, *argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_bench(guest_image: image.GuestImage, plots: Path, bench: str,
+              timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run *bench* --smoke; check it succeeded and drew its plot into *plots*."""
     env = dict(os.environ, HVEXT_IMAGE=str(guest_image.directory))  # the image this session built
-    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    done = subprocess.run([sys.executable, bench, "--smoke", "--plot-dir", str(plots)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
     assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
     assert done.returncode == 0, done.stdout + done.stderr
+    assert_png(plots / f"{Path(bench).stem}.png")
     return done
 
 
-def test_boot_bench_smoke(guest_image: image.GuestImage, record_property) -> None:
-    done = run_bench(guest_image, "bench/boot.py", "--smoke", timeout=300)
+def test_boot_bench_smoke(guest_image: image.GuestImage, tmp_path: Path, record_property) -> None:
+    done = run_bench(guest_image, tmp_path, "bench/boot.py", timeout=300)
     total = next(line for line in done.stdout.splitlines() if line.strip().startswith("total"))
     record_property("boot_total", total.split()[1])
     for phase in ("firmware", "kernel", "initramfs", "init", "agent"):
         assert any(line.strip().startswith(phase) for line in done.stdout.splitlines()), phase
 
 
-def test_reclaim_bench_smoke(guest_image: image.GuestImage) -> None:
-    done = run_bench(guest_image, "bench/reclaim.py", "--smoke", timeout=600)
+def test_reclaim_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
+    done = run_bench(guest_image, tmp_path, "bench/reclaim.py", timeout=600)
     rows = [line for line in done.stdout.splitlines() if line.split()[:2] == ["free", "balloon"]]
     assert len(rows) == 1 and "error" not in rows[0], done.stdout
 
 
 @pytest.mark.requires(os.geteuid() == 0, "the lab needs root (namespaces, libvirtd)")
 @pytest.mark.requires(shutil.which("libvirtd") or os.path.exists("/usr/sbin/libvirtd"), "libvirtd is not installed")
-def test_migrate_bench_smoke(guest_image: image.GuestImage) -> None:
+def test_migrate_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
     from hvext.lab import Lab
     if Lab.load() is not None:
         missing("a lab is already up; it may belong to someone else (bench/migrate.py would use it)")
-    done = run_bench(guest_image, "bench/migrate.py", "--smoke", timeout=600)
+    done = run_bench(guest_image, tmp_path, "bench/migrate.py", timeout=600)
     rows = [line for line in done.stdout.splitlines() if line.split()[:2] == ["0%", "auto"]]
     assert len(rows) == 1 and "not run" not in rows[0], done.stdout
