@@ -68,10 +68,17 @@ class ReclaimConfig:
 
 
 def _pool_entitlements(domains: list[Domain], demand: dict[str, int]) -> dict[str, int]:
-    """Entitlement in bytes per domain assigned to a pool (others absent; none when the store is unusable)."""
+    """Entitlement in bytes per domain assigned to a pool (others absent; none when the store is unusable).
+
+    Read only, as :func:`hvext.daemon.metrics.read_entitlements`: a missing store is not created (that
+    is ``hvext pool-*``'s to do), and the connection is closed again every round."""
+    from hvext.memory.pools_store import PoolStore
+    store = PoolStore()
+    if not store.path.exists():
+        return {}
     try:
-        from hvext.memory.pools_store import PoolStore
-        tree = PoolStore().load(capacity_mib=max(1, sum(demand.values()) // MIB))
+        with store:
+            tree = store.load()
     except (HvextError, OSError) as err:
         log.warning("pool entitlements unavailable, ordering VMs by size: %s", err)
         return {}
