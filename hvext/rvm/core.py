@@ -741,9 +741,11 @@ class RVM:
         """Lock held. Write the record (and the segment declarations the epoch lacks).
 
         The fast path (no declaration due, no wrap, room enough) is one
-        ``pwritev`` of the record header, the range table packed in one call
-        and memoryviews of the region's bytes (no copy of the data), checksummed
-        straight from those views.
+        ``pwritev``: the crc, then the record header and the range table
+        packed in one call, then with one range the memoryview of the
+        region's bytes (no copy), with several those views joined into the
+        packed bytes (one copy costs less than an iovec entry and a crc32
+        call per range).
         """
         cap = self._cap
         views = txn.views
@@ -756,7 +758,6 @@ class RVM:
             and not self._closed
             and size <= cap - lsn % cap
             and lsn + size - self._head <= cap
-            and count < _IOV_MAX - 4
         ):
             epoch = self._epoch
             for seg in txn.segs:
@@ -770,9 +771,7 @@ class RVM:
                     view = views[0]
                     iov = [_U32_PACK(_crc32(pad, _crc32(view, _crc32(body, self._salt)))), body, view, pad]
                 else:
-                    # One copy of the data into one buffer costs less than an
-                    # iovec entry and a crc32 call per range (see docs/rvm.md).
-                    rest = b"".join([body, *views, pad])
+                    rest = b"".join([body, *views, pad])  # see the docstring
                     iov = [_U32_PACK(_crc32(rest, self._salt)), rest]
                 try:
                     n = os.pwritev(self._fd, iov, lf.DATA_START + lsn % cap)

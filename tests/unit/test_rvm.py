@@ -1091,3 +1091,17 @@ def test_fast_path_records_are_byte_exact_to_the_documented_format(tmp_path, log
         body = lf.REC_BODY.pack(lf.KIND_TXN, 0, size, len(sizes), lsn) + table + data + bytes(size - used)
         expected = lf.U32.pack(zlib.crc32(body, r._salt)) + body
         assert read_file(log, lf.physical(lsn, r.query_options()["log_capacity"]), size) == expected
+
+
+def test_transaction_with_more_ranges_than_an_iovec_holds_survives_reopen(tmp_path, log):
+    seg = tmp_path / "seg"
+    with rvm.RVM(log) as r:
+        region = r.map(seg, 1 << 16)
+        commit(r, region, 0, b"d")  # the segment is declared: the next commit takes the fast path
+        tid = r.begin_transaction()
+        for i in range(1500):
+            r.set_range(tid, region, i * 40, 3)[:] = i.to_bytes(3, "little")
+        r.end_transaction(tid)
+    with rvm.RVM(log) as r:
+        region = r.map(seg, 1 << 16)
+        assert all(bytes(region[i * 40 : i * 40 + 3]) == i.to_bytes(3, "little") for i in range(1500))
