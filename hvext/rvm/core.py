@@ -65,6 +65,11 @@ _BODY_PACK = lf.REC_BODY.pack
 _U32_PACK = lf.U32.pack
 _ALIGN_MASK = lf.ALIGN - 1
 _crc32 = zlib.crc32
+# zlib.crc32 releases the GIL for buffers over 5 KiB. A committer that releases
+# the GIL while a background truncation runs gets it back only at the
+# truncation's next yield (tens of us, docs/rvm.md), so a joined record is
+# checksummed in pieces that keep it, as its ranges of up to 4 KiB each were.
+_CRC_CHUNK = 5 * 1024
 _clock = time.perf_counter
 
 # Truncation hands the GIL to committers after this much work (seconds)
@@ -772,7 +777,13 @@ class RVM:
                     iov = [_U32_PACK(_crc32(pad, _crc32(view, _crc32(body, self._salt)))), body, view, pad]
                 else:
                     rest = b"".join([body, *views, pad])  # see the docstring
-                    iov = [_U32_PACK(_crc32(rest, self._salt)), rest]
+                    if len(rest) <= _CRC_CHUNK:
+                        crc = _crc32(rest, self._salt)
+                    else:  # keep the GIL (see _CRC_CHUNK)
+                        whole, crc = memoryview(rest), self._salt
+                        for i in range(0, len(rest), _CRC_CHUNK):
+                            crc = _crc32(whole[i : i + _CRC_CHUNK], crc)
+                    iov = [_U32_PACK(crc), rest]
                 try:
                     n = os.pwritev(self._fd, iov, lf.DATA_START + lsn % cap)
                     if n != size:  # short write: finish the rest the slow way
