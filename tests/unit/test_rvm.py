@@ -1069,7 +1069,7 @@ def test_truncation_yields_the_gil_only_while_commits_go_on(tmp_path, log, monke
 
 @pytest.mark.parametrize("sizes", [[5], [8], [3, 100, 1], [64] * 16, [3000, 4000, 4096, 2500]])
 def test_fast_path_records_are_byte_exact_to_the_documented_format(tmp_path, log, sizes):
-    """The commit fast path (one range: iovec of views; several: one joined buffer) writes version 1 records."""
+    """The commit fast path writes version 1 records (one range: views; several: one joined buffer)."""
     import zlib
 
     with rvm.RVM(log) as r:
