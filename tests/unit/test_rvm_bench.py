@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def load_bench(monkeypatch):
     spec = importlib.util.spec_from_file_location("hvext_bench_rvm", ROOT / "bench" / "rvm.py")
     mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the bench inserts its checkout
+    monkeypatch.setattr(sys, "path", [str(ROOT / "bench"), *sys.path])  # as when run: bench/plot.py importable;
+    # the bench also inserts its checkout
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "SEG_SIZE", 1 << 20)  # a small file for the limit loop
     return mod
