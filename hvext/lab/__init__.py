@@ -23,9 +23,9 @@ CLI, tests, benchmarks) find one lab; a lock serialises ``up`` and ``down``.
     lab.down()
 """
 
-from hvext.lab.control import HostStatus, Lab, down
-from hvext.lab.plan import MAX_HOSTS, MIN_HOSTS, LabError, LabHost, LabUsageError, Phase, ProcessRef
+from hvext.lab.control import FailReport, HostStatus, Lab, down
+from hvext.lab.plan import MAX_HOSTS, MIN_HOSTS, HostPhase, LabError, LabHost, LabUsageError, Phase, ProcessRef
 from hvext.lab.statefile import state_file
 
-__all__ = ["Lab", "LabHost", "HostStatus", "LabError", "LabUsageError", "Phase", "ProcessRef",
+__all__ = ["Lab", "LabHost", "HostStatus", "FailReport", "HostPhase", "LabError", "LabUsageError", "Phase", "ProcessRef",
            "MIN_HOSTS", "MAX_HOSTS", "down", "state_file"]
