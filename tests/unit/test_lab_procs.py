@@ -100,9 +100,11 @@ def test_in_netns_finds_every_process_of_a_namespace_and_kill_now_kills_them() -
         inode = procs.netns_inode(shell.pid)
         assert inode is not None and inode != procs.netns_inode("self")
         deadline = time.monotonic() + 10
-        while sorted(r.comm for r in (found := procs.in_netns(inode))) != ["sh", "sleep"]:
+        found = procs.in_netns(inode)
+        while sorted(r.comm for r in found) != ["sh", "sleep"]:
             assert time.monotonic() < deadline, found  # the child may not have exec'd sleep yet
             time.sleep(0.02)
+            found = procs.in_netns(inode)
         killed = procs.kill_now(found)
         assert sorted(r.comm for r in killed) == ["sh", "sleep"]
         assert not any(procs.is_alive(r) for r in found)
