@@ -145,13 +145,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for s in statuses:
+        answers = [kind for kind, probe in (("unix", s.unix), ("tls", s.tls)) if probe.ok]
         rows.append([s.host.name, s.host.phase, s.host.address, "up" if s.link_up else "cut",
                      s.daemons.get("libvirtd") or "dead", s.daemons.get("hvextd") or "dead",
-                     "yes" if s.unix.ok else "no", "yes" if s.tls.ok else "no",
-                     s.unix.domains if s.unix.ok else "-"])
+                     ", ".join(answers) or "no", s.unix.domains if s.unix.ok else "-"])
     common.print_table(f"hvext lab: {len(statuses)} hosts, {the_lab.state.phase}",
-                       ["host", "state", "address", "link", "libvirtd", "hvextd", "unix answers", "tls answers",
-                        "domains"], rows)
+                       ["host", "state", "address", "link", "libvirtd", "hvextd", "answers", "domains"], rows)
     for s in statuses:
         for kind, probe in (("unix", s.unix), ("tls", s.tls)):
             if not probe.ok:
