@@ -18,10 +18,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-import hvext.host  # noqa: F401  (keeps libvirt from printing errors itself)
 from hvext import aio, lab
 from hvext.cli.main import main
-from hvext.host import Domain, Host, remove_domain_state
+from hvext.host import Domain, Host, remove_domain_state  # (importing hvext.host keeps libvirt from printing errors)
 from hvext.lab import net, plan, procs
 from hvext.pmem import power
 from hvext.pmem.store import Store
