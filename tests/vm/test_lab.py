@@ -388,6 +388,8 @@ def test_revive_brings_back_an_empty_working_host_and_an_abrupt_fail_kills_it_ag
     assert host2.phase is lab.HostPhase.UP and net.link_up(2)
     assert all(s.answering for s in the_lab.status())
     assert in_netns(host1, PY, "-c", PING, host2.address).returncode == 0  # the link is back
+    rules = in_netns(host2, "iptables", "-w", "-S", "INPUT").stdout.splitlines()
+    assert len(rules) == 1 + len(plan.firewall_rules()), rules  # the policy line, then each rule once
     name = f"hvext-labtest-revived-{os.getpid()}"
     conn = libvirt.open(host2.uri_tls)
     try:
@@ -435,12 +437,19 @@ def test_down_removes_everything(the_lab: lab.Lab) -> None:
         conn.close()
     qemu = procs.identify(qemu_pid) if qemu_pid else None
     assert qemu is not None and len(refs) == 6 and all(procs.is_alive(r) for r in refs)
+    stray = subprocess.Popen(["ip", "netns", "exec", state.hosts[1].netns, "sleep", "600"])  # nobody records it
+    deadline = time.monotonic() + 10
+    while (procs.identify(stray.pid) or qemu).comm != "sleep" \
+            or procs.netns_inode(stray.pid) != net.netns_inode(state.hosts[1].netns):
+        assert time.monotonic() < deadline, "the stray process never ran in host2"
+        time.sleep(0.02)
 
     started = time.monotonic()
     result = hvext_cli("lab", "down")
     print(f"lab down: {time.monotonic() - started:.2f} s")
     assert result.returncode == 0, result.stderr
     assert not any(procs.is_alive(r) for r in refs + [qemu])
+    assert stray.wait(timeout=10) == -9  # killed with its host's namespace, not left in a deleted one
     assert net.present() == {"netns": [], "links": []}
     for host in state.hosts:
         assert not net.netns_exists(host.netns)
