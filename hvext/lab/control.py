@@ -181,15 +181,13 @@ class Lab:
 
     def revive(self, name: str | int) -> LabHost:
         """Bring failed host *name* back as an empty host: fresh directories (no domains), fresh
-        daemons, its link up. Its name, address and host UUID stay. UP afterwards."""
+        daemons, its link up. Its name, address and host UUID stay. UP afterwards; FAILED again
+        (what started killed, the link cut) when it does not come up."""
         with statefile.locked(self.state.run_dir):
             state = self._current()
             host = _find(state, name)
             host.check_revivable()
-            inode = net.netns_inode(host.netns)
-            if inode is not None and procs.in_netns(inode):
-                raise LabError(f"{host.name} still has processes in {host.netns}; "
-                               f"`hvext lab fail {host.name}` kills them")
+            teardown.kill_host_processes(host)  # whatever someone ran in the dead host meanwhile
             host.processes = {}
             daemons.remove_dirs(host.index, state.run_dir, state.data_dir)
             net.ensure_bridge()
