@@ -74,13 +74,13 @@ def summarize(runs: list[dict]) -> dict[str, str]:
 
 
 def working_set_mib(domain: Domain, memory_mib: int) -> int:
-    """The workload's working set: 60 % of the guest's memory, at most half of the memory its kernel
+    """The workload's working set: 60 % of the guest's memory, at most 40 % of the memory its kernel
     sees (MemTotal, smaller than the domain's memory): a small guest's workload must fit beside its
     kernel, agent and page cache (the agent refuses more than 80 %; near that a 256 MiB guest
     swaps or OOM-kills the workload)."""
     seen_kib = domain.balloon_stats().get("available")
     wanted = int(memory_mib * 0.6)
-    return min(wanted, int(seen_kib / 1024 * 0.5)) if seen_kib else wanted
+    return min(wanted, int(seen_kib / 1024 * 0.4)) if seen_kib else wanted
 
 
 async def set_stress(domain: Domain, rate_mib: float, wss_mib: int) -> None:
@@ -89,7 +89,7 @@ async def set_stress(domain: Domain, rate_mib: float, wss_mib: int) -> None:
     The workload first writes its whole working set once; a dirty rate
     measured meanwhile (auto's plan) would see that burst, not the case.
     """
-    async with domain.agent() as agent:
+    async with domain.agent(timeout=30) as agent:  # a guest under its own workload answers slowly
         await agent.stress_stop()
         if rate_mib > 0:
             await agent.stress_start(rate_mib, wss_mib)
