@@ -38,6 +38,8 @@ API_PATH = "/v3/"
 HOST_PREFIX = "/hvext/host/"
 OWNER_PREFIX = "/hvext/owner/"
 CLUSTER_KEY = "/hvext/cluster"
+#: etcd's error (rpctypes.ErrLeaseNotFound) for a lease it does not have (any more).
+LEASE_NOT_FOUND = "requested lease not found"
 #: Seconds one request may take before the member counts as unavailable.
 REQUEST_TIMEOUT_S = 2.0
 
@@ -182,9 +184,17 @@ class Client:
         reply = self._post("/kv/lease/timetolive", {"ID": lease_id})
         return Lease(lease_id, int(reply.get("TTL", -1)), int(reply.get("grantedTTL", 0)))
 
-    def revoke(self, lease_id: int) -> None:
-        """End a lease now: every key bound to it (host key, owner keys) is deleted."""
-        self._post("/kv/lease/revoke", {"ID": lease_id})
+    def revoke(self, lease_id: int) -> bool:
+        """End a lease now: every key bound to it (host key, owner keys) is deleted.
+
+        True: revoked; False: etcd no longer had it (it expired), which is the same end."""
+        try:
+            self._post("/kv/lease/revoke", {"ID": lease_id})
+        except HAError as err:
+            if LEASE_NOT_FOUND in str(err) and not isinstance(err, ClusterUnavailable):
+                return False
+            raise
+        return True
 
     # -------------------------------------------------------------- hosts and owners
 

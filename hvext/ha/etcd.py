@@ -277,6 +277,10 @@ def _locked(layout: Layout) -> Iterator[None]:
         os.close(fd)
 
 
+#: Members this process started, by PID: a stop waits for (reaps) them, so no zombie stays behind.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 @dataclass(frozen=True)
 class Started:
     pid: int
@@ -324,6 +328,7 @@ def start(layout: Layout, member: Member, timeout: float = START_TIMEOUT_S) -> S
                 raise HAError(f"{err}; etcd's log ({layout.log_file}) ends: "
                               f"{_log_tail(layout.log_file, offset)}") from err
             raise
+        _children[proc.pid] = proc
         return Started(proc.pid, already=False)
 
 
@@ -386,6 +391,8 @@ def stop(layout: Layout) -> int | None:
     with _locked(layout):
         pid = running_pid(layout)
         if pid is not None:
-            _terminate(pid)
+            _terminate(pid, _children.get(pid))
+        if pid is not None:
+            _children.pop(pid, None)
         layout.pid_file.unlink(missing_ok=True)
         return pid
