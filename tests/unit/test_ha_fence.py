@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +19,12 @@ import pytest
 
 from hvext.daemon import ha_loop
 from hvext.daemon.config import HAConfig
-from hvext.ha import cluster, etcd
+from hvext.ha import cluster, etcd, policy
 from hvext.ha.client import Client
 from hvext.ha.etcd import Layout
 from hvext.host import RunState
 from tests.unit.test_ha_cluster import free_ports, layout, pytestmark  # noqa: F401  (same requirements)
+from tests.unit.test_daemon import ROOT, _wait_for
 from tests.unit.testdriver import running_domain
 
 XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory>
@@ -119,3 +122,43 @@ def test_fence_of_a_missing_domain_is_reported_and_others_still_fenced(tmp_path:
         result = ha_loop.fence_domains("test:///default", [f"hvext-unit-{os.getpid()}-absent", dom.name])
         assert result[dom.name] == "fenced" and dom.state is RunState.SHUTOFF
         assert result[f"hvext-unit-{os.getpid()}-absent"].startswith("error: ")
+
+
+def test_hvextd_with_ha_fences_the_domain_it_owns_when_etcd_stops(member: Layout, tmp_path: Path) -> None:
+    """The real daemon process (``-c test:///default``, whose built-in domain ``test`` runs): with ``[ha]`` it
+    registers this host; given ownership of ``test``, it fences it when its etcd member is SIGSTOPped."""
+    url = cluster.require_member(member).client_url
+    config = tmp_path / "hvextd.toml"
+    config.write_text(f'[ha]\ncluster = "test"\netcd_endpoints = ["{url}"]\nhost = "h-daemon"\n'
+                      f'lease_ttl = {TTL}\nfence_margin = {MARGIN}\ncredentials = "{member.pki_dir}"\n')
+    state = tmp_path / "state"
+    state.mkdir()
+    log = tmp_path / "hvextd.log"
+    env = dict(os.environ, HVEXT_STATE_DIR=str(state), PYTHONPATH=str(ROOT))
+    client = Client([url], member.credentials())
+    with open(log, "w") as out:
+        daemon = subprocess.Popen([sys.executable, "-m", "hvext.daemon.main", "-c", "test:///default",
+                                   "--config", str(config)], stderr=out, env=env)
+    pid = etcd.running_pid(member)
+    assert pid is not None
+    try:
+        deadline = time.monotonic() + 20
+        while "h-daemon" not in (hosts := client.hosts()):
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert client.claim("test", "h-daemon", hosts["h-daemon"])
+        _wait_for(log, "holding lease")
+        time.sleep(policy.renew_interval(TTL) * 2)  # a renewal reads the ownership
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            _wait_for(log, "fence test: fenced", timeout=TTL + 5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert daemon.poll() is None, log.read_text()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0, log.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        client.close()
