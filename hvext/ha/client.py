@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ OWNER_PREFIX = "/hvext/owner/"
 CLUSTER_KEY = "/hvext/cluster"
 #: etcd's error (rpctypes.ErrLeaseNotFound) for a lease it does not have (any more).
 LEASE_NOT_FOUND = "requested lease not found"
+#: etcd's refusal of a membership change while some member is not (long enough) connected.
+UNHEALTHY = "unhealthy cluster"
 #: Seconds one request may take before the member counts as unavailable.
 REQUEST_TIMEOUT_S = 2.0
 
@@ -53,7 +56,9 @@ def translated(endpoint: str) -> Iterator[None]:
         yield
     except (etcd3gw_exceptions.ConnectionFailedError, etcd3gw_exceptions.ConnectionTimeoutError,
             requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
-        raise ClusterUnavailable(f"etcd at {endpoint} does not answer: {_short(err)}") from err
+        # etcd3gw: an HTTP reply's error carries the reason phrase in args; a failed connection has none.
+        what = "is unavailable" if err.args else "does not answer"
+        raise ClusterUnavailable(f"etcd at {endpoint} {what}: {_short(err)}") from err
     except etcd3gw_exceptions.Etcd3Exception as err:
         raise HAError(f"etcd at {endpoint} refused: {_short(err)}") from err
     except (requests.exceptions.RequestException, ValueError, KeyError, TypeError) as err:
@@ -166,8 +171,18 @@ class Client:
         reply = self._post("/cluster/member/add", {"peerURLs": [peer_url]})
         return reply["member"], list(reply.get("members", []))
 
-    def member_remove(self, member_id: str) -> None:
-        self._post("/cluster/member/remove", {"ID": member_id})
+    def member_remove(self, member_id: str, wait: float = 0.0) -> None:
+        """Remove a member. etcd refuses ("unhealthy cluster") until every member has been connected
+        for 5 s (its strict reconfiguration check); with *wait*, that refusal is retried for so long."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._post("/cluster/member/remove", {"ID": member_id})
+                return
+            except ClusterUnavailable as err:
+                if UNHEALTHY not in str(err) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.5)
 
     # -------------------------------------------------------------- leases
 

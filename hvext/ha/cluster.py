@@ -138,6 +138,10 @@ def stop(layout: Layout) -> dict[str, Any]:
     return {"member": member.name, "pid": etcd.stop(layout)}
 
 
+#: How long `leave` retries while etcd refuses the removal as unsafe (a member joined less than 5 s ago).
+LEAVE_WAIT_S = 15.0
+
+
 def leave(layout: Layout) -> dict[str, Any]:
     """Remove this host's member from the cluster, stop it and delete its files (not for the last member)."""
     member = require_member(layout)
@@ -150,7 +154,7 @@ def leave(layout: Layout) -> dict[str, Any]:
         if len(members) == 1:
             raise HAError("this is the cluster's last member: `hvext cluster stop` stops it; remove "
                           f"{layout.ha_dir} and {layout.data_dir} to delete the cluster")
-        client.member_remove(str(me[0]["ID"]))
+        client.member_remove(str(me[0]["ID"]), wait=LEAVE_WAIT_S)
     finally:
         client.close()
     etcd.stop(layout)

@@ -6,6 +6,7 @@ no test touches a real cluster; every etcd a test starts is stopped, also on fai
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,6 +182,38 @@ def test_concurrent_claims_exactly_one_wins(two: tuple[Layout, Layout, list[int]
             c.close()
 
 
+def _claim_in_process(endpoint: str, creds: etcd.Credentials, domain: str, host: str, lease_id: int,
+                      barrier: Any, results: Any) -> None:
+    client = Client([endpoint], creds)
+    barrier.wait()
+    results.put((host, client.claim(domain, host, lease_id)))
+
+
+def test_concurrent_claims_from_processes_exactly_one_wins(two: tuple[Layout, Layout, list[int]]) -> None:
+    first, _, ports = two
+    endpoint = f"https://127.0.0.1:{ports[0]}"
+    ctx = multiprocessing.get_context("fork")
+    owner = Client([endpoint], first.credentials())
+    lease = owner.grant(10)
+    domain, claimers = f"claim-proc-{os.getpid()}", 4
+    barrier, results = ctx.Barrier(claimers), ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_process, args=(endpoint, first.credentials(), domain, f"p{i}", lease.id,
+                                                         barrier, results)) for i in range(claimers)]
+    try:
+        for p in procs:
+            p.start()
+        outcome = dict(results.get(timeout=30) for _ in procs)
+        assert list(outcome.values()).count(True) == 1, outcome
+        assert owner.owners()[domain][0] == next(h for h, won in outcome.items() if won)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        owner.revoke(lease.id)
+        owner.close()
+
+
 def test_owner_key_goes_with_the_owners_lease(two: tuple[Layout, Layout, list[int]]) -> None:
     first, _, ports = two
     c = Client([f"https://127.0.0.1:{ports[0]}"], first.credentials())
@@ -256,3 +290,25 @@ def test_commands_without_a_cluster_fail_cleanly(tmp_path: Path, capsys: pytest.
     for action in ("status", "start", "stop", "leave"):
         rc, _, err = cli(capsys, "cluster", action, *paths_args(lay))
         assert rc == 1 and "in no cluster" in err, (action, err)
+
+
+def test_leave_removes_the_member_and_its_files(two: tuple[Layout, Layout, list[int]], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A third member joins and leaves at once (etcd's 5 s reconfiguration check is waited out)."""
+    first, _, ports = two
+    creds = tmp_path / "creds"
+    cluster.export_credentials(first, creds)
+    lay = layout(tmp_path, "c")
+    client_port, peer_port = free_ports(2)
+    try:
+        rc, _, err = cli(capsys, "cluster", "join", f"https://127.0.0.1:{ports[0]}", "--credentials", str(creds),
+                         "--name", "c", "--client-port", str(client_port), "--peer-port", str(peer_port),
+                         *paths_args(lay))
+        assert rc == 0, err
+        assert sorted(m["name"] for m in cluster.status(first)["members"]) == ["a", "b", "c"]
+        rc, out, err = cli(capsys, "cluster", "leave", *paths_args(lay))
+        assert rc == 0 and "left cluster test" in out, err
+        assert sorted(m["name"] for m in cluster.status(first)["members"]) == ["a", "b"]
+        assert etcd.running_pid(lay) is None and not lay.ha_dir.exists() and not lay.data_dir.exists()
+    finally:
+        etcd.stop(lay)
