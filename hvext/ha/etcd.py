@@ -22,6 +22,7 @@ presenting a certificate from that CA. Layout (*state* is ``/var/lib/hvext``)::
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import shutil
@@ -179,7 +180,6 @@ def check_name(name: str) -> str:
 
 
 def _alt_names(address: str) -> list[str]:
-    import ipaddress
     try:
         ipaddress.ip_address(address)
         names = [f"IP:{address}"]

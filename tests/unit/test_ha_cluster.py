@@ -312,3 +312,22 @@ def test_leave_removes_the_member_and_its_files(two: tuple[Layout, Layout, list[
         assert etcd.running_pid(lay) is None and not lay.ha_dir.exists() and not lay.data_dir.exists()
     finally:
         etcd.stop(lay)
+
+
+def test_status_shows_each_hosts_lease_and_the_domains_it_owns(two: tuple[Layout, Layout, list[int]],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    first, second, ports = two
+    c = Client([f"https://127.0.0.1:{ports[2]}"], second.credentials())
+    lease = c.grant(30)
+    try:
+        c.register_host("h-status", lease.id)
+        assert c.claim("vm-status", "h-status", lease.id)
+        rc, out, _ = cli(capsys, "cluster", "status", "--json", *paths_args(first))
+        host = next(h for h in json.loads(out)["hosts"] if h["name"] == "h-status")
+        assert rc == 0 and host["lease"] == f"{lease.id:x}" and host["owns"] == ["vm-status"]
+        assert 0 < host["ttl"] <= host["granted_ttl"] == 30
+        rc, out, _ = cli(capsys, "cluster", "status", *paths_args(first))
+        assert rc == 0 and "h-status" in out and "vm-status" in out
+    finally:
+        c.revoke(lease.id)
+        c.close()

@@ -23,9 +23,12 @@ from hvext.ha import cluster, etcd, policy
 from hvext.ha.client import Client
 from hvext.ha.etcd import Layout
 from hvext.host import RunState
-from tests.unit.test_ha_cluster import free_ports, layout, pytestmark  # noqa: F401  (same requirements)
+from tests.unit import test_ha_cluster
+from tests.unit.test_ha_cluster import free_ports, layout
 from tests.unit.test_daemon import ROOT, _wait_for
 from tests.unit.testdriver import running_domain
+
+pytestmark = test_ha_cluster.pytestmark  # the same requirements: root, etcd, openssl
 
 XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory>
 <os><type>hvm</type></os></domain>"""
