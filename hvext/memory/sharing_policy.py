@@ -14,7 +14,12 @@ KSM's own rules, modelled here:
 * zero-filled pages merge like any other, unless ``use_zero_pages`` is set:
   then each is replaced by the kernel's zero page and all *n* are freed;
 * KSM merges a page inside a large page only by splitting that large page
-  (``try_to_merge_one_page`` calls ``split_huge_page``), which costs TLB reach.
+  (``try_to_merge_one_page`` calls ``split_huge_page``), which costs TLB reach;
+* since Linux 6.12 a split maps the zero-filled 4 KiB pages of an anonymous
+  large page to the kernel's zero page and frees them (the same series added
+  ``/sys/kernel/mm/transparent_hugepage/shrink_underused``), so breaking a
+  large page frees all its zero pages, without KSM merging them. Measured on
+  two guests: every zero page of the split large pages went this way.
 
 A large page's sharing gain is the number of its pages that have a duplicate
 anywhere in the set; it is worth breaking when that exceeds the TLB value
@@ -66,6 +71,7 @@ class KSMSettings:
 
     max_page_sharing: int = 256
     use_zero_pages: bool = False
+    split_frees_zero_pages: bool = True  # the kernel maps zero subpages to the zero page when splitting
 
     def __post_init__(self) -> None:
         if self.max_page_sharing < 2:
@@ -144,6 +150,20 @@ def _counts(regions: Iterable[Region]) -> Counter[int]:
     return counts
 
 
+def merged_saving(mergeable: list[Region], settings: KSMSettings) -> int:
+    """Pages freed when the pages of *mergeable* regions may merge; those regions that are large
+    are split by KSM (when anything in them merges), which frees their zero pages on its own."""
+    counts = _counts(mergeable)
+    freed_by_split = 0
+    if settings.split_frees_zero_pages:
+        for region in mergeable:
+            if region.large and any(counts[h] > 1 for h in region.hashes):
+                zeros = region.hashes.count(ZERO_HASH)
+                freed_by_split += zeros
+                counts[ZERO_HASH] -= zeros
+    return freed_by_split + saved_pages(counts, settings)
+
+
 def analyse(regions: Iterable[Region], *, tlb_value_pages: int = DEFAULT_TLB_VALUE_PAGES,
             settings: KSMSettings | None = None) -> SharingEstimate:
     """Estimate sharing for the VMs the regions belong to (scanned together: cross-VM pages count)."""
@@ -167,15 +187,16 @@ def analyse(regions: Iterable[Region], *, tlb_value_pages: int = DEFAULT_TLB_VAL
     choices = []
     for region in regions:
         if region.large:
-            gain = sum(1 for h in region.hashes if everything[h] > 1 or (h == ZERO_HASH and settings.use_zero_pages))
+            gain = sum(1 for h in region.hashes if everything[h] > 1 or (
+                h == ZERO_HASH and (settings.use_zero_pages or settings.split_frees_zero_pages)))
             if gain > tlb_value_pages:
                 choices.append(BreakChoice(region.vm, region.index, gain))
     broken = {(c.vm, c.index) for c in choices}
     chosen = small + [r for r in regions if (r.vm, r.index) in broken]
     return SharingEstimate(
         vms=tuple(sorted(vms, key=lambda v: v.vm)),
-        saved_pages_without_breaking=saved_pages(_counts(small), settings),
-        saved_pages_with_breaking=saved_pages(everything, settings),
-        saved_pages_policy=saved_pages(_counts(chosen), settings),
+        saved_pages_without_breaking=merged_saving(small, settings),
+        saved_pages_with_breaking=merged_saving(regions, settings),
+        saved_pages_policy=merged_saving(chosen, settings),
         to_break=tuple(choices), kept_large=sum(r.large for r in regions) - len(choices),
         tlb_value_pages=tlb_value_pages, settings=settings)

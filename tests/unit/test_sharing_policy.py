@@ -54,3 +54,18 @@ def test_bad_inputs_are_usage_errors() -> None:
         analyse([], tlb_value_pages=-1)
     with pytest.raises(UsageError):
         KSMSettings(max_page_sharing=1)
+
+
+def test_splitting_a_large_page_frees_its_zero_pages() -> None:
+    zeros = 300
+    large = Region("a", 0, (ZERO_HASH,) * zeros + (9,) + tuple(range(100, 100 + REGION_PAGES - zeros - 1)),
+                   large=True)
+    small = Region("b", 0, (9, ZERO_HASH), large=False)
+    est = analyse([large, small], tlb_value_pages=64)
+    # KSM splits the large page to merge the 9s; the split maps its 300 zero pages to the zero page;
+    # the small region's one zero page has nobody left to merge with
+    assert est.saved_pages_with_breaking == zeros + 1
+    assert est.saved_pages_without_breaking == 0
+    assert [c.gain_pages for c in est.to_break] == [zeros + 1] and est.saved_pages_policy == zeros + 1
+    old = analyse([large, small], settings=KSMSettings(split_frees_zero_pages=False))
+    assert old.saved_pages_with_breaking == 1 + group_saving(zeros + 1, 256)  # zero pages merge into two KSM pages
