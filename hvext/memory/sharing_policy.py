@@ -150,6 +150,12 @@ def _counts(regions: Iterable[Region]) -> Counter[int]:
     return counts
 
 
+def split_by_ksm(regions: list[Region]) -> set[tuple[str, int]]:
+    """The large regions KSM will split: those holding a page with a duplicate anywhere in the set."""
+    counts = _counts(regions)
+    return {(r.vm, r.index) for r in regions if r.large and any(counts[h] > 1 for h in r.hashes)}
+
+
 def merged_saving(mergeable: list[Region], settings: KSMSettings) -> int:
     """Pages freed when the pages of *mergeable* regions may merge; those regions that are large
     are split by KSM (when anything in them merges), which frees their zero pages on its own."""
