@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 #: How long domain-name completion waits for libvirt.
 TIMEOUT_S = float(os.environ.get("HVEXT_COMPLETION_TIMEOUT", "3"))
 #: Positional arguments (by dest) that name an existing domain.
-DOMAIN_DESTS = frozenset({"domain"})
+DOMAIN_DESTS = frozenset({"domain", "domains"})  # "domains": several (`hvext sharing A B`)
 URIS = ("qemu:///system", "qemu:///session")
 SHELLS = ("bash", "zsh", "fish", "tcsh")
 

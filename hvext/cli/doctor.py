@@ -23,6 +23,9 @@ from hvext.paths import PATCHED_QEMU
 #: Verdicts, best first; the report's verdict is the worst of its checks.
 STATUSES = ("ok", "warn", "fail")
 USERFAULTFD_SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
+KSM_DIR = Path("/sys/kernel/mm/ksm")
+KSM_STAT = Path("/proc/self/ksm_stat")
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,37 @@ def userfaultfd_check(setting: str | None) -> Check:
                  f"`setup/host.sh sysctls` sets it to 1 ({risk})")
 
 
+def sharing_checks(ksm_dir: Path = KSM_DIR, ksm_stat: Path = KSM_STAT, thp: Path = THP_ENABLED) -> list[Check]:
+    """What `hvext sharing` (C4) needs: KSM, its general_profit counter, /proc/PID/ksm_stat, THP's mode."""
+    checks = []
+    run = _read_sysctl(ksm_dir / "run")
+    if run is None:
+        checks.append(Check("KSM", "warn", None, "absent", f"no {ksm_dir}/run: the kernel lacks CONFIG_KSM",
+                            "a kernel with CONFIG_KSM=y (`hvext sharing` cannot merge anything without it)"))
+    else:
+        state = {"0": "stopped", "1": "running", "2": "stopped, unmerging"}.get(run, run)
+        checks.append(Check("KSM", "ok", run, f"run = {run} ({state}); `hvext sharing --apply` sets 1"))
+    profit = _read_sysctl(ksm_dir / "general_profit")
+    checks.append(Check("KSM general_profit", "ok" if profit is not None else "warn", profit,
+                        f"{profit} bytes" if profit is not None else "absent",
+                        "" if profit is not None else f"no {ksm_dir}/general_profit (added in Linux 6.4)",
+                        "" if profit is not None else "Linux 6.4 or later"))
+    stat = ksm_stat.exists()
+    checks.append(Check("ksm_stat", "ok" if stat else "warn", stat,
+                        "/proc/PID/ksm_stat present" if stat else "absent",
+                        "" if stat else "no /proc/PID/ksm_stat: `hvext sharing --wait` cannot show a VM's "
+                                        "merged pages and profit (Linux 6.1 adds it, 6.4 its profit)",
+                        "" if stat else "Linux 6.4 or later"))
+    mode = _read_sysctl(thp)
+    current = mode.split("[")[1].split("]")[0] if mode and "[" in mode else None
+    checks.append(Check("transparent huge pages", "ok" if current else "warn", current,
+                        (f"{current} (QEMU asks for them on guest RAM)" if current != "never" else "never (no large pages)")
+                        if current else "absent",
+                        "" if current else f"{thp} is missing: no large pages, nothing to break for sharing",
+                        "" if current else "a kernel with CONFIG_TRANSPARENT_HUGEPAGE"))
+    return checks
+
+
 def _read_sysctl(path: Path) -> str | None:
     try:
         return path.read_text().strip()
@@ -164,6 +198,7 @@ def run_checks(uri: str | None) -> list[Check]:
     except HvextError as err:
         checks.append(Check("guest image", "fail", None, str(err), str(err), "`make setup`"))
     checks.append(userfaultfd_check(_read_sysctl(USERFAULTFD_SYSCTL)))
+    checks += sharing_checks()
     return checks
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEAD_URI = "qemu+unix:///system?socket=/nonexistent/hvext-test/libvirt-sock"
 CHECK_KEYS = {"name", "status", "ok", "value", "reason", "fix", "detail"}
 NAMES = ["accelerator", "libvirt", "virtlogd", "libvirt-qemu user", "host swap", "QEMU", "patched QEMU",
-         "guest image", "userfaultfd"]
+         "guest image", "userfaultfd", "KSM", "KSM general_profit", "ksm_stat", "transparent huge pages"]
 
 
 def check_schema(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -114,3 +114,19 @@ def test_the_real_sysctl_is_reported() -> None:
         pytest.skip(f"{path}: this kernel has no such setting")  # not something setup installs
     check = next(c for c in doctor.run_checks(DEAD_URI) if c.name == "userfaultfd")
     assert check.value == int(path.read_text())
+
+
+def test_sharing_checks_say_what_is_missing(tmp_path: Path) -> None:
+    ksm = tmp_path / "ksm"
+    ksm.mkdir()
+    (ksm / "run").write_text("0\n")
+    (ksm / "general_profit").write_text("4096\n")
+    thp = tmp_path / "enabled"
+    thp.write_text("always [madvise] never\n")
+    stat = tmp_path / "ksm_stat"
+    stat.write_text("ksm_rmap_items 0\n")
+    checks = {c.name: c for c in doctor.sharing_checks(ksm, stat, thp)}
+    assert [c.status for c in checks.values()] == ["ok"] * 4
+    assert checks["KSM"].value == "0" and checks["transparent huge pages"].value == "madvise"
+    missing = {c.name: c for c in doctor.sharing_checks(tmp_path / "none", tmp_path / "none", tmp_path / "none")}
+    assert all(c.status == "warn" and c.reason and c.fix for c in missing.values())
