@@ -10,6 +10,7 @@ demand.  They are read and computed here, once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from hvext.errors import DomainNotFound, HvextError, UsageError
 from hvext.host import Domain, Host
 from hvext.memory.host import meminfo
-from hvext.memory.pools import PoolStore, ResourceTree
+from hvext.memory.pools import ROOT, PoolStore, ResourceTree, compute_allocations
 from hvext.units import KIB, MIB
 
 
@@ -86,6 +87,27 @@ def entitlements(tree: ResourceTree, demand_mib: Mapping[str, int]) -> dict[str,
         return {}
     shares = tree.entitlements({leaf: demand_mib[domain] for leaf, domain in by_leaf.items()})
     return {by_leaf[leaf]: mib for leaf, mib in shares.items() if leaf in by_leaf}
+
+
+def limited_entitlements(tree: ResourceTree, demand_mib: Mapping[str, int]) -> dict[str, int]:
+    """Like :func:`entitlements` with the pool limits alone binding (the host capacity taken away).
+
+    What the limits (and, within a limited pool, reservations and shares)
+    leave each domain whatever the host has: the balloon follows this, so a
+    pool limit that shrinks shrinks its VMs' balloons, while contention for
+    the host's capacity does not.
+    """
+    by_leaf = {path: domain for domain, path in tree.assignments().items() if domain in demand_mib}
+    if not by_leaf:
+        return {}
+    nodes = tree.snapshot()
+    nodes[ROOT] = dataclasses.replace(nodes[ROOT], limit_mib=None)
+    wanted = {leaf: demand_mib[domain] for leaf, domain in by_leaf.items() if leaf in nodes}
+    for leaf, mib in wanted.items():
+        if isinstance(mib, bool) or not isinstance(mib, int) or mib < 0 or nodes[leaf].children:
+            raise UsageError(f"invalid demand {mib!r} for {leaf!r}")
+    shares = compute_allocations(nodes, wanted)
+    return {domain: shares[leaf] for leaf, domain in by_leaf.items() if leaf in shares}
 
 
 def usage_tree(tree: ResourceTree, figures: Mapping[str, DomainFigures]) -> dict[str, Any]:
