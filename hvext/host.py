@@ -741,6 +741,17 @@ class Domain:
             self.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, namespace,
                                  _affect(config=not live, live=live))
 
+    def memory_parameters(self, *, live: bool = True) -> dict[str, int]:
+        """libvirt's memtune values in KiB (hard_limit, soft_limit, swap_hard_limit; 9007199254740991 = none)."""
+        with self._errors("reading the memory tuning of"):
+            params = self.dom.memoryParameters(_affect(config=not live, live=live))
+        return {str(k): int(v) for k, v in params.items()}
+
+    def set_memory_parameters(self, params: dict[str, int], *, live: bool, config: bool) -> None:
+        """Set memtune values in KiB (``hard_limit``, ``soft_limit``) on the running domain and/or its definition."""
+        with self._errors("setting the memory tuning of"):
+            self.dom.setMemoryParameters(params, _affect(config=config, live=live))
+
     def balloon_stats(self) -> dict[str, int]:
         """libvirt's memoryStats (KiB): actual, unused, available, usable, rss, ..."""
         self.require_running()
