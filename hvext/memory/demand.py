@@ -102,12 +102,39 @@ def limited_entitlements(tree: ResourceTree, demand_mib: Mapping[str, int]) -> d
         return {}
     nodes = tree.snapshot()
     nodes[ROOT] = dataclasses.replace(nodes[ROOT], limit_mib=None)
+    shares = compute_allocations(nodes, _checked(nodes, by_leaf, demand_mib))
+    return {domain: shares[leaf] for leaf, domain in by_leaf.items() if leaf in shares}
+
+
+def reserved_entitlements(tree: ResourceTree, demand_mib: Mapping[str, int]) -> dict[str, int]:
+    """The part of the reservations that reaches each assigned domain of *demand_mib* (MiB).
+
+    A pool's reservation is its children's to share: the same top-down division
+    as :func:`entitlements` with every top-level node and every pool capped at
+    its effective reservation, so a pool reserving 384 MiB guarantees that much
+    to its VMs together (by floors, then shares, as far as they want it), and a
+    VM under no reservation gets 0.
+    """
+    by_leaf = {path: domain for domain, path in tree.assignments().items() if domain in demand_mib}
+    if not by_leaf:
+        return {}
+    nodes = tree.snapshot()
+    for path, node in list(nodes.items()):
+        if node.is_root:
+            nodes[path] = dataclasses.replace(node, limit_mib=None)
+        elif node.children or node.depth == 1:
+            cap = node.effective_reservation_mib
+            nodes[path] = dataclasses.replace(node, limit_mib=cap if node.limit_mib is None else min(cap, node.limit_mib))
+    shares = compute_allocations(nodes, _checked(nodes, by_leaf, demand_mib))
+    return {domain: shares[leaf] for leaf, domain in by_leaf.items() if leaf in shares}
+
+
+def _checked(nodes: Mapping[str, Any], by_leaf: Mapping[str, str], demand_mib: Mapping[str, int]) -> dict[str, int]:
     wanted = {leaf: demand_mib[domain] for leaf, domain in by_leaf.items() if leaf in nodes}
     for leaf, mib in wanted.items():
         if isinstance(mib, bool) or not isinstance(mib, int) or mib < 0 or nodes[leaf].children:
             raise UsageError(f"invalid demand {mib!r} for {leaf!r}")
-    shares = compute_allocations(nodes, wanted)
-    return {domain: shares[leaf] for leaf, domain in by_leaf.items() if leaf in shares}
+    return wanted
 
 
 def usage_tree(tree: ResourceTree, figures: Mapping[str, DomainFigures]) -> dict[str, Any]:

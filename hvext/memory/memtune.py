@@ -5,7 +5,8 @@ domain assigned to a pool leaf, given its boot RAM, its balloon actual (its
 demand), the tree's *entitlement* (capacity, reservations, limits and
 shares), its *limited* entitlement (the same division with the pool limits
 alone binding: what the limits leave it, whatever the host's capacity) and
-its leaf's effective reservation:
+the part of the reservations above it that reaches it
+(``demand.reserved_entitlements``: a pool's reservation is shared by its VMs):
 
 * ``hard_limit = entitlement + overhead``: the QEMU process's cgroup may not
   hold more; beyond it the host swaps the guest's pages out (the cgroup's
@@ -73,7 +74,7 @@ class BindInput:
     actual_mib: int  # balloon actual: the domain's demand
     entitlement_mib: int  # capacity, reservations, limits and shares
     limited_mib: int  # limits (and shares within them) alone
-    reservation_mib: int  # the leaf's effective reservation
+    reservation_mib: int  # the part of the reservations that reaches it (demand.reserved_entitlements)
 
 
 @dataclass(frozen=True)

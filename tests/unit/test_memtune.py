@@ -93,3 +93,16 @@ def test_limited_entitlements_ignore_capacity_but_not_limits() -> None:
     # limits alone: /a's 600 split 1:3 by shares, z unlimited
     assert demand.limited_entitlements(tree, demands) == {"x": 150, "y": 450, "z": 800}
     assert demand.limited_entitlements(tree, {}) == {}
+
+
+def test_reserved_entitlements_share_a_pools_reservation_among_its_vms() -> None:
+    tree = ResourceTree(capacity_mib=4096)
+    tree.create("/res", reservation_mib=384)
+    tree.create("/res/a", domain="a")
+    tree.create("/res/b", domain="b", reservation_mib=100, shares=3000)
+    tree.create("/free")
+    tree.create("/free/c", domain="c")
+    tree.create("/own", domain="d", reservation_mib=200)
+    got = demand.reserved_entitlements(tree, {"a": 512, "b": 512, "c": 512, "d": 512})
+    assert got == {"a": 71, "b": 313, "c": 0, "d": 200}  # b: its 100 + 3/4 of the other 284 (213)
+    assert demand.reserved_entitlements(tree, {"a": 50, "b": 512}) == {"a": 50, "b": 334}
