@@ -748,9 +748,15 @@ class Domain:
         return {str(k): int(v) for k, v in params.items()}
 
     def set_memory_parameters(self, params: dict[str, int], *, live: bool, config: bool) -> None:
-        """Set memtune values in KiB (``hard_limit``, ``soft_limit``) on the running domain and/or its definition."""
+        """Set memtune values in KiB (``hard_limit``, ``soft_limit``) on the running domain and/or its definition.
+
+        One call each: libvirt-python reads the parameters' types with the same
+        flags first, and reading refuses live and config together.
+        """
         with self._errors("setting the memory tuning of"):
-            self.dom.setMemoryParameters(params, _affect(config=config, live=live))
+            for flag in ([libvirt.VIR_DOMAIN_AFFECT_LIVE] if live else []) + \
+                        ([libvirt.VIR_DOMAIN_AFFECT_CONFIG] if config else []):
+                self.dom.setMemoryParameters(params, flag)
 
     def balloon_stats(self) -> dict[str, int]:
         """libvirt's memoryStats (KiB): actual, unused, available, usable, rss, ..."""

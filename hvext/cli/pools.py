@@ -216,11 +216,7 @@ def cmd_unassign(args: argparse.Namespace) -> int:
     with open_tree(args) as tree:
         path = tree.unassign(args.domain)
         common.console.print(f"Domain '{args.domain}' unassigned from {path}")
-        try:
-            with common.open_host(args) as host:
-                bind.release(host.lookup(args.domain))
-        except HvextError as err:
-            _warn(f"the memory limits of {args.domain!r} were not removed: {err}")
+        _release(args, args.domain)
         _bind(args, tree)
     return 0
 
@@ -230,6 +226,15 @@ def cmd_unassign(args: argparse.Namespace) -> int:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+def _release(args: argparse.Namespace, domain: str) -> None:
+    """Remove the memory limits of a domain that left its pool; warn when libvirt fails."""
+    try:
+        with common.open_host(args) as host:
+            bind.release(host.lookup(domain))
+    except HvextError as err:
+        _warn(f"the memory limits of {domain!r} were not removed: {err}")
 
 
 def _bind(args: argparse.Namespace, tree: ResourceTree) -> list[bind.Applied]:

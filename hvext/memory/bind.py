@@ -93,10 +93,10 @@ def plan(host: Host, tree: ResourceTree, names: Iterable[str] | None = None) -> 
                 continue
     entitled = demand.entitlements(tree, demands)
     limited = demand.limited_entitlements(tree, demands)
+    reserved = demand.reserved_entitlements(tree, demands)
     for name in running:
-        reservation = tree.get(assigned[name]).effective_reservation_mib
         results[name].binding = decide(BindInput(name, boot[name], actual[name], entitled.get(name, 0),
-                                                 limited.get(name, 0), reservation))
+                                                 limited.get(name, 0), reserved.get(name, 0)))
     return [results[n] for n in wanted], running
 
 
@@ -116,7 +116,11 @@ async def _shrink_balloon(domain: Domain, target_mib: int) -> int | None:
 
 
 async def apply_one(item: Applied, domain: Domain, *, dry_run: bool) -> Applied:
-    """Apply *item*'s binding to *domain*: the balloon first (the guest gives memory back), then memtune."""
+    """Apply *item*'s binding to *domain*: the balloon first (the guest gives memory back), then memtune.
+
+    A balloon that cannot move (no QMP, a guest that cannot spare it) is
+    recorded as the error and the limits are applied all the same.
+    """
     binding = item.binding
     assert binding is not None
     try:
@@ -126,7 +130,11 @@ async def apply_one(item: Applied, domain: Domain, *, dry_run: bool) -> Applied:
             item.balloon_target_mib = binding.balloon_target_mib
             return item
         if binding.balloon_target_mib is not None:
-            item.balloon_target_mib = await _shrink_balloon(domain, binding.balloon_target_mib)
+            try:
+                item.balloon_target_mib = await _shrink_balloon(domain, binding.balloon_target_mib)
+            except HvextError as err:  # the hard limit binds all the same
+                item.error = f"balloon not moved: {err}"
+                log.warning("%s: balloon not moved to its pool limit: %s", domain.name, err)
         if item.memtune_changes:
             persistent = await asyncio.to_thread(domain.is_persistent)
             await asyncio.to_thread(domain.set_memory_parameters, item.memtune_changes, live=True, config=persistent)
