@@ -19,10 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hvext.errors import HvextError
+from hvext.errors import DomainNotFound, HvextError
 from hvext.host import Domain, Host
 from hvext.memory import balloon, demand
-from hvext.memory.memtune import BindInput, Binding, Memtune, decide, memtune_changes, UNLIMITED_KIB
+from hvext.memory.memtune import UNLIMITED_KIB, BindInput, Binding, Memtune, decide, memtune_changes
 from hvext.memory.pools import ResourceTree
 from hvext.units import MIB
 
@@ -34,7 +34,7 @@ class Applied:
     """What was (or, in a dry run, would be) done to one assigned domain."""
 
     domain: str
-    state: str  # running, shut off, missing, error
+    state: str  # running, a libvirt state (shut off, ...), missing (undefined), error (unreadable)
     binding: Binding | None = None
     memtune_before: Memtune | None = None
     memtune_changes: dict[str, int] = field(default_factory=dict)
@@ -79,6 +79,8 @@ def plan(host: Host, tree: ResourceTree, names: Iterable[str] | None = None) -> 
             actual[name] = demand.demand_bytes(dom) // MIB
             running[name] = dom
             results[name] = Applied(name, "running")
+        except DomainNotFound:
+            results[name] = Applied(name, "missing")  # assigned, then undefined: nothing to bind
         except HvextError as err:
             results[name] = Applied(name, "error", error=str(err))
     # The tree divides among every running assigned domain, not only those asked about.

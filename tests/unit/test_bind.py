@@ -48,12 +48,13 @@ def test_apply_sets_the_limits_once_and_a_dry_run_changes_nothing() -> None:
         assert dom.memory_parameters()["hard_limit"] == UNLIMITED_KIB
 
 
-def test_one_domain_failing_stops_no_other() -> None:
+def test_a_missing_domain_is_reported_and_stops_no_other() -> None:
     with running_domain(XML, "bind-ok") as dom, Host(URI) as host:
         tree = tree_for(dom.name)
         tree.create("/gone", domain="hvext-unit-no-such-domain")
         done = {d.domain: d for d in aio.run(bind.apply(host, tree))}
-        assert done["hvext-unit-no-such-domain"].state == "error" and done["hvext-unit-no-such-domain"].binding is None
+        gone = done["hvext-unit-no-such-domain"]
+        assert (gone.state, gone.binding, gone.error) == ("missing", None, None)
         assert done[dom.name].error is None and dom.memory_parameters()["hard_limit"] == (768 + MARGIN) << 10
         bind.release(dom)
 
