@@ -78,7 +78,8 @@ def test_limit_binds_and_reservation_holds_when_a_sibling_presses(vm_factory, po
     assert read_bytes(limited, "memory.limit_in_bytes") == hard
     assert limited.memory_parameters(live=False)["hard_limit"] * 1024 == hard  # the definition too
     target = balloon.recorded_target(limited)
-    assert target is not None and target.source == "hvext" and target.bytes <= 384 * MIB * 1.5, target
+    # the balloon follows the limit (the guest has no driver to obey: the hard limit binds)
+    assert target is not None and target.source == "hvext" and 384 * MIB <= target.bytes < 1024 * MIB, target
     # the reserved VM: soft limit = reservation + margin (QEMU has no min_guarantee)
     margin = overhead_mib(512)
     assert reserved.memory_parameters()["soft_limit"] * 1024 == (384 + margin) * MIB
