@@ -113,14 +113,12 @@ def candidates(host: Host, config: ReclaimConfig) -> list[Domain]:
     return found
 
 
-def _open_pool_tree(host: Host) -> Any:
-    return demand.open_tree(demand.host_capacity_mib(host))
-
-
 async def bind_pools(host: Host, config: ReclaimConfig) -> list[bind.Applied]:
     """Apply the pool bindings of the assigned VMs (those of ``domains`` when it is set); logged, never raises."""
     try:
-        with await asyncio.to_thread(_open_pool_tree, host) as tree:
+        with demand.stored_tree() as tree:  # read only: never creates the store
+            if tree is None:
+                return []
             done = await bind.apply(host, tree, config.domains or None)
     except (HvextError, OSError) as err:
         log.warning("pool bindings not applied this round: %s", err)
