@@ -741,6 +741,23 @@ class Domain:
             self.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, namespace,
                                  _affect(config=not live, live=live))
 
+    def memory_parameters(self, *, live: bool = True) -> dict[str, int]:
+        """libvirt's memtune values in KiB (hard_limit, soft_limit, swap_hard_limit; 9007199254740991 = none)."""
+        with self._errors("reading the memory tuning of"):
+            params = self.dom.memoryParameters(_affect(config=not live, live=live))
+        return {str(k): int(v) for k, v in params.items()}
+
+    def set_memory_parameters(self, params: dict[str, int], *, live: bool, config: bool) -> None:
+        """Set memtune values in KiB (``hard_limit``, ``soft_limit``) on the running domain and/or its definition.
+
+        One call each: libvirt-python reads the parameters' types with the same
+        flags first, and reading refuses live and config together.
+        """
+        with self._errors("setting the memory tuning of"):
+            for flag in ([libvirt.VIR_DOMAIN_AFFECT_LIVE] if live else []) + \
+                        ([libvirt.VIR_DOMAIN_AFFECT_CONFIG] if config else []):
+                self.dom.setMemoryParameters(params, flag)
+
     def balloon_stats(self) -> dict[str, int]:
         """libvirt's memoryStats (KiB): actual, unused, available, usable, rss, ..."""
         self.require_running()

@@ -1,23 +1,31 @@
-"""Resource pool commands (C3): pool-create, pool-set, pool-remove, pool-list, pool-assign, pool-unassign.
+"""Resource pool commands (C3): pool-create, pool-set, pool-remove, pool-list, pool-assign, pool-unassign, pool-apply.
 
 The tree lives in hvext's pool store (``/var/lib/hvext/pools.sqlite``,
 ``$HVEXT_POOLS_DB`` overrides); the first command initialises it with the
 host's memory as the root's capacity. Sizes are MiB when bare (``512``) or
 carry a unit (``2G``, ``1.5GiB``). See docs/pools.md for the rules.
+
+Every command that changes what VMs are entitled to (create, set, remove,
+assign) then applies the bindings of the assigned running domains (memtune
+limits, balloon: hvext.memory.bind); pool-unassign removes the domain's
+limits. When libvirt is unreachable the tree change stands and a warning
+says to run ``hvext pool-apply`` later.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from typing import Any
 
 from rich.tree import Tree
 
+from hvext import aio
 from hvext.cli import common
-from hvext.errors import LibvirtUnavailable, UsageError
+from hvext.errors import HvextError, LibvirtUnavailable, UsageError
 from hvext.host import Host
-from hvext.memory import demand
+from hvext.memory import bind, demand
 from hvext.memory.demand import DomainFigures
 from hvext.memory.pools import (
     DEFAULT_SHARES,
@@ -62,6 +70,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("pool-unassign", help="detach a domain from its leaf (the leaf stays)")
     common.add_domain(p)
     p.set_defaults(func=cmd_unassign)
+
+    p = commands.add_parser("pool-apply", help="apply the assigned VMs' entitlements to the host "
+                                               "(memtune hard/soft limits, balloon)")
+    p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+    common.add_json(p)
+    p.set_defaults(func=cmd_apply)
 
 
 def _add_values(p: argparse.ArgumentParser, *, create: bool) -> None:
@@ -147,7 +161,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     changes.setdefault("expandable", False)
     with open_tree(args) as tree:
         node = tree.create(args.path, **changes)
-    common.console.print(f"Pool {node.path} created ({_describe(node)})")
+        common.console.print(f"Pool {node.path} created ({_describe(node)})")
+        _bind(args, tree)
     return 0
 
 
@@ -159,12 +174,14 @@ def cmd_set(args: argparse.Namespace) -> int:
                 raise UsageError("--capacity applies to the root '/' alone (use: hvext pool-set / --capacity SIZE)")
             node = tree.set_capacity(_size(args.capacity, "capacity"))
             common.console.print(f"Host capacity set to {node.reservation_mib} MiB")
+            _bind(args, tree)
             return 0
         if not changes:
             raise UsageError("pool-set: give at least one of --reservation, --limit, --shares, "
                              "--expandable/--no-expandable")
         node = tree.modify(args.path, **changes)
-    common.console.print(f"Pool {node.path} now has {_describe(node)}")
+        common.console.print(f"Pool {node.path} now has {_describe(node)}")
+        _bind(args, tree)
     return 0
 
 
@@ -174,7 +191,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
             tree.remove(args.path, recursive=args.recursive)
         except PoolNotEmptyError as err:
             raise PoolNotEmptyError(str(err).replace("pass recursive=True", "pass --recursive")) from err
-    common.console.print(f"Pool {args.path} removed" + (" with its subtree" if args.recursive else ""))
+        common.console.print(f"Pool {args.path} removed" + (" with its subtree" if args.recursive else ""))
+        _bind(args, tree)
     return 0
 
 
@@ -189,15 +207,81 @@ def cmd_assign(args: argparse.Namespace) -> int:
                 raise UsageError(f"no pool {args.path!r}: create it first (`hvext pool-create {args.path}`) "
                                  "or pass --create")
             node = tree.assign(domain, args.path)
-    common.console.print(f"Domain '{domain}' assigned to {node.path}")
+        common.console.print(f"Domain '{domain}' assigned to {node.path}")
+        _bind(args, tree)
     return 0
 
 
 def cmd_unassign(args: argparse.Namespace) -> int:
     with open_tree(args) as tree:
         path = tree.unassign(args.domain)
-    common.console.print(f"Domain '{args.domain}' unassigned from {path}")
+        common.console.print(f"Domain '{args.domain}' unassigned from {path}")
+        _release(args, args.domain)
+        _bind(args, tree)
     return 0
+
+
+# -- binding --------------------------------------------------------------
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _release(args: argparse.Namespace, domain: str) -> None:
+    """Remove the memory limits of a domain that left its pool; warn when libvirt fails."""
+    try:
+        with common.open_host(args) as host:
+            bind.release(host.lookup(domain))
+    except HvextError as err:
+        _warn(f"the memory limits of {domain!r} were not removed: {err}")
+
+
+def _bind(args: argparse.Namespace, tree: ResourceTree) -> list[bind.Applied]:
+    """Apply the bindings after a tree change; warn (the change stands) when libvirt or a domain fails."""
+    if not tree.assignments():
+        return []
+    try:
+        with common.open_host(args) as host:
+            done = aio.run(bind.apply(host, tree))
+    except HvextError as err:
+        _warn(f"pool bindings not applied ({err}); `hvext pool-apply` applies them")
+        return []
+    for item in done:
+        if item.error:
+            _warn(f"{item.domain}: binding not applied: {item.error}")
+    return done
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    with open_tree(args) as tree, common.open_host(args) as host:
+        done = aio.run(bind.apply(host, tree, dry_run=args.dry_run))
+
+    def text() -> None:
+        if not done:
+            common.console.print("No domain is assigned to a pool")
+        for item in done:
+            name = common.literal(item.domain)
+            if item.binding is None:
+                common.console.print(f"{name}: {item.state}" + (f" ({common.literal(item.error)})" if item.error else "")
+                                     + ", nothing applied")
+                continue
+            want = item.binding.memtune
+            verb = "would set" if args.dry_run else "set"
+            changes = ", ".join(f"{k} {v >> 10} MiB" for k, v in item.memtune_changes.items()) or "memtune unchanged"
+            line = (f"{name}: hard_limit {want.hard_limit_kib >> 10} MiB, soft_limit {want.soft_limit_kib >> 10} MiB"
+                    f" ({common.literal(item.binding.reason)}); {verb if item.memtune_changes else ''} {changes}")
+            if item.balloon_target_mib is not None:
+                line += f"; balloon target {verb} {item.balloon_target_mib} MiB"
+            if item.error:
+                line += f"; [red]failed[/]: {common.literal(item.error)}"
+            common.console.print(line)
+
+    common.print_result(args.json, {"dry_run": args.dry_run, "domains": [d.to_dict() for d in done]}, text)
+    failed = [d for d in done if d.error]
+    for item in failed:
+        print(f"error: {item.domain}: binding not applied: {item.error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # -- pool-list ------------------------------------------------------------

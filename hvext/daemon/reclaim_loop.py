@@ -6,6 +6,10 @@ balloon is above their pool entitlement when they are assigned to a pool,
 else by size), at most ``step_mib`` per VM per round, each through the same
 collect -> decide -> act path as ``hvext reclaim``, and logs every decision.
 
+Each round first applies the pool bindings of the assigned running VMs
+(memtune limits and balloon: hvext.memory.bind; idempotent, only what
+differs changes), whatever the host's available memory.
+
 Its config is the ``[reclaim]`` section of hvextd's file (keys, defaults
 and allowed values: hvext/daemon/config.py); without that section the loop
 does not run.
@@ -22,7 +26,7 @@ from typing import Any, ClassVar
 from hvext.daemon import metrics
 from hvext.errors import HvextError, UsageError
 from hvext.host import Domain, Host
-from hvext.memory import demand, reclaim
+from hvext.memory import bind, demand, reclaim
 from hvext.memory.host import meminfo
 from hvext.memory.policy import METHODS, MIB
 
@@ -109,12 +113,30 @@ def candidates(host: Host, config: ReclaimConfig) -> list[Domain]:
     return found
 
 
+async def bind_pools(host: Host, config: ReclaimConfig) -> list[bind.Applied]:
+    """Apply the pool bindings of the assigned VMs (those of ``domains`` when it is set); logged, never raises."""
+    try:
+        with demand.stored_tree() as tree:  # read only: never creates the store
+            if tree is None:
+                return []
+            done = await bind.apply(host, tree, config.domains or None)
+    except (HvextError, OSError) as err:
+        log.warning("pool bindings not applied this round: %s", err)
+        return []
+    for item in done:
+        if item.memtune_changes or item.balloon_target_mib is not None:
+            log.info("pool binding of %s: %s%s", item.domain, item.memtune_changes or "memtune unchanged",
+                     f", balloon target {item.balloon_target_mib} MiB" if item.balloon_target_mib else "")
+    return done
+
+
 async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
-    """Reclaim once if the host is short of memory; returns what was done (also logged).
+    """Apply the pool bindings, then reclaim once if the host is short of memory; returns what reclaim did.
 
     Blocking work runs in threads; a VM whose reclaim fails, however, is
     logged and the next one is tried.
     """
+    await bind_pools(host, config)
     available = await asyncio.to_thread(meminfo, "MemAvailable")
     floor = config.host_available_min_mib * MIB
     if available >= floor:

@@ -10,6 +10,7 @@ demand.  They are read and computed here, once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from hvext.errors import DomainNotFound, HvextError, UsageError
 from hvext.host import Domain, Host
 from hvext.memory.host import meminfo
-from hvext.memory.pools import PoolStore, ResourceTree
+from hvext.memory.pools import ROOT, PoolStore, ResourceTree, compute_allocations
 from hvext.units import KIB, MIB
 
 
@@ -100,6 +101,54 @@ def entitlements(tree: ResourceTree, demand_mib: Mapping[str, int]) -> dict[str,
         return {}
     shares = tree.entitlements({leaf: demand_mib[domain] for leaf, domain in by_leaf.items()})
     return {by_leaf[leaf]: mib for leaf, mib in shares.items() if leaf in by_leaf}
+
+
+def limited_entitlements(tree: ResourceTree, demand_mib: Mapping[str, int]) -> dict[str, int]:
+    """Like :func:`entitlements` with the pool limits alone binding (the host capacity taken away).
+
+    What the limits (and, within a limited pool, reservations and shares)
+    leave each domain whatever the host has: the balloon follows this, so a
+    pool limit that shrinks shrinks its VMs' balloons, while contention for
+    the host's capacity does not.
+    """
+    by_leaf = {path: domain for domain, path in tree.assignments().items() if domain in demand_mib}
+    if not by_leaf:
+        return {}
+    nodes = tree.snapshot()
+    nodes[ROOT] = dataclasses.replace(nodes[ROOT], limit_mib=None)
+    shares = compute_allocations(nodes, _checked(nodes, by_leaf, demand_mib))
+    return {domain: shares[leaf] for leaf, domain in by_leaf.items() if leaf in shares}
+
+
+def reserved_entitlements(tree: ResourceTree, demand_mib: Mapping[str, int]) -> dict[str, int]:
+    """The part of the reservations that reaches each assigned domain of *demand_mib* (MiB).
+
+    A pool's reservation is its children's to share: the same top-down division
+    as :func:`entitlements` with every top-level node and every pool capped at
+    its effective reservation, so a pool reserving 384 MiB guarantees that much
+    to its VMs together (by floors, then shares, as far as they want it), and a
+    VM under no reservation gets 0.
+    """
+    by_leaf = {path: domain for domain, path in tree.assignments().items() if domain in demand_mib}
+    if not by_leaf:
+        return {}
+    nodes = tree.snapshot()
+    for path, node in list(nodes.items()):
+        if node.is_root:
+            nodes[path] = dataclasses.replace(node, limit_mib=None)
+        elif node.children or node.depth == 1:
+            cap = node.effective_reservation_mib
+            nodes[path] = dataclasses.replace(node, limit_mib=cap if node.limit_mib is None else min(cap, node.limit_mib))
+    shares = compute_allocations(nodes, _checked(nodes, by_leaf, demand_mib))
+    return {domain: shares[leaf] for leaf, domain in by_leaf.items() if leaf in shares}
+
+
+def _checked(nodes: Mapping[str, Any], by_leaf: Mapping[str, str], demand_mib: Mapping[str, int]) -> dict[str, int]:
+    wanted = {leaf: demand_mib[domain] for leaf, domain in by_leaf.items() if leaf in nodes}
+    for leaf, mib in wanted.items():
+        if isinstance(mib, bool) or not isinstance(mib, int) or mib < 0 or nodes[leaf].children:
+            raise UsageError(f"invalid demand {mib!r} for {leaf!r}")
+    return wanted
 
 
 def usage_tree(tree: ResourceTree, figures: Mapping[str, DomainFigures]) -> dict[str, Any]:

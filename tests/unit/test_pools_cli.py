@@ -69,6 +69,9 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(pools_cli, "Host", FakeHost)
     monkeypatch.setattr("hvext.cli.common.Host", FakeHost)
     monkeypatch.setattr(FakeHost, "down", False)
+    # The fake host has no memtune: applying bindings is tested on real guests (tests/vm/test_pool_binding.py).
+    monkeypatch.setattr(pools_cli, "_bind", lambda args, tree: [])
+    monkeypatch.setattr(pools_cli, "_release", lambda args, domain: None)
     return db
 
 
