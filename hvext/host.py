@@ -27,7 +27,7 @@ import libvirt_qemu
 from lxml import etree
 
 from hvext import accel, aio, domxml, image, paths, statedir
-from hvext.agent.client import AgentClient
+from hvext.agent.client import AgentClient, AgentInfo
 from hvext.errors import (AgentUnavailable, DomainNotFound, DomainStateError, HostError, HvextError,
                           LibvirtUnavailable, QMPError, UnsupportedError, UsageError)
 from hvext.qmp import PassthroughQMP, QMPSession
@@ -824,7 +824,7 @@ class Domain:
         finally:
             await client.close()
 
-    async def wait_agent(self, timeout: float = 60.0) -> dict[str, Any]:
+    async def wait_agent(self, timeout: float = 60.0) -> AgentInfo:
         """Retry the agent handshake until it answers (boot) or *timeout* passes.
 
         Polls every :data:`AGENT_POLL_S`: an attempt is a connect to the channel's socket (refused
@@ -835,7 +835,7 @@ class Domain:
         while time.monotonic() < deadline:
             try:
                 async with self.agent(timeout=min(3.0, max(0.5, deadline - time.monotonic()))) as agent:
-                    return await agent.request("info")
+                    return await agent.info()
             except (AgentUnavailable, HvextError) as err:
                 if isinstance(err, DomainStateError):
                     raise

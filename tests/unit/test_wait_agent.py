@@ -88,5 +88,5 @@ def test_wait_agent_answers_soon_after_the_agent_comes_up(domain_with_channel: t
     finally:
         stop.set()
         thread.join(timeout=5)
-    assert info["kernel"]
+    assert info.kernel
     assert up_after <= waited < up_after + 1.0  # a back-off took 1.8 s here, f"answered {waited - up_after:.2f} s after the agent came up"
