@@ -33,6 +33,7 @@ from hvext.errors import (AgentUnavailable, DomainNotFound, DomainStateError, Ho
 from hvext.qmp import PassthroughQMP, QMPSession
 from hvext.qmp import monitor as qmp_monitor
 from hvext.qmp import shared as shared_qmp
+from hvext.units import MIB, TIB
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class DomainSpec:
 
     def validate(self) -> DomainSpec:
         domxml.validate_name(self.name)
-        if not 64 <= self.memory_mib <= 1024 * 1024:
+        if not 64 <= self.memory_mib <= TIB // MIB:
             raise UsageError(f"memory {self.memory_mib} MiB out of range: use 64 MiB to 1 TiB")
         if self.current_memory_mib is not None and not 64 <= self.current_memory_mib <= self.memory_mib:
             raise UsageError(f"current memory {self.current_memory_mib} MiB must be between 64 MiB "

@@ -66,7 +66,7 @@ def domain_figures(host: Host, names: Iterable[str]) -> dict[str, DomainFigures]
                 continue
             demand = demand_bytes(dom)
             rss = dom.balloon_stats().get("rss")
-            figures[name] = DomainFigures("running", demand // MIB, rss // 1024 if rss is not None else None)
+            figures[name] = DomainFigures("running", demand // MIB, rss // KIB if rss is not None else None)
         except DomainNotFound:
             figures[name] = DomainFigures("missing")
         except HvextError as err:

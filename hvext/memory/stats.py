@@ -17,13 +17,14 @@ from hvext.errors import AgentError, QMPError
 from hvext.host import Domain
 from hvext.memory import balloon
 from hvext.memory.balloon import BALLOON_QOM_PATH
+from hvext.units import KIB
 
 #: (label, QMP guest-stats key (bytes or count), agent source, agent key, agent unit bytes)
 SIDE_BY_SIDE: list[tuple[str, str, str, str, int]] = [
-    ("total memory", "stat-total-memory", "meminfo_kb", "MemTotal", 1024),
-    ("free memory", "stat-free-memory", "meminfo_kb", "MemFree", 1024),
-    ("available memory", "stat-available-memory", "meminfo_kb", "MemAvailable", 1024),
-    ("disk caches", "stat-disk-caches", "meminfo_kb", "Cached", 1024),
+    ("total memory", "stat-total-memory", "meminfo_kb", "MemTotal", KIB),
+    ("free memory", "stat-free-memory", "meminfo_kb", "MemFree", KIB),
+    ("available memory", "stat-available-memory", "meminfo_kb", "MemAvailable", KIB),
+    ("disk caches", "stat-disk-caches", "meminfo_kb", "Cached", KIB),
     ("swapped in (pages)", "stat-swap-in", "vmstat", "pswpin", 1),
     ("swapped out (pages)", "stat-swap-out", "vmstat", "pswpout", 1),
     ("major faults", "stat-major-faults", "vmstat", "pgmajfault", 1),
@@ -54,7 +55,7 @@ class MemStats:
             if self.agent is not None and agent_key in self.agent.get(source, {}):
                 agent_value = self.agent[source][agent_key] * unit
             rows.append({"name": label, "qmp": qmp_value, "agent": agent_value,
-                         "unit": "bytes" if unit == 1024 or qmp_key.endswith("memory") else "count"})
+                         "unit": "bytes" if unit == KIB or qmp_key.endswith("memory") else "count"})
         rows[0]["unit"] = "bytes"
         return rows
 

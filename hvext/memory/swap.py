@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hvext.errors import DomainStateError, HostError, UnsupportedError
 from hvext.memory.host import meminfo
+from hvext.units import KIB
 
 SYS_PROCESS_MADVISE = 440  # x86_64
 MADV_PAGEOUT = 21
@@ -83,7 +84,7 @@ def process_memory(pid: int) -> dict[str, int]:
                 key, _, rest = line.partition(":")
                 parts = rest.split()
                 if len(parts) == 2 and parts[1] == "kB":
-                    values[key] = int(parts[0]) * 1024
+                    values[key] = int(parts[0]) * KIB
     except OSError as err:
         raise DomainStateError(f"process {pid} vanished: {err}") from err
     return {"rss": values.get("Rss", 0), "pss": values.get("Pss", 0), "swap": values.get("Swap", 0)}
@@ -109,7 +110,7 @@ def guest_ram_mappings(pid: int, ram_bytes: int) -> list[Mapping]:
                     if current is not None:
                         found.append(Mapping(start, end, 0, 0))
                 elif current is not None and first[0] in ("Rss:", "Swap:"):
-                    value = int(first[1]) * 1024
+                    value = int(first[1]) * KIB
                     last = found[-1]
                     found[-1] = Mapping(last.start, last.end, value if first[0] == "Rss:" else last.rss,
                                         value if first[0] == "Swap:" else last.swap)

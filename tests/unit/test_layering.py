@@ -190,3 +190,20 @@ def test_only_the_agent_package_sends_agent_commands_by_name() -> None:
     assert any(literal_requests(HVEXT / "agent" / "client.py"))  # the rule sees what it forbids
     for allowed in RAW_PROTOCOL_TESTS:
         assert (ROOT / allowed).exists(), allowed
+
+
+UNIT_NAMES = {"KIB", "MIB", "GIB", "TIB"}
+
+
+def test_the_size_units_are_defined_once_on_the_host_side() -> None:
+    """KIB/MIB/GIB/TIB live in hvext/units.py; a copy elsewhere in hvext or bench could drift from it."""
+    bad = []
+    for path in sources(HVEXT) + sources(ROOT / "bench"):
+        if path == HVEXT / "units.py":
+            continue
+        for node in ast.walk(parse(path)):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            bad += [f"{where(path, node.lineno)}: {ast.unparse(t)}" for t in targets
+                    if isinstance(t, ast.Name) and t.id in UNIT_NAMES]
+    assert not bad, "size units defined outside hvext/units.py (import them from there):\n" + "\n".join(bad)
