@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     src = rng.randbytes(MIB)
     counts = [int(x) for x in args.ranges.split(",")]
     print(f"# hvext.rvm from {Path(rvm.__file__).parent}; loadavg {_loadavg()}", file=sys.stderr)
-    print(f"# setting up in {d} (64 MiB segment, rvm log {args.log_size >> 20} MiB) ...", file=sys.stderr)
+    print(f"# setting up in {d} (64 MiB segment, rvm log {args.log_size // MIB} MiB) ...", file=sys.stderr)
     try:
         raw = RawSync(d, src)
         rb = RVMBench(d, src, args.log_size)

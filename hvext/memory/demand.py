@@ -28,7 +28,7 @@ def host_capacity_mib(host: Host | None) -> int:
     total = meminfo("MemTotal")
     if not total:
         raise UsageError("cannot read MemTotal from /proc/meminfo")  # pragma: no cover
-    return total >> 20
+    return total // MIB
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hvext.errors import DomainStateError, HostError, UnsupportedError
 from hvext.memory.host import meminfo
-from hvext.units import KIB
+from hvext.units import KIB, MIB
 
 SYS_PROCESS_MADVISE = 440  # x86_64
 MADV_PAGEOUT = 21
@@ -135,7 +135,7 @@ def page_out(pid: int, ram_bytes: int, amount: int, *, deadline_s: float = 60.0)
         raise ValueError("amount must be positive")
     free_swap = meminfo("SwapFree")
     if free_swap < amount:
-        raise UnsupportedError(f"host swap has {free_swap >> 20} MiB free, {amount >> 20} MiB needed; "
+        raise UnsupportedError(f"host swap has {free_swap // MIB} MiB free, {amount // MIB} MiB needed; "
                                "`make setup` creates a swap file")
     started = time.monotonic()
     before = process_memory(pid)
