@@ -6,8 +6,10 @@ offsets of a 64 MiB segment. Every system runs the same pre-generated
 transactions in the same directory (so on the same disk), one after the
 other for each case:
 
-* fdatasync limit: pwrite of the transaction's bytes (sequential, into a
-  preallocated file) + fdatasync, the physical limit of a durable commit;
+* fdatasync limit: pwrite of as many bytes as hvext.rvm's log record of
+  the transaction has (header, range table, data, padding), sequential,
+  into a preallocated file, + fdatasync: the physical limit of a durable
+  commit of those bytes;
 * hvext.rvm: begin / set_range per range / copy the new bytes into the
   region / end_transaction(flush=True|False), restore mode (old values kept),
   a 128 MiB log (``--log-size``) truncated in the background at the default
@@ -60,6 +62,8 @@ SEG_SIZE = 64 << 20
 PAGE = 4096
 PAGES = SEG_SIZE // PAGE
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+RECORD_OVERHEAD = 24  # hvext.rvm record header (docs/rvm.md, log format)
+RANGE_ENTRY = 16  # one range table entry
 
 
 def make_txns(nranges: int, count: int, rng: random.Random) -> list[list[tuple[int, int, int]]]:
@@ -140,7 +144,9 @@ class RawSync:
         fd, src = self.fd, self.src
 
         def run(ranges: list) -> None:
-            n = sum(r[1] for r in ranges)
+            # The bytes hvext.rvm's record of this transaction has (header, range
+            # table, data, padding to 8): the same bytes per fdatasync.
+            n = (RECORD_OVERHEAD + RANGE_ENTRY * len(ranges) + sum(r[1] for r in ranges) + 7) & ~7
             if self.pos + n > SEG_SIZE:
                 self.pos = 0
             os.pwrite(fd, src[:n], self.pos)

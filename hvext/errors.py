@@ -20,6 +20,8 @@ Errors that wrap a lower-level failure keep it as ``__cause__``
      |    +-- AgentTimeout         no (valid) reply in time
      |    +-- AgentProtocolError   a reply broke the protocol (untrusted input)
      +-- ImageError            building or finding the guest image
+     +-- HAError               the HA cluster (etcd membership, leases, ownership)
+     |    +-- ClusterUnavailable   no etcd member of the cluster answers
      +-- (capability packages add their own subclasses, e.g. hvext.rvm.RVMError)
 
 This module is standard-library only (it is copied into the guest image).
@@ -86,3 +88,11 @@ class AgentProtocolError(AgentError):
 
 class ImageError(HvextError):
     """The guest image is missing or could not be built."""
+
+
+class HAError(HvextError):
+    """The HA cluster refused or failed an operation (membership, leases, ownership)."""
+
+
+class ClusterUnavailable(HAError):
+    """No etcd member of the cluster answered (down, unreachable, or timed out)."""

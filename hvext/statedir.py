@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hvext import durable
+from hvext.agent import protocol
+from hvext.errors import HostError
 
 OWNER_FILE = "owner.json"
 MAX_RECORD = 4096
@@ -76,14 +78,14 @@ def read_owner(directory: Path) -> tuple[StateOwner | None, str]:
     try:
         if len(raw) > MAX_RECORD:
             raise ValueError("too long")
-        data = json.loads(raw)
+        data = protocol.loads(raw, HostError, "the file")  # bounded: too deep, huge numbers -> HostError
         if not isinstance(data, dict) or set(data) != {"host_uuid", "uri", "domain_uuid", "name"}:
             raise ValueError("unexpected fields")
         if not all(isinstance(v, str) for v in data.values()):
             raise ValueError("values are not strings")
         owner = StateOwner(host_uuid=str(uuid.UUID(data["host_uuid"])), uri=data["uri"],
                            domain_uuid=str(uuid.UUID(data["domain_uuid"])), name=data["name"])
-    except (ValueError, UnicodeDecodeError) as err:
+    except (HostError, ValueError, UnicodeDecodeError) as err:
         return None, f"{path} is malformed ({err})"
     if not safe_uri(owner.uri):
         return None, f"{path} names a URI hvext does not open on a record's word: {owner.uri!r}"

@@ -15,6 +15,7 @@ PACKAGES=(
   iproute2 dnsmasq-base
   openssl iptables groff-base
   bash-completion
+  etcd-server
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -30,12 +31,30 @@ packages() {
   done
   if [ "${#missing[@]}" -eq 0 ]; then
     log "Debian packages: all present"
-    return
+  else
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
   fi
-  log "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  debian_etcd_off
+}
+
+# hvext runs its own etcd member (`hvext cluster init/join/start`, hvext/ha/etcd.py: TLS, data under
+# /var/lib/hvext/etcd). Debian's etcd-server package enables its own unit, a plain-HTTP etcd on
+# localhost:2379 (systemd starts it at once; sysvinit at the next boot): stop it and keep it off.
+debian_etcd_off() {
+  if have_systemd; then
+    if [ "$(systemctl is-enabled etcd.service 2>/dev/null)" != masked ]; then
+      log "etcd: stopping and masking Debian's etcd.service (hvext runs its own member)"
+      systemctl disable --now etcd.service >/dev/null 2>&1 || true
+      systemctl mask etcd.service >/dev/null
+    fi
+  elif compgen -G '/etc/rc[2-5].d/S*etcd' >/dev/null; then
+    log "etcd: disabling Debian's /etc/init.d/etcd at boot (hvext runs its own member)"
+    /etc/init.d/etcd stop >/dev/null 2>&1 || true
+    update-rc.d etcd disable >/dev/null
+  fi
 }
 
 have_systemd() { [ -d /run/systemd/system ]; }

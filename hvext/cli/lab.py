@@ -1,4 +1,4 @@
-"""``hvext lab up|down|status``: several libvirt hosts on this machine, for migration and failover."""
+"""``hvext lab up|down|status|fail|revive``: several libvirt hosts on this machine, for migration and failover."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import time
 
 from hvext import lab
+from hvext.lab import plan
 from hvext.cli import common
 
 
@@ -32,6 +33,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     common.add_json(status)
     status.set_defaults(func=cmd_status)
 
+    fail = sub.add_parser("fail", help="one host fails abruptly: every process of it killed, its link cut",
+                          description="SIGKILL every process of HOST (its QEMUs, libvirtd, virtlogd, hvextd and "
+                                      "anything else in it) and cut its link. With --power-loss its hvextd "
+                                      "gets SIGPWR first (it saves protected PMEM) and the kill comes after "
+                                      "the battery window.")
+    fail.add_argument("host", metavar="HOST", help="host1 to host8")
+    fail.add_argument("--power-loss", action="store_true",
+                      help="SIGPWR to the host's hvextd, then the kill after --battery seconds")
+    fail.add_argument("--battery", type=_battery, default=None, metavar="SECONDS",
+                      help=f"the battery window of --power-loss (default {plan.DEFAULT_BATTERY_S:.0f}, "
+                           f"0 to {plan.MAX_BATTERY_S:.0f})")
+    common.add_json(fail)
+    fail.set_defaults(func=cmd_fail)
+
+    revive = sub.add_parser("revive", help="bring a failed host back as an empty host (fresh daemons, link up)")
+    revive.add_argument("host", metavar="HOST", help="host1 to host8")
+    common.add_json(revive)
+    revive.set_defaults(func=cmd_revive)
+
 
 def _host_count(text: str) -> int:
     try:
@@ -41,6 +61,22 @@ def _host_count(text: str) -> int:
     if not lab.MIN_HOSTS <= count <= lab.MAX_HOSTS:
         raise argparse.ArgumentTypeError(f"{count} out of range: use {lab.MIN_HOSTS} to {lab.MAX_HOSTS}")
     return count
+
+
+def _battery(text: str) -> float:
+    try:
+        return plan.check_battery(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    except lab.LabUsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _loaded() -> lab.Lab:
+    the_lab = lab.Lab.load()
+    if the_lab is None:
+        raise lab.LabUsageError("no lab is up; `hvext lab up --hosts N` creates one")
+    return the_lab
 
 
 def _hosts_table(the_lab: lab.Lab) -> None:
@@ -107,12 +143,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     def text() -> None:
         rows = []
         for s in statuses:
-            pid = s.daemons.get("libvirtd")
-            rows.append([s.host.name, s.host.address, pid or "dead",
-                         "yes" if s.unix.ok else "no", "yes" if s.tls.ok else "no",
-                         s.unix.domains if s.unix.ok else "-"])
+            answers = [kind for kind, probe in (("unix", s.unix), ("tls", s.tls)) if probe.ok]
+            rows.append([s.host.name, s.host.phase, s.host.address, "up" if s.link_up else "cut",
+                         s.daemons.get("libvirtd") or "dead", s.daemons.get("hvextd") or "dead",
+                         ", ".join(answers) or "no", s.unix.domains if s.unix.ok else "-"])
         common.print_table(f"hvext lab: {len(statuses)} hosts, {the_lab.state.phase}",
-                           ["host", "address", "libvirtd", "unix answers", "tls answers", "domains"], rows)
+                           ["host", "state", "address", "link", "libvirtd", "hvextd", "answers", "domains"], rows)
         for s in statuses:
             for kind, probe in (("unix", s.unix), ("tls", s.tls)):
                 if not probe.ok:
@@ -121,4 +157,38 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     common.print_result(args.json, {"up": True, "phase": the_lab.state.phase, "state_file": str(lab.state_file()),
                                     "hosts": [s.to_dict() for s in statuses]}, text)
+    return 0
+
+
+def cmd_fail(args: argparse.Namespace) -> int:
+    if args.battery is not None and not args.power_loss:
+        raise lab.LabUsageError("--battery is the window of --power-loss; add --power-loss")
+    battery = plan.DEFAULT_BATTERY_S if args.battery is None else args.battery
+    report = _loaded().fail(args.host, power_loss=args.power_loss, battery=battery)
+
+    def text() -> None:
+        if report.power_loss:
+            common.console.print(f"lab fail: {report.host}'s hvextd got SIGPWR; battery window "
+                                 f"{report.battery_seconds:.1f} s")
+        common.console.print(f"lab fail: {report.host} killed ({len(report.killed)} processes), link cut; "
+                             f"{report.seconds:.1f} s")
+        for item in report.killed:
+            common.console.print(f"  {item}")
+
+    common.print_result(args.json, report.to_dict(), text)
+    return 0
+
+
+def cmd_revive(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    host = _loaded().revive(args.host)
+    seconds = time.monotonic() - started
+
+    def text() -> None:
+        common.console.print(f"lab revive: {host.name} is up again (empty) in {seconds:.1f} s")
+        _print_uris([host])
+
+    common.print_result(args.json, {"host": host.name, "phase": host.phase, "seconds": round(seconds, 3),
+                                    "uri_unix": host.uri_unix, "uri_tls": host.uri_tls,
+                                    "processes": {d: r.pid for d, r in host.processes.items()}}, text)
     return 0

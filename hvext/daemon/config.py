@@ -33,13 +33,17 @@ A reload with other settings serves anew (one it cannot bind is refused)::
     allow_remote = false    # true: serve on a non-loopback address (no authentication!)
     domains = ["web1"]      # export only these domains (default: every running one)
 
-``[ha]`` -- cluster membership for high availability (:class:`HAConfig`).
-Absent: no cluster. HA is not implemented yet: the section is checked, then
-not used::
+``[ha]`` -- cluster membership for high availability (:class:`HAConfig`,
+docs/ha.md). Absent: no cluster. Present: hvextd holds this host's lease in
+the cluster's etcd and fences its VMs when it cannot renew it::
 
     [ha]
-    cluster = "lab"                              # the cluster's name
-    etcd_endpoints = ["http://192.0.2.1:2379"]   # http:// or https:// URLs
+    cluster = "lab"                               # the cluster's name (informational)
+    etcd_endpoints = ["https://192.0.2.1:2379"]   # https:// URLs of members (TLS, client certificates)
+    host = "node1"                                # this host's name in the cluster (default: short hostname)
+    lease_ttl = 5                                 # seconds, 2 to 300: the host's lease lives this long unrenewed
+    fence_margin = 1.0                            # seconds, 0 <= margin < lease_ttl: fence this long before
+    credentials = "/var/lib/hvext/ha/pki"         # dir with ca.pem, membercert.pem, memberkey.pem
 
 Errors name the file, the section, the key and what is allowed: an unknown
 section or key, a value of the wrong type or out of range, or a key outside
@@ -61,6 +65,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from hvext import paths
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.errors import UsageError
 from hvext.pmem import power
@@ -98,16 +103,23 @@ class PowerConfig:
             raise UsageError(f"budget: {err}") from err
 
 
-ENDPOINT = re.compile(r"https?://[^\s/]+(/\S*)?")
+ENDPOINT = re.compile(r"https://[^\s/]+(/\S*)?")
+#: Where `hvext cluster init/join` puts this host's member credentials (hvext.ha.etcd.Layout.pki_dir).
+HA_CREDENTIALS = paths.STATE_DIR / "ha" / "pki"
 
 
 @dataclass(frozen=True)
 class HAConfig:
-    """Cluster membership (the HA issue); checked, not used yet."""
+    """Cluster membership: where the cluster's etcd is, who this host is, its lease (hvext.ha)."""
 
-    KEYS: ClassVar[tuple[str, ...]] = ("cluster", "etcd_endpoints")
+    KEYS: ClassVar[tuple[str, ...]] = ("cluster", "etcd_endpoints", "host", "lease_ttl", "fence_margin",
+                                       "credentials")
     cluster: str = ""
     etcd_endpoints: tuple[str, ...] = field(default=())
+    host: str = ""
+    lease_ttl: int = 5
+    fence_margin: float = 1.0
+    credentials: Path = HA_CREDENTIALS
 
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> HAConfig:
@@ -118,9 +130,22 @@ class HAConfig:
         endpoints = table.get("etcd_endpoints", [])
         if not isinstance(endpoints, list) or \
                 not all(isinstance(e, str) and ENDPOINT.fullmatch(e) for e in endpoints):
-            raise UsageError('etcd_endpoints: must be a list of http:// or https:// URLs, e.g. '
-                             f'["http://192.0.2.1:2379"], not {endpoints!r:.80}')
-        return cls(cluster, tuple(endpoints))
+            raise UsageError('etcd_endpoints: must be a list of https:// URLs (the cluster uses TLS with client '
+                             f'certificates), e.g. ["https://192.0.2.1:2379"], not {endpoints!r:.80}')
+        host = table.get("host", "")
+        if not isinstance(host, str) or len(host) > 253 or not host.isprintable() or "/" in host:
+            raise UsageError(f"host: must be a host name (printable, no '/', at most 253), not {host!r:.80}")
+        ttl = table.get("lease_ttl", 5)
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 2 <= ttl <= 300:
+            raise UsageError(f"lease_ttl: must be a whole number of seconds from 2 to 300, not {ttl!r:.40}")
+        margin = table.get("fence_margin", 1.0)
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < ttl:
+            raise UsageError(f"fence_margin: must be seconds from 0 to less than lease_ttl ({ttl}), "
+                             f"not {margin!r:.40}")
+        credentials = table.get("credentials", str(HA_CREDENTIALS))
+        if not isinstance(credentials, str) or not credentials.startswith("/"):
+            raise UsageError(f"credentials: must be an absolute directory path, not {credentials!r:.80}")
+        return cls(cluster, tuple(endpoints), host, ttl, float(margin), Path(credentials))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ reconnects with backoff when libvirtd goes away. With ``--config FILE`` it
 also runs the policy loops configured there (``[reclaim]``: see
 hvext.daemon.reclaim_loop) and takes its SIGPWR saves' pre-pause budget from
 ``[power] budget``; with a ``[metrics]`` section it serves Prometheus
-metrics (hvext.daemon.metrics, docs/metrics.md). Every section is documented
+metrics (hvext.daemon.metrics, docs/metrics.md); with an ``[ha]`` section it
+holds this host's lease in the cluster and fences its owned VMs when it
+cannot renew it (hvext.daemon.ha_loop, docs/ha.md). Every section is documented
 in hvext.daemon.config.
 
 Signals: SIGHUP reloads the config file (a valid one takes effect at once;
@@ -34,10 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hvext import aio, qmp
-from hvext.errors import HvextError, LibvirtUnavailable
+from hvext.errors import HvextError, LibvirtUnavailable, UsageError
 from hvext.daemon import config as daemon_config
-from hvext.daemon import metrics, notify, reclaim_loop
-from hvext.daemon.config import Config, MetricsConfig, PowerConfig
+from hvext.daemon import ha_loop, metrics, notify, reclaim_loop
+from hvext.daemon.config import Config, HAConfig, MetricsConfig, PowerConfig
+from hvext.ha.cluster import default_name as default_host_name
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.host import Host
 from hvext.pmem import hints, power
@@ -246,6 +249,23 @@ class MetricsEndpoint:
         self.config = MetricsConfig()
 
 
+def ha_keeper(config: HAConfig | None, uri: str | None) -> ha_loop.Keeper | None:
+    """The lease keeper of an ``[ha]`` section (None without one); UsageError for a section it cannot use."""
+    if config is None:
+        return None
+    if not config.etcd_endpoints:
+        raise UsageError("[ha] etcd_endpoints is empty: name at least one member (https://HOST:2379)")
+    return ha_loop.Keeper(config, config.host or default_host_name(), uri)
+
+
+async def serve(daemon: Daemon, keeper: ha_loop.Keeper | None) -> None:
+    """The daemon and, with ``[ha]``, its lease keeper, until stopped ([ha] changes need a restart)."""
+    if keeper is None:
+        await daemon.serve()
+        return
+    await asyncio.gather(daemon.serve(), keeper.run(daemon.stopping))
+
+
 def reload(path: Path | None, daemon: Daemon, loop: asyncio.AbstractEventLoop,
            endpoint: MetricsEndpoint) -> bool:
     """SIGHUP: read *path* again; a valid file replaces the daemon's config, a bad one (or a ``[metrics]``
@@ -299,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     async def start() -> Daemon:
         return Daemon(args.uri, config)
     daemon = aio.run(start())
+    try:
+        keeper = ha_keeper(config.get(HAConfig), args.uri)
+    except HvextError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     endpoint = MetricsEndpoint(lambda: daemon.host)
     try:
         endpoint.apply(config.get(MetricsConfig))
@@ -316,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     hangup = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: hangup.set())
     on_start_restore(args.uri)
-    future = asyncio.run_coroutine_threadsafe(daemon.serve(), loop)
+    future = asyncio.run_coroutine_threadsafe(serve(daemon, keeper), loop)
     while not future.done():  # the main thread stays free to receive signals
         if power_failing.is_set():
             power_failing.clear()

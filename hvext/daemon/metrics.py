@@ -41,7 +41,7 @@ from hvext.errors import (AgentError, AgentTimeout, AgentUnavailable, DomainNotF
                           QMPError)
 from hvext.host import MIGRATION_EVENTS, Domain, Host
 from hvext.memory import balloon, classes, swap
-from hvext.memory.demand import leaf_demands
+from hvext.memory.demand import leaf_demands, stored_tree
 from hvext.memory.host import meminfo
 from hvext.memory.pools import PoolStore
 from hvext.pmem import power
@@ -293,19 +293,15 @@ def read_pmem(registry_dir: Path | None = None) -> tuple[list[PmemDevice], list[
     return devices, errors
 
 
-def read_entitlements(demand: dict[str, int], store: PoolStore | None = None) -> dict[str, int]:
-    """Bytes per pool node (pools and leaves) for the running domains' *demand* (bytes); {} without a pool store.
+def read_entitlements(demand_bytes: dict[str, int], store: PoolStore | None = None) -> dict[str, int]:
+    """Bytes per pool node (pools and leaves) for the running domains' *demand_bytes*; {} without a pool store.
 
     Read only: a missing store is not created (unlike ``hvext pool-*``)."""
-    store = store or PoolStore()
-    if not store.path.exists():
-        return {}
-    try:
-        tree = store.load()
-        leaves = leaf_demands(tree, {name: amount // MIB for name, amount in demand.items()})
+    with stored_tree(store) as tree:
+        if tree is None:
+            return {}
+        leaves = leaf_demands(tree, {name: amount // MIB for name, amount in demand_bytes.items()})
         return {path: mib * MIB for path, mib in tree.entitlements(leaves, all_nodes=True).items()}
-    finally:
-        store.close()
 
 
 def _error_source(err: BaseException) -> str:

@@ -70,11 +70,14 @@ class ReclaimConfig:
 def _pool_entitlements(host: Host, actual: dict[str, int]) -> dict[str, int]:
     """Entitlement in bytes per domain of *actual* (its demand in bytes) assigned to a pool.
 
-    Others are absent; none when the pool store is unusable. A new store
-    starts with the host's memory as capacity, as ``hvext pool-*`` does.
+    Others are absent; none when there is no pool store or it is unusable. Read
+    only (:func:`hvext.memory.demand.stored_tree`): the store is not created here,
+    and it is closed again every round.
     """
     try:
-        with demand.open_tree(demand.host_capacity_mib(host)) as tree:
+        with demand.stored_tree() as tree:
+            if tree is None:
+                return {}
             entitled = demand.entitlements(tree, {name: amount // MIB for name, amount in actual.items()})
     except (HvextError, OSError) as err:
         log.warning("pool entitlements unavailable, ordering VMs by size: %s", err)

@@ -1,4 +1,5 @@
-"""The lab's life cycle: :class:`Lab` (``up``, ``load``, ``status``, ``down``).
+"""The lab's life cycle: :class:`Lab` (``up``, ``load``, ``status``, ``down``) and one host's
+(``fail``, ``revive``).
 
 What the lab is, and how other code uses it: :mod:`hvext.lab`.
 """
@@ -6,14 +7,15 @@ What the lab is, and how other code uses it: :mod:`hvext.lab`.
 from __future__ import annotations
 
 import logging
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hvext.errors import HvextError
 from hvext.lab import daemons, net, pki, plan, procs, statefile, teardown
 from hvext.lab.daemons import Probe
-from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError, Phase
+from hvext.lab.plan import HostPhase, LabError, LabHost, LabState, LabUsageError, Phase
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class HostStatus:
     daemons: dict[str, int | None]  # daemon -> PID when it still runs
     unix: Probe
     tls: Probe
+    link_up: bool = True
 
     @property
     def answering(self) -> bool:
@@ -37,12 +40,33 @@ class HostStatus:
         return {
             "name": h.name, "address": h.address, "netns": h.netns, "hostname": h.hostname,
             "uuid": h.uuid, "uri_unix": h.uri_unix, "uri_tls": h.uri_tls,
+            "phase": h.phase, "link_up": self.link_up,
             "netns_present": self.netns_present, "daemons": self.daemons,
             "answering": self.answering,
             "unix": {"ok": self.unix.ok, "error": self.unix.error, "hostname": self.unix.hostname,
                      "libvirt": self.unix.version, "domains": self.unix.domains},
             "tls": {"ok": self.tls.ok, "error": self.tls.error, "hostname": self.tls.hostname},
         }
+
+
+@dataclass
+class FailReport:
+    """What `hvext lab fail` did to one host."""
+
+    host: str
+    power_loss: bool
+    battery_seconds: float
+    #: When hvextd got SIGPWR and when the kill began, in seconds from the start of the fail.
+    sigpwr_at: float | None = None
+    kill_at: float = 0.0
+    killed: list[str] = field(default_factory=list)
+    link_was_up: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "power_loss": self.power_loss, "battery_seconds": self.battery_seconds,
+                "sigpwr_at": self.sigpwr_at, "kill_at": round(self.kill_at, 3), "killed": self.killed,
+                "link_was_up": self.link_was_up, "seconds": round(self.seconds, 3)}
 
 
 class Lab:
@@ -63,12 +87,7 @@ class Lab:
 
     def host(self, name: str | int) -> LabHost:
         """A host by name (``host2``) or index (2)."""
-        index = name if isinstance(name, int) else plan.host_index(name)
-        for h in self.state.hosts:
-            if h.index == index:
-                return h
-        raise LabUsageError(f"the lab has no {plan.host_name(index)}: it has "
-                            f"{', '.join(h.name for h in self.state.hosts)}")
+        return _find(self.state, name)
 
     # -- life cycle ----------------------------------------------------------
     @classmethod
@@ -124,8 +143,83 @@ class Lab:
             current = statefile.read_state(self.state.run_dir)
             return teardown.teardown(current, self.state.run_dir, self.state.data_dir)
 
+    def fail(self, name: str | int, *, power_loss: bool = False,
+             battery: float = plan.DEFAULT_BATTERY_S) -> FailReport:
+        """Host *name* fails abruptly: every process in it (QEMUs, its daemons, anything started there)
+        is SIGKILLed and its link is cut, so its peers see it gone.
+
+        With *power_loss*, its hvextd first gets SIGPWR (it saves protected PMEM) and the kill comes
+        *battery* seconds later. The host is FAILING meanwhile and FAILED after; other hosts are
+        untouched. The lab lock is held throughout.
+        """
+        battery = plan.check_battery(battery)
+        with statefile.locked(self.state.run_dir):
+            state = self._current()
+            host = _find(state, name)
+            host.begin_fail()
+            report = FailReport(host=host.name, power_loss=power_loss, battery_seconds=battery)
+            started = time.monotonic()
+            if power_loss:
+                ref = host.processes.get("hvextd")
+                if ref is None or not procs.is_alive(ref):
+                    raise LabError(f"{host.name}'s hvextd is not running, so it cannot get SIGPWR; "
+                                   f"`hvext lab fail {host.name}` kills the host without it")
+            statefile.write_state(state)
+            if power_loss:
+                procs.signal_one(host.processes["hvextd"], signal.SIGPWR)
+                report.sigpwr_at = round(time.monotonic() - started, 3)
+                time.sleep(max(0.0, started + battery - time.monotonic()))
+            report.kill_at = time.monotonic() - started
+            killed = teardown.kill_host_processes(host)
+            report.killed = [f"{r.comm} pid {r.pid}" for r in killed]
+            report.link_was_up = net.cut_host(host.index)
+            host.mark_failed()
+            statefile.write_state(state)
+            report.seconds = time.monotonic() - started
+            self.state = state
+            return report
+
+    def revive(self, name: str | int) -> LabHost:
+        """Bring failed host *name* back as an empty host: fresh directories (no domains), fresh
+        daemons, its link up. Its name, address and host UUID stay. UP afterwards; FAILED again
+        (what started killed, the link cut) when it does not come up."""
+        with statefile.locked(self.state.run_dir):
+            state = self._current()
+            host = _find(state, name)
+            host.check_revivable()
+            teardown.kill_host_processes(host)  # whatever someone ran in the dead host meanwhile
+            host.processes = {}
+            daemons.remove_dirs(host.index, state.run_dir, state.data_dir)
+            net.ensure_bridge()
+            net.add_host(host.index)
+            daemons.prepare(host, len(state.hosts), state.run_dir, state.data_dir)
+            try:
+                daemons.launch(host, state.run_dir)
+                host.processes = daemons.wait_ready(host, state.run_dir, state.data_dir)
+            except BaseException:
+                # Not up: whatever did start is killed again, so the host stays FAILED and consistent.
+                teardown.kill_host_processes(host)
+                net.cut_host(host.index)
+                host.processes = {}
+                raise
+            host.mark_revived()
+            statefile.write_state(state)
+            self.state = state
+            return host
+
+    def _current(self) -> LabState:
+        """The recorded lab (under the lock): the one this object opened, still up."""
+        current = statefile.read_state(self.state.run_dir)
+        if current is None:
+            raise LabUsageError("no lab is up; `hvext lab up --hosts N` creates one")
+        if current.created != self.state.created:
+            raise LabUsageError("the lab was replaced meanwhile; load it again")
+        if current.phase is not Phase.UP:
+            raise LabUsageError(f"the lab is {current.phase}, not {Phase.UP}; `hvext lab up` finishes or rebuilds it")
+        return current
+
     def status(self) -> list[HostStatus]:
-        """Each host: its namespace, daemons, and whether libvirtd answers on the unix and TLS URIs."""
+        """Each host: its phase, namespace, link, daemons, and whether libvirtd answers on the unix and TLS URIs."""
         result = []
         for h in self.state.hosts:
             alive = {d: (ref.pid if procs.is_alive(ref) else None) for d, ref in h.processes.items()}
@@ -134,7 +228,8 @@ class Lab:
             result.append(HostStatus(
                 host=h, netns_present=net.netns_exists(h.netns), daemons=alive,
                 unix=daemons.probe_libvirt(h.uri_unix),
-                tls=daemons.probe_libvirt(h.uri_tls, tcp=(h.address, plan.LIBVIRT_TLS_PORT))))
+                tls=daemons.probe_libvirt(h.uri_tls, tcp=(h.address, plan.LIBVIRT_TLS_PORT)),
+                link_up=net.link_up(h.index)))
         return result
 
 
@@ -156,6 +251,15 @@ def down() -> list[str]:
 
 
 # -- internals ------------------------------------------------------------------
+def _find(state: LabState, name: str | int) -> LabHost:
+    index = name if isinstance(name, int) else plan.host_index(name)
+    for h in state.hosts:
+        if h.index == index:
+            return h
+    raise LabUsageError(f"the lab has no {plan.host_name(index)}: it has "
+                        f"{', '.join(h.name for h in state.hosts)}")
+
+
 def _build(state: LabState) -> None:
     count = len(state.hosts)
     net.ensure_bridge()
@@ -179,6 +283,8 @@ def _health_problem(state: LabState) -> str:
     if state.phase is not Phase.UP:
         return "an earlier `lab up` did not finish"
     for h in state.hosts:
+        if h.phase is not HostPhase.UP:
+            return f"{h.name} is {h.phase} (`hvext lab revive {h.name}` brings it back without a rebuild)"
         if not net.netns_exists(h.netns):
             return f"{h.name}'s network namespace is gone"
         for daemon in plan.DAEMONS:

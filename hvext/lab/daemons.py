@@ -1,11 +1,14 @@
-"""Each lab host's private libvirt tree and its virtlogd and libvirtd.
+"""Each lab host's private libvirt tree and its daemons: virtlogd, libvirtd and hvextd.
 
 A host's daemons run inside its network namespace and in their own mount
 and UTS namespaces (``ip netns exec NS unshare --mount --uts``), where
 /etc/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt and
 /run/libvirt are bind mounts of the host's own directories. Everything else
 (/var/lib/hvext, /var/cache/hvext, guest images) is the machine's, so a disk
-path means the same file on every host, as shared storage would.
+path means the same file on every host, as shared storage would. hvextd
+(hvext's daemon, watching the host's own libvirtd) therefore shares hvext's
+state, the power registry included; its log and pid file are in the host's
+run directory.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 
+import hvext
 import hvext.host  # noqa: F401  (installs the handler that keeps libvirt from printing errors itself)
 from hvext.lab import net, pki, plan, procs
 from hvext.lab.plan import LabError, LabHost, ProcessRef
@@ -60,9 +65,20 @@ def prepare(host: LabHost, count: int, run_dir: Path, data_dir: Path) -> None:
             shutil.copytree(MACHINE_CAPS_CACHE, hdata / "cache" / "qemu" / "capabilities", dirs_exist_ok=True)
         for daemon in plan.DAEMONS:
             (hrun / f"{daemon}.pid").unlink(missing_ok=True)
-        (hrun / "start.sh").write_text(plan.start_script(host.index, run_dir, data_dir))
+        (hrun / "hvextd.log").unlink(missing_ok=True)
+        (hrun / "start.sh").write_text(plan.start_script(host.index, run_dir, data_dir, hvextd_path(),
+                                                         str(Path(hvext.__file__).resolve().parents[1])))
     except OSError as err:
         raise LabError(f"preparing {host.name}'s directories under {hrun} and {hdata}: {err}") from err
+
+
+def hvextd_path() -> str:
+    """The ``hvextd`` console script beside this Python (its processes are then named ``hvextd``)."""
+    beside = Path(sys.executable).parent / "hvextd"
+    found = str(beside) if beside.is_file() else shutil.which("hvextd")
+    if not found:
+        raise LabError(f"hvextd is not installed (neither {beside} nor on PATH); `make setup` installs it")
+    return found
 
 
 def launch(host: LabHost, run_dir: Path) -> None:
@@ -72,6 +88,8 @@ def launch(host: LabHost, run_dir: Path) -> None:
             "unshare", "--mount", "--uts", "--propagation", "private", "--",
             "/bin/sh", str(hrun / "start.sh")]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+    # hvextd shares hvext's state with the caller (the same HVEXT_STATE_DIR and such).
+    env |= {k: v for k, v in os.environ.items() if k.startswith("HVEXT_")}
     # Output goes to a file, not a pipe: the daemons must not inherit a pipe we wait on.
     with open(hrun / "start.log", "wb") as out:
         try:
@@ -108,7 +126,8 @@ def daemon_ref(host: LabHost, daemon: str, run_dir: Path) -> ProcessRef | None:
 
 def wait_ready(host: LabHost, run_dir: Path, data_dir: Path,
                timeout: float = START_TIMEOUT_S) -> dict[str, ProcessRef]:
-    """Wait until host's daemons wrote their pid files and libvirtd answers on its socket."""
+    """Wait until host's daemons wrote their pid files, libvirtd answers on its socket and hvextd
+    watches it (then hvextd's signal handlers are set: SIGPWR would kill it before)."""
     deadline = time.monotonic() + timeout
     refs: dict[str, ProcessRef] = {}
     last_error = "no pid files yet"
@@ -118,15 +137,26 @@ def wait_ready(host: LabHost, run_dir: Path, data_dir: Path,
                 refs[daemon] = ref
         if len(refs) == len(plan.DAEMONS):
             probe = probe_libvirt(host.uri_unix)
-            if probe.ok:
+            if probe.ok and hvextd_ready(host, run_dir):
                 return refs
-            last_error = probe.error
-            if not procs.is_alive(refs["libvirtd"]):
+            last_error = probe.error if not probe.ok else f"hvextd has not logged {plan.HVEXTD_READY!r} yet"
+            if not all(procs.is_alive(ref) for ref in refs.values()):
+                last_error = "a daemon exited: " + ", ".join(d for d, r in refs.items() if not procs.is_alive(r))
                 break
         time.sleep(0.1)
     hlog = plan.host_data_dir(data_dir, host.index) / "log" / "libvirtd.log"
-    raise LabError(f"{host.name}: libvirtd did not answer within {timeout:.0f} s ({last_error}); "
-                   f"see {hlog} and {plan.host_run_dir(run_dir, host.index) / 'start.log'}")
+    hrun = plan.host_run_dir(run_dir, host.index)
+    raise LabError(f"{host.name}: its daemons were not ready within {timeout:.0f} s ({last_error}); "
+                   f"see {hlog}, {hrun / 'hvextd.log'} and {hrun / 'start.log'}")
+
+
+def hvextd_ready(host: LabHost, run_dir: Path) -> bool:
+    """Whether host's hvextd logged that it watches the host's libvirtd."""
+    try:
+        text = (plan.host_run_dir(run_dir, host.index) / "hvextd.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+    return plan.HVEXTD_READY in text
 
 
 @dataclass

@@ -111,6 +111,30 @@ def add_host(index: int) -> None:
         ns.link("set", index=inner, state="up")
 
 
+def cut_host(index: int) -> bool:
+    """Cut host *index* off the bridge, as a pulled cable would: its bridge port goes down (the host's
+    eth0 loses its carrier). Returns whether the link was up. `add_host` brings it up again."""
+    root_end = plan.veth_name(index)
+    with _ipr(f"cutting the link of {plan.host_name(index)}") as ipr:
+        found = _link_index(ipr, root_end)
+        if found is None:
+            return False
+        (link,) = ipr.get_links(found)
+        was_up = link.get_attr("IFLA_OPERSTATE") == "UP"
+        ipr.link("set", index=found, state="down")
+    return was_up
+
+
+def link_up(index: int) -> bool:
+    """Whether host *index*'s bridge port exists and is up (admin up with a carrier)."""
+    with _ipr(f"reading the link of {plan.host_name(index)}") as ipr:
+        found = _link_index(ipr, plan.veth_name(index))
+        if found is None:
+            return False
+        (link,) = ipr.get_links(found)
+        return link.get_attr("IFLA_OPERSTATE") == "UP"
+
+
 def remove_host(index: int) -> list[str]:
     """Delete host *index*'s veth pair and network namespace; returns what existed and was removed."""
     removed = []

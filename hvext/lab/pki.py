@@ -72,9 +72,11 @@ def make_ca(directory: Path, cn: str) -> None:
     os.chmod(directory / "ca-cert.pem", 0o644)
 
 
-def issue(ca: Path, out_dir: Path, stem: str, cn: str, *, server_for: int | None = None) -> tuple[Path, Path]:
+def issue(ca: Path, out_dir: Path, stem: str, cn: str, *, server_for: int | None = None,
+          alt_names: list[str] | None = None) -> tuple[Path, Path]:
     """A key and a certificate signed by the CA in *ca*: a server one for host *server_for*
-    (its lab address and names as subject alternative names), else a client one.
+    (its lab address and names as subject alternative names), a server-and-client one for
+    *alt_names* (``IP:...``/``DNS:...`` entries; an etcd member's, hvext.ha.pki), else a client one.
 
     Returns (certificate, key) named ``<stem>cert.pem``/``<stem>key.pem`` in *out_dir*, both 0600.
     """
@@ -87,6 +89,9 @@ def issue(ca: Path, out_dir: Path, stem: str, cn: str, *, server_for: int | None
                      f"DNS:{plan.host_name(server_for)}"]
             ext = ["basicConstraints = critical, CA:FALSE", "keyUsage = critical, digitalSignature, keyEncipherment",
                    "extendedKeyUsage = serverAuth", f"subjectAltName = {', '.join(names)}"]
+        elif alt_names is not None:
+            ext = ["basicConstraints = critical, CA:FALSE", "keyUsage = critical, digitalSignature, keyEncipherment",
+                   "extendedKeyUsage = serverAuth, clientAuth", f"subjectAltName = {', '.join(alt_names)}"]
         else:
             ext = ["basicConstraints = critical, CA:FALSE", "keyUsage = critical, digitalSignature, keyEncipherment",
                    "extendedKeyUsage = clientAuth"]

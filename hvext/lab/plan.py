@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import urllib.parse
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,8 @@ class LabUsageError(UsageError):
 
 MIN_HOSTS = 1
 MAX_HOSTS = 8
-STATE_VERSION = 1
+#: 2: each host records its phase (:class:`HostPhase`) and its hvextd.
+STATE_VERSION = 2
 
 #: The lab's subnet: inside 198.18.0.0/15, the range reserved for benchmarks.
 LAB_NETWORK = ipaddress.IPv4Network("198.18.0.0/24")
@@ -66,7 +68,13 @@ PRIVATE_DIRS = {
     "/var/log/libvirt": "log",
     "/var/cache/libvirt": "cache",
 }
-DAEMONS = ("virtlogd", "libvirtd")
+#: The daemons each host runs, in start order (stopped in reverse).
+DAEMONS = ("virtlogd", "libvirtd", "hvextd")
+#: What hvextd logs once its signal handlers are set and it watches its libvirtd (its readiness).
+HVEXTD_READY = "watching qemu:///system"
+#: The battery window of `hvext lab fail HOST --power-loss`: SIGPWR, then this long until the kill.
+DEFAULT_BATTERY_S = 10.0
+MAX_BATTERY_S = 600.0
 
 _HOST_NAME = re.compile(r"host([1-9][0-9]*)")
 
@@ -244,13 +252,40 @@ def firewall_rules() -> list[list[str]]:
     return rules
 
 
-def start_script(index: int, run_dir: Path, data_dir: Path) -> str:
+def check_battery(seconds: object) -> float:
+    """The battery window of a power-loss failure, checked: 0 to MAX_BATTERY_S seconds."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds \
+            or not 0 <= seconds <= MAX_BATTERY_S:
+        raise LabUsageError(f"the battery window must be 0 to {MAX_BATTERY_S:.0f} seconds, not {seconds!r}")
+    return float(seconds)
+
+
+def hvextd_command(hvextd: str, pythonpath: str, run_dir: Path, index: int) -> str:
+    """The start script's line that runs the host's hvextd in the background.
+
+    It watches the host's own libvirtd (``qemu:///system`` inside the host's
+    mount namespace is the host's socket) and logs to, and leaves its PID in,
+    the host's run directory. ``setsid`` in a non-interactive shell execs
+    without forking (a background job is no group leader), so ``$!`` is
+    hvextd's PID; its command name is ``hvextd`` (the console script).
+    """
+    hrun = host_run_dir(run_dir, index)
+    return (f"PYTHONPATH={shlex.quote(pythonpath)} setsid {shlex.quote(hvextd)} -c qemu:///system "
+            f"</dev/null >>{hrun / 'hvextd.log'} 2>&1 &\n"
+            f"echo $! > {hrun / 'hvextd.pid'}")
+
+
+def start_script(index: int, run_dir: Path, data_dir: Path, hvextd: str = "", pythonpath: str = "") -> str:
     """The shell script that runs inside host *index*'s new mount and UTS namespaces.
 
     It makes libvirt's directories private bind mounts of the host's own
-    directories, sets the host's firewall (:func:`firewall_rules`), then starts virtlogd and libvirtd as daemons and exits; the
-    daemons keep the namespaces alive. /run/libvirt is bound from the host's
-    run directory so its sockets are reachable from the root namespace.
+    directories, sets the host's firewall (:func:`firewall_rules`; a revived
+    host's namespace still has the old rules, so the chain is flushed
+    first), then starts virtlogd and libvirtd as daemons and, when *hvextd*
+    (the path of the ``hvextd`` script) is given, the host's hvextd
+    (:func:`hvextd_command`), and exits; the daemons keep the namespaces
+    alive. /run/libvirt is bound from the host's run directory so its
+    sockets are reachable from the root namespace.
     """
     hrun = host_run_dir(run_dir, index)
     hdata = host_data_dir(data_dir, index)
@@ -264,14 +299,16 @@ def start_script(index: int, run_dir: Path, data_dir: Path) -> str:
     # No IPv6 (link-local addresses would bypass the rules), then the firewall, before any daemon.
     lines += [f"if [ -w /proc/sys/net/ipv6/conf/{c}/disable_ipv6 ]; then echo 1 > /proc/sys/net/ipv6/conf/{c}/disable_ipv6; fi"
               for c in ("all", "default", HOST_IFNAME)]
+    lines += ["iptables -w -F INPUT"]
     lines += ["iptables -w -A INPUT " + " ".join(rule) for rule in firewall_rules()]
     lines += [
         f"/usr/sbin/virtlogd --daemon --config /etc/libvirt/virtlogd.conf --pid-file {hrun / 'virtlogd.pid'}",
         f"/usr/sbin/libvirtd --daemon --listen --config /etc/libvirt/libvirtd.conf "
         f"--pid-file {hrun / 'libvirtd.pid'}",
-        "",
     ]
-    return "\n".join(lines)
+    if hvextd:
+        lines.append(hvextd_command(hvextd, pythonpath, run_dir, index))
+    return "\n".join(lines + [""])
 
 
 # -- state ------------------------------------------------------------------
@@ -285,6 +322,18 @@ class ProcessRef:
     comm: str
 
 
+class HostPhase(enum.StrEnum):
+    """Where one lab host is. UP: its daemons run and its link is up. FAILING: `hvext lab fail` began
+    (the battery window of a power loss, then the kill); a fail that stopped half-way leaves it here,
+    and `fail` again finishes it. FAILED: every process of the host was killed and its link is cut.
+    UP -> FAILING -> FAILED -> UP (`hvext lab revive`, as an empty host); the guards are the
+    ``begin_fail``, ``mark_failed`` and ``mark_revived`` methods of :class:`LabHost`."""
+
+    UP = "up"
+    FAILING = "failing"
+    FAILED = "failed"
+
+
 @dataclass
 class LabHost:
     """One lab host: a network, mount and UTS namespace with its own libvirtd."""
@@ -294,6 +343,36 @@ class LabHost:
     run_dir: Path = RUN_DIR
     processes: dict[str, ProcessRef] = field(default_factory=dict)
     data_dir: Path = DATA_DIR
+    phase: HostPhase = HostPhase.UP
+
+    def __post_init__(self) -> None:
+        self.phase = HostPhase(self.phase)  # ValueError for anything that is not a host phase
+
+    def begin_fail(self) -> None:
+        """UP (or FAILING: finish a fail that stopped half-way) becomes FAILING; LabUsageError when
+        the host already failed."""
+        if self.phase is HostPhase.FAILED:
+            raise LabUsageError(f"{self.name} has already failed; `hvext lab revive {self.name}` brings it back")
+        self.phase = HostPhase.FAILING
+
+    def mark_failed(self) -> None:
+        """FAILING becomes FAILED (its processes are dead, its link cut); LabError in any other phase."""
+        if self.phase is not HostPhase.FAILING:
+            raise LabError(f"{self.name} is {self.phase}, not {HostPhase.FAILING}: only a failing host fails")
+        self.phase = HostPhase.FAILED
+
+    def check_revivable(self) -> None:
+        """LabUsageError unless the host is FAILED (only a failed host is revived)."""
+        if self.phase is not HostPhase.FAILED:
+            hint = f"; `hvext lab fail {self.name}` finishes its failure first" \
+                if self.phase is HostPhase.FAILING else ""
+            raise LabUsageError(f"{self.name} is {self.phase}, not {HostPhase.FAILED}: only a failed host "
+                                f"is revived{hint}")
+
+    def mark_revived(self) -> None:
+        """FAILED becomes UP (its daemons answer again); LabUsageError in any other phase."""
+        self.check_revivable()
+        self.phase = HostPhase.UP
 
     @property
     def name(self) -> str:
@@ -366,6 +445,7 @@ class LabState:
                 "netns": h.netns, "hostname": h.hostname,
                 "uri_unix": h.uri_unix, "uri_tls": h.uri_tls,
                 "processes": {k: asdict(v) for k, v in h.processes.items()},
+                "phase": h.phase,
             } for h in self.hosts],
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -399,8 +479,12 @@ class LabState:
                 index = entry["index"]
                 if host_name(index) != entry["name"]:
                     raise ValueError(f"host {entry['name']!r} has index {index!r}")
+                host_phase = entry["phase"]
+                if not isinstance(host_phase, str) or host_phase not in {p.value for p in HostPhase}:
+                    raise ValueError(f"unknown host phase {host_phase!r}")
                 hosts.append(LabHost(index=index, uuid=str(uuid.UUID(entry["uuid"])), run_dir=run_dir,
-                                     processes=processes, data_dir=Path(data["data_dir"])))
+                                     processes=processes, data_dir=Path(data["data_dir"]),
+                                     phase=HostPhase(host_phase)))
             if [h.index for h in hosts] != list(range(1, len(hosts) + 1)):
                 raise ValueError("hosts are not host1..hostN in order")
             validate_count(len(hosts))

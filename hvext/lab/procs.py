@@ -1,10 +1,14 @@
-"""Processes of the lab, found only by recorded PIDs and checked through /proc (never `ps`).
+"""Processes of the lab, found by recorded PIDs or by their network namespace, checked through /proc (never `ps`).
 
 A PID alone can be reused by an unrelated process, so a lab process is its
 PID plus its start time (field 22 of /proc/PID/stat) plus its command name;
 all three must match before hvext signals it. Daemons of the machine's own
 libvirt run in the root network namespace; a lab process never does, and
-:func:`kill` refuses any process there.
+:func:`kill_all`, :func:`signal_one` and :func:`in_netns` refuse any process there.
+
+Everything a lab host runs (its daemons, the QEMUs its libvirtd starts,
+whatever later code starts in it) runs in the host's network namespace, so
+:func:`in_netns` finds all of it, also processes nobody recorded.
 """
 
 from __future__ import annotations
@@ -87,6 +91,68 @@ def mntns_id(pid: int) -> str | None:
         return None
 
 
+def in_netns(inode: int) -> list[ProcessRef]:
+    """Every running process whose network namespace is *inode* (a lab host's, see
+    :func:`hvext.lab.net.netns_inode`). Refuses the root namespace's inode."""
+    if inode == netns_inode("self"):
+        raise LabError("refusing to list the root network namespace's processes: they are not a lab host's")
+    found = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry / "ns" / "net").st_ino != inode:
+                continue
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        ref = identify(int(entry.name))
+        if ref is not None:
+            found.append(ref)
+    return found
+
+
+def _refuse_root_namespace(refs: list[ProcessRef]) -> None:
+    root_ns = netns_inode("self")
+    for ref in refs:
+        if netns_inode(ref.pid) == root_ns:
+            raise LabError(f"refusing to signal PID {ref.pid} ({ref.comm}): it runs in the root network "
+                           "namespace, so it is not a lab process")
+
+
+def signal_one(ref: ProcessRef, sig: signal.Signals) -> None:
+    """Send *sig* to one recorded lab process; LabError when it no longer runs or is not a lab process."""
+    if not is_alive(ref):
+        raise LabError(f"{ref.comm} (PID {ref.pid}) is not running")
+    _refuse_root_namespace([ref])
+    try:
+        os.kill(ref.pid, sig)
+    except ProcessLookupError as err:
+        raise LabError(f"{ref.comm} (PID {ref.pid}) exited before {sig.name}") from err
+
+
+def kill_now(refs: list[ProcessRef], timeout: float = 10.0) -> list[ProcessRef]:
+    """SIGKILL recorded lab processes at once, as a power cut would; returns the ones that were running.
+
+    Same refusals as :func:`kill_all`; LabError if one still runs after *timeout* s.
+    """
+    running = [ref for ref in refs if is_alive(ref)]
+    _refuse_root_namespace(running)
+    for ref in running:
+        try:
+            os.kill(ref.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    left = list(running)
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        left = [ref for ref in left if is_alive(ref)]
+        if left:
+            time.sleep(0.02)
+    if left:
+        raise LabError("survived SIGKILL: " + ", ".join(f"{r.comm} (PID {r.pid})" for r in left))
+    return running
+
+
 def kill_all(refs: list[ProcessRef], timeout: float = 10.0) -> list[ProcessRef]:
     """Stop recorded lab processes together: SIGTERM, then SIGKILL to those left after *timeout* s.
 
@@ -95,11 +161,7 @@ def kill_all(refs: list[ProcessRef], timeout: float = 10.0) -> list[ProcessRef]:
     machine's own daemons), or if one survives SIGKILL.
     """
     running = [ref for ref in refs if is_alive(ref)]
-    root_ns = netns_inode("self")
-    for ref in running:
-        if netns_inode(ref.pid) == root_ns:
-            raise LabError(f"refusing to signal PID {ref.pid} ({ref.comm}): it runs in the root network "
-                           "namespace, so it is not a lab process")
+    _refuse_root_namespace(running)
     left = list(running)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         for ref in left:

@@ -52,9 +52,14 @@ def teardown(state: LabState | None, run_dir: Path, data_dir: Path) -> list[str]
             refs.append(ref)
             owner[ref.pid] = host.name
     try:
-        stopped = procs.kill_all([r for r in refs if r.comm == "libvirtd"])
-        stopped += procs.kill_all([r for r in refs if r.comm == "virtlogd"])
+        stopped = []
+        for daemon in reversed(plan.DAEMONS):  # hvextd (libvirtd's client), libvirtd, then virtlogd
+            stopped += procs.kill_all([r for r in refs if r.comm == daemon])
         removed += [f"{r.comm} pid {r.pid} of {owner[r.pid]}" for r in stopped]
+        # Whatever else still runs in a host (nothing, unless someone started it there): killed too,
+        # so that no process is left in a namespace that is about to go.
+        for host in hosts:
+            removed += [f"{r.comm} pid {r.pid} of {host.name}" for r in kill_host_processes(host)]
     except HvextError as err:
         # Something of the lab still runs: keep its namespaces and directories for a later down.
         errors.append(err)
@@ -88,6 +93,19 @@ def teardown(state: LabState | None, run_dir: Path, data_dir: Path) -> list[str]
     if errors:
         raise LabError("lab down incomplete: " + "; ".join(str(e) for e in errors)) from errors[0]
     return removed
+
+
+def kill_host_processes(host: LabHost) -> list[ProcessRef]:
+    """SIGKILL every process in host's network namespace until none is left (a dying parent may
+    have forked meanwhile); returns what was killed. Nothing when the namespace is gone."""
+    killed: list[ProcessRef] = []
+    for _ in range(10):
+        inode = net.netns_inode(host.netns)
+        found = procs.in_netns(inode) if inode is not None else []
+        if not found:
+            return killed
+        killed += procs.kill_now(found)
+    raise LabError(f"{host.name}: processes keep appearing in {host.netns}")
 
 
 def _daemon_refs(host: LabHost, run_dir: Path) -> list[ProcessRef]:

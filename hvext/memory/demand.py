@@ -41,6 +41,20 @@ def open_tree(capacity_mib: int) -> Iterator[ResourceTree]:
         store.close()
 
 
+@contextlib.contextmanager
+def stored_tree(store: PoolStore | None = None) -> Iterator[ResourceTree | None]:
+    """The stored tree, read only: None when there is no pool store (a reader never creates it, that is
+    ``hvext pool-*``'s to do); the store is closed afterwards."""
+    store = store or PoolStore()
+    if not store.path.exists():
+        yield None
+        return
+    try:
+        yield store.load()
+    finally:
+        store.close()
+
+
 def demand_bytes(domain: Domain) -> int:
     """A running domain's demand: its balloon actual (live currentMemory), in bytes."""
     return domain.memory_kib()[1] * KIB

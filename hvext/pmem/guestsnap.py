@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hvext import durable, paths
+from hvext.agent import protocol
 from hvext.errors import DomainStateError, HvextError, UsageError
 from hvext.host import Domain, RunState
 from hvext.pmem import devices, hints, virtio
@@ -34,6 +35,8 @@ from hvext.units import KIB, MIB
 
 CHUNK = 4 * MIB  # bytes compared per step (a multiple of every allowed block size)
 DEFAULT_BLOCK_SIZE = 64 * KIB
+#: Longest ``region.json`` read (it holds three paths; anything longer is damaged).
+MAX_CONFIG = MIB
 
 
 class GuestSnapshotError(HvextError):
@@ -57,15 +60,35 @@ def config_path(domain: Domain, device: PmemDevice) -> Path:
     return paths.STATE_DIR / "pmem-regions" / domain.name / device.path.stem / "region.json"
 
 
+def _read_config(config: Path) -> dict[str, str]:
+    """The record *config* (``backing``, ``nvm_dir``, ``mass_dir``: strings), read within bounds; a
+    damaged or unreadable one is a :class:`GuestSnapshotError` naming it."""
+    try:
+        with open(config, "rb") as handle:
+            raw = handle.read(MAX_CONFIG + 1)
+    except OSError as err:
+        raise GuestSnapshotError(f"cannot read {config}: {err}") from err
+    if len(raw) > MAX_CONFIG:
+        raise GuestSnapshotError(f"{config} is damaged: longer than {MAX_CONFIG} bytes")
+    try:
+        where = protocol.loads(raw, GuestSnapshotError, "the file")  # too deep, huge numbers, not JSON
+    except GuestSnapshotError as err:
+        raise GuestSnapshotError(f"{config} is damaged: {err}") from err
+    if not isinstance(where, dict) or not all(isinstance(where.get(k), str) for k in ("backing", "nvm_dir",
+                                                                                       "mass_dir")):
+        raise GuestSnapshotError(f"{config} is damaged: not an object of backing, nvm_dir and mass_dir paths")
+    return where
+
+
 def open_region(domain: Domain, device: PmemDevice, *, create: bool = False, strategy: str = "virtblocks",
                 block_size: int = DEFAULT_BLOCK_SIZE, nvm_dir: Path | None = None,
                 mass_dir: Path | None = None) -> NVMRegion:
     """The device's region; with *create*, made on first use (the options only apply then)."""
     config = config_path(domain, device)
     if config.exists():
-        where = json.loads(config.read_text())
-        if where.get("backing") != str(device.path):
-            raise GuestSnapshotError(f"{config} belongs to backing {where.get('backing')}, not {device.path}")
+        where = _read_config(config)
+        if where["backing"] != str(device.path):
+            raise GuestSnapshotError(f"{config} belongs to backing {where['backing']}, not {device.path}")
         return NVMRegion.open(where["nvm_dir"], where["mass_dir"])
     if not create:
         raise RegionNotFound(f"{device.path} of {domain.name!r} has no snapshots yet (`hvext pmem-snapshot`)")

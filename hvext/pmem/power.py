@@ -104,14 +104,28 @@ class Registration:
 # -- registry -------------------------------------------------------------
 @contextmanager
 def registry(directory: Path | None = None) -> Iterator[list[Registration]]:
-    """The registrations, locked; changes to the list (and its items) are written back atomically."""
+    """The registrations, locked; changes to the list (and its items) are written back atomically.
+
+    The registry's own I/O failing is a :class:`PowerError` naming the file; what the caller's block
+    raises passes unchanged."""
     directory = directory or power_dir()
-    make_store_dir(directory)  # the registry names guest memory files; stores below hold guest memory
     path = directory / "registry.json"
-    with durable.locked(directory / "registry.lock"):
+    lock = directory / "registry.lock"
+    try:
+        make_store_dir(directory)  # the registry names guest memory files; stores below hold guest memory
+        fd = durable.lock_file(lock)
+    except OSError as err:
+        raise PowerError(f"cannot lock the power registry {lock}: {err}") from err
+    try:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        except OSError as err:
+            raise PowerError(f"cannot read the power registry {path}: {err}") from err
         try:
             # a damaged or hostile file: too deep, huge numbers, not JSON -> PowerError, nothing else
-            raw = protocol.loads(path.read_bytes(), PowerError, "the file") if path.exists() else {"devices": []}
+            raw = protocol.loads(data, PowerError, "the file") if data is not None else {"devices": []}
             regs = [Registration(**item) for item in raw["devices"]]
         except (PowerError, ValueError, KeyError, TypeError) as err:
             raise PowerError(f"power registry {path} is unreadable: {err}") from err
@@ -119,7 +133,12 @@ def registry(directory: Path | None = None) -> Iterator[list[Registration]]:
         yield regs
         after = json.dumps([r.to_dict() for r in regs], sort_keys=True)
         if after != before:
-            durable.atomic_write(path, json.dumps({"devices": [r.to_dict() for r in regs]}, indent=1).encode())
+            try:
+                durable.atomic_write(path, json.dumps({"devices": [r.to_dict() for r in regs]}, indent=1).encode())
+            except OSError as err:
+                raise PowerError(f"cannot write the power registry {path}: {err}") from err
+    finally:
+        os.close(fd)
 
 
 def registrations(directory: Path | None = None) -> list[Registration]:

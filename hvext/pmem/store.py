@@ -273,7 +273,8 @@ class Store:
         return data
 
     def restore(self, target: Path, *, owner: tuple[int, int] | None = None) -> dict[str, Any]:
-        """Write the saved contents to *target* (replaced via a temp file and rename; sparse for zeros)."""
+        """Write the saved contents to *target* (replaced via a temp file, fsync, rename and fsync of the
+        directory; sparse for zeros)."""
         started = time.perf_counter()
         target = Path(target)
         written = 0
@@ -301,6 +302,7 @@ class Store:
                     os.fchown(out.fileno(), *owner)
                 os.fchmod(out.fileno(), 0o660)
             os.replace(tmp, target)
+            durable.fsync_dir(target.parent)  # the rename itself survives a crash, as a save's switch does
         except OSError as err:
             raise StoreError(f"cannot restore {target} from {self.directory}: {err}") from err
         finally:

@@ -24,6 +24,7 @@ from typing import Any
 from lxml import etree
 
 from hvext import paths
+from hvext.agent import protocol
 from hvext.domxml import HVEXT_NS, QEMU_NS
 from hvext.errors import HostError, QMPError, UnsupportedError, UsageError
 from hvext.host import Domain
@@ -45,9 +46,11 @@ def _device_args(dev_id: str, path: Path, size: int, bus: str) -> list[str]:
 
 
 def _arg_json(value: str) -> dict:
+    """The JSON object of a command-line argument, or {} (not JSON, not an object, beyond the bounded
+    loader's limits: too deep, huge numbers). Total: the definition is not hvext's to trust."""
     try:
-        parsed = json.loads(value) if value.startswith("{") else {}
-    except ValueError:
+        parsed = protocol.loads(value, HostError, "the domain definition") if value.startswith("{") else {}
+    except HostError:
         return {}
     return parsed if isinstance(parsed, dict) else {}
 

@@ -61,10 +61,16 @@ _HAVE_PWRITEV = hasattr(os, "pwritev")
 _IOV_MAX = 1000
 _PAD = bytes(lf.ALIGN)
 _REC_SIZE = lf.REC.size
+_RANGE_SIZE = lf.RANGE.size
 _BODY_PACK = lf.REC_BODY.pack
 _U32_PACK = lf.U32.pack
 _ALIGN_MASK = lf.ALIGN - 1
 _crc32 = zlib.crc32
+# zlib.crc32 releases the GIL for buffers over 5 KiB. A committer that releases
+# the GIL while a background truncation runs gets it back only at the
+# truncation's next yield (tens of us, docs/rvm.md), so a joined record is
+# checksummed in pieces that keep it, as its ranges of up to 4 KiB each were.
+_CRC_CHUNK = 5 * 1024
 _clock = time.perf_counter
 
 # Truncation hands the GIL to committers after this much work (seconds)
@@ -237,19 +243,25 @@ class Region(bytearray):
 class _Txn:
     """An active transaction: declared ranges and, with restore, old values.
 
-    ``table`` is built as ranges are declared, flat, in the order of the
-    record's range table (segment id, length, segment offset per range), so
-    that a commit packs it with one ``struct`` call and loops over nothing.
+    What a commit needs is collected as ranges are declared, so that the
+    commit loops over nothing in Python: ``table`` flat in the order of the
+    record's range table (segment id, length, segment offset per range),
+    packed with one ``struct`` call; ``views`` the memoryviews written with
+    one ``pwritev``; ``nbytes`` their total length; ``segs`` the segments
+    named (each must be declared in the log's current epoch).
     """
 
-    __slots__ = ("tid", "restore", "ranges", "table")
+    __slots__ = ("tid", "restore", "ranges", "views", "table", "nbytes", "segs")
 
     def __init__(self, tid: int, restore: bool) -> None:
         self.tid = tid
         self.restore = restore
         # (region, memoryview of the range, old bytes or None)
         self.ranges: list[tuple[Region, memoryview, bytes | None]] = []
+        self.views: list[memoryview] = []
         self.table: list[int] = []
+        self.nbytes = 0
+        self.segs: set[_Segment] = set()
 
 
 class Transaction:
@@ -609,12 +621,18 @@ class RVM:
 
     def begin_transaction(self, restore: bool = True) -> int:
         """Start a transaction; return its id. ``restore=False`` is no_restore mode."""
-        with self._lock:
-            self._check_open()
+        # acquire/release rather than ``with``: half the cost on this hot path
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._closed:
+                self._check_open()
             tid = self._next_tid
             self._next_tid = tid + 1
             self._active[tid] = _Txn(tid, bool(restore))
             return tid
+        finally:
+            lock.release()
 
     def transaction(self, restore: bool = True, flush: bool = True) -> Transaction:
         """A context manager running a transaction (see :class:`Transaction`)."""
@@ -626,7 +644,9 @@ class RVM:
         With restore mode the old bytes are copied (in memory only). Returns a
         writable memoryview of the range for convenience.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             txn = self._active.get(tid)
             if txn is None:
                 self._check_open()
@@ -642,9 +662,15 @@ class RVM:
                     f"range [{offset!r}:+{length!r}] is outside region of length {len(region)}"
                 )
             view = region._mv[offset : offset + length]
+            seg = region._seg
             txn.ranges.append((region, view, bytes(view) if txn.restore else None))
-            txn.table += (region._seg.id, length, region._base + offset)
+            txn.views.append(view)
+            txn.table += (seg.id, length, region._base + offset)
+            txn.nbytes += length
+            txn.segs.add(seg)
             return view
+        finally:
+            lock.release()
 
     def abort_transaction(self, tid: int) -> None:
         """Abort: put back the old values of every declared range (restore mode only)."""
@@ -677,12 +703,14 @@ class RVM:
         the log file, and it becomes durable at the next flush, flushed
         commit or truncation.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             txn = self._active.pop(tid, None)
             if txn is None:
                 self._check_open()
                 raise RVMInactiveTransactionError(f"transaction {tid!r} is not active")
-            if txn.ranges:
+            if txn.views:
                 try:
                     end = self._append_txn_locked(txn)
                 except BaseException:
@@ -697,6 +725,8 @@ class RVM:
             need_truncate = (
                 ratio is not None and not self._truncating and end - self._head >= ratio * self._cap
             )
+        finally:
+            lock.release()
         if flush and self._synced < end:
             self._sync_to(end)
         if need_truncate:
@@ -708,16 +738,16 @@ class RVM:
         """Lock held. Write the record (and the segment declarations the epoch lacks).
 
         The fast path (no declaration due, no wrap, room enough) is one
-        ``pwritev`` of the record header, the range table packed in one call
-        and memoryviews of the region's bytes (no copy of the data), checksummed
-        straight from those views.
+        ``pwritev``: the crc, then the record header and the range table
+        packed in one call, then with one range the memoryview of the
+        region's bytes (no copy), with several those views joined into the
+        packed bytes (one copy costs less than an iovec entry and a crc32
+        call per range).
         """
         cap = self._cap
-        targs = txn.table
-        views = [rng[1] for rng in txn.ranges]
+        views = txn.views
         count = len(views)
-        table = lf.range_table(count).pack(*targs)
-        used = _REC_SIZE + len(table) + sum(targs[1::3])
+        used = _REC_SIZE + _RANGE_SIZE * count + txn.nbytes
         size = (used + _ALIGN_MASK) & ~_ALIGN_MASK
         lsn = self._tail
         if (
@@ -725,19 +755,27 @@ class RVM:
             and not self._closed
             and size <= cap - lsn % cap
             and lsn + size - self._head <= cap
-            and count < _IOV_MAX - 4
         ):
-            epoch, segs = self._epoch, self._segs
-            for seg_id in {*targs[0::3]}:
-                if segs[seg_id].declared != epoch:
+            epoch = self._epoch
+            for seg in txn.segs:
+                if seg.declared != epoch:
                     break
             else:  # fast path
-                body = _BODY_PACK(lf.KIND_TXN, 0, size, count, lsn)
-                crc = _crc32(table, _crc32(body, self._salt))
-                for view in views:
-                    crc = _crc32(view, crc)
+                # The record header without its crc, and the range table: one pack.
+                body = lf.txn_body(count).pack(lf.KIND_TXN, 0, size, count, lsn, *txn.table)
                 pad = _PAD[: size - used]
-                iov = [_U32_PACK(_crc32(pad, crc)), body, table, *views, pad]
+                if count == 1:
+                    view = views[0]
+                    iov = [_U32_PACK(_crc32(pad, _crc32(view, _crc32(body, self._salt)))), body, view, pad]
+                else:
+                    rest = b"".join([body, *views, pad])  # see the docstring
+                    if len(rest) <= _CRC_CHUNK:
+                        crc = _crc32(rest, self._salt)
+                    else:  # keep the GIL (see _CRC_CHUNK)
+                        whole, crc = memoryview(rest), self._salt
+                        for i in range(0, len(rest), _CRC_CHUNK):
+                            crc = _crc32(whole[i : i + _CRC_CHUNK], crc)
+                    iov = [_U32_PACK(crc), rest]
                 try:
                     n = os.pwritev(self._fd, iov, lf.DATA_START + lsn % cap)
                     if n != size:  # short write: finish the rest the slow way
@@ -748,6 +786,8 @@ class RVM:
                 return lsn + size
         # Slow path: segment declarations, a wrap, or waiting for room (the
         # lock may be released meanwhile: unmap must see the transaction).
+        targs = txn.table
+        table = lf.range_table(count).pack(*targs)
         self._committing[txn.tid] = txn
         try:
             return self._append_slow_locked(targs, table, views, used, size)

@@ -74,6 +74,12 @@ def range_table(count: int) -> struct.Struct:
     """The Struct packing a table of ``count`` range entries in one call."""
     return struct.Struct("<" + "IIQ" * count)
 
+
+@functools.lru_cache(maxsize=128)
+def txn_body(count: int) -> struct.Struct:
+    """The Struct packing a transaction record's header without its crc, then its ``count`` range entries."""
+    return struct.Struct("<HHIIQ" + "IIQ" * count)
+
 KIND_TXN = 1
 KIND_SEG = 2
 KIND_WRAP = 3

@@ -244,7 +244,7 @@ def test_the_unit_and_config_templates_render(tmp_path: Path) -> None:
 hvext_host_src_dir: /opt/hvext/src
 hvext_host_daemon_uri: qemu+ssh://peer/system
 hvext_host_daemon_environment: {HVEXT_STATE_DIR: /srv/hvext}
-hvext_host_etcd_endpoints: ["http://192.0.2.1:2379"]
+hvext_host_etcd_endpoints: ["https://192.0.2.1:2379"]
 hvext_host_cluster_name: lab
 """)
     out.mkdir()
@@ -263,7 +263,7 @@ hvext_host_cluster_name: lab
     loaded = daemon_config.load(out / "hvextd.toml")  # what hvextd accepts (unknown sections or keys are refused)
     assert loaded.get(MetricsConfig) == MetricsConfig(enabled=True, address="127.0.0.1", port=9177)
     assert config["reclaim"] == {"interval_s": 10, "host_available_min_mib": 2048, "step_mib": 256, "method": "auto"}
-    assert config["ha"] == {"cluster": "lab", "etcd_endpoints": ["http://192.0.2.1:2379"]}
+    assert config["ha"] == {"cluster": "lab", "etcd_endpoints": ["https://192.0.2.1:2379"]}
     assert config["metrics"] == {"address": "127.0.0.1", "port": 9177, "allow_remote": False}
 
 

@@ -225,7 +225,9 @@ def test_watch_takes_count_samples_one_interval_apart(capsys: pytest.CaptureFixt
                      first_after_interval=True) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line) for line in lines] == [{"n": 1}, {"n": 2}, {"n": 3}]
-    assert taken[0] - started >= 0.1 and all(b - a >= 0.09 for a, b in zip(taken, taken[1:]))
+    # sample i is never taken before its slot (started + (i + 1) intervals); a late one (a busy machine)
+    # may be followed sooner, since the schedule does not drift
+    assert all(t - started >= 0.1 * (i + 1) - 0.001 for i, t in enumerate(taken)), taken
 
 
 def test_count_needs_watch(capsys: pytest.CaptureFixture[str]) -> None:

@@ -56,8 +56,13 @@ def test_an_absent_section_means_its_default(tmp_path: Path) -> None:
                                  r"interval_s, method, step_mib$"),
     ("[reclaim]\nfloor = 1\nstep = 2\n", r"\[reclaim\] unknown keys floor, step; allowed: "),
     ("budget = 5\n", r"key outside any section 'budget'; the sections are "),
-    ("[ha]\netcd_endpoints = ['etcd:2379']\n", r"\[ha\] etcd_endpoints: must be a list of http:// or https:// "
-                                               r"URLs"),
+    ("[ha]\netcd_endpoints = ['etcd:2379']\n", r"\[ha\] etcd_endpoints: must be a list of https:// URLs"),
+    ("[ha]\netcd_endpoints = ['http://192.0.2.1:2379']\n", r"\[ha\] etcd_endpoints: must be a list of https:// "),
+    ("[ha]\nlease_ttl = 1\n", r"\[ha\] lease_ttl: must be a whole number of seconds from 2 to 300, not 1"),
+    ("[ha]\nlease_ttl = 4\nfence_margin = 4\n", r"\[ha\] fence_margin: must be seconds from 0 to less than "
+                                                 r"lease_ttl \(4\)"),
+    ("[ha]\nhost = 'a/b'\n", r"\[ha\] host: must be a host name"),
+    ("[ha]\ncredentials = 'pki'\n", r"\[ha\] credentials: must be an absolute directory path"),
     ("[ha]\ncluster = 5\n", r"\[ha\] cluster: must be a name"),
     ("[reclaim\n", r"is not valid TOML"),
 ])
@@ -83,9 +88,9 @@ def test_the_role_template_keys_are_accepted(tmp_path: Path) -> None:
     path = write(tmp_path, '[reclaim]\ninterval_s = 10\nhost_available_min_mib = 2048\nstep_mib = 256\n'
                            'method = "auto"\ndomains = ["web1"]\n[power]\nbudget = 5\n'
                            '[ha]\ncluster = ""\n'
-                           'etcd_endpoints = ["http://192.0.2.1:2379", "https://[2001:db8::1]:2379"]\n')
+                           'etcd_endpoints = ["https://192.0.2.1:2379", "https://[2001:db8::1]:2379"]\n')
     config = daemon_config.load(path)
-    assert config.get(HAConfig) == HAConfig("", ("http://192.0.2.1:2379", "https://[2001:db8::1]:2379"))
+    assert config.get(HAConfig) == HAConfig("", ("https://192.0.2.1:2379", "https://[2001:db8::1]:2379"))
     assert config.get(ReclaimConfig) == ReclaimConfig(domains=("web1",))
 
 

@@ -67,3 +67,30 @@ def test_malformed_state_file_is_reported(capsys: pytest.CaptureFixture[str], ru
     lab.state_file(run_dir).write_text("{")
     status, _, err = run(capsys, "lab", "status")
     assert status == 1 and "not valid JSON" in err and "hvext lab down" in err
+
+
+def test_fail_and_revive_without_a_lab(capsys: pytest.CaptureFixture[str], run_dir: Path) -> None:
+    for argv in (["lab", "fail", "host1"], ["lab", "revive", "host1"]):
+        status, _, err = run(capsys, *argv)
+        assert status == 1 and err.startswith("error: no lab is up"), err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["lab", "fail", "host3"], "the lab has no host3: it has host1, host2"),
+    (["lab", "fail", "hostx"], "not a lab host name: 'hostx'"),
+    (["lab", "fail", "host1", "--battery", "5"], "--battery is the window of --power-loss"),
+    (["lab", "fail", "host1", "--power-loss", "--battery", "-1"], "battery window must be 0 to 600 seconds"),
+    (["lab", "fail", "host1", "--power-loss", "--battery", "soon"], "not a number of seconds"),
+    (["lab", "fail", "host1", "--power-loss"], "host1's hvextd is not running, so it cannot get SIGPWR"),
+    (["lab", "revive", "host2"], "host2 is up, not failed: only a failed host is revived"),
+    (["lab", "fail"], "required: HOST"),
+])
+def test_fail_and_revive_refuse_bad_requests_and_change_nothing(
+        capsys: pytest.CaptureFixture[str], run_dir: Path, argv: list[str], message: str) -> None:
+    state = LabState(hosts=plan.new_hosts(2, run_dir), phase="up", created=0.0, run_dir=run_dir,
+                     data_dir=run_dir / "data")
+    run_dir.mkdir()
+    lab.state_file(run_dir).write_text(state.to_json())
+    status, out, err = run(capsys, *argv)
+    assert status == 1 and err.splitlines()[-1].startswith("error: ") and message in err, err
+    assert lab.state_file(run_dir).read_text() == state.to_json()  # no host changed phase

@@ -11,7 +11,7 @@ import pytest
 
 from hvext.errors import HostError, UsageError
 from hvext.lab import plan
-from hvext.lab.plan import LabError, LabHost, LabState, LabUsageError, Phase, ProcessRef
+from hvext.lab.plan import HostPhase, LabError, LabHost, LabState, LabUsageError, Phase, ProcessRef
 
 DATA = Path("/var/lib/hvext/lab")
 RUN = Path("/run/hvext-lab")
@@ -123,6 +123,61 @@ def test_start_script_binds_private_dirs_and_starts_both_daemons() -> None:
     # The firewall and no IPv6 come before any daemon listens.
     assert script.index("disable_ipv6") < script.index("virtlogd") and script.index("iptables") < script.index("virtlogd")
     assert "iptables -w -A INPUT -p tcp --dport 16514 -j ACCEPT" in script
+    # A revived host's namespace keeps its old rules: the chain is flushed before they are added again.
+    assert script.index("iptables -w -F INPUT") < script.index("iptables -w -A INPUT")
+    assert "hvextd" not in script  # only when its path is given
+
+
+def test_start_script_runs_hvextd_last_with_its_pid_and_log_in_the_host_run_dir() -> None:
+    script = plan.start_script(1, RUN, DATA, "/opt/venv/bin/hvextd", "/src/my tree")
+    line = script.splitlines()[-2]
+    assert line.startswith("PYTHONPATH='/src/my tree' setsid /opt/venv/bin/hvextd -c qemu:///system")
+    assert line.endswith(" >>/run/hvext-lab/host1/hvextd.log 2>&1 &")
+    assert script.splitlines()[-1] == "echo $! > /run/hvext-lab/host1/hvextd.pid"
+    assert script.index("libvirtd --daemon") < script.index("hvextd -c")
+    assert plan.HVEXTD_READY.endswith("qemu:///system")  # what hvextd logs for the URI it is given
+
+
+@pytest.mark.parametrize("seconds", [0, 0.5, 10, 600])
+def test_battery_window_accepts(seconds: float) -> None:
+    assert plan.check_battery(seconds) == seconds
+
+
+@pytest.mark.parametrize("seconds", [-1, 600.5, float("nan"), float("inf"), True, "10", None])
+def test_battery_window_rejects(seconds: object) -> None:
+    with pytest.raises(LabUsageError, match="battery window"):
+        plan.check_battery(seconds)
+
+
+def test_host_phase_moves_up_failing_failed_up() -> None:
+    host = plan.new_hosts(1)[0]
+    assert host.phase is HostPhase.UP
+    with pytest.raises(LabError, match="host1 is up, not failing"):
+        host.mark_failed()
+    with pytest.raises(LabUsageError, match="only a failed host is revived"):
+        host.mark_revived()
+    host.begin_fail()
+    assert host.phase is HostPhase.FAILING
+    with pytest.raises(LabUsageError, match="`hvext lab fail host1` finishes"):
+        host.check_revivable()
+    host.begin_fail()  # a fail that stopped half-way may be run again
+    host.mark_failed()
+    assert host.phase is HostPhase.FAILED
+    with pytest.raises(LabUsageError, match="already failed; `hvext lab revive host1`"):
+        host.begin_fail()
+    host.mark_revived()
+    assert host.phase is HostPhase.UP
+    with pytest.raises(ValueError):
+        LabHost(index=1, uuid=host.uuid, phase="melted")  # type: ignore[arg-type]
+
+
+def test_host_phases_round_trip_through_the_state_file() -> None:
+    state = _state()
+    state.hosts[1].begin_fail()
+    state.hosts[1].mark_failed()
+    again = LabState.from_json(state.to_json())
+    assert [h.phase for h in again.hosts] == [HostPhase.UP, HostPhase.FAILED]
+    assert json.loads(state.to_json())["hosts"][1]["phase"] == "failed"
 
 
 def test_firewall_admits_only_tls_from_outside_the_lab_hosts() -> None:
@@ -135,7 +190,8 @@ def test_firewall_admits_only_tls_from_outside_the_lab_hosts() -> None:
 
 def _state(count: int = 2) -> LabState:
     hosts = plan.new_hosts(count, RUN)
-    hosts[0].processes = {"libvirtd": ProcessRef(100, 5000, "libvirtd"), "virtlogd": ProcessRef(99, 4990, "virtlogd")}
+    hosts[0].processes = {"libvirtd": ProcessRef(100, 5000, "libvirtd"), "virtlogd": ProcessRef(99, 4990, "virtlogd"),
+                          "hvextd": ProcessRef(101, 5001, "hvextd")}
     return LabState(hosts=hosts, phase="up", created=1700000000.5, run_dir=RUN, data_dir=Path("/var/lib/hvext/lab"))
 
 
@@ -175,7 +231,10 @@ def _mangled(edit: object) -> str:
 
 @pytest.mark.parametrize("text", [
     "", "{", "[]", "null",
-    _mangled(lambda d: d.update(version=2)),
+    _mangled(lambda d: d.update(version=1)),  # before hosts had phases
+    _mangled(lambda d: d.update(version=99)),
+    _mangled(lambda d: d["hosts"][0].update(phase="exploded")),
+    _mangled(lambda d: d["hosts"][0].pop("phase")),
     _mangled(lambda d: d.update(phase="exploding")),
     _mangled(lambda d: d.pop("hosts")),
     _mangled(lambda d: d.update(hosts=[])),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,46 @@ def test_kill_all_skips_processes_that_are_gone() -> None:
     ref = procs.identify(child.pid)
     child.wait()
     assert ref is None or procs.kill_all([ref]) == []
+
+
+def test_kill_now_and_signal_one_refuse_root_namespace_processes() -> None:
+    import signal
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        ref = procs.identify(child.pid)
+        assert ref is not None
+        for attempt in (lambda: procs.kill_now([ref]), lambda: procs.signal_one(ref, signal.SIGPWR)):
+            with pytest.raises(LabError, match="root network namespace"):
+                attempt()
+        assert child.poll() is None
+        with pytest.raises(LabError, match="root network namespace"):
+            procs.in_netns(procs.netns_inode("self"))  # type: ignore[arg-type]
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(LabError, match="is not running"):
+        procs.signal_one(ref, signal.SIGPWR)
+
+
+@pytest.mark.requires(os.geteuid() == 0, "a network namespace needs root")
+def test_in_netns_finds_every_process_of_a_namespace_and_kill_now_kills_them() -> None:
+    """A shell and its child in their own network namespace are found by the namespace alone
+    (nobody recorded the child's PID) and both die at once."""
+    shell = subprocess.Popen(["unshare", "--net", "--", "sh", "-c", "sleep 60 & echo ready; wait"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert shell.stdout is not None and shell.stdout.readline().strip() == "ready"
+        inode = procs.netns_inode(shell.pid)
+        assert inode is not None and inode != procs.netns_inode("self")
+        deadline = time.monotonic() + 10
+        found = procs.in_netns(inode)
+        while sorted(r.comm for r in found) != ["sh", "sleep"]:
+            assert time.monotonic() < deadline, found  # the child may not have exec'd sleep yet
+            time.sleep(0.02)
+            found = procs.in_netns(inode)
+        killed = procs.kill_now(found)
+        assert sorted(r.comm for r in killed) == ["sh", "sleep"]
+        assert not any(procs.is_alive(r) for r in found)
+    finally:
+        shell.kill()
+        shell.wait()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import functools
 import sys
 from collections.abc import Iterator
@@ -207,3 +208,39 @@ def test_the_size_units_are_defined_once_on_the_host_side() -> None:
             bad += [f"{where(path, node.lineno)}: {ast.unparse(t)}" for t in targets
                     if isinstance(t, ast.Name) and t.id in UNIT_NAMES]
     assert not bad, "size units defined outside hvext/units.py (import them from there):\n" + "\n".join(bad)
+
+
+#: A sentence of a module's docstring that says it is standard-library only ("Standard library only.",
+#: "This module is standard-library only ..."), not one that says so of something else.
+_STDLIB_CLAIM = re.compile(r"This (?:module|package) (?:is|stays) standard[- ]library only"
+                           r"|(?:^|(?<=[.:)]\s))standard[- ]library only", re.IGNORECASE)
+
+
+def stdlib_claim(path: Path) -> bool:
+    docstring = ast.get_docstring(parse(path)) or ""
+    return bool(_STDLIB_CLAIM.search(" ".join(docstring.split())))
+
+
+def test_modules_saying_standard_library_only_are() -> None:
+    """A docstring saying "standard library only" is true: the module (a package's ``__init__``: the
+    whole package, unless it says "This module") imports only the standard library, its own package
+    and hvext modules that say so themselves."""
+    claims = {}
+    for path in sources(HVEXT):
+        if stdlib_claim(path):
+            claims[module_of(path)] = path
+    assert {"hvext.errors", "hvext.durable", "hvext.rvm"} <= set(claims)  # the claims are recognised
+    bad = []
+    for name, path in claims.items():
+        docstring = (ast.get_docstring(parse(path)) or "").lower()
+        package_wide = path.name == "__init__.py" and "this module" not in docstring
+        for file in sources(path.parent) if package_wide else [path]:
+            for line, imported in imports(file):
+                if is_standard_library(imported) or (package_wide and imported.startswith(f"{name}.")):
+                    continue
+                relative = Path(*imported.split("."))
+                target = (ROOT / relative).with_suffix(".py")
+                target = target if target.is_file() else ROOT / relative / "__init__.py"
+                if not (imported.split(".")[0] == "hvext" and target.is_file() and stdlib_claim(target)):
+                    bad.append(f"{where(file, line)} imports {imported}, but {name} says it is standard-library only")
+    assert not bad, "\n".join(bad)

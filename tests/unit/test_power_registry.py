@@ -186,6 +186,39 @@ def test_registry_lock_is_never_taken_through_a_symlink(tmp_path: Path) -> None:
     power.registrations(directory)
     (directory / "registry.lock").unlink()
     (directory / "registry.lock").symlink_to(tmp_path / "victim")
-    with pytest.raises(OSError):
+    with pytest.raises(power.PowerError, match=f"{directory / 'registry.lock'}"):
         power.registrations(directory)
     assert not (tmp_path / "victim").exists()
+
+
+def test_an_unreadable_registry_is_a_power_error_naming_it(tmp_path: Path) -> None:
+    """Reading the registry failed with a raw OSError (IsADirectoryError here; EACCES for a non-root
+    user alike), not the PowerError every caller handles."""
+    directory = tmp_path / "power"
+    power.registrations(directory)
+    (directory / "registry.json").mkdir()  # unreadable as a file, also for root
+    with pytest.raises(power.PowerError, match=f"{directory / 'registry.json'}") as info:
+        power.registrations(directory)
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_an_unwritable_registry_is_a_power_error_naming_it(tmp_path: Path) -> None:
+    """Writing the registry back failed with a raw OSError: the directory is gone (a file is in its
+    place) when the changes are written."""
+    directory = tmp_path / "power"
+    power.registrations(directory)
+    with pytest.raises(power.PowerError, match=f"{directory / 'registry.json'}") as info:
+        with power.registry(directory) as regs:
+            regs.append(reg())
+            directory.rename(tmp_path / "moved")
+            directory.write_text("not a directory")
+    assert isinstance(info.value.__cause__, OSError)
+    assert [p.name for p in (tmp_path / "moved").iterdir()] == ["registry.lock"]  # nothing half written
+
+
+def test_an_error_of_the_registry_user_is_not_translated(tmp_path: Path) -> None:
+    """Only the registry's own I/O becomes a PowerError; what the block raises passes unchanged."""
+    with pytest.raises(FileNotFoundError, match="the caller's"), power.registry(tmp_path) as regs:
+        regs.append(reg())
+        raise FileNotFoundError("the caller's")
+    assert power.registrations(tmp_path) == []

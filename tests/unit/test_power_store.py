@@ -256,3 +256,33 @@ def test_remove_deletes_a_manifest_temp_left_by_a_killed_saver(tmp_path: Path) -
     removed = Store.remove(tmp_path / "store")
     assert set(removed) == {"manifest.json"} | leftovers
     assert not (tmp_path / "store").exists()
+
+
+def test_restore_makes_the_rename_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restored file replaces the target by a rename; like a save's manifest switch, the rename is
+    made durable by an fsync of the target's directory after it (else a crash may lose the file)."""
+    dev = device(tmp_path)
+    store = Store.create(tmp_path / "store", SIZE)
+    expected = patch(dev, 5 * BLOCK_SIZE, b"restored")
+    store.save(dev)
+    out = tmp_path / "backing"
+    out.mkdir()
+    target = out / "dev.img"
+    events: list[tuple[str, str]] = []
+    real_replace, real_fsync = os.replace, os.fsync
+
+    def replace(src: object, dst: object, **kwargs: object) -> None:
+        real_replace(src, dst, **kwargs)  # type: ignore[arg-type]
+        events.append(("replace", os.fspath(dst)))  # type: ignore[arg-type]
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.restore(target)
+    monkeypatch.undo()
+    assert target.read_bytes() == expected
+    renamed = events.index(("replace", str(target)))
+    assert ("fsync", str(out)) in events[renamed + 1:], events

@@ -1065,3 +1065,43 @@ def test_truncation_yields_the_gil_only_while_commits_go_on(tmp_path, log, monke
         final = bytes(region)
     assert read_file(seg) == final
 
+
+
+@pytest.mark.parametrize("sizes", [[5], [8], [3, 100, 1], [64] * 16, [3000, 4000, 4096, 2500]])
+def test_fast_path_records_are_byte_exact_to_the_documented_format(tmp_path, log, sizes):
+    """The commit fast path writes version 1 records (one range: views; several: one joined buffer)."""
+    import zlib
+
+    with rvm.RVM(log) as r:
+        region = r.map(tmp_path / "seg", 1 << 16)
+        commit(r, region, 0, b"x")  # declares the segment: the next commit takes the fast path
+        lsn = r.query_options()["tail_lsn"]
+        tid = r.begin_transaction()
+        table, data, off = b"", b"", 1000
+        for i, n in enumerate(sizes):
+            chunk = bytes((i * 7 + k) % 251 for k in range(n))
+            r.set_range(tid, region, off, n)[:] = chunk
+            table += lf.RANGE.pack(0, n, off)
+            data += chunk
+            off += n + 13
+        r.end_transaction(tid)
+        used = lf.REC.size + len(table) + len(data)
+        size = lf.aligned(used)
+        assert r.query_options()["tail_lsn"] == lsn + size
+        body = lf.REC_BODY.pack(lf.KIND_TXN, 0, size, len(sizes), lsn) + table + data + bytes(size - used)
+        expected = lf.U32.pack(zlib.crc32(body, r._salt)) + body
+        assert read_file(log, lf.physical(lsn, r.query_options()["log_capacity"]), size) == expected
+
+
+def test_transaction_with_more_ranges_than_an_iovec_holds_survives_reopen(tmp_path, log):
+    seg = tmp_path / "seg"
+    with rvm.RVM(log) as r:
+        region = r.map(seg, 1 << 16)
+        commit(r, region, 0, b"d")  # the segment is declared: the next commit takes the fast path
+        tid = r.begin_transaction()
+        for i in range(1500):
+            r.set_range(tid, region, i * 40, 3)[:] = i.to_bytes(3, "little")
+        r.end_transaction(tid)
+    with rvm.RVM(log) as r:
+        region = r.map(seg, 1 << 16)
+        assert all(bytes(region[i * 40 : i * 40 + 3]) == i.to_bytes(3, "little") for i in range(1500))

@@ -119,3 +119,14 @@ def test_a_failed_write_keeps_the_old_record_and_leaves_no_temporary(tmp_path: P
         statedir.write_owner(tmp_path, OWNER)
     assert [p.name for p in tmp_path.iterdir()] == [statedir.OWNER_FILE]
     assert (tmp_path / statedir.OWNER_FILE).read_bytes() == b"old"
+
+
+@root_only
+@pytest.mark.parametrize("record", [b"[" * 4000, b'{"name": ' + b"9" * 4000 + b"}", b'{"name": 1e999}'],
+                         ids=["deep", "long-int", "infinite"])
+def test_hostile_records_are_not_trusted(tmp_path: Path, record: bytes) -> None:
+    """A record nested deeply within the size limit raised RecursionError (json.loads unbounded): it is
+    read by hvext's bounded JSON loader, and refused with a reason like any malformed record."""
+    (tmp_path / statedir.OWNER_FILE).write_bytes(record)
+    owner, why = statedir.read_owner(tmp_path)
+    assert owner is None and "malformed" in why

@@ -18,10 +18,15 @@ from pathlib import Path
 import libvirt
 import pytest
 
-import hvext.host  # noqa: F401  (keeps libvirt from printing errors itself)
-from hvext import lab
+from hvext import aio, lab
+from hvext.cli.main import main
+from hvext.host import Domain, Host, remove_domain_state  # (importing hvext.host keeps libvirt from printing errors)
 from hvext.lab import net, plan, procs
+from hvext.pmem import power
+from hvext.pmem.store import Store
 from tests.support import require
+from tests.vm.conftest import BOOT_TIMEOUT_S, VMFactory
+from tests.vm.helpers import guest_exec
 
 PY = sys.executable
 TINY_DOMAIN = ("<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
@@ -274,6 +279,142 @@ def test_status_from_another_process(the_lab: lab.Lab) -> None:
     assert data["hosts"][0]["uri_tls"] == f"qemu+tls://198.18.0.11/system?pkipath={plan.DATA_DIR}/pki/client"
 
 
+def _host_refs(state: plan.LabState, index: int) -> list[procs.ProcessRef]:
+    """Everything that runs in lab host *index* now (its daemons, QEMUs, anything else)."""
+    inode = net.netns_inode(plan.netns_name(index))
+    assert inode is not None
+    return procs.in_netns(inode)
+
+
+def _protected_guest(factory: VMFactory, uri: str, store: Path) -> tuple[Domain, Path]:
+    """A 512 MiB guest with a 64 MiB volatile NVDIMM protected by *store*, defined (not started) on *uri*."""
+    domain = factory.define(memory_mib=512)
+    assert main(["-c", uri, "pmem-attach", domain.name, "--size", "64M", "--type", "nvdimm",
+                 "--volatile-backing", "--store", str(store)]) == 0
+    (reg,) = [r for r in power.registrations() if r.domain == domain.name]
+    return domain, Path(reg.backing)
+
+
+@pytest.mark.timeout(900)  # two guest boots under TCG
+def test_power_loss_fail_saves_pmem_in_the_battery_window_then_kills_the_host(
+        the_lab: lab.Lab, guest_image: object, tmp_path: Path) -> None:
+    """host2 loses power: its hvextd saves the protected guest's PMEM within the battery window, then
+    everything of host2 dies and its link is cut; host1 and its guest run on."""
+    import json
+
+    host1, host2 = the_lab.hosts
+    conn1, conn2 = Host(host1.uri_unix), Host(host2.uri_unix)
+    keep, lost = VMFactory(conn1), VMFactory(conn2)
+    failed = False
+    protected: tuple[Domain, Path] | None = None
+    try:
+        survivor = keep.boot(keep.define(memory_mib=512), wait_agent=False)  # boots while host2's guest does
+        protected = _protected_guest(lost, host2.uri_unix, tmp_path / "store")
+        domain, backing = protected
+        lost.boot(domain)
+        aio.run(survivor.wait_agent(BOOT_TIMEOUT_S))
+        guest_exec(domain, "python3", "-c", "import os, random\n"
+                   "fd = os.open('/dev/pmem0', os.O_RDWR)\n"
+                   "os.pwrite(fd, random.Random(7).randbytes(1 << 20), 4 << 20)\n"
+                   "os.fsync(fd)\n")
+        before = _host_refs(the_lab.state, 2)
+        assert {"virtlogd", "libvirtd", "hvextd"} <= {r.comm for r in before}
+        assert any(r.comm.startswith("qemu") for r in before), before
+
+        result = hvext_cli("lab", "fail", "host2", "--power-loss", "--battery", "8", "--json")
+        failed = True
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["power_loss"] and report["battery_seconds"] == 8 and report["sigpwr_at"] < 1, report
+        assert 8 <= report["kill_at"] < 9, report
+        killed = {item.split()[0] for item in report["killed"]}
+        assert {"virtlogd", "libvirtd", "hvextd"} <= killed and any(c.startswith("qemu") for c in killed), report
+
+        # Everything of host2 is dead; the save finished before the kill: the store holds the guest's write.
+        assert not any(procs.is_alive(r) for r in before) and _host_refs(the_lab.state, 2) == []
+        log = (plan.host_run_dir(the_lab.state.run_dir, 2) / "hvextd.log").read_text()
+        assert "SIGPWR: power is failing" in log and f"power loss: {domain.name} {backing}: 1048576 bytes" in log, log
+        (reg,) = [r for r in power.registrations() if r.domain == domain.name]
+        assert reg.pending == "resume", reg
+        assert not Store.open(Path(reg.store)).differs(backing)  # the shm file outlived QEMU, as a host's RAM won't
+
+        # host2 is failed and unreachable; host1 and its guest run on.
+        status = json.loads(hvext_cli("lab", "status", "--json").stdout)
+        h1, h2 = status["hosts"]
+        assert h2["phase"] == "failed" and not h2["link_up"] and not h2["answering"], h2
+        assert not any(h2["daemons"].values()), h2
+        assert h1["phase"] == "up" and h1["link_up"] and h1["answering"] and all(h1["daemons"].values()), h1
+        assert in_netns(host1, PY, "-c", PING, host2.address).returncode != 0  # the peer sees it gone
+        assert aio.run(survivor.wait_agent(30))  # the guest on host1 still answers its agent
+    finally:
+        if protected is not None:
+            power.unprotect(protected[0].name, protected[1], remove_store=True, missing_ok=True)
+            protected[1].unlink(missing_ok=True)
+        keep.cleanup()
+        conn1.close()
+        if failed:  # host2's guest went with its host; hvext's shared state of it stays
+            for domain in lost.domains:
+                remove_domain_state(domain.name)
+            lost.domains.clear()
+        else:
+            lost.cleanup()
+        conn2.close()
+        the_lab.state = lab.Lab.load().state  # type: ignore[union-attr]
+
+
+def test_revive_brings_back_an_empty_working_host_and_an_abrupt_fail_kills_it_again(
+        the_lab: lab.Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    host1 = the_lab.hosts[0]
+    if the_lab.state.hosts[1].phase is not lab.HostPhase.FAILED:
+        the_lab.fail("host2")
+    # A revive that fails half-way leaves the host failed, with nothing running in it.
+    real_wait = lab.daemons.wait_ready
+
+    def started_then_broke(*args: object, **kwargs: object) -> dict[str, procs.ProcessRef]:
+        real_wait(*args, **kwargs)  # type: ignore[arg-type]
+        raise lab.LabError("injected failure")
+
+    monkeypatch.setattr(lab.daemons, "wait_ready", started_then_broke)
+    with pytest.raises(lab.LabError, match="injected failure"):
+        the_lab.revive("host2")
+    monkeypatch.undo()
+    assert lab.Lab.load().state.hosts[1].phase is lab.HostPhase.FAILED  # type: ignore[union-attr]
+    assert _host_refs(the_lab.state, 2) == [] and not net.link_up(2)
+
+    result = hvext_cli("lab", "revive", "host2")
+    assert result.returncode == 0 and "host2 is up again (empty)" in result.stdout, result.stderr
+    the_lab.state = lab.Lab.load().state  # type: ignore[union-attr]
+    host2 = the_lab.hosts[1]
+    assert host2.phase is lab.HostPhase.UP and net.link_up(2)
+    assert all(s.answering for s in the_lab.status())
+    assert in_netns(host1, PY, "-c", PING, host2.address).returncode == 0  # the link is back
+    rules = in_netns(host2, "iptables", "-w", "-S", "INPUT").stdout.splitlines()
+    assert len(rules) == 1 + len(plan.firewall_rules()), rules  # the policy line, then each rule once
+    name = f"hvext-labtest-revived-{os.getpid()}"
+    conn = libvirt.open(host2.uri_tls)
+    try:
+        assert conn.listAllDomains(0) == []  # empty: host2's earlier definitions are gone
+        dom = conn.defineXML(TINY_DOMAIN.format(name=name))
+        dom.create()
+        qemu = procs.identify(procs.read_pid_file(plan.host_run_dir(the_lab.state.run_dir, 2) / "libvirt" / "qemu"
+                                                  / f"{name}.pid") or 0)
+        assert qemu is not None and procs.netns_inode(qemu.pid) == net.netns_inode(host2.netns)
+    finally:
+        conn.close()
+
+    # An abrupt fail (no battery) takes the QEMU with it at once; revive again for the tests that follow.
+    daemon_refs = list(host2.processes.values())
+    report = the_lab.fail("host2")
+    assert not report.power_loss and report.sigpwr_at is None and report.kill_at < 1 and report.link_was_up
+    assert not procs.is_alive(qemu) and not any(procs.is_alive(r) for r in daemon_refs)
+    assert _host_refs(the_lab.state, 2) == []
+    with pytest.raises(lab.LabUsageError, match="already failed"):
+        the_lab.fail("host2")
+    the_lab.revive("host2")
+    the_lab.state = lab.Lab.load().state  # type: ignore[union-attr]
+    assert all(s.answering for s in the_lab.status())
+
+
 def test_up_rebuilds_a_host_whose_libvirtd_died(the_lab: lab.Lab) -> None:
     victim = the_lab.hosts[1].processes["libvirtd"]
     procs.kill_all([victim])
@@ -295,13 +436,20 @@ def test_down_removes_everything(the_lab: lab.Lab) -> None:
     finally:
         conn.close()
     qemu = procs.identify(qemu_pid) if qemu_pid else None
-    assert qemu is not None and len(refs) == 4 and all(procs.is_alive(r) for r in refs)
+    assert qemu is not None and len(refs) == 6 and all(procs.is_alive(r) for r in refs)
+    stray = subprocess.Popen(["ip", "netns", "exec", state.hosts[1].netns, "sleep", "600"])  # nobody records it
+    deadline = time.monotonic() + 10
+    while (procs.identify(stray.pid) or qemu).comm != "sleep" \
+            or procs.netns_inode(stray.pid) != net.netns_inode(state.hosts[1].netns):
+        assert time.monotonic() < deadline, "the stray process never ran in host2"
+        time.sleep(0.02)
 
     started = time.monotonic()
     result = hvext_cli("lab", "down")
     print(f"lab down: {time.monotonic() - started:.2f} s")
     assert result.returncode == 0, result.stderr
     assert not any(procs.is_alive(r) for r in refs + [qemu])
+    assert stray.wait(timeout=10) == -9  # killed with its host's namespace, not left in a deleted one
     assert net.present() == {"netns": [], "links": []}
     for host in state.hosts:
         assert not net.netns_exists(host.netns)

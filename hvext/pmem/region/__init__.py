@@ -29,7 +29,10 @@ moment therefore leaves either the old or the new state of the operation in
 flight, and every completed operation intact.  Allocation state is rebuilt
 from the metadata at open.
 
-Standard library only.  One process owns a region at a time (``flock``);
+Uses the standard library (SQLite, ctypes) and, of hvext, only small
+helpers: :mod:`hvext.errors`, :mod:`hvext.durable` (lock files, atomic
+writes), :mod:`hvext.paths` (private directories) and :mod:`hvext.units`
+(sizes given as text).  One process owns a region at a time (``flock``);
 an :class:`NVMRegion` object may be shared between threads (internal lock).
 """
 

@@ -1,0 +1,183 @@
+"""hvextd's HA loop: hold this host's lease in the cluster's etcd, and fence when it cannot.
+
+Two tasks share one :class:`Keeper`:
+
+* the renewer grants a lease of ``[ha] lease_ttl`` s, binds this host's key
+  to it (``/hvext/host/<host>``), renews it every TTL/3 s
+  (:func:`hvext.ha.policy.renew_interval`) and reads which domains this host
+  owns (``/hvext/owner/<domain>`` = this host); a lease that etcd says has
+  expired is replaced by a new one;
+* the watchdog wakes at ``last renewal + TTL - fence_margin`` and, when
+  :func:`hvext.ha.policy.fence_decision` says FENCE (no renewal since),
+  pauses and then destroys every domain this host owned at its last
+  successful read, so that the VM is stopped here before another host can
+  claim it (the owner key goes with the lease, at the earliest TTL s after
+  the last renewal was sent). It does not wait for a hung etcd request.
+
+After a fence the old lease is revoked when etcd answers again (the owner
+keys go with it) and a new one is granted: the host is alive but owns nothing.
+Claiming orphans and restarting them is not done yet (docs/ha.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hvext.daemon.config import HAConfig
+from hvext.errors import HvextError
+from hvext.ha import policy
+from hvext.ha.client import Client
+from hvext.ha.etcd import Credentials
+from hvext.host import Host, RunState
+
+log = logging.getLogger("hvextd.ha")
+
+
+def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
+    """Pause, then destroy each running domain in *names* (blocking: run in a thread).
+
+    One domain's failure does not stop the others; the result says, per domain,
+    ``fenced``, ``not running``, or the error.
+    """
+    done: dict[str, str] = {}
+    try:
+        host = Host(uri)
+    except HvextError as err:
+        return {name: f"error: {err}" for name in names}
+    with host:
+        for name in names:
+            try:
+                dom = host.lookup(name)
+                if not dom.is_active():
+                    done[name] = "not running"
+                    continue
+                if dom.state is RunState.RUNNING:
+                    try:
+                        dom.suspend()  # the vCPUs stop at once; the destroy below ends the process
+                    except HvextError as err:
+                        log.warning("fence %s: pausing failed (%s); destroying it", name, err)
+                dom.destroy()
+                done[name] = "fenced"
+            except HvextError as err:
+                done[name] = f"error: {err}"
+    return done
+
+
+class Keeper:
+    """This host's lease and the fence that guards it (see the module docstring)."""
+
+    def __init__(self, config: HAConfig, host_name: str, uri: str | None,
+                 clock: Callable[[], float] = time.monotonic,
+                 fence: Callable[[str | None, list[str]], dict[str, str]] = fence_domains) -> None:
+        self.config = config
+        self.host_name = host_name
+        self.uri = uri
+        self.clock = clock
+        self.fence_action = fence
+        creds = Credentials(config.credentials / "ca.pem", config.credentials / "membercert.pem",
+                            config.credentials / "memberkey.pem")
+        interval = policy.renew_interval(config.lease_ttl)
+        self.client = Client(config.etcd_endpoints, creds, timeout=max(0.5, min(2.0, interval)))
+        self.lease_id: int | None = None
+        self.last_renewal: float | None = None   # when the last successful grant/renewal was sent
+        self.owned: list[str] = []               # domains this host owned at the last successful read
+        self.fenced: dict[str, str] | None = None  # the last fence's result (None: no fence since the lease)
+        self.stale_leases: list[int] = []        # leases given up after a fence, to revoke when etcd answers
+        self.changed = asyncio.Event()           # a renewal succeeded (wakes the watchdog)
+
+    # ---------------------------------------------------------------- renewer
+
+    def _renew_once(self) -> None:
+        """Grant or renew the lease and read what this host owns (blocking; raises HAError)."""
+        for stale in list(self.stale_leases):
+            self.client.revoke(stale)
+            self.stale_leases.remove(stale)
+        sent = self.clock()
+        if self.lease_id is not None and self.client.keepalive(self.lease_id) <= 0:
+            log.warning("lease %x expired in etcd; granting a new one", self.lease_id)
+            self.lease_id = None
+        if self.lease_id is None:
+            lease = self.client.grant(self.config.lease_ttl)
+            self.client.register_host(self.host_name, lease.id)
+            self.lease_id = lease.id
+            self.fenced = None
+            log.info("holding lease %x (TTL %d s) as host %s", lease.id, lease.granted_ttl, self.host_name)
+        owners = self.client.owners()
+        self.owned = sorted(d for d, (owner, lease_id) in owners.items()
+                            if owner == self.host_name and lease_id == self.lease_id)
+        self.last_renewal = sent
+
+    async def renewer(self, stopping: asyncio.Event) -> None:
+        interval = policy.renew_interval(self.config.lease_ttl)
+        while not stopping.is_set():
+            try:
+                await asyncio.to_thread(self._renew_once)
+                self.changed.set()
+            except HvextError as err:
+                log.warning("renewing lease: %s", err)
+            except Exception:
+                log.exception("renewing lease failed unexpectedly")
+            try:
+                await asyncio.wait_for(stopping.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+
+    # ---------------------------------------------------------------- watchdog
+
+    async def watchdog(self, stopping: asyncio.Event) -> None:
+        ttl, margin = float(self.config.lease_ttl), self.config.fence_margin
+        while not stopping.is_set():
+            if self.last_renewal is None or self.fenced is not None:
+                timeout: float | None = None  # nothing to guard until a (new) lease is held
+            else:
+                timeout = max(0.0, self.last_renewal + ttl - margin - self.clock())
+            self.changed.clear()
+            waiters = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self.changed.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if stopping.is_set() or self.last_renewal is None or self.fenced is not None:
+                continue
+            if policy.fence_decision(self.last_renewal, self.clock(), ttl, margin) is policy.Fence.FENCE:
+                await self.fence()
+
+    async def fence(self) -> dict[str, str]:
+        """Stop the owned domains now and give the lease up (a new one is granted when etcd answers)."""
+        owned, lease_id = list(self.owned), self.lease_id
+        log.error("no lease renewal for %.1f s (TTL %d s, margin %.1f s): fencing %s",
+                  self.clock() - (self.last_renewal or 0.0), self.config.lease_ttl, self.config.fence_margin,
+                  ", ".join(owned) or "nothing (this host owns no domain)")
+        result = await asyncio.to_thread(self.fence_action, self.uri, owned) if owned else {}
+        for name, outcome in result.items():
+            (log.info if outcome in ("fenced", "not running") else log.error)("fence %s: %s", name, outcome)
+        self.fenced = result
+        if lease_id is not None:
+            self.stale_leases.append(lease_id)
+        self.lease_id = None
+        self.owned = []
+        return result
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Renewer and watchdog until *stopping*. Then a lease that guards no domain is revoked (the host
+        leaves at once); one that does is left to expire, and the domains keep running (docs/ha.md)."""
+        try:
+            await asyncio.gather(self.renewer(stopping), self.watchdog(stopping))
+        finally:
+            if self.owned:
+                log.warning("stopping while owning %s: they keep running unguarded; the lease ends %d s after "
+                            "its last renewal", ", ".join(self.owned), self.config.lease_ttl)
+            elif self.lease_id is not None:
+                try:
+                    await asyncio.to_thread(self.client.revoke, self.lease_id)
+                except HvextError as err:
+                    log.warning("revoking lease at stop: %s", err)
+            self.client.close()
+
+    def state(self) -> dict[str, Any]:
+        return {"host": self.host_name, "lease": self.lease_id, "owned": self.owned, "fenced": self.fenced}

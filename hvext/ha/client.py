@@ -1,0 +1,264 @@
+"""hvext's view of the cluster's etcd: members, host leases and VM ownership, over etcd3gw.
+
+etcd3gw speaks etcd's gRPC JSON gateway; with etcd 3.4 (Debian's
+``etcd-server``) that gateway is served under ``/v3/`` (3.3 had ``/v3beta/``,
+3.2 ``/v3alpha/``). The path is set here rather than discovered, which
+saves a ``/version`` round trip per client and fails clearly against an
+older etcd. Every call goes over TLS with the cluster's client certificate.
+
+Keys::
+
+    /hvext/cluster          <name>          the cluster's name (``cluster init``; read by ``join``)
+    /hvext/host/<host>      {"name": ...}   bound to <host>'s lease: present while <host> is alive
+    /hvext/owner/<domain>   <host>          bound to the owner's lease: gone when the owner's lease ends
+
+etcd3gw's errors (and requests' underneath) become hvext errors in one
+place, :func:`translated`: an unreachable or timed-out cluster is
+:class:`ClusterUnavailable`, anything else it refuses is :class:`HAError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import requests
+from etcd3gw.client import Etcd3Client
+from etcd3gw import exceptions as etcd3gw_exceptions
+
+from hvext.errors import ClusterUnavailable, HAError, UsageError
+from hvext.ha.etcd import Credentials
+
+API_PATH = "/v3/"
+HOST_PREFIX = "/hvext/host/"
+OWNER_PREFIX = "/hvext/owner/"
+CLUSTER_KEY = "/hvext/cluster"
+#: etcd's error (rpctypes.ErrLeaseNotFound) for a lease it does not have (any more).
+LEASE_NOT_FOUND = "requested lease not found"
+#: etcd's refusal of a membership change while some member is not (long enough) connected.
+UNHEALTHY = "unhealthy cluster"
+#: Seconds one request may take before the member counts as unavailable.
+REQUEST_TIMEOUT_S = 2.0
+
+T = TypeVar("T")
+
+
+@contextmanager
+def translated(endpoint: str) -> Iterator[None]:
+    """etcd3gw's and requests' errors as hvext's, naming *endpoint*."""
+    try:
+        yield
+    except (etcd3gw_exceptions.ConnectionFailedError, etcd3gw_exceptions.ConnectionTimeoutError,
+            requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
+        # etcd3gw: an HTTP reply's error carries the reason phrase in args; a failed connection has none.
+        what = "is unavailable" if err.args else "does not answer"
+        raise ClusterUnavailable(f"etcd at {endpoint} {what}: {_short(err)}") from err
+    except etcd3gw_exceptions.Etcd3Exception as err:
+        raise HAError(f"etcd at {endpoint} refused: {_short(err)}") from err
+    except (requests.exceptions.RequestException, ValueError, KeyError, TypeError) as err:
+        raise HAError(f"etcd at {endpoint}: unexpected reply or failure: {_short(err)}") from err
+
+
+def _short(err: BaseException) -> str:
+    """The reason etcd gave (its JSON ``error``/``message``), else the exception's text."""
+    detail = getattr(err, "detail_text", None)
+    if isinstance(detail, str) and detail:
+        try:
+            reply = json.loads(detail)
+            detail = reply.get("error") or reply.get("message") or detail
+        except (ValueError, AttributeError):
+            pass
+        reason = " ".join(str(a) for a in err.args if a)
+        return f"{str(detail)[:300]}" + (f" ({reason})" if reason else "")
+    text = " ".join(str(a) for a in err.args if a) or type(err).__name__
+    return text[:300]
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode(errors="replace")
+
+
+def _prefix_end(prefix: str) -> str:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def check_key_name(kind: str, name: str) -> str:
+    """A host or domain name usable as the last part of a key: printable, no '/', 1 to 253 characters."""
+    if not (0 < len(name) <= 253 and name.isprintable() and "/" not in name):
+        raise UsageError(f"{kind} name {name!r:.80} cannot be a cluster key (printable, no '/', 1-253 chars)")
+    return name
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: int
+    ttl: int            # seconds left (-1: expired or unknown)
+    granted_ttl: int
+
+
+class Client:
+    """A connection to the cluster through one of *endpoints* (``https://HOST:PORT``), tried in order."""
+
+    def __init__(self, endpoints: list[str] | tuple[str, ...], creds: Credentials,
+                 timeout: float = REQUEST_TIMEOUT_S) -> None:
+        if not endpoints:
+            raise UsageError("no etcd endpoint given")
+        self._clients: list[tuple[str, Etcd3Client]] = []
+        for endpoint in endpoints:
+            url = urlsplit(endpoint)
+            if url.scheme != "https" or not url.hostname or not url.port:
+                raise UsageError(f"etcd endpoint {endpoint!r:.80} must be https://HOST:PORT (the cluster "
+                                 "uses TLS with client certificates)")
+            # Our own session: requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's CA
+            # and sends through HTTPS_PROXY unless trust_env is off; the cluster's CA alone must decide.
+            session = requests.Session()
+            session.trust_env = False
+            session.verify = str(creds.ca)
+            session.cert = (str(creds.cert), str(creds.key))
+            self._clients.append((endpoint, Etcd3Client(host=url.hostname, port=url.port, protocol="https",
+                                                        timeout=timeout, api_path=API_PATH, session=session)))
+
+    def _call(self, fn: Callable[[Etcd3Client], T]) -> T:
+        """*fn* on the first endpoint that answers (a refusal is not retried elsewhere)."""
+        last: ClusterUnavailable | None = None
+        for i, (endpoint, client) in enumerate(self._clients):
+            try:
+                with translated(endpoint):
+                    result = fn(client)
+            except ClusterUnavailable as err:
+                last = err
+                continue
+            if i:  # the next call starts with the one that answered
+                self._clients.insert(0, self._clients.pop(i))
+            return result
+        assert last is not None
+        if len(self._clients) > 1:
+            raise ClusterUnavailable(f"no etcd endpoint answers ({len(self._clients)} tried; last: {last})") \
+                from last
+        raise last
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call(lambda c: c.post(c.get_url(path), json=body))
+
+    def close(self) -> None:
+        for _, client in self._clients:
+            client.session.close()
+
+    # -------------------------------------------------------------- membership
+
+    def status(self) -> dict[str, Any]:
+        """The answering member's status: its ``header.member_id``, ``leader``, ``version``."""
+        return self._post("/maintenance/status", {})
+
+    def members(self) -> list[dict[str, Any]]:
+        """Every member: ``ID``, ``name`` (empty until it started), ``peerURLs``, ``clientURLs``."""
+        return list(self._post("/cluster/member/list", {}).get("members", []))
+
+    def member_add(self, peer_url: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Add a member by its peer URL (the member-add API): (the new member, every member after)."""
+        reply = self._post("/cluster/member/add", {"peerURLs": [peer_url]})
+        return reply["member"], list(reply.get("members", []))
+
+    def member_remove(self, member_id: str, wait: float = 0.0) -> None:
+        """Remove a member. etcd refuses ("unhealthy cluster") until every member has been connected
+        for 5 s (its strict reconfiguration check); with *wait*, that refusal is retried for so long."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._post("/cluster/member/remove", {"ID": member_id})
+                return
+            except ClusterUnavailable as err:
+                if UNHEALTHY not in str(err) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.5)
+
+    # -------------------------------------------------------------- leases
+
+    def grant(self, ttl: int) -> Lease:
+        reply = self._post("/lease/grant", {"TTL": ttl})
+        return Lease(int(reply["ID"]), int(reply["TTL"]), int(reply["TTL"]))
+
+    def keepalive(self, lease_id: int) -> int:
+        """Renew a lease: its new TTL in seconds, or -1 when it had already expired."""
+        reply = self._post("/lease/keepalive", {"ID": lease_id})
+        return int(reply.get("result", {}).get("TTL", -1))
+
+    def lease(self, lease_id: int) -> Lease:
+        reply = self._post("/kv/lease/timetolive", {"ID": lease_id})
+        return Lease(lease_id, int(reply.get("TTL", -1)), int(reply.get("grantedTTL", 0)))
+
+    def revoke(self, lease_id: int) -> bool:
+        """End a lease now: every key bound to it (host key, owner keys) is deleted.
+
+        True: revoked; False: etcd no longer had it (it expired), which is the same end."""
+        try:
+            self._post("/kv/lease/revoke", {"ID": lease_id})
+        except HAError as err:
+            if LEASE_NOT_FOUND in str(err) and not isinstance(err, ClusterUnavailable):
+                return False
+            raise
+        return True
+
+    # -------------------------------------------------------------- hosts and owners
+
+    def set_cluster_name(self, name: str) -> None:
+        """Record the cluster's name (``cluster init``), so joining hosts learn it."""
+        self._post("/kv/put", {"key": _b64(CLUSTER_KEY), "value": _b64(name)})
+
+    def cluster_name(self) -> str | None:
+        kvs = self._post("/kv/range", {"key": _b64(CLUSTER_KEY)}).get("kvs", [])
+        return _unb64(kvs[0].get("value", "")) if kvs else None
+
+    def register_host(self, host: str, lease_id: int) -> None:
+        """Put this host's key, bound to its lease (it disappears when the lease ends)."""
+        check_key_name("host", host)
+        self._post("/kv/put", {"key": _b64(HOST_PREFIX + host), "value": _b64(json.dumps({"name": host})),
+                               "lease": lease_id})
+
+    def _range(self, prefix: str) -> list[dict[str, Any]]:
+        reply = self._post("/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
+        return list(reply.get("kvs", []))
+
+    def hosts(self) -> dict[str, int]:
+        """Every registered (alive) host and the lease its key is bound to."""
+        return {_unb64(kv["key"])[len(HOST_PREFIX):]: int(kv.get("lease", 0)) for kv in self._range(HOST_PREFIX)}
+
+    def owners(self) -> dict[str, tuple[str, int]]:
+        """Every owned domain: (owner host, the lease the owner key is bound to)."""
+        return {_unb64(kv["key"])[len(OWNER_PREFIX):]: (_unb64(kv.get("value", "")), int(kv.get("lease", 0)))
+                for kv in self._range(OWNER_PREFIX)}
+
+    def claim(self, domain: str, host: str, lease_id: int) -> bool:
+        """Become *domain*'s owner if it has none, in one transaction: exactly one concurrent claimer wins.
+
+        The owner key is created only if it does not exist (its create_revision is 0) and is bound
+        to *lease_id*, so it disappears with the owner's lease. True: *host* won; False: someone owns it.
+        """
+        key = _b64(OWNER_PREFIX + check_key_name("domain", domain))
+        reply = self._post("/kv/txn", {
+            "compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            "success": [{"request_put": {"key": key, "value": _b64(check_key_name("host", host)),
+                                         "lease": lease_id}}],
+            "failure": []})
+        return bool(reply.get("succeeded", False))
+
+    def release(self, domain: str, host: str) -> bool:
+        """Delete *domain*'s owner key if *host* owns it (one transaction); whether it did."""
+        key = _b64(OWNER_PREFIX + check_key_name("domain", domain))
+        reply = self._post("/kv/txn", {
+            "compare": [{"key": key, "result": "EQUAL", "target": "VALUE", "value": _b64(host)}],
+            "success": [{"request_delete_range": {"key": key}}],
+            "failure": []})
+        return bool(reply.get("succeeded", False))

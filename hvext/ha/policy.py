@@ -1,0 +1,97 @@
+"""Pure HA decisions beside the actor (hvext.ha.client does the etcd work): which orphaned VMs
+this host claims, when it must fence itself, how often it renews its lease.
+
+No I/O here: every input is a value, so each rule is tested alone (tests/unit/test_ha_policy.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+#: Renewals per TTL: a lease of TTL s is renewed every TTL/RENEWALS_PER_TTL s.
+RENEWALS_PER_TTL = 3
+#: Seconds before the lease could expire at which a host that has not renewed fences itself:
+#: the fence (pause, then destroy) must be done before another host may claim its VMs.
+DEFAULT_FENCE_MARGIN_S = 1.0
+
+
+def renew_interval(ttl: float) -> float:
+    """Seconds between two renewals of a lease of *ttl* s (several tries fit in one TTL)."""
+    if ttl <= 0:
+        raise ValueError(f"lease TTL must be positive, not {ttl}")
+    return ttl / RENEWALS_PER_TTL
+
+
+class Fence(Enum):
+    """What a host does about its VMs, given how long ago its lease was last renewed."""
+
+    RUN = "run"          # renewed recently enough: keep running
+    FENCE = "fence"      # the lease may expire before another renewal: stop the protected VMs now
+
+
+def fence_decision(last_renewal: float, now: float, ttl: float, margin: float = DEFAULT_FENCE_MARGIN_S) -> Fence:
+    """FENCE when no renewal succeeded for ``ttl - margin`` s or more (clock: the same monotonic one).
+
+    *last_renewal* is when the last successful renewal was *sent* (not answered): the lease's
+    expiry at the server counts from no earlier than that, so fencing by this clock is on the
+    safe side. A margin of ttl or more fences at once; a negative margin is refused.
+    """
+    if ttl <= 0:
+        raise ValueError(f"lease TTL must be positive, not {ttl}")
+    if margin < 0:
+        raise ValueError(f"fence margin must not be negative, not {margin}")
+    return Fence.FENCE if now - last_renewal >= ttl - margin else Fence.RUN
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A protected domain whose owner key is gone (its owner's lease ended), and who should claim it."""
+
+    domain: str
+    preferred: str       # the live host the rendezvous hash picks: it claims first
+
+
+def _weight(domain: str, host: str) -> bytes:
+    return hashlib.sha256(f"{domain}\0{host}".encode()).digest()
+
+
+def preferred_host(domain: str, live_hosts: Iterable[str]) -> str | None:
+    """Rendezvous hashing: the live host with the highest weight for *domain* (None: no live host).
+
+    Every host computes the same answer from the same host list, so orphans spread over the
+    survivors and, usually, only one host claims each; the etcd transaction decides anyway.
+    """
+    hosts = sorted(set(live_hosts))
+    return max(hosts, key=lambda h: _weight(domain, h)) if hosts else None
+
+
+def orphans(protected: Iterable[str], owners: Mapping[str, str], live_hosts: Iterable[str]) -> list[Orphan]:
+    """Protected domains with no owner (key gone), each with the live host that should claim it."""
+    live = sorted(set(live_hosts))
+    out = []
+    for domain in sorted(set(protected)):
+        if domain in owners:
+            continue
+        preferred = preferred_host(domain, live)
+        if preferred is not None:
+            out.append(Orphan(domain, preferred))
+    return out
+
+
+def to_claim(me: str, protected: Iterable[str], owners: Mapping[str, str], live_hosts: Iterable[str],
+             orphaned_for: Mapping[str, float] | None = None, grace: float = 0.0) -> list[str]:
+    """The orphaned domains *me* claims now: those it is preferred for, and, once a domain has
+    been orphaned for *grace* s or more (its preferred host did not take it), every other one too.
+
+    *me* must be among *live_hosts* (a host whose own key is gone claims nothing: its lease
+    ended, so it may be fenced or partitioned).
+    """
+    live = set(live_hosts)
+    if me not in live:
+        return []
+    since = orphaned_for or {}
+    return [o.domain for o in orphans(protected, owners, live)
+            if o.preferred == me or since.get(o.domain, 0.0) >= grace > 0.0]

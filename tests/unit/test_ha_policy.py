@@ -1,0 +1,69 @@
+"""Pure HA decisions (hvext.ha.policy): fencing, renewal interval, which orphans a host claims."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hvext.ha import policy
+from hvext.ha.policy import Fence
+
+
+def test_fences_at_ttl_minus_margin_not_before() -> None:
+    assert policy.fence_decision(last_renewal=100.0, now=103.9, ttl=5, margin=1) is Fence.RUN
+    assert policy.fence_decision(last_renewal=100.0, now=104.0, ttl=5, margin=1) is Fence.FENCE
+    assert policy.fence_decision(last_renewal=100.0, now=130.0, ttl=5, margin=1) is Fence.FENCE
+
+
+def test_a_margin_of_the_whole_ttl_fences_at_once_and_bad_values_are_refused() -> None:
+    assert policy.fence_decision(100.0, 100.0, ttl=5, margin=5) is Fence.FENCE
+    with pytest.raises(ValueError):
+        policy.fence_decision(100.0, 100.0, ttl=0)
+    with pytest.raises(ValueError):
+        policy.fence_decision(100.0, 100.0, ttl=5, margin=-1)
+
+
+@given(ttl=st.floats(0.5, 600), margin=st.floats(0, 10), elapsed=st.floats(0, 1000))
+def test_never_runs_once_the_lease_may_have_expired(ttl: float, margin: float, elapsed: float) -> None:
+    decision = policy.fence_decision(0.0, elapsed, ttl, margin)
+    if elapsed >= ttl:
+        assert decision is Fence.FENCE
+
+
+def test_renewals_fit_several_times_in_a_ttl() -> None:
+    assert policy.renew_interval(6) == 2
+    with pytest.raises(ValueError):
+        policy.renew_interval(0)
+
+
+def test_orphans_are_protected_domains_without_an_owner() -> None:
+    found = policy.orphans(["a", "b", "c"], {"b": "h1"}, ["h1", "h2"])
+    assert [o.domain for o in found] == ["a", "c"]
+    assert all(o.preferred in ("h1", "h2") for o in found)
+    assert policy.orphans(["a"], {}, []) == []  # no live host: nobody to claim
+
+
+def test_every_host_agrees_on_the_preferred_host() -> None:
+    hosts = ["h1", "h2", "h3"]
+    for domain in (f"vm{i}" for i in range(50)):
+        assert policy.preferred_host(domain, hosts) == policy.preferred_host(domain, list(reversed(hosts)))
+
+
+def test_orphans_spread_over_the_survivors() -> None:
+    domains = [f"vm{i}" for i in range(60)]
+    claims = {h: policy.to_claim(h, domains, {}, ["h1", "h2", "h3"]) for h in ("h1", "h2", "h3")}
+    assert sorted(d for c in claims.values() for d in c) == sorted(domains)  # each exactly once
+    assert all(len(c) >= 10 for c in claims.values())
+
+
+def test_after_the_grace_any_live_host_claims() -> None:
+    live = ["h1", "h2"]
+    theirs = [d for d in (f"vm{i}" for i in range(20)) if policy.preferred_host(d, live) == "h2"]
+    assert policy.to_claim("h1", theirs, {}, live) == []
+    assert policy.to_claim("h1", theirs, {}, live, {d: 2.0 for d in theirs}, grace=5.0) == []
+    assert policy.to_claim("h1", theirs, {}, live, {d: 5.0 for d in theirs}, grace=5.0) == sorted(theirs)
+
+
+def test_a_host_whose_own_key_is_gone_claims_nothing() -> None:
+    assert policy.to_claim("h1", ["a", "b"], {}, ["h2"]) == []
