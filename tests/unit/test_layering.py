@@ -175,11 +175,23 @@ def test_nothing_reaches_into_the_libvirt_handles_of_host_and_domain() -> None:
     assert not bad, "libvirt handles used outside hvext/host.py (add a Host/Domain method):\n" + "\n".join(bad)
 
 
+@functools.cache
+def agent_commands() -> frozenset[str]:
+    """The commands the guest agent serves (its dispatch table, and the ones it handles itself)."""
+    sys.path.insert(0, str(GUEST_AGENT))
+    try:
+        from hvext_agent.agent import Agent
+    finally:
+        sys.path.remove(str(GUEST_AGENT))
+    return frozenset(Agent(-1, testing=True).commands) | {"guest-sync", "x-test-misbehave"}
+
+
 def literal_requests(path: Path) -> Iterator[str]:
-    """``.request("name", ...)`` calls in *path*: a command sent by its name, not by a typed method."""
+    """``.request("name", ...)`` calls in *path* naming a guest-agent command: a command sent by its
+    name, not by a typed method (other ``request`` methods, such as http.client's, are no concern)."""
     for node in ast.walk(parse(path)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "request" \
-                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in agent_commands():
             yield f"{where(path, node.lineno)}: {ast.unparse(node)}"
 
 
@@ -188,6 +200,7 @@ def test_only_the_agent_package_sends_agent_commands_by_name() -> None:
                if not p.is_relative_to(HVEXT / "agent") and p.relative_to(ROOT).as_posix() not in RAW_PROTOCOL_TESTS]
     bad = [call for path in checked for call in literal_requests(path)]
     assert not bad, "agent commands sent by name (add a typed method to AgentClient):\n" + "\n".join(bad)
+    assert {"meminfo", "memclass", "pmem-mount"} <= agent_commands()
     assert any(literal_requests(HVEXT / "agent" / "client.py"))  # the rule sees what it forbids
     for allowed in RAW_PROTOCOL_TESTS:
         assert (ROOT / allowed).exists(), allowed
