@@ -38,7 +38,7 @@ from hvext.host import Domain, DomainSpec, Host  # noqa: E402
 from hvext.lab import Lab  # noqa: E402
 from hvext.migrate import orchestrate  # noqa: E402
 from hvext.migrate.policy import Progress  # noqa: E402
-from hvext.units import MIB  # noqa: E402
+from hvext.units import KIB, MIB  # noqa: E402
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -80,7 +80,7 @@ def working_set_mib(domain: Domain, memory_mib: int) -> int:
     swaps or OOM-kills the workload)."""
     seen_kib = domain.balloon_stats().get("available")
     wanted = int(memory_mib * 0.6)
-    return min(wanted, int(seen_kib / 1024 * 0.4)) if seen_kib else wanted
+    return min(wanted, int(seen_kib * KIB / MIB * 0.4)) if seen_kib else wanted
 
 
 async def set_stress(domain: Domain, rate_mib: float, wss_mib: int) -> None:

@@ -51,6 +51,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plot  # noqa: E402  (bench/plot.py, beside this script)
 from hvext import rvm  # noqa: E402
+from hvext.units import MIB  # noqa: E402
 
 try:
     import lmdb
@@ -72,7 +73,7 @@ def make_txns(nranges: int, count: int, rng: random.Random) -> list[list[tuple[i
         ranges = []
         for _ in range(nranges):
             n = rng.randint(64, 4096)
-            ranges.append((rng.randrange(SEG_SIZE - n), n, rng.randrange((1 << 20) - n)))
+            ranges.append((rng.randrange(SEG_SIZE - n), n, rng.randrange(MIB - n)))
         txns.append(ranges)
     return txns
 
@@ -122,7 +123,7 @@ def run_slice(run_one: Callable[[list], None], txns: list, seconds: float, meter
 def zero_file(path: Path, size: int) -> None:
     """A fully allocated file of zeros (made durable)."""
     with open(path, "wb") as f:
-        chunk = bytes(1 << 20)
+        chunk = bytes(MIB)
         for _ in range(size // len(chunk)):
             f.write(chunk)
         f.flush()
@@ -361,10 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = _loadavg()
     d = Path(tempfile.mkdtemp(prefix="rvm-bench-", dir=base))
     rng = random.Random(args.seed)
-    src = rng.randbytes(1 << 20)
+    src = rng.randbytes(MIB)
     counts = [int(x) for x in args.ranges.split(",")]
     print(f"# hvext.rvm from {Path(rvm.__file__).parent}; loadavg {_loadavg()}", file=sys.stderr)
-    print(f"# setting up in {d} (64 MiB segment, rvm log {args.log_size >> 20} MiB) ...", file=sys.stderr)
+    print(f"# setting up in {d} (64 MiB segment, rvm log {args.log_size // MIB} MiB) ...", file=sys.stderr)
     try:
         raw = RawSync(d, src)
         rb = RVMBench(d, src, args.log_size)

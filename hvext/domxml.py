@@ -24,7 +24,7 @@ AGENT_PORT = CHANNEL_NAME
 QMP_CHARDEV_ID = "hvext-qmp"
 QMP_CLI_CHARDEV_ID = "hvext-qmp-cli"
 MEMORY_DEVICE_SLOTS = 8
-MEMORY_DEVICE_ROOM_MIB = 64 * 1024
+MEMORY_DEVICE_ROOM_MIB = 64 * GIB // MIB
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 

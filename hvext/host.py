@@ -27,12 +27,13 @@ import libvirt_qemu
 from lxml import etree
 
 from hvext import accel, aio, domxml, image, paths, statedir
-from hvext.agent.client import AgentClient
+from hvext.agent.client import AgentClient, AgentInfo
 from hvext.errors import (AgentUnavailable, DomainNotFound, DomainStateError, HostError, HvextError,
                           LibvirtUnavailable, QMPError, UnsupportedError, UsageError)
 from hvext.qmp import PassthroughQMP, QMPSession
 from hvext.qmp import monitor as qmp_monitor
 from hvext.qmp import shared as shared_qmp
+from hvext.units import MIB, TIB
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class DomainSpec:
 
     def validate(self) -> DomainSpec:
         domxml.validate_name(self.name)
-        if not 64 <= self.memory_mib <= 1024 * 1024:
+        if not 64 <= self.memory_mib <= TIB // MIB:
             raise UsageError(f"memory {self.memory_mib} MiB out of range: use 64 MiB to 1 TiB")
         if self.current_memory_mib is not None and not 64 <= self.current_memory_mib <= self.memory_mib:
             raise UsageError(f"current memory {self.current_memory_mib} MiB must be between 64 MiB "
@@ -841,7 +842,7 @@ class Domain:
         finally:
             await client.close()
 
-    async def wait_agent(self, timeout: float = 60.0) -> dict[str, Any]:
+    async def wait_agent(self, timeout: float = 60.0) -> AgentInfo:
         """Retry the agent handshake until it answers (boot) or *timeout* passes.
 
         Polls every :data:`AGENT_POLL_S`: an attempt is a connect to the channel's socket (refused
@@ -852,7 +853,7 @@ class Domain:
         while time.monotonic() < deadline:
             try:
                 async with self.agent(timeout=min(3.0, max(0.5, deadline - time.monotonic()))) as agent:
-                    return await agent.request("info")
+                    return await agent.info()
             except (AgentUnavailable, HvextError) as err:
                 if isinstance(err, DomainStateError):
                     raise

@@ -126,6 +126,74 @@ def stress_status(raw: dict[str, Any]) -> StressStatus:
                         _number(raw.get("achieved_mib_s")), frames)
 
 
+@dataclass(frozen=True)
+class MemInfo:
+    """A checked ``meminfo`` result: the guest's /proc/meminfo (kB) and /proc/vmstat counters."""
+
+    meminfo_kb: dict[str, int]
+    vmstat: dict[str, int]
+
+
+def counters(raw: Any, limit: int = 4096) -> dict[str, int]:
+    """Keep only str -> non-negative int entries of an untrusted mapping (bounded);
+    AgentProtocolError when it is not a mapping at all."""
+    if not isinstance(raw, dict):
+        raise AgentProtocolError("agent meminfo section is not an object")
+    clean: dict[str, int] = {}
+    for key, value in list(raw.items())[:limit]:
+        if isinstance(key, str) and len(key) <= 64 and isinstance(value, int) \
+                and not isinstance(value, bool) and 0 <= value < 2**63:
+            clean[key] = value
+    return clean
+
+
+def meminfo(raw: dict[str, Any]) -> MemInfo:
+    """Check an agent ``meminfo`` result; AgentProtocolError if a section is missing."""
+    return MemInfo(counters(raw.get("meminfo_kb")), counters(raw.get("vmstat")))
+
+
+def pmem_namespaces(raw: Any) -> list[dict[str, Any]]:
+    """The agent's ``pmem`` namespaces, checked: string names, an integer size, an optional mount (bounded)."""
+    items = raw.get("namespaces") if isinstance(raw, dict) else None
+    if not isinstance(items, list):
+        raise AgentProtocolError("agent pmem result has no namespaces list")
+
+    def text(value: Any) -> str | None:
+        return value[:128] if isinstance(value, str) else None
+
+    namespaces = []
+    for item in items[:256]:
+        if not isinstance(item, dict):
+            continue
+        size = item.get("size")
+        mount = item.get("mount") if isinstance(item.get("mount"), dict) else None
+        namespaces.append({
+            "namespace": text(item.get("namespace")), "mode": text(item.get("mode")),
+            "size": size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size < 2**63 else None,
+            "blockdev": text(item.get("blockdev")), "chardev": text(item.get("chardev")),
+            "mount": None if mount is None else {"mountpoint": text(mount.get("mountpoint")),
+                                                 "fstype": text(mount.get("fstype")), "dax": mount.get("dax") is True}})
+    return namespaces
+
+
+@dataclass(frozen=True)
+class PmemMount:
+    """A checked ``pmem-mount`` result: the block device mounted (it may change when the guest
+    reconfigured the namespace), where, whether with DAX, and the commands the guest ran."""
+
+    blockdev: str | None
+    mountpoint: str | None
+    dax: bool
+    steps: tuple[str, ...] = ()
+
+
+def pmem_mount(raw: dict[str, Any]) -> PmemMount:
+    """Check an agent ``pmem-mount`` result (total: malformed fields become None, False or dropped)."""
+    steps = raw.get("steps")
+    return PmemMount(_text(raw.get("blockdev"), 128), _text(raw.get("mountpoint"), 4096), raw.get("dax") is True,
+                     tuple(s[:4096] for s in steps[:64] if isinstance(s, str)) if isinstance(steps, list) else ())
+
+
 class State(enum.Enum):
     """Where an :class:`AgentClient` is; it only moves along these arrows::
 
@@ -291,6 +359,35 @@ class AgentClient:
     async def stress_stop(self) -> None:
         """Stop the workload (nothing when none runs)."""
         await self.request("stress-stop")
+
+    async def meminfo(self) -> MemInfo:
+        """The guest's /proc/meminfo and /proc/vmstat, checked."""
+        return meminfo(await self.request("meminfo"))
+
+    async def pmem(self) -> list[dict[str, Any]]:
+        """The guest's pmem namespaces (and their mounts), checked."""
+        return pmem_namespaces(await self.request("pmem"))
+
+    async def pmem_mount(self, blockdev: str, mountpoint: str, *, format: bool = False) -> PmemMount:
+        """Mount the guest's pmem *blockdev* at *mountpoint* with DAX (*format* makes a new file system,
+        destroying the device's data) and return the checked result."""
+        return pmem_mount(await self.request("pmem-mount", {"blockdev": blockdev, "mountpoint": mountpoint,
+                                                            "format": format}))
+
+    async def memclass(self, *, interval: float | None = None, cached: bool = False,
+                       max_age: float | None = None) -> dict[str, Any]:
+        """The guest's memory classes, unchecked beyond being an object: only
+        :func:`hvext.memory.classes.validate` can check them (against the host's limit).
+
+        *interval* starts (or retimes) the agent's periodic sampler; *cached* takes
+        its last sample when not older than *max_age* seconds.
+        """
+        args: dict[str, Any] = {"cached": cached}
+        if interval is not None:
+            args["interval"] = interval
+        if max_age is not None:
+            args["max_age"] = max_age
+        return await self.request("memclass", args)
 
     async def _roundtrip(self, command: str, args: dict[str, Any] | None, timeout: float,
                          accept: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:

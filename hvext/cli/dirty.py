@@ -21,6 +21,7 @@ from hvext.dirty import rate
 from hvext.dirty.pages import DirtyLog, DirtyPages
 from hvext.errors import UsageError
 from hvext.host import Domain
+from hvext.units import MIB
 
 DEFAULT_INTERVAL_S = 1.0
 HISTORY = 60  # samples the --watch display plots
@@ -70,15 +71,15 @@ def blocks_table(pages: DirtyPages) -> Table:
     for column in ("RAM block", "MiB", "dirty pages", "dirty pages per GiB"):
         table.add_column(column)
     for block in pages.blocks.values():
-        if block.length < 2**20 and not block.dirty:
+        if block.length < MIB and not block.dirty:
             continue
         histogram = " ".join(str(c) for c in pages.histogram(block.id))
-        table.add_row(block.id, str(block.length // 2**20), str(block.dirty), histogram)
+        table.add_row(block.id, str(block.length // MIB), str(block.dirty), histogram)
     return table
 
 
 def summary(pages: DirtyPages) -> str:
-    return (f"{pages.dirty} pages ({pages.dirty * pages.page_size / 2**20:.1f} MiB) dirtied in "
+    return (f"{pages.dirty} pages ({pages.dirty * pages.page_size / MIB:.1f} MiB) dirtied in "
             f"{pages.interval_ms} ms; fetching the list took {pages.fetch_seconds * 1000:.1f} ms")
 
 
@@ -116,7 +117,7 @@ class Sample:
 
     @property
     def mib_per_s(self) -> float:
-        return self.pages.dirty * self.pages.page_size / 2**20 / max(self.pages.interval_ms / 1000, 1e-3)
+        return self.pages.dirty * self.pages.page_size / MIB / max(self.pages.interval_ms / 1000, 1e-3)
 
     def to_dict(self) -> dict[str, Any]:
         return self.pages.to_dict() | {"domain": self.domain, "sample": self.number, "time": self.at,

@@ -18,6 +18,7 @@ from hvext.errors import HvextError
 from hvext.host import Host, emulator_path
 from hvext.memory.host import meminfo
 from hvext.paths import PATCHED_QEMU
+from hvext.units import MIB
 
 
 #: Verdicts, best first; the report's verdict is the worst of its checks.
@@ -171,7 +172,7 @@ def run_checks(uri: str | None) -> list[Check]:
         uid = None
         checks.append(Check("libvirt-qemu user", "fail", None, "missing", "no user libvirt-qemu (QEMU runs as it)",
                             "`make setup` installs libvirt-daemon-system"))
-    swap_mib = meminfo("SwapTotal") >> 20
+    swap_mib = meminfo("SwapTotal") // MIB
     checks.append(Check("host swap", "ok" if swap_mib else "warn", swap_mib,
                         f"{swap_mib} MiB" if swap_mib else "none",
                         "" if swap_mib else "SwapTotal is 0 in /proc/meminfo",

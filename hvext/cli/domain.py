@@ -132,8 +132,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         if args.wait_agent:
             with common.console.status("waiting for the hvext agent..."):
                 info = aio.run(dom.wait_agent(args.wait_agent))
-            common.console.print(f"agent {common.literal(info.get('agent_version'))} ready after "
-                                 f"{time.monotonic() - started:.1f} s (guest kernel {common.literal(info.get('kernel'))})")
+            common.console.print(f"agent {common.literal(info.agent_version)} ready after "
+                                 f"{time.monotonic() - started:.1f} s (guest kernel {common.literal(info.kernel)})")
     return 0
 
 

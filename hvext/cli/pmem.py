@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from hvext import aio
+from hvext.agent.client import PmemMount
 from hvext.cli import common
-from hvext.errors import AgentError, AgentProtocolError, UsageError
+from hvext.errors import AgentError, UsageError
 from hvext.host import Domain
 from hvext.pmem import devices, hints, power, virtio
 from hvext.units import format_size, parse_size
@@ -108,30 +110,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 async def guest_view(domain: Domain) -> dict[str, Any]:
     async with domain.agent() as agent:
-        return {"namespaces": guest_namespaces(await agent.request("pmem"))}
-
-
-def guest_namespaces(raw: Any) -> list[dict[str, Any]]:
-    """The agent's ``pmem`` namespaces, checked: string names, an integer size, an optional mount (bounded)."""
-    items = raw.get("namespaces") if isinstance(raw, dict) else None
-    if not isinstance(items, list):
-        raise AgentProtocolError("agent pmem result has no namespaces list")
-    def text(value: Any) -> str | None:
-        return value[:128] if isinstance(value, str) else None
-
-    namespaces = []
-    for item in items[:256]:
-        if not isinstance(item, dict):
-            continue
-        size = item.get("size")
-        mount = item.get("mount") if isinstance(item.get("mount"), dict) else None
-        namespaces.append({
-            "namespace": text(item.get("namespace")), "mode": text(item.get("mode")),
-            "size": size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size < 2**63 else None,
-            "blockdev": text(item.get("blockdev")), "chardev": text(item.get("chardev")),
-            "mount": None if mount is None else {"mountpoint": text(mount.get("mountpoint")),
-                                                 "fstype": text(mount.get("fstype")), "dax": mount.get("dax") is True}})
-    return namespaces
+        return {"namespaces": await agent.pmem()}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -166,18 +145,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-async def mount(domain: Domain, blockdev: str, mountpoint: str, fmt: bool) -> dict[str, Any]:
+async def mount(domain: Domain, blockdev: str, mountpoint: str, fmt: bool) -> PmemMount:
     async with domain.agent(timeout=300) as agent:
-        return await agent.request("pmem-mount", {"blockdev": blockdev, "mountpoint": mountpoint, "format": fmt})
+        return await agent.pmem_mount(blockdev, mountpoint, format=fmt)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         result = aio.run(mount(dom, args.blockdev, args.mountpoint, args.format))
-    common.print_result(args.json, result, lambda: (
-        f"/dev/{common.literal(result.get('blockdev'))} mounted on "
-        f"{common.literal(result.get('mountpoint'))} in '{dom.name}' "
-        f"({'DAX' if result.get('dax') is True else 'no DAX'})"))
+    common.print_result(args.json, dataclasses.asdict(result), lambda: (
+        f"/dev/{common.literal(result.blockdev)} mounted on "
+        f"{common.literal(result.mountpoint)} in '{dom.name}' "
+        f"({'DAX' if result.dax else 'no DAX'})"))
     return 0
 
 

@@ -230,8 +230,7 @@ async def guest_available(domain: Domain) -> tuple[int | None, str]:
     """
     try:
         async with domain.agent(timeout=AGENT_TIMEOUT_S) as agent:
-            meminfo = (await agent.request("meminfo")).get("meminfo_kb")
-        value = meminfo.get("MemAvailable") if isinstance(meminfo, dict) else None
+            value = (await agent.meminfo()).meminfo_kb.get("MemAvailable")
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53:
             return value * KIB, "agent"
         log.info("agent of %s sent no usable MemAvailable (%r): using balloon statistics", domain.name, value)

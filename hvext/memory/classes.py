@@ -248,13 +248,8 @@ async def fetch(domain: Domain, *, interval: float | None = None, cached: bool =
     *interval* starts (or retimes) the agent's periodic sampler; *cached* takes
     its last sample when not older than *max_age* seconds.
     """
-    args: dict[str, Any] = {"cached": cached}
-    if interval is not None:
-        args["interval"] = interval
-    if max_age is not None:
-        args["max_age"] = max_age
     limit, source = await host_limit(domain)
     async with domain.agent(timeout=timeout) as agent:
-        raw = await agent.request("memclass", args)
+        raw = await agent.memclass(interval=interval, cached=cached, max_age=max_age)
     limit = max(limit, (await host_limit(domain))[0])  # the balloon may have deflated meanwhile
     return validate(raw, domain=domain.name, host_limit=limit, host_limit_source=source)

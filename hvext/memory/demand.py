@@ -29,7 +29,7 @@ def host_capacity_mib(host: Host | None) -> int:
     total = meminfo("MemTotal")
     if not total:
         raise UsageError("cannot read MemTotal from /proc/meminfo")  # pragma: no cover
-    return total >> 20
+    return total // MIB
 
 
 @contextlib.contextmanager
@@ -81,7 +81,7 @@ def domain_figures(host: Host, names: Iterable[str]) -> dict[str, DomainFigures]
                 continue
             demand = demand_bytes(dom)
             rss = dom.balloon_stats().get("rss")
-            figures[name] = DomainFigures("running", demand // MIB, rss // 1024 if rss is not None else None)
+            figures[name] = DomainFigures("running", demand // MIB, rss // KIB if rss is not None else None)
         except DomainNotFound:
             figures[name] = DomainFigures("missing")
         except HvextError as err:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hvext.units import KIB
+
 MEMINFO = Path("/proc/meminfo")
 
 
@@ -14,5 +16,5 @@ def meminfo(key: str) -> int:
             name, _, rest = line.partition(":")
             if name == key:
                 fields = rest.split()
-                return int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+                return int(fields[0]) * (KIB if fields[1:] == ["kB"] else 1)
     return 0

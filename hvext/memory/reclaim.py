@@ -22,7 +22,7 @@ from hvext.errors import AgentError, QMPError
 from hvext.host import Domain
 from hvext.memory import balloon, classes, policy, swap
 from hvext.memory.host import meminfo
-from hvext.memory.policy import MIB
+from hvext.units import MIB
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ async def reclaim(domain: Domain, amount: int, method: str = "auto") -> ReclaimR
     if decision.swap:
         ram = await asyncio.to_thread(balloon.boot_memory, domain)
         result = await asyncio.to_thread(swap.page_out, pid, ram, decision.swap)
-        notes.append(f"host swap: {result.reclaimed >> 20} MiB paged out in {result.seconds:.2f} s")
+        notes.append(f"host swap: {result.reclaimed // MIB} MiB paged out in {result.seconds:.2f} s")
     actual_after, _ = await balloon.read_balloon(domain)
     if decision.swap:
         await _swap_writeback_settled()

@@ -13,17 +13,18 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from hvext.errors import AgentError, AgentProtocolError, QMPError
+from hvext.errors import AgentError, QMPError
 from hvext.host import Domain
 from hvext.memory import balloon
 from hvext.memory.balloon import BALLOON_QOM_PATH
+from hvext.units import KIB
 
 #: (label, QMP guest-stats key (bytes or count), agent source, agent key, agent unit bytes)
 SIDE_BY_SIDE: list[tuple[str, str, str, str, int]] = [
-    ("total memory", "stat-total-memory", "meminfo_kb", "MemTotal", 1024),
-    ("free memory", "stat-free-memory", "meminfo_kb", "MemFree", 1024),
-    ("available memory", "stat-available-memory", "meminfo_kb", "MemAvailable", 1024),
-    ("disk caches", "stat-disk-caches", "meminfo_kb", "Cached", 1024),
+    ("total memory", "stat-total-memory", "meminfo_kb", "MemTotal", KIB),
+    ("free memory", "stat-free-memory", "meminfo_kb", "MemFree", KIB),
+    ("available memory", "stat-available-memory", "meminfo_kb", "MemAvailable", KIB),
+    ("disk caches", "stat-disk-caches", "meminfo_kb", "Cached", KIB),
     ("swapped in (pages)", "stat-swap-in", "vmstat", "pswpin", 1),
     ("swapped out (pages)", "stat-swap-out", "vmstat", "pswpout", 1),
     ("major faults", "stat-major-faults", "vmstat", "pgmajfault", 1),
@@ -54,7 +55,7 @@ class MemStats:
             if self.agent is not None and agent_key in self.agent.get(source, {}):
                 agent_value = self.agent[source][agent_key] * unit
             rows.append({"name": label, "qmp": qmp_value, "agent": agent_value,
-                         "unit": "bytes" if unit == 1024 or qmp_key.endswith("memory") else "count"})
+                         "unit": "bytes" if unit == KIB or qmp_key.endswith("memory") else "count"})
         rows[0]["unit"] = "bytes"
         return rows
 
@@ -64,18 +65,6 @@ class MemStats:
                 "guest_stats": self.guest_stats,
                 "guest_stats_last_update": self.guest_stats_updated, "agent": self.agent,
                 "agent_error": self.agent_error, "qmp_error": self.qmp_error, "rows": self.rows()}
-
-
-def _clean_counters(raw: Any, limit: int = 4096) -> dict[str, int]:
-    """Keep only str -> non-negative int entries of an untrusted mapping (bounded)."""
-    if not isinstance(raw, dict):
-        raise AgentProtocolError("agent meminfo section is not an object")
-    clean: dict[str, int] = {}
-    for key, value in list(raw.items())[:limit]:
-        if isinstance(key, str) and len(key) <= 64 and isinstance(value, int) \
-                and not isinstance(value, bool) and 0 <= value < 2**63:
-            clean[key] = value
-    return clean
 
 
 def guest_stats(reply: Any) -> tuple[dict[str, int], int | None]:
@@ -103,9 +92,8 @@ def _counter(value: Any) -> bool:
 async def agent_meminfo(domain: Domain) -> dict[str, dict[str, int]]:
     """The guest's /proc/meminfo (kB) and /proc/vmstat, validated."""
     async with domain.agent() as agent:
-        result = await agent.request("meminfo")
-    return {"meminfo_kb": _clean_counters(result.get("meminfo_kb")),
-            "vmstat": _clean_counters(result.get("vmstat"))}
+        result = await agent.meminfo()
+    return {"meminfo_kb": result.meminfo_kb, "vmstat": result.vmstat}
 
 
 async def collect(domain: Domain) -> MemStats:

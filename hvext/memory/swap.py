@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hvext.errors import DomainStateError, HostError, UnsupportedError
 from hvext.memory.host import meminfo
+from hvext.units import KIB, MIB
 
 SYS_PROCESS_MADVISE = 440  # x86_64
 MADV_PAGEOUT = 21
@@ -83,7 +84,7 @@ def process_memory(pid: int) -> dict[str, int]:
                 key, _, rest = line.partition(":")
                 parts = rest.split()
                 if len(parts) == 2 and parts[1] == "kB":
-                    values[key] = int(parts[0]) * 1024
+                    values[key] = int(parts[0]) * KIB
     except OSError as err:
         raise DomainStateError(f"process {pid} vanished: {err}") from err
     return {"rss": values.get("Rss", 0), "pss": values.get("Pss", 0), "swap": values.get("Swap", 0)}
@@ -109,7 +110,7 @@ def guest_ram_mappings(pid: int, ram_bytes: int) -> list[Mapping]:
                     if current is not None:
                         found.append(Mapping(start, end, 0, 0))
                 elif current is not None and first[0] in ("Rss:", "Swap:"):
-                    value = int(first[1]) * 1024
+                    value = int(first[1]) * KIB
                     last = found[-1]
                     found[-1] = Mapping(last.start, last.end, value if first[0] == "Rss:" else last.rss,
                                         value if first[0] == "Swap:" else last.swap)
@@ -134,7 +135,7 @@ def page_out(pid: int, ram_bytes: int, amount: int, *, deadline_s: float = 60.0)
         raise ValueError("amount must be positive")
     free_swap = meminfo("SwapFree")
     if free_swap < amount:
-        raise UnsupportedError(f"host swap has {free_swap >> 20} MiB free, {amount >> 20} MiB needed; "
+        raise UnsupportedError(f"host swap has {free_swap // MIB} MiB free, {amount // MIB} MiB needed; "
                                "`make setup` creates a swap file")
     started = time.monotonic()
     before = process_memory(pid)

@@ -24,13 +24,13 @@ from hvext import paths
 from hvext.errors import HostError, UsageError
 from hvext.host import Domain
 from hvext.domxml import libvirt_size
-from hvext.units import MIB, format_size
+from hvext.units import GIB, KIB, MIB, format_size
 
 #: libvirt rounds memory device sizes up to 2 MiB; the guest kernel wants
 #: NVDIMM regions 16 MiB aligned for fsdax namespaces.
 SIZE_ALIGN = 2 * MIB
 FSDAX_ALIGN = 16 * MIB
-MAX_SIZE = 64 * 1024 * MIB
+MAX_SIZE = 64 * GIB
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,11 @@ def device_xml(path: Path, size: int, label_size: int = 0, node: int = 0) -> str
     memory = etree.Element("memory", model="nvdimm", access="shared")
     etree.SubElement(etree.SubElement(memory, "source"), "path").text = str(path)
     target = etree.SubElement(memory, "target")
-    etree.SubElement(target, "size", unit="KiB").text = str(size // 1024)
+    etree.SubElement(target, "size", unit="KiB").text = str(size // KIB)
     etree.SubElement(target, "node").text = str(node)
     if label_size:
         label = etree.SubElement(target, "label")
-        etree.SubElement(label, "size", unit="KiB").text = str(label_size // 1024)
+        etree.SubElement(label, "size", unit="KiB").text = str(label_size // KIB)
     return etree.tostring(memory, encoding="unicode")
 
 
@@ -92,7 +92,7 @@ def validate_sizes(size: int, label_size: int) -> int:
                          f"(16 MiB multiples allow fsdax/DAX in the guest)")
     if size > MAX_SIZE:
         raise UsageError(f"pmem size {format_size(size)} is over the {format_size(MAX_SIZE)} hvext allows")
-    if label_size < 0 or label_size % 1024 or (label_size and label_size < 128 * 1024):
+    if label_size < 0 or label_size % KIB or (label_size and label_size < 128 * KIB):
         raise UsageError("label size must be 0 (no labels) or at least 128 KiB, in whole KiB")
     total = size + label_size
     return -(-total // SIZE_ALIGN) * SIZE_ALIGN

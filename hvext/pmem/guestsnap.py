@@ -31,11 +31,12 @@ from hvext.host import Domain, RunState
 from hvext.pmem import devices, hints, virtio
 from hvext.pmem.devices import PmemDevice
 from hvext.pmem.region import NVMRegion, RegionNotFound
+from hvext.units import KIB, MIB
 
-CHUNK = 4 * 1024 * 1024  # bytes compared per step (a multiple of every allowed block size)
-DEFAULT_BLOCK_SIZE = 64 * 1024
+CHUNK = 4 * MIB  # bytes compared per step (a multiple of every allowed block size)
+DEFAULT_BLOCK_SIZE = 64 * KIB
 #: Longest ``region.json`` read (it holds three paths; anything longer is damaged).
-MAX_CONFIG = 1 << 20
+MAX_CONFIG = MIB
 
 
 class GuestSnapshotError(HvextError):

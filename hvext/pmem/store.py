@@ -41,10 +41,11 @@ from hvext import durable
 from hvext.agent import protocol
 from hvext.errors import HvextError, UsageError
 from hvext.paths import UnsafePathError, private_dir
+from hvext.units import KIB
 
 FORMAT = "hvext-power-store"
 VERSION = 1
-BLOCK_SIZE = 64 * 1024
+BLOCK_SIZE = 64 * KIB
 MANIFEST = "manifest.json"
 LOCK = "store.lock"
 ZERO_HASH_CACHE: dict[int, str] = {}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hvext.agent.client import AgentClient, AgentInfo, ExecResult, State, agent_info, stress_status
+from hvext.agent.client import (AgentClient, AgentInfo, ExecResult, MemInfo, PmemMount, State, agent_info, meminfo,
+                                 pmem_mount, stress_status)
 from hvext.agent.protocol import MAX_LINE, LineReader, parse_reply
 from hvext.errors import AgentError, AgentProtocolError, AgentTimeout, AgentUnavailable
 
@@ -81,6 +82,9 @@ def test_real_agent_sync_ping_info_meminfo(serve) -> None:
             assert info.kernel and info.uptime_s is not None and info.uptime_s > 0
             mem = await client.request("meminfo")
             assert mem["meminfo_kb"]["MemTotal"] > 0 and "pgfault" in mem["vmstat"]
+            typed = await client.meminfo()
+            assert isinstance(typed, MemInfo) and typed.meminfo_kb["MemTotal"] == mem["meminfo_kb"]["MemTotal"]
+            assert typed.vmstat["pgfault"] > 0
             with pytest.raises(AgentError, match="CommandNotFound"):
                 await client.request("no-such-command")
     run(session())
@@ -374,3 +378,15 @@ def test_a_reply_over_the_hosts_limit_becomes_an_error_the_host_can_read() -> No
     assert len(lines[0]) <= MAX_LINE, f"a reply line of {len(lines[0])} bytes: the host would drop it"
     reply = parse_reply(lines[0])
     assert (reply.id, reply.ok, reply.error_class) == (5, False, "ReplyTooLong")
+
+
+def test_pmem_mount_result_is_checked() -> None:
+    assert pmem_mount({"blockdev": "pmem1", "mountpoint": "/mnt/pm", "dax": True, "steps": ["mount -o dax"]}) == \
+        PmemMount("pmem1", "/mnt/pm", True, ("mount -o dax",))
+    assert pmem_mount({"blockdev": 5, "dax": "yes", "steps": [1, "x" * 9000]}) == PmemMount(None, None, False, ("x" * 4096,))
+
+
+def test_meminfo_without_its_sections_is_a_protocol_error() -> None:
+    with pytest.raises(AgentProtocolError, match="not an object"):
+        meminfo({"meminfo_kb": {"MemTotal": 1}})
+    assert meminfo({"meminfo_kb": {"MemTotal": 1, "Bad": -1, "Flag": True}, "vmstat": {}}) == MemInfo({"MemTotal": 1}, {})

@@ -49,11 +49,11 @@ def test_error_line_from_the_guest_is_printed_literally(monkeypatch, capsys) -> 
                      "mount": {"mountpoint": "/mnt/pm", "fstype": "ext4", "dax": True}}]},
 ])
 def test_guest_pmem_namespaces_are_checked_before_printing(raw, capsys) -> None:
-    from hvext.cli import pmem
+    from hvext.agent.client import pmem_namespaces
     from hvext.units import format_size
-    namespaces = pmem.guest_namespaces(raw)
+    namespaces = pmem_namespaces(raw)
     for n in namespaces:
         assert n["size"] is None or isinstance(n["size"], int)
         format_size(n["size"] or 0)
     with pytest.raises(AgentError):
-        pmem.guest_namespaces({"namespaces": "none"})
+        pmem_namespaces({"namespaces": "none"})

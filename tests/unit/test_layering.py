@@ -5,7 +5,9 @@
 * ``hvext.rvm`` uses only the standard library (it runs in the guest);
 * nothing outside ``hvext/cli`` imports the CLI;
 * libvirt is imported only by ``hvext/host.py``, the lab's process management and the exceptions
-  listed below, and no module reaches into the libvirt handles of Host/Domain (``.dom``, ``.conn``).
+  listed below, and no module reaches into the libvirt handles of Host/Domain (``.dom``, ``.conn``);
+* only ``hvext/agent`` sends a request to the guest agent by its command name (``.request("info")``):
+  everyone else calls the agent client's typed methods, which check what comes back.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ LIBVIRT_IMPORTERS = {
 LIBVIRT_MODULES = {"libvirt", "libvirt_qemu", "libvirtaio"}
 #: Attributes of Host/Domain that are libvirt handles.
 HANDLE_ATTRIBUTES = {"dom", "conn", "_dom"}
+#: Tests of the raw agent protocol (unknown commands, misbehaviour on request) may send commands by name.
+RAW_PROTOCOL_TESTS = {"tests/unit/test_agent_protocol.py", "tests/vm/test_foundation.py"}
 
 
 def sources(directory: Path) -> list[Path]:
@@ -169,6 +173,54 @@ def test_nothing_reaches_into_the_libvirt_handles_of_host_and_domain() -> None:
             if isinstance(node, ast.Attribute) and node.attr in HANDLE_ATTRIBUTES:
                 bad.append(f"{where(path, node.lineno)}: {ast.unparse(node)}")
     assert not bad, "libvirt handles used outside hvext/host.py (add a Host/Domain method):\n" + "\n".join(bad)
+
+
+@functools.cache
+def agent_commands() -> frozenset[str]:
+    """The commands the guest agent serves (its dispatch table, and the ones it handles itself)."""
+    sys.path.insert(0, str(GUEST_AGENT))
+    try:
+        from hvext_agent.agent import Agent
+    finally:
+        sys.path.remove(str(GUEST_AGENT))
+    return frozenset(Agent(-1, testing=True).commands) | {"guest-sync", "x-test-misbehave"}
+
+
+def literal_requests(path: Path) -> Iterator[str]:
+    """``.request("name", ...)`` calls in *path* naming a guest-agent command: a command sent by its
+    name, not by a typed method (other ``request`` methods, such as http.client's, are no concern)."""
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "request" \
+                and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in agent_commands():
+            yield f"{where(path, node.lineno)}: {ast.unparse(node)}"
+
+
+def test_only_the_agent_package_sends_agent_commands_by_name() -> None:
+    checked = [p for p in sources(HVEXT) + sources(ROOT / "bench") + sources(ROOT / "tests")
+               if not p.is_relative_to(HVEXT / "agent") and p.relative_to(ROOT).as_posix() not in RAW_PROTOCOL_TESTS]
+    bad = [call for path in checked for call in literal_requests(path)]
+    assert not bad, "agent commands sent by name (add a typed method to AgentClient):\n" + "\n".join(bad)
+    assert {"meminfo", "memclass", "pmem-mount"} <= agent_commands()
+    assert any(literal_requests(HVEXT / "agent" / "client.py"))  # the rule sees what it forbids
+    for allowed in RAW_PROTOCOL_TESTS:
+        assert (ROOT / allowed).exists(), allowed
+
+
+UNIT_NAMES = {"KIB", "MIB", "GIB", "TIB"}
+
+
+def test_the_size_units_are_defined_once_on_the_host_side() -> None:
+    """KIB/MIB/GIB/TIB live in hvext/units.py; a copy elsewhere in hvext or bench could drift from it."""
+    bad = []
+    for path in sources(HVEXT) + sources(ROOT / "bench"):
+        if path == HVEXT / "units.py":
+            continue
+        for node in ast.walk(parse(path)):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            bad += [f"{where(path, node.lineno)}: {ast.unparse(t)}" for t in targets
+                    if isinstance(t, ast.Name) and t.id in UNIT_NAMES]
+    assert not bad, "size units defined outside hvext/units.py (import them from there):\n" + "\n".join(bad)
 
 
 #: A sentence of a module's docstring that says it is standard-library only ("Standard library only.",

@@ -1,25 +1,37 @@
-"""Balloon control without a VM: limits, the safety floor, following a scripted balloon, the reports."""
+"""Balloon control without a VM: limits, the safety floor, following a scripted balloon, the reports.
+
+The domains are real ones on libvirt's test driver (``test:///default``), read through hvext's
+``Domain``: their XML, metadata and state come from libvirt. The test driver runs no QEMU, so the
+balloon's QMP answers (``query-balloon``, guest statistics, BALLOON_CHANGE events) are the one part
+scripted: :class:`FakeQMP` stands in for the domain's ``qmp`` session and for nothing else.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from hvext import aio
 from hvext.errors import UsageError
+from hvext.host import Domain
 from hvext.memory import balloon
 from hvext.units import MIB
+from tests.unit.testdriver import running_domain
 
-XML = """<domain type='qemu'><name>vm</name>
+XML = """<domain type='test'><name>vm</name><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>
   <memory unit='KiB'>{memory}</memory><currentMemory unit='KiB'>{current}</currentMemory>
   {cpu}
   <devices>{devices}<memballoon model='virtio'{autodeflate}/></devices>
 </domain>"""
-NVDIMM = "<memory model='nvdimm'><target><size unit='KiB'>262144</size></target></memory>"
+NAME = f"hvext-unit-{os.getpid()}-balloon"  # what tests.unit.testdriver.running_domain names it
+#: The test driver opens no file: the path only has to be there.
+NVDIMM = ("<memory model='nvdimm'><source><path>/nonexistent/hvext-unit.img</path></source>"
+          "<target><size unit='KiB'>262144</size></target></memory>")
 
 
 class FakeQMP:
@@ -46,54 +58,47 @@ class FakeQMP:
         yield {}
 
 
-class FakeDomain:
-    """The parts of hvext.host.Domain balloon control reads, from fixed XML and metadata."""
+@contextlib.contextmanager
+def real_domain(xml: str, *, qmp: FakeQMP | None = None, metadata: str | None = None) -> Iterator[Domain]:
+    """The running test-driver domain :data:`NAME` defined from *xml*, with hvext's balloon
+    record *metadata* set through libvirt and its QMP session scripted by *qmp*; removed afterwards."""
+    xml = xml.replace("<name>vm</name>", "<name>{name}</name>").replace("type='kvm'", "type='test'")
+    if "<os>" not in xml:
+        xml = xml.replace("</name>", "</name><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>", 1)
+    with running_domain(xml, "balloon") as dom:
+        if metadata is not None:
+            dom.set_metadata(balloon.METADATA_KEY, balloon.METADATA_NS, metadata, live=True)
+        if qmp is not None:
+            @contextlib.asynccontextmanager
+            async def session() -> AsyncIterator[FakeQMP]:
+                yield qmp
 
-    def __init__(self, xml: str, qmp: FakeQMP | None = None, metadata: str | None = None) -> None:
-        self.name = "vm"
-        self.definition = xml
-        self.session = qmp
-        self.meta = metadata
-
-    def xml(self, *, inactive: bool = False, secure: bool = False, migratable: bool = False) -> str:
-        return self.definition
-
-    def is_persistent(self) -> bool:
-        return True
-
-    def is_active(self) -> bool:
-        return True
-
-    def metadata(self, namespace: str, *, live: bool = True) -> str | None:
-        assert namespace == balloon.METADATA_NS and live
-        return self.meta
-
-    @contextlib.asynccontextmanager
-    async def qmp(self) -> AsyncIterator[FakeQMP]:
-        assert self.session is not None
-        yield self.session
+            dom.qmp = session  # type: ignore[method-assign,assignment]
+        yield dom
 
 
 def domain(memory_mib: int = 512, *, numa: bool = True, nvdimm: bool = False, autodeflate: bool = False,
-           **kwargs: Any) -> FakeDomain:
+           **kwargs: Any) -> contextlib.AbstractContextManager[Domain]:
     total = memory_mib + (256 if nvdimm else 0)
     cpu = f"<cpu><numa><cell id='0' cpus='0' memory='{memory_mib}' unit='MiB'/></numa></cpu>" if numa else ""
-    return FakeDomain(XML.format(memory=total * 1024, current=memory_mib * 1024, cpu=cpu,
-                                 devices=NVDIMM if nvdimm else "",
-                                 autodeflate=" autodeflate='on'" if autodeflate else ""), **kwargs)
+    return real_domain(XML.format(memory=total * 1024, current=memory_mib * 1024, cpu=cpu,
+                                  devices=NVDIMM if nvdimm else "",
+                                  autodeflate=" autodeflate='on'" if autodeflate else ""), **kwargs)
 
 
 @pytest.mark.parametrize("numa", [True, False])
 def test_the_ceiling_is_boot_memory_without_memory_devices(numa: bool) -> None:
-    dom = domain(512, numa=numa, nvdimm=True)
-    assert balloon.boot_memory(dom) == 512 * MIB  # type: ignore[arg-type]
-    assert balloon.check_target(dom, 512 * MIB) == 512 * MIB  # type: ignore[arg-type]
-    assert balloon.check_target(dom, 300 * MIB + 100) == 300 * MIB  # whole KiB
-    with pytest.raises(UsageError, match=r"above the maximum of 'vm' \(512.00 MiB, its boot memory\)"):
-        balloon.check_target(dom, 513 * MIB)  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="absurdly small: the minimum is 64.00 MiB"):
-        balloon.check_target(dom, 63 * MIB)  # type: ignore[arg-type]
-    assert not balloon.autodeflate(dom) and balloon.autodeflate(domain(autodeflate=True))  # type: ignore[arg-type]
+    with domain(512, numa=numa, nvdimm=True) as dom:
+        assert balloon.boot_memory(dom) == 512 * MIB
+        assert balloon.check_target(dom, 512 * MIB) == 512 * MIB
+        assert balloon.check_target(dom, 300 * MIB + 100) == 300 * MIB  # whole KiB
+        with pytest.raises(UsageError, match=rf"above the maximum of '{NAME}' \(512.00 MiB, its boot memory\)"):
+            balloon.check_target(dom, 513 * MIB)
+        with pytest.raises(UsageError, match="absurdly small: the minimum is 64.00 MiB"):
+            balloon.check_target(dom, 63 * MIB)
+        assert not balloon.autodeflate(dom)
+    with domain(autodeflate=True) as dom:
+        assert balloon.autodeflate(dom)
 
 
 def test_safe_floor_keeps_headroom() -> None:
@@ -103,11 +108,12 @@ def test_safe_floor_keeps_headroom() -> None:
 
 def test_recorded_target_prefers_hvexts_record() -> None:
     record = f'<balloon xmlns="{balloon.METADATA_NS}" target-kib="307200" set-at="1700000000.5"/>'
-    assert balloon.recorded_target(domain(metadata=record)) == \
-        balloon.Target(300 * MIB, "hvext", 1700000000.5)  # type: ignore[arg-type]
-    assert balloon.recorded_target(domain(400)) == balloon.Target(400 * MIB, "definition")  # type: ignore[arg-type]
-    assert balloon.recorded_target(domain(400, metadata="<balloon target-kib='x'/>")) == \
-        balloon.Target(400 * MIB, "definition")  # type: ignore[arg-type]
+    with domain(metadata=record) as dom:
+        assert balloon.recorded_target(dom) == balloon.Target(300 * MIB, "hvext", 1700000000.5)
+    with domain(400) as dom:
+        assert balloon.recorded_target(dom) == balloon.Target(400 * MIB, "definition")
+    with domain(400, metadata="<balloon target-kib='x'/>") as dom:
+        assert balloon.recorded_target(dom) == balloon.Target(400 * MIB, "definition")
 
 
 #: What libvirt writes for a 768 MiB hvext guest after `hvext pmem-attach` of a 64 MiB NVDIMM (cold):
@@ -124,21 +130,21 @@ LIBVIRT_AFTER_NVDIMM_ATTACH = """<domain type='kvm'><name>vm</name>
 
 def test_the_definitions_target_does_not_count_pmem() -> None:
     """dommemstat showed "balloon target (definition) 832 MiB" for this 768 MiB guest."""
-    assert balloon.recorded_target(FakeDomain(LIBVIRT_AFTER_NVDIMM_ATTACH)) == \
-        balloon.Target(768 * MIB, "definition")  # type: ignore[arg-type]
+    with real_domain(LIBVIRT_AFTER_NVDIMM_ATTACH) as dom:
+        assert balloon.recorded_target(dom) == balloon.Target(768 * MIB, "definition")
     # currentMemory 512 MiB before the attach, 576 after: libvirt hands QEMU 576, below the boot memory
     ballooned = LIBVIRT_AFTER_NVDIMM_ATTACH.replace("<currentMemory unit='KiB'>851968",
                                                     "<currentMemory unit='KiB'>589824")
-    assert balloon.recorded_target(FakeDomain(ballooned)) == \
-        balloon.Target(576 * MIB, "definition")  # type: ignore[arg-type]
+    with real_domain(ballooned) as dom:
+        assert balloon.recorded_target(dom) == balloon.Target(576 * MIB, "definition")
 
 
 def follow(script: list[int], target: int, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> balloon.BalloonResult:
     monkeypatch.setattr(balloon, "POLL_INTERVAL_S", 0.01)
     stats = {"stats": {"stat-free-memory": 5 * MIB, "stat-available-memory": 8 * MIB}, "last-update": 1}
-    dom = domain(qmp=FakeQMP(script, stats))
     seen: list[int] = []
-    result = aio.run(balloon.follow(dom, target, progress=seen.append, **kwargs))  # type: ignore[arg-type]
+    with domain(qmp=FakeQMP(script, stats)) as dom:
+        result = aio.run(balloon.follow(dom, target, progress=seen.append, **kwargs))
     assert seen and seen[-1] == result.actual
     return result
 
@@ -146,7 +152,7 @@ def follow(script: list[int], target: int, monkeypatch: pytest.MonkeyPatch, **kw
 def test_follow_until_reached(monkeypatch: pytest.MonkeyPatch) -> None:
     result = follow([512 * MIB, 400 * MIB, 300 * MIB + 4096], 300 * MIB, monkeypatch)
     assert result.reached and result.actual == 300 * MIB + 4096 and result.start == 512 * MIB
-    assert result.message() == f"balloon of 'vm' reached 300.00 MiB in {result.elapsed_s:.1f} s"
+    assert result.message() == f"balloon of '{NAME}' reached 300.00 MiB in {result.elapsed_s:.1f} s"
 
 
 def test_follow_reports_where_a_shrinking_guest_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +160,7 @@ def test_follow_reports_where_a_shrinking_guest_stopped(monkeypatch: pytest.Monk
     result = follow(script, 100 * MIB, monkeypatch, stall_after=0.2, timeout=10)
     assert result.outcome == "stalled" and result.actual == 180 * MIB and result.stalled_for_s >= 0.2
     assert result.guest_free == 5 * MIB and result.guest_available == 8 * MIB
-    assert result.message().startswith("balloon of 'vm' stopped at 180.00 MiB, target 100.00 MiB (started at "
+    assert result.message().startswith(f"balloon of '{NAME}' stopped at 180.00 MiB, target 100.00 MiB (started at "
                                        "512.00 MiB): the guest stopped giving memory back")
     assert "the guest reports 5.00 MiB free and 8.00 MiB available" in result.message()
     assert "cannot (or will not) give more" in result.message()
@@ -197,6 +203,6 @@ def test_malformed_balloon_events_are_skipped_and_the_watcher_keeps_going(monkey
     bad = [{"data": {"actual": "x"}}, {"data": {"actual": [1] * 3}}, {"data": None}, "junk",
            {"data": {"actual": 2**70}}, {"data": {"actual": -1}}, {"data": {"actual": 1.5}}]
     good = {"event": "BALLOON_CHANGE", "data": {"actual": 300 * MIB}}
-    dom = domain(qmp=EventQMP([*bad, good], {"stats": {}, "last-update": 1}))
-    result = aio.run(balloon.follow(dom, 300 * MIB, stall_after=5, timeout=10))  # type: ignore[arg-type]
+    with domain(qmp=EventQMP([*bad, good], {"stats": {}, "last-update": 1})) as dom:
+        result = aio.run(balloon.follow(dom, 300 * MIB, stall_after=5, timeout=10))
     assert result.reached and result.actual == 300 * MIB and result.events == len(bad) + 1

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import array
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,34 +179,45 @@ def test_command_arguments_are_checked() -> None:
 
 
 def test_periodic_sampler_caches_and_stops_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the sampler does, not when: every wait is for a condition (with a deadline far above any
+    scheduling delay), so a loaded machine makes the test slower, never wrong."""
     taken: list[float] = []
+    sampled = threading.Condition()
 
     def fake_sample(*, kpageflags: bool = True) -> dict[str, Any]:
-        taken.append(time.monotonic())
-        return {"classes": {}, "n": len(taken), "sampled_monotonic": time.monotonic()}
+        with sampled:
+            taken.append(time.monotonic())
+            sampled.notify_all()
+            return {"classes": {}, "n": len(taken), "sampled_monotonic": taken[-1]}
+
+    def wait_for(condition: Callable[[], bool]) -> None:
+        with sampled:
+            assert sampled.wait_for(condition, timeout=30), "the sampler did not get there within 30 s"
 
     monkeypatch.setattr(memclass, "sample", fake_sample)
-    monkeypatch.setattr(memclass, "IDLE_STOP_INTERVALS", 4)
+    monkeypatch.setattr(memclass, "IDLE_STOP_INTERVALS", 10**6)  # no idle stop until the test allows it
     monkeypatch.setattr(memclass, "MIN_INTERVAL_S", 0.05)
     sampler = memclass.Sampler()
     monkeypatch.setattr(memclass, "SAMPLER", sampler)
     first = memclass.cmd_memclass({"interval": 0.1, "cached": True})
     assert first["periodic_interval_s"] == 0.1 and "sampled_monotonic" not in first
-    time.sleep(0.35)
+    wait_for(lambda: len(taken) >= 4)  # the sampler kept sampling on its own
     cached = memclass.cmd_memclass({"cached": True})
-    assert cached["n"] >= 3 and cached["age_s"] <= 0.2  # the sampler kept sampling on its own
-    assert len(taken) >= 4
+    assert cached["n"] >= 3 and cached["periodic_interval_s"] == 0.1
+    assert 0 <= cached["age_s"] <= time.monotonic() - taken[cached["n"] - 1] + 0.001  # the age of that sample
     stale = memclass.cmd_memclass({"cached": True, "max_age": 0})
-    assert stale["n"] > cached["n"]  # too old for max_age: sampled now
-    deadline = time.monotonic() + 3
-    while sampler.thread is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sampler.thread is None and sampler.interval is None  # idle for 4 intervals: stopped
+    assert stale["n"] > cached["n"] and stale["age_s"] <= 0.001 + (time.monotonic() - taken[stale["n"] - 1])
+    thread = sampler.thread
+    assert thread is not None
+    monkeypatch.setattr(memclass, "IDLE_STOP_INTERVALS", 4)  # now 0.4 s without a request stop it
+    thread.join(timeout=30)
+    assert not thread.is_alive() and sampler.thread is None and sampler.interval is None  # idle: stopped
     count = len(taken)
-    time.sleep(0.3)
-    assert len(taken) == count
+    assert memclass.cmd_memclass({"cached": True})["n"] <= count and len(taken) == count  # cached, no restart
+    monkeypatch.setattr(memclass, "IDLE_STOP_INTERVALS", 10**6)
     memclass.cmd_memclass({"interval": 0.1})
-    assert sampler.thread is not None
-    memclass.cmd_memclass({"interval": 0})  # stop at once
-    time.sleep(0.3)
-    assert sampler.thread is None
+    thread = sampler.thread
+    assert thread is not None and thread.is_alive()
+    memclass.cmd_memclass({"interval": 0})  # stop at once (not after an idle time)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and sampler.thread is None

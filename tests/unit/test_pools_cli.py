@@ -4,74 +4,53 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from hvext.cli import common
-from hvext.cli import pools as pools_cli
 from hvext.cli.main import main
-from hvext.errors import DomainNotFound, LibvirtUnavailable
-from hvext.host import RunState
+from hvext.host import Host
+from hvext.memory.host import meminfo
 from hvext.memory.pools import PoolStore
+from hvext.units import MIB
 
 
-class FakeDomain:
-    def __init__(self, name: str, running: bool, actual_mib: int, rss_mib: int) -> None:
-        self.name = name
-        self.running = running
-        self.dom = self
-        self.actual_kib = actual_mib * 1024
-        self.rss_kib = rss_mib * 1024
-
-    def is_active(self) -> bool:
-        return self.running
-
-    @property
-    def state(self) -> RunState:
-        return RunState.RUNNING if self.running else RunState.SHUTOFF
-
-    def info(self) -> dict[str, Any]:
-        return {"state": self.state.value, "max_memory_kib": 1024 * 1024, "used_memory_kib": self.actual_kib}
-
-    def memory_kib(self) -> tuple[int, int]:
-        return 1024 * 1024, self.actual_kib
-
-    def balloon_stats(self) -> dict[str, int]:
-        return {"actual": self.actual_kib, "rss": self.rss_kib}
-
-
-class FakeHost:
-    """Stands in for hvext.host.Host: two domains, web-1 running and db-1 shut off."""
-
-    domains: ClassVar[dict[str, FakeDomain]] = {"web-1": FakeDomain("web-1", True, 3000, 2500), "db-1": FakeDomain("db-1", False, 0, 0)}
-    down = False
-
-    def __init__(self, uri: str | None = None) -> None:
-        if FakeHost.down:
-            raise LibvirtUnavailable("cannot connect to libvirt at qemu:///system: down")
-
-    def lookup(self, name: str) -> FakeDomain:
-        if name not in self.domains:
-            raise DomainNotFound(f"domain {name!r}: no such domain; `hvext list --all` shows the defined ones")
-        return self.domains[name]
-
-    def close(self) -> None:
-        pass
+TEST_URI = "test:///default"
+#: Two real domains on libvirt's test driver: web-1 running with a 3000 MiB balloon (the driver reports
+#: half of it as RSS), db-1 defined and shut off. The driver's state lives in this process only (and
+#: only while a connection is open), so the plain names cannot clash with parallel runs.
+DOMAIN_XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>4096</memory>
+  <currentMemory unit='MiB'>{current}</currentMemory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>
+  <devices><memballoon model='virtio'/></devices></domain>"""
+WEB_RSS_MIB = 1500  # the test driver's memoryStats: rss is half the balloon
 
 
 @pytest.fixture(autouse=True)
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def domains(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+    """web-1 and db-1 on the test driver, which hvext's commands reach as the default URI."""
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", TEST_URI)
+    with Host(TEST_URI) as host:  # held open: the driver drops its state with the last connection
+        defined = [host.conn.defineXML(DOMAIN_XML.format(name=name, current=current))
+                   for name, current in (("web-1", 3000), ("db-1", 1024))]
+        defined[0].create()
+        try:
+            yield host
+        finally:
+            for dom in defined:
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+
+
+@pytest.fixture(autouse=True)
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, domains: Host) -> Path:
+    """A new pool store whose host capacity is 8192 MiB (set as an admin does, with pool-set)."""
     monkeypatch.setattr(common.console, "width", 200)  # one tree node per line
     db = tmp_path / "pools.sqlite"
     monkeypatch.setenv("HVEXT_POOLS_DB", str(db))
-    monkeypatch.setattr(pools_cli, "host_capacity_mib", lambda args: 8192)
-    monkeypatch.setattr(pools_cli, "Host", FakeHost)
-    monkeypatch.setattr("hvext.cli.common.Host", FakeHost)
-    monkeypatch.setattr(FakeHost, "down", False)
-    # The fake host has no memtune: applying bindings is tested on real guests (tests/vm/test_pool_binding.py).
-    monkeypatch.setattr(pools_cli, "_bind", lambda args, tree: [])
-    monkeypatch.setattr(pools_cli, "_release", lambda args, domain: None)
+    assert main(["pool-set", "/", "--capacity", "8G"]) == 0
     return db
 
 
@@ -110,11 +89,20 @@ def test_create_set_remove_round_trip_through_the_store(capsys: pytest.CaptureFi
     assert tree.get("/prod").reservation_mib == 1024 and tree.get("/prod").limit_mib is None
     assert not tree.get("/prod").expandable
     assert tree.get("/dev/a").limit_mib == 1536 and tree.get("/dev/a").shares == 750
-    assert tree.get("/").reservation_mib == 8192  # the host capacity initialised the store
     assert "Pool /dev removed with its subtree" in ok(capsys, "pool-remove", "/dev", "--recursive")
     assert "Host capacity set to 4096 MiB" in ok(capsys, "pool-set", "/", "--capacity", "4G")
     tree = PoolStore(store).load()
     assert not tree.exists("/dev") and tree.capacity_mib == 4096
+
+
+def test_a_new_store_takes_the_hosts_memory_as_capacity(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, domains: Host) -> None:
+    monkeypatch.setenv("HVEXT_POOLS_DB", str(tmp_path / "new.sqlite"))
+    assert listing(capsys)["tree"]["reservation_mib"] == meminfo("MemTotal") // MIB  # without -c: this machine's
+    monkeypatch.setenv("HVEXT_POOLS_DB", str(tmp_path / "new-with-uri.sqlite"))
+    status, out, err = run(capsys, "-c", TEST_URI, "pool-list", "--json")
+    assert status == 0, err
+    assert json.loads(out)["tree"]["reservation_mib"] == domains.memory_mib() == 3072  # the test driver's node
 
 
 def test_list_shows_settings_entitlements_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,16 +118,16 @@ def test_list_shows_settings_entitlements_and_usage(capsys: pytest.CaptureFixtur
     by_path = nodes(data["tree"])
     web = by_path["/prod/web"]
     assert web["domain"] == "web-1" and web["domain_state"] == "running"
-    assert web["demand_mib"] == 3000 and web["usage_mib"] == 2500 and web["entitlement_mib"] == 3000
+    assert web["demand_mib"] == 3000 and web["usage_mib"] == WEB_RSS_MIB and web["entitlement_mib"] == 3000
     assert by_path["/prod/db/db1"]["domain_state"] == "shut off" and by_path["/prod/db/db1"]["demand_mib"] == 0
-    assert by_path["/prod"]["demand_mib"] == 3000 and by_path["/prod"]["usage_mib"] == 2500
+    assert by_path["/prod"]["demand_mib"] == 3000 and by_path["/prod"]["usage_mib"] == WEB_RSS_MIB
     assert by_path["/prod"]["effective_reservation_mib"] == 2048
     assert by_path["/"]["entitlement_mib"] == 3000 and by_path["/test"]["usage_mib"] is None
     assert set(nodes(listing(capsys, "/prod/db")["tree"])) == {"/prod/db", "/prod/db/db1"}
     text = ok(capsys, "pool-list")
     assert "/ capacity 8192" in text
     assert "web vm web-1 (running) res 512 · limit - · shares 1000 · eff.res 512 · demand 3000 · " \
-           "entitled 3000 · used 2500" in text
+           f"entitled 3000 · used {WEB_RSS_MIB}" in text
     assert "db (expandable) res 1024" in text
 
 
@@ -147,7 +135,7 @@ def test_list_without_libvirt_still_shows_the_tree(capsys: pytest.CaptureFixture
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     ok(capsys, "pool-create", "/prod")
     ok(capsys, "pool-assign", "web-1", "/prod/vm", "--create")
-    monkeypatch.setattr(FakeHost, "down", True)
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///nonexistent/hvext-no-such-driver-config.xml")
     data = listing(capsys)
     assert "cannot connect to libvirt" in data["libvirt_error"]
     assert nodes(data["tree"])["/prod/vm"]["demand_mib"] == 0

@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,6 +35,12 @@ NOPS = 150
 RANDOM_RUNS = 50  # per strategy
 MAX_DELAY = 0.004  # seconds after the chosen op starts
 WORKERS = 4  # children mostly wait for fsync, so a few run side by side
+#: Held while this process has a region open and while it forks a child. A region's lock is a
+#: ``flock``, which belongs to the open file: a child forked by one worker thread while another
+#: holds a region open gets a copy of that lock descriptor and holds the lock until it execs.
+#: Without this, a worker that closed its new region and started its child could see that child
+#: find the region "open elsewhere" (a sibling's child, between fork and exec, still held it).
+PARENT_REGIONS = threading.Lock()
 
 
 
@@ -67,10 +74,11 @@ def run_child(
     child on it and, with *kill_at* = (index, delay), SIGKILL it *delay*
     seconds after it starts op *index*; returns (done, started, finished)."""
     mass, progress = workdir / "mass", workdir / "progress"
-    NVMRegion.create(nvm, mass, helper.SIZE, block_size=helper.BLOCK_SIZE, strategy=strategy).close()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     argv = [sys.executable, str(CHILD), str(nvm), str(mass), str(seed), str(NOPS), str(progress)]
-    proc = subprocess.Popen(argv + ([fault] if fault else []), env=env, stderr=subprocess.PIPE)
+    with PARENT_REGIONS:
+        NVMRegion.create(nvm, mass, helper.SIZE, block_size=helper.BLOCK_SIZE, strategy=strategy).close()
+        proc = subprocess.Popen(argv + ([fault] if fault else []), env=env, stderr=subprocess.PIPE)
     try:
         if kill_at is not None:
             index, delay = kill_at
@@ -100,7 +108,7 @@ def run_child(
 def verify_recovered(workdir: pathlib.Path, nvm: pathlib.Path, seed: int, done: int, started: int) -> int:
     """Reopen after the crash; returns which op count the region matched."""
     ops = helper.generate_ops(seed, NOPS, helper.SIZE, helper.BLOCK_SIZE)
-    with NVMRegion.open(nvm, workdir / "mass") as reg:
+    with PARENT_REGIONS, NVMRegion.open(nvm, workdir / "mass") as reg:
         assert reg.check() == [], f"seed {seed}: inconsistent after crash"
         state = region_state(reg)
         matched = [k for k in sorted({done, started}) if model_state(ops, k) == state]

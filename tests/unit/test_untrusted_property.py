@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hvext.agent import client, protocol
-from hvext.cli import pmem as cli_pmem
 from hvext.dirty import pages, rate
 from hvext.errors import HvextError
 from hvext.memory import balloon, classes, stats
@@ -85,6 +84,8 @@ SHAPED: dict[str, st.SearchStrategy[Any]] = {
                                                                  anything, max_size=3), "last-update": None}),
     "exec": _shaped({"exitcode": _valid_or(0), "stdout": _valid_or(""), "stderr": _valid_or(""),
                      "stdout_truncated": None, "stderr_truncated": None, "stdout_bytes": None, "stderr_bytes": None}),
+    "meminfo": _shaped({"meminfo_kb": None, "vmstat": None}),
+    "pmem-mount": _shaped({"blockdev": None, "mountpoint": None, "dax": None, "steps": None}),
     "namespaces": _shaped({"namespaces": st.lists(_shaped({"namespace": None, "size": None, "mount": None}),
                                                   max_size=3)}),
     "rate": _shaped({"dirty-rate": _valid_or(5), "sample-pages": _valid_or(512),
@@ -118,7 +119,10 @@ VALIDATORS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "hints._windows_from": (lambda raw: hints._windows_from(raw, {"nvdimm0": _Device()}), "windows"),
     "classes.validate": (lambda raw: classes.validate(raw, domain="vm", host_limit=1 << 30), "classes"),
     "classes.validate-no-limit": (lambda raw: classes.validate(raw, domain="vm"), "classes"),
-    "stats._clean_counters": (stats._clean_counters, "counters"),
+    "client.counters": (client.counters, "counters"),
+    # AgentClient.request returns an object, always: these validators are fed objects only
+    "client.meminfo": (lambda raw: client.meminfo(raw) if isinstance(raw, dict) else None, "meminfo"),
+    "client.pmem_mount": (lambda raw: client.pmem_mount(raw) if isinstance(raw, dict) else None, "pmem-mount"),
     "stats.guest_stats": (stats.guest_stats, "balloon"),
     "balloon.actual_bytes": (balloon.actual_bytes, "balloon"),
     "balloon.stat_value": (lambda raw: balloon.stat_value(raw, "stat-free-memory"), "balloon"),
@@ -127,7 +131,7 @@ VALIDATORS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "pages.command_names": (pages.command_names, "commands"),
     "rate.parse_result": (lambda raw: rate.parse_result(raw, "page-sampling", 1.0, 0.0), "rate"),
     "client.exec_result": (client.exec_result, "exec"),
-    "cli.pmem.guest_namespaces": (cli_pmem.guest_namespaces, "namespaces"),
+    "client.pmem_namespaces": (client.pmem_namespaces, "namespaces"),
 }
 
 

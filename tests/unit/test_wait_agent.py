@@ -7,6 +7,7 @@ agent (guest-agent/hvext_agent) starts serving at a known moment.
 
 from __future__ import annotations
 
+import platform
 import socket
 import sys
 import threading
@@ -88,5 +89,33 @@ def test_wait_agent_answers_soon_after_the_agent_comes_up(domain_with_channel: t
     finally:
         stop.set()
         thread.join(timeout=5)
-    assert info["kernel"]
+    assert info.kernel
     assert up_after <= waited < up_after + 1.0  # a back-off took 1.8 s here, f"answered {waited - up_after:.2f} s after the agent came up"
+
+
+def test_start_wait_agent_prints_the_agents_checked_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`hvext start --wait-agent` on a defined test-driver domain: started, then the agent's version
+    and the guest's kernel as wait_agent returns them (an AgentInfo)."""
+    from hvext.cli.main import main
+    sock = tmp_path / "agent.sock"
+    name = f"hvext-test-agent-{uuid.uuid4().hex[:8]}"
+    stop = threading.Event()
+    with Host("test:///default") as host:  # held open: the test driver keeps its state while connected
+        dom = host.conn.defineXML(
+            f"<domain type='test'><name>{name}</name><memory>65536</memory><os><type>hvm</type></os>"
+            f"<devices><channel type='unix'><source mode='bind' path='{sock}'/>"
+            f"<target type='virtio' name='{AGENT_PORT}'/></channel></devices></domain>")
+        thread = serve_agent_at(sock, 0, stop)
+        try:
+            status = main(["-c", "test:///default", "start", name, "--wait-agent", "20"])
+            out, err = capsys.readouterr()
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+    out = " ".join(out.split())
+    assert status == 0, err
+    assert f"Domain '{name}' started" in out
+    assert "ready after" in out and f"(guest kernel {platform.release()})" in out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hvext import aio
-from hvext.agent.client import StressStatus
+from hvext.agent.client import AgentInfo, StressStatus
 from hvext.errors import DomainNotFound
 from hvext.host import Domain, Host, RunState
 from hvext.lab import Lab
@@ -57,19 +57,19 @@ def migrating_vm(hosts, request) -> Iterator[Domain]:
         factory.cleanup()
 
 
-def agent_info(domain: Domain) -> dict:
+def agent_info(domain: Domain) -> AgentInfo:
     return aio.run(domain.wait_agent(60))
 
 
 def test_plain_then_auto_under_a_dirtying_workload(migrating_vm: Domain, hosts, lab: Lab) -> None:
     source, dest = hosts
-    uptime = agent_info(migrating_vm)["uptime_s"]
+    uptime = agent_info(migrating_vm).uptime_s
     plain = aio.run(orchestrate.migrate(migrating_vm, lab.hosts[1].uri_tls, policy="plain"))
     assert plain.downtime_ms is not None and plain.total_s > 0
     with pytest.raises(DomainNotFound):
         source.lookup(migrating_vm.name)  # undefined on the source
     moved = dest.lookup(migrating_vm.name)
-    assert moved.state is RunState.RUNNING and agent_info(moved)["uptime_s"] >= uptime  # same guest, not rebooted
+    assert moved.state is RunState.RUNNING and agent_info(moved).uptime_s >= uptime  # same guest, not rebooted
 
     async def stress() -> None:
         async with moved.agent() as agent:

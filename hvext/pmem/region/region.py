@@ -42,10 +42,11 @@ from hvext.pmem.region.fs import (
 )
 from hvext.pmem.region.slab import MASS, NVM, Slab
 from hvext.pmem.region.strategies import COMMON_SCHEMA, STRATEGIES, STRATEGY_CLASSES, Strategy
+from hvext.units import MIB
 
 FORMAT_VERSION = "1"
 MIN_BLOCK_SIZE = 512
-MAX_BLOCK_SIZE = 2 * 1024 * 1024
+MAX_BLOCK_SIZE = 2 * MIB
 MAX_BLOCKS = 1 << 40
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
