@@ -166,19 +166,23 @@ class Client:
         """Every member: ``ID``, ``name`` (empty until it started), ``peerURLs``, ``clientURLs``."""
         return list(self._post("/cluster/member/list", {}).get("members", []))
 
-    def member_add(self, peer_url: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Add a member by its peer URL (the member-add API): (the new member, every member after)."""
-        reply = self._post("/cluster/member/add", {"peerURLs": [peer_url]})
+    def member_add(self, peer_url: str, wait: float = 0.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Add a member by its peer URL (the member-add API): (the new member, every member after).
+        With *wait*, etcd's "unhealthy cluster" refusal is retried for so long (:meth:`_reconfigure`)."""
+        reply = self._reconfigure("/cluster/member/add", {"peerURLs": [peer_url]}, wait)
         return reply["member"], list(reply.get("members", []))
 
     def member_remove(self, member_id: str, wait: float = 0.0) -> None:
-        """Remove a member. etcd refuses ("unhealthy cluster") until every member has been connected
-        for 5 s (its strict reconfiguration check); with *wait*, that refusal is retried for so long."""
+        """Remove a member; with *wait*, as :meth:`member_add`."""
+        self._reconfigure("/cluster/member/remove", {"ID": member_id}, wait)
+
+    def _reconfigure(self, path: str, body: dict[str, Any], wait: float) -> dict[str, Any]:
+        """A membership change. etcd refuses one ("unhealthy cluster") until every member has been
+        connected for 5 s (its strict reconfiguration check): that refusal is retried for *wait* s."""
         deadline = time.monotonic() + wait
         while True:
             try:
-                self._post("/cluster/member/remove", {"ID": member_id})
-                return
+                return self._post(path, body)
             except ClusterUnavailable as err:
                 if UNHEALTHY not in str(err) or time.monotonic() >= deadline:
                     raise

@@ -99,7 +99,7 @@ def join(layout: Layout, endpoint: str, credentials: Path, name: str, address: s
         cluster = client.cluster_name()
         if cluster is None:
             raise HAError(f"{endpoint} is an etcd without an hvext cluster (no {CLUSTER_KEY} key)")
-        added, members = client.member_add(probe.peer_url)
+        added, members = client.member_add(probe.peer_url, wait=RECONFIGURE_WAIT_S)
         peers = [f"{m['name']}={m['peerURLs'][0]}" for m in members if m.get("name") and m.get("peerURLs")
                  and m.get("ID") != added.get("ID")]
         member = Member(name, cluster, address, client_port, peer_port,
@@ -138,8 +138,9 @@ def stop(layout: Layout) -> dict[str, Any]:
     return {"member": member.name, "pid": etcd.stop(layout)}
 
 
-#: How long `leave` retries while etcd refuses the removal as unsafe (a member joined less than 5 s ago).
-LEAVE_WAIT_S = 15.0
+#: How long a join or a leave retries etcd's "unhealthy cluster" refusal (it wants every member
+#: connected for 5 s before a membership change).
+RECONFIGURE_WAIT_S = 30.0
 
 
 def leave(layout: Layout) -> dict[str, Any]:
@@ -154,7 +155,7 @@ def leave(layout: Layout) -> dict[str, Any]:
         if len(members) == 1:
             raise HAError("this is the cluster's last member: `hvext cluster stop` stops it; remove "
                           f"{layout.ha_dir} and {layout.data_dir} to delete the cluster")
-        client.member_remove(str(me[0]["ID"]), wait=LEAVE_WAIT_S)
+        client.member_remove(str(me[0]["ID"]), wait=RECONFIGURE_WAIT_S)
     finally:
         client.close()
     etcd.stop(layout)
