@@ -116,6 +116,7 @@ class Keeper:
         self.orphaned_since: dict[str, float] = {}  # protected domains without an owner: since when (clock)
         self.claimed: list[tuple[str, str]] = []  # (domain, XML) won and not yet made to run here
         self.restarted: dict[str, str] = {}      # each claimed domain's last restart outcome
+        self.bad_records: dict[str, str] = {}    # protected records that are not hvext's, and why
 
     # ---------------------------------------------------------------- renewer
 
@@ -144,7 +145,9 @@ class Keeper:
         """Claim the protected domains policy.to_adopt gives this host (blocking; raises HAError)."""
         records, bad = self.client.protected()
         for domain, why in bad.items():
-            log.error("ignoring protected domain %r: %s", domain, why)
+            if self.bad_records.get(domain) != why:  # once per record, not every renewal
+                log.error("ignoring protected domain %r: %s", domain, why)
+        self.bad_records = bad
         now = self.clock()
         unowned = {d for d in records if d not in owners}
         self.orphaned_since = {d: self.orphaned_since.get(d, now) for d in unowned}

@@ -14,17 +14,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hvext.daemon import ha_loop
 from hvext.daemon.config import HAConfig
-from hvext.ha import cluster
-from hvext.ha.client import Client, Protection
+from hvext.ha import cluster, protection
+from hvext.ha.client import PROTECTED_PREFIX, Client, Protection, _b64
 from hvext.ha.etcd import Layout
-from hvext.host import Host, RunState
+from hvext.host import RunState
 from tests.unit import test_ha_cluster
 from tests.unit.test_daemon import ROOT, _wait_for
 from tests.unit.test_ha_cluster import cli, paths_args
@@ -106,6 +105,11 @@ def test_protect_status_unprotect_and_the_keeper_claims_with_its_lease(member: L
         assert dom.state is RunState.RUNNING  # unprotect leaves it running
 
 
+def policy_slack() -> float:
+    """Beyond the TTL: a renewal interval for the survivor to notice, plus start-up and scheduling slack."""
+    return TTL / 3 + 3.0
+
+
 def _hvextd(tmp_path: Path, lay: Layout, host: str) -> tuple[subprocess.Popen[bytes], Path]:
     """A real hvextd on its own ``test:///default`` (the test driver's domains are per process)."""
     url = cluster.require_member(lay).client_url
@@ -166,22 +170,20 @@ def test_when_the_owners_hvextd_dies_another_hvextd_claims_defines_and_starts_it
             client.close()
 
 
-def policy_slack() -> float:
-    """Beyond the TTL: a renewal interval for the survivor to notice, plus start-up and scheduling slack."""
-    return TTL / 3 + 3.0
-
-
 def test_two_survivors_racing_for_orphans_claim_each_exactly_once(member: Layout) -> None:  # noqa: F811
     """Both survivors try every orphan (their grace has passed): the adopt transaction lets one win each."""
     url = cluster.require_member(member).client_url
     client = Client([url], member.credentials())
     names = [f"hvext-unit-{os.getpid()}-race{i}" for i in range(8)]
+    bad = f"hvext-unit-{os.getpid()}-bad"
     keepers = [ha_loop.Keeper(HAConfig(cluster="test", etcd_endpoints=(url,), host=h, lease_ttl=TTL,
                                        fence_margin=MARGIN, credentials=member.pki_dir), h, "test:///default")
                for h in ("h-b", "h-c")]
     try:
         for name in names:  # protected on a host that is gone (never registered: no live key)
             assert client.protect(Protection(name, XML.format(name=name), "h-dead", time.time()))
+        # a record hvext did not write stops nothing (one guest must not stop the protection of another)
+        client._post("/kv/put", {"key": _b64(PROTECTED_PREFIX + bad), "value": _b64('{"xml": 5}')})
         for keeper in keepers:
             keeper.orphaned_since = {n: -1e9 for n in names}  # orphaned longer than any grace
             keeper.lease_id = client.grant(30).id
@@ -205,6 +207,8 @@ def test_two_survivors_racing_for_orphans_claim_each_exactly_once(member: Layout
         assert not errors, errors
         won = [sorted(d for d, _ in k.claimed) for k in keepers]
         assert sorted(won[0] + won[1]) == sorted(names)  # every orphan claimed, none twice
+        assert all(bad in k.bad_records for k in keepers) and bad not in client.owners()
+        assert [r["state"] for r in protection.status(client) if r["domain"] == bad][0].startswith("invalid record")
         owners = client.owners()
         for keeper, mine in zip(keepers, won):
             assert all(owners[d] == (keeper.host_name, keeper.lease_id) for d in mine)
@@ -213,6 +217,6 @@ def test_two_survivors_racing_for_orphans_claim_each_exactly_once(member: Layout
             if keeper.lease_id is not None:
                 client.revoke(keeper.lease_id)
             keeper.client.close()
-        for name in names:
+        for name in [*names, bad]:
             client.unprotect(name)
         client.close()
