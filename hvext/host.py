@@ -289,6 +289,12 @@ class Host:
                 except libvirt.libvirtError:
                     raise err from None
 
+    def define_xml(self, xml: str) -> Domain:
+        """Define (persistently) the domain *xml* describes, as it is: for a definition hvext stored
+        itself (an HA-protected domain restarted on another host, docs/ha.md)."""
+        with libvirt_errors("defining a domain"):
+            return Domain(self, self.conn.defineXML(xml))
+
     def versions(self) -> dict[str, str]:
         with libvirt_errors("querying versions"):
             return {"libvirt": _version(self.conn.getLibVersion()),

@@ -24,7 +24,7 @@ from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, migr
 from hvext.cli import pools, reclaim, sharing
 from hvext.cli import pmemsnap, power
 from hvext.cli import daemon
-from hvext.cli import cluster
+from hvext.cli import cluster, ha
 from hvext.cli import completion
 from hvext.errors import HvextError
 from hvext.host import libvirt_errors
@@ -33,7 +33,7 @@ GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty, migrate]
 GROUPS += [pools, reclaim, sharing]
 GROUPS += [power, pmemsnap]
 GROUPS += [daemon]
-GROUPS += [cluster]
+GROUPS += [cluster, ha]
 
 #: Exit status after output went into a closed pipe: 128 + SIGPIPE, what a shell reports for `yes | head`.
 EXIT_BROKEN_PIPE = 141

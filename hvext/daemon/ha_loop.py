@@ -16,7 +16,14 @@ Two tasks share one :class:`Keeper`:
 
 After a fence the old lease is revoked when etcd answers again (the owner
 keys go with it) and a new one is granted: the host is alive but owns nothing.
-Claiming orphans and restarting them is not done yet (docs/ha.md).
+
+Each renewal also reads the protected domains (``/hvext/protected/<domain>``,
+written by ``hvext ha protect``) and claims, with the adopt transaction
+(:meth:`hvext.ha.client.Client.adopt`: exactly one claimer wins), those
+:func:`hvext.ha.policy.to_adopt` gives it: its own unowned ones (after
+``ha protect``, or after a fence once it holds a new lease) and those whose
+home host is no longer alive. A domain it won is defined here from the stored
+XML unless it is, and started unless it runs (:func:`ensure_running`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hvext.daemon.config import HAConfig
-from hvext.errors import HvextError
+from hvext.errors import DomainNotFound, HvextError
 from hvext.ha import policy
 from hvext.ha.client import Client
 from hvext.ha.etcd import Credentials
@@ -67,17 +74,35 @@ def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
     return done
 
 
+def ensure_running(uri: str | None, name: str, xml: str) -> str:
+    """Make the claimed domain *name* run here: define it from *xml* unless this host has it, start it
+    unless it runs (blocking: run in a thread). The outcome as text; HvextError when it cannot."""
+    with Host(uri) as host:
+        try:
+            dom = host.lookup(name)
+            defined = False
+        except DomainNotFound:
+            dom = host.define_xml(xml)
+            defined = True
+        if dom.is_active():
+            return "already running"
+        dom.start()
+        return "defined and started" if defined else "started"
+
+
 class Keeper:
     """This host's lease and the fence that guards it (see the module docstring)."""
 
     def __init__(self, config: HAConfig, host_name: str, uri: str | None,
                  clock: Callable[[], float] = time.monotonic,
-                 fence: Callable[[str | None, list[str]], dict[str, str]] = fence_domains) -> None:
+                 fence: Callable[[str | None, list[str]], dict[str, str]] = fence_domains,
+                 restart: Callable[[str | None, str, str], str] = ensure_running) -> None:
         self.config = config
         self.host_name = host_name
         self.uri = uri
         self.clock = clock
         self.fence_action = fence
+        self.restart_action = restart
         creds = Credentials(config.credentials / "ca.pem", config.credentials / "membercert.pem",
                             config.credentials / "memberkey.pem")
         interval = policy.renew_interval(config.lease_ttl)
@@ -88,6 +113,10 @@ class Keeper:
         self.fenced: dict[str, str] | None = None  # the last fence's result (None: no fence since the lease)
         self.stale_leases: list[int] = []        # leases given up after a fence, to revoke when etcd answers
         self.changed = asyncio.Event()           # a renewal succeeded (wakes the watchdog)
+        self.orphaned_since: dict[str, float] = {}  # protected domains without an owner: since when (clock)
+        self.claimed: list[tuple[str, str]] = []  # (domain, XML) won and not yet made to run here
+        self.restarted: dict[str, str] = {}      # each claimed domain's last restart outcome
+        self.bad_records: dict[str, str] = {}    # protected records that are not hvext's, and why
 
     # ---------------------------------------------------------------- renewer
 
@@ -110,6 +139,50 @@ class Keeper:
         self.owned = sorted(d for d, (owner, lease_id) in owners.items()
                             if owner == self.host_name and lease_id == self.lease_id)
         self.last_renewal = sent
+        self._claim(owners)
+
+    def _claim(self, owners: dict[str, tuple[str, int]]) -> None:
+        """Claim the protected domains policy.to_adopt gives this host (blocking; raises HAError)."""
+        records, bad = self.client.protected()
+        for domain, why in bad.items():
+            if self.bad_records.get(domain) != why:  # once per record, not every renewal
+                log.error("ignoring protected domain %r: %s", domain, why)
+        self.bad_records = bad
+        now = self.clock()
+        unowned = {d for d in records if d not in owners}
+        self.orphaned_since = {d: self.orphaned_since.get(d, now) for d in unowned}
+        if not unowned or self.lease_id is None:
+            return
+        hosts = self.client.hosts()
+        picks = policy.to_adopt(self.host_name, {d: r.home for d, r in records.items()},
+                                {d: owner for d, (owner, _) in owners.items()}, hosts,
+                                {d: now - t for d, t in self.orphaned_since.items()},
+                                grace=float(self.config.lease_ttl))
+        for domain in picks:
+            record = records[domain]
+            if self.client.adopt(record, self.host_name, self.lease_id):
+                log.warning("claimed protected domain %s (home was %s%s)", domain, record.home,
+                            "" if record.home == self.host_name else ", whose lease ended")
+                self.owned = sorted({*self.owned, domain})
+                self.orphaned_since.pop(domain, None)
+                self.claimed.append((domain, record.xml))
+            else:
+                log.info("protected domain %s: another host claimed it first", domain)
+
+    async def _restart_claimed(self) -> None:
+        """Define and start the domains just claimed; one failure does not stop the others."""
+        while self.claimed:
+            domain, xml = self.claimed.pop(0)
+            if self.fenced is not None or domain not in self.owned:
+                log.warning("protected domain %s: not started, the lease it was claimed with is gone", domain)
+                continue
+            try:
+                outcome = await asyncio.to_thread(self.restart_action, self.uri, domain, xml)
+                log.warning("protected domain %s: %s on this host", domain, outcome)
+            except HvextError as err:
+                outcome = f"error: {err}"
+                log.error("protected domain %s is owned here but cannot run: %s", domain, err)
+            self.restarted[domain] = outcome
 
     async def renewer(self, stopping: asyncio.Event) -> None:
         interval = policy.renew_interval(self.config.lease_ttl)
@@ -117,6 +190,7 @@ class Keeper:
             try:
                 await asyncio.to_thread(self._renew_once)
                 self.changed.set()
+                await self._restart_claimed()
             except HvextError as err:
                 log.warning("renewing lease: %s", err)
             except Exception:
@@ -180,4 +254,5 @@ class Keeper:
             self.client.close()
 
     def state(self) -> dict[str, Any]:
-        return {"host": self.host_name, "lease": self.lease_id, "owned": self.owned, "fenced": self.fenced}
+        return {"host": self.host_name, "lease": self.lease_id, "owned": self.owned, "fenced": self.fenced,
+                "restarted": self.restarted}

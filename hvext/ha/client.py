@@ -11,6 +11,7 @@ Keys::
     /hvext/cluster          <name>          the cluster's name (``cluster init``; read by ``join``)
     /hvext/host/<host>      {"name": ...}   bound to <host>'s lease: present while <host> is alive
     /hvext/owner/<domain>   <host>          bound to the owner's lease: gone when the owner's lease ends
+    /hvext/protected/<domain> {"xml", "home", "since"}  a protected domain (no lease: it outlives hosts)
 
 etcd3gw's errors (and requests' underneath) become hvext errors in one
 place, :func:`translated`: an unreachable or timed-out cluster is
@@ -38,6 +39,9 @@ from hvext.ha.etcd import Credentials
 API_PATH = "/v3/"
 HOST_PREFIX = "/hvext/host/"
 OWNER_PREFIX = "/hvext/owner/"
+PROTECTED_PREFIX = "/hvext/protected/"
+#: The largest domain definition the cluster stores (etcd's default request limit is 1.5 MiB).
+MAX_XML = 1 << 20
 CLUSTER_KEY = "/hvext/cluster"
 #: etcd's error (rpctypes.ErrLeaseNotFound) for a lease it does not have (any more).
 LEASE_NOT_FOUND = "requested lease not found"
@@ -99,6 +103,40 @@ def check_key_name(kind: str, name: str) -> str:
     if not (0 < len(name) <= 253 and name.isprintable() and "/" not in name):
         raise UsageError(f"{kind} name {name!r:.80} cannot be a cluster key (printable, no '/', 1-253 chars)")
     return name
+
+
+@dataclass(frozen=True)
+class Protection:
+    """A protected domain's record: its persistent definition, the host that runs it (*home*: the host
+    that protected it, then each host that claimed it), when it was protected (Unix time), and the
+    record's etcd mod_revision (a claim succeeds only if the record is still the one read)."""
+
+    domain: str
+    xml: str
+    home: str
+    since: float
+    revision: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"xml": self.xml, "home": self.home, "since": self.since})
+
+    @classmethod
+    def from_json(cls, domain: str, text: str, revision: int = 0) -> Protection:
+        """The record stored under *domain*, checked; HAError for one hvext did not write."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise HAError(f"protection record of {domain!r:.80} is not JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise HAError(f"protection record of {domain!r:.80} is not an object")
+        xml, home, since = data.get("xml"), data.get("home"), data.get("since")
+        if not isinstance(xml, str) or not 0 < len(xml) <= MAX_XML:
+            raise HAError(f"protection record of {domain!r:.80}: no usable domain XML")
+        if not isinstance(home, str) or not 0 < len(home) <= 253 or not home.isprintable() or "/" in home:
+            raise HAError(f"protection record of {domain!r:.80}: bad home host {home!r:.80}")
+        if not isinstance(since, (int, float)) or isinstance(since, bool) or not 0 <= since < 1e11:
+            raise HAError(f"protection record of {domain!r:.80}: bad time {since!r:.40}")
+        return cls(domain, xml, home, float(since), revision)
 
 
 @dataclass(frozen=True)
@@ -264,5 +302,57 @@ class Client:
         reply = self._post("/kv/txn", {
             "compare": [{"key": key, "result": "EQUAL", "target": "VALUE", "value": _b64(host)}],
             "success": [{"request_delete_range": {"key": key}}],
+            "failure": []})
+        return bool(reply.get("succeeded", False))
+
+    # -------------------------------------------------------------- protected domains
+
+    def protect(self, record: Protection) -> bool:
+        """Store *record* unless the domain is protected already (one transaction); whether it did."""
+        if not 0 < len(record.xml) <= MAX_XML:
+            raise UsageError(f"the definition of {record.domain!r:.80} is larger than {MAX_XML} bytes")
+        key = _b64(PROTECTED_PREFIX + check_key_name("domain", record.domain))
+        check_key_name("host", record.home)
+        reply = self._post("/kv/txn", {
+            "compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            "success": [{"request_put": {"key": key, "value": _b64(record.to_json())}}],
+            "failure": []})
+        return bool(reply.get("succeeded", False))
+
+    def unprotect(self, domain: str) -> bool:
+        """Delete *domain*'s record and its owner key together (one transaction); False: not protected."""
+        key = _b64(PROTECTED_PREFIX + check_key_name("domain", domain))
+        reply = self._post("/kv/txn", {
+            "compare": [{"key": key, "result": "GREATER", "target": "CREATE", "create_revision": 0}],
+            "success": [{"request_delete_range": {"key": key}},
+                        {"request_delete_range": {"key": _b64(OWNER_PREFIX + domain)}}],
+            "failure": []})
+        return bool(reply.get("succeeded", False))
+
+    def protected(self) -> tuple[dict[str, Protection], dict[str, str]]:
+        """Every protected domain's record, and (separately) the records that are not hvext's with why:
+        one bad record must not stop the protection of the others."""
+        good: dict[str, Protection] = {}
+        bad: dict[str, str] = {}
+        for kv in self._range(PROTECTED_PREFIX):
+            domain = _unb64(kv["key"])[len(PROTECTED_PREFIX):]
+            try:
+                good[domain] = Protection.from_json(domain, _unb64(kv.get("value", "")), int(kv.get("mod_revision", 0)))
+            except HAError as err:
+                bad[domain] = str(err)
+        return good, bad
+
+    def adopt(self, record: Protection, host: str, lease_id: int) -> bool:
+        """Claim a protected domain for *host* and make it the domain's home, in one transaction: only
+        if it has no owner and its record is still the one read (*record.revision*: not unprotected or
+        changed since). Exactly one concurrent claimer wins; True: *host* did."""
+        owner = _b64(OWNER_PREFIX + check_key_name("domain", record.domain))
+        key = _b64(PROTECTED_PREFIX + record.domain)
+        moved = Protection(record.domain, record.xml, check_key_name("host", host), record.since)
+        reply = self._post("/kv/txn", {
+            "compare": [{"key": owner, "result": "EQUAL", "target": "CREATE", "create_revision": 0},
+                        {"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": record.revision}],
+            "success": [{"request_put": {"key": owner, "value": _b64(host), "lease": lease_id}},
+                        {"request_put": {"key": key, "value": _b64(moved.to_json())}}],
             "failure": []})
         return bool(reply.get("succeeded", False))

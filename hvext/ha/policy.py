@@ -95,3 +95,21 @@ def to_claim(me: str, protected: Iterable[str], owners: Mapping[str, str], live_
     since = orphaned_for or {}
     return [o.domain for o in orphans(protected, owners, live)
             if o.preferred == me or since.get(o.domain, 0.0) >= grace > 0.0]
+
+
+def to_adopt(me: str, homes: Mapping[str, str], owners: Mapping[str, str], live_hosts: Iterable[str],
+             orphaned_for: Mapping[str, float] | None = None, grace: float = 0.0) -> list[str]:
+    """The protected domains (*homes*: domain -> the host that last ran it) *me* claims now.
+
+    A domain with an owner is left alone. One without: its home claims it while the home is alive
+    (right after ``ha protect``, or after the home fenced itself and holds a new lease), so a
+    running domain is never started elsewhere while its host lives; once the home is not alive,
+    the survivors share it as :func:`to_claim` says. *me* must be alive to claim anything.
+    """
+    live = set(live_hosts)
+    if me not in live:
+        return []
+    unowned = {d: h for d, h in homes.items() if d not in owners}
+    mine = [d for d, h in unowned.items() if h == me]
+    orphaned = [d for d, h in unowned.items() if h not in live]
+    return sorted(mine + to_claim(me, orphaned, owners, live, orphaned_for, grace))

@@ -67,3 +67,19 @@ def test_after_the_grace_any_live_host_claims() -> None:
 
 def test_a_host_whose_own_key_is_gone_claims_nothing() -> None:
     assert policy.to_claim("h1", ["a", "b"], {}, ["h2"]) == []
+
+
+def test_adopt_home_claims_its_own_and_survivors_only_orphans_of_dead_hosts() -> None:
+    homes = {"a1": "a", "b1": "b", "d1": "dead", "d2": "dead", "owned": "dead"}
+    owners = {"owned": "c"}
+    live = ["a", "b", "c"]
+    picks = {h: policy.to_adopt(h, homes, owners, live) for h in live}
+    assert "a1" in picks["a"] and "a1" not in picks["b"] + picks["c"]   # a live home keeps its domain
+    assert "b1" in picks["b"] and "b1" not in picks["a"] + picks["c"]
+    assert all("owned" not in p for p in picks.values())               # an owned domain is nobody's to claim
+    for orphan in ("d1", "d2"):                                         # each orphan: exactly its preferred host
+        assert [h for h in live if orphan in picks[h]] == [policy.preferred_host(orphan, live)]
+    assert policy.to_adopt("x", homes, owners, live) == []               # a host not alive claims nothing
+    # after the grace, every live host tries (the transaction picks one)
+    late = {h: policy.to_adopt(h, homes, owners, live, {"d1": 9.0}, grace=5.0) for h in live}
+    assert all("d1" in p for p in late.values())

@@ -1,0 +1,91 @@
+"""``hvext ha ...``: protect domains in the HA cluster (docs/ha.md).
+
+``ha protect DOMAIN [--host NAME]``, ``ha unprotect DOMAIN``, ``ha status [DOMAIN] [--json]``. They reach the
+cluster through this host's etcd member (``hvext cluster init|join``), with its certificate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from typing import Any
+
+from hvext.cli import common
+from hvext.cli.cluster import _add_paths, _layout
+from hvext.ha import cluster, protection
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    group = commands.add_parser("ha", help="protect domains in the HA cluster (protect, unprotect, status)")
+    sub = group.add_subparsers(dest="ha_command", metavar="ACTION", parser_class=type(group))
+    sub.required = True
+
+    p = sub.add_parser("protect", help="store a running domain's definition in the cluster; this host's hvextd "
+                                       "then owns it, and another host restarts it if this one dies")
+    common.add_domain(p)
+    p.add_argument("--host", default=None, metavar="NAME",
+                   help="this host's name in the cluster, as hvextd's [ha] host (default: the short host name)")
+    _add_paths(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_protect)
+
+    p = sub.add_parser("unprotect", help="forget a domain's protection (it keeps running where it runs)")
+    common.add_domain(p)
+    _add_paths(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_unprotect)
+
+    p = sub.add_parser("status", help="each protected domain: owner, the owner's lease TTL left, since when")
+    p.add_argument("domain", metavar="DOMAIN", nargs="?", default=None, help="only this domain")
+    _add_paths(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    client = cluster.client_for(layout)
+    try:
+        with common.open_host(args) as host:
+            result = protection.protect(client, host, args.domain, args.host or cluster.default_name())
+    finally:
+        client.close()
+    common.print_result(args.json, result, lambda: common.literal(
+        f"domain {result['domain']} protected (home {result['home']}); this host's hvextd claims it at its "
+        "next lease renewal"))
+    return 0
+
+
+def cmd_unprotect(args: argparse.Namespace) -> int:
+    client = cluster.client_for(_layout(args))
+    try:
+        result = protection.unprotect(client, args.domain)
+    finally:
+        client.close()
+    common.print_result(args.json, result, lambda: common.literal(
+        f"domain {result['domain']} is no longer protected"))
+    return 0
+
+
+def _when(since: float | None) -> str:
+    if since is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(since, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = cluster.client_for(_layout(args))
+    try:
+        rows = protection.status(client, args.domain)
+    finally:
+        client.close()
+
+    def text() -> Any:
+        if not rows:
+            return "no protected domain"
+        common.print_table("Protected domains", ["Domain", "Owner", "Lease TTL", "Home", "Protected since", "State"],
+                           [[r["domain"], r["owner"] or "-", "-" if r["lease_ttl"] is None else f"{r['lease_ttl']} s",
+                             r["home"] or "-", _when(r["since"]), r["state"]] for r in rows])
+        return None
+    common.print_result(args.json, rows if args.domain is None else rows[0], text)
+    return 0
