@@ -136,10 +136,14 @@ class Keeper:
             self.fenced = None
             log.info("holding lease %x (TTL %d s) as host %s", lease.id, lease.granted_ttl, self.host_name)
         owners = self.client.owners()
-        self.owned = sorted(d for d, (owner, lease_id) in owners.items()
-                            if owner == self.host_name and lease_id == self.lease_id)
+        self.owned = self._mine(owners)
         self.last_renewal = sent
         self._claim(owners)
+
+    def _mine(self, owners: dict[str, tuple[str, int]]) -> list[str]:
+        """The domains of *owners* (domain -> (host, lease)) owned by this host under its current lease."""
+        return sorted(d for d, (owner, lease_id) in owners.items()
+                      if owner == self.host_name and lease_id == self.lease_id)
 
     def _claim(self, owners: dict[str, tuple[str, int]]) -> None:
         """Claim the protected domains policy.to_adopt gives this host (blocking; raises HAError)."""
@@ -238,19 +242,26 @@ class Keeper:
         return result
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Renewer and watchdog until *stopping*. Then a lease that guards no domain is revoked (the host
-        leaves at once); one that does is left to expire, and the domains keep running (docs/ha.md)."""
+        """Renewer and watchdog until *stopping*. Then the domains this host owns are fenced (stopped
+        here, so that no VM ever runs on two hosts once another host claims it) and the lease is revoked:
+        the host leaves at once, and its protected domains restart on a surviving host (docs/ha.md)."""
         try:
             await asyncio.gather(self.renewer(stopping), self.watchdog(stopping))
         finally:
+            if self.owned and self.lease_id is not None:
+                try:  # what this host owns now: an `ha unprotect` since the last renewal releases a domain
+                    self.owned = self._mine(await asyncio.to_thread(self.client.owners))
+                except HvextError as err:  # etcd does not answer: fence what was owned at the last read
+                    log.warning("reading owners at stop: %s", err)
             if self.owned:
-                log.warning("stopping while owning %s: they keep running unguarded; the lease ends %d s after "
-                            "its last renewal", ", ".join(self.owned), self.config.lease_ttl)
-            elif self.lease_id is not None:
+                log.warning("stopping while owning %s: fencing them here; a surviving host restarts them",
+                            ", ".join(self.owned))
+                await self.fence()
+            for lease_id in [*self.stale_leases, *([self.lease_id] if self.lease_id is not None else [])]:
                 try:
-                    await asyncio.to_thread(self.client.revoke, self.lease_id)
-                except HvextError as err:
-                    log.warning("revoking lease at stop: %s", err)
+                    await asyncio.to_thread(self.client.revoke, lease_id)
+                except HvextError as err:  # the lease then ends by itself, TTL s after its last renewal
+                    log.warning("revoking lease %x at stop: %s", lease_id, err)
             self.client.close()
 
     def state(self) -> dict[str, Any]:

@@ -27,8 +27,11 @@ from hvext.host import RunState
 from tests.unit import test_ha_cluster
 from tests.unit.test_daemon import ROOT, _wait_for
 from tests.unit.test_ha_cluster import cli, paths_args
-from tests.unit.test_ha_fence import MARGIN, TTL, XML, member  # noqa: F401  (member: the etcd fixture)
+from tests.unit import test_ha_fence
+from tests.unit.test_ha_fence import MARGIN, TTL, XML
 from tests.unit.testdriver import running_domain
+
+member = test_ha_fence.member  # the etcd fixture (one member, torn down after the test)
 
 pytestmark = test_ha_cluster.pytestmark  # the same requirements: root, etcd, openssl
 
@@ -220,3 +223,36 @@ def test_two_survivors_racing_for_orphans_claim_each_exactly_once(member: Layout
         for name in [*names, bad]:
             client.unprotect(name)
         client.close()
+
+
+def test_a_stopping_keeper_fences_what_it_owns_and_leaves_at_once(member: Layout,  # noqa: F811
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A normal stop must not leave an owned domain running while another host claims it."""
+    url = cluster.require_member(member).client_url
+    config = HAConfig(cluster="test", etcd_endpoints=(url,), host="h-stop", lease_ttl=TTL, fence_margin=MARGIN,
+                      credentials=member.pki_dir)
+    with running_domain(XML, "stop") as dom:
+        rc, _, err = cli(capsys, "-c", "test:///default", "ha", "protect", dom.name, "--host", "h-stop",
+                         *paths_args(member))
+        assert rc == 0, err
+        keeper = ha_loop.Keeper(config, "h-stop", "test:///default")
+
+        async def claim_then_stop() -> None:
+            stopping = asyncio.Event()
+            task = asyncio.ensure_future(keeper.run(stopping))
+            deadline = time.monotonic() + 10
+            while keeper.owned != [dom.name]:
+                assert time.monotonic() < deadline, "the keeper never claimed the protected domain"
+                await asyncio.sleep(0.05)
+            stopping.set()
+            await asyncio.wait_for(task, 10)
+
+        asyncio.run(claim_then_stop())
+        assert keeper.fenced == {dom.name: "fenced"}
+        assert dom.state is RunState.SHUTOFF
+        check = Client([url], member.credentials())
+        try:  # the lease was revoked, not left to expire: the host and its owner key are gone now
+            assert "h-stop" not in check.hosts() and dom.name not in check.owners()
+            assert dom.name in check.protected()[0]  # still protected: a survivor claims and restarts it
+        finally:
+            check.close()
