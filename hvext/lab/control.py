@@ -10,12 +10,15 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hvext.errors import HvextError
 from hvext.lab import daemons, net, pki, plan, procs, statefile, teardown
 from hvext.lab.daemons import Probe
 from hvext.lab.plan import HostPhase, LabError, LabHost, LabState, LabUsageError, Phase
+
+if TYPE_CHECKING:
+    from hvext.ha.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +256,7 @@ class Lab:
                 etcd=_cluster().status(h) if self.state.cluster else None))
         return result
 
-    def cluster_client(self) -> Any:
+    def cluster_client(self) -> Client:
         """A client (:class:`hvext.ha.client.Client`) of a cluster lab's etcd through the hosts that are up."""
         current = statefile.read_state(self.state.run_dir) or self.state
         return _cluster().client_for(current)
