@@ -23,7 +23,7 @@ from hvext import lab
 from hvext.ha import cluster as ha_cluster
 from hvext.ha import etcd
 from hvext.lab import cluster as lab_cluster
-from hvext.lab import plan
+from hvext.lab import net, plan
 from tests.support import require
 
 T = TypeVar("T")
@@ -75,6 +75,22 @@ def with_leases(host: lab.LabHost, names: list[str]) -> Callable[[], dict[str, A
         status = cluster_status(host)
         return status if [h["name"] for h in status["hosts"]] == names else None
     return probe
+
+
+def test_a_cluster_up_whose_members_cannot_start_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs first, before the module's lab: every member exits at once (etcd replaced by /bin/false);
+    `up` fails naming etcd and removes all it made (daemons, namespaces, directories, the cluster CA)."""
+    require(lab.Lab.load() is None,
+            "a lab is already up (maybe someone else's); `hvext lab down` first to run these tests")
+    monkeypatch.setattr(etcd, "ETCD", "/bin/false")
+    try:
+        with pytest.raises(lab.LabError, match="etcd exited"):
+            lab.Lab.up(3, cluster=True)
+        assert lab.Lab.load() is None
+        assert net.present() == {"netns": [], "links": []}
+        assert not plan.RUN_DIR.exists() and not plan.DATA_DIR.exists()
+    finally:
+        lab.down()
 
 
 def test_three_members_a_leader_and_three_host_leases(the_lab: lab.Lab) -> None:
