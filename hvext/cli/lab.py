@@ -21,7 +21,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="create the lab (a no-op when the same lab is up)")
     up.add_argument("--hosts", type=_host_count, default=2, metavar="N",
                     help=f"number of hosts, {lab.MIN_HOSTS} to {lab.MAX_HOSTS} (default 2)")
-    up.add_argument("--force", action="store_true", help="replace a lab that has another number of hosts")
+    up.add_argument("--cluster", action="store_true",
+                    help="also an etcd member per host (one cluster over the lab addresses) and an [ha] config "
+                         "for each hvextd, so each host holds a lease (docs/lab.md)")
+    up.add_argument("--force", action="store_true",
+                    help="replace a lab that has another number of hosts (or is, or is not, a cluster lab)")
     common.add_json(up)
     up.set_defaults(func=cmd_up)
 
@@ -94,18 +98,20 @@ def _print_uris(hosts: list[lab.LabHost]) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    the_lab = lab.Lab.up(args.hosts, force=args.force)
+    the_lab = lab.Lab.up(args.hosts, force=args.force, cluster=args.cluster)
 
     def text() -> None:
         if the_lab.created:
             if the_lab.replaced:
                 common.console.print(f"lab up: removed the recorded lab first: {the_lab.replaced}")
-            common.console.print(f"lab up: created {len(the_lab.hosts)} hosts in {the_lab.seconds:.1f} s")
+            kind = " (an etcd member each, one cluster)" if the_lab.state.cluster else ""
+            common.console.print(f"lab up: created {len(the_lab.hosts)} hosts{kind} in {the_lab.seconds:.1f} s")
         else:
             common.console.print(f"lab up: {len(the_lab.hosts)} hosts already up, nothing to do")
         _hosts_table(the_lab)
 
     common.print_result(args.json, {"created": the_lab.created, "replaced": the_lab.replaced,
+                                    "cluster": the_lab.state.cluster,
                                     "seconds": round(the_lab.seconds, 3), "hosts": _host_dicts(the_lab)}, text)
     return 0
 
@@ -147,15 +153,25 @@ def cmd_status(args: argparse.Namespace) -> int:
             rows.append([s.host.name, s.host.phase, s.host.address, "up" if s.link_up else "cut",
                          s.daemons.get("libvirtd") or "dead", s.daemons.get("hvextd") or "dead",
                          ", ".join(answers) or "no", s.unix.domains if s.unix.ok else "-"])
-        common.print_table(f"hvext lab: {len(statuses)} hosts, {the_lab.state.phase}",
-                           ["host", "state", "address", "link", "libvirtd", "hvextd", "answers", "domains"], rows)
+        headers = ["host", "state", "address", "link", "libvirtd", "hvextd", "answers", "domains"]
+        if the_lab.state.cluster:
+            headers.append("etcd")
+            for row, s in zip(rows, statuses):
+                e = s.etcd or {}
+                row.append("dead" if e.get("pid") is None else
+                           f"{e['pid']} {'healthy' if e.get('healthy') else 'unhealthy'}"
+                           f"{', leader' if e.get('leader') else ''}")
+        common.print_table(f"hvext lab: {len(statuses)} hosts, {the_lab.state.phase}", headers, rows)
         for s in statuses:
             for kind, probe in (("unix", s.unix), ("tls", s.tls)):
                 if not probe.ok:
                     common.console.print(f"{s.host.name} {kind}: {probe.error}", soft_wrap=True)
+            if s.etcd is not None and s.etcd.get("error"):
+                common.console.print(f"{s.host.name} etcd: {s.etcd['error']}", soft_wrap=True)
         _print_uris(the_lab.hosts)
 
-    common.print_result(args.json, {"up": True, "phase": the_lab.state.phase, "state_file": str(lab.state_file()),
+    common.print_result(args.json, {"up": True, "phase": the_lab.state.phase, "cluster": the_lab.state.cluster,
+                                    "state_file": str(lab.state_file()),
                                     "hosts": [s.to_dict() for s in statuses]}, text)
     return 0
 

@@ -55,6 +55,8 @@ class Layout:
     state_dir: Path = paths.STATE_DIR
     run_dir: Path = service.RUN_DIR
     log_dir: Path = paths.LOG_DIR
+    #: The network namespace the member runs in (``ip netns exec``; a lab host's), "" for this one.
+    netns: str = ""
 
     @property
     def ha_dir(self) -> Path:
@@ -235,6 +237,13 @@ def issue_member_cert(layout: Layout, member: Member) -> None:
 # ---------------------------------------------------------------- the process
 
 
+def command(layout: Layout, member: Member) -> list[str]:
+    """What :func:`start` runs: etcd's command line, inside the layout's network namespace if it has one
+    (``ip netns exec`` execs etcd, so the PID is etcd's)."""
+    prefix = ["ip", "netns", "exec", layout.netns] if layout.netns else []
+    return prefix + member.argv(layout)
+
+
 def running_pid(layout: Layout) -> int | None:
     """The PID of this layout's running etcd (from its pid file, checked in /proc), or None."""
     pid = procs.read_pid_file(layout.pid_file) if layout.pid_file.exists() else None
@@ -311,7 +320,7 @@ def start(layout: Layout, member: Member, timeout: float = START_TIMEOUT_S) -> S
                          0o640)
         offset = os.fstat(log_fd).st_size
         try:
-            proc = subprocess.Popen(member.argv(layout), stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            proc = subprocess.Popen(command(layout, member), stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                                     start_new_session=True, cwd="/")
         except OSError as err:
             raise HAError(f"cannot run {ETCD}: {err.strerror}") from err

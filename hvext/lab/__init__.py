@@ -17,7 +17,9 @@ CLI, tests, benchmarks) find one lab; a lock serialises ``up``, ``down``,
 ``fail`` and ``revive``. A host fails (:meth:`Lab.fail`: every process in its
 network namespace killed, its link cut; with ``power_loss``, SIGPWR to its
 hvextd first and the kill after a battery window) and comes back empty
-(:meth:`Lab.revive`); its state is a :class:`HostPhase`.
+(:meth:`Lab.revive`); its state is a :class:`HostPhase`. A cluster lab
+(``Lab.up(N, cluster=True)``) also runs an etcd member per host, one cluster,
+and each hvextd holds its host's lease (:mod:`hvext.lab.cluster`).
 
 ::
 

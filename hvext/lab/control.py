@@ -10,14 +10,24 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hvext.errors import HvextError
 from hvext.lab import daemons, net, pki, plan, procs, statefile, teardown
 from hvext.lab.daemons import Probe
 from hvext.lab.plan import HostPhase, LabError, LabHost, LabState, LabUsageError, Phase
 
+if TYPE_CHECKING:
+    from hvext.ha.client import Client
+
 log = logging.getLogger(__name__)
+
+
+def _cluster() -> Any:
+    """:mod:`hvext.lab.cluster`, imported when first needed: it imports hvext.ha, which imports
+    hvext.lab (its PKI and process code), so importing it here at load time would be circular."""
+    from hvext.lab import cluster
+    return cluster
 
 
 @dataclass
@@ -30,6 +40,8 @@ class HostStatus:
     unix: Probe
     tls: Probe
     link_up: bool = True
+    #: A cluster lab's etcd member on this host (:func:`hvext.lab.cluster.status`); None without a cluster.
+    etcd: dict[str, Any] | None = None
 
     @property
     def answering(self) -> bool:
@@ -46,6 +58,7 @@ class HostStatus:
             "unix": {"ok": self.unix.ok, "error": self.unix.error, "hostname": self.unix.hostname,
                      "libvirt": self.unix.version, "domains": self.unix.domains},
             "tls": {"ok": self.tls.ok, "error": self.tls.error, "hostname": self.tls.hostname},
+            "etcd": self.etcd,
         }
 
 
@@ -97,10 +110,12 @@ class Lab:
         return None if state is None else cls(state)
 
     @classmethod
-    def up(cls, count: int, *, force: bool = False) -> Lab:
+    def up(cls, count: int, *, force: bool = False, cluster: bool = False) -> Lab:
         """Make sure a lab of *count* hosts is up; a no-op (``created`` False) when it already is.
 
-        A lab of another size is refused unless *force* (then it is removed
+        With *cluster*, each host also runs an etcd member of one *count*-member
+        cluster and its hvextd holds the host's lease (:mod:`hvext.lab.cluster`).
+        A lab of another size or kind is refused unless *force* (then it is removed
         first). A recorded lab whose daemons or namespaces are gone is rebuilt.
         """
         count = plan.validate_count(count)
@@ -110,12 +125,13 @@ class Lab:
             replaced = ""
             existing = statefile.read_state(run_dir)
             if existing is not None:
-                if len(existing.hosts) != count:
+                if len(existing.hosts) != count or existing.cluster != cluster:
+                    kind = f"{len(existing.hosts)}-host {'cluster ' if existing.cluster else ''}lab"
                     if not force:
-                        raise LabUsageError(
-                            f"a {len(existing.hosts)}-host lab is already up; run `hvext lab down` first, or "
-                            f"`hvext lab up --hosts {count} --force` to replace it")
-                    replaced = f"it had {len(existing.hosts)} hosts"
+                        again = f"`hvext lab up --hosts {count}{' --cluster' if cluster else ''} --force`"
+                        raise LabUsageError(f"a {kind} is already up; run `hvext lab down` first, or "
+                                            f"{again} to replace it")
+                    replaced = f"it was a {kind}"
                 else:
                     replaced = _health_problem(existing)
                     if not replaced:
@@ -125,7 +141,7 @@ class Lab:
             elif teardown.leftovers(run_dir):
                 teardown.teardown(None, run_dir, data_dir)
             state = LabState(hosts=plan.new_hosts(count, run_dir, data_dir), phase=Phase.CREATING,
-                             created=time.time(), run_dir=run_dir, data_dir=data_dir)
+                             created=time.time(), run_dir=run_dir, data_dir=data_dir, cluster=cluster)
             statefile.write_state(state)
             try:
                 _build(state)
@@ -181,8 +197,9 @@ class Lab:
 
     def revive(self, name: str | int) -> LabHost:
         """Bring failed host *name* back as an empty host: fresh directories (no domains), fresh
-        daemons, its link up. Its name, address and host UUID stay. UP afterwards; FAILED again
-        (what started killed, the link cut) when it does not come up."""
+        daemons, its link up. Its name, address and host UUID stay. In a cluster lab its etcd member
+        rejoins as a new member (the old one removed; :func:`hvext.lab.cluster.rejoin`). UP afterwards;
+        FAILED again (what started killed, the link cut) when it does not come up."""
         with statefile.locked(self.state.run_dir):
             state = self._current()
             host = _find(state, name)
@@ -192,10 +209,16 @@ class Lab:
             daemons.remove_dirs(host.index, state.run_dir, state.data_dir)
             net.ensure_bridge()
             net.add_host(host.index)
-            daemons.prepare(host, len(state.hosts), state.run_dir, state.data_dir)
+            config = None
+            if state.cluster:
+                _cluster().write_hvextd_config(host, len(state.hosts))
+                config = _cluster().hvextd_config(host)
+            daemons.prepare(host, len(state.hosts), state.run_dir, state.data_dir, config)
             try:
                 daemons.launch(host, state.run_dir)
                 host.processes = daemons.wait_ready(host, state.run_dir, state.data_dir)
+                if state.cluster:
+                    host.processes["etcd"] = _cluster().rejoin(state, host)
             except BaseException:
                 # Not up: whatever did start is killed again, so the host stays FAILED and consistent.
                 teardown.kill_host_processes(host)
@@ -229,8 +252,14 @@ class Lab:
                 host=h, netns_present=net.netns_exists(h.netns), daemons=alive,
                 unix=daemons.probe_libvirt(h.uri_unix),
                 tls=daemons.probe_libvirt(h.uri_tls, tcp=(h.address, plan.LIBVIRT_TLS_PORT)),
-                link_up=net.link_up(h.index)))
+                link_up=net.link_up(h.index),
+                etcd=_cluster().status(h) if self.state.cluster else None))
         return result
+
+    def cluster_client(self) -> Client:
+        """A client (:class:`hvext.ha.client.Client`) of a cluster lab's etcd through the hosts that are up."""
+        current = statefile.read_state(self.state.run_dir) or self.state
+        return _cluster().client_for(current)
 
 
 def down() -> list[str]:
@@ -266,12 +295,20 @@ def _build(state: LabState) -> None:
     for h in state.hosts:
         net.add_host(h.index)
     pki.make_lab_authorities(state.data_dir)
+    if state.cluster:
+        _cluster().make_ca(state.data_dir)
     for h in state.hosts:
-        daemons.prepare(h, count, state.run_dir, state.data_dir)
-    for h in state.hosts:  # all daemons start first, then we wait for them together
+        daemons.prepare(h, count, state.run_dir, state.data_dir,
+                        _cluster().hvextd_config(h) if state.cluster else None)
+        if state.cluster:
+            _cluster().prepare(h, count)
+    for h in state.hosts:  # all daemons start first (the firewalls with them), then we wait for them together
         daemons.launch(h, state.run_dir)
+    members = _cluster().start_all(state) if state.cluster else {}
     for h in state.hosts:
         h.processes = daemons.wait_ready(h, state.run_dir, state.data_dir)
+        if h.name in members:
+            h.processes["etcd"] = members[h.name]
         statefile.write_state(state)
     state.mark_up()
     statefile.write_state(state)
@@ -287,7 +324,7 @@ def _health_problem(state: LabState) -> str:
             return f"{h.name} is {h.phase} (`hvext lab revive {h.name}` brings it back without a rebuild)"
         if not net.netns_exists(h.netns):
             return f"{h.name}'s network namespace is gone"
-        for daemon in plan.DAEMONS:
+        for daemon in plan.DAEMONS + (plan.CLUSTER_DAEMONS if state.cluster else ()):
             ref = h.processes.get(daemon)
             if ref is None or not procs.is_alive(ref):
                 return f"{h.name}'s {daemon} is not running"

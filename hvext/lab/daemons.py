@@ -36,8 +36,9 @@ START_TIMEOUT_S = 60.0
 _DIR_MODES = {"etc": 0o755, "lib": 0o755, "log": 0o755, "cache": 0o711}
 
 
-def prepare(host: LabHost, count: int, run_dir: Path, data_dir: Path) -> None:
-    """Create host's run and data directories, its config files and start script."""
+def prepare(host: LabHost, count: int, run_dir: Path, data_dir: Path, hvextd_config: Path | None = None) -> None:
+    """Create host's run and data directories, its config files and start script (hvextd runs with
+    *hvextd_config* when given: a cluster lab's)."""
     hrun = plan.host_run_dir(run_dir, host.index)
     hdata = plan.host_data_dir(data_dir, host.index)
     try:
@@ -67,7 +68,8 @@ def prepare(host: LabHost, count: int, run_dir: Path, data_dir: Path) -> None:
             (hrun / f"{daemon}.pid").unlink(missing_ok=True)
         (hrun / "hvextd.log").unlink(missing_ok=True)
         (hrun / "start.sh").write_text(plan.start_script(host.index, run_dir, data_dir, hvextd_path(),
-                                                         str(Path(hvext.__file__).resolve().parents[1])))
+                                                         str(Path(hvext.__file__).resolve().parents[1]),
+                                                         hvextd_config))
     except OSError as err:
         raise LabError(f"preparing {host.name}'s directories under {hrun} and {hdata}: {err}") from err
 

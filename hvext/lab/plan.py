@@ -70,6 +70,13 @@ PRIVATE_DIRS = {
 }
 #: The daemons each host runs, in start order (stopped in reverse).
 DAEMONS = ("virtlogd", "libvirtd", "hvextd")
+#: What each host of a cluster lab (``hvext lab up --cluster``) runs besides: its etcd member.
+CLUSTER_DAEMONS = ("etcd",)
+#: The cluster lab's etcd: its name and the ports each member listens on at its host's lab address
+#: (etcd's own defaults, as hvext.ha.etcd has them).
+CLUSTER_NAME = "hvext-lab"
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
 #: What hvextd logs once its signal handlers are set and it watches its libvirtd (its readiness).
 HVEXTD_READY = "watching qemu:///system"
 #: The battery window of `hvext lab fail HOST --power-loss`: SIGPWR, then this long until the kill.
@@ -239,14 +246,17 @@ def firewall_rules() -> list[list[str]]:
     """iptables arguments for the INPUT chain of every lab host's network namespace.
 
     The lab addresses are reachable from the root namespace, where every local
-    user is: from there only libvirtd's TLS port (client certificate required)
-    answers. Everything else a host serves (QEMU's migration ports, NBD, any
-    guest display) accepts only the other lab hosts. A user in the root
+    user is: from there only libvirtd's TLS port and etcd's client port (both
+    requiring a client certificate) answer. Everything else a host serves (etcd's
+    peer port, QEMU's migration ports, NBD, any guest display) accepts only the
+    other lab hosts. A user in the root
     namespace cannot take a lab host's source address (no raw sockets, and the
     replies go to that host), so the rules go by source address.
     """
     rules = [["-i", "lo", "-j", "ACCEPT"],
-             ["-p", "tcp", "--dport", str(LIBVIRT_TLS_PORT), "-j", "ACCEPT"]]
+             ["-p", "tcp", "--dport", str(LIBVIRT_TLS_PORT), "-j", "ACCEPT"],
+             # etcd's client port (cluster lab): TLS with a client certificate of the lab's cluster CA.
+             ["-p", "tcp", "--dport", str(ETCD_CLIENT_PORT), "-j", "ACCEPT"]]
     rules += [["-s", host_address(i), "-j", "ACCEPT"] for i in range(MIN_HOSTS, MAX_HOSTS + 1)]
     rules += [["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"], ["-j", "DROP"]]
     return rules
@@ -260,22 +270,67 @@ def check_battery(seconds: object) -> float:
     return float(seconds)
 
 
-def hvextd_command(hvextd: str, pythonpath: str, run_dir: Path, index: int) -> str:
+def etcd_peer_url(index: int) -> str:
+    return f"https://{host_address(index)}:{ETCD_PEER_PORT}"
+
+
+def etcd_client_url(index: int) -> str:
+    return f"https://{host_address(index)}:{ETCD_CLIENT_PORT}"
+
+
+def etcd_initial_cluster(count: int) -> str:
+    """etcd's static ``--initial-cluster`` of a cluster lab: every host a member, by its lab address."""
+    return ",".join(f"{host_name(i)}={etcd_peer_url(i)}" for i in range(1, validate_count(count) + 1))
+
+
+def etcd_endpoints(index: int, count: int) -> list[str]:
+    """The client URLs host *index* uses: its own member first, then the others."""
+    if not 1 <= _check_index(index) <= validate_count(count):
+        raise LabUsageError(f"{host_name(index)} is not in a {count}-host lab")
+    others = [i for i in range(1, count + 1) if i != index]
+    return [etcd_client_url(i) for i in [index, *others]]
+
+
+#: The lease TTL and fence margin of a cluster lab's hvextds (hvextd's defaults).
+LAB_LEASE_TTL_S = 5
+LAB_FENCE_MARGIN_S = 1.0
+
+
+def hvextd_conf(index: int, count: int, credentials: Path) -> str:
+    """hvextd.toml of host *index* in a cluster lab: an ``[ha]`` section holding the host's lease in the
+    lab's etcd through its own member first, with the member's certificate in *credentials*."""
+    endpoints = ", ".join(f'"{url}"' for url in etcd_endpoints(index, count))
+    return "\n".join([
+        f"# hvext lab {host_name(index)}: written by `hvext lab up --cluster`.",
+        "[ha]",
+        f'cluster = "{CLUSTER_NAME}"',
+        f"etcd_endpoints = [{endpoints}]",
+        f'host = "{host_name(index)}"',
+        f"lease_ttl = {LAB_LEASE_TTL_S}",
+        f"fence_margin = {LAB_FENCE_MARGIN_S}",
+        f'credentials = "{credentials}"',
+        "",
+    ])
+
+
+def hvextd_command(hvextd: str, pythonpath: str, run_dir: Path, index: int, config: Path | None = None) -> str:
     """The start script's line that runs the host's hvextd in the background.
 
     It watches the host's own libvirtd (``qemu:///system`` inside the host's
     mount namespace is the host's socket) and logs to, and leaves its PID in,
-    the host's run directory. ``setsid`` in a non-interactive shell execs
+    the host's run directory; with *config* (a cluster lab's :func:`hvextd_conf`) it runs that config. ``setsid`` in a non-interactive shell execs
     without forking (a background job is no group leader), so ``$!`` is
     hvextd's PID; its command name is ``hvextd`` (the console script).
     """
     hrun = host_run_dir(run_dir, index)
-    return (f"PYTHONPATH={shlex.quote(pythonpath)} setsid {shlex.quote(hvextd)} -c qemu:///system "
+    conf = f"--config {shlex.quote(str(config))} " if config is not None else ""
+    return (f"PYTHONPATH={shlex.quote(pythonpath)} setsid {shlex.quote(hvextd)} -c qemu:///system {conf}"
             f"</dev/null >>{hrun / 'hvextd.log'} 2>&1 &\n"
             f"echo $! > {hrun / 'hvextd.pid'}")
 
 
-def start_script(index: int, run_dir: Path, data_dir: Path, hvextd: str = "", pythonpath: str = "") -> str:
+def start_script(index: int, run_dir: Path, data_dir: Path, hvextd: str = "", pythonpath: str = "",
+                 hvextd_config: Path | None = None) -> str:
     """The shell script that runs inside host *index*'s new mount and UTS namespaces.
 
     It makes libvirt's directories private bind mounts of the host's own
@@ -307,7 +362,7 @@ def start_script(index: int, run_dir: Path, data_dir: Path, hvextd: str = "", py
         f"--pid-file {hrun / 'libvirtd.pid'}",
     ]
     if hvextd:
-        lines.append(hvextd_command(hvextd, pythonpath, run_dir, index))
+        lines.append(hvextd_command(hvextd, pythonpath, run_dir, index, hvextd_config))
     return "\n".join(lines + [""])
 
 
@@ -422,6 +477,8 @@ class LabState:
     created: float
     run_dir: Path
     data_dir: Path
+    #: A cluster lab: each host also runs an etcd member, and its hvextd holds a lease (``--cluster``).
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         self.phase = Phase(self.phase)  # ValueError for anything that is not a phase
@@ -439,6 +496,7 @@ class LabState:
             "created": self.created,
             "run_dir": str(self.run_dir),
             "data_dir": str(self.data_dir),
+            "cluster": self.cluster,
             "bridge": {"name": BRIDGE_NAME, "address": f"{BRIDGE_ADDRESS}/{LAB_NETWORK.prefixlen}"},
             "hosts": [{
                 "name": h.name, "index": h.index, "uuid": h.uuid, "address": h.address,
@@ -470,7 +528,7 @@ class LabState:
             for entry in data["hosts"]:
                 processes = {}
                 for daemon, ref in entry.get("processes", {}).items():
-                    if daemon not in DAEMONS:
+                    if daemon not in DAEMONS + CLUSTER_DAEMONS:
                         raise ValueError(f"unknown daemon {daemon!r}")
                     values = (ref["pid"], ref["start_ticks"])
                     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
@@ -488,8 +546,11 @@ class LabState:
             if [h.index for h in hosts] != list(range(1, len(hosts) + 1)):
                 raise ValueError("hosts are not host1..hostN in order")
             validate_count(len(hosts))
+            cluster = data.get("cluster", False)
+            if not isinstance(cluster, bool):
+                raise ValueError(f"cluster is {cluster!r}, not true or false")
             return cls(hosts=hosts, phase=Phase(phase), created=float(data["created"]),
-                       run_dir=run_dir, data_dir=Path(data["data_dir"]))
+                       run_dir=run_dir, data_dir=Path(data["data_dir"]), cluster=cluster)
         except (KeyError, TypeError, ValueError, UsageError) as err:
             raise LabError(f"{source}: malformed ({type(err).__name__}: {err}); "
                            "`hvext lab down` removes the lab") from err

@@ -331,3 +331,11 @@ def test_status_shows_each_hosts_lease_and_the_domains_it_owns(two: tuple[Layout
     finally:
         c.revoke(lease.id)
         c.close()
+
+
+def test_a_layout_with_a_network_namespace_runs_etcd_there(tmp_path: Path) -> None:
+    member = etcd.Member("m1", "c", "198.18.0.11")
+    plain = Layout(state_dir=tmp_path, run_dir=tmp_path, log_dir=tmp_path)
+    assert etcd.command(plain, member) == member.argv(plain)
+    inside = Layout(state_dir=tmp_path, run_dir=tmp_path, log_dir=tmp_path, netns="hvext-lab-host1")
+    assert etcd.command(inside, member) == ["ip", "netns", "exec", "hvext-lab-host1", *member.argv(inside)]

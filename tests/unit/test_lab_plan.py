@@ -183,7 +183,9 @@ def test_host_phases_round_trip_through_the_state_file() -> None:
 def test_firewall_admits_only_tls_from_outside_the_lab_hosts() -> None:
     rules = [" ".join(r) for r in plan.firewall_rules()]
     assert rules[0] == "-i lo -j ACCEPT" and rules[1] == "-p tcp --dport 16514 -j ACCEPT"
-    assert rules[2:-2] == [f"-s 198.18.0.{10 + i} -j ACCEPT" for i in range(1, 9)]
+    assert rules[2] == "-p tcp --dport 2379 -j ACCEPT"  # etcd's client port (client certificates)
+    assert not any("2380" in r for r in rules)  # etcd's peer port: lab hosts only
+    assert rules[3:-2] == [f"-s 198.18.0.{10 + i} -j ACCEPT" for i in range(1, 9)]
     assert f"-s {plan.BRIDGE_ADDRESS} -j ACCEPT" not in rules  # the root namespace's address
     assert rules[-2:] == ["-p tcp -j REJECT --reject-with tcp-reset", "-j DROP"]
 
@@ -249,3 +251,44 @@ def _mangled(edit: object) -> str:
 def test_malformed_state_is_a_lab_error(text: str) -> None:
     with pytest.raises(LabError, match="lab down"):
         LabState.from_json(text, "lab.json")
+
+
+def test_cluster_lab_etcd_urls_and_static_initial_cluster() -> None:
+    assert plan.etcd_initial_cluster(3) == ("host1=https://198.18.0.11:2380,host2=https://198.18.0.12:2380,"
+                                            "host3=https://198.18.0.13:2380")
+    assert plan.etcd_endpoints(2, 3) == ["https://198.18.0.12:2379", "https://198.18.0.11:2379",
+                                         "https://198.18.0.13:2379"]
+    with pytest.raises(plan.LabUsageError):
+        plan.etcd_endpoints(4, 3)
+
+
+def test_cluster_lab_hvextd_conf_is_a_valid_ha_section(tmp_path: Path) -> None:
+    from hvext.daemon import config as daemon_config
+
+    path = tmp_path / "hvextd.toml"
+    path.write_text(plan.hvextd_conf(3, 3, Path("/var/lib/hvext/lab/host3/ha/pki")))
+    ha = daemon_config.load(path).get(daemon_config.HAConfig)
+    assert ha is not None and ha.host == "host3" and ha.cluster == plan.CLUSTER_NAME
+    assert ha.etcd_endpoints[0] == "https://198.18.0.13:2379" and len(ha.etcd_endpoints) == 3
+    assert ha.credentials == Path("/var/lib/hvext/lab/host3/ha/pki") and ha.lease_ttl == plan.LAB_LEASE_TTL_S
+
+
+def test_start_script_runs_hvextd_with_the_cluster_config() -> None:
+    script = plan.start_script(1, RUN, Path("/d"), "/usr/bin/hvextd", "/src", Path("/d/host1/hvextd.toml"))
+    assert "hvextd -c qemu:///system --config /d/host1/hvextd.toml <" in script
+    assert "hvextd.toml" not in plan.start_script(1, RUN, Path("/d"), "/usr/bin/hvextd", "/src")
+
+
+def test_cluster_flag_and_etcd_process_round_trip_through_the_state_file() -> None:
+    state = _state()
+    assert LabState.from_json(state.to_json()).cluster is False
+    state.cluster = True
+    state.hosts[0].processes["etcd"] = ProcessRef(102, 5002, "etcd")
+    again = LabState.from_json(state.to_json())
+    assert again.cluster is True and again.hosts[0].processes["etcd"] == ProcessRef(102, 5002, "etcd")
+    data = json.loads(state.to_json())
+    data["cluster"] = "yes"
+    with pytest.raises(plan.LabError, match="cluster"):
+        LabState.from_json(json.dumps(data))
+    del data["cluster"]  # a state file written before cluster labs: not a cluster lab
+    assert LabState.from_json(json.dumps(data)).cluster is False
