@@ -90,13 +90,18 @@ def print_result(as_json: bool, data: Any, text: Callable[[], object]) -> None:
         console.print(shown)
 
 
-def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=literal(title) if title else None, title_justify="left")
+def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:
+    """A table of *rows*; every cell goes through :func:`literal` (cells may hold guest or peer text)."""
+    made = Table(title=literal(title) if title else None, title_justify="left")
     for column in columns:
-        table.add_column(column)
+        made.add_column(column)
     for row in rows:
-        table.add_row(*("" if cell is None else literal(cell) for cell in row))
-    console.print(table)
+        made.add_row(*("" if cell is None else literal(cell) for cell in row))
+    return made
+
+
+def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    console.print(table(title, columns, rows))
 
 
 def print_fields(fields: dict[str, Any]) -> None:

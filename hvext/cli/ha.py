@@ -1,6 +1,6 @@
 """``hvext ha ...``: protect domains in the HA cluster (docs/ha.md).
 
-``ha protect DOMAIN [--host NAME]``, ``ha unprotect DOMAIN``, ``ha status [DOMAIN] [--json]``. They reach the
+``ha protect DOMAIN [--host NAME]``, ``ha unprotect DOMAIN``, ``ha status [DOMAIN] [--watch [S]] [--json]``. They reach the
 cluster through this host's etcd member (``hvext cluster init|join``), with its certificate.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import datetime
 from typing import Any
 
-from hvext.cli import common
+from hvext.cli import common, watch
 from hvext.cli.cluster import _add_paths, _layout
 from hvext.ha import cluster, protection
 
@@ -37,6 +37,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("status", help="each protected domain: owner, the owner's lease TTL left, since when")
     p.add_argument("domain", metavar="DOMAIN", nargs="?", default=None, help="only this domain")
+    watch.add_arguments(p, default=1.0, source="(owners, leases: a failover as it happens)")
     _add_paths(p)
     common.add_json(p)
     p.set_defaults(func=cmd_status)
@@ -73,19 +74,24 @@ def _when(since: float | None) -> str:
     return datetime.datetime.fromtimestamp(since, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def status_table(rows: list[dict[str, Any]]) -> Any:
+    """The protected domains as a table (a line when there are none)."""
+    if not rows:
+        return "no protected domain"
+    return common.table("Protected domains", ["Domain", "Owner", "Lease TTL", "Home", "Protected since", "State"],
+                        [[r["domain"], r["owner"] or "-", "-" if r["lease_ttl"] is None else f"{r['lease_ttl']} s",
+                          r["home"] or "-", _when(r["since"]), r["state"]] for r in rows])
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    watch.check(args)
     client = cluster.client_for(_layout(args))
     try:
+        if args.watch is not None:  # one JSON object per sample: {"domains": [...]}
+            return watch.run(lambda: protection.status(client, args.domain), interval=args.watch, count=args.count,
+                             as_json=args.json, to_dict=lambda rows: {"domains": rows}, render=status_table)
         rows = protection.status(client, args.domain)
     finally:
         client.close()
-
-    def text() -> Any:
-        if not rows:
-            return "no protected domain"
-        common.print_table("Protected domains", ["Domain", "Owner", "Lease TTL", "Home", "Protected since", "State"],
-                           [[r["domain"], r["owner"] or "-", "-" if r["lease_ttl"] is None else f"{r['lease_ttl']} s",
-                             r["home"] or "-", _when(r["since"]), r["state"]] for r in rows])
-        return None
-    common.print_result(args.json, rows if args.domain is None else rows[0], text)
+    common.print_result(args.json, rows if args.domain is None else rows[0], lambda: status_table(rows))
     return 0

@@ -89,6 +89,14 @@ def test_protect_status_unprotect_and_the_keeper_claims_with_its_lease(member: L
                 rc, out, _ = cli(capsys, "cluster", "status", "--json", *paths)
                 host = next(h for h in json.loads(out)["hosts"] if h["name"] == "h-prot")
                 assert host["owns"] == [dom.name]
+                # `ha status --watch`: one JSON object per sample, each with the owner
+                rc, out, err = await asyncio.to_thread(cli, capsys, "ha", "status", dom.name, "--watch", "0.2",
+                                                       "--count", "2", "--json", *paths)
+                samples = [json.loads(line) for line in out.splitlines()]
+                assert rc == 0 and len(samples) == 2, err
+                assert all(s["domains"][0]["owner"] == "h-prot" for s in samples)
+                rc, _, err = cli(capsys, "ha", "status", "--count", "2", *paths)
+                assert rc == 1 and "--count needs --watch" in err
 
                 rc, out, err = cli(capsys, "ha", "unprotect", dom.name, *paths)
                 assert rc == 0 and "no longer protected" in out, err
