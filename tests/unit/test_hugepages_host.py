@@ -14,6 +14,7 @@ from hvext.dirty.pages import DirtyBlock, DirtyPages
 from hvext.errors import DomainStateError
 from hvext.memory import hugepages
 from hvext.memory.sharing_policy import REGION_SIZE
+from tests.support import require
 
 MIB = 1 << 20
 
@@ -51,10 +52,9 @@ def _thp_mode() -> str:
     return text[text.index("[") + 1:text.index("]")]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="page frame numbers need root")
 def test_collapse_maps_a_region_large() -> None:
-    if _thp_mode() == "never":
-        pytest.skip("transparent huge pages are off")
+    require(os.geteuid() == 0, "page frame numbers need root")
+    require(_thp_mode() != "never", "transparent huge pages are off")
     area = mmap.mmap(-1, 3 * REGION_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         base = ctypes.addressof(ctypes.c_char.from_buffer(area))
