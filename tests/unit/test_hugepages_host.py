@@ -72,6 +72,5 @@ def test_collapse_maps_a_region_large() -> None:
         assert hugepages.anon_huge_bytes(os.getpid(), base) == REGION_SIZE
         with pytest.raises(ValueError):
             hugepages.collapse(os.getpid(), [start + 4096])
-        del number
     finally:
         area.close()

@@ -13,26 +13,31 @@ import os
 import statistics
 import time
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import pytest
 
 from hvext import aio
 from hvext.cli.main import main
-from hvext.host import emulator_path
+from hvext.agent.client import AgentClient
+from hvext.host import Domain, emulator_path
 from hvext.memory import balloon, hugepages, swap
 from hvext.memory.sharing_policy import REGION_SIZE
 
+T = TypeVar("T")
 patched = pytest.mark.requires(emulator_path() is not None, "needs the patched QEMU (make qemu)")
 
 
-def _agent(domain, call):  # type: ignore[no-untyped-def]
-    async def run():  # type: ignore[no-untyped-def]
+def _agent(domain: Domain, call: Callable[[AgentClient], Awaitable[T]]) -> T:
+    async def run() -> T:
         async with domain.agent(timeout=30) as client:
             return await call(client)
     return aio.run(run())
 
 
 @patched
-def test_hot_set_ranks_first_and_apply_collapses_it(vm_factory, capsys) -> None:
+def test_hot_set_ranks_first_and_apply_collapses_it(vm_factory, capsys) -> None:  # type: ignore[no-untyped-def]
     domain = vm_factory.boot(vm_factory.define(memory_mib=512, agent_testing=True))
     _agent(domain, lambda c: c.stress_start(32, 32))  # the 32 MiB set rewritten every second
     try:
@@ -64,6 +69,13 @@ def test_hot_set_ranks_first_and_apply_collapses_it(vm_factory, capsys) -> None:
         ranked = [c["region"] for c in data["candidates"]]
         top = ranked[:len(hot)]
         assert len(set(top) & hot) >= 0.5 * len(hot), (top, sorted(hot))
+
+        code = main(["hugepages", domain.name, "--watch", "1", "--count", "2", "--top", "5", "--json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert [line["interval"] for line in lines] == [1, 2] and len(lines[1]["candidates"]) == 5
+        assert lines[1]["written_pages"] > 0
 
         # QEMU asks for large pages on guest RAM (MADV_HUGEPAGE), so the hot set is large already:
         # split one hot region (MADV_PAGEOUT of its first 4 KiB page splits the 2 MiB page) for --apply
