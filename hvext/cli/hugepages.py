@@ -40,9 +40,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--half-life", type=common.seconds, default=DEFAULT_HALF_LIFE, metavar="INTERVALS",
                    help=f"a score halves every INTERVALS without writes (default {DEFAULT_HALF_LIFE:g})")
     p.add_argument("--apply", action="store_true",
-                   help="after counting, MADV_COLLAPSE the hottest candidates not mapped large yet")
+                   help="after counting (with --watch: after each interval), MADV_COLLAPSE the hottest "
+                        "candidates not mapped large yet")
     p.add_argument("--budget", type=common.count(0, 1 << 20), metavar="N",
-                   help="with --apply: at most N regions are collapsed")
+                   help="with --apply: at most N regions are collapsed in this run (all intervals together)")
     common.add_json(p)
     p.set_defaults(func=cmd_hugepages)
 
@@ -64,8 +65,18 @@ def _summary(data: dict[str, Any]) -> str:
             f"in the last interval; counted from {data['source']} (writes only)")
 
 
+def _applied(applied: dict[str, Any]) -> str:
+    failed = [f"{r['region']} ({r['error']})" for r in applied["results"] if r["error"]]
+    return (f"collapsed {len(applied['collapsed'])} of {len(applied['collapse'])} chosen "
+            f"(budget left {applied['budget']}, {len(applied['collapsed_in_run'])} made large in this run); "
+            f"failed: {', '.join(failed) or 'none'}")
+
+
 def _view(data: dict[str, Any]) -> Group:
-    return Group(Text(_summary(data)), _table(data))
+    lines = [Text(_summary(data))]
+    if data["applied"] is not None:
+        lines.append(Text(_applied(data["applied"])))
+    return Group(*lines, _table(data))
 
 
 def cmd_hugepages(args: argparse.Namespace) -> int:
@@ -76,8 +87,6 @@ def cmd_hugepages(args: argparse.Namespace) -> int:
         raise UsageError("--budget needs --apply")
     if args.apply and args.budget is None:
         raise UsageError("--apply needs --budget N (the most regions to collapse)")
-    if args.apply and args.watch is not None:
-        raise UsageError("--apply works on one count (drop --watch)")
     params = Params(half_life=args.half_life, min_score=DEFAULT_MIN_SCORE)
     with common.open_domain(args) as dom:
         dom.require_running()
@@ -86,10 +95,22 @@ def cmd_hugepages(args: argparse.Namespace) -> int:
         stack = contextlib.AsyncExitStack()
         log = aio.run(dirty._start_log(stack, dom))  # noqa: SLF001 -- the shared clean-start helper
         try:
+            collapsed: set[int] = set()  # regions this run made large: they count against the budget
+
             def step() -> hugepages.Snapshot:
                 counts = hugepages.region_counts(aio.run(log.fetch()), ram.ram_bytes)
                 scores.update(counts)
-                return ram.snapshot(scores, counts, SOURCE)
+                snap = ram.snapshot(scores, counts, SOURCE)
+                if args.apply and args.watch is not None:
+                    apply(snap)
+                return snap
+
+            def apply(snap: hugepages.Snapshot) -> None:
+                snap.applied = ram.collapse(choose(scores, snap.large, args.budget - len(collapsed)))
+                collapsed.update(snap.applied["collapsed"])
+                snap.applied["collapsed_in_run"] = sorted(collapsed)
+                snap.large = ram.large()
+                snap.anon_huge_bytes = hugepages.anon_huge_bytes(ram.pid, ram.start)
 
             if args.watch is not None:
                 return watch.run(step, interval=args.watch, count=args.count, as_json=args.json,
@@ -104,21 +125,13 @@ def cmd_hugepages(args: argparse.Namespace) -> int:
             assert last is not None
             if args.apply:
                 with common.console.status("collapsing..."):
-                    last.applied = ram.collapse(choose(scores, last.large, args.budget))
-                    last.large = ram.large()
-                    last.anon_huge_bytes = hugepages.anon_huge_bytes(ram.pid, ram.start)
+                    apply(last)
         finally:
             aio.run(stack.aclose())
     data = last.to_dict(args.top)
 
     def text() -> None:
         common.console.print(_view(data))
-        if data["applied"] is not None:
-            applied = data["applied"]
-            failed = [f"{r['region']} ({r['error']})" for r in applied["results"] if r["error"]]
-            common.print_fields({"Collapsed": f"{len(applied['collapsed'])} of {len(applied['collapse'])} chosen "
-                                              f"(budget {applied['budget']})",
-                                 "Failed": ", ".join(failed) or "none"})
 
     common.print_result(args.json, data, text)
     return 0

@@ -10,7 +10,6 @@ from hvext.cli.main import main
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "3"], "--budget needs --apply"),
     (["--apply"], "--apply needs --budget"),
-    (["--apply", "--budget", "2", "--watch"], "--apply works on one count"),
     (["--watch", "2", "--seconds", "1"], "drop --seconds"),
     (["--count", "2"], "--count needs --watch"),
 ])

@@ -1,5 +1,5 @@
 """Large-page priority on a real guest (C5): the regions a guest workload writes rank above the others,
-and ``--apply`` maps the hottest candidates that were not large with MADV_COLLAPSE.
+and ``--apply`` (also with ``--watch``) maps the hottest candidates that were not large with MADV_COLLAPSE.
 
 The guest's stress workload writes a 32 MiB working set; its ``pfn_sample`` gives guest frames of that
 set, and guest RAM is one block from guest address 0 (512 MiB, below the PCI hole), so frame // 512 is
@@ -70,6 +70,10 @@ def test_hot_set_ranks_first_and_apply_collapses_it(vm_factory, capsys) -> None:
         top = ranked[:len(hot)]
         assert len(set(top) & hot) >= 0.5 * len(hot), (top, sorted(hot))
 
+        code = main(["hugepages", domain.name, "--intervals", "1", "--top", "3"])
+        out, err = capsys.readouterr()
+        assert code == 0 and "regions mapped large" in out and "Large-page candidates" in out, err
+
         code = main(["hugepages", domain.name, "--watch", "1", "--count", "2", "--top", "5", "--json"])
         out, err = capsys.readouterr()
         assert code == 0, err
@@ -99,5 +103,23 @@ def test_hot_set_ranks_first_and_apply_collapses_it(vm_factory, capsys) -> None:
         assert target in applied["collapse"], applied  # hot and not large: chosen
         assert {"region": target, "error": None, "large": True} in applied["results"], applied
         assert target in ram.large()
+
+        # --watch --apply keeps counting and collapsing, within one budget for the whole run
+        again = next(c for c in applied["already_large"] if c in hot and c != target)
+        pidfd = os.pidfd_open(ram.pid)
+        try:
+            swap._pageout(pidfd, [(ram.start + again * REGION_SIZE, 4096)])
+        finally:
+            os.close(pidfd)
+        code = main(["hugepages", domain.name, "--watch", "2", "--count", "3", "--apply", "--budget", "1", "--json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        steps = [json.loads(line)["applied"] for line in out.splitlines()]
+        with capsys.disabled():
+            print(json.dumps([{k: s[k] for k in ("collapse", "collapsed", "collapsed_in_run", "budget")}
+                              for s in steps]))
+        assert steps[-1]["collapsed_in_run"] == [again], steps
+        assert all(len(s["collapse"]) <= s["budget"] for s in steps) and steps[-1]["budget"] == 0
+        assert again in ram.large()
     finally:
         _agent(domain, lambda c: c.stress_stop())
