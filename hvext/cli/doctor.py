@@ -16,6 +16,7 @@ from hvext import accel, image
 from hvext.cli import common
 from hvext.errors import HvextError
 from hvext.host import Host, emulator_path
+from hvext.memory import hugepages
 from hvext.memory.host import meminfo
 from hvext.paths import PATCHED_QEMU
 from hvext.units import MIB
@@ -130,6 +131,17 @@ def sharing_checks(ksm_dir: Path = KSM_DIR, ksm_stat: Path = KSM_STAT, thp: Path
     return checks
 
 
+def hugepage_checks(damon_admin: Path | None = None) -> list[Check]:
+    """What `hvext hugepages` (C5) could count with: DAMON's sysfs interface, if free for hvext."""
+    status = hugepages.damon_status(damon_admin)
+    if status.state == "free":
+        return [Check("DAMON", "ok", status.state, "sysfs interface free (not used yet: `hvext hugepages` "
+                                                  "counts writes from the dirty page list)")]
+    return [Check("DAMON", "warn", status.state, status.state, status.detail,
+                  "`hvext hugepages` counts written pages from the patched QEMU's dirty page list instead"
+                  + ("" if status.state == "busy" else "; a kernel with CONFIG_DAMON_SYSFS and CONFIG_DAMON_VADDR"))]
+
+
 def _read_sysctl(path: Path) -> str | None:
     try:
         return path.read_text().strip()
@@ -200,6 +212,7 @@ def run_checks(uri: str | None) -> list[Check]:
         checks.append(Check("guest image", "fail", None, str(err), str(err), "`make setup`"))
     checks.append(userfaultfd_check(_read_sysctl(USERFAULTFD_SYSCTL)))
     checks += sharing_checks()
+    checks += hugepage_checks()
     return checks
 
 

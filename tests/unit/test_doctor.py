@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEAD_URI = "qemu+unix:///system?socket=/nonexistent/hvext-test/libvirt-sock"
 CHECK_KEYS = {"name", "status", "ok", "value", "reason", "fix", "detail"}
 NAMES = ["accelerator", "libvirt", "virtlogd", "libvirt-qemu user", "host swap", "QEMU", "patched QEMU",
-         "guest image", "userfaultfd", "KSM", "KSM general_profit", "ksm_stat", "transparent huge pages"]
+         "guest image", "userfaultfd", "KSM", "KSM general_profit", "ksm_stat", "transparent huge pages",
+         "DAMON"]
 
 
 def check_schema(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -130,3 +131,13 @@ def test_sharing_checks_say_what_is_missing(tmp_path: Path) -> None:
     assert checks["KSM"].value == "0" and checks["transparent huge pages"].value == "madvise"
     missing = {c.name: c for c in doctor.sharing_checks(tmp_path / "none", tmp_path / "none", tmp_path / "none")}
     assert all(c.status == "warn" and c.reason and c.fix for c in missing.values())
+
+
+def test_hugepage_checks_say_whether_damon_is_free(tmp_path: Path) -> None:
+    assert doctor.hugepage_checks(tmp_path / "none")[0].status == "warn"
+    (tmp_path / "kdamonds").mkdir()
+    (tmp_path / "kdamonds" / "nr_kdamonds").write_text("0\n")
+    assert doctor.hugepage_checks(tmp_path)[0].status == "ok"
+    (tmp_path / "kdamonds" / "nr_kdamonds").write_text("1\n")
+    busy = doctor.hugepage_checks(tmp_path)[0]
+    assert busy.status == "warn" and busy.value == "busy" and "dirty page list" in busy.fix
