@@ -143,7 +143,7 @@ def watch_view(sample: Sample) -> Group:
                  blocks_table(sample.pages))
 
 
-async def _start_log(stack: contextlib.AsyncExitStack, domain: Domain) -> DirtyLog:
+async def start_log(stack: contextlib.AsyncExitStack, domain: Domain) -> DirtyLog:
     """Open QMP and a dirty log on *stack* (closed by the caller) and begin a clean interval."""
     try:
         qmp = await stack.enter_async_context(domain.qmp())
@@ -158,7 +158,7 @@ async def _start_log(stack: contextlib.AsyncExitStack, domain: Domain) -> DirtyL
 def _watch(dom: Domain, interval: float, args: argparse.Namespace) -> int:
     """One dirty log kept open across samples: each fetch returns the pages dirtied since the previous one."""
     stack = contextlib.AsyncExitStack()
-    log = aio.run(_start_log(stack, dom))
+    log = aio.run(start_log(stack, dom))
     try:
         history: deque[int] = deque(maxlen=HISTORY)
         numbers = itertools.count(1)

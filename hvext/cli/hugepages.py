@@ -93,7 +93,7 @@ def cmd_hugepages(args: argparse.Namespace) -> int:
         ram = hugepages.GuestRAM(dom.name, swap.qemu_pid(dom.name), balloon.boot_memory(dom))
         scores = Scores(params)
         stack = contextlib.AsyncExitStack()
-        log = aio.run(dirty._start_log(stack, dom))  # noqa: SLF001 -- the shared clean-start helper
+        log = aio.run(dirty.start_log(stack, dom))
         try:
             collapsed: set[int] = set()  # regions this run made large: they count against the budget
 

@@ -23,7 +23,6 @@ synchronously, independently of the THP sysfs mode (not with ``never``).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Iterable
@@ -199,10 +198,9 @@ def collapse(pid: int, addresses: Iterable[int]) -> list[str | None]:
         for address in addresses:
             if address % REGION_SIZE:
                 raise ValueError(f"region address {address:#x} is not 2 MiB aligned")
-            vec = swap._IOVec(ctypes.c_void_p(address), REGION_SIZE)
-            done = swap._libc.syscall(swap.SYS_PROCESS_MADVISE, pidfd, ctypes.byref(vec), 1, MADV_COLLAPSE, 0)
+            done = swap.process_madvise(pidfd, [(address, REGION_SIZE)], MADV_COLLAPSE)
             if done < 0:
-                code = ctypes.get_errno()
+                code = -done
                 if code in (errno.ENOSYS, errno.EPERM):
                     raise HostError(f"process_madvise(MADV_COLLAPSE) on process {pid}: {os.strerror(code)}")
                 results.append(errno.errorcode.get(code, str(code)))

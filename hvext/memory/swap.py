@@ -121,12 +121,18 @@ def guest_ram_mappings(pid: int, ram_bytes: int) -> list[Mapping]:
     return found
 
 
-def _pageout(pidfd: int, ranges: list[tuple[int, int]]) -> None:
+def process_madvise(pidfd: int, ranges: list[tuple[int, int]], advice: int) -> int:
+    """``process_madvise(pidfd, ranges, advice)``: the bytes advised, or ``-errno`` (the caller decides)."""
     iov = (_IOVec * len(ranges))(*[_IOVec(start, length) for start, length in ranges])
-    done = _libc.syscall(SYS_PROCESS_MADVISE, pidfd, iov, len(ranges), MADV_PAGEOUT, 0)
+    done = _libc.syscall(SYS_PROCESS_MADVISE, pidfd, iov, len(ranges), advice, 0)
+    return int(done) if done >= 0 else -ctypes.get_errno()
+
+
+def pageout(pidfd: int, ranges: list[tuple[int, int]]) -> None:
+    """Page *ranges* of the process behind *pidfd* out to swap (``MADV_PAGEOUT``); HostError on failure."""
+    done = process_madvise(pidfd, ranges, MADV_PAGEOUT)
     if done < 0:
-        errno = ctypes.get_errno()
-        raise HostError(f"process_madvise(MADV_PAGEOUT) failed: {os.strerror(errno)}")
+        raise HostError(f"process_madvise(MADV_PAGEOUT) failed: {os.strerror(-done)}")
 
 
 def page_out(pid: int, ram_bytes: int, amount: int, *, deadline_s: float = 60.0) -> PageoutResult:
@@ -147,7 +153,7 @@ def page_out(pid: int, ram_bytes: int, amount: int, *, deadline_s: float = 60.0)
         raise DomainStateError(f"QEMU process {pid} is gone: {err}") from err
     try:
         for index in range(0, len(chunks), BATCH):
-            _pageout(pidfd, chunks[index:index + BATCH])
+            pageout(pidfd, chunks[index:index + BATCH])
             now = process_memory(pid)
             if before["rss"] - now["rss"] >= amount or time.monotonic() - started > deadline_s:
                 break

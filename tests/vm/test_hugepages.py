@@ -87,7 +87,7 @@ def test_hot_set_ranks_first_and_apply_collapses_it(vm_factory, capsys) -> None:
         target = next(c["region"] for c in data["candidates"] if c["large"] and c["region"] in hot)
         pidfd = os.pidfd_open(ram.pid)
         try:
-            swap._pageout(pidfd, [(ram.start + target * REGION_SIZE, 4096)])
+            swap.pageout(pidfd, [(ram.start + target * REGION_SIZE, 4096)])
         finally:
             os.close(pidfd)
         assert target not in ram.large()
@@ -108,7 +108,7 @@ def test_hot_set_ranks_first_and_apply_collapses_it(vm_factory, capsys) -> None:
         again = next(c for c in applied["already_large"] if c in hot and c != target)
         pidfd = os.pidfd_open(ram.pid)
         try:
-            swap._pageout(pidfd, [(ram.start + again * REGION_SIZE, 4096)])
+            swap.pageout(pidfd, [(ram.start + again * REGION_SIZE, 4096)])
         finally:
             os.close(pidfd)
         code = main(["hugepages", domain.name, "--watch", "2", "--count", "3", "--apply", "--budget", "1", "--json"])
