@@ -86,18 +86,11 @@ def large_regions(pid: int, start: int, end: int) -> set[int]:
 
 def anon_huge_bytes(pid: int, start: int) -> int:
     """``AnonHugePages`` of the mapping starting at *start* in process *pid*, in bytes."""
-    inside = False
+    values = sharing.smaps_field(pid, start, "AnonHugePages")
     try:
-        with open(f"/proc/{pid}/smaps") as handle:
-            for line in handle:
-                head = line.split(maxsplit=1)[0]
-                if "-" in head and not head.endswith(":"):
-                    inside = int(head.split("-")[0], 16) == start
-                elif inside and head == "AnonHugePages:":
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError) as err:
-        raise DomainStateError(f"cannot read the mappings of process {pid}: {err}") from err
-    return 0
+        return int(values[0]) * 1024 if values else 0
+    except ValueError as err:
+        raise DomainStateError(f"cannot read the mappings of process {pid}: AnonHugePages {values}") from err
 
 
 # -- counting -----------------------------------------------------------------------

@@ -103,8 +103,9 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
     return bytes(data)
 
 
-def mergeable(pid: int, start: int) -> bool:
-    """Whether the mapping at *start* in process *pid* is MADV_MERGEABLE (``mg`` in its smaps VmFlags)."""
+def smaps_field(pid: int, start: int, field: str) -> list[str] | None:
+    """The values of *field* (``"VmFlags"``, ``"AnonHugePages"``...) of the mapping starting at *start* in
+    process *pid*'s smaps; None when that mapping or field is absent."""
     inside = False
     try:
         with open(f"/proc/{pid}/smaps") as handle:
@@ -112,11 +113,16 @@ def mergeable(pid: int, start: int) -> bool:
                 head = line.split(maxsplit=1)[0]
                 if "-" in head and not head.endswith(":"):
                     inside = int(head.split("-")[0], 16) == start
-                elif inside and head == "VmFlags:":
-                    return "mg" in line.split()[1:]
-    except OSError as err:
+                elif inside and head == field + ":":
+                    return line.split()[1:]
+    except (OSError, ValueError, IndexError) as err:
         raise DomainStateError(f"cannot read the mappings of process {pid}: {err}") from err
-    return False
+    return None
+
+
+def mergeable(pid: int, start: int) -> bool:
+    """Whether the mapping at *start* in process *pid* is MADV_MERGEABLE (``mg`` in its smaps VmFlags)."""
+    return "mg" in (smaps_field(pid, start, "VmFlags") or [])
 
 
 def resident_pages(pid: int, start: int, end: int) -> list[Page]:
