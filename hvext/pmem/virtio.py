@@ -82,8 +82,12 @@ def parse(xml: str) -> list[PmemDevice]:
     for arg in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
         fields = _arg_json(arg.get("value", ""))
         if fields.get("qom-type") == "memory-backend-file" and str(fields.get("id", "")).startswith(ID_PREFIX):
-            found.append(PmemDevice("virtio-pmem", Path(fields["mem-path"]), int(fields["size"]), 0,
-                                    alias=fields["id"]))
+            path, size = fields.get("mem-path"), fields.get("size")
+            if not isinstance(path, str) or not path or type(size) is not int or size <= 0:
+                raise HostError(f"the domain's virtio-pmem backend {str(fields['id'])[:80]!r} is malformed: "
+                                f"mem-path {path!r:.80} and size {size!r:.40} (hvext writes a path and a "
+                                "positive byte count); fix the <qemu:commandline> with `virsh edit`")
+            found.append(PmemDevice("virtio-pmem", Path(path), size, 0, alias=fields["id"]))
     return found
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
 from hvext.domxml import QEMU_NS
+from hvext.errors import HostError
 from hvext.pmem import virtio
 
 DEEP = '{"a":' * 100_000 + "1" + "}" * 100_000
@@ -42,3 +45,15 @@ def test_a_deeply_nested_argument_is_not_a_device() -> None:
 def test_arg_json_is_total(value: str) -> None:
     """Any argument gives a dict (its JSON object, or {} for anything else), never an exception."""
     assert isinstance(virtio._arg_json(value), dict)
+
+
+@pytest.mark.parametrize("fields", [{"mem-path": None}, {"size": None}, {"mem-path": 7}, {"mem-path": ""},
+                                    {"size": "1G"}, {"size": True}, {"size": -1}, {"size": 1.5}])
+def test_an_hvext_backend_with_a_bad_path_or_size_is_a_clear_error(fields: dict) -> None:
+    """A missing mem-path raised KeyError, a bad size ValueError or TypeError (or was taken as 1 byte)."""
+    backend = {"qom-type": "memory-backend-file", "id": "hvext-vpmem0", "mem-path": "/dev/shm/p.img",
+               "size": 1 << 20, "share": True}
+    backend.update(fields)
+    backend = {key: value for key, value in backend.items() if value is not None}  # None: the key is absent
+    with pytest.raises(HostError, match="virtio-pmem backend 'hvext-vpmem0' is malformed"):
+        virtio.parse(_domain_xml("-object", json.dumps(backend)))
