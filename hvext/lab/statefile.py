@@ -47,11 +47,10 @@ def read_state(run_dir: Path) -> LabState | None:
 
 
 def write_state(state: LabState) -> None:
+    """Replace lab.json durably (:func:`hvext.durable.atomic_write`): a crash leaves the old or the new state."""
     path = state_file(state.run_dir)
-    tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(state.to_json())
-        os.replace(tmp, path)
+        durable.atomic_write(path, state.to_json().encode(), mode=0o644)
     except OSError as err:
         raise LabError(f"cannot write the lab state {path}: {err}") from err

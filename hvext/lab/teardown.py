@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from hvext import durable
 from hvext.errors import HvextError
 from hvext.lab import daemons, net, pki, plan, procs
 from hvext.lab.plan import MAX_HOSTS, LabError, LabHost, LabState, ProcessRef
@@ -79,7 +80,9 @@ def teardown(state: LabState | None, run_dir: Path, data_dir: Path) -> list[str]
                 errors.append(err)
     path = state_file(run_dir)
     if not errors:
-        for leftover in (path, path.with_suffix(".tmp")):
+        temps = re.compile(durable.temp_pattern(path.name))
+        stray = [p for p in path.parent.iterdir() if temps.fullmatch(p.name)] if path.parent.is_dir() else []
+        for leftover in (path, path.with_suffix(".tmp"), *stray):  # .tmp: written by older hvext
             if leftover.exists():
                 leftover.unlink()
                 removed.append(f"state {leftover}" if leftover == path else f"file {leftover}")

@@ -292,3 +292,25 @@ def test_cluster_flag_and_etcd_process_round_trip_through_the_state_file() -> No
         LabState.from_json(json.dumps(data))
     del data["cluster"]  # a state file written before cluster labs: not a cluster lab
     assert LabState.from_json(json.dumps(data)).cluster is False
+
+
+def test_lab_state_is_written_durably_and_a_failed_write_leaves_the_old_state(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lab.json went through a fixed ``lab.tmp`` name without fsync; now hvext.durable.atomic_write."""
+    from hvext import durable
+    from hvext.lab import statefile
+    state = _state()
+    state.run_dir = tmp_path / "run"
+    statefile.write_state(state)
+    path = statefile.state_file(state.run_dir)
+    assert path.read_text() == state.to_json() and path.stat().st_mode & 0o777 == 0o644
+    before = path.read_bytes()
+
+    def fail(step: str) -> None:
+        if step == "synced":
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(durable, "_step_hook", fail)
+    state.phase = plan.Phase.CREATING
+    with pytest.raises(plan.LabError, match="cannot write the lab state"):
+        statefile.write_state(state)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["lab.json"]
