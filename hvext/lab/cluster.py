@@ -127,7 +127,7 @@ def rejoin(state: LabState, host: LabHost) -> ProcessRef:
     try:
         for m in client.members():
             if m.get("name") == host.name or plan.etcd_peer_url(host.index) in m.get("peerURLs", []):
-                client.member_remove(str(m["ID"]), wait=ha_cluster.LEAVE_WAIT_S)
+                client.member_remove(str(m["ID"]), wait=ha_cluster.RECONFIGURE_WAIT_S)
     except HvextError as err:
         raise LabError(f"removing {host.name}'s old etcd member: {err}") from err
     finally:

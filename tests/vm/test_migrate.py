@@ -117,7 +117,7 @@ def test_killed_destination_leaves_the_source_running(migrating_vm: Domain, host
     assert len(errors) == 1 and isinstance(errors[0], orchestrate.MigrationError), errors
     assert "source keeps running" in str(errors[0])
     assert migrating_vm.state is RunState.RUNNING
-    assert agent_info(migrating_vm)["kernel"]  # the guest still answers
+    assert agent_info(migrating_vm).kernel  # the guest still answers
     with pytest.raises(DomainNotFound):
         dest.lookup(migrating_vm.name)
 
@@ -153,7 +153,7 @@ def test_migration_hands_over_the_shared_state(migrating_vm: Domain, hosts, lab:
     with pytest.raises(HostError, match="belongs to domain"):
         hosts[0].define(DomainSpec(name=migrating_vm.name, memory_mib=256))
     assert marker.exists() and (paths.domain_dir(migrating_vm.name) / "disk.qcow2").is_file()
-    assert agent_info(hosts[1].lookup(migrating_vm.name))["kernel"]
+    assert agent_info(hosts[1].lookup(migrating_vm.name)).kernel
 
 
 def test_failed_migration_leaves_a_user_paused_source_paused(migrating_vm: Domain, hosts, lab: Lab) -> None:
@@ -171,4 +171,4 @@ def test_failed_migration_leaves_a_user_paused_source_paused(migrating_vm: Domai
     finally:
         if migrating_vm.state is RunState.PAUSED:
             migrating_vm.dom.resume()
-    assert agent_info(migrating_vm)["kernel"]  # the guest runs on where it was
+    assert agent_info(migrating_vm).kernel  # the guest runs on where it was
