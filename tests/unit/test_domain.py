@@ -9,13 +9,12 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
-from tests.unit.testdriver import running_domain
+from tests.unit.testdriver import PLAIN_XML, running_domain
 
 from hvext.errors import DomainStateError, HvextError, QMPError
 from hvext.host import Domain, Host, JobStats, MigrationOptions, RunState
 
-XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory>
-<os><type>hvm</type></os></domain>"""
+XML = PLAIN_XML
 
 
 @pytest.fixture

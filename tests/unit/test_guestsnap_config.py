@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.testdriver import running_domain
+from tests.unit.testdriver import PLAIN_XML, running_domain
 
 from hvext import paths
 from hvext.host import Domain
 from hvext.pmem import guestsnap
 from hvext.pmem.devices import PmemDevice
 
-XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory>
-<os><type>hvm</type></os></domain>"""
+XML = PLAIN_XML
 
 
 @pytest.fixture

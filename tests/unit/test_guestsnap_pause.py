@@ -9,14 +9,13 @@ from typing import Any
 import libvirt
 import pytest
 
-from tests.unit.testdriver import running_domain
+from tests.unit.testdriver import PLAIN_XML, running_domain
 
 from hvext.errors import HostError
 from hvext.host import Domain, RunState
 from hvext.pmem import guestsnap, hints
 
-XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory>
-<os><type>hvm</type></os></domain>"""
+XML = PLAIN_XML
 
 
 class Failing:

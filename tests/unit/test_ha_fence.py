@@ -26,12 +26,11 @@ from hvext.host import RunState
 from tests.unit import test_ha_cluster
 from tests.unit.test_ha_cluster import free_ports, layout
 from tests.unit.test_daemon import ROOT, _wait_for
-from tests.unit.testdriver import running_domain
+from tests.unit.testdriver import PLAIN_XML, running_domain
 
 pytestmark = test_ha_cluster.pytestmark  # the same requirements: root, etcd, openssl
 
-XML = """<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory>
-<os><type>hvm</type></os></domain>"""
+XML = PLAIN_XML
 TTL = 2
 MARGIN = 0.5
 

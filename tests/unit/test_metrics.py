@@ -24,7 +24,7 @@ from hvext.memory.pools import PoolStore
 from hvext.pmem import power
 from hvext.pmem.store import Store
 from hvext.units import KIB, MIB
-from tests.unit.testdriver import running_domain
+from tests.unit.testdriver import PLAIN_XML, running_domain
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "ops" / "grafana" / "hvext.json"
@@ -228,7 +228,7 @@ def test_entitlements_are_read_without_creating_a_pool_store(tmp_path: Path) -> 
 
 # -- one domain's failure is isolated (real libvirt: the test driver) ---------------------------
 
-PLAIN = "<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory><os><type>hvm</type></os></domain>"
+PLAIN = PLAIN_XML
 #: A domain hvext claims to manage whose QMP monitor is not there: reading it fails for real.
 BROKEN = ("<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory><os><type>hvm</type></os>"
           f"<metadata><hvext:domain xmlns:hvext='{HVEXT_NS}'><hvext:qmp path='/nonexistent/hvext-qmp.sock'/>"

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.testdriver import running_domain
+from tests.unit.testdriver import PLAIN_XML, running_domain
 
 from hvext.daemon import reclaim_loop
 from hvext.host import Domain
 from hvext.memory.pools import ENV_DB_PATH, PoolStore
 from hvext.units import MIB
 
-XML = "<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory><os><type>hvm</type></os></domain>"
+XML = PLAIN_XML
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ from contextlib import contextmanager
 
 from hvext.host import Domain, Host
 
+#: The smallest domain the test driver runs (a ``{name}`` template for :func:`running_domain`).
+PLAIN_XML = "<domain type='test'><name>{name}</name><memory unit='MiB'>256</memory><os><type>hvm</type></os></domain>"
+
 
 @contextmanager
 def running_domain(xml: str, suffix: str) -> Iterator[Domain]:
