@@ -37,7 +37,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_join)
 
     p = sub.add_parser("status", help="members, leader, each host's lease and the VMs it owns")
-    _add_paths(p)
+    add_paths(p)
     common.add_json(p)
     p.set_defaults(func=cmd_status)
 
@@ -46,7 +46,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                              ("leave", "remove this host from the cluster, stop its member, delete its data",
                               cmd_leave)):
         p = sub.add_parser(name, help=text)
-        _add_paths(p)
+        add_paths(p)
         common.add_json(p)
         p.set_defaults(func=func)
 
@@ -56,7 +56,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     e = csub.add_parser("export", help="write the cluster's CA (certificate and KEY) into a new directory, "
                                        "for `cluster join --credentials` on another host")
     e.add_argument("directory", type=Path, metavar="DIR", help="a directory that does not exist yet")
-    _add_paths(e)
+    add_paths(e)
     e.set_defaults(func=cmd_export)
 
 
@@ -69,30 +69,28 @@ def _add_member_options(p: argparse.ArgumentParser) -> None:
                    help=f"etcd's client port (default {etcd.CLIENT_PORT})")
     p.add_argument("--peer-port", type=common.count(1, 65535), default=etcd.PEER_PORT, metavar="PORT",
                    help=f"etcd's peer port (default {etcd.PEER_PORT})")
-    _add_paths(p)
+    add_paths(p)
 
 
-def _add_paths(p: argparse.ArgumentParser) -> None:
+def add_paths(p: argparse.ArgumentParser) -> None:
     """Where the member's files go (hidden: tests run members in temporary directories)."""
     p.add_argument("--state-dir", type=Path, default=Layout.state_dir, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", type=Path, default=Layout.run_dir, help=argparse.SUPPRESS)
     p.add_argument("--log-dir", type=Path, default=Layout.log_dir, help=argparse.SUPPRESS)
 
 
-def _layout(args: argparse.Namespace) -> Layout:
+def layout_from(args: argparse.Namespace) -> Layout:
     return Layout(args.state_dir.absolute(), args.run_dir.absolute(), args.log_dir.absolute())
 
 
 def _out(args: argparse.Namespace, result: dict[str, Any], text: str) -> int:
-    if getattr(args, "json", False):
-        common.print_json(result)
-    else:
-        print(text)
+    """*result* as JSON with ``--json``, else *text* as it is (plain print: paths are not rich markup)."""
+    common.print_result(getattr(args, "json", False), result, lambda: print(text))
     return 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    result = cluster.init(_layout(args), args.name or cluster.default_name(), args.cluster, args.advertise,
+    result = cluster.init(layout_from(args), args.name or cluster.default_name(), args.cluster, args.advertise,
                           args.client_port, args.peer_port)
     if result["already"]:
         text = (f"already initialised: member {result['member']} of cluster {result['cluster']} "
@@ -104,39 +102,39 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    result = cluster.join(_layout(args), args.endpoint, args.credentials, args.name or cluster.default_name(),
+    result = cluster.join(layout_from(args), args.endpoint, args.credentials, args.name or cluster.default_name(),
                           args.advertise, args.client_port, args.peer_port)
     return _out(args, result, f"joined cluster {result['cluster']} as member {result['member']} "
                               f"({result['members']} members; etcd PID {result['pid']})")
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    result = cluster.start(_layout(args))
+    result = cluster.start(layout_from(args))
     word = "already running" if result["already"] else "started"
     return _out(args, result, f"etcd member {result['member']}: {word} (PID {result['pid']})")
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    result = cluster.stop(_layout(args))
+    result = cluster.stop(layout_from(args))
     text = f"etcd member {result['member']}: " + ("was not running" if result["pid"] is None
                                                  else f"stopped (PID {result['pid']})")
     return _out(args, result, text)
 
 
 def cmd_leave(args: argparse.Namespace) -> int:
-    result = cluster.leave(_layout(args))
+    result = cluster.leave(layout_from(args))
     return _out(args, result, f"member {result['member']} left cluster {result['left']}; its data is removed")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    files = cluster.export_credentials(_layout(args), args.directory)
+    files = cluster.export_credentials(layout_from(args), args.directory)
     print(f"wrote {', '.join(files)}: the cluster's CA KEY; copy the directory to the joining host over an "
           "authenticated channel (scp), then delete it")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = cluster.status(_layout(args))
+    status = cluster.status(layout_from(args))
     if args.json:
         common.print_json(status)
         return 0

@@ -11,7 +11,7 @@ import datetime
 from typing import Any
 
 from hvext.cli import common, watch
-from hvext.cli.cluster import _add_paths, _layout
+from hvext.cli.cluster import add_paths, layout_from
 from hvext.ha import cluster, protection
 
 
@@ -25,26 +25,26 @@ def register(commands: argparse._SubParsersAction) -> None:
     common.add_domain(p)
     p.add_argument("--host", default=None, metavar="NAME",
                    help="this host's name in the cluster, as hvextd's [ha] host (default: the short host name)")
-    _add_paths(p)
+    add_paths(p)
     common.add_json(p)
     p.set_defaults(func=cmd_protect)
 
     p = sub.add_parser("unprotect", help="forget a domain's protection (it keeps running where it runs)")
     common.add_domain(p)
-    _add_paths(p)
+    add_paths(p)
     common.add_json(p)
     p.set_defaults(func=cmd_unprotect)
 
     p = sub.add_parser("status", help="each protected domain: owner, the owner's lease TTL left, since when")
     p.add_argument("domain", metavar="DOMAIN", nargs="?", default=None, help="only this domain")
     watch.add_arguments(p, default=1.0, source="(owners, leases: a failover as it happens)")
-    _add_paths(p)
+    add_paths(p)
     common.add_json(p)
     p.set_defaults(func=cmd_status)
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    layout = _layout(args)
+    layout = layout_from(args)
     client = cluster.client_for(layout)
     try:
         with common.open_host(args) as host:
@@ -58,7 +58,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
-    client = cluster.client_for(_layout(args))
+    client = cluster.client_for(layout_from(args))
     try:
         result = protection.unprotect(client, args.domain)
     finally:
@@ -85,7 +85,7 @@ def status_table(rows: list[dict[str, Any]]) -> Any:
 
 def cmd_status(args: argparse.Namespace) -> int:
     watch.check(args)
-    client = cluster.client_for(_layout(args))
+    client = cluster.client_for(layout_from(args))
     try:
         if args.watch is not None:  # one JSON object per sample: {"domains": [...]}
             return watch.run(lambda: protection.status(client, args.domain), interval=args.watch, count=args.count,
