@@ -28,6 +28,7 @@ from hvext.errors import HvextError, UsageError
 from hvext.host import Domain, Host
 from hvext.memory import bind, demand, reclaim
 from hvext.memory.host import meminfo
+from hvext.memory.pools import ResourceTree
 from hvext.memory.policy import METHODS, MIB
 
 log = logging.getLogger("hvextd.reclaim")
@@ -113,13 +114,19 @@ def candidates(host: Host, config: ReclaimConfig) -> list[Domain]:
     return found
 
 
+def _stored_tree() -> ResourceTree | None:
+    """The pool tree as stored, read only (never creates the store), the store closed again (blocking)."""
+    with demand.stored_tree() as tree:
+        return tree
+
+
 async def bind_pools(host: Host, config: ReclaimConfig) -> list[bind.Applied]:
     """Apply the pool bindings of the assigned VMs (those of ``domains`` when it is set); logged, never raises."""
     try:
-        with demand.stored_tree() as tree:  # read only: never creates the store
-            if tree is None:
-                return []
-            done = await bind.apply(host, tree, config.domains or None)
+        tree = await asyncio.to_thread(_stored_tree)  # SQLite off the shared loop, closed before the awaits
+        if tree is None:
+            return []
+        done = await bind.apply(host, tree, config.domains or None)
     except (HvextError, OSError) as err:
         log.warning("pool bindings not applied this round: %s", err)
         return []
