@@ -725,6 +725,12 @@ class Domain:
         with self._errors("detaching a device from"):
             self.dom.detachDeviceFlags(xml, _affect(config=config, live=live))
 
+    def update_device(self, xml: str, *, config: bool, live: bool) -> None:
+        """Change the device *xml* names (e.g. a virtio-mem device's requested size) in the definition and/or the
+        running guest."""
+        with self._errors("updating a device of"):
+            self.dom.updateDeviceFlags(xml, _affect(config=config, live=live))
+
     # -- memory ---------------------------------------------------------
     def set_memory(self, kib: int, *, live: bool) -> None:
         """Set the balloon target (*live*) or the next start's current memory, in KiB."""
