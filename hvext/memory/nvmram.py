@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,20 @@ def resize(domain: Domain, requested: int) -> NvmRam:
     return device
 
 
+def wait_settled(domain: Domain, timeout: float) -> NvmRam:
+    """The device once the guest has plugged what was requested (``current == requested``), polled.
+
+    After *timeout* seconds, the device as it is (the caller compares): a
+    guest may take long, refuse, or unplug only part (memory it cannot move).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        device = status(domain)
+        if device.current == device.requested or time.monotonic() >= deadline:
+            return device
+        time.sleep(0.5)
+
+
 def allocated(path: Path) -> int:
     """Bytes of the tier the backing file really uses (it is sparse; an unplug punches holes)."""
     try:
@@ -283,4 +298,4 @@ def tier_free(nvm_dir: Path) -> int:
 
 
 __all__ = ["NvmRam", "add_to_definition", "allocated", "attach", "device_xml", "parse", "resize", "status",
-           "tier_free"]
+           "tier_free", "wait_settled"]
