@@ -705,7 +705,8 @@ class Domain:
         with self._errors("undefining"):
             if self.dom.isActive():
                 raise DomainStateError(f"domain {self.name!r} is running; shut it down or destroy it first")
-            facts = domxml.read_facts(self.dom.XMLDesc(0))
+            definition = self.dom.XMLDesc(0)
+            facts = domxml.read_facts(definition)
             domain_uuid = self.dom.UUIDString()
             self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         if remove_state and facts.hvext_managed:
@@ -713,6 +714,8 @@ class Domain:
                 log.warning("%s: %s belongs to another domain; left in place", self.name, paths.domain_dir(self.name))
                 return
             remove_domain_state(self.name)
+            from hvext.memory import nvmram  # imports this module
+            nvmram.remove_backing(self.name, definition)
 
     # -- devices --------------------------------------------------------
     def attach_device(self, xml: str, *, config: bool, live: bool) -> None:

@@ -24,6 +24,7 @@ hvextd's config): each domain's file is ``NVM_DIR/<domain>/nvmram.img``, in a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import time
@@ -45,6 +46,8 @@ BACKEND_ID = "hvext-nvmram0"
 BLOCK_SIZE = 2 * MIB  # virtio-mem's block: the transparent huge page size, QEMU's default on x86
 MAX_SIZE = 64 * GIB
 BACKING_NAME = "nvmram.img"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,30 @@ def wait_settled(domain: Domain, timeout: float) -> NvmRam:
         time.sleep(0.5)
 
 
+def remove_backing(domain_name: str, definition: str) -> None:
+    """Remove the NVM RAM file (and its directory) of an undefined domain: it holds the guest's last RAM
+    contents (QEMU punches it only at the next start) and the tier's space.
+
+    Only hvext's layout (``NVM_DIR/<domain>/nvmram.img``) is removed, never
+    through a link; what cannot be removed is logged.
+    """
+    try:
+        device = parse(definition)
+    except (HostError, etree.XMLSyntaxError):
+        return
+    path = device.path if device else None
+    if path is None or path.name != BACKING_NAME or path.parent.name != domain_name:
+        return
+    try:
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        path.unlink(missing_ok=True)
+        if not path.parent.is_symlink() and path.parent.is_dir():
+            path.parent.rmdir()
+    except OSError as err:
+        log.warning("%s: undefined, but its NVM RAM file %s was not removed: %s", domain_name, path, err)
+
+
 def allocated(path: Path) -> int:
     """Bytes of the tier the backing file really uses (it is sparse; an unplug punches holes)."""
     try:
@@ -297,5 +324,5 @@ def tier_free(nvm_dir: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-__all__ = ["NvmRam", "add_to_definition", "allocated", "attach", "device_xml", "parse", "resize", "status",
-           "tier_free", "wait_settled"]
+__all__ = ["NvmRam", "add_to_definition", "allocated", "attach", "device_xml", "parse", "remove_backing", "resize",
+           "status", "tier_free", "wait_settled"]

@@ -61,3 +61,24 @@ def test_a_virtio_mem_device_without_hvexts_backend_is_not_on_the_tier() -> None
 def test_sizes_must_be_whole_blocks_in_range(size: object) -> None:
     with pytest.raises(UsageError, match="multiple of 2 MiB"):
         nvmram.check_size(size)  # type: ignore[arg-type]
+
+
+def test_undefine_removes_only_hvexts_layout_never_through_a_link(tmp_path: Path) -> None:
+    tier = tmp_path / "nvm"
+    (tier / "vm1").mkdir(parents=True)
+    backing = nvmram.backing_file(tier, "vm1")
+    backing.write_bytes(b"guest ram")
+    xml = nvmram.add_to_definition(make(False).render(), backing, 64 * MIB)
+    nvmram.remove_backing("vm1", xml)
+    assert not (tier / "vm1").exists()
+    # another domain's name in the path, or a file hvext did not lay out: left alone
+    other = tier / "vm2" / "nvmram.img"
+    other.parent.mkdir()
+    other.write_bytes(b"x")
+    nvmram.remove_backing("vm1", nvmram.add_to_definition(make(False).render(), other, 64 * MIB))
+    assert other.exists()
+    # a link in place of the file is not followed (its target stays)
+    (tier / "vm1").mkdir()
+    os.symlink(other, nvmram.backing_file(tier, "vm1"))
+    nvmram.remove_backing("vm1", xml)
+    assert other.exists() and os.path.islink(nvmram.backing_file(tier, "vm1"))

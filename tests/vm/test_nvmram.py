@@ -76,5 +76,10 @@ def test_nvm_ram_grows_and_shrinks_the_guest_and_lives_on_the_tier(vm_factory, c
         total = _mem_total_after(domain, base)
         assert abs(total - base) <= 8 * MIB, (base, total)
         assert shrunk["allocated"] == 0, "the unplugged memory was not punched out of the tier's file"
+
+        domain.destroy()
+        vm_factory.domains.remove(domain)
+        domain.undefine()  # the file holds the guest's last RAM contents: it goes with the definition
+        assert not backing.parent.exists()
     finally:
         shutil.rmtree(tier, ignore_errors=True)
