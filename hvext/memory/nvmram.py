@@ -23,6 +23,7 @@ hvextd's config): each domain's file is ``NVM_DIR/<domain>/nvmram.img``, in a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -221,6 +222,8 @@ def attach(domain: Domain, nvm_dir: Path, size: int) -> NvmRam:
     except BaseException:
         if created:
             path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only when empty
         raise
     device = parse(domain.xml(inactive=True))
     if device is None:
@@ -245,19 +248,17 @@ def resize(domain: Domain, requested: int) -> NvmRam:
     """
     if not domain.is_active():
         raise UsageError(f"domain {domain.name!r} is not running: NVM RAM is resized in a running guest")
-    root = etree.fromstring(domain.xml().encode())
-    memory = _device(root)
-    if memory is None:
+    xml = domain.xml()
+    device = parse(xml)
+    memory = _device(etree.fromstring(xml.encode()))
+    if device is None or memory is None:
         raise UsageError(f"domain {domain.name!r} has no NVM RAM device in the running guest "
                          "(a device added to the definition appears at the next start)")
-    size = parse(domain.xml())
-    assert size is not None
-    check_size(requested, "requested size", size.size)
+    check_size(requested, "requested size", device.size)
     target = memory.find("target")
-    assert target is not None
-    for tag in ("current",):
-        for element in target.findall(tag):
-            target.remove(element)
+    assert target is not None  # parse() checked it
+    for element in target.findall("current"):  # the guest's figure, not something to update
+        target.remove(element)
     requested_el = target.find("requested")
     if requested_el is None:
         requested_el = etree.SubElement(target, "requested")
