@@ -705,7 +705,8 @@ class Domain:
         with self._errors("undefining"):
             if self.dom.isActive():
                 raise DomainStateError(f"domain {self.name!r} is running; shut it down or destroy it first")
-            facts = domxml.read_facts(self.dom.XMLDesc(0))
+            definition = self.dom.XMLDesc(0)
+            facts = domxml.read_facts(definition)
             domain_uuid = self.dom.UUIDString()
             self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         if remove_state and facts.hvext_managed:
@@ -713,6 +714,8 @@ class Domain:
                 log.warning("%s: %s belongs to another domain; left in place", self.name, paths.domain_dir(self.name))
                 return
             remove_domain_state(self.name)
+            from hvext.memory import nvmram  # imports this module
+            nvmram.remove_backing(self.name, definition)
 
     # -- devices --------------------------------------------------------
     def attach_device(self, xml: str, *, config: bool, live: bool) -> None:
@@ -724,6 +727,12 @@ class Domain:
         """Remove the device *xml* from the persistent definition (*config*) and/or the running guest (*live*)."""
         with self._errors("detaching a device from"):
             self.dom.detachDeviceFlags(xml, _affect(config=config, live=live))
+
+    def update_device(self, xml: str, *, config: bool, live: bool) -> None:
+        """Change the device *xml* names (e.g. a virtio-mem device's requested size) in the definition and/or the
+        running guest."""
+        with self._errors("updating a device of"):
+            self.dom.updateDeviceFlags(xml, _affect(config=config, live=live))
 
     # -- memory ---------------------------------------------------------
     def set_memory(self, kib: int, *, live: bool) -> None:

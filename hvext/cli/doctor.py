@@ -142,6 +142,32 @@ def hugepage_checks(damon_admin: Path | None = None) -> list[Check]:
                   + ("" if status.state == "busy" else "; a kernel with CONFIG_DAMON_SYSFS and CONFIG_DAMON_VADDR"))]
 
 
+#: virtio-mem came in libvirt 7.9, ``<qemu:override>`` (which puts hvext's NVM RAM on its file) in 8.2.
+NVM_RAM_LIBVIRT = (8, 2, 0)
+
+
+def nvm_ram_check(libvirt_version: str | None, guest_kernel_config: str | None) -> Check:
+    """NVM RAM (`hvext nvm-ram`): libvirt new enough, and a guest kernel with virtio-mem and hot remove."""
+    missing = []
+    try:
+        if libvirt_version is not None and tuple(int(x) for x in libvirt_version.split(".")) < NVM_RAM_LIBVIRT:
+            missing.append(f"libvirt {libvirt_version} < {'.'.join(map(str, NVM_RAM_LIBVIRT))} (no <qemu:override>)")
+    except ValueError:
+        missing.append(f"libvirt version {libvirt_version!r} unreadable")
+    if guest_kernel_config is None:
+        missing.append("guest kernel config unreadable")
+    else:
+        options = dict(line.split("=", 1) for line in guest_kernel_config.splitlines() if line.startswith("CONFIG_")
+                       and "=" in line)
+        for option in ("CONFIG_VIRTIO_MEM", "CONFIG_MEMORY_HOTPLUG", "CONFIG_MEMORY_HOTREMOVE"):
+            if options.get(option) not in ("y", "m"):
+                missing.append(f"guest kernel without {option}")
+    if missing:
+        return Check("NVM RAM (virtio-mem)", "warn", False, "; ".join(missing), "; ".join(missing),
+                     "`hvext nvm-ram` needs libvirt >= 8.2 and a guest kernel with virtio-mem and memory hot remove")
+    return Check("NVM RAM (virtio-mem)", "ok", True, "libvirt and the guest kernel support it (docs/memory.md)")
+
+
 def _read_sysctl(path: Path) -> str | None:
     try:
         return path.read_text().strip()
@@ -162,6 +188,7 @@ def run_checks(uri: str | None) -> list[Check]:
     except HvextError as err:
         checks.append(Check("accelerator", "fail", None, str(err), str(err),
                             "unset HVEXT_ACCEL or set it to kvm or tcg"))
+    versions: dict[str, str] | None = None
     try:
         with Host(uri) as host:
             versions = host.versions()
@@ -211,8 +238,13 @@ def run_checks(uri: str | None) -> list[Check]:
     except HvextError as err:
         checks.append(Check("guest image", "fail", None, str(err), str(err), "`make setup`"))
     checks.append(userfaultfd_check(_read_sysctl(USERFAULTFD_SYSCTL)))
+    try:
+        kernel_config: str | None = (Path("/boot") / f"config-{image.host_kernel_version()}").read_text()
+    except (HvextError, OSError):
+        kernel_config = None
     checks += sharing_checks()
     checks += hugepage_checks()
+    checks.append(nvm_ram_check(versions["libvirt"] if versions else None, kernel_config))
     return checks
 
 

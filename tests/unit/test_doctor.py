@@ -19,7 +19,7 @@ DEAD_URI = "qemu+unix:///system?socket=/nonexistent/hvext-test/libvirt-sock"
 CHECK_KEYS = {"name", "status", "ok", "value", "reason", "fix", "detail"}
 NAMES = ["accelerator", "libvirt", "virtlogd", "libvirt-qemu user", "host swap", "QEMU", "patched QEMU",
          "guest image", "userfaultfd", "KSM", "KSM general_profit", "ksm_stat", "transparent huge pages",
-         "DAMON"]
+         "DAMON", "NVM RAM (virtio-mem)"]
 
 
 def check_schema(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -141,3 +141,13 @@ def test_hugepage_checks_say_whether_damon_is_free(tmp_path: Path) -> None:
     (tmp_path / "kdamonds" / "nr_kdamonds").write_text("1\n")
     busy = doctor.hugepage_checks(tmp_path)[0]
     assert busy.status == "warn" and busy.value == "busy" and "dirty page list" in busy.fix
+
+
+def test_nvm_ram_check_names_what_is_missing() -> None:
+    config = "CONFIG_VIRTIO_MEM=m\nCONFIG_MEMORY_HOTPLUG=y\nCONFIG_MEMORY_HOTREMOVE=y\n"
+    assert doctor.nvm_ram_check("9.0.0", config).status == "ok"
+    old = doctor.nvm_ram_check("8.0.0", config)
+    assert old.status == "warn" and "libvirt 8.0.0 < 8.2.0" in old.detail
+    no_mem = doctor.nvm_ram_check("9.0.0", "# CONFIG_VIRTIO_MEM is not set\nCONFIG_MEMORY_HOTPLUG=y\n")
+    assert no_mem.status == "warn" and "CONFIG_VIRTIO_MEM" in no_mem.detail and "CONFIG_MEMORY_HOTREMOVE" in no_mem.detail
+    assert doctor.nvm_ram_check(None, None).detail == "guest kernel config unreadable"
