@@ -227,6 +227,35 @@ def filesystem_type(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) 
 
 # -- a VM's file ----------------------------------------------------------
 
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+DEFAULT_BACKING_DIR = Path("/var/lib/libvirt/qemu/ram")
+#: File systems whose files report extents (FIEMAP) and can punch holes (what the reservation needs).
+PUNCHING_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs", "tmpfs", "f2fs"})
+
+
+def memory_backing_dir(qemu_conf: Path = QEMU_CONF) -> Path:
+    """Where libvirt puts file-backed guest RAM: qemu.conf's ``memory_backing_dir`` (or its default)."""
+    try:
+        lines = qemu_conf.read_text().splitlines()
+    except OSError:
+        return DEFAULT_BACKING_DIR
+    found = DEFAULT_BACKING_DIR
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "memory_backing_dir":
+            value = value.split("#", 1)[0].strip().strip('"')
+            if value.startswith("/"):
+                found = Path(value)
+    return found
+
+
+def existing_parent(path: Path) -> Path:
+    """*path*, or its nearest ancestor that exists (to ask about the file system it will be on)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 
 def guest_ram_file(pid: int, ram_bytes: int, maps: Path | None = None) -> Path:
     """The file backing guest RAM in QEMU process *pid*: its shared mapping of exactly *ram_bytes*.
