@@ -345,3 +345,23 @@ def test_defragment_is_refused_off_ext4(tmp_path: Path) -> None:
             swapfile.defragment(path)
     finally:
         path.unlink()
+
+
+def test_hvextds_round_rebalances_the_reservation(state: Path) -> None:
+    """Each reclaim round rebalances: here a VM's file went away (its blocks were punched), so the round refills."""
+    from hvext import aio
+    from hvext.daemon import reclaim_loop
+    from hvext.host import Host
+
+    config = reclaim_loop.ReclaimConfig(host_available_min_mib=0)
+    with Host("test:///default") as host:
+        assert reclaim_loop.rebalance_swap(host) is None  # no reservation: nothing to do
+        swapfile.create_reservation(8 * MIB)
+        fd = os.open(swapfile.reservation_path(), os.O_RDWR)
+        try:
+            swapfile._fallocate(fd, swapfile.FALLOC_FL_PUNCH_HOLE | swapfile.FALLOC_FL_KEEP_SIZE, 0, 3 * MIB, "test")
+        finally:
+            os.close(fd)
+        assert swapfile.info(swapfile.reservation_path()).allocated == 5 * MIB
+        assert aio.run(reclaim_loop.one_round(host, config)) == []
+    assert swapfile.info(swapfile.reservation_path()).allocated == 8 * MIB
