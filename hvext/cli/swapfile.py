@@ -7,7 +7,7 @@ from typing import Any
 
 from hvext.cli import common
 from hvext.errors import HostError, UsageError
-from hvext.memory import swapfile
+from hvext.memory import swap, swapfile
 from hvext.units import format_size, parse_size
 
 ACTIONS = ("show", "create", "rebalance", "remove")
@@ -57,23 +57,27 @@ def cmd_swapfile(args: argparse.Namespace) -> int:
     with common.open_host(args) as host:
         domain = host.lookup(args.domain)
         path = swapfile.domain_file(domain)
+        data: dict[str, Any] = {"domain": domain.name, "fstype": swapfile.filesystem_type(path)}
+        if args.defrag:
+            with common.console.status(f"defragmenting {path}..."):
+                done = swapfile.defragment(path)
+            data.update(done.to_dict(), file=done.after.to_dict())
+        else:
+            data["file"] = swapfile.info(path).to_dict()
+        found = swapfile.mapping_residency(swap.qemu_pid(domain.name), path)
         files = swapfile.domain_files(host)
-    data: dict[str, Any] = {"domain": args.domain, "fstype": swapfile.filesystem_type(path)}
-    if args.defrag:
-        with common.console.status(f"defragmenting {path}..."):
-            done = swapfile.defragment(path)
-        data.update(done.to_dict(), file=done.after.to_dict())
-    else:
-        data["file"] = swapfile.info(path).to_dict()
+    data["resident_bytes"], data["dirty_bytes"] = found["rss"], found["dirty"]
     data["reservation"] = None
     if swapfile.reservation_path().exists():
-        report = swapfile.status(files)
-        data["reservation"] = report.balance.to_dict()
+        data["reservation"] = swapfile.status(files).balance.to_dict()
 
     def text() -> None:
         rows = [_size_row(f"before {data['before']['path']}", data["before"]),
                 _size_row("after", data["after"])] if args.defrag else [_size_row(data["file"]["path"], data["file"])]
         common.print_table(f"Swap file of {args.domain} ({data['fstype']})", _COLUMNS, rows)
+        fields = {"Resident in host RAM": f"{format_size(data['resident_bytes'])} "
+                                          f"({format_size(data['dirty_bytes'])} not written back yet)"}
+        common.print_fields(fields)
         if data["reservation"] is None:
             common.console.print("no swap reservation on this host (`hvext swap-reservation create SIZE`)")
         else:

@@ -40,7 +40,8 @@ from typing import Any
 
 from hvext import durable, paths
 from hvext.errors import DomainStateError, HostError, UnsupportedError, UsageError
-from hvext.memory import swapres_policy
+from hvext.host import Domain, Host
+from hvext.memory import balloon, swap, swapres_policy
 from hvext.memory.swapres_policy import Balance, Move
 
 FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
@@ -288,16 +289,34 @@ def guest_ram_file(pid: int, ram_bytes: int, maps: Path | None = None) -> Path:
     raise DomainStateError(f"the guest RAM of process {pid} is not in a file (define the domain with --swap-file)")
 
 
-def domain_file(domain: Any) -> Path:
+def domain_file(domain: Domain) -> Path:
     """The swap file of a running domain (libvirt's memory_backing_dir/<id>-<name>/ram-node0)."""
-    from hvext.memory import balloon, swap  # libvirt-using modules, imported when a domain is at hand
-
     if not domain.is_active():
         raise DomainStateError(f"domain {domain.name!r} is not running: its swap file exists only while it runs")
     return guest_ram_file(swap.qemu_pid(domain.name), balloon.boot_memory(domain))
 
 
-def domain_files(host: Any) -> dict[str, Path]:
+def mapping_residency(pid: int, path: Path) -> dict[str, int]:
+    """Bytes of *path*'s mappings in process *pid* resident in host RAM (``Rss``) and dirty, from smaps."""
+    found = {"rss": 0, "dirty": 0}
+    inside = False
+    try:
+        with open(f"/proc/{pid}/smaps") as handle:
+            for line in handle:
+                fields = line.split()
+                if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                    inside = len(fields) >= 6 and line.split(maxsplit=5)[5].rstrip("\n") == str(path)
+                elif inside and len(fields) == 3 and fields[2] == "kB":
+                    if fields[0] == "Rss:":
+                        found["rss"] += int(fields[1]) << 10
+                    elif fields[0] in ("Shared_Dirty:", "Private_Dirty:"):
+                        found["dirty"] += int(fields[1]) << 10
+    except OSError as err:
+        raise DomainStateError(f"cannot read the mappings of process {pid}: {err.strerror}") from err
+    return found
+
+
+def domain_files(host: Host) -> dict[str, Path]:
     """The swap files of every running domain whose RAM is file-backed, by domain name."""
     found: dict[str, Path] = {}
     for domain in host.domains(include_inactive=False):
@@ -311,14 +330,20 @@ def domain_files(host: Any) -> dict[str, Path]:
 # -- the reservation ------------------------------------------------------
 
 
+def swap_root() -> Path:
+    """``STATE_DIR/swap``: the reservation file and its lock."""
+    return paths.STATE_DIR / SWAP_DIR_NAME
+
+
 def swap_dir() -> Path:
-    """``STATE_DIR/swap`` (0700, root's): the reservation file and its lock."""
-    paths.STATE_DIR.mkdir(parents=True, exist_ok=True)
-    return paths.private_dir(paths.STATE_DIR / SWAP_DIR_NAME)
+    """:func:`swap_root`, made (0700, root's, no link followed) if missing."""
+    root = swap_root()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return paths.private_dir(root)
 
 
 def reservation_path() -> Path:
-    return paths.STATE_DIR / SWAP_DIR_NAME / RESERVATION_NAME
+    return swap_root() / RESERVATION_NAME
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int, what: str) -> None:
@@ -510,8 +535,20 @@ def defrag_support(path: Path) -> str:
     return ""
 
 
+#: What e4defrag prints when the kernel refuses EXT4_IOC_MOVE_EXT with EPERM.
+_REFUSED = "EXT4_IOC_MOVE_EXT ioctl:Operation not permitted"
+
+
 def defragment(path: Path, *, timeout: float = 600.0) -> Defrag:
-    """Run ``e4defrag`` on *path* (a running VM's file: ext4 moves extents under the live mapping)."""
+    """Run ``e4defrag`` on *path* (ext4's online ``EXT4_IOC_MOVE_EXT``) and measure its extents before and after.
+
+    A running guest's file stays mapped by QEMU, which keeps using it while
+    the extents move. The kernel here (Linux 6.18) refuses that move with
+    EPERM for a file written through a shared mapping that is still mapped,
+    even once every page is written back and dropped (measured on the guest's
+    file, and on a plain file mapped the same way; unmapped, the same file
+    defragments): that refusal is reported as UnsupportedError.
+    """
     why = defrag_support(path)
     if why:
         raise UnsupportedError(why)
@@ -523,5 +560,10 @@ def defragment(path: Path, *, timeout: float = 600.0) -> Defrag:
         raise HostError(f"e4defrag {path} did not finish in {timeout:.0f} s") from err
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0:
-        raise HostError(f"e4defrag {path} failed (status {done.returncode}): {output[-500:]}")
+        if _REFUSED in output:
+            raise UnsupportedError(f"the kernel refused to move the extents of {path} (EXT4_IOC_MOVE_EXT: Operation "
+                                   f"not permitted; {before.fragments} fragments left as they were): this kernel "
+                                   "does not defragment a file QEMU maps shared and writes")
+        reason = next((line.strip() for line in output.splitlines() if "Failed" in line), output[-300:])
+        raise HostError(f"e4defrag {path} failed (status {done.returncode}): {reason}")
     return Defrag(before, info(path), output[-2000:])
