@@ -365,3 +365,34 @@ def test_hvextds_round_rebalances_the_reservation(state: Path) -> None:
         assert swapfile.info(swapfile.reservation_path()).allocated == 5 * MIB
         assert aio.run(reclaim_loop.one_round(host, config)) == []
     assert swapfile.info(swapfile.reservation_path()).allocated == 8 * MIB
+
+
+def test_a_file_written_through_a_live_shared_mapping(ext4: Path) -> None:
+    """What a guest's file is like: written through a shared mapping that stays mapped.
+
+    Linux 6.18 refuses EXT4_IOC_MOVE_EXT on it (EPERM); hvext then says the
+    kernel refused and leaves the file as it was. A kernel that moves it must
+    leave the data intact and the file no more fragmented.
+    """
+    vm = fragmented_file(ext4)
+    fd = os.open(vm, os.O_RDWR)
+    mapped = mmap.mmap(fd, 4 * MIB, mmap.MAP_SHARED)
+    try:
+        for offset in range(0, 4 * MIB, BLOCK):
+            mapped[offset] = offset // BLOCK % 251
+        mapped.flush()
+        data = bytes(mapped)
+        before = swapfile.info(vm)
+        try:
+            done = swapfile.defragment(vm)
+        except UnsupportedError as err:
+            assert "EXT4_IOC_MOVE_EXT: Operation not permitted" in str(err)
+            assert swapfile.info(vm) == before
+        else:
+            assert done.after.fragments <= before.fragments and done.after.allocated == before.allocated
+        assert not list(ext4.glob("*.defrag"))
+        assert bytes(mapped) == data
+    finally:
+        mapped.close()
+        os.close(fd)
+    assert swapfile.defragment(vm).after.fragments < before.fragments // 10  # unmapped, it defragments
