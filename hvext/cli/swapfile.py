@@ -26,7 +26,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                                                      "blocks as the VMs' swap files grow (show, create SIZE, "
                                                      "rebalance, remove)")
     p.add_argument("action", nargs="?", choices=ACTIONS, default="show", help="what to do (default show)")
-    p.add_argument("size", nargs="?", metavar="SIZE", help="with create: the reservation's size, e.g. 4G (bare numbers are MiB)")
+    p.add_argument("size", nargs="?", metavar="SIZE",
+                   help="with create: the reservation's size, e.g. 4G (bare numbers are MiB)")
     common.add_json(p)
     p.set_defaults(func=cmd_reservation)
 
