@@ -170,6 +170,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_undefine(args: argparse.Namespace) -> int:
+    power.check_registry_access()  # before anything changes: undefine must not leave registrations behind
     with common.open_domain(args) as dom:
         uuid = dom.info()["uuid"]
         dom.undefine(remove_state=not args.keep_state)
