@@ -142,6 +142,7 @@ class DomainSpec:
     agent_testing: bool = False  # enables the agent's misbehaviour hooks (tests only)
     extra_cmdline: str = ""
     free_page_reporting: bool = False
+    swap_file: bool = False  # guest RAM in a per-VM file on disk (C6, hvext.memory.swapfile)
 
     def validate(self) -> DomainSpec:
         domxml.validate_name(self.name)
@@ -400,6 +401,7 @@ class Host:
             qmp=domxml.QMPMonitor(paths.runtime_dir(spec.name, self.host_id) / "qmp.sock",
                                   paths.runtime_dir(spec.name, self.host_id) / "qmp-cli.sock"),
             emulator=emulator_path(),
+            memory_backing=domxml.FileMemoryBacking() if spec.swap_file else None,
             devices=[domxml.AgentChannel(paths.runtime_dir(spec.name, self.host_id) / "agent.sock"),
                      domxml.Balloon(free_page_reporting=spec.free_page_reporting),
                      domxml.RNG()],

@@ -8,7 +8,9 @@ collect -> decide -> act path as ``hvext reclaim``, and logs every decision.
 
 Each round first applies the pool bindings of the assigned running VMs
 (memtune limits and balloon: hvext.memory.bind; idempotent, only what
-differs changes), whatever the host's available memory.
+differs changes), whatever the host's available memory, then rebalances the
+swap reservation when the host has one (hvext.memory.swapfile: the VMs'
+swap files grew as the bindings and the host pushed their pages out).
 
 With ``nvm_ram = true`` each round then also grows or shrinks the NVM RAM
 (virtio-mem on the NVM tier, hvext.memory.nvmram) of the VMs that have it:
@@ -33,7 +35,7 @@ from typing import Any, ClassVar
 from hvext.daemon import metrics
 from hvext.errors import HvextError, UsageError
 from hvext.host import Domain, Host
-from hvext.memory import bind, demand, nvmram, nvmram_policy, reclaim
+from hvext.memory import bind, demand, nvmram, nvmram_policy, reclaim, swapfile
 from hvext.memory.host import meminfo
 from hvext.memory.pools import ResourceTree
 from hvext.memory.policy import METHODS, MIB
@@ -166,6 +168,27 @@ async def bind_pools(host: Host, config: ReclaimConfig) -> list[bind.Applied]:
     return done
 
 
+def rebalance_swap(host: Host) -> swapfile.Report | None:
+    """Rebalance the swap reservation against the running VMs' swap files (blocking); None without one.
+
+    Logged, never raises: a reservation that cannot move this round is tried again the next.
+    """
+    if not swapfile.reservation_path().exists():
+        return None
+    try:
+        report = swapfile.rebalance(swapfile.domain_files(host))
+    except (HvextError, OSError) as err:
+        log.warning("swap reservation not rebalanced this round: %s", err)
+        return None
+    if report.move is not None and not report.move.idle:
+        log.info("swap reservation: punched %d KiB, refilled %d KiB; holds %d MiB, VM files %d MiB",
+                 report.move.punch >> 10, report.move.refill >> 10, report.balance.reservation // MIB,
+                 report.balance.vm_sum // MIB)
+    for note in report.notes:
+        log.warning("swap reservation: %s", note)
+    return report
+
+
 async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
     """Apply the pool bindings, then reclaim once if the host is short of memory; returns what reclaim did.
 
@@ -173,6 +196,7 @@ async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
     logged and the next one is tried.
     """
     await bind_pools(host, config)
+    await asyncio.to_thread(rebalance_swap, host)
     available = await asyncio.to_thread(meminfo, "MemAvailable")
     done = await _reclaim(host, config, available)
     if config.nvm_ram:
