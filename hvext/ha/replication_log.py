@@ -468,56 +468,39 @@ class ReplicaImage:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start_stream(self, stream: str, devices: list[DeviceSpec]) -> None:
-        """A new owner's stream (or new geometry): its first epoch must be FULL. The images and the
-        applied epoch stay until that full epoch is applied (a restore still finds the last whole one)."""
+    def receive(self, stream: str, data: bytes, devices: list[DeviceSpec], *, hook: Any = None) -> int:
+        """Store and apply received epochs of *stream* over *devices*; the applied epoch after it.
+
+        Epochs follow the applied one without a gap, unless an epoch is FULL. A new stream (a new
+        owner, a restarted one) or new devices must start with a FULL epoch: until it is applied the
+        images and state keep the last whole epoch of the old stream."""
         if not isinstance(stream, str) or not 0 < len(stream) <= 300:
             raise LogError("bad stream id")
-        if self.stream == stream and self.devices == devices:
-            return
-        if self.devices and self.devices != devices:
-            # a new geometry: the old images cannot take the new epochs; keep them until the new full epoch
-            pass
-        assert self.log is not None
-        self.log.drop_through(1 << 63)
-        self._pending_stream = (stream, devices)
-
-    def receive(self, stream: str, data: bytes, *, hook: Any = None) -> int:
-        """Store and apply received epochs of *stream* (whole ones; the first after a new stream FULL).
-        The applied epoch after it."""
-        pending = getattr(self, "_pending_stream", None)
-        new_stream = pending is not None and pending[0] == stream
-        if stream != self.stream and not new_stream:
-            raise LogError(f"epochs of stream {stream!r:.80}, but this replica follows {self.stream!r:.80}; "
-                           "say hello first")
-        after = 0 if new_stream else self.epoch
-        epochs = parse_entries(data, after)
+        new_stream = stream != self.stream or devices != self.devices
+        epochs = parse_entries(data, 0 if new_stream else self.epoch)
         if not epochs:
             return self.epoch
         if new_stream and not epochs[0][0].full:
-            raise LogError("a new stream must start with a full epoch")
-        devices = pending[1] if new_stream else self.devices
-        for _, entries in epochs:
+            raise LogError(f"epoch {epochs[0][0].epoch} of a new stream is not full: a full epoch must come first")
+        expected = None if new_stream else self.epoch + 1
+        for info, entries in epochs:
+            if expected is not None and info.epoch != expected and not info.full:
+                raise LogError(f"epoch {info.epoch} received, {expected} expected (a gap, and it is not full)")
+            expected = info.epoch + 1
             for e in entries:
                 if e.device >= len(devices) or e.offset + e.length > devices[e.device].size:
                     raise LogError(f"entry for device {e.device} at {e.offset}+{e.length} is outside the devices")
         assert self.log is not None
         if new_stream:
-            # The log is empty (start_stream); images are resized only when the full epoch is applied.
-            self._pending_stream = None
-            self.log.append(data)
-            self._commit_stream(stream, devices)
+            self.log.drop_through(1 << 62)
+            self.log.append(data)            # durable before the state names the new stream
+            self.stream, self.devices, self.epoch = stream, list(devices), 0
+            self._write_state()              # epoch 0: recovery redoes the whole log (the full epoch first)
+            self._open_files()
         else:
             self.log.append(data)
         self.recover(hook=hook)
         return self.epoch
-
-    def _commit_stream(self, stream: str, devices: list[DeviceSpec]) -> None:
-        """Switch to *stream*: its full first epoch is durably in the log; state names the stream with
-        the old epoch number 0 so that recovery redoes the log from it."""
-        self.stream, self.devices, self.epoch = stream, devices, 0
-        self._write_state()
-        self._open_files()
 
     def recover(self, *, hook: Any = None) -> None:
         """Redo every committed epoch in the log above the applied one, then record and drop them."""

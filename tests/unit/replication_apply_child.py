@@ -14,9 +14,8 @@ def main() -> None:
     replica, source, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     print("ready", flush=True)
     with ReplicaImage.open(replica) as image:
-        image.start_stream("s", DEVICES)
         for i in range(count):
-            image.receive("s", (source / f"e{i}").read_bytes(), hook=lambda *_: time.sleep(0.004))
+            image.receive("s", (source / f"e{i}").read_bytes(), DEVICES, hook=lambda *_: time.sleep(0.004))
 
 
 if __name__ == "__main__":

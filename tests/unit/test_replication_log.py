@@ -138,15 +138,22 @@ def _random_epochs(seed: int, count: int) -> tuple[list[bytes], list[list[bytes]
 def test_replica_applies_epochs_and_a_new_stream_needs_a_full_epoch(tmp_path: Path) -> None:
     encoded, states = _random_epochs(1, 4)
     with ReplicaImage.open(tmp_path) as image:
-        image.start_stream("s1", DEVICES)
         with pytest.raises(LogError):
-            image.receive("s1", encoded[1])            # not full: refused
-        assert image.receive("s1", encoded[0]) == 1
-        assert image.receive("s1", b"".join(encoded[1:3])) == 3
+            image.receive("s1", encoded[1], DEVICES)   # not full: refused
+        assert image.receive("s1", encoded[0], DEVICES) == 1
         with pytest.raises(LogError):
-            image.receive("s1", encoded[1])            # old epoch again
+            image.receive("s1", encoded[2], DEVICES)   # a gap (epoch 2 missing)
+        assert image.receive("s1", b"".join(encoded[1:3]), DEVICES) == 3
         with pytest.raises(LogError):
-            image.receive("other", encoded[3])         # another stream without hello
+            image.receive("s1", encoded[1], DEVICES)   # old epoch again
+        with pytest.raises(LogError):
+            image.receive("other", encoded[3], DEVICES)  # another stream must start full
+        full = rl.encode_epoch(9, [rl.data_entry(0, 9, 0, b"n" * BS)], True)
+        assert image.receive("other", full, DEVICES) == 9  # a new owner's full epoch replaces everything
+        assert image.receive("s1", encoded[0], DEVICES) == 1  # and the old stream again needs a full one
+    with ReplicaImage.open(tmp_path) as image:
+        assert (image.stream, image.epoch) == ("s1", 1)
+        assert image.receive("s1", b"".join(encoded[1:3]), DEVICES) == 3
     with ReplicaImage.open(tmp_path) as image:
         assert (image.stream, image.epoch) == ("s1", 3)
         assert [(tmp_path / f"{d.name}.img").read_bytes() for d in DEVICES] == states[2]
@@ -157,10 +164,9 @@ def test_replica_refuses_entries_outside_its_devices(tmp_path: Path) -> None:
     outside = rl.encode_epoch(1, [rl.data_entry(0, 1, SIZE, b"x" * BS)], True)
     no_device = rl.encode_epoch(1, [rl.data_entry(5, 1, 0, b"x" * BS)], True)
     with ReplicaImage.open(tmp_path) as image:
-        image.start_stream("s", DEVICES)
         for bad in (outside, no_device):
             with pytest.raises(LogError):
-                image.receive("s", bad)
+                image.receive("s", bad, DEVICES)
         assert image.epoch == 0 and image.log is not None and image.log.epochs == []
 
 
