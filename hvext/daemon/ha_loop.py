@@ -24,6 +24,12 @@ written by ``hvext ha protect``) and claims, with the adopt transaction
 ``ha protect``, or after a fence once it holds a new lease) and those whose
 home host is no longer alive. A domain it won is defined here from the stored
 XML unless it is, and started unless it runs (:func:`ensure_running`).
+
+Replicated PMEM (C16, :mod:`hvext.ha.replication`): the keeper's
+:class:`~hvext.ha.replication.Manager` serves other hosts' epochs (this host as
+a replica, on ``[ha] peer_port``) and replicates the owned replicated domains
+that run here; a replicated orphan is claimed only by a live replica holding
+the newest acknowledged epoch (``eligible`` of :func:`hvext.ha.policy.to_adopt`).
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from typing import Any
 
 from hvext.daemon.config import HAConfig
 from hvext.errors import DomainNotFound, HvextError
-from hvext.ha import policy
-from hvext.ha.client import Client
+from hvext.ha import policy, replication
+from hvext.ha.client import Client, Protection
 from hvext.ha.etcd import Credentials
 from hvext.host import Host, RunState
 
@@ -117,6 +123,11 @@ class Keeper:
         self.claimed: list[tuple[str, str]] = []  # (domain, XML) won and not yet made to run here
         self.restarted: dict[str, str] = {}      # each claimed domain's last restart outcome
         self.bad_records: dict[str, str] = {}    # protected records that are not hvext's, and why
+        self.records: dict[str, Protection] = {}  # the protected records at the last renewal
+        self.peer = f"{config.peer_host()}:{config.peer_port}"
+        self.replication = replication.Manager(host_name, uri, creds,
+                                               lambda: Client(config.etcd_endpoints, creds),
+                                               config.epoch_interval, config.peer_port, config.peer_host())
 
     # ---------------------------------------------------------------- renewer
 
@@ -131,7 +142,7 @@ class Keeper:
             self.lease_id = None
         if self.lease_id is None:
             lease = self.client.grant(self.config.lease_ttl)
-            self.client.register_host(self.host_name, lease.id)
+            self.client.register_host(self.host_name, lease.id, peer=self.peer)
             self.lease_id = lease.id
             self.fenced = None
             log.info("holding lease %x (TTL %d s) as host %s", lease.id, lease.granted_ttl, self.host_name)
@@ -152,6 +163,7 @@ class Keeper:
             if self.bad_records.get(domain) != why:  # once per record, not every renewal
                 log.error("ignoring protected domain %r: %s", domain, why)
         self.bad_records = bad
+        self.records = records
         now = self.clock()
         unowned = {d for d in records if d not in owners}
         self.orphaned_since = {d: self.orphaned_since.get(d, now) for d in unowned}
@@ -161,7 +173,7 @@ class Keeper:
         picks = policy.to_adopt(self.host_name, {d: r.home for d, r in records.items()},
                                 {d: owner for d, (owner, _) in owners.items()}, hosts,
                                 {d: now - t for d, t in self.orphaned_since.items()},
-                                grace=float(self.config.lease_ttl))
+                                grace=float(self.config.lease_ttl), eligible=self._eligible(records, unowned, hosts))
         for domain in picks:
             record = records[domain]
             if self.client.adopt(record, self.host_name, self.lease_id):
@@ -172,6 +184,26 @@ class Keeper:
                 self.claimed.append((domain, record.xml))
             else:
                 log.info("protected domain %s: another host claimed it first", domain)
+
+    def _eligible(self, records: dict[str, Protection], unowned: set[str], hosts: dict[str, int]) \
+            -> dict[str, set[str]]:
+        """Replicated unowned domains -> the live replicas that may claim them (the newest ack)."""
+        replicated = [d for d in unowned if replication.is_replicated(records[d])]
+        if not replicated:
+            return {}
+        progress = self.client.records(replication.REPLICATION_PREFIX)
+        return {d: replication.claimers(records[d], progress.get(d), list(hosts)) for d in replicated}
+
+    def replication_battery(self, budget: float) -> list[dict[str, Any]]:
+        """SIGPWR (main thread, blocking): final epochs of the replicated domains, drained within *budget* s."""
+        reports = self.replication.battery(budget)
+        for report in reports:
+            if "error" in report:
+                log.error("power loss: replication of %s: %s", report.get("domain"), report["error"])
+            else:
+                log.warning("power loss: %s: final epoch %s, acknowledged by %s", report["domain"], report["epoch"],
+                            report["acked"])
+        return reports
 
     async def _restart_claimed(self) -> None:
         """Define and start the domains just claimed; one failure does not stop the others."""
@@ -246,8 +278,13 @@ class Keeper:
         here, so that no VM ever runs on two hosts once another host claims it) and the lease is revoked:
         the host leaves at once, and its protected domains restart on a surviving host (docs/ha.md)."""
         try:
+            await asyncio.to_thread(self.replication.start, lambda: (dict(self.records), list(self.owned)))
+        except HvextError as err:  # this host cannot be a replica; the rest of HA goes on
+            log.error("replication: %s", err)
+        try:
             await asyncio.gather(self.renewer(stopping), self.watchdog(stopping))
         finally:
+            await asyncio.to_thread(self.replication.close)
             if self.owned and self.lease_id is not None:
                 try:  # what this host owns now: an `ha unprotect` since the last renewal releases a domain
                     self.owned = self._mine(await asyncio.to_thread(self.client.owners))

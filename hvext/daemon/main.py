@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         if power_failing.is_set():
             power_failing.clear()
             power_config = daemon.config.get(PowerConfig)
+            if keeper is not None:  # C16 first: final epochs drained to the replicas while on battery
+                keeper.replication_battery(power_config.budget if power_config else power.PREPAUSE_BUDGET_S)
             on_power_loss(args.uri, power_config.budget if power_config else None)
         if hangup.is_set():
             hangup.clear()

@@ -9,7 +9,7 @@ older etcd. Every call goes over TLS with the cluster's client certificate.
 Keys::
 
     /hvext/cluster          <name>          the cluster's name (``cluster init``; read by ``join``)
-    /hvext/host/<host>      {"name": ...}   bound to <host>'s lease: present while <host> is alive
+    /hvext/host/<host>      {"name", "peer"?}  bound to <host>'s lease: present while <host> is alive
     /hvext/owner/<domain>   <host>          bound to the owner's lease: gone when the owner's lease ends
     /hvext/protected/<domain> {"xml", "home", "since"}  a protected domain (no lease: it outlives hosts)
 
@@ -263,10 +263,12 @@ class Client:
         kvs = self._post("/kv/range", {"key": _b64(CLUSTER_KEY)}).get("kvs", [])
         return _unb64(kvs[0].get("value", "")) if kvs else None
 
-    def register_host(self, host: str, lease_id: int) -> None:
-        """Put this host's key, bound to its lease (it disappears when the lease ends)."""
+    def register_host(self, host: str, lease_id: int, peer: str | None = None) -> None:
+        """Put this host's key, bound to its lease (it disappears when the lease ends); *peer*: the
+        ``ADDRESS:PORT`` its hvextd serves other hosts on (replication, :mod:`hvext.ha.peer`)."""
         check_key_name("host", host)
-        self._post("/kv/put", {"key": _b64(HOST_PREFIX + host), "value": _b64(json.dumps({"name": host})),
+        value: dict[str, Any] = {"name": host, **({"peer": peer} if peer else {})}
+        self._post("/kv/put", {"key": _b64(HOST_PREFIX + host), "value": _b64(json.dumps(value)),
                                "lease": lease_id})
 
     def _range(self, prefix: str) -> list[dict[str, Any]]:
@@ -276,6 +278,17 @@ class Client:
     def hosts(self) -> dict[str, int]:
         """Every registered (alive) host and the lease its key is bound to."""
         return {_unb64(kv["key"])[len(HOST_PREFIX):]: int(kv.get("lease", 0)) for kv in self._range(HOST_PREFIX)}
+
+    def host_records(self) -> dict[str, dict[str, Any]]:
+        """Every registered (alive) host's value ({"name", "peer"?}; an unreadable one as {})."""
+        out: dict[str, dict[str, Any]] = {}
+        for kv in self._range(HOST_PREFIX):
+            try:
+                value = json.loads(_unb64(kv.get("value", "")))
+            except ValueError:
+                value = {}
+            out[_unb64(kv["key"])[len(HOST_PREFIX):]] = value if isinstance(value, dict) else {}
+        return out
 
     def owners(self) -> dict[str, tuple[str, int]]:
         """Every owned domain: (owner host, the lease the owner key is bound to)."""
