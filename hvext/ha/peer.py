@@ -114,6 +114,8 @@ class Server:
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self._accept, name="hvext-peer", daemon=True)
         self.refused = 0         # handshakes that failed (no or wrong credentials)
+        self.open: set[socket.socket] = set()   # connections being served (closed with the server)
+        self.guard = threading.Lock()
         self.thread.start()
 
     def _accept(self) -> None:
@@ -129,6 +131,19 @@ class Server:
     def _serve(self, raw: socket.socket, addr: tuple[Any, ...]) -> None:
         who = f"{addr[0]}:{addr[1]}"
         raw.settimeout(IDLE_TIMEOUT_S)
+        with self.guard:
+            if self.closing.is_set():
+                raw.close()
+                return
+            self.open.add(raw)
+        try:
+            self._serve_tls(raw, who)
+        finally:
+            with self.guard:
+                self.open = {c for c in self.open if c.fileno() >= 0 and c is not raw}
+            raw.close()
+
+    def _serve_tls(self, raw: socket.socket, who: str) -> None:
         try:
             tls = self.context.wrap_socket(raw, server_side=True)
         except (ssl.SSLError, OSError) as err:
@@ -136,6 +151,8 @@ class Server:
             log.warning("peer %s refused: %s", who, err)
             raw.close()
             return
+        with self.guard:  # the descriptor now belongs to the TLS socket
+            self.open.add(tls)
         with tls:
             while not self.closing.is_set():
                 try:
@@ -165,6 +182,12 @@ class Server:
             pass
         self.sock.close()
         self.thread.join(timeout=5)
+        with self.guard:
+            for conn in self.open:  # a closed server answers nobody, also on connections already open
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class Connection:

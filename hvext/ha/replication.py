@@ -53,7 +53,7 @@ from typing import Any
 from hvext import aio, durable, paths
 from hvext.errors import DomainNotFound, HAError, HvextError, UsageError
 from hvext.ha import peer, replication_policy
-from hvext.ha.client import Client, Protection, check_key_name
+from hvext.ha.client import FINAL_PREFIX, Client, Protection, check_key_name
 from hvext.ha.etcd import Credentials
 from hvext.ha.replication_log import BLOCK_SIZE, DeviceSpec, Entry, Epoch, Log, LogError, ReplicaImage
 from hvext.ha import replication_log as rlog
@@ -64,7 +64,6 @@ log = logging.getLogger("hvextd.replication")
 
 MODE = "replicas"
 REPLICATION_PREFIX = "/hvext/replication/"
-FINAL_PREFIX = "/hvext/final/"
 #: A log holding more than this many times the devices' size is cut even if a replica lags.
 MAX_LOG_FACTOR = 4
 #: Bytes of epochs sent in one request.
@@ -271,16 +270,7 @@ class Replicator:
         domain_id = dom.id()
         full = self.need_full or domain_id != self.domain_id or any(h is None for h in self.hashes)
         ranges: list[list[tuple[int, int]] | None] = [None] * len(self.devices)
-        if domain_id is not None and domain_id == self.domain_id and self.dirty_log is not None and not full:
-            try:
-                dirty = aio.run(power._fetch_dirty(dom), timeout=10)
-            except (HvextError, TimeoutError) as err:
-                log.info("replication of %s: no dirty list this epoch (%s); comparing every block", self.domain, err)
-                dirty = None
-            ranges = [power.dirty_ranges(self.dirty_log, rb, d["size"], dirty, domain_id)
-                      for rb, d in zip(self.ram_blocks, self.devices)]
-            self.dirty_log = {"domain_id": domain_id, "generation": dirty.generation} if dirty is not None else None
-        elif domain_id is not None:
+        if domain_id is not None and domain_id != self.domain_id:
             try:  # a new QEMU run (or the first cut): start our dirty log now, with the guest paused
                 self.ram_blocks = [power.ram_block_id(dom, power.find_device(dom, Path(d["backing"])))
                                    for d in self.devices]
@@ -289,6 +279,16 @@ class Replicator:
                 log.info("replication of %s: no dirty log (%s); comparing every block by hash", self.domain, err)
                 self.dirty_log = None
             self.domain_id = domain_id
+            full = True
+        elif self.dirty_log is not None and not full:
+            try:
+                dirty = aio.run(power._fetch_dirty(dom), timeout=10)
+            except (HvextError, TimeoutError) as err:
+                log.info("replication of %s: no dirty list this epoch (%s); comparing every block", self.domain, err)
+                dirty = None
+            ranges = [power.dirty_ranges(self.dirty_log, rb, d["size"], dirty, domain_id)
+                      for rb, d in zip(self.ram_blocks, self.devices)]
+            self.dirty_log = {"domain_id": domain_id, "generation": dirty.generation} if dirty is not None else None
         out: list[list[Entry]] = []
         for index, device in enumerate(self.devices):
             nblocks = device["size"] // BLOCK_SIZE
