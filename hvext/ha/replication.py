@@ -141,6 +141,16 @@ def pmem_field(domain: Domain, home: str, live_hosts: list[str], replicas: int) 
     return {"mode": MODE, "replicas": chosen, "devices": specs}
 
 
+def protect(client: Client, host: Host, domain: str, home: str, replicas: int) -> dict[str, Any]:
+    """``ha protect DOMAIN --replicas N``: the protection record with the domain's PMEM devices and N
+    live hosts (besides *home*) as replicas; this host's hvextd then replicates it."""
+    from hvext.ha import protection
+    dom = host.lookup(domain)
+    pmem = pmem_field(dom, home, list(client.hosts()), replicas)
+    result = protection.protect(client, host, domain, home, pmem=pmem)
+    return {**result, "pmem": pmem}
+
+
 def claimers(record: Protection, replication: dict[str, Any] | None, live_hosts: list[str]) -> set[str]:
     """Who may claim the replicated *record* now (see :func:`hvext.ha.replication_policy.claimers`)."""
     acks = (replication or {}).get("replicas", {})

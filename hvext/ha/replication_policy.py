@@ -56,6 +56,8 @@ def replica_states(replicas: Collection[str], acked: Mapping[str, dict[str, Any]
             state = "dead (host lease gone): protection continues with the others"
         elif ack.get("error"):
             state = f"unreachable: {str(ack['error'])[:120]}"
+        elif local_epoch == 0:
+            state = "waiting for the first epoch"
         elif behind == 0:
             state = "in sync"
         else:

@@ -144,3 +144,45 @@ def test_replicas_follow_whole_epochs_one_dies_the_battery_drains_and_a_replica_
     assert backing.read_bytes() == expected
     assert not [p for p in backing.parent.iterdir() if ".replica-" in p.name]  # no temp file left
     os.unlink(backing)
+
+
+def test_protect_with_replicas_records_devices_and_live_hosts_and_status_shows_them(
+        setup: dict, member: Layout, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    from tests.unit.test_ha_cluster import cli, paths_args
+    import json
+    backing = tmp_path / "pmem0.img"
+    backing.write_bytes(bytes(SIZE))
+    xml = NV_XML.format(device=devices.device_xml(backing, SIZE))
+    paths = paths_args(member)
+    with running_domain(xml, "prot") as dom:
+        # three live hosts besides none here: r-own, r-a, r-b; r-own protects: 3 replicas cannot be found
+        rc, _, err = cli(capsys, "-c", "test:///default", "ha", "protect", dom.name, "--host", "r-own",
+                         "--replicas", "3", *paths)
+        assert rc == 1 and err.startswith("error: ") and "only 2 other live host(s)" in err
+        rc, _, err = cli(capsys, "-c", "test:///default", "ha", "protect", dom.name, "--replicas", "1",
+                         "--via-shared-store", str(tmp_path), *paths)
+        assert rc == 1 and "exclude each other" in err
+        rc, out, err = cli(capsys, "-c", "test:///default", "ha", "protect", dom.name, "--host", "r-own",
+                           "--replicas", "2", "--json", *paths)
+        assert rc == 0, err
+        result = json.loads(out)
+        assert result["pmem"]["mode"] == "replicas" and sorted(result["pmem"]["replicas"]) == ["r-a", "r-b"]
+        assert result["pmem"]["devices"] == [{"name": "pmem0", "size": SIZE, "backing": str(backing),
+                                              "model": "nvdimm"}]
+        record = setup["client"].protected()[0][dom.name]
+        assert record.pmem == result["pmem"]
+        rc, out, err = cli(capsys, "ha", "status", dom.name, "--json", *paths)
+        row = json.loads(out)
+        assert rc == 0 and row["pmem"] == "replicas", err
+        assert [r["host"] for r in row["replication"]["replicas"]] == ["r-a", "r-b"]
+        assert all(r["acked_epoch"] == 0 and r["state"] == "waiting for the first epoch"
+                   for r in row["replication"]["replicas"])
+        rc, out, _ = cli(capsys, "ha", "status", *paths)
+        assert rc == 0 and "r-a" in out and "r-b" in out
+        assert cli(capsys, "ha", "unprotect", dom.name, *paths)[0] == 0
+    # a domain without pmem cannot be replicated
+    from tests.unit.testdriver import PLAIN_XML
+    with running_domain(PLAIN_XML, "plain") as dom:
+        rc, _, err = cli(capsys, "-c", "test:///default", "ha", "protect", dom.name, "--host", "r-own",
+                         "--replicas", "1", *paths)
+        assert rc == 1 and "no pmem device" in err
