@@ -86,7 +86,7 @@ async def start(agent: AgentClient, directory: str, *, status_file: str = DEFAUL
     command = (f"mkdir -p {shlex.quote(_path('directory', directory))} && rm -f {shlex.quote(status_file)} && "
                f"setsid python3 -m hvext_agent.records write --dir {shlex.quote(directory)} "
                f"--status {shlex.quote(_path('status file', status_file))} --interval {interval:g} "
-               f">/dev/null 2>&1 </dev/null &")
+               f">{shlex.quote(status_file + '.log')} 2>&1 </dev/null &")  # its errors, if it fails
     result = await agent.exec(["sh", "-c", command], timeout=30)
     if result.exitcode != 0:
         raise AgentError(f"starting the records workload failed (exit {result.exitcode}): {result.stderr[-300:]}")
