@@ -88,6 +88,24 @@ def replica_dir(host: str, domain: str, state_dir: Path | None = None, create: b
     return ha_dir(state_dir) / "replicas" / host / domain
 
 
+def remove_state(domain: str, state_dir: Path | None = None) -> list[str]:
+    """Delete every host's log and replica of *domain* under STATE_DIR/ha (what this module wrote there:
+    log files, images, state and lock files); the paths removed. For an unprotected domain's leftovers."""
+    import shutil
+    check_key_name("domain", domain)
+    removed = []
+    for kind in ("log", "replicas"):
+        base = ha_dir(state_dir) / kind
+        if not base.is_dir():
+            continue
+        for host_dir in base.iterdir():
+            target = host_dir / domain
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+                removed.append(str(target))
+    return removed
+
+
 # ----------------------------------------------------------------- the pmem field of a protection record
 def device_specs(pmem: dict[str, Any]) -> list[dict[str, Any]]:
     """The devices of a replicated record, checked: name, size, absolute backing path."""
