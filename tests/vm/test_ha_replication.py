@@ -103,11 +103,12 @@ def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_
         poller = threading.Thread(target=poll)
         poller.start()
         out, err = failing.communicate(timeout=120)
+        # The owner's copy goes with its host (the lab hosts share /dev/shm): only a replica can bring it back.
+        # Deleted at once: no host may claim the domain before host1's lease (renewed until the kill) ends.
+        backing.unlink()
         stop.set()
         poller.join(30)
         assert failing.returncode == 0, err
-        # The owner's copy is gone with its host (the lab hosts share /dev/shm): only a replica can bring it back.
-        backing.unlink()
         assert durable[0] >= 200, durable
         log = (plan.host_run_dir(the_lab.state.run_dir, 1) / "hvextd.log").read_text()
         assert "SIGPWR: power is failing" in log and "final epoch" in log, log[-3000:]
