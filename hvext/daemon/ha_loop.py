@@ -57,6 +57,7 @@ from hvext.ha import restore as pmem_restore
 from hvext.ha.client import Client, Protection
 from hvext.ha.etcd import Credentials
 from hvext.host import Host, RunState
+from hvext.pmem import power
 
 log = logging.getLogger("hvextd.ha")
 
@@ -215,9 +216,14 @@ class Keeper:
         progress = self.client.records(replication.REPLICATION_PREFIX)
         return {d: replication.claimers(records[d], progress.get(d), list(hosts)) for d in replicated}
 
-    def replication_battery(self, budget: float) -> list[dict[str, Any]]:
-        """SIGPWR (main thread, blocking): final epochs of the replicated domains, drained within *budget* s."""
-        reports = self.replication.battery(budget)
+    def replication_battery(self, budget: float | None) -> list[dict[str, Any]]:
+        """SIGPWR (main thread, blocking): final epochs of the replicated domains, drained within *budget* s
+        (None: the power-loss default). Never raises: the C12/C13 saves must run after it whatever happens."""
+        try:
+            reports = self.replication.battery(power.PREPAUSE_BUDGET_S if budget is None else budget)
+        except Exception:
+            log.exception("power loss: replication's final epochs failed unexpectedly")
+            return []
         for report in reports:
             if "error" in report:
                 log.error("power loss: replication of %s: %s", report.get("domain"), report["error"])

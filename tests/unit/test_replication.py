@@ -186,3 +186,23 @@ def test_protect_with_replicas_records_devices_and_live_hosts_and_status_shows_t
         rc, _, err = cli(capsys, "-c", "test:///default", "ha", "protect", dom.name, "--host", "r-own",
                          "--replicas", "1", *paths)
         assert rc == 1 and "no pmem device" in err
+
+
+def test_the_battery_path_takes_the_default_budget_and_never_raises(member: Layout) -> None:  # noqa: F811
+    """hvextd's SIGPWR handler calls it with ``[power] budget`` unset (None); it must not raise (hvextd's
+    main loop runs the C12/C13 saves after it, and an exception there ended hvextd)."""
+    from hvext.daemon import ha_loop
+    from hvext.daemon.config import HAConfig
+    url = cluster.require_member(member).client_url
+    config = HAConfig(cluster="test", etcd_endpoints=(url,), host="r-bat", credentials=member.pki_dir,
+                      peer_port=free_ports(1)[0])
+    keeper = ha_loop.Keeper(config, "r-bat", "test:///default")
+    try:
+        assert keeper.replication_battery(None) == []
+
+        def broken(budget: float) -> list[dict]:
+            raise RuntimeError("a bug")
+        keeper.replication.battery = broken  # type: ignore[method-assign]
+        assert keeper.replication_battery(5.0) == []
+    finally:
+        keeper.client.close()
