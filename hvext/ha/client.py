@@ -45,6 +45,8 @@ OWNER_PREFIX = "/hvext/owner/"
 PROTECTED_PREFIX = "/hvext/protected/"
 FINAL_PREFIX = "/hvext/final/"
 FAILOVER_PREFIX = "/hvext/failover/"
+#: C16: the owner's replication progress (hvext.ha.replication), deleted with the protection.
+REPLICATION_PREFIX = "/hvext/replication/"
 #: The largest final or failover record (they are small JSON objects).
 MAX_RECORD = 64 << 10
 #: The largest domain definition the cluster stores (etcd's default request limit is 1.5 MiB).
@@ -356,7 +358,8 @@ class Client:
             "success": [{"request_delete_range": {"key": key}},
                         {"request_delete_range": {"key": _b64(OWNER_PREFIX + domain)}},
                         {"request_delete_range": {"key": _b64(FINAL_PREFIX + domain)}},
-                        {"request_delete_range": {"key": _b64(FAILOVER_PREFIX + domain)}}],
+                        {"request_delete_range": {"key": _b64(FAILOVER_PREFIX + domain)}},
+                        {"request_delete_range": {"key": _b64(REPLICATION_PREFIX + domain)}}],
             "failure": []})
         return bool(reply.get("succeeded", False))
 

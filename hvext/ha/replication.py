@@ -53,7 +53,7 @@ from typing import Any
 from hvext import aio, durable, paths
 from hvext.errors import DomainNotFound, HAError, HvextError, UsageError
 from hvext.ha import peer, replication_policy
-from hvext.ha.client import FINAL_PREFIX, Client, Protection, check_key_name
+from hvext.ha.client import FINAL_PREFIX, REPLICATION_PREFIX, Client, Protection, check_key_name
 from hvext.ha.etcd import Credentials
 from hvext.ha.replication_log import BLOCK_SIZE, DeviceSpec, Entry, Epoch, Log, LogError, ReplicaImage
 from hvext.ha import replication_log as rlog
@@ -63,7 +63,6 @@ from hvext.pmem import devices as pmem_devices, power, virtio
 log = logging.getLogger("hvextd.replication")
 
 MODE = "replicas"
-REPLICATION_PREFIX = "/hvext/replication/"
 #: A log holding more than this many times the devices' size is cut even if a replica lags.
 MAX_LOG_FACTOR = 4
 #: Bytes of epochs sent in one request.

@@ -179,7 +179,9 @@ def test_protect_with_replicas_records_devices_and_live_hosts_and_status_shows_t
                    for r in row["replication"]["replicas"])
         rc, out, _ = cli(capsys, "ha", "status", *paths)
         assert rc == 0 and "r-a" in out and "r-b" in out
+        setup["client"].put_record(replication.REPLICATION_PREFIX, dom.name, {"owner": "r-own", "epoch": 3})
         assert cli(capsys, "ha", "unprotect", dom.name, *paths)[0] == 0
+        assert setup["client"].record(replication.REPLICATION_PREFIX, dom.name) is None  # gone with it
     # a domain without pmem cannot be replicated
     from tests.unit.testdriver import PLAIN_XML
     with running_domain(PLAIN_XML, "plain") as dom:
