@@ -55,7 +55,7 @@ from hvext.errors import DomainNotFound, HAError, HvextError, UsageError
 from hvext.ha import peer, replication_policy
 from hvext.ha.client import FINAL_PREFIX, REPLICATION_PREFIX, Client, Protection, check_key_name
 from hvext.ha.etcd import Credentials
-from hvext.ha.replication_log import BLOCK_SIZE, DeviceSpec, Entry, Epoch, Log, LogError, ReplicaImage
+from hvext.ha.replication_log import BLOCK_SIZE, DeviceSpec, Entry, Epoch, Log, ReplicaImage
 from hvext.ha import replication_log as rlog
 from hvext.host import Domain, Host, RunState
 from hvext.pmem import devices as pmem_devices, power, virtio
