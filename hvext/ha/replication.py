@@ -67,6 +67,8 @@ MODE = "replicas"
 MAX_LOG_FACTOR = 4
 #: Bytes of epochs sent in one request.
 SEND_LIMIT = 32 << 20
+#: The most PMEM per replicated domain: a full epoch (every block, plus 32 bytes per block) is one peer message.
+MAX_DOMAIN_PMEM = peer.MAX_PAYLOAD * 15 // 16
 #: Seconds between two tries to reach a replica that failed.
 RETRY_S = 1.0
 
@@ -151,6 +153,10 @@ def pmem_field(domain: Domain, home: str, live_hosts: list[str], replicas: int) 
         if dev.size % BLOCK_SIZE:
             raise UsageError(f"pmem device {dev.path} of {dev.size} bytes is not a multiple of {BLOCK_SIZE}")
         specs.append({"name": name, "size": dev.size, "backing": str(dev.path), "model": dev.model})
+    total = sum(d["size"] for d in specs)
+    if total > MAX_DOMAIN_PMEM:
+        raise UsageError(f"domain {domain.name!r} has {total} bytes of pmem; replication sends a full epoch in one "
+                         f"message, so it takes at most {MAX_DOMAIN_PMEM} bytes per domain in this version")
     try:
         chosen = replication_policy.choose_replicas(domain.name, home, live_hosts, replicas)
     except ValueError as err:

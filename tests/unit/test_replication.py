@@ -182,6 +182,15 @@ def test_protect_with_replicas_records_devices_and_live_hosts_and_status_shows_t
         setup["client"].put_record(replication.REPLICATION_PREFIX, dom.name, {"owner": "r-own", "epoch": 3})
         assert cli(capsys, "ha", "unprotect", dom.name, *paths)[0] == 0
         assert setup["client"].record(replication.REPLICATION_PREFIX, dom.name) is None  # gone with it
+    # a domain with more pmem than one full epoch message takes is refused, not replicated badly
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(replication.MAX_DOMAIN_PMEM + (2 << 20))
+    with running_domain(NV_XML.format(device=devices.device_xml(big, replication.MAX_DOMAIN_PMEM + (2 << 20))),
+                        "big") as dom:
+        rc, _, err = cli(capsys, "-c", "test:///default", "ha", "protect", dom.name, "--host", "r-own",
+                         "--replicas", "1", *paths)
+        assert rc == 1 and "at most" in err and setup["client"].protected()[0].get(dom.name) is None
     # a domain without pmem cannot be replicated
     from tests.unit.testdriver import PLAIN_XML
     with running_domain(PLAIN_XML, "plain") as dom:
