@@ -40,6 +40,8 @@ partitioned former owner cannot overwrite a replica after another host took over
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -69,6 +71,14 @@ MAX_LOG_FACTOR = 4
 SEND_LIMIT = 32 << 20
 #: The most PMEM per replicated domain: a full epoch (every block, plus 32 bytes per block) is one peer message.
 MAX_DOMAIN_PMEM = peer.MAX_PAYLOAD * 15 // 16
+#: QEMU's event for a guest's virtio-pmem flush request (qemu-patches/0003; hvext.pmem.hints waits for it too).
+FLUSH_EVENT = "X_HVEXT_PMEM_FLUSH"
+#: Shortest time between two epoch cuts (a guest flushing all the time is not paused all the time).
+MIN_CUT_S = 0.05
+#: Shortest time between two writes of the progress record to etcd.
+PUBLISH_S = 0.5
+#: Seconds between two tries to follow a domain's flush events.
+FLUSH_RETRY_S = 3.0
 #: Seconds between two tries to reach a replica that failed.
 RETRY_S = 1.0
 
@@ -209,6 +219,9 @@ class Replicator:
         self.new_epoch = threading.Condition(self.lock)
         self.stopping = threading.Event()
         self.frozen = False               # battery: no more cuts after the final one
+        self.flushed = threading.Event()  # a guest flush (virtio-pmem, patched QEMU) asks for a cut now
+        self.flush_cuts = 0               # epochs cut because of a guest flush
+        self.watch: concurrent.futures.Future[None] | None = None
         directory = log_dir(me, self.domain, state_dir)
         self.logs = [Log.open(directory / f"{d['name']}.log") for d in self.devices]
         for lg in self.logs:             # a new stream: what an earlier run left is not shipped again
@@ -228,6 +241,9 @@ class Replicator:
         self.threads = [threading.Thread(target=self._cut_loop, name=f"hvext-cut-{self.domain}", daemon=True)]
         self.threads += [threading.Thread(target=self._ship_loop, args=(h,), name=f"hvext-ship-{h}", daemon=True)
                          for h in self.replicas]
+        if any(d["model"] == "virtio-pmem" for d in self.devices):
+            self.threads.append(threading.Thread(target=self._flush_loop, name=f"hvext-flush-{self.domain}",
+                                                 daemon=True))
 
     def start(self) -> None:
         for t in self.threads:
@@ -235,6 +251,9 @@ class Replicator:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.flushed.set()
+        if self.watch is not None:
+            self.watch.cancel()
         with self.lock:
             self.new_epoch.notify_all()
         for t in self.threads:
@@ -247,19 +266,51 @@ class Replicator:
 
     # ------------------------------------------------------------- cutting epochs
     def _cut_loop(self) -> None:
+        """Cut every *interval* s, and at once (but at most every :data:`MIN_CUT_S`) after a guest flush."""
+        by_flush = False
         while not self.stopping.is_set():
             started = time.monotonic()
+            self.flushed.clear()  # a flush from now on asks for the next cut (this one may precede its data)
             try:
-                self.cut()
+                if self.cut() is not None and by_flush:
+                    self.flush_cuts += 1
             except HvextError as err:
                 log.warning("replication of %s: epoch cut failed: %s", self.domain, err)
             except Exception:
                 log.exception("replication of %s: epoch cut failed unexpectedly", self.domain)
+            if time.monotonic() - self.last_status >= PUBLISH_S:
+                try:
+                    self.publish()
+                except HvextError as err:
+                    log.info("replication of %s: status not recorded: %s", self.domain, err)
+            by_flush = self.flushed.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self.stopping.wait(max(0.0, MIN_CUT_S - (time.monotonic() - started)))
+
+    def _flush_loop(self) -> None:
+        """Follow the guest's virtio-pmem flush requests (QEMU's X_HVEXT_PMEM_FLUSH event, patched QEMU):
+        each is a durability point the guest just asked for, so an epoch is cut right after it."""
+        while not self.stopping.is_set():
             try:
-                self.publish()
-            except HvextError as err:
-                log.info("replication of %s: status not recorded: %s", self.domain, err)
-            self.stopping.wait(max(0.05, self.interval - (time.monotonic() - started)))
+                with Host(self.uri) as host:
+                    dom = host.lookup(self.domain)
+                    if dom.is_active():
+                        self.watch = asyncio.run_coroutine_threadsafe(self._watch_flushes(dom), aio.loop())
+                        if self.stopping.is_set():
+                            self.watch.cancel()
+                        self.watch.result()
+            except (HvextError, concurrent.futures.CancelledError) as err:
+                if not self.stopping.is_set():
+                    log.info("replication of %s: not following flush events (%s)", self.domain, err)
+            except Exception:
+                log.exception("replication of %s: following flush events failed", self.domain)
+            self.stopping.wait(FLUSH_RETRY_S)
+
+    async def _watch_flushes(self, dom: Domain) -> None:
+        async with dom.qmp() as qmp:
+            if not getattr(qmp, "supports_events", False):
+                return  # libvirt passthrough: no events; the timer alone cuts
+            async for _ in qmp.events(FLUSH_EVENT):  # type: ignore[attr-defined]
+                self.flushed.set()
 
     def cut(self, *, final: bool = False) -> Epoch | None:
         """Cut one epoch (see the module docstring); with *final* the guest stays paused. None: the
@@ -461,9 +512,11 @@ class Replicator:
             for host, ack in self.acks.items():
                 ack["pending_bytes"] = sum(lg.pending_bytes(int(ack.get("epoch", 0))) for lg in self.logs)
             return {"owner": self.me, "stream": self.stream, "epoch": self.epoch, "epoch_at": round(self.epoch_at, 3),
+                    "flush_cuts": self.flush_cuts,
                     "replicas": {h: dict(a) for h, a in self.acks.items()}, "updated": round(time.time(), 3)}
 
     def publish(self) -> None:
+        self.last_status = time.monotonic()
         self.client.put_record(REPLICATION_PREFIX, self.domain, self.record())
 
     def drain(self, epoch: int, deadline: float) -> dict[str, int]:
