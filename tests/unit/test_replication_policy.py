@@ -57,3 +57,17 @@ def test_status_rows_say_lag_and_dead_replicas() -> None:
     assert by["h4"]["state"].startswith("unreachable")
     dead = rp.replica_states(["h2"], {"h2": {"epoch": 4}}, ["h1"], 10, 100.0)
     assert dead[0]["state"].startswith("dead") and dead[0]["lag_epochs"] == 6 and dead[0]["lag_seconds"] is None
+
+
+def test_ha_config_checks_the_replication_keys() -> None:
+    from hvext.daemon.config import HAConfig
+    from hvext.errors import UsageError
+    base = {"etcd_endpoints": ["https://198.18.0.12:2379", "https://198.18.0.11:2379"]}
+    config = HAConfig.from_table(base)
+    assert (config.epoch_interval, config.peer_port, config.peer_host()) == (1.0, 2390, "198.18.0.12")
+    assert HAConfig.from_table({**base, "peer_address": "10.0.0.5", "epoch_interval": 0.5,
+                                "peer_port": 4000}).peer_host() == "10.0.0.5"
+    for key, bad in [("epoch_interval", 0), ("epoch_interval", True), ("peer_port", 70000), ("peer_port", "1"),
+                     ("peer_address", "a b"), ("peer_address", "[::1]"), ("peer_address", 5)]:
+        with pytest.raises(UsageError, match=key):
+            HAConfig.from_table({**base, key: bad})
