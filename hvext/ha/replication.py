@@ -114,6 +114,10 @@ def remove_state(domain: str, state_dir: Path | None = None) -> list[str]:
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
                 removed.append(str(target))
+            try:
+                host_dir.rmdir()  # only when no other domain's files are left in it
+            except OSError:
+                pass
     return removed
 
 
