@@ -12,7 +12,8 @@ from typing import Any
 
 from hvext.cli import common, watch
 from hvext.cli.cluster import add_paths, layout_from
-from hvext.ha import cluster, protection, shared_store
+from hvext.errors import UsageError
+from hvext.ha import cluster, protection, replication, shared_store
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -28,6 +29,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--via-shared-store", default=None, metavar="DIR", dest="shared_store",
                    help="also its volatile-backed pmem devices: saved on power loss to stores in DIR (a private "
                         "directory on a file system every host reaches), restored by the host that takes over")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="also its pmem devices: replicated, crash-consistently and asynchronously, to N other live "
+                        "hosts, one of which takes over with the newest copy (C16)")
     add_paths(p)
     common.add_json(p)
     p.set_defaults(func=cmd_protect)
@@ -52,7 +56,11 @@ def cmd_protect(args: argparse.Namespace) -> int:
     try:
         with common.open_host(args) as host:
             home = args.host or cluster.default_name()
-            if args.shared_store is not None:
+            if args.shared_store is not None and args.replicas is not None:
+                raise UsageError("--via-shared-store and --replicas exclude each other: choose one")
+            if args.replicas is not None:
+                result = replication.protect(client, host, args.domain, home, args.replicas)
+            elif args.shared_store is not None:
                 result = shared_store.protect(client, host, args.domain, home, args.shared_store)
             else:
                 result = protection.protect(client, host, args.domain, home)
@@ -61,6 +69,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
     common.print_result(args.json, result, lambda: common.literal(
         f"domain {result['domain']} protected (home {result['home']}); this host's hvextd claims it at its "
         "next lease renewal" + (f"; its pmem is saved to {result['pmem']['dir']} on power loss"
+                                if result.get("pmem", {}).get("dir") else
+                                f"; its pmem is replicated to {', '.join(result['pmem']['replicas'])}"
                                 if result.get("pmem") else "")))
     return 0
 
@@ -107,8 +117,22 @@ def status_table(rows: list[dict[str, Any]]) -> Any:
     return common.table("Protected domains", ["Domain", "Owner", "Lease TTL", "Home", "Protected since", "State",
                                               "PMEM", "Last failover"],
                         [[r["domain"], r["owner"] or "-", "-" if r["lease_ttl"] is None else f"{r['lease_ttl']} s",
-                          r["home"] or "-", _when(r["since"]), r["state"], r.get("pmem") or "-",
+                          r["home"] or "-", _when(r["since"]), r["state"],
+                          replication_text(r["replication"]) if r.get("replication") else r.get("pmem") or "-",
                           failover_text(r.get("failover"))] for r in rows])
+
+
+def replication_text(rep: dict[str, Any]) -> str:
+    """A replicated domain's PMEM column: last local epoch, then each replica's ack and lag (C16)."""
+    parts = [f"replicas: epoch {rep.get('epoch_local') if rep.get('epoch_local') is not None else '-'} here"]
+    for row in rep.get("replicas", []):
+        lag = "" if not row["lag_epochs"] else (
+            f", {row['lag_epochs']} behind, {row['lag_bytes']} B" +
+            (f", {row['lag_seconds']} s" if row.get("lag_seconds") is not None else ""))
+        parts.append(f"{row['host']} {row['acked_epoch']} ({row['state']}{lag})")
+    if rep.get("final"):
+        parts.append(f"final epoch {rep['final'].get('epoch')} on battery")
+    return "; ".join(parts)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -49,6 +49,10 @@ the cluster's etcd and fences its VMs when it cannot renew it::
     lease_ttl = 5                                 # seconds, 2 to 300: the host's lease lives this long unrenewed
     fence_margin = 1.0                            # seconds, 0 <= margin < lease_ttl: fence this long before
     credentials = "/var/lib/hvext/ha/pki"         # dir with ca.pem, membercert.pem, memberkey.pem
+    epoch_interval = 1.0                          # C16: seconds between epoch cuts of replicated PMEM
+    peer_port = 2390                              # C16: TLS port other hosts send epochs to
+    peer_address = ""                             # C16: this host's address for peers (default: the
+                                                  # host of the first etcd endpoint)
 
 Errors name the file, the section, the key and what is allowed: an unknown
 section or key, a value of the wrong type or out of range, or a key outside
@@ -68,6 +72,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from urllib.parse import urlsplit
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from hvext import paths
@@ -118,13 +123,18 @@ class HAConfig:
     """Cluster membership: where the cluster's etcd is, who this host is, its lease (hvext.ha)."""
 
     KEYS: ClassVar[tuple[str, ...]] = ("cluster", "etcd_endpoints", "host", "lease_ttl", "fence_margin",
-                                       "credentials")
+                                       "credentials", "epoch_interval", "peer_port", "peer_address")
     cluster: str = ""
     etcd_endpoints: tuple[str, ...] = field(default=())
     host: str = ""
     lease_ttl: int = 5
     fence_margin: float = 1.0
     credentials: Path = HA_CREDENTIALS
+    #: C16 replication: seconds between epoch cuts; the port and address hvextd serves peers on
+    #: ("" address: the host part of the first etcd endpoint, this host's own member in the lab).
+    epoch_interval: float = 1.0
+    peer_port: int = 2390
+    peer_address: str = ""
 
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> HAConfig:
@@ -150,7 +160,23 @@ class HAConfig:
         credentials = table.get("credentials", str(HA_CREDENTIALS))
         if not isinstance(credentials, str) or not credentials.startswith("/"):
             raise UsageError(f"credentials: must be an absolute directory path, not {credentials!r:.80}")
-        return cls(cluster, tuple(endpoints), host, ttl, float(margin), Path(credentials))
+        interval = table.get("epoch_interval", 1.0)
+        if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0.05 <= interval <= 3600:
+            raise UsageError(f"epoch_interval: must be seconds from 0.05 to 3600, not {interval!r:.40}")
+        port = table.get("peer_port", 2390)
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise UsageError(f"peer_port: must be a TCP port (1 to 65535), not {port!r:.40}")
+        address = table.get("peer_address", "")
+        if not isinstance(address, str) or len(address) > 253 or any(c.isspace() or c in "/[]" for c in address):
+            raise UsageError(f"peer_address: must be this host's address for peers (IP or name), not {address!r:.80}")
+        return cls(cluster, tuple(endpoints), host, ttl, float(margin), Path(credentials), float(interval), port,
+                   address)
+
+    def peer_host(self) -> str:
+        """The address other hosts reach this hvextd's peer listener on."""
+        if self.peer_address:
+            return self.peer_address
+        return urlsplit(self.etcd_endpoints[0]).hostname or "127.0.0.1" if self.etcd_endpoints else "127.0.0.1"
 
 
 @dataclass(frozen=True)

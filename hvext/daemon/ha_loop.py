@@ -34,6 +34,12 @@ After a power-loss save (SIGPWR, :meth:`Keeper.after_power_loss`) shared-store
 protected domains are handed to a live host at once
 (:func:`hvext.ha.shared_store.hand_off_after_power_loss`) and this host, on
 battery, claims nothing for :data:`NO_CLAIMS_AFTER_POWER_LOSS_S`.
+
+Replicated PMEM (C16, :mod:`hvext.ha.replication`): the keeper's
+:class:`~hvext.ha.replication.Manager` serves other hosts' epochs (this host as
+a replica, on ``[ha] peer_port``) and replicates the owned replicated domains
+that run here; a replicated orphan is claimed only by a live replica holding
+the newest acknowledged epoch (``eligible`` of :func:`hvext.ha.policy.to_adopt`).
 """
 
 from __future__ import annotations
@@ -46,11 +52,12 @@ from typing import Any
 
 from hvext.daemon.config import HAConfig
 from hvext.errors import DomainNotFound, HvextError
-from hvext.ha import policy
+from hvext.ha import policy, replication
 from hvext.ha import restore as pmem_restore
 from hvext.ha.client import Client, Protection
 from hvext.ha.etcd import Credentials
 from hvext.host import Host, RunState
+from hvext.pmem import power
 
 log = logging.getLogger("hvextd.ha")
 
@@ -136,6 +143,11 @@ class Keeper:
         self.claimed: list[tuple[str, Protection]] = []  # (domain, record) won, not yet made to run here
         self.restarted: dict[str, str] = {}      # each claimed domain's last restart outcome
         self.bad_records: dict[str, str] = {}    # protected records that are not hvext's, and why
+        self.records: dict[str, Protection] = {}  # the protected records at the last renewal
+        self.peer = f"{config.peer_host()}:{config.peer_port}"
+        self.replication = replication.Manager(host_name, uri, creds,
+                                               lambda: Client(config.etcd_endpoints, creds),
+                                               config.epoch_interval, config.peer_port, config.peer_host())
 
     # ---------------------------------------------------------------- renewer
 
@@ -150,7 +162,7 @@ class Keeper:
             self.lease_id = None
         if self.lease_id is None:
             lease = self.client.grant(self.config.lease_ttl)
-            self.client.register_host(self.host_name, lease.id)
+            self.client.register_host(self.host_name, lease.id, peer=self.peer)
             self.lease_id = lease.id
             self.fenced = None
             log.info("holding lease %x (TTL %d s) as host %s", lease.id, lease.granted_ttl, self.host_name)
@@ -171,6 +183,7 @@ class Keeper:
             if self.bad_records.get(domain) != why:  # once per record, not every renewal
                 log.error("ignoring protected domain %r: %s", domain, why)
         self.bad_records = bad
+        self.records = records
         now = self.clock()
         unowned = {d for d in records if d not in owners}
         self.orphaned_since = {d: self.orphaned_since.get(d, now) for d in unowned}
@@ -182,7 +195,7 @@ class Keeper:
         picks = policy.to_adopt(self.host_name, {d: r.home for d, r in records.items()},
                                 {d: owner for d, (owner, _) in owners.items()}, hosts,
                                 {d: now - t for d, t in self.orphaned_since.items()},
-                                grace=float(self.config.lease_ttl))
+                                grace=float(self.config.lease_ttl), eligible=self._eligible(records, unowned, hosts))
         for domain in picks:
             record = records[domain]
             if self.client.adopt(record, self.host_name, self.lease_id):
@@ -193,6 +206,31 @@ class Keeper:
                 self.claimed.append((domain, record))
             else:
                 log.info("protected domain %s: another host claimed it first", domain)
+
+    def _eligible(self, records: dict[str, Protection], unowned: set[str], hosts: dict[str, int]) \
+            -> dict[str, set[str]]:
+        """Replicated unowned domains -> the live replicas that may claim them (the newest ack)."""
+        replicated = [d for d in unowned if replication.is_replicated(records[d])]
+        if not replicated:
+            return {}
+        progress = self.client.records(replication.REPLICATION_PREFIX)
+        return {d: replication.claimers(records[d], progress.get(d), list(hosts)) for d in replicated}
+
+    def replication_battery(self, budget: float | None) -> list[dict[str, Any]]:
+        """SIGPWR (main thread, blocking): final epochs of the replicated domains, drained within *budget* s
+        (None: the power-loss default). Never raises: the C12/C13 saves must run after it whatever happens."""
+        try:
+            reports = self.replication.battery(power.PREPAUSE_BUDGET_S if budget is None else budget)
+        except Exception:
+            log.exception("power loss: replication's final epochs failed unexpectedly")
+            return []
+        for report in reports:
+            if "error" in report:
+                log.error("power loss: replication of %s: %s", report.get("domain"), report["error"])
+            else:
+                log.warning("power loss: %s: final epoch %s, acknowledged by %s", report["domain"], report["epoch"],
+                            report["acked"])
+        return reports
 
     def _kick_restarts(self) -> None:
         """Run :meth:`_restart_claimed` as its own task (one at a time) when domains wait for it."""
@@ -322,6 +360,10 @@ class Keeper:
         here, so that no VM ever runs on two hosts once another host claims it) and the lease is revoked:
         the host leaves at once, and its protected domains restart on a surviving host (docs/ha.md)."""
         try:
+            await asyncio.to_thread(self.replication.start, lambda: (dict(self.records), list(self.owned)))
+        except HvextError as err:  # this host cannot be a replica; the rest of HA goes on
+            log.error("replication: %s", err)
+        try:
             await asyncio.gather(self.renewer(stopping), self.watchdog(stopping))
         finally:
             if self.restarting is not None and not self.restarting.done():
@@ -329,6 +371,7 @@ class Keeper:
                     await asyncio.wait_for(asyncio.shield(self.restarting), 60)
                 except Exception:
                     log.warning("a claimed domain's restore or start was still running at stop")
+            await asyncio.to_thread(self.replication.close)
             if self.owned and self.lease_id is not None:
                 try:  # what this host owns now: an `ha unprotect` since the last renewal releases a domain
                     self.owned = self._mine(await asyncio.to_thread(self.client.owners))

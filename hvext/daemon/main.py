@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         if power_failing.is_set():
             power_failing.clear()
             power_config = daemon.config.get(PowerConfig)
+            if keeper is not None:  # C16 first: final epochs drained to the replicas while on battery
+                keeper.replication_battery(power_config.budget if power_config else None)
             report = on_power_loss(args.uri, power_config.budget if power_config else None)
             if keeper is not None and report is not None:  # shared-store domains: to a live host now
                 keeper.after_power_loss(report)

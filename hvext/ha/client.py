@@ -9,7 +9,7 @@ older etcd. Every call goes over TLS with the cluster's client certificate.
 Keys::
 
     /hvext/cluster          <name>          the cluster's name (``cluster init``; read by ``join``)
-    /hvext/host/<host>      {"name": ...}   bound to <host>'s lease: present while <host> is alive
+    /hvext/host/<host>      {"name", "peer"?}  bound to <host>'s lease: present while <host> is alive
     /hvext/owner/<domain>   <host>          bound to the owner's lease: gone when the owner's lease ends
     /hvext/protected/<domain> {"xml", "home", "since"[, "pmem"]}  a protected domain (no lease: it outlives hosts)
     /hvext/final/<domain>   {"host", "generation"|"epoch", "at"}  the owner's last save on its battery path
@@ -45,6 +45,8 @@ OWNER_PREFIX = "/hvext/owner/"
 PROTECTED_PREFIX = "/hvext/protected/"
 FINAL_PREFIX = "/hvext/final/"
 FAILOVER_PREFIX = "/hvext/failover/"
+#: C16: the owner's replication progress (hvext.ha.replication), deleted with the protection.
+REPLICATION_PREFIX = "/hvext/replication/"
 #: The largest final or failover record (they are small JSON objects).
 MAX_RECORD = 64 << 10
 #: The largest domain definition the cluster stores (etcd's default request limit is 1.5 MiB).
@@ -279,10 +281,12 @@ class Client:
         kvs = self._post("/kv/range", {"key": _b64(CLUSTER_KEY)}).get("kvs", [])
         return _unb64(kvs[0].get("value", "")) if kvs else None
 
-    def register_host(self, host: str, lease_id: int) -> None:
-        """Put this host's key, bound to its lease (it disappears when the lease ends)."""
+    def register_host(self, host: str, lease_id: int, peer: str | None = None) -> None:
+        """Put this host's key, bound to its lease (it disappears when the lease ends); *peer*: the
+        ``ADDRESS:PORT`` its hvextd serves other hosts on (replication, :mod:`hvext.ha.peer`)."""
         check_key_name("host", host)
-        self._post("/kv/put", {"key": _b64(HOST_PREFIX + host), "value": _b64(json.dumps({"name": host})),
+        value: dict[str, Any] = {"name": host, **({"peer": peer} if peer else {})}
+        self._post("/kv/put", {"key": _b64(HOST_PREFIX + host), "value": _b64(json.dumps(value)),
                                "lease": lease_id})
 
     def _range(self, prefix: str) -> list[dict[str, Any]]:
@@ -292,6 +296,17 @@ class Client:
     def hosts(self) -> dict[str, int]:
         """Every registered (alive) host and the lease its key is bound to."""
         return {_unb64(kv["key"])[len(HOST_PREFIX):]: int(kv.get("lease", 0)) for kv in self._range(HOST_PREFIX)}
+
+    def host_records(self) -> dict[str, dict[str, Any]]:
+        """Every registered (alive) host's value ({"name", "peer"?}; an unreadable one as {})."""
+        out: dict[str, dict[str, Any]] = {}
+        for kv in self._range(HOST_PREFIX):
+            try:
+                value = json.loads(_unb64(kv.get("value", "")))
+            except ValueError:
+                value = {}
+            out[_unb64(kv["key"])[len(HOST_PREFIX):]] = value if isinstance(value, dict) else {}
+        return out
 
     def owners(self) -> dict[str, tuple[str, int]]:
         """Every owned domain: (owner host, the lease the owner key is bound to)."""
@@ -343,7 +358,8 @@ class Client:
             "success": [{"request_delete_range": {"key": key}},
                         {"request_delete_range": {"key": _b64(OWNER_PREFIX + domain)}},
                         {"request_delete_range": {"key": _b64(FINAL_PREFIX + domain)}},
-                        {"request_delete_range": {"key": _b64(FAILOVER_PREFIX + domain)}}],
+                        {"request_delete_range": {"key": _b64(FAILOVER_PREFIX + domain)}},
+                        {"request_delete_range": {"key": _b64(REPLICATION_PREFIX + domain)}}],
             "failure": []})
         return bool(reply.get("succeeded", False))
 

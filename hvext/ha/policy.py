@@ -7,7 +7,7 @@ No I/O here: every input is a value, so each rule is tested alone (tests/unit/te
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -68,23 +68,29 @@ def preferred_host(domain: str, live_hosts: Iterable[str]) -> str | None:
     return max(hosts, key=lambda h: _weight(domain, h)) if hosts else None
 
 
-def orphans(protected: Iterable[str], owners: Mapping[str, str], live_hosts: Iterable[str]) -> list[Orphan]:
-    """Protected domains with no owner (key gone), each with the live host that should claim it."""
+def orphans(protected: Iterable[str], owners: Mapping[str, str], live_hosts: Iterable[str],
+            eligible: Mapping[str, Collection[str]] | None = None) -> list[Orphan]:
+    """Protected domains with no owner (key gone), each with the live host that should claim it
+    (for a domain in *eligible*: only among those hosts, e.g. a replicated domain's replicas)."""
     live = sorted(set(live_hosts))
+    allowed = eligible or {}
     out = []
     for domain in sorted(set(protected)):
         if domain in owners:
             continue
-        preferred = preferred_host(domain, live)
+        preferred = preferred_host(domain, [h for h in live if domain not in allowed or h in allowed[domain]])
         if preferred is not None:
             out.append(Orphan(domain, preferred))
     return out
 
 
 def to_claim(me: str, protected: Iterable[str], owners: Mapping[str, str], live_hosts: Iterable[str],
-             orphaned_for: Mapping[str, float] | None = None, grace: float = 0.0) -> list[str]:
+             orphaned_for: Mapping[str, float] | None = None, grace: float = 0.0,
+             eligible: Mapping[str, Collection[str]] | None = None) -> list[str]:
     """The orphaned domains *me* claims now: those it is preferred for, and, once a domain has
     been orphaned for *grace* s or more (its preferred host did not take it), every other one too.
+    A domain in *eligible* is claimed only by one of its hosts there (never by another, whatever
+    the grace: a replicated domain's PMEM exists only on its replicas, C16).
 
     *me* must be among *live_hosts* (a host whose own key is gone claims nothing: its lease
     ended, so it may be fenced or partitioned).
@@ -93,18 +99,22 @@ def to_claim(me: str, protected: Iterable[str], owners: Mapping[str, str], live_
     if me not in live:
         return []
     since = orphaned_for or {}
-    return [o.domain for o in orphans(protected, owners, live)
-            if o.preferred == me or since.get(o.domain, 0.0) >= grace > 0.0]
+    allowed = eligible or {}
+    return [o.domain for o in orphans(protected, owners, live, allowed)
+            if (o.domain not in allowed or me in allowed[o.domain])
+            and (o.preferred == me or since.get(o.domain, 0.0) >= grace > 0.0)]
 
 
 def to_adopt(me: str, homes: Mapping[str, str], owners: Mapping[str, str], live_hosts: Iterable[str],
-             orphaned_for: Mapping[str, float] | None = None, grace: float = 0.0) -> list[str]:
+             orphaned_for: Mapping[str, float] | None = None, grace: float = 0.0,
+             eligible: Mapping[str, Collection[str]] | None = None) -> list[str]:
     """The protected domains (*homes*: domain -> the host that last ran it) *me* claims now.
 
     A domain with an owner is left alone. One without: its home claims it while the home is alive
     (right after ``ha protect``, or after the home fenced itself and holds a new lease), so a
     running domain is never started elsewhere while its host lives; once the home is not alive,
-    the survivors share it as :func:`to_claim` says. *me* must be alive to claim anything.
+    the survivors share it as :func:`to_claim` says (only *eligible* hosts, for a domain there).
+    *me* must be alive to claim anything.
     """
     live = set(live_hosts)
     if me not in live:
@@ -112,4 +122,4 @@ def to_adopt(me: str, homes: Mapping[str, str], owners: Mapping[str, str], live_
     unowned = {d: h for d, h in homes.items() if d not in owners}
     mine = [d for d, h in unowned.items() if h == me]
     orphaned = [d for d, h in unowned.items() if h not in live]
-    return sorted(mine + to_claim(me, orphaned, owners, live, orphaned_for, grace))
+    return sorted(mine + to_claim(me, orphaned, owners, live, orphaned_for, grace, eligible))

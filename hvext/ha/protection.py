@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 from hvext.errors import DomainStateError, HAError
-from hvext.ha.client import FAILOVER_PREFIX, Client, Protection
+from hvext.ha import replication
+from hvext.ha.client import FAILOVER_PREFIX, FINAL_PREFIX, Client, Protection
 from hvext.host import Host
 
 
@@ -53,6 +54,10 @@ def status(client: Client, domain: str | None = None) -> list[dict[str, Any]]:
         records = {domain: records[domain]}
     leases: dict[int, int] = {}
     failovers = client.records(FAILOVER_PREFIX)
+    replicated = any(replication.is_replicated(r) for r in records.values())
+    progress = client.records(replication.REPLICATION_PREFIX) if replicated else {}
+    finals = client.records(FINAL_PREFIX) if replicated else {}
+    live = list(client.hosts()) if replicated else []
     out = []
     for name, record in sorted(records.items()):
         owner, lease_id = owners.get(name, (None, 0))
@@ -61,9 +66,22 @@ def status(client: Client, domain: str | None = None) -> list[dict[str, Any]]:
         out.append({"domain": name, "owner": owner, "lease_ttl": leases.get(lease_id) if owner else None,
                     "home": record.home, "since": record.since,
                     "state": "owned" if owner else "waiting for a claim",
-                    "pmem": (record.pmem or {}).get("mode"), "failover": failovers.get(name)})
+                    "pmem": (record.pmem or {}).get("mode"), "failover": failovers.get(name),
+                    "replication": _replication(record, progress.get(name), finals.get(name), live)})
     if domain is None:
         out.extend({"domain": name, "owner": None, "lease_ttl": None, "home": None, "since": None,
-                    "state": f"invalid record: {why}", "pmem": None, "failover": None}
+                    "state": f"invalid record: {why}", "pmem": None, "failover": None, "replication": None}
                    for name, why in sorted(bad.items()))
     return out
+
+
+def _replication(record: Protection, progress: dict[str, Any] | None, final: dict[str, Any] | None,
+                 live: list[str]) -> dict[str, Any] | None:
+    """A replicated domain's replication state for ``ha status`` (None: not replicated; an unusable
+    record is reported in it, not raised: one bad record must not hide the others)."""
+    if not replication.is_replicated(record):
+        return None
+    try:
+        return replication.status_fields(record, progress, final, live)
+    except (HAError, ValueError, TypeError) as err:
+        return {"mode": replication.MODE, "replicas": [], "error": str(err)[:200]}

@@ -225,17 +225,25 @@ async def _fetch_dirty(domain: Domain) -> pages.DirtyPages | None:
             return None
 
 
+def dirty_ranges(dirty_log: dict[str, int] | None, ram_block: str, size: int, dirty: pages.DirtyPages | None,
+                 domain_id: int) -> list[tuple[int, int]] | None:
+    """Byte ranges of the RAM block *ram_block* (*size* bytes) that the dirty list says may have changed
+    since the query *dirty_log* ({"domain_id", "generation"}) recorded, or None when the list cannot be
+    trusted for it (also used by C16 replication, hvext.ha.replication)."""
+    if dirty is None or dirty_log is None or dirty_log.get("domain_id") != domain_id \
+            or dirty.generation != dirty_log.get("generation", -2) + 1:
+        return None  # no log, another QEMU run, or someone else consumed pages in between
+    block = dirty.blocks.get(ram_block)
+    if block is None or block.length != size:
+        return None
+    return [(first * dirty.page_size, count * dirty.page_size) for first, count in block.runs]
+
+
 def _dirty_blocks(reg: Registration, dirty: pages.DirtyPages | None, domain_id: int, store: Store) \
         -> set[int] | None:
     """Blocks the dirty list says may have changed, or None when the list cannot be trusted for *reg*."""
-    if dirty is None or reg.dirty_log is None or reg.dirty_log.get("domain_id") != domain_id \
-            or dirty.generation != reg.dirty_log.get("generation", -2) + 1:
-        return None  # no log, another QEMU run, or someone else consumed pages in between
-    block = dirty.blocks.get(reg.ram_block)
-    if block is None or block.length != reg.size:
-        return None
-    ranges = [(first * dirty.page_size, count * dirty.page_size) for first, count in block.runs]
-    return store.blocks_of_ranges(ranges)
+    ranges = dirty_ranges(reg.dirty_log, reg.ram_block, reg.size, dirty, domain_id)
+    return None if ranges is None else store.blocks_of_ranges(ranges)
 
 
 # -- commands --------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""C16 on a 3-host cluster lab: a guest protected ``--replicas 2`` writes durable records on its
+DAX-mounted NVDIMM; hvextd replicates its PMEM in epochs to the two other hosts; its owner loses power
+(``lab fail OWNER --power-loss``) and its backing file is deleted; the domain then runs on a replica host,
+restored from that host's replica image, with every record the guest reported durable (RPO 0).
+
+Two guest boots (the owner's, the survivor's). Run under ``flock /work/notes/lab.lock`` (one lab per machine).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from hvext import aio, lab
+from hvext.agent import records
+from hvext.cli.main import main
+from hvext.errors import DomainNotFound, HvextError
+from hvext.ha import replication
+from hvext.ha.client import FAILOVER_PREFIX, FINAL_PREFIX
+from hvext.host import Host, remove_domain_state
+from hvext.lab import plan
+from hvext.pmem import power
+from tests.vm.conftest import BOOT_TIMEOUT_S, VMFactory
+from tests.vm.test_ha_shared_store import RECORDS, _active, member_paths, mount_pmem
+from tests.vm.test_lab_cluster import pytestmark as cluster_marks
+from tests.vm.test_lab_cluster import the_lab, wait_for, with_leases  # noqa: F401  (the module's lab fixture)
+
+pytestmark = [*cluster_marks[:-1], pytest.mark.timeout(900)]  # two boots under TCG
+
+
+def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_record(
+        the_lab: lab.Lab, guest_image: object) -> None:  # noqa: F811
+    host1 = the_lab.host(1)
+    wait_for("3 host leases", with_leases(host1, ["host1", "host2", "host3"]), timeout=3 * plan.LAB_LEASE_TTL_S)
+    conn1 = Host(host1.uri_unix)
+    factory = VMFactory(conn1)
+    client = the_lab.cluster_client()
+    domain = factory.define(memory_mib=512)
+    name = domain.name
+    backing = power.volatile_backing_dir(domain) / "nvdimm0.img"
+    new_host: lab.LabHost | None = None
+    failed = False
+    try:
+        assert main(["-c", host1.uri_unix, "pmem-attach", name, "--size", "64M", "--type", "nvdimm",
+                     "--backing", str(backing)]) == 0
+        factory.boot(domain)
+        mount_pmem(host1.uri_unix, name, format=True)
+        assert main(["-c", host1.uri_unix, "ha", "protect", name, "--host", "host1", "--replicas", "2",
+                     *member_paths(host1)]) == 0
+        wait_for("host1's hvextd to own the domain", lambda: client.owners().get(name, ("",))[0] == "host1",
+                 timeout=3 * plan.LAB_LEASE_TTL_S)
+
+        def acked_by_both() -> bool:
+            progress = client.record(replication.REPLICATION_PREFIX, name) or {}
+            acks = progress.get("replicas", {})
+            return len(acks) == 2 and all(a.get("epoch", 0) >= 1 for a in acks.values())
+        wait_for("both replicas to acknowledge the first (full) epoch", acked_by_both, timeout=120)
+
+        async def start() -> None:
+            async with domain.agent() as agent:
+                await records.start(agent, RECORDS)
+        aio.run(start())
+        durable = [0]
+
+        def read_durable() -> int:
+            async def read() -> int:
+                async with domain.agent(timeout=3) as agent:
+                    return (await records.status(agent)).last_durable
+            return aio.run(read())
+
+        def progressed() -> bool:
+            try:
+                return read_durable() >= 200
+            except HvextError:  # no status file yet: the writer is starting
+                return False
+        wait_for("200 durable records", progressed, timeout=120)
+        status = subprocess.run([sys.executable, "-m", "hvext.cli.main", "ha", "status", name, "--json",
+                                 *member_paths(host1)], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        row = json.loads(status.stdout)
+        assert row["pmem"] == "replicas" and {r["host"] for r in row["replication"]["replicas"]} == {"host2", "host3"}
+        assert row["replication"]["epoch_local"] >= 2, row
+
+        # The owner loses power; until its hvextd pauses the guest, keep reading what the guest saw durable.
+        failing = subprocess.Popen([sys.executable, "-m", "hvext.cli.main", "lab", "fail", "host1", "--power-loss",
+                                    "--battery", "8", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        failed = True
+        failed_at = time.monotonic()
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                try:
+                    durable[0] = max(durable[0], read_durable())
+                except (HvextError, OSError):
+                    return  # paused (or its host is gone): what it reported last is the bound
+        poller = threading.Thread(target=poll)
+        poller.start()
+        out, err = failing.communicate(timeout=120)
+        # The owner's copy goes with its host (the lab hosts share /dev/shm): only a replica can bring it back.
+        # Deleted at once: no host may claim the domain before host1's lease (renewed until the kill) ends.
+        backing.unlink()
+        stop.set()
+        poller.join(30)
+        assert failing.returncode == 0, err
+        assert durable[0] >= 200, durable
+        log = (plan.host_run_dir(the_lab.state.run_dir, 1) / "hvextd.log").read_text()
+        assert "SIGPWR: power is failing" in log and "final epoch" in log, log[-3000:]
+        final = client.record(FINAL_PREFIX, name)
+        assert final is not None and final["host"] == "host1", final
+        assert all(epoch == final["epoch"] for epoch in final["acked"].values()), final
+
+        def survivor() -> str | None:
+            owner = client.owners().get(name, ("",))[0]
+            return owner if owner in ("host2", "host3") else None
+        owner = wait_for("a replica host to own the domain", survivor, timeout=60)
+        new_host = the_lab.host(owner)
+        conn_new = Host(new_host.uri_unix)
+        try:
+            moved = wait_for(f"the domain to run on {owner}", lambda: _active(conn_new, name), timeout=120)
+            aio.run(moved.wait_agent(BOOT_TIMEOUT_S))
+            rto = time.monotonic() - failed_at
+            mount_pmem(new_host.uri_unix, name, format=False)
+
+            async def check() -> records.RecordsCheck:
+                async with moved.agent(timeout=60) as agent:
+                    return await records.verify(agent, RECORDS)
+            found = aio.run(check())
+        finally:
+            conn_new.close()
+        print(f"records durable before the power loss: {durable[0]}, on {owner}: {found.last_valid} "
+              f"(contiguous: {found.contiguous}); from the fail to the agent on {owner}: {rto:.1f} s")
+        assert found.contiguous and found.last_valid >= durable[0], (found, durable[0])
+        failover = client.record(FAILOVER_PREFIX, name)
+        assert failover is not None and failover["host"] == owner and failover["complete"] is True, failover
+        assert failover["final_host"] == "host1" and failover["restored_epoch"] == final["epoch"], failover
+        # The new owner replicates on (a new stream) to the remaining replica.
+        other = ({"host2", "host3"} - {owner}).pop()
+
+        def replicating() -> bool:
+            progress = client.record(replication.REPLICATION_PREFIX, name) or {}
+            return progress.get("owner") == owner and progress.get("replicas", {}).get(other, {}).get(
+                "epoch", 0) > final["epoch"]
+        wait_for(f"{owner} to replicate to {other}", replicating, timeout=120)
+    finally:
+        try:
+            client.unprotect(name)
+        except HvextError:
+            pass
+        client.close()
+        if new_host is not None:
+            with Host(new_host.uri_unix) as conn:
+                try:
+                    moved_dom = conn.lookup(name)
+                    if moved_dom.is_active():
+                        moved_dom.destroy()
+                    moved_dom.undefine(remove_state=False)
+                except DomainNotFound:
+                    pass
+        if failed:  # host1's definition went with its host; hvext's shared state of it stays
+            remove_domain_state(name)
+            factory.domains.clear()
+        else:
+            factory.cleanup()
+        conn1.close()
+        backing.unlink(missing_ok=True)
+        try:
+            backing.parent.rmdir()
+        except OSError:
+            pass
+        replication.remove_state(name)
+        the_lab.state = lab.Lab.load().state  # type: ignore[union-attr]
