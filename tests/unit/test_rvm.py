@@ -1145,7 +1145,7 @@ class LogCalls:
 
     @property
     def dsync_writes(self) -> int:
-        return sum(1 for f in self.writes if f & getattr(os, "RWF_DSYNC", 0))
+        return sum(1 for f in self.writes if f & os.RWF_DSYNC)  # Linux, Python 3.7+: hvext's platform
 
 
 def solo_commits(r, region, n, flush=True, start=0):
@@ -1153,10 +1153,6 @@ def solo_commits(r, region, n, flush=True, start=0):
         commit(r, region, i * 8, b"%8d" % i, flush=flush)
 
 
-needs_rwf_dsync = pytest.mark.skipif(not hasattr(os, "RWF_DSYNC"), reason="no os.RWF_DSYNC here")
-
-
-@needs_rwf_dsync
 def test_flushed_commits_of_one_thread_are_written_with_rwf_dsync_and_no_fdatasync(tmp_path, log, monkeypatch):
     from hvext.rvm import core
 
@@ -1175,7 +1171,6 @@ def test_flushed_commits_of_one_thread_are_written_with_rwf_dsync_and_no_fdatasy
         assert bytes(r.map(tmp_path / "s", 4096)) == final
 
 
-@needs_rwf_dsync
 def test_a_flushed_commit_after_no_flush_ones_syncs_them_all_with_fdatasync(tmp_path, log, monkeypatch):
     """RWF_DSYNC makes only its own bytes durable: with unsynced records before it, fdatasync."""
     from hvext.rvm import core
@@ -1205,7 +1200,6 @@ def test_without_rwf_dsync_flushed_commits_fall_back_to_fdatasync(tmp_path, log,
         assert bytes(r.map(tmp_path / "s", 4096)) == final
 
 
-@needs_rwf_dsync
 @pytest.mark.parametrize("refusal", [errno.EOPNOTSUPP, errno.EINVAL])
 def test_a_file_system_refusing_rwf_dsync_falls_back_to_fdatasync(tmp_path, log, monkeypatch, refusal):
     from hvext.rvm import core
@@ -1227,7 +1221,6 @@ def test_a_file_system_refusing_rwf_dsync_falls_back_to_fdatasync(tmp_path, log,
         assert bytes(r.map(tmp_path / "s", 4096)) == final
 
 
-@needs_rwf_dsync
 def test_a_failed_rwf_dsync_write_stops_the_rvm_like_a_failed_fdatasync(tmp_path, log, monkeypatch):
     from hvext.rvm import core
 
