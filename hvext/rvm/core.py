@@ -58,6 +58,16 @@ _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 # range, no GIL release per range); pwrite is the fallback.
 _USE_MMAP = hasattr(mmap, "MAP_SHARED")
 _HAVE_PWRITEV = hasattr(os, "pwritev")
+# pwritev2's RWF_DSYNC (Linux 4.7+): the write is durable when it returns, as
+# with O_DSYNC, for the bytes written (not for the rest of the file). 0: not
+# offered, flushed commits use fdatasync.
+_RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0) if _HAVE_PWRITEV else 0
+# A flushed commit writes its record with RWF_DSYNC, holding the lock through
+# the sync, only after this many transactions in a row were begun by the same
+# thread: with several committing threads, fdatasync outside the lock lets
+# them share syncs (group commit) instead of queueing behind each other's.
+_SOLO_COMMITS = 8
+_get_ident = threading.get_ident
 _IOV_MAX = 1000
 _PAD = bytes(lf.ALIGN)
 _REC_SIZE = lf.REC.size
@@ -68,8 +78,8 @@ _ALIGN_MASK = lf.ALIGN - 1
 _crc32 = zlib.crc32
 # zlib.crc32 releases the GIL for buffers over 5 KiB. A committer that releases
 # the GIL while a background truncation runs gets it back only at the
-# truncation's next yield (tens of us, docs/rvm.md), so a joined record is
-# checksummed in pieces that keep it, as its ranges of up to 4 KiB each were.
+# truncation's next yield (tens of us, docs/rvm.md), so while one runs a
+# joined record is checksummed in pieces that keep it; otherwise in one call.
 _CRC_CHUNK = 5 * 1024
 _clock = time.perf_counter
 
@@ -387,6 +397,9 @@ class RVM:
         self._wake = threading.Event()
         self._stats = {"commits": 0, "truncations": 0, "syncs": 0}
         self._last_commit = 0.0  # _clock() of the last commit (truncation yields the GIL after one)
+        self._dsync = bool(_RWF_DSYNC)  # False once the file system refused RWF_DSYNC
+        self._last_thread = 0  # the thread that began the last transaction
+        self._solo = 0  # transactions begun in a row by that thread, minus one
         self._closed = False
 
     # ------------------------------------------------------------------ options
@@ -630,6 +643,12 @@ class RVM:
             tid = self._next_tid
             self._next_tid = tid + 1
             self._active[tid] = _Txn(tid, bool(restore))
+            ident = _get_ident()
+            if ident == self._last_thread:
+                self._solo += 1
+            else:
+                self._last_thread = ident
+                self._solo = 0
             return tid
         finally:
             lock.release()
@@ -712,7 +731,7 @@ class RVM:
                 raise RVMInactiveTransactionError(f"transaction {tid!r} is not active")
             if txn.views:
                 try:
-                    end = self._append_txn_locked(txn)
+                    end = self._append_txn_locked(txn, flush and self._solo >= _SOLO_COMMITS)
                 except BaseException:
                     if not self._closed:
                         self._active[tid] = txn  # still active: the caller may abort it
@@ -734,7 +753,7 @@ class RVM:
 
     # ---------------------------------------------------------------- the log
 
-    def _append_txn_locked(self, txn: _Txn) -> int:
+    def _append_txn_locked(self, txn: _Txn, dsync: bool = False) -> int:
         """Lock held. Write the record (and the segment declarations the epoch lacks).
 
         The fast path (no declaration due, no wrap, room enough) is one
@@ -743,6 +762,11 @@ class RVM:
         region's bytes (no copy), with several those views joined into the
         packed bytes (one copy costs less than an iovec entry and a crc32
         call per range).
+
+        ``dsync``: the caller wants the record durable. If every earlier
+        record already is, the write itself makes it durable (``RWF_DSYNC``:
+        one system call instead of ``pwritev`` and ``fdatasync``) and
+        ``_synced`` moves past it; otherwise the caller syncs as usual.
         """
         cap = self._cap
         views = txn.views
@@ -769,21 +793,30 @@ class RVM:
                     iov = [_U32_PACK(_crc32(pad, _crc32(view, _crc32(body, self._salt)))), body, view, pad]
                 else:
                     rest = b"".join([body, *views, pad])  # see the docstring
-                    if len(rest) <= _CRC_CHUNK:
+                    if len(rest) <= _CRC_CHUNK or not self._truncating:
                         crc = _crc32(rest, self._salt)
                     else:  # keep the GIL (see _CRC_CHUNK)
                         whole, crc = memoryview(rest), self._salt
                         for i in range(0, len(rest), _CRC_CHUNK):
                             crc = _crc32(whole[i : i + _CRC_CHUNK], crc)
                     iov = [_U32_PACK(crc), rest]
+                dsync = dsync and self._dsync and self._synced >= lsn
+                pos = lf.DATA_START + lsn % cap
                 try:
-                    n = os.pwritev(self._fd, iov, lf.DATA_START + lsn % cap)
+                    if dsync:
+                        n = self._write_dsync(iov, pos)
+                        dsync = n == size and self._dsync
+                    else:
+                        n = os.pwritev(self._fd, iov, pos)
                     if n != size:  # short write: finish the rest the slow way
-                        _write_all(self._fd, memoryview(b"".join(iov))[n:], lf.DATA_START + lsn % cap + n)
+                        _write_all(self._fd, memoryview(b"".join(iov))[n:], pos + n)
                 except OSError as err:
                     raise RVMIOError(f"cannot write to log {self._path}: {err.strerror}") from err
-                self._tail = lsn + size
-                return lsn + size
+                end = self._tail = lsn + size
+                if dsync and end > self._synced:
+                    self._synced = end
+                    self._stats["syncs"] += 1
+                return end
         # Slow path: segment declarations, a wrap, or waiting for room (the
         # lock may be released meanwhile: unmap must see the transaction).
         targs = txn.table
@@ -899,6 +932,17 @@ class RVM:
                 self._broken = err
                 raise RVMIOError(f"cannot write the header of {self._path}: {err.strerror}") from err
             self._header = new
+
+    def _write_dsync(self, iov: list, pos: int) -> int:
+        """Lock held. pwritev with RWF_DSYNC; falls back to a plain pwritev if refused."""
+        try:
+            return os.pwritev(self._fd, iov, pos, _RWF_DSYNC)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._broken = err  # the data may be written, its sync failed: as a failed fdatasync
+                raise
+        self._dsync = False  # not offered here: fdatasync from now on
+        return os.pwritev(self._fd, iov, pos)
 
     def _sync_to(self, lsn: int) -> None:
         """Make the log durable up to ``lsn``; concurrent callers share one fdatasync.

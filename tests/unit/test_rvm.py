@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
 import time
+import types
 
 import pytest
 
@@ -1105,3 +1107,157 @@ def test_transaction_with_more_ranges_than_an_iovec_holds_survives_reopen(tmp_pa
     with rvm.RVM(log) as r:
         region = r.map(seg, 1 << 16)
         assert all(bytes(region[i * 40 : i * 40 + 3]) == i.to_bytes(3, "little") for i in range(1500))
+
+
+# ------------------------------------ flushed commits with RWF_DSYNC (issue 15)
+
+
+class LogCalls:
+    """Records hvext.rvm's pwritev flags and fdatasyncs of the log; can refuse RWF_DSYNC."""
+
+    def __init__(self, monkeypatch, log_path, refuse_dsync: int | None = None) -> None:
+        from hvext.rvm import core
+
+        self.log = os.path.realpath(log_path)
+        self.writes: list[int] = []  # flags of every pwritev to the log
+        self.syncs = 0  # fdatasyncs of the log
+        proxy = types.SimpleNamespace(**vars(os))
+        real_sync = core._fdatasync
+
+        def pwritev(fd, iov, offset, flags=0):
+            if self._is_log(fd):
+                self.writes.append(flags)
+                if flags and refuse_dsync is not None:
+                    raise OSError(refuse_dsync, os.strerror(refuse_dsync))
+            return os.pwritev(fd, iov, offset, flags)
+
+        def fdatasync(fd):
+            if self._is_log(fd):
+                self.syncs += 1
+            real_sync(fd)
+
+        proxy.pwritev = pwritev
+        monkeypatch.setattr(core, "os", proxy)
+        monkeypatch.setattr(core, "_fdatasync", fdatasync)
+
+    def _is_log(self, fd) -> bool:
+        return os.path.realpath(f"/proc/self/fd/{fd}") == self.log
+
+    @property
+    def dsync_writes(self) -> int:
+        return sum(1 for f in self.writes if f & os.RWF_DSYNC)  # Linux, Python 3.7+: hvext's platform
+
+
+def solo_commits(r, region, n, flush=True, start=0):
+    for i in range(start, start + n):
+        commit(r, region, i * 8, b"%8d" % i, flush=flush)
+
+
+def test_flushed_commits_of_one_thread_are_written_with_rwf_dsync_and_no_fdatasync(tmp_path, log, monkeypatch):
+    from hvext.rvm import core
+
+    with rvm.RVM(log, truncate_ratio=None) as r:
+        region = r.map(tmp_path / "s", 4096)
+        calls = LogCalls(monkeypatch, log)
+        solo_commits(r, region, core._SOLO_COMMITS)  # the first ones: fdatasync
+        assert calls.dsync_writes == 0 and calls.syncs == core._SOLO_COMMITS
+        solo_commits(r, region, 20, start=core._SOLO_COMMITS)
+        assert calls.dsync_writes == 20 and calls.syncs == core._SOLO_COMMITS  # one call each
+        q = r.query_options()
+        assert q["synced_lsn"] == q["tail_lsn"]
+        assert q["syncs"] == core._SOLO_COMMITS + 20
+        final = bytes(region)
+    with rvm.RVM(log) as r:
+        assert bytes(r.map(tmp_path / "s", 4096)) == final
+
+
+def test_a_flushed_commit_after_no_flush_ones_syncs_them_all_with_fdatasync(tmp_path, log, monkeypatch):
+    """RWF_DSYNC makes only its own bytes durable: with unsynced records before it, fdatasync."""
+    from hvext.rvm import core
+
+    with rvm.RVM(log, truncate_ratio=None) as r:
+        region = r.map(tmp_path / "s", 4096)
+        solo_commits(r, region, core._SOLO_COMMITS + 1)
+        calls = LogCalls(monkeypatch, log)
+        solo_commits(r, region, 3, flush=False, start=20)
+        commit(r, region, 200, b"flushed")
+        assert calls.writes == [0, 0, 0, 0] and calls.syncs == 1
+        commit(r, region, 300, b"next")  # everything before it is durable again
+        assert calls.dsync_writes == 1 and calls.syncs == 1
+
+
+def test_without_rwf_dsync_flushed_commits_fall_back_to_fdatasync(tmp_path, log, monkeypatch):
+    from hvext.rvm import core
+
+    monkeypatch.setattr(core, "_RWF_DSYNC", 0)  # Python or kernel without pwritev2 flags
+    with rvm.RVM(log, truncate_ratio=None) as r:
+        region = r.map(tmp_path / "s", 4096)
+        calls = LogCalls(monkeypatch, log)
+        solo_commits(r, region, core._SOLO_COMMITS + 10)
+        assert calls.dsync_writes == 0 and calls.syncs == core._SOLO_COMMITS + 10
+        final = bytes(region)
+    with rvm.RVM(log) as r:
+        assert bytes(r.map(tmp_path / "s", 4096)) == final
+
+
+@pytest.mark.parametrize("refusal", [errno.EOPNOTSUPP, errno.EINVAL])
+def test_a_file_system_refusing_rwf_dsync_falls_back_to_fdatasync(tmp_path, log, monkeypatch, refusal):
+    from hvext.rvm import core
+
+    with rvm.RVM(log, truncate_ratio=None) as r:
+        region = r.map(tmp_path / "s", 4096)
+        solo_commits(r, region, core._SOLO_COMMITS + 1)
+        calls = LogCalls(monkeypatch, log, refuse_dsync=refusal)
+        solo_commits(r, region, 5, start=50)  # the first is refused, then written plainly
+        assert calls.writes == [os.RWF_DSYNC, 0, 0, 0, 0, 0]  # RWF_DSYNC tried once only
+        assert calls.syncs == 5
+        assert r.query_options()["synced_lsn"] == r.query_options()["tail_lsn"]
+        final = bytes(region)
+    info = rvm.scan_log(log)
+    assert [len(rec["ranges"]) for rec in info["records"] if rec["kind"] == "transaction"] == [1] * (
+        core._SOLO_COMMITS + 1 + 5
+    )
+    with rvm.RVM(log) as r:
+        assert bytes(r.map(tmp_path / "s", 4096)) == final
+
+
+def test_a_failed_rwf_dsync_write_stops_the_rvm_like_a_failed_fdatasync(tmp_path, log, monkeypatch):
+    from hvext.rvm import core
+
+    seg = tmp_path / "s"
+    with rvm.RVM(log) as r:
+        region = r.map(seg, 4096)
+        solo_commits(r, region, core._SOLO_COMMITS + 1)
+        safe = bytes(region)
+        LogCalls(monkeypatch, log, refuse_dsync=errno.EIO)
+        tid = r.begin_transaction()
+        r.set_range(tid, region, 1000, 4)[:] = b"lost"
+        with pytest.raises(rvm.RVMIOError) as ei:
+            r.end_transaction(tid, flush=True)
+        assert isinstance(ei.value.__cause__, OSError) and ei.value.__cause__.errno == errno.EIO
+        r.abort_transaction(tid)  # still active after the failed commit
+        monkeypatch.undo()
+        with pytest.raises(rvm.RVMIOError):  # no more commits, as after a failed fdatasync
+            commit(r, region, 2000, b"more")
+    with rvm.RVM(log) as r:
+        assert bytes(r.map(seg, 4096)) == safe
+
+
+def test_committers_of_several_threads_share_fdatasyncs_instead_of_rwf_dsync(tmp_path, log, monkeypatch):
+    """RWF_DSYNC holds the lock through the sync: only a lone committing thread uses it."""
+    with rvm.RVM(log, truncate_ratio=None) as r:
+        region = r.map(tmp_path / "s", 4096)
+        calls = LogCalls(monkeypatch, log)
+        barrier = threading.Barrier(2)
+
+        def worker(k):
+            for i in range(40):
+                barrier.wait()  # the two threads begin transactions in alternation
+                commit(r, region, (k * 40 + i) * 8, b"%8d" % i)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert calls.dsync_writes == 0

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
+
+import pytest
 
 from hvext import rvm
 
@@ -21,11 +24,12 @@ def load_bench(monkeypatch):
     return mod
 
 
-def test_limit_writes_as_many_bytes_per_sync_as_the_rvm_record(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sync", ["fdatasync", "dsync"])
+def test_limit_writes_as_many_bytes_per_sync_as_the_rvm_record(tmp_path, monkeypatch, sync):
     bench = load_bench(monkeypatch)
     src = bytes(range(256)) * 4096
     for ranges in ([(0, 5, 0)], [(0, 64, 0), (4096, 3000, 7), (9000, 1, 0)]):
-        raw = bench.RawSync(tmp_path, src)
+        raw = bench.RawSync(tmp_path, src, sync)
         try:
             raw.runner(True)(ranges)
             written = raw.pos
@@ -41,3 +45,18 @@ def test_limit_writes_as_many_bytes_per_sync_as_the_rvm_record(tmp_path, monkeyp
             r.end_transaction(tid)
         records = [rec for rec in rvm.scan_log(log)["records"] if rec["kind"] == "transaction"]
         assert [rec["length"] for rec in records] == [written]
+
+
+def test_limit_uses_the_cheapest_durable_write_the_os_offers(tmp_path, monkeypatch):
+    """Fair both ways: where hvext.rvm may commit with RWF_DSYNC, so does the limit by default."""
+    bench = load_bench(monkeypatch)
+    raw = bench.RawSync(tmp_path, bytes(4096))
+    try:
+        assert raw.dsync  # Linux has RWF_DSYNC (4.7+), Python exposes it (3.7+)
+        written = []
+        real = os.pwritev
+        monkeypatch.setattr(bench.os, "pwritev", lambda fd, iov, off, flags=0: written.append(flags) or real(fd, iov, off))
+        raw.runner(True)([(0, 100, 0)])
+        assert written == [os.RWF_DSYNC]
+    finally:
+        raw.close()

@@ -228,12 +228,20 @@ class SimDisk:
             self._mark(path, offset, offset + n)
             return n
 
-    def pwritev(self, fd: int, iov, offset: int) -> int:
+    def pwritev(self, fd: int, iov, offset: int, flags: int = 0) -> int:
+        """pwritev; with RWF_DSYNC the bytes written are durable when it returns (nothing else)."""
         with self.lock:
             self._tick()
             path = self._track(fd)
             n = os.pwritev(fd, iov, offset)
             self._mark(path, offset, offset + n)
+            if flags & getattr(os, "RWF_DSYNC", 0):
+                written = self._content(path)[offset : offset + n]
+                durable = bytearray(self.durable[path])
+                if len(durable) < offset:
+                    durable.extend(bytes(offset - len(durable)))
+                durable[offset : offset + n] = written
+                self.durable[path] = bytes(durable)
             return n
 
     def ftruncate(self, fd: int, length: int) -> None:
