@@ -18,8 +18,10 @@ from tests.vm.helpers import cli, cli_json
 from tests.vm.helpers import guest_sh as guest
 
 MIB = 1 << 20
-RAM_MIB = 768
-DATA_MIB = 480
+RAM_MIB = 512
+DATA_MIB = 256
+#: What the QEMU process may keep of guest RAM: DATA_MIB does not fit, the rest must reach the file.
+LIMIT_MIB = 128
 #: The guest fills DATA_MIB with a pattern, checks it later; prints the sha256 each time.
 FILL = ("python3 -c \"import hashlib,os,time\nb = bytearray(os.urandom(1 << 20)) * %d\n"
         "print(hashlib.sha256(b).hexdigest(), flush=True)\nopen('/run/ready', 'w').close()\n"
@@ -62,8 +64,8 @@ def test_guest_ram_reaches_its_own_file_under_a_cgroup_limit(vm_factory, state: 
     assert first["vms"][domain.name]["allocated_bytes"] == first["balance"]["vm_sum_bytes"] > 0
     assert first["balance"]["reservation_bytes"] == total - first["balance"]["vm_sum_bytes"]
 
-    # the QEMU process may hold 256 MiB of guest RAM (plus its own margin): the rest must go to the file
-    hard_kib = (256 + overhead_mib(RAM_MIB)) << 10
+    # the QEMU process may hold LIMIT_MIB of guest RAM (plus its own margin): the rest must go to the file
+    hard_kib = (LIMIT_MIB + overhead_mib(RAM_MIB)) << 10
     domain.set_memory_parameters({"hard_limit": hard_kib}, live=True, config=False)
     swap_before = swap.process_memory(pid)["swap"]
     guest(domain, "rm -f /run/ready; setsid " + FILL)
