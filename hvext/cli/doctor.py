@@ -18,6 +18,7 @@ from hvext.errors import HvextError
 from hvext.host import Host, emulator_path
 from hvext.memory import hugepages
 from hvext.memory.host import meminfo
+from hvext.pmem import placement
 from hvext.paths import PATCHED_QEMU
 from hvext.units import MIB
 
@@ -142,6 +143,20 @@ def hugepage_checks(damon_admin: Path | None = None) -> list[Check]:
                   + ("" if status.state == "busy" else "; a kernel with CONFIG_DAMON_SYSFS and CONFIG_DAMON_VADDR"))]
 
 
+def placement_checks(support: dict[str, str | None] | None = None) -> list[Check]:
+    """What `hvext pmem-placement` (C15, hot PMEM in DRAM) needs: process_madvise with WILLNEED, COLD, PAGEOUT."""
+    support = placement.madvise_support() if support is None else support
+    missing = {name: why for name, why in support.items() if why}
+    if not missing:
+        return [Check("process_madvise", "ok", sorted(support), "MADV_WILLNEED, MADV_COLD and MADV_PAGEOUT "
+                                                                "accepted (pmem-placement, swap reclaim)")]
+    return [Check("process_madvise", "warn", sorted(set(support) - set(missing)),
+                  "missing: " + ", ".join(sorted(missing)),
+                  "; ".join(f"{name}: {why}" for name, why in sorted(missing.items())),
+                  "Linux 5.10 or later (process_madvise with MADV_WILLNEED): without it `hvext pmem-placement "
+                  "--apply` and hvextd's [placement] refuse, and `hvext reclaim --method swap` fails")]
+
+
 def _read_sysctl(path: Path) -> str | None:
     try:
         return path.read_text().strip()
@@ -213,6 +228,7 @@ def run_checks(uri: str | None) -> list[Check]:
     checks.append(userfaultfd_check(_read_sysctl(USERFAULTFD_SYSCTL)))
     checks += sharing_checks()
     checks += hugepage_checks()
+    checks += placement_checks()
     return checks
 
 
