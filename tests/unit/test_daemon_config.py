@@ -51,7 +51,7 @@ def test_an_absent_section_means_its_default(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("toml,message", [
-    ("[metricz]\nlisten = 1\n", r"unknown section \[metricz\]; the sections are \[ha\], \[metrics\], \[power\], \[reclaim\]"),
+    ("[metricz]\nlisten = 1\n", r"unknown section \[metricz\]; the sections are \[ha\], \[metrics\], \[placement\], \[power\], \[reclaim\]"),
     ("[reclaim.extra]\nx = 1\n", r"\[reclaim\] unknown key extra; allowed: domains, host_available_min_mib, "
                                  r"interval_s, method, step_mib$"),
     ("[reclaim]\nfloor = 1\nstep = 2\n", r"\[reclaim\] unknown keys floor, step; allowed: "),
