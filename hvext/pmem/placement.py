@@ -32,6 +32,7 @@ import ctypes
 import errno
 import mmap
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ MADV_PAGEOUT = swap.MADV_PAGEOUT
 COLD_ADVICE = {"cold": MADV_COLD, "pageout": MADV_PAGEOUT}
 TMPFS_MAGIC = 0x01021994
 IOV_MAX = 1024
+#: How long a report waits for MADV_WILLNEED's asynchronous read-ahead before measuring residency again.
+READAHEAD_WAIT_S = 2.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -245,6 +248,16 @@ def advise(pid: int, ranges: list[Range], advice: int) -> tuple[int, str | None]
     return done, None
 
 
+def wait_readahead(backing: Path, keep: list[Range], settle_s: float) -> int:
+    """Wait up to *settle_s* for ``MADV_WILLNEED``'s read-ahead (asynchronous) to bring *keep* in; resident bytes."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        now = resident(backing, keep)
+        if now >= total(keep) or time.monotonic() >= deadline:
+            return now
+        time.sleep(0.05)
+
+
 def measure(pid: int, device: Device, plan: DevicePlan) -> dict[str, int]:
     """Page-cache residency of the device's hot, kept and cold ranges, and QEMU's mapped Rss."""
     return {"hot_resident_bytes": resident(Path(device.backing), list(plan.hot)),
@@ -284,9 +297,9 @@ def domain_demand(found: list[Device], previous: placement_policy.VMState | None
 
 def place(name: str, pid: int, found: list[Device], share: int, previous: placement_policy.VMState | None,
           params: placement_policy.Params, *, cold: str = "cold",
-          act: bool = False) -> tuple[dict[str, Any], placement_policy.VMState]:
+          act: bool = False, settle_s: float = READAHEAD_WAIT_S) -> tuple[dict[str, Any], placement_policy.VMState]:
     """One round for one domain: its plan within *share*, residency before (and after, with *act*,
-    having advised). Returns the report and the policy state for the next round."""
+    having advised; the read-ahead is given up to *settle_s* to land). Returns the report and the policy state for the next round."""
     if cold not in COLD_ADVICE:
         raise ValueError(f"cold must be one of {', '.join(COLD_ADVICE)}, not {cold!r}")
     usable = [d for d in found if d.skipped is None]
@@ -298,6 +311,7 @@ def place(name: str, pid: int, found: list[Device], share: int, previous: placem
         entry = plan.to_dict() | {"before": measure(pid, device, plan)}
         if act:
             entry["advice"] = apply(pid, device, plan, cold)
+            wait_readahead(Path(device.backing), list(plan.keep), settle_s)
             entry["after"] = measure(pid, device, plan)
         report["devices"].append(entry)
     report["skipped"] = {d.backing: d.skipped for d in found if d.skipped is not None}
