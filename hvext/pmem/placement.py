@@ -15,10 +15,11 @@ running domain also maps is refused: its pages would be that VM's memory too.
 
 Why this weakens no persistence promise: these advices never change a byte of the file. ``MADV_WILLNEED``
 only reads ahead. ``MADV_COLD`` only moves pages to the inactive list. ``MADV_PAGEOUT`` on a shared
-file mapping reclaims page-cache pages: a clean page is dropped (the file holds the same bytes) and a
-dirty one is written back to the file first, or skipped (reclaim outside kswapd leaves dirty file pages
-for writeback) -- page cache is never discarded unwritten, so what the guest wrote is in the file either
-way. Pages that another process also maps are skipped by the kernel. Epochs and freezes are the guest's
+file mapping unmaps the pages and reclaims page-cache pages: a clean page is dropped (the file holds the
+same bytes) and a dirty one is written back to the file first, or left for writeback (reclaim outside
+kswapd does not write file pages); ``POSIX_FADV_DONTNEED``, which follows it, starts writeback and drops
+only clean pages nothing maps. Page cache is never discarded unwritten, so what the guest wrote is in the
+file either way. Pages that another process also maps are skipped by the kernel. Epochs and freezes are the guest's
 and the power-loss save's business; placement neither waits for nor changes them, and a save reads the
 file through the page cache, resident or not.
 
@@ -273,9 +274,25 @@ def apply(pid: int, device: Device, plan: DevicePlan, cold: str) -> dict[str, An
     release, refused_cold = translate(plan.cold, device.vmas, device.size)
     willneed, willneed_error = advise(pid, keep, MADV_WILLNEED)
     released, release_error = advise(pid, release, COLD_ADVICE[cold])
+    if cold == "pageout" and not release_error:
+        drop_cached(Path(device.backing), list(plan.cold))
     return {"willneed_bytes": willneed, "willneed_error": willneed_error, "cold_advice": cold,
             "released_bytes": released, "release_error": release_error,
             "refused_bytes": refused_keep + refused_cold}
+
+
+def drop_cached(backing: Path, ranges: list[Range]) -> None:
+    """``POSIX_FADV_DONTNEED`` on *ranges* of *backing*: drop their clean page-cache pages that nothing maps.
+
+    ``MADV_PAGEOUT`` unmaps QEMU's pages, but the kernel does not always free a file page it unmapped
+    (seen here with pages QEMU had mapped: unmapped, still cached). This finishes the job for those; it
+    starts writeback of dirty pages and drops only clean, unmapped ones, so no data is lost either."""
+    fd = devices.open_backing(backing, os.O_RDONLY)
+    try:
+        for offset, length in ranges:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def others_backings(host: Host, name: str) -> set[str]:
