@@ -85,6 +85,12 @@ def guest(domain: Domain, command: str, timeout: float = 300, stdin: str = "") -
     return result.stdout
 
 
+def major_faults(pid: int) -> int:
+    """QEMU's major page faults so far (/proc/PID/stat): reads of the backing that waited for the disk."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[9])  # majflt, field 12 of stat
+
+
 def status(domain: Domain) -> dict[str, float]:
     return json.loads(guest(domain, f"cat {STATUS}"))
 
@@ -165,7 +171,7 @@ class Setup:
 
     def place(self) -> None:
         placement.place(self.name, self.pid, self.found, 1 << 40, None, Params(), cold="cold", act=True,
-                        settle_s=0)
+                        measured=False)
 
     def hot_resident(self) -> float:
         return placement.resident(self.device.path, self.hot) / max(1, total(self.hot))
@@ -190,9 +196,9 @@ def run_case(setup: Setup, case: str, window: float, pressure_s: float, interval
         if thread:
             thread.start()
     try:
-        first = status(setup.domain)
+        first, faults = status(setup.domain), major_faults(setup.pid)
         time.sleep(window)
-        last = status(setup.domain)
+        last, faults = status(setup.domain), major_faults(setup.pid) - faults
     finally:
         for thread in (pressure, placer, sampler):
             if thread:
@@ -201,7 +207,7 @@ def run_case(setup: Setup, case: str, window: float, pressure_s: float, interval
     if error:
         raise RuntimeError(error)
     ops = (last["total_ops"] - first["total_ops"]) / max(1e-6, last["t"] - first["t"])
-    return {"case": case, "ops_s": ops, "resident": statistics.fmean(v for _, v in samples) if samples else 0.0,
+    return {"case": case, "ops_s": ops, "majflt_s": faults / window, "resident": statistics.fmean(v for _, v in samples) if samples else 0.0,
             "series": samples}
 
 
@@ -245,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nguest 512 MiB, NVDIMM file on disk, hot set {hot_mib} MiB read at random 4 KiB pages (DAX); "
           f"pressure evicts the backing's page cache every {args.pressure_interval:g} s; placement round every "
           f"{args.interval:g} s; {reps} x {window:g} s per case, alternating")
-    print(f"{'case':>10} {'reps':>5} {'median ops/s':>13} {'min':>9} {'max':>9} {'hot resident':>13}")
+    print(f"{'case':>10} {'reps':>5} {'median ops/s':>13} {'min':>9} {'max':>9} {'QEMU majflt/s':>14} "
+          f"{'hot resident':>13}")
     medians: dict[str, float] = {}
     for case in CASES:
         good = [r for r in rows if r["case"] == case and "error" not in r]
@@ -256,9 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             values = [r["ops_s"] for r in good]
             medians[case] = statistics.median(values)
             print(f"{case:>10} {len(good):>5} {medians[case]:13.0f} {min(values):9.0f} {max(values):9.0f} "
+                  f"{statistics.median(r['majflt_s'] for r in good):14.0f} "
                   f"{100 * statistics.fmean(r['resident'] for r in good):12.0f}%")
-    if len(medians) == 2 and medians["none"]:
-        print(f"placement / none (medians): {medians['placement'] / medians['none']:.2f}x")
+    by_rep = {(r["case"], r["rep"]): r for r in rows if "error" not in r}
+    paired = [by_rep[("placement", rep)]["ops_s"] / by_rep[("none", rep)]["ops_s"] for rep in range(reps)
+              if ("placement", rep) in by_rep and ("none", rep) in by_rep and by_rep[("none", rep)]["ops_s"]]
+    if paired:
+        print(f"placement / none, ops/s per repetition (paired, same minute): median {statistics.median(paired):.2f}x, "
+              f"min {min(paired):.2f}x, max {max(paired):.2f}x")
     plot_cases(args.plot_dir, rows, hot_mib)
     return 1 if any("error" in r for r in rows) else 0
 

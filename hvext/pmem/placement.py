@@ -314,9 +314,11 @@ def domain_demand(found: list[Device], previous: placement_policy.VMState | None
 
 def place(name: str, pid: int, found: list[Device], share: int, previous: placement_policy.VMState | None,
           params: placement_policy.Params, *, cold: str = "cold",
-          act: bool = False, settle_s: float = READAHEAD_WAIT_S) -> tuple[dict[str, Any], placement_policy.VMState]:
+          act: bool = False, settle_s: float = READAHEAD_WAIT_S,
+          measured: bool = True) -> tuple[dict[str, Any], placement_policy.VMState]:
     """One round for one domain: its plan within *share*, residency before (and after, with *act*,
-    having advised; the read-ahead is given up to *settle_s* to land). Returns the report and the policy state for the next round."""
+    having advised; the read-ahead is given up to *settle_s* to land). Without *measured*, no
+    residency is read (``before``/``after`` absent): the cheapest round. Returns the report and the policy state for the next round."""
     if cold not in COLD_ADVICE:
         raise ValueError(f"cold must be one of {', '.join(COLD_ADVICE)}, not {cold!r}")
     usable = [d for d in found if d.skipped is None]
@@ -325,11 +327,12 @@ def place(name: str, pid: int, found: list[Device], share: int, previous: placem
     report: dict[str, Any] = {"domain": name, "pid": pid, "share_bytes": share, "applied": act, "devices": []}
     for plan in plans:
         device = by_backing[plan.backing]
-        entry = plan.to_dict() | {"before": measure(pid, device, plan)}
+        entry = plan.to_dict() | ({"before": measure(pid, device, plan)} if measured else {})
         if act:
             entry["advice"] = apply(pid, device, plan, cold)
-            wait_readahead(Path(device.backing), list(plan.keep), settle_s)
-            entry["after"] = measure(pid, device, plan)
+            if measured:
+                wait_readahead(Path(device.backing), list(plan.keep), settle_s)
+                entry["after"] = measure(pid, device, plan)
         report["devices"].append(entry)
     report["skipped"] = {d.backing: d.skipped for d in found if d.skipped is not None}
     return report, state
