@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvext.errors import DomainStateError, HostError, UnsupportedError
+from hvext.errors import DomainStateError, HostError, HvextError, UnsupportedError
 from hvext.host import Host
 from hvext.memory import swap
 from hvext.pmem import devices, placement_policy, virtio
@@ -217,10 +217,8 @@ def devices_of(pid: int, hints: Hints, shared_with_others: set[str]) -> list[Dev
                     item.skipped = f"QEMU (pid {pid}) has no shared mapping of the backing"
                 elif mapped < device.size:
                     item.skipped = f"QEMU maps {mapped} bytes of the backing, the device has {device.size}"
-        except (HostError, OSError) as err:
+        except (HvextError, OSError) as err:  # e.g. open_backing: the backing is not a plain file now
             item.skipped = f"{err}"[:200]
-        except Exception as err:  # UsageError from open_backing: the backing is not a plain file now
-            item.skipped = f"{type(err).__name__}: {err}"[:200]
         found.append(item)
     return found
 

@@ -87,3 +87,11 @@ def test_tmpfs_and_shared_backings_and_unmapped_ones_are_skipped(backing, tmp_pa
     other = tmp_path / "other.img"
     other.write_bytes(b"\0" * SIZE)
     assert "no shared mapping" in placement.devices_of(os.getpid(), hints_for(other, []), set())[0].skipped
+
+
+def test_cli_usage_errors_before_anything_is_touched(capsys) -> None:
+    from hvext.cli.main import main
+    assert main(["pmem-placement", "nosuch", "--cold", "pageout"]) == 1
+    assert "error: --cold goes with --apply" in capsys.readouterr().err
+    assert main(["pmem-placement", "nosuch", "--budget", "lots"]) == 1
+    assert "invalid size" in capsys.readouterr().err
