@@ -95,3 +95,29 @@ def test_cli_usage_errors_before_anything_is_touched(capsys) -> None:
     assert "error: --cold goes with --apply" in capsys.readouterr().err
     assert main(["pmem-placement", "nosuch", "--budget", "lots"]) == 1
     assert "invalid size" in capsys.readouterr().err
+
+
+def test_the_daemon_loop_runs_rounds_on_a_host_without_pmem_and_stops(caplog) -> None:
+    """libvirt's test driver: its running domain has no pmem device, so rounds place nothing, log no
+    error, and the loop stops when told (the daemon starts it only with enabled = true)."""
+    import asyncio
+    import logging
+
+    from hvext import aio
+    from hvext.daemon import placement_loop
+    from hvext.daemon.placement_loop import PlacementConfig
+    from hvext.host import Host
+
+    async def run_for(host: Host, seconds: float) -> bool:
+        stopping = asyncio.Event()
+        task = asyncio.ensure_future(placement_loop.run(host, PlacementConfig(enabled=True, interval_s=1), stopping))
+        await asyncio.sleep(seconds)
+        alive = not task.done()
+        stopping.set()
+        await asyncio.wait_for(task, 5)
+        return alive
+
+    with Host("test:///default") as host, caplog.at_level(logging.WARNING, "hvextd.placement"):
+        assert aio.run(placement_loop.one_round(host, PlacementConfig(enabled=True), {})) == []
+        assert aio.run(run_for(host, 0.3))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
