@@ -12,7 +12,7 @@ from hvext.daemon import config as daemon_config
 from hvext.errors import UsageError
 from hvext.pmem import hints
 from hvext.pmem.placement import parse_maps
-from hvext.pmem.placement_policy import (PAGE, VMA, DeviceInput, Params, VMState, demand, normalize, plan_vm,
+from hvext.pmem.placement_policy import (PAGE, VMA, DeviceInput, Params, demand, normalize, plan_vm,
                                          split_budget, subtract, total, translate)
 
 MIB = 1 << 20

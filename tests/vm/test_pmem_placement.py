@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 from hvext.memory import swap
 from hvext.pmem import devices, placement
