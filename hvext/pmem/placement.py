@@ -52,6 +52,8 @@ MADV_PAGEOUT = swap.MADV_PAGEOUT
 COLD_ADVICE = {"cold": MADV_COLD, "pageout": MADV_PAGEOUT}
 TMPFS_MAGIC = 0x01021994
 IOV_MAX = 1024
+MINCORE_WINDOW = 1 << 30  # bytes of a backing mapped at a time to read its residency
+_LOW_BIT = bytes(b & 1 for b in range(256))
 #: How long a report waits for MADV_WILLNEED's asynchronous read-ahead before measuring residency again.
 READAHEAD_WAIT_S = 2.0
 
@@ -152,6 +154,20 @@ def mapped_rss(pid: int, vmas: list[VMA]) -> int:
     return rss
 
 
+def _resident_window(fd: int, backing: Path, start: int, span: int) -> int:
+    address = _libc.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if address in (None, MAP_FAILED):
+        raise HostError(f"mmap of {backing}: {os.strerror(ctypes.get_errno())}")
+    try:
+        pages = -(-span // PAGE)
+        vector = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(address, span, vector) != 0:
+            raise HostError(f"mincore on {backing}: {os.strerror(ctypes.get_errno())}")
+        return bytes(vector).translate(_LOW_BIT).count(1) * PAGE  # bit 0: resident; the others are undefined
+    finally:
+        _libc.munmap(address, span)
+
+
 def resident(backing: Path, ranges: list[Range]) -> int:
     """Bytes of *ranges* of *backing* in the host page cache (``mincore`` on our own read-only mapping)."""
     ranges = [r for r in ranges if r[1] > 0]
@@ -162,22 +178,12 @@ def resident(backing: Path, ranges: list[Range]) -> int:
         size = os.fstat(fd).st_size
         count = 0
         for offset, length in ranges:
-            start = offset - offset % PAGE
+            position = offset - offset % PAGE
             end = min(offset + length, size)
-            if end <= start:
-                continue
-            span = end - start
-            address = _libc.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-            if address in (None, MAP_FAILED):
-                raise HostError(f"mmap of {backing}: {os.strerror(ctypes.get_errno())}")
-            try:
-                pages = -(-span // PAGE)
-                vector = (ctypes.c_ubyte * pages)()
-                if _libc.mincore(address, span, vector) != 0:
-                    raise HostError(f"mincore on {backing}: {os.strerror(ctypes.get_errno())}")
-                count += sum(1 for v in vector if v & 1) * PAGE
-            finally:
-                _libc.munmap(address, span)
+            while position < end:  # a bounded window at a time: the vector is a byte per page
+                span = min(end - position, MINCORE_WINDOW)
+                count += _resident_window(fd, backing, position, span)
+                position += span
         return count
     finally:
         os.close(fd)
