@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from hvext.errors import HvextError, UsageError
+from hvext.errors import DomainNotFound, HvextError, UsageError
 from hvext.host import Domain, Host
 from hvext.memory import swap
 from hvext.pmem import devices, hints, placement, virtio
@@ -78,8 +78,11 @@ def _candidates(host: Host, config: PlacementConfig) -> list[tuple[Domain, int, 
             if backings[domain.name] and (not config.domains or domain.name in config.domains) \
                     and domain.facts().hvext_managed:
                 chosen.append(domain)
-        except HvextError as err:
-            log.warning("skipping %s this round: %s", domain.name, err)
+        except DomainNotFound:
+            continue  # gone since the listing: maps nothing any more
+        except HvextError as err:  # its backings are unknown: any of them might be one a VM here has
+            log.warning("no placement this round: the devices of %s cannot be read: %s", domain.name, err)
+            return []
     found = []
     for domain in chosen:
         others = {b for other, paths in backings.items() if other != domain.name for b in paths}

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvext.errors import DomainStateError, HostError, HvextError, UnsupportedError
+from hvext.errors import DomainNotFound, DomainStateError, HostError, HvextError, UnsupportedError
 from hvext.host import Host
 from hvext.memory import swap
 from hvext.pmem import devices, placement_policy, virtio
@@ -300,13 +300,18 @@ def drop_cached(backing: Path, ranges: list[Range]) -> None:
 
 
 def others_backings(host: Host, name: str) -> set[str]:
-    """Backing paths of the pmem devices of the running domains other than *name* (blocking: libvirt)."""
+    """Backing paths of the pmem devices of the running domains other than *name* (blocking: libvirt).
+
+    A domain that vanished meanwhile is skipped; any other failure to read one raises: placement
+    cannot then know whether a backing is shared."""
     found: set[str] = set()
     for other in host.domains(include_inactive=False):
         if other.name == name:
             continue
-        for device in devices.list_devices(other) + virtio.list_devices(other):
-            found.add(str(device.path))
+        try:
+            found.update(str(d.path) for d in devices.list_devices(other) + virtio.list_devices(other))
+        except DomainNotFound:  # gone since the listing: its QEMU maps nothing any more
+            continue
     return found
 
 

@@ -125,3 +125,21 @@ def test_the_daemon_loop_runs_rounds_on_a_host_without_pmem_and_stops(caplog) ->
         assert aio.run(placement_loop.one_round(host, PlacementConfig(enabled=True), {})) == []
         assert aio.run(run_for(host, 0.3))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+def test_a_domain_that_vanishes_while_the_others_are_listed_is_skipped(monkeypatch) -> None:
+    """The race seen under load: another VM is listed, then gone before its devices are read (libvirt's
+    test driver: a transient domain destroyed after the listing, a real stale handle). Placement goes on."""
+    import libvirt
+
+    from hvext.host import Host
+    with Host("test:///default") as host:
+        transient = host.conn.createXML("<domain type='test'><name>hvext-gone</name><memory>8192</memory>"
+                                        "<os><type>hvm</type></os></domain>", 0)
+        listed = host.domains(include_inactive=False)
+        assert "hvext-gone" in [d.name for d in listed]
+        transient.destroy()  # transient: it is gone, not just off
+        with pytest.raises(libvirt.libvirtError):
+            host.conn.lookupByName("hvext-gone")
+        monkeypatch.setattr(host, "domains", lambda include_inactive=True: listed)
+        assert placement.others_backings(host, "mine") == set()
