@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 
+from hvext import aio
+from hvext.daemon import placement_loop
+from hvext.daemon.placement_loop import PlacementConfig
 from hvext.memory import swap
 from hvext.pmem import devices, placement
-from hvext.pmem.placement_policy import translate
+from hvext.pmem.placement_policy import VMState, translate
 from tests.vm.helpers import cli, cli_json, guest_sh
 
 MIB = 1 << 20
@@ -70,6 +73,16 @@ def test_hot_range_resident_after_pressure_and_cold_range_paged_out(vm_factory, 
     assert guest_sh(domain, "cat /mnt/pm/hot /mnt/pm/cold | sha256sum")["stdout"] == digest  # nothing lost
     now = backing.read_bytes()  # (the guest's file system writes its journal meanwhile: compare the files' bytes)
     assert all(now[o:o + n] == data[o:o + n] for o, n in hot + cold)
+
+    # hvextd's round does the same for this domain (budget split, hysteresis state kept for the next round)
+    placement.advise(pid, addresses, placement.MADV_PAGEOUT)
+    placement.drop_cached(backing, hot)
+    states: dict[str, VMState] = {}
+    config = PlacementConfig(enabled=True, budget_mib=32, cold="pageout", domains=(domain.name,))
+    (round_report,) = aio.run(placement_loop.one_round(vm_factory.host, config, states))
+    assert round_report["domain"] == domain.name and round_report["share_bytes"] >= sum(n for _, n in hot)
+    assert placement.wait_readahead(backing, hot, 20.0) >= 0.95 * sum(n for _, n in hot), round_report
+    assert states[domain.name].kept[str(backing)], states
 
 
 def test_placement_refuses_a_domain_without_running_qemu(vm_factory, capsys) -> None:
