@@ -189,6 +189,26 @@ def render_commandline(parent: etree._Element, args: list[str]) -> None:
         etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
 
 
+@dataclass(frozen=True)
+class FileMemoryBacking:
+    """Guest RAM in a file on disk, shared with it (C6: the VM's own swap file).
+
+    ``<memoryBacking><source type='file'/><access mode='shared'/>``: libvirt
+    9.0 gives QEMU a ``memory-backend-file`` per NUMA cell, its file at
+    ``memory_backing_dir/<id>-<name>/ram-node0`` (qemu.conf, default
+    /var/lib/libvirt/qemu/ram; libvirt has no per-domain path for boot RAM),
+    created sparse by QEMU (``ftruncate``) and removed by libvirt when the
+    domain stops. ``shared`` makes it ``MAP_SHARED``: pages the host reclaims
+    are written back to that file. A private mapping would copy every page
+    the guest writes into anonymous memory, which goes to host swap instead.
+    """
+
+    def render(self, parent: etree._Element) -> None:
+        backing = _sub(parent, "memoryBacking")
+        _sub(backing, "source", type="file")
+        _sub(backing, "access", mode="shared")
+
+
 @dataclass
 class DomainXML:
     """A whole hvext domain; :meth:`render` writes elements in a fixed order."""
@@ -205,6 +225,7 @@ class DomainXML:
     emulator: Path | None = None
     current_memory_mib: int | None = None
     uuid: str | None = None
+    memory_backing: FileMemoryBacking | None = None
     devices: list = field(default_factory=list)  # the agent channel first, as libvirt orders it
 
     def render(self) -> str:
@@ -222,6 +243,8 @@ class DomainXML:
              unit="MiB")
         _sub(root, "memory", str(self.memory_mib), unit="MiB")
         _sub(root, "currentMemory", str(self.current_memory_mib or self.memory_mib), unit="MiB")
+        if self.memory_backing is not None:
+            self.memory_backing.render(root)
         _sub(root, "vcpu", str(self.vcpus), placement="static")
         self.os_boot.render(root)
         features = _sub(root, "features")

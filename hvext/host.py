@@ -142,6 +142,7 @@ class DomainSpec:
     agent_testing: bool = False  # enables the agent's misbehaviour hooks (tests only)
     extra_cmdline: str = ""
     free_page_reporting: bool = False
+    swap_file: bool = False  # guest RAM in a per-VM file on disk (C6, hvext.memory.swapfile)
 
     def validate(self) -> DomainSpec:
         domxml.validate_name(self.name)
@@ -400,6 +401,7 @@ class Host:
             qmp=domxml.QMPMonitor(paths.runtime_dir(spec.name, self.host_id) / "qmp.sock",
                                   paths.runtime_dir(spec.name, self.host_id) / "qmp-cli.sock"),
             emulator=emulator_path(),
+            memory_backing=domxml.FileMemoryBacking() if spec.swap_file else None,
             devices=[domxml.AgentChannel(paths.runtime_dir(spec.name, self.host_id) / "agent.sock"),
                      domxml.Balloon(free_page_reporting=spec.free_page_reporting),
                      domxml.RNG()],
@@ -705,7 +707,8 @@ class Domain:
         with self._errors("undefining"):
             if self.dom.isActive():
                 raise DomainStateError(f"domain {self.name!r} is running; shut it down or destroy it first")
-            facts = domxml.read_facts(self.dom.XMLDesc(0))
+            definition = self.dom.XMLDesc(0)
+            facts = domxml.read_facts(definition)
             domain_uuid = self.dom.UUIDString()
             self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         if remove_state and facts.hvext_managed:
@@ -713,6 +716,8 @@ class Domain:
                 log.warning("%s: %s belongs to another domain; left in place", self.name, paths.domain_dir(self.name))
                 return
             remove_domain_state(self.name)
+            from hvext.memory import nvmram  # imports this module
+            nvmram.remove_backing(self.name, definition)
 
     # -- devices --------------------------------------------------------
     def attach_device(self, xml: str, *, config: bool, live: bool) -> None:
@@ -724,6 +729,12 @@ class Domain:
         """Remove the device *xml* from the persistent definition (*config*) and/or the running guest (*live*)."""
         with self._errors("detaching a device from"):
             self.dom.detachDeviceFlags(xml, _affect(config=config, live=live))
+
+    def update_device(self, xml: str, *, config: bool, live: bool) -> None:
+        """Change the device *xml* names (e.g. a virtio-mem device's requested size) in the definition and/or the
+        running guest."""
+        with self._errors("updating a device of"):
+            self.dom.updateDeviceFlags(xml, _affect(config=config, live=live))
 
     # -- memory ---------------------------------------------------------
     def set_memory(self, kib: int, *, live: bool) -> None:

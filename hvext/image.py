@@ -66,7 +66,11 @@ IMAGE_SIZE = "2G"
 ROOTFS, KERNEL, INITRD, MANIFEST = "rootfs.img", "vmlinux", "initrd.img", "manifest.json"
 #: The kernel command line the image expects (agent testing hooks stay off).
 #: cryptomgr.notests skips the crypto self-tests (about 0.4 s of every boot under TCG).
-CMDLINE = "root=/dev/vda rw console=ttyS0 init=/sbin/hvext-init quiet cryptomgr.notests"
+#: Hot-plugged memory (virtio-mem NVM RAM, docs/memory.md) comes online by itself (Debian's kernel leaves it
+#: offline and the image has no udev rule), in ZONE_MOVABLE as far as the kernel's auto-movable ratio allows,
+#: so that it can be unplugged again.
+GUEST_MEMORY_HOTPLUG = "memhp_default_state=online memory_hotplug.online_policy=auto-movable"
+CMDLINE = f"root=/dev/vda rw console=ttyS0 init=/sbin/hvext-init quiet cryptomgr.notests {GUEST_MEMORY_HOTPLUG}"
 INITRAMFS_INIT = "guest-agent/image/initramfs-init"
 #: Touched whenever :func:`find_image` or :func:`build` hands out an image (what :func:`prune` goes by).
 USED_STAMP = "last-used"

@@ -16,7 +16,8 @@ from hvext import accel, image
 from hvext.cli import common
 from hvext.errors import HvextError
 from hvext.host import Host, emulator_path
-from hvext.memory import hugepages
+from hvext import paths
+from hvext.memory import hugepages, swapfile
 from hvext.memory.host import meminfo
 from hvext.pmem import placement
 from hvext.paths import PATCHED_QEMU
@@ -157,6 +158,60 @@ def placement_checks(support: dict[str, str | None] | None = None) -> list[Check
                   "--apply` and hvextd's [placement] refuse, and `hvext reclaim --method swap` fails")]
 
 
+#: virtio-mem came in libvirt 7.9, ``<qemu:override>`` (which puts hvext's NVM RAM on its file) in 8.2.
+NVM_RAM_LIBVIRT = (8, 2, 0)
+
+
+def nvm_ram_check(libvirt_version: str | None, guest_kernel_config: str | None) -> Check:
+    """NVM RAM (`hvext nvm-ram`): libvirt new enough, and a guest kernel with virtio-mem and hot remove."""
+    missing = []
+    try:
+        if libvirt_version is not None and tuple(int(x) for x in libvirt_version.split(".")) < NVM_RAM_LIBVIRT:
+            missing.append(f"libvirt {libvirt_version} < {'.'.join(map(str, NVM_RAM_LIBVIRT))} (no <qemu:override>)")
+    except ValueError:
+        missing.append(f"libvirt version {libvirt_version!r} unreadable")
+    if guest_kernel_config is None:
+        missing.append("guest kernel config unreadable")
+    else:
+        options = dict(line.split("=", 1) for line in guest_kernel_config.splitlines() if line.startswith("CONFIG_")
+                       and "=" in line)
+        for option in ("CONFIG_VIRTIO_MEM", "CONFIG_MEMORY_HOTPLUG", "CONFIG_MEMORY_HOTREMOVE"):
+            if options.get(option) not in ("y", "m"):
+                missing.append(f"guest kernel without {option}")
+    if missing:
+        return Check("NVM RAM (virtio-mem)", "warn", False, "; ".join(missing), "; ".join(missing),
+                     "`hvext nvm-ram` needs libvirt >= 8.2 and a guest kernel with virtio-mem and memory hot remove")
+    return Check("NVM RAM (virtio-mem)", "ok", True, "libvirt and the guest kernel support it (docs/memory.md)")
+def swapfile_checks(backing_dir: Path | None = None, state_dir: Path | None = None) -> list[Check]:
+    """What per-VM swap files (C6) need: libvirt's memory_backing_dir on a file system that reports extents
+    and punches holes, the reservation (STATE_DIR) on the same one, and ext4 with e4defrag for --defrag."""
+    backing = backing_dir or swapfile.memory_backing_dir()
+    state = state_dir or paths.STATE_DIR
+    where, state_where = swapfile.existing_parent(backing), swapfile.existing_parent(state)
+    fstype = swapfile.filesystem_type(where)
+    checks = [Check("swap files", "ok" if fstype in swapfile.PUNCHING_FILESYSTEMS else "warn",
+                    {"directory": str(backing), "fstype": fstype},
+                    f"guest RAM of --swap-file domains in {backing} ({fstype})",
+                    "" if fstype in swapfile.PUNCHING_FILESYSTEMS else
+                    f"{fstype} may not report extents (FIEMAP) or punch holes",
+                    "" if fstype in swapfile.PUNCHING_FILESYSTEMS else
+                    "set memory_backing_dir in /etc/libvirt/qemu.conf to a directory on ext4 or xfs")]
+    same = where.stat().st_dev == state_where.stat().st_dev
+    checks.append(Check("swap reservation", "ok" if same else "warn",
+                        {"path": str(state / swapfile.SWAP_DIR_NAME / swapfile.RESERVATION_NAME),
+                         "same_filesystem": same},
+                        f"reservation under {state}, " + ("the same file system as the swap files" if same else
+                                                          "another file system than the swap files"),
+                        "" if same else "the reservation only balances VM files on its own file system",
+                        "" if same else "put HVEXT_STATE_DIR and memory_backing_dir on one file system"))
+    why = swapfile.defrag_support(where)
+    checks.append(Check("online defragmentation", "warn" if why else "ok", not why,
+                        why or "ext4 and e4defrag: `hvext swapfile DOMAIN --defrag`", why,
+                        "" if not why else ("`apt-get install e2fsprogs`" if "e4defrag" in why else
+                                            "swap files on ext4 (memory_backing_dir in qemu.conf)")))
+    return checks
+
+
 def _read_sysctl(path: Path) -> str | None:
     try:
         return path.read_text().strip()
@@ -177,6 +232,7 @@ def run_checks(uri: str | None) -> list[Check]:
     except HvextError as err:
         checks.append(Check("accelerator", "fail", None, str(err), str(err),
                             "unset HVEXT_ACCEL or set it to kvm or tcg"))
+    versions: dict[str, str] | None = None
     try:
         with Host(uri) as host:
             versions = host.versions()
@@ -226,8 +282,14 @@ def run_checks(uri: str | None) -> list[Check]:
     except HvextError as err:
         checks.append(Check("guest image", "fail", None, str(err), str(err), "`make setup`"))
     checks.append(userfaultfd_check(_read_sysctl(USERFAULTFD_SYSCTL)))
+    try:
+        kernel_config: str | None = (Path("/boot") / f"config-{image.host_kernel_version()}").read_text()
+    except (HvextError, OSError):
+        kernel_config = None
     checks += sharing_checks()
     checks += hugepage_checks()
+    checks.append(nvm_ram_check(versions["libvirt"] if versions else None, kernel_config))
+    checks += swapfile_checks()
     checks += placement_checks()
     return checks
 

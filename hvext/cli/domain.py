@@ -15,7 +15,7 @@ from hvext.host import DomainSpec
 from hvext.pmem import power
 from hvext.units import parse_size_mib
 
-SPEC_KEYS = {"name", "memory", "current_memory", "vcpus", "free_page_reporting"}
+SPEC_KEYS = {"name", "memory", "current_memory", "vcpus", "free_page_reporting", "swap_file"}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -32,6 +32,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--vcpus", type=common.count(1, 64), help="virtual CPUs (default 1)")
     p.add_argument("--free-page-reporting", action="store_true", default=None,
                    help="let the guest report free pages to the host through the balloon")
+    p.add_argument("--swap-file", action="store_true", default=None,
+                   help="keep guest RAM in a thin file on disk (libvirt's memory_backing_dir), so that what the "
+                        "host reclaims from it goes to that file, not to host swap (`hvext swapfile`)")
     p.set_defaults(func=cmd_define)
 
     p = commands.add_parser("start", help="start a defined domain")
@@ -96,7 +99,7 @@ def spec_from_args(args: argparse.Namespace) -> DomainSpec:
         unknown = set(values) - SPEC_KEYS
         if unknown:
             raise UsageError(f"spec file {args.spec}: unknown keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
-    for key in ("memory", "current_memory", "vcpus", "free_page_reporting"):
+    for key in ("memory", "current_memory", "vcpus", "free_page_reporting", "swap_file"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.domain:
@@ -112,15 +115,25 @@ def spec_from_args(args: argparse.Namespace) -> DomainSpec:
         memory_mib=parse_size_mib(str(values.get("memory", "512M"))),
         current_memory_mib=parse_size_mib(str(current)) if current is not None else None,
         vcpus=vcpus,
-        free_page_reporting=bool(values.get("free_page_reporting", False)),
+        free_page_reporting=_flag(values, "free_page_reporting"),
+        swap_file=_flag(values, "swap_file"),
     ).validate()
+
+
+def _flag(values: dict[str, Any], key: str) -> bool:
+    """A boolean spec key; a string such as "false" in a spec file is refused, not read as true."""
+    value = values.get(key, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"{key} must be true or false, not {value!r}")
+    return value
 
 
 def cmd_define(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     with common.open_host(args) as host:
         host.define(spec)
-    common.console.print(f"Domain '{spec.name}' defined ({spec.memory_mib} MiB, {spec.vcpus} vCPU)")
+    common.console.print(f"Domain '{spec.name}' defined ({spec.memory_mib} MiB, {spec.vcpus} vCPU"
+                         + (", RAM in a swap file)" if spec.swap_file else ")"))
     return 0
 
 
@@ -157,6 +170,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_undefine(args: argparse.Namespace) -> int:
+    power.check_registry_access()  # before anything changes: undefine must not leave registrations behind
     with common.open_domain(args) as dom:
         uuid = dom.info()["uuid"]
         dom.undefine(remove_state=not args.keep_state)

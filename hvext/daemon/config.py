@@ -15,6 +15,11 @@ Present (even empty): the loop runs with these keys' defaults::
     step_mib = 256                 # at most this much per VM per round, an integer >= 16
     method = "auto"                # "auto", "balloon" or "swap" (as `hvext reclaim --method`)
     domains = ["web1", "db1"]      # only these domains (default: every running hvext VM)
+    nvm_ram = false                # true: also grow/shrink VMs' NVM RAM (`hvext nvm-ram`, docs/memory.md)
+    nvm_dir = "/dev/shm/hvext-nvm" # the NVM tier (needed with nvm_ram): only NVM RAM backed there is moved
+    nvm_free_min_mib = 1024        # tier free below this: VMs give NVM RAM back (largest first)
+    nvm_free_high_mib = 2048       # >= nvm_free_min_mib: give back up to this; grow only while it stays free
+    nvm_step_mib = 256             # at most this much NVM RAM per VM per round, an integer >= 16
 
 ``[power]`` -- SIGPWR saves of protected PMEM (:class:`PowerConfig`,
 docs/power.md). Absent: the default budget (5 s)::

@@ -8,7 +8,14 @@ collect -> decide -> act path as ``hvext reclaim``, and logs every decision.
 
 Each round first applies the pool bindings of the assigned running VMs
 (memtune limits and balloon: hvext.memory.bind; idempotent, only what
-differs changes), whatever the host's available memory.
+differs changes), whatever the host's available memory, then rebalances the
+swap reservation when the host has one (hvext.memory.swapfile: the VMs'
+swap files grew as the bindings and the host pushed their pages out).
+
+With ``nvm_ram = true`` each round then also grows or shrinks the NVM RAM
+(virtio-mem on the NVM tier, hvext.memory.nvmram) of the VMs that have it:
+grown while the host is short and the tier has room, given back when the
+tier runs short (hvext.memory.nvmram_policy), every change logged with why.
 
 Its config is the ``[reclaim]`` section of hvextd's file (keys, defaults
 and allowed values: hvext/daemon/config.py); without that section the loop
@@ -20,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from hvext.daemon import metrics
 from hvext.errors import HvextError, UsageError
 from hvext.host import Domain, Host
-from hvext.memory import bind, demand, reclaim
+from hvext.memory import bind, demand, nvmram, nvmram_policy, reclaim, swapfile
 from hvext.memory.host import meminfo
 from hvext.memory.pools import ResourceTree
 from hvext.memory.policy import METHODS, MIB
@@ -38,12 +47,19 @@ log = logging.getLogger("hvextd.reclaim")
 class ReclaimConfig:
     """The ``[reclaim]`` section (keys documented in hvext/daemon/config.py)."""
 
-    KEYS: ClassVar[tuple[str, ...]] = ("interval_s", "host_available_min_mib", "step_mib", "method", "domains")
+    KEYS: ClassVar[tuple[str, ...]] = ("interval_s", "host_available_min_mib", "step_mib", "method", "domains",
+                                       "nvm_ram", "nvm_dir", "nvm_free_min_mib", "nvm_free_high_mib",
+                                       "nvm_step_mib")
     interval_s: float = 10.0
     host_available_min_mib: int = 2048
     step_mib: int = 256
     method: str = "auto"
     domains: tuple[str, ...] = field(default=())
+    nvm_ram: bool = False  # grow/shrink VMs' NVM RAM (hvext.memory.nvmram) each round
+    nvm_dir: str = ""  # the NVM tier: only NVM RAM backed by files in it is managed
+    nvm_free_min_mib: int = 1024
+    nvm_free_high_mib: int = 2048
+    nvm_step_mib: int = 256
 
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> ReclaimConfig:
@@ -69,6 +85,21 @@ class ReclaimConfig:
                              f"not {self.host_available_min_mib!r}")
         if self.method not in METHODS:
             raise UsageError(f"method: must be one of {', '.join(map(repr, METHODS))}, not {self.method!r:.80}")
+        if not isinstance(self.nvm_ram, bool):
+            raise UsageError(f"nvm_ram: must be true or false, not {self.nvm_ram!r:.80}")
+        if not isinstance(self.nvm_dir, str) or (self.nvm_dir and not self.nvm_dir.startswith("/")):
+            raise UsageError(f"nvm_dir: must be an absolute directory path, not {self.nvm_dir!r:.80}")
+        if self.nvm_ram and not self.nvm_dir:
+            raise UsageError("nvm_dir: nvm_ram = true needs the NVM tier's directory")
+        for key in ("nvm_free_min_mib", "nvm_free_high_mib", "nvm_step_mib"):
+            value = getattr(self, key)
+            if not (number(value) and isinstance(value, int) and (16 if key == "nvm_step_mib" else 0) <= value
+                    <= 1 << 40):
+                raise UsageError(f"{key}: must be an integer from {16 if key == 'nvm_step_mib' else 0} to "
+                                 f"{1 << 40}, not {value!r:.80}")
+        if self.nvm_free_high_mib < self.nvm_free_min_mib:
+            raise UsageError(f"nvm_free_high_mib: must not be below nvm_free_min_mib ({self.nvm_free_min_mib}), "
+                             f"not {self.nvm_free_high_mib!r}")
         return self
 
 
@@ -137,6 +168,27 @@ async def bind_pools(host: Host, config: ReclaimConfig) -> list[bind.Applied]:
     return done
 
 
+def rebalance_swap(host: Host) -> swapfile.Report | None:
+    """Rebalance the swap reservation against the running VMs' swap files (blocking); None without one.
+
+    Logged, never raises: a reservation that cannot move this round is tried again the next.
+    """
+    if not swapfile.reservation_path().exists():
+        return None
+    try:
+        report = swapfile.rebalance(swapfile.domain_files(host))
+    except (HvextError, OSError) as err:
+        log.warning("swap reservation not rebalanced this round: %s", err)
+        return None
+    if report.move is not None and not report.move.idle:
+        log.info("swap reservation: punched %d KiB, refilled %d KiB; holds %d MiB, VM files %d MiB",
+                 report.move.punch >> 10, report.move.refill >> 10, report.balance.reservation // MIB,
+                 report.balance.vm_sum // MIB)
+    for note in report.notes:
+        log.warning("swap reservation: %s", note)
+    return report
+
+
 async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
     """Apply the pool bindings, then reclaim once if the host is short of memory; returns what reclaim did.
 
@@ -144,7 +196,16 @@ async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
     logged and the next one is tried.
     """
     await bind_pools(host, config)
+    await asyncio.to_thread(rebalance_swap, host)
     available = await asyncio.to_thread(meminfo, "MemAvailable")
+    done = await _reclaim(host, config, available)
+    if config.nvm_ram:
+        done += await nvm_round(host, config, available)
+    return done
+
+
+async def _reclaim(host: Host, config: ReclaimConfig, available: int) -> list[dict[str, Any]]:
+    """Take memory from VMs when *available* lies below the floor (see :func:`one_round`)."""
     floor = config.host_available_min_mib * MIB
     if available >= floor:
         return []
@@ -172,6 +233,67 @@ async def one_round(host: Host, config: ReclaimConfig) -> list[dict[str, Any]]:
                  report.returned // MIB, report.decision["reason"])
         need -= max(report.returned, 0)
         done.append(report.to_dict())
+    return done
+
+
+def nvm_candidates(host: Host, config: ReclaimConfig) -> list[tuple[Domain, nvmram.NvmRam]]:
+    """Running hvext VMs with NVM RAM on the configured tier, in :func:`candidates`' order (blocking).
+
+    A VM whose device cannot be read is skipped this round, logged; one whose
+    device is backed elsewhere (another directory, or libvirt's own RAM) is
+    not hvext's to move.
+    """
+    tier = Path(os.path.abspath(config.nvm_dir))
+    found = []
+    for domain in candidates(host, config):
+        try:
+            device = nvmram.parse(domain.xml())
+        except HvextError as err:
+            log.warning("NVM RAM of %s skipped this round: %s", domain.name, err)
+            continue
+        if device is None:
+            continue
+        if device.path is None or not device.path.is_relative_to(tier):
+            log.debug("NVM RAM of %s is not backed on the NVM tier %s (%s): not managed", domain.name, tier,
+                      device.path or "libvirt's RAM backend")
+            continue
+        found.append((domain, device))
+    return found
+
+
+async def nvm_round(host: Host, config: ReclaimConfig, available: int) -> list[dict[str, Any]]:
+    """Grow or shrink VMs' NVM RAM as :mod:`hvext.memory.nvmram_policy` decides; logged, never raises HvextError.
+
+    Returns the changes made (VM, requested size before and after, reason).
+    """
+    try:
+        free = await asyncio.to_thread(nvmram.tier_free, Path(config.nvm_dir))
+    except HvextError as err:
+        log.warning("NVM RAM not managed this round: %s", err)
+        return []
+    found = await asyncio.to_thread(nvm_candidates, host, config)
+    limits = nvmram_policy.Thresholds(host_available_min=config.host_available_min_mib * MIB,
+                                      nvm_free_min=config.nvm_free_min_mib * MIB,
+                                      nvm_free_high=config.nvm_free_high_mib * MIB, step=config.nvm_step_mib * MIB)
+    vms = [nvmram_policy.VMNvmRam(d.name, dev.size, dev.requested, dev.current, dev.block_size) for d, dev in found]
+    plan = nvmram_policy.decide(available, free, vms, limits)
+    (log.info if plan.changes or available < limits.host_available_min or free < limits.nvm_free_min
+     else log.debug)("NVM RAM (%d VMs): %s", len(vms), plan.reason)
+    domains = {d.name: d for d, _ in found}
+    done = []
+    for change in plan.changes:
+        log.info("NVM RAM of %s: %d -> %d MiB: %s", change.vm, change.requested_before // MIB,
+                 change.requested // MIB, change.reason)
+        try:
+            await asyncio.to_thread(nvmram.resize, domains[change.vm], change.requested)
+        except HvextError as err:
+            log.warning("NVM RAM resize of %s refused: %s", change.vm, err)
+            continue
+        except Exception:
+            log.exception("NVM RAM resize of %s failed unexpectedly", change.vm)
+            continue
+        done.append({"domain": change.vm, "nvm_ram_before": change.requested_before,
+                     "nvm_ram_requested": change.requested, "reason": change.reason})
     return done
 
 

@@ -155,9 +155,16 @@ def leave(layout: Layout) -> dict[str, Any]:
         if len(members) == 1:
             raise HAError("this is the cluster's last member: `hvext cluster stop` stops it; remove "
                           f"{layout.ha_dir} and {layout.data_dir} to delete the cluster")
-        client.member_remove(str(me[0]["ID"]), wait=RECONFIGURE_WAIT_S)
     finally:
         client.close()
+    # Through another member: a member asked to remove itself may stop before it answers
+    # ("etcdserver: server stopped"), and then the removal's outcome is unknown.
+    others = [url for m in members if m.get("name") != member.name for url in m.get("clientURLs") or []]
+    remover = Client(others, layout.credentials()) if others else client_for(layout, member)
+    try:
+        remover.member_remove(str(me[0]["ID"]), wait=RECONFIGURE_WAIT_S)
+    finally:
+        remover.close()
     etcd.stop(layout)
     _remove_files(layout)
     return {"member": member.name, "left": member.cluster}

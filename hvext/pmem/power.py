@@ -314,10 +314,21 @@ def _remove_store(reg: Registration) -> None:
             pass  # other devices' stores, or not there
 
 
+def check_registry_access(registry_dir: Path | None = None) -> bool:
+    """Whether this host has a power registry; PowerError when this user cannot even tell (the
+    registry's directory is root's, 0700), so that callers fail before they change anything."""
+    directory = registry_dir or power_dir()
+    try:
+        return (directory / "registry.json").exists()
+    except PermissionError as err:
+        raise PowerError(f"cannot read hvext's power registry in {directory} ({err.strerror}): the "
+                         "domain's power-loss registrations can only be checked and dropped as root") from err
+
+
 def unregister_domain(name: str, uuid: str, *, remove_store: bool = False,
                       registry_dir: Path | None = None) -> list[Registration]:
     """Drop every registration of the domain *uuid* (it is being undefined); stores kept unless asked."""
-    if not ((registry_dir or power_dir()) / "registry.json").exists():
+    if not check_registry_access(registry_dir):
         return []  # nothing was ever protected on this host
     with registry(registry_dir) as regs:
         gone = [r for r in regs if r.uuid == uuid or (not r.uuid and r.domain == name)]

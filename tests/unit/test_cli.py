@@ -58,6 +58,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     (["qmp", "x", "query-status", "[1]"], "must be a JSON object"),
     (["qmp", "x", "query-status", "[" * 100000], "not valid JSON"),
     (["guest-exec", "x"], "give the program to run after --"),
+    (["nvm-ram", "x", "--attach", "1G"], "--attach needs --nvm-dir"),
+    (["nvm-ram", "x", "--nvm-dir", "/srv/nvm"], "--nvm-dir goes with --attach"),
+    (["nvm-ram", "x", "--attach", "1G", "--size", "1G", "--nvm-dir", "/n"], "one at a time"),
+    (["nvm-ram", "x", "--wait", "5"], "--wait goes with --size"),
+    (["nvm-ram", "x", "--size", "12Q"], "invalid size '12Q'"),
+    (["nvm-ram", "x", "--size", "1G", "--wait", "nan"], "not a finite number of seconds"),
 ])
 def test_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     status, out, err = run(capsys, *argv)

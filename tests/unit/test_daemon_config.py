@@ -53,7 +53,8 @@ def test_an_absent_section_means_its_default(tmp_path: Path) -> None:
 @pytest.mark.parametrize("toml,message", [
     ("[metricz]\nlisten = 1\n", r"unknown section \[metricz\]; the sections are \[ha\], \[metrics\], \[placement\], \[power\], \[reclaim\]"),
     ("[reclaim.extra]\nx = 1\n", r"\[reclaim\] unknown key extra; allowed: domains, host_available_min_mib, "
-                                 r"interval_s, method, step_mib$"),
+                                 r"interval_s, method, nvm_dir, nvm_free_high_mib, nvm_free_min_mib, nvm_ram, "
+                                 r"nvm_step_mib, step_mib$"),
     ("[reclaim]\nfloor = 1\nstep = 2\n", r"\[reclaim\] unknown keys floor, step; allowed: "),
     ("budget = 5\n", r"key outside any section 'budget'; the sections are "),
     ("[ha]\netcd_endpoints = ['etcd:2379']\n", r"\[ha\] etcd_endpoints: must be a list of https:// URLs"),

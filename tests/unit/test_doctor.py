@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ DEAD_URI = "qemu+unix:///system?socket=/nonexistent/hvext-test/libvirt-sock"
 CHECK_KEYS = {"name", "status", "ok", "value", "reason", "fix", "detail"}
 NAMES = ["accelerator", "libvirt", "virtlogd", "libvirt-qemu user", "host swap", "QEMU", "patched QEMU",
          "guest image", "userfaultfd", "KSM", "KSM general_profit", "ksm_stat", "transparent huge pages",
-         "DAMON", "process_madvise"]
+         "DAMON", "NVM RAM (virtio-mem)", "swap files", "swap reservation", "online defragmentation",
+         "process_madvise"]
 
 
 def check_schema(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -150,3 +152,32 @@ def test_placement_check_says_which_advice_process_madvise_refuses() -> None:
                                        "MADV_COLD": None, "MADV_PAGEOUT": None})[0]
     assert missing.status == "warn" and missing.value == ["MADV_COLD", "MADV_PAGEOUT"]
     assert "MADV_WILLNEED" in missing.detail and "EINVAL" in missing.reason and "5.10" in missing.fix
+
+
+def test_nvm_ram_check_names_what_is_missing() -> None:
+    config = "CONFIG_VIRTIO_MEM=m\nCONFIG_MEMORY_HOTPLUG=y\nCONFIG_MEMORY_HOTREMOVE=y\n"
+    assert doctor.nvm_ram_check("9.0.0", config).status == "ok"
+    old = doctor.nvm_ram_check("8.0.0", config)
+    assert old.status == "warn" and "libvirt 8.0.0 < 8.2.0" in old.detail
+    no_mem = doctor.nvm_ram_check("9.0.0", "# CONFIG_VIRTIO_MEM is not set\nCONFIG_MEMORY_HOTPLUG=y\n")
+    assert no_mem.status == "warn" and "CONFIG_VIRTIO_MEM" in no_mem.detail and "CONFIG_MEMORY_HOTREMOVE" in no_mem.detail
+    assert doctor.nvm_ram_check(None, None).detail == "guest kernel config unreadable"
+def test_swapfile_checks_say_where_swap_files_go_and_what_is_missing(tmp_path: Path) -> None:
+    from hvext.memory import swapfile
+
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('#memory_backing_dir = "/nowhere"\nmemory_backing_dir = "/var/lib/x/ram"  # on ext4\n')
+    assert swapfile.memory_backing_dir(conf) == Path("/var/lib/x/ram")
+    conf.write_text('#memory_backing_dir = "/nowhere"\n')
+    assert swapfile.memory_backing_dir(conf) == swapfile.DEFAULT_BACKING_DIR
+    assert swapfile.memory_backing_dir(tmp_path / "none") == swapfile.DEFAULT_BACKING_DIR
+    checks = {c.name: c for c in doctor.swapfile_checks(tmp_path / "ram", tmp_path / "state")}
+    fstype = swapfile.filesystem_type(tmp_path)
+    assert checks["swap files"].value == {"directory": str(tmp_path / "ram"), "fstype": fstype}
+    assert checks["swap reservation"].status == "ok" and checks["swap reservation"].value["same_filesystem"]
+    defrag = checks["online defragmentation"]
+    assert defrag.status == ("ok" if fstype == "ext4" and shutil.which("e4defrag") else "warn")
+    shm = {c.name: c for c in doctor.swapfile_checks(Path("/dev/shm/hvext-none/ram"), tmp_path)}
+    if swapfile.filesystem_type(Path("/dev/shm")) == "tmpfs":
+        assert shm["online defragmentation"].status == "warn" and "not ext4" in shm["online defragmentation"].detail
+        assert shm["swap reservation"].status == "warn"  # /tmp and /dev/shm are two file systems

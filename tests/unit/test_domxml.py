@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from hvext import domxml
 from hvext.errors import UsageError
@@ -78,3 +79,16 @@ def test_bad_names(name: str) -> None:
 ])
 def test_libvirt_sizes(text, unit, expected) -> None:
     assert domxml.libvirt_size(text, unit) == expected
+
+
+def test_file_memory_backing_is_shared_and_placed_after_current_memory() -> None:
+    """--swap-file: guest RAM in a file QEMU maps shared (a private mapping would go to host swap)."""
+    spec = make(False)
+    assert "memoryBacking" not in spec.render()
+    spec.memory_backing = domxml.FileMemoryBacking()
+    root = etree.fromstring(spec.render().encode())
+    backing = root.find("memoryBacking")
+    assert backing is not None
+    assert backing.find("source").get("type") == "file" and backing.find("access").get("mode") == "shared"
+    names = [child.tag for child in root if isinstance(child.tag, str)]
+    assert names[names.index("currentMemory") + 1] == "memoryBacking"  # libvirt's order

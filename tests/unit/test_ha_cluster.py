@@ -293,9 +293,17 @@ def test_commands_without_a_cluster_fail_cleanly(tmp_path: Path, capsys: pytest.
 
 
 def test_leave_removes_the_member_and_its_files(two: tuple[Layout, Layout, list[int]], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """A third member joins and leaves at once (etcd's 5 s reconfiguration check is waited out)."""
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third member joins and leaves at once (etcd's 5 s reconfiguration check is waited out). The
+    removal goes through another member: the leaving one may stop before it answers ("server stopped")."""
     first, _, ports = two
+    asked: list[list[str]] = []
+    remove = Client.member_remove
+    def spy(self: Client, member_id: str, wait: float = 0.0) -> None:
+        asked.append([endpoint for endpoint, _ in self._clients])
+        remove(self, member_id, wait)
+    monkeypatch.setattr(Client, "member_remove", spy)
     creds = tmp_path / "creds"
     cluster.export_credentials(first, creds)
     lay = layout(tmp_path, "c")
@@ -308,6 +316,7 @@ def test_leave_removes_the_member_and_its_files(two: tuple[Layout, Layout, list[
         assert sorted(m["name"] for m in cluster.status(first)["members"]) == ["a", "b", "c"]
         rc, out, err = cli(capsys, "cluster", "leave", *paths_args(lay))
         assert rc == 0 and "left cluster test" in out, err
+        assert len(asked) == 1 and asked[0] and not any(f":{client_port}" in e for e in asked[0]), asked
         assert sorted(m["name"] for m in cluster.status(first)["members"]) == ["a", "b"]
         assert etcd.running_pid(lay) is None and not lay.ha_dir.exists() and not lay.data_dir.exists()
     finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from hvext.dirty.pages import DirtyBlock, DirtyPages
 from hvext.errors import UsageError
 from hvext.host import Domain
 from hvext.pmem import hints, power
+from tests.support import require
 from hvext.pmem.store import BLOCK_SIZE, Store, StoreError
 
 SIZE = 16 * BLOCK_SIZE
@@ -222,3 +225,22 @@ def test_an_error_of_the_registry_user_is_not_translated(tmp_path: Path) -> None
         regs.append(reg())
         raise FileNotFoundError("the caller's")
     assert power.registrations(tmp_path) == []
+
+
+def test_a_user_who_cannot_read_the_registry_gets_a_power_error_not_a_traceback(tmp_path: Path) -> None:
+    """``hvext undefine`` checks the registry before it undefines: as a user who cannot read root's
+    0700 power directory that check must raise PowerError (a clear ``error:``), not PermissionError."""
+    require(os.geteuid() == 0, "needs root to run the check as another user")
+    private = tmp_path / "power"
+    private.mkdir(mode=0o700)
+    (private / "registry.json").write_text("[]")
+    tmp_path.chmod(0o755)
+    code = ("import sys; from pathlib import Path; from hvext.pmem import power\n"
+            "try:\n    power.unregister_domain('d', 'u', registry_dir=Path(sys.argv[1]))\n"
+            "except power.PowerError as err:\n    print('PowerError:', err); sys.exit(3)\n")
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           sys.executable, "-c", code, str(private)],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(power.__file__).parents[2])})
+    assert done.returncode == 3, done.stderr
+    assert "only be checked and dropped as root" in done.stdout

@@ -66,3 +66,14 @@ def test_migrate_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> N
     done = run_bench(guest_image, tmp_path, "bench/migrate.py", timeout=600)
     rows = [line for line in done.stdout.splitlines() if line.split()[:2] == ["0%", "auto"]]
     assert len(rows) == 1 and "not run" not in rows[0], done.stdout
+
+
+def test_hugepages_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
+    """All three cases measured; the priority case maps more of guest RAM large than the split one."""
+    done = run_bench(guest_image, tmp_path, "bench/hugepages.py", timeout=600)
+    cases = ("4 KiB (khugepaged)", "priority", "all large")
+    rows = {case: line.strip()[len(case):].split() for line in done.stdout.splitlines() for case in cases
+            if line.strip().startswith(case + " ")}
+    assert set(rows) == set(cases), done.stdout
+    assert not any("error:" in r for r in rows.values()), done.stdout
+    assert float(rows["priority"][-1]) > float(rows["4 KiB (khugepaged)"][-1]), done.stdout  # AnonHuge MiB
