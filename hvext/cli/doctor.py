@@ -19,6 +19,7 @@ from hvext.host import Host, emulator_path
 from hvext import paths
 from hvext.memory import hugepages, swapfile
 from hvext.memory.host import meminfo
+from hvext.pmem import placement
 from hvext.paths import PATCHED_QEMU
 from hvext.units import MIB
 
@@ -141,6 +142,20 @@ def hugepage_checks(damon_admin: Path | None = None) -> list[Check]:
     return [Check("DAMON", "warn", status.state, status.state, status.detail,
                   "`hvext hugepages` counts written pages from the patched QEMU's dirty page list instead"
                   + ("" if status.state == "busy" else "; a kernel with CONFIG_DAMON_SYSFS and CONFIG_DAMON_VADDR"))]
+
+
+def placement_checks(support: dict[str, str | None] | None = None) -> list[Check]:
+    """What `hvext pmem-placement` (C15, hot PMEM in DRAM) needs: process_madvise with WILLNEED, COLD, PAGEOUT."""
+    support = placement.madvise_support() if support is None else support
+    missing = {name: why for name, why in support.items() if why}
+    if not missing:
+        return [Check("process_madvise", "ok", sorted(support), "MADV_WILLNEED, MADV_COLD and MADV_PAGEOUT "
+                                                                "accepted (pmem-placement, swap reclaim)")]
+    return [Check("process_madvise", "warn", sorted(set(support) - set(missing)),
+                  "missing: " + ", ".join(sorted(missing)),
+                  "; ".join(f"{name}: {why}" for name, why in sorted(missing.items())),
+                  "Linux 5.10 or later (process_madvise with MADV_WILLNEED): without it `hvext pmem-placement "
+                  "--apply` and hvextd's [placement] refuse, and `hvext reclaim --method swap` fails")]
 
 
 #: virtio-mem came in libvirt 7.9, ``<qemu:override>`` (which puts hvext's NVM RAM on its file) in 8.2.
@@ -275,6 +290,7 @@ def run_checks(uri: str | None) -> list[Check]:
     checks += hugepage_checks()
     checks.append(nvm_ram_check(versions["libvirt"] if versions else None, kernel_config))
     checks += swapfile_checks()
+    checks += placement_checks()
     return checks
 
 

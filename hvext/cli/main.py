@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from hvext import __version__
 from hvext.cli import agentcmd, common, dirty, doctor, domain, lab, memory, migrate, pmem, qmpcmd
 from hvext.cli import hugepages, nvmram, pools, reclaim, sharing, swapfile
-from hvext.cli import pmemsnap, power
+from hvext.cli import placement, pmemsnap, power
 from hvext.cli import daemon
 from hvext.cli import cluster, ha
 from hvext.cli import completion
@@ -31,7 +31,7 @@ from hvext.host import libvirt_errors
 
 GROUPS = [doctor, domain, memory, agentcmd, qmpcmd, pmem, lab, dirty, migrate]
 GROUPS += [pools, reclaim, sharing, hugepages, nvmram, swapfile]
-GROUPS += [power, pmemsnap]
+GROUPS += [power, pmemsnap, placement]
 GROUPS += [daemon]
 GROUPS += [cluster, ha]
 

@@ -54,6 +54,17 @@ the cluster's etcd and fences its VMs when it cannot renew it::
     peer_address = ""                             # C16: this host's address for peers (default: the
                                                   # host of the first etcd endpoint)
 
+``[placement]`` -- hot PMEM ranges in host DRAM (:class:`hvext.daemon.placement_loop.PlacementConfig`,
+docs/memory.md). Absent, or ``enabled = false`` (the default): no placement loop::
+
+    [placement]
+    enabled = true          # default false: the section alone does not start it
+    interval_s = 30         # seconds between rounds, 1 to 86400
+    budget_mib = 1024       # host DRAM for all VMs' hot PMEM ranges, split max-min fairly, 0 to 2**30
+    cold = "cold"           # how cold ranges go back to their tier: "cold" (MADV_COLD) or "pageout"
+    linger_rounds = 2       # rounds a range stays kept after it stops being hot, 0 to 1000
+    domains = ["db1"]       # only these domains (default: every running hvext VM with pmem)
+
 Errors name the file, the section, the key and what is allowed: an unknown
 section or key, a value of the wrong type or out of range, or a key outside
 any section is a :class:`UsageError`. At start hvextd then refuses to start
@@ -76,6 +87,7 @@ from urllib.parse import urlsplit
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from hvext import paths
+from hvext.daemon.placement_loop import PlacementConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.errors import UsageError
 from hvext.pmem import power
@@ -238,6 +250,7 @@ SECTIONS: Mapping[str, Section] = MappingProxyType({
     "power": Section(PowerConfig, absent=PowerConfig()),
     "metrics": Section(MetricsConfig, absent=MetricsConfig()),  # no [metrics]: no endpoint
     "ha": Section(HAConfig, absent=None),
+    "placement": Section(PlacementConfig, absent=PlacementConfig()),  # enabled = false: no placement loop
 })
 
 

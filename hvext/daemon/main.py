@@ -4,7 +4,7 @@ It watches the host: it follows libvirt's domain lifecycle events on hvext's
 shared asyncio loop (libvirtaio) and logs one line per event, and it
 reconnects with backoff when libvirtd goes away. With ``--config FILE`` it
 also runs the policy loops configured there (``[reclaim]``: see
-hvext.daemon.reclaim_loop) and takes its SIGPWR saves' pre-pause budget from
+hvext.daemon.reclaim_loop; ``[placement] enabled = true``: hvext.daemon.placement_loop) and takes its SIGPWR saves' pre-pause budget from
 ``[power] budget``; with a ``[metrics]`` section it serves Prometheus
 metrics (hvext.daemon.metrics, docs/metrics.md); with an ``[ha]`` section it
 holds this host's lease in the cluster and fences its owned VMs when it
@@ -39,9 +39,10 @@ from typing import Any
 from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable, UsageError
 from hvext.daemon import config as daemon_config
-from hvext.daemon import ha_loop, metrics, notify, reclaim_loop
+from hvext.daemon import ha_loop, metrics, notify, placement_loop, reclaim_loop
 from hvext.daemon.config import Config, HAConfig, MetricsConfig, PowerConfig
 from hvext.ha.cluster import default_name as default_host_name
+from hvext.daemon.placement_loop import PlacementConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
 from hvext.host import Host
 from hvext.pmem import hints, power
@@ -137,6 +138,9 @@ class Daemon:
             finish = asyncio.Event()
             reclaim = self.config.get(ReclaimConfig)
             loops = [asyncio.ensure_future(reclaim_loop.run(host, reclaim, finish))] if reclaim else []
+            placing = self.config.get(PlacementConfig)
+            if placing is not None and placing.enabled:
+                loops.append(asyncio.ensure_future(placement_loop.run(host, placing, finish)))
             try:
                 await self._wait_any(self.stopping, self.disconnected, self.reloaded)
                 if self.stopping.is_set() or self.disconnected.is_set():
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hvextd", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--connect", metavar="URI", dest="uri", help="libvirt URI (as for hvext)")
     parser.add_argument("--config", type=Path,
-                        help="TOML file: [reclaim], [power], [metrics], [ha] (documented in hvext/daemon/config.py)")
+                        help="TOML file: [reclaim], [power], [metrics], [ha], [placement] (documented in hvext/daemon/config.py)")
     parser.add_argument("--check-config", action="store_true",
                         help="check the --config file, print what it sets, and exit (0: valid, 1: not)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

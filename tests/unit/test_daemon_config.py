@@ -51,7 +51,7 @@ def test_an_absent_section_means_its_default(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("toml,message", [
-    ("[metricz]\nlisten = 1\n", r"unknown section \[metricz\]; the sections are \[ha\], \[metrics\], \[power\], \[reclaim\]"),
+    ("[metricz]\nlisten = 1\n", r"unknown section \[metricz\]; the sections are \[ha\], \[metrics\], \[placement\], \[power\], \[reclaim\]"),
     ("[reclaim.extra]\nx = 1\n", r"\[reclaim\] unknown key extra; allowed: domains, host_available_min_mib, "
                                  r"interval_s, method, nvm_dir, nvm_free_high_mib, nvm_free_min_mib, nvm_ram, "
                                  r"nvm_step_mib, step_mib$"),

@@ -20,7 +20,8 @@ DEAD_URI = "qemu+unix:///system?socket=/nonexistent/hvext-test/libvirt-sock"
 CHECK_KEYS = {"name", "status", "ok", "value", "reason", "fix", "detail"}
 NAMES = ["accelerator", "libvirt", "virtlogd", "libvirt-qemu user", "host swap", "QEMU", "patched QEMU",
          "guest image", "userfaultfd", "KSM", "KSM general_profit", "ksm_stat", "transparent huge pages",
-         "DAMON", "NVM RAM (virtio-mem)", "swap files", "swap reservation", "online defragmentation"]
+         "DAMON", "NVM RAM (virtio-mem)", "swap files", "swap reservation", "online defragmentation",
+         "process_madvise"]
 
 
 def check_schema(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -142,6 +143,15 @@ def test_hugepage_checks_say_whether_damon_is_free(tmp_path: Path) -> None:
     (tmp_path / "kdamonds" / "nr_kdamonds").write_text("1\n")
     busy = doctor.hugepage_checks(tmp_path)[0]
     assert busy.status == "warn" and busy.value == "busy" and "dirty page list" in busy.fix
+
+
+def test_placement_check_says_which_advice_process_madvise_refuses() -> None:
+    ok = doctor.placement_checks()[0]  # this host (6.18) has all three: a real call, not a fixture
+    assert ok.status == "ok" and ok.value == ["MADV_COLD", "MADV_PAGEOUT", "MADV_WILLNEED"], ok
+    missing = doctor.placement_checks({"MADV_WILLNEED": "process_madvise: EINVAL (Invalid argument)",
+                                       "MADV_COLD": None, "MADV_PAGEOUT": None})[0]
+    assert missing.status == "warn" and missing.value == ["MADV_COLD", "MADV_PAGEOUT"]
+    assert "MADV_WILLNEED" in missing.detail and "EINVAL" in missing.reason and "5.10" in missing.fix
 
 
 def test_nvm_ram_check_names_what_is_missing() -> None:

@@ -49,6 +49,14 @@ def test_reclaim_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> N
     assert len(rows) == 1 and "error" not in rows[0], done.stdout
 
 
+def test_pmem_placement_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
+    done = run_bench(guest_image, tmp_path, "bench/pmem_placement.py", timeout=600)
+    rows = [line.split() for line in done.stdout.splitlines()
+            if line.split()[:1] in (["none"], ["placement"]) and line.split()[1:2] != ["/"]]
+    assert [r[:2] for r in rows] == [["none", "1"], ["placement", "1"]] and "error" not in done.stdout, done.stdout
+    assert "placement / none, ops/s per repetition" in done.stdout
+
+
 @pytest.mark.requires(os.geteuid() == 0, "the lab needs root (namespaces, libvirtd)")
 @pytest.mark.requires(shutil.which("libvirtd") or os.path.exists("/usr/sbin/libvirtd"), "libvirtd is not installed")
 def test_migrate_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
