@@ -41,6 +41,11 @@ def backing(tmp_path: Path) -> Iterator[tuple[Path, mmap.mmap]]:
             shutil.rmtree(directory)
 
 
+#: Read-ahead is asynchronous: on a loaded machine's disk it can take longer than the CLI's 2 s wait;
+#: the wait ends as soon as the range is resident.
+SETTLE_S = 30.0
+
+
 def hints_for(path: Path, hot: list[tuple[int, int]]) -> Hints:
     device = DeviceHints(str(path), SIZE)
     device.ranges["hot"] = hot
@@ -56,7 +61,8 @@ def test_hot_range_made_resident_cold_range_paged_out_and_no_byte_changes(backin
     touch(mapping)  # everything mapped and resident, as after a guest read it all
     found = placement.devices_of(os.getpid(), hints_for(path, [(0, 4 * MIB)]), set())
     assert found[0].skipped is None and found[0].vmas, found
-    report, _ = placement.place("stand-in", os.getpid(), found, 64 * MIB, None, Params(), cold="pageout", act=True)
+    report, _ = placement.place("stand-in", os.getpid(), found, 64 * MIB, None, Params(), cold="pageout", act=True,
+                                settle_s=SETTLE_S)
     (device,) = report["devices"]
     assert device["before"]["cold_resident_bytes"] >= 11 * MIB, device
     assert device["after"]["cold_resident_bytes"] <= MIB, device  # paged out (written back first if dirty)
@@ -64,7 +70,7 @@ def test_hot_range_made_resident_cold_range_paged_out_and_no_byte_changes(backin
     # the hot range is evicted (as under host pressure); the next round brings it back before it is read
     placement.advise(os.getpid(), [(found[0].vmas[0].start, 4 * MIB)], placement.MADV_PAGEOUT)
     assert placement.resident(path, [(0, 4 * MIB)]) <= MIB
-    report, _ = placement.place("stand-in", os.getpid(), found, 64 * MIB, None, Params(), act=True)
+    report, _ = placement.place("stand-in", os.getpid(), found, 64 * MIB, None, Params(), act=True, settle_s=SETTLE_S)
     assert report["devices"][0]["after"]["hot_resident_bytes"] == 4 * MIB, report
     assert report["devices"][0]["advice"]["willneed_bytes"] == 4 * MIB
     assert all(mapping[index * MIB] == index + 1 for index in range(SIZE // MIB))  # nothing lost
