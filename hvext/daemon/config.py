@@ -45,6 +45,11 @@ the cluster's etcd and fences its VMs when it cannot renew it::
     fence_margin = 1.0                            # seconds, 0 <= margin < lease_ttl: fence this long before
     credentials = "/var/lib/hvext/ha/pki"         # dir with ca.pem, membercert.pem, memberkey.pem
 
+On SIGHUP, ``lease_ttl``, ``fence_margin`` and ``cluster`` take effect at once
+(a new TTL: the host's keys move to a new lease at the next renewal);
+``host``, ``etcd_endpoints`` and ``credentials``, and adding or removing the
+section, need an hvextd restart (the log says which; the running values stay).
+
 Errors name the file, the section, the key and what is allowed: an unknown
 section or key, a value of the wrong type or out of range, or a key outside
 any section is a :class:`UsageError`. At start hvextd then refuses to start

@@ -356,3 +356,54 @@ class Client:
                         {"request_put": {"key": key, "value": _b64(moved.to_json())}}],
             "failure": []})
         return bool(reply.get("succeeded", False))
+
+    #: etcd's default limit of operations per transaction (``--max-txn-ops``).
+    MAX_TXN_OPS = 128
+
+    def rebind(self, host: str, old_lease: int, new_lease: int, domains: list[str]) -> bool:
+        """Move *host*'s key and its owner keys of *domains* from *old_lease* to *new_lease*, in one
+        transaction: only if each owner key is still bound to *old_lease* (so an
+        ``ha unprotect`` meanwhile is not undone). Used to change the lease TTL without a restart
+        (a lease's TTL is fixed when it is granted). True: every key moved; False: none did."""
+        if len(domains) + 1 > self.MAX_TXN_OPS:
+            raise HAError(f"cannot move {len(domains)} owner keys in one transaction (etcd allows "
+                          f"{self.MAX_TXN_OPS - 1}); restart hvextd to change the lease TTL")
+        owner_keys = [_b64(OWNER_PREFIX + check_key_name("domain", d)) for d in domains]
+        # A key bound to this host's own old lease was put by this host: the lease alone says it is ours.
+        compare = [{"key": key, "result": "EQUAL", "target": "LEASE", "lease": old_lease} for key in owner_keys]
+        reply = self._post("/kv/txn", {
+            "compare": compare,
+            "success": [{"request_put": {"key": key, "value": _b64(host), "lease": new_lease}}
+                        for key in owner_keys]
+                       + [{"request_put": {"key": _b64(HOST_PREFIX + check_key_name("host", host)),
+                                           "value": _b64(json.dumps({"name": host})), "lease": new_lease}}],
+            "failure": []})
+        return bool(reply.get("succeeded", False))
+
+    def update_xml(self, domain: str, host: str, lease_id: int, xml: str) -> str:
+        """Store *xml* as protected *domain*'s definition, if *host* owns it under *lease_id*, in one
+        transaction that also compares the record's mod_revision with the one read (as :meth:`adopt`),
+        so a domain unprotected meanwhile is never protected again. The record's other fields are kept.
+
+        Returns ``"updated"``, ``"unchanged"`` (it already held *xml*), ``"not protected"``, or
+        ``"not owned"`` (by *host* under *lease_id*, or the record changed between read and write)."""
+        if not 0 < len(xml) <= MAX_XML:
+            raise UsageError(f"the definition of {domain!r:.80} is larger than {MAX_XML} bytes")
+        key = _b64(PROTECTED_PREFIX + check_key_name("domain", domain))
+        kvs = self._post("/kv/range", {"key": key}).get("kvs", [])
+        if not kvs:
+            return "not protected"
+        text, revision = _unb64(kvs[0].get("value", "")), int(kvs[0].get("mod_revision", 0))
+        Protection.from_json(domain, text, revision)  # only a record hvext wrote is rewritten
+        data = json.loads(text)
+        if data["xml"] == xml:
+            return "unchanged"
+        data["xml"] = xml
+        owner = _b64(OWNER_PREFIX + domain)
+        reply = self._post("/kv/txn", {
+            "compare": [{"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision},
+                        {"key": owner, "result": "EQUAL", "target": "VALUE", "value": _b64(host)},
+                        {"key": owner, "result": "EQUAL", "target": "LEASE", "lease": lease_id}],
+            "success": [{"request_put": {"key": key, "value": _b64(json.dumps(data))}}],
+            "failure": []})
+        return "updated" if reply.get("succeeded", False) else "not owned"
