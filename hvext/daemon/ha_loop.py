@@ -43,6 +43,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hvext.daemon.config import HAConfig
@@ -56,10 +57,12 @@ log = logging.getLogger("hvextd.ha")
 
 
 def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
-    """Pause, then destroy each running domain in *names* (blocking: run in a thread).
+    """Pause every running domain in *names*, then destroy them all (blocking: run in a thread).
 
-    One domain's failure does not stop the others; the result says, per domain,
-    ``fenced``, ``not running``, or the error.
+    All are paused first (a pause is quick: the vCPUs stop at once), then destroyed concurrently: a
+    destroy waits for QEMU to exit after SIGTERM, which takes seconds on a loaded host (the partition
+    test measured 2 s), so one domain's destroy must not delay another's pause. One domain's failure
+    does not stop the others; the result says, per domain, ``fenced``, ``not running``, or the error.
     """
     done: dict[str, str] = {}
     try:
@@ -67,6 +70,7 @@ def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
     except HvextError as err:
         return {name: f"error: {err}" for name in names}
     with host:
+        active = []
         for name in names:
             try:
                 dom = host.lookup(name)
@@ -78,11 +82,21 @@ def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
                         dom.suspend()  # the vCPUs stop at once; the destroy below ends the process
                     except HvextError as err:
                         log.warning("fence %s: pausing failed (%s); destroying it", name, err)
-                dom.destroy()
-                done[name] = "fenced"
+                active.append(dom)
             except HvextError as err:
                 done[name] = f"error: {err}"
-    return done
+
+        def destroy(dom: Any) -> str:
+            try:
+                dom.destroy()
+                return "fenced"
+            except HvextError as err:
+                return f"error: {err}"
+        if active:
+            with ThreadPoolExecutor(max_workers=min(8, len(active))) as pool:
+                for dom, outcome in zip(active, pool.map(destroy, active)):
+                    done[dom.name] = outcome
+    return {name: done[name] for name in names if name in done}
 
 
 def ensure_running(uri: str | None, name: str, xml: str) -> str:
