@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup packages libvirtd swap venv completion image qemu demo test unit vm bench man clean-vms
+.PHONY: setup packages libvirtd swap venv completion image qemu demo demo-ha test unit vm bench man clean-vms
 
 setup: packages libvirtd swap venv completion image qemu
 
@@ -41,6 +41,9 @@ qemu: packages
 
 demo: setup
 	./demo.sh
+
+demo-ha: setup
+	./demo-ha.sh
 
 test: setup
 	$(PY) -m pytest -v -ra $(PYTEST_ARGS) tests

@@ -23,7 +23,17 @@ written by ``hvext ha protect``) and claims, with the adopt transaction
 :func:`hvext.ha.policy.to_adopt` gives it: its own unowned ones (after
 ``ha protect``, or after a fence once it holds a new lease) and those whose
 home host is no longer alive. A domain it won is defined here from the stored
-XML unless it is, and started unless it runs (:func:`ensure_running`).
+XML unless it is, and started unless it runs (:func:`ensure_running`); a
+record with a ``pmem`` field first has its PMEM restored here
+(:func:`hvext.ha.restore.restore_pmem`): a restore that fails is recorded in
+``/hvext/failover/<domain>`` and the domain is not started. Restores and
+starts run beside the renewer (their own task and etcd client), so a long
+restore does not hold up the lease.
+
+After a power-loss save (SIGPWR, :meth:`Keeper.after_power_loss`) shared-store
+protected domains are handed to a live host at once
+(:func:`hvext.ha.shared_store.hand_off_after_power_loss`) and this host, on
+battery, claims nothing for :data:`NO_CLAIMS_AFTER_POWER_LOSS_S`.
 
 A SIGHUP with another ``[ha] lease_ttl`` or ``fence_margin`` takes effect
 without a restart (:meth:`Keeper.reconfigure`): a new TTL is a new lease (a
@@ -49,11 +59,15 @@ from typing import Any
 from hvext.daemon.config import HAConfig
 from hvext.errors import ClusterUnavailable, DomainNotFound, HvextError
 from hvext.ha import policy
-from hvext.ha.client import Client
+from hvext.ha import restore as pmem_restore
+from hvext.ha.client import Client, Protection
 from hvext.ha.etcd import Credentials
 from hvext.host import Host, RunState
 
 log = logging.getLogger("hvextd.ha")
+
+#: Seconds after a power-loss save during which this host claims no domain (it is on battery).
+NO_CLAIMS_AFTER_POWER_LOSS_S = 120.0
 
 
 def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
@@ -121,17 +135,22 @@ class Keeper:
     def __init__(self, config: HAConfig, host_name: str, uri: str | None,
                  clock: Callable[[], float] = time.monotonic,
                  fence: Callable[[str | None, list[str]], dict[str, str]] = fence_domains,
-                 restart: Callable[[str | None, str, str], str] = ensure_running) -> None:
+                 restart: Callable[[str | None, str, str], str] = ensure_running,
+                 restore: Callable[..., pmem_restore.RestoreReport] = pmem_restore.restore_pmem) -> None:
         self.config = config
         self.host_name = host_name
         self.uri = uri
         self.clock = clock
         self.fence_action = fence
         self.restart_action = restart
+        self.restore_action = restore
         creds = Credentials(config.credentials / "ca.pem", config.credentials / "membercert.pem",
                             config.credentials / "memberkey.pem")
         interval = policy.renew_interval(config.lease_ttl)
         self.client = Client(config.etcd_endpoints, creds, timeout=max(0.5, min(2.0, interval)))
+        self.work_client = Client(config.etcd_endpoints, creds)  # restores and starts, beside the renewer
+        self.restarting: asyncio.Future[None] | None = None
+        self.power_lost_at: float | None = None  # clock() of the last power-loss save
         self.lease_id: int | None = None
         self.last_renewal: float | None = None   # when the last successful grant/renewal was sent
         self.owned: list[str] = []               # domains this host owned at the last successful read
@@ -139,7 +158,7 @@ class Keeper:
         self.stale_leases: list[int] = []        # leases given up after a fence, to revoke when etcd answers
         self.changed = asyncio.Event()           # a renewal succeeded (wakes the watchdog)
         self.orphaned_since: dict[str, float] = {}  # protected domains without an owner: since when (clock)
-        self.claimed: list[tuple[str, str]] = []  # (domain, XML) won and not yet made to run here
+        self.claimed: list[tuple[str, Protection]] = []  # (domain, record) won, not yet made to run here
         self.restarted: dict[str, str] = {}      # each claimed domain's last restart outcome
         self.bad_records: dict[str, str] = {}    # protected records that are not hvext's, and why
         self.lease_ttl: int = config.lease_ttl   # the TTL the held lease was granted with (the watchdog's)
@@ -259,6 +278,8 @@ class Keeper:
         self.orphaned_since = {d: self.orphaned_since.get(d, now) for d in unowned}
         if not unowned or self.lease_id is None:
             return
+        if self.power_lost_at is not None and now - self.power_lost_at < NO_CLAIMS_AFTER_POWER_LOSS_S:
+            return  # on battery: this host is about to go
         hosts = self.client.hosts()
         picks = policy.to_adopt(self.host_name, {d: r.home for d, r in records.items()},
                                 {d: owner for d, (owner, _) in owners.items()}, hosts,
@@ -271,24 +292,79 @@ class Keeper:
                             "" if record.home == self.host_name else ", whose lease ended")
                 self.owned = sorted({*self.owned, domain})
                 self.orphaned_since.pop(domain, None)
-                self.claimed.append((domain, record.xml))
+                self.claimed.append((domain, record))
             else:
                 log.info("protected domain %s: another host claimed it first", domain)
 
+    def _kick_restarts(self) -> None:
+        """Run :meth:`_restart_claimed` as its own task (one at a time) when domains wait for it."""
+        if self.claimed and (self.restarting is None or self.restarting.done()):
+            self.restarting = asyncio.ensure_future(self._restart_claimed())
+
     async def _restart_claimed(self) -> None:
-        """Define and start the domains just claimed; one failure does not stop the others."""
+        """Restore the PMEM of, define and start the domains just claimed; one failure does not stop
+        the others. A domain whose PMEM cannot be restored is not started (recorded in etcd, logged)."""
         while self.claimed:
-            domain, xml = self.claimed.pop(0)
+            domain, record = self.claimed.pop(0)
             if self.fenced is not None or domain not in self.owned:
                 log.warning("protected domain %s: not started, the lease it was claimed with is gone", domain)
                 continue
+            report = await asyncio.to_thread(self.restore_action, record, self.host_name, uri=self.uri,
+                                             client=self.work_client)
+            if report.performed or not report.ok:
+                try:
+                    await asyncio.to_thread(pmem_restore.record_failover, self.work_client, report)
+                except HvextError as err:
+                    log.error("protected domain %s: cannot record the failover in etcd: %s", domain, err)
+            if not report.ok:
+                self.restarted[domain] = f"error: pmem not restored: {report.error}"
+                continue
+            if self.fenced is not None or domain not in self.owned:  # the restore took a while
+                log.warning("protected domain %s: not started, the lease it was claimed with is gone", domain)
+                continue
             try:
-                outcome = await asyncio.to_thread(self.restart_action, self.uri, domain, xml)
+                outcome = await asyncio.to_thread(self.restart_action, self.uri, domain, record.xml)
                 log.warning("protected domain %s: %s on this host", domain, outcome)
             except HvextError as err:
                 outcome = f"error: {err}"
                 log.error("protected domain %s is owned here but cannot run: %s", domain, err)
+            if self.fenced is not None or domain not in self.owned:  # fenced while it started: stop it again
+                log.error("protected domain %s: fenced while it started here; stopping it", domain)
+                outcome = (await asyncio.to_thread(self.fence_action, self.uri, [domain])).get(domain, "fenced")
+                self.restarted[domain] = f"fenced at start: {outcome}"
+                continue
+            if record.pmem is not None and outcome in ("defined and started", "started"):
+                try:
+                    await asyncio.to_thread(pmem_restore.after_start, record, self.host_name, self.uri,
+                                            self.work_client)
+                except HvextError as err:
+                    log.error("protected domain %s runs here, but its pmem is not protected here: %s", domain, err)
             self.restarted[domain] = outcome
+
+    def after_power_loss(self, report: dict[str, Any]) -> dict[str, str]:
+        """After hvextd's power-loss save (blocking; main thread): claim nothing for a while, and hand
+        the saved shared-store domains to a live host (:mod:`hvext.ha.shared_store`). Never raises."""
+        from hvext.ha import shared_store
+        self.power_lost_at = self.clock()
+        if self.lease_id is None or not self.owned:
+            return {}
+        try:
+            client = Client(self.config.etcd_endpoints, Credentials(
+                self.config.credentials / "ca.pem", self.config.credentials / "membercert.pem",
+                self.config.credentials / "memberkey.pem"))
+        except HvextError as err:
+            log.error("power loss: no etcd client to hand protected domains off: %s", err)
+            return {}
+        try:
+            return shared_store.hand_off_after_power_loss(client, self.host_name, self.uri, report, list(self.owned))
+        except HvextError as err:
+            log.error("power loss: handing protected domains off failed: %s; they are claimed elsewhere after "
+                      "this host's lease ends", err)
+        except Exception:
+            log.exception("power loss: handing protected domains off failed unexpectedly")
+        finally:
+            client.close()
+        return {}
 
     async def renewer(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -296,7 +372,7 @@ class Keeper:
             try:
                 await asyncio.to_thread(self._renew_once)
                 self.changed.set()
-                await self._restart_claimed()
+                self._kick_restarts()
             except HvextError as err:
                 log.warning("renewing lease: %s", err)
             except Exception:
@@ -364,6 +440,11 @@ class Keeper:
         try:
             await asyncio.gather(self.renewer(stopping), self.watchdog(stopping))
         finally:
+            if self.restarting is not None and not self.restarting.done():
+                try:  # a restore or start under way ends first (its thread cannot be cancelled), then the fence
+                    await asyncio.wait_for(asyncio.shield(self.restarting), 60)
+                except Exception:
+                    log.warning("a claimed domain's restore or start was still running at stop")
             if self.owned and self.lease_id is not None:
                 try:  # what this host owns now: an `ha unprotect` since the last renewal releases a domain
                     self.owned = self._mine(await asyncio.to_thread(self.client.owners))
@@ -380,6 +461,7 @@ class Keeper:
                 except HvextError as err:  # the lease then ends by itself, TTL s after its last renewal
                     log.warning("revoking lease %x at stop: %s", lease_id, err)
             self.client.close()
+            self.work_client.close()
 
     # ---------------------------------------------------------------- definitions
 

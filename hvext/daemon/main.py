@@ -34,6 +34,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable, UsageError
@@ -169,19 +170,20 @@ class Daemon:
                 waiter.cancel()
 
 
-def on_power_loss(uri: str | None, budget: float | None = None) -> None:
-    """SIGPWR (the UPS/BIOS says power is failing): what `hvext power loss` does, logged.
-    *budget*: the config's ``[power] budget`` (None: :data:`hvext.pmem.power.PREPAUSE_BUDGET_S`)."""
+def on_power_loss(uri: str | None, budget: float | None = None) -> dict[str, Any] | None:
+    """SIGPWR (the UPS/BIOS says power is failing): what `hvext power loss` does, logged; its report
+    (None when the save could not run). *budget*: the config's ``[power] budget`` (None:
+    :data:`hvext.pmem.power.PREPAUSE_BUDGET_S`)."""
     log.warning("SIGPWR: power is failing; saving protected pmem devices")
     try:
         with Host(uri) as host:
             report = power.power_loss(host, hints=hints.PROVIDER, budget=budget)
     except HvextError as err:
         log.error("power-loss save failed: %s", err)
-        return
+        return None
     except Exception:  # hvextd must live on: the next SIGPWR (or a restore at start) may still work
         log.exception("power-loss save failed unexpectedly")
-        return
+        return None
     metrics.count_power_loss(report)
     for device in report["devices"]:
         log.warning("power loss: %s %s: %s", device["domain"], device["backing"],
@@ -193,6 +195,7 @@ def on_power_loss(uri: str | None, budget: float | None = None) -> None:
                     gone["store"])
     log.warning("power loss: %d bytes saved in %.2f s (pre-pause budget %.1f s)", report["bytes_written"],
                 report["seconds"], report["budget_seconds"])
+    return report
 
 
 def on_start_restore(uri: str | None) -> None:
@@ -380,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         if power_failing.is_set():
             power_failing.clear()
             power_config = daemon.config.get(PowerConfig)
-            on_power_loss(args.uri, power_config.budget if power_config else None)
+            report = on_power_loss(args.uri, power_config.budget if power_config else None)
+            if keeper is not None and report is not None:  # shared-store domains: to a live host now
+                keeper.after_power_loss(report)
         if hangup.is_set():
             hangup.clear()
             try:

@@ -11,7 +11,9 @@ Keys::
     /hvext/cluster          <name>          the cluster's name (``cluster init``; read by ``join``)
     /hvext/host/<host>      {"name": ...}   bound to <host>'s lease: present while <host> is alive
     /hvext/owner/<domain>   <host>          bound to the owner's lease: gone when the owner's lease ends
-    /hvext/protected/<domain> {"xml", "home", "since"}  a protected domain (no lease: it outlives hosts)
+    /hvext/protected/<domain> {"xml", "home", "since"[, "pmem"]}  a protected domain (no lease: it outlives hosts)
+    /hvext/final/<domain>   {"host", "generation"|"epoch", "at"}  the owner's last save on its battery path
+    /hvext/failover/<domain> {"host", "restored_generation"|"restored_epoch"|"error", "at", ...}  the last restore
 
 etcd3gw's errors (and requests' underneath) become hvext errors in one
 place, :func:`translated`: an unreachable or timed-out cluster is
@@ -21,6 +23,7 @@ place, :func:`translated`: an unreachable or timed-out cluster is
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +43,10 @@ API_PATH = "/v3/"
 HOST_PREFIX = "/hvext/host/"
 OWNER_PREFIX = "/hvext/owner/"
 PROTECTED_PREFIX = "/hvext/protected/"
+FINAL_PREFIX = "/hvext/final/"
+FAILOVER_PREFIX = "/hvext/failover/"
+#: The largest final or failover record (they are small JSON objects).
+MAX_RECORD = 64 << 10
 #: The largest domain definition the cluster stores (etcd's default request limit is 1.5 MiB).
 MAX_XML = 1 << 20
 CLUSTER_KEY = "/hvext/cluster"
@@ -109,16 +116,22 @@ def check_key_name(kind: str, name: str) -> str:
 class Protection:
     """A protected domain's record: its persistent definition, the host that runs it (*home*: the host
     that protected it, then each host that claimed it), when it was protected (Unix time), and the
-    record's etcd mod_revision (a claim succeeds only if the record is still the one read)."""
+    record's etcd mod_revision (a claim succeeds only if the record is still the one read).
+    *pmem* (optional) says how the domain's PMEM is protected (``{"mode": ...}``, checked per mode
+    by :mod:`hvext.ha.restore`); None: restart only."""
 
     domain: str
     xml: str
     home: str
     since: float
     revision: int = 0
+    pmem: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"xml": self.xml, "home": self.home, "since": self.since})
+        data: dict[str, Any] = {"xml": self.xml, "home": self.home, "since": self.since}
+        if self.pmem is not None:
+            data["pmem"] = self.pmem
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, domain: str, text: str, revision: int = 0) -> Protection:
@@ -136,7 +149,10 @@ class Protection:
             raise HAError(f"protection record of {domain!r:.80}: bad home host {home!r:.80}")
         if not isinstance(since, (int, float)) or isinstance(since, bool) or not 0 <= since < 1e11:
             raise HAError(f"protection record of {domain!r:.80}: bad time {since!r:.40}")
-        return cls(domain, xml, home, float(since), revision)
+        pmem = data.get("pmem")
+        if pmem is not None and not (isinstance(pmem, dict) and isinstance(pmem.get("mode"), str)):
+            raise HAError(f"protection record of {domain!r:.80}: 'pmem' is not an object with a mode")
+        return cls(domain, xml, home, float(since), revision, pmem)
 
 
 @dataclass(frozen=True)
@@ -325,7 +341,9 @@ class Client:
         reply = self._post("/kv/txn", {
             "compare": [{"key": key, "result": "GREATER", "target": "CREATE", "create_revision": 0}],
             "success": [{"request_delete_range": {"key": key}},
-                        {"request_delete_range": {"key": _b64(OWNER_PREFIX + domain)}}],
+                        {"request_delete_range": {"key": _b64(OWNER_PREFIX + domain)}},
+                        {"request_delete_range": {"key": _b64(FINAL_PREFIX + domain)}},
+                        {"request_delete_range": {"key": _b64(FAILOVER_PREFIX + domain)}}],
             "failure": []})
         return bool(reply.get("succeeded", False))
 
@@ -348,7 +366,7 @@ class Client:
         changed since). Exactly one concurrent claimer wins; True: *host* did."""
         owner = _b64(OWNER_PREFIX + check_key_name("domain", record.domain))
         key = _b64(PROTECTED_PREFIX + record.domain)
-        moved = Protection(record.domain, record.xml, check_key_name("host", host), record.since)
+        moved = dataclasses.replace(record, home=check_key_name("host", host))
         reply = self._post("/kv/txn", {
             "compare": [{"key": owner, "result": "EQUAL", "target": "CREATE", "create_revision": 0},
                         {"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": record.revision}],
@@ -407,3 +425,58 @@ class Client:
             "success": [{"request_put": {"key": key, "value": _b64(json.dumps(data))}}],
             "failure": []})
         return "updated" if reply.get("succeeded", False) else "not owned"
+
+    def hand_off(self, record: Protection, host: str, to: str) -> bool:
+        """Give up *host*'s ownership of a protected domain to the live host *to*, in one transaction:
+        only if *host* still owns it and the record is still the one read, delete the owner key and make
+        *to* the domain's home, so that *to* claims it at its next renewal instead of after *host*'s
+        lease TTL. The caller has stopped the domain first (fencing). True: handed off."""
+        owner = _b64(OWNER_PREFIX + check_key_name("domain", record.domain))
+        key = _b64(PROTECTED_PREFIX + record.domain)
+        moved = dataclasses.replace(record, home=check_key_name("host", to))
+        reply = self._post("/kv/txn", {
+            "compare": [{"key": owner, "result": "EQUAL", "target": "VALUE", "value": _b64(host)},
+                        {"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": record.revision}],
+            "success": [{"request_delete_range": {"key": owner}},
+                        {"request_put": {"key": key, "value": _b64(moved.to_json())}}],
+            "failure": []})
+        return bool(reply.get("succeeded", False))
+
+    # -------------------------------------------------------------- final and failover records
+
+    def put_record(self, prefix: str, domain: str, data: dict[str, Any]) -> None:
+        """Store *data* (JSON) as *domain*'s record under *prefix* (:data:`FINAL_PREFIX`,
+        :data:`FAILOVER_PREFIX`); no lease: it outlives the host that wrote it."""
+        text = json.dumps(data)
+        if len(text) > MAX_RECORD:
+            raise UsageError(f"record {prefix}{domain!r:.80} is larger than {MAX_RECORD} bytes")
+        self._post("/kv/put", {"key": _b64(prefix + check_key_name("domain", domain)), "value": _b64(text)})
+
+    def records(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Every domain's record under *prefix* that is a JSON object of at most MAX_RECORD bytes
+        (others are skipped: their checks are the readers')."""
+        out: dict[str, dict[str, Any]] = {}
+        for kv in self._range(prefix):
+            text = _unb64(kv.get("value", ""))
+            try:
+                data = json.loads(text) if len(text) <= MAX_RECORD else None
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                out[_unb64(kv["key"])[len(prefix):]] = data
+        return out
+
+    def record(self, prefix: str, domain: str) -> dict[str, Any] | None:
+        """*domain*'s record under *prefix*, as :meth:`records` (None: none, or not usable)."""
+        kvs = self._post("/kv/range", {"key": _b64(prefix + check_key_name("domain", domain))}).get("kvs", [])
+        if not kvs:
+            return None
+        text = _unb64(kvs[0].get("value", ""))
+        try:
+            data = json.loads(text) if len(text) <= MAX_RECORD else None
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def delete_record(self, prefix: str, domain: str) -> None:
+        self._post("/kv/deleterange", {"key": _b64(prefix + check_key_name("domain", domain))})

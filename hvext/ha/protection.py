@@ -13,20 +13,22 @@ import time
 from typing import Any
 
 from hvext.errors import DomainStateError, HAError
-from hvext.ha.client import Client, Protection
+from hvext.ha.client import FAILOVER_PREFIX, Client, Protection
 from hvext.host import Host
 
 
-def protect(client: Client, host: Host, domain: str, home: str) -> dict[str, Any]:
+def protect(client: Client, host: Host, domain: str, home: str, *,
+            pmem: dict[str, Any] | None = None) -> dict[str, Any]:
     """Store *domain*'s persistent definition (secrets included: only cluster members read etcd) with
-    *home* as the host running it. It must be persistent and running here; protecting twice is refused."""
+    *home* as the host running it. It must be persistent and running here; protecting twice is refused.
+    *pmem*: how its PMEM is protected (the record's ``pmem`` field; None: restart only)."""
     dom = host.lookup(domain)
     if not dom.is_persistent():
         raise DomainStateError(f"domain {dom.name!r} is transient: only a defined domain can be restarted "
                                "elsewhere (`virsh define` it first)")
     if not dom.is_active():
         raise DomainStateError(f"domain {dom.name!r} is not running; start it, then protect it")
-    record = Protection(dom.name, dom.xml(inactive=True, secure=True), home, round(time.time(), 3))
+    record = Protection(dom.name, dom.xml(inactive=True, secure=True), home, round(time.time(), 3), pmem=pmem)
     if not client.protect(record):
         raise HAError(f"domain {dom.name!r} is already protected (`hvext ha status {dom.name}`)")
     return {"domain": dom.name, "home": home, "since": record.since}
@@ -50,6 +52,7 @@ def status(client: Client, domain: str | None = None) -> list[dict[str, Any]]:
             raise HAError(f"domain {domain!r:.80} is not protected")
         records = {domain: records[domain]}
     leases: dict[int, int] = {}
+    failovers = client.records(FAILOVER_PREFIX)
     out = []
     for name, record in sorted(records.items()):
         owner, lease_id = owners.get(name, (None, 0))
@@ -57,8 +60,10 @@ def status(client: Client, domain: str | None = None) -> list[dict[str, Any]]:
             leases[lease_id] = client.lease(lease_id).ttl
         out.append({"domain": name, "owner": owner, "lease_ttl": leases.get(lease_id) if owner else None,
                     "home": record.home, "since": record.since,
-                    "state": "owned" if owner else "waiting for a claim"})
+                    "state": "owned" if owner else "waiting for a claim",
+                    "pmem": (record.pmem or {}).get("mode"), "failover": failovers.get(name)})
     if domain is None:
         out.extend({"domain": name, "owner": None, "lease_ttl": None, "home": None, "since": None,
-                    "state": f"invalid record: {why}"} for name, why in sorted(bad.items()))
+                    "state": f"invalid record: {why}", "pmem": None, "failover": None}
+                   for name, why in sorted(bad.items()))
     return out
