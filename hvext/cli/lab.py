@@ -1,4 +1,4 @@
-"""``hvext lab up|down|status|fail|revive|partition|heal``: several libvirt hosts on this machine, for migration and failover."""
+"""``hvext lab up|down|status|fail|revive|partition|heal``: several libvirt hosts on this machine."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from hvext.daemon import ha_loop
 from hvext.daemon.config import HAConfig
