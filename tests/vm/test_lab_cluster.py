@@ -356,6 +356,11 @@ def test_losing_one_etcd_member_of_three_stops_nothing(the_lab: lab.Lab) -> None
                     assert next(h for h in report["hosts"] if h["name"] == "host3")["owns"] == [name]
                 else:
                     assert report["owner"] == "host3", report
+            # Through host3's own member (the CLI talks to this host's member only): a clear error, not a hang.
+            done = subprocess.run([sys.executable, "-m", "hvext.cli.main", "cluster", "status",
+                                   *cluster_paths(the_lab.host(3))], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1 and done.stderr.startswith("error: ") and "198.18.0.13" in done.stderr, \
+                done.stderr
         finally:
             sampler.close()
         assert not sampler.errors, sampler.errors[:3]
