@@ -72,11 +72,11 @@ OWNER=""
 for _ in $(seq 120); do
   # shellcheck disable=SC2046
   OWNER="$($HVEXT ha status "$DOMAIN" --json $(member host2) 2>/dev/null | $PY -c 'import json,sys; print(json.load(sys.stdin)["owner"] or "")' 2>/dev/null || true)"
-  if [ -n "$OWNER" ] && [ "$OWNER" != host1 ] && $HVEXT -c "$(uri "$OWNER")" agent-ping "$DOMAIN" >/dev/null 2>&1; then break; fi
+  if [ -n "$OWNER" ] && [ "$OWNER" != host1 ] && $HVEXT -c "$(uri "$OWNER")" agent-ping "$DOMAIN" --timeout 2 >/dev/null 2>&1; then break; fi
   sleep 2
 done
 [ -n "$OWNER" ] && [ "$OWNER" != host1 ] || { echo "error: no other host runs $DOMAIN" >&2; exit 1; }
-say "$DOMAIN runs on $OWNER $(printf '%.1f' "$($PY -c "import time; print(time.time() - $FAILED_AT)")") s after the power loss began"
+say "$DOMAIN runs on $OWNER $(printf '%.1f' "$($PY -c "import time; print(time.time() - $FAILED_AT)")") s after the power loss began (host1 was killed 10 s in)"
 UN="$(uri "$OWNER")"
 # shellcheck disable=SC2046
 step ha status $(member "$OWNER")

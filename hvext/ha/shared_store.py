@@ -298,8 +298,9 @@ def _hand_off(client: Client, host_name: str, uri: str | None, report: dict[str,
     for item in items:
         power.unprotect(record.domain, Path(item["backing"]), missing_ok=True)
     target = policy.preferred_host(record.domain, live)
-    if target is None:
-        return "saved and stopped; no other live host to hand it to (it is claimed when one is alive)"
+    if target is None:  # released: the first host to claim it restores the final save (this one too,
+        client.release(record.domain, host_name)  # after its no-claims time, if its power holds)
+        return "saved, stopped and released; no other live host: the first host to claim it restores it"
     if not client.hand_off(record, host_name, target):
         return f"saved and stopped; the hand-off to {target} did not apply (ownership or record changed)"
     return f"saved (generation {generation}), stopped and handed off to {target}"

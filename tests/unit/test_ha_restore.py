@@ -193,8 +193,17 @@ def test_the_hand_off_after_a_power_loss_stops_records_and_moves(member: Layout,
         store, backing, gen = saved_store(shared, dom.name, bytes(SIZE))
         assert client.protect(record_for(dom.name, shared, store, backing, home="h-a"))
         lease_a, lease_b = client.grant(30), client.grant(30)
+        saved = {"devices": [{"domain": dom.name, "backing": str(backing), "generation": gen, "paused": True}]}
         try:
             client.register_host("h-a", lease_a.id)
+            # alone in the cluster: stopped and released (no host to hand it to), the final save recorded
+            assert client.claim(dom.name, "h-a", lease_a.id)
+            outcome = shared_store.hand_off_after_power_loss(client, "h-a", "test:///default", saved, [dom.name])
+            assert "released" in outcome[dom.name] and dom.state is RunState.SHUTOFF, outcome
+            assert dom.name not in client.owners() and client.protected()[0][dom.name].home == "h-a"
+            assert client.record(FINAL_PREFIX, dom.name)["generation"] == {str(backing): gen}  # type: ignore[index]
+            dom.start()
+            client.delete_record(FINAL_PREFIX, dom.name)
             client.register_host("h-b", lease_b.id)
             assert client.claim(dom.name, "h-a", lease_a.id)
             # a save that failed: nothing is handed off, the guest is left as it is
@@ -204,7 +213,6 @@ def test_the_hand_off_after_a_power_loss_stops_records_and_moves(member: Layout,
             assert dom.is_active() and client.owners()[dom.name][0] == "h-a"
             assert client.record(FINAL_PREFIX, dom.name) is None
 
-            saved = {"devices": [{"domain": dom.name, "backing": str(backing), "generation": gen, "paused": True}]}
             outcome = shared_store.hand_off_after_power_loss(client, "h-a", "test:///default", saved, [dom.name])
             assert "handed off to h-b" in outcome[dom.name], outcome
             assert dom.state is RunState.SHUTOFF  # stopped before anything else

@@ -112,6 +112,9 @@ def test_the_owners_power_loss_moves_the_domain_with_every_durable_record(the_la
         wait_for("200 durable records", progressed, timeout=120)
 
         # The owner loses power; until its hvextd pauses the guest, keep reading what the guest saw durable.
+        # (The lab's hosts share one /dev/shm: the new owner must write the backing anew from the store,
+        # which its new inode shows, rather than use the file host1's QEMU left.)
+        inode_before = backing.stat().st_ino
         failing = subprocess.Popen([sys.executable, "-m", "hvext.cli.main", "lab", "fail", "host1", "--power-loss",
                                     "--battery", "8", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
@@ -161,6 +164,7 @@ def test_the_owners_power_loss_moves_the_domain_with_every_durable_record(the_la
         assert failover is not None and failover["host"] == owner and failover["complete"] is True, failover
         assert failover["final_host"] == "host1" and str(backing) in failover["restored_generation"], failover
         assert client.record(FINAL_PREFIX, name) is None  # consumed by the start
+        assert backing.stat().st_ino != inode_before  # written from the store on the new owner
         # the new owner saves it on power loss now, to the same store
         (reg,) = [r for r in power.registrations() if r.domain == name]
         assert reg.store == str(shared / name / "nvdimm0") and reg.pending is None
