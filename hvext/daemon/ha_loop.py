@@ -188,9 +188,14 @@ class Keeper:
             self.client.revoke(stale)
             self.stale_leases.remove(stale)
         sent = self.clock()
-        if self.lease_id is not None and self.client.keepalive(self.lease_id) <= 0:
-            log.warning("lease %x expired in etcd; granting a new one", self.lease_id)
-            self.lease_id = None
+        if self.lease_id is not None:
+            if self.client.keepalive(self.lease_id) <= 0:
+                log.warning("lease %x expired in etcd; granting a new one", self.lease_id)
+                self.lease_id = None
+            elif self.pending is None:
+                # Renewed now: the watchdog counts from here, not from the end of this round, whose reads
+                # (owners, records, hosts) may take a while when a member is gone (each endpoint is tried).
+                self.last_renewal = sent
         if self.pending is not None:  # keep it alive until we know whether the keys are on it
             pending_id, pending_ttl, _ = self.pending
             self.pending = (pending_id, pending_ttl, sent) if self.client.keepalive(pending_id) > 0 else None
@@ -369,6 +374,7 @@ class Keeper:
     async def renewer(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             interval = policy.renew_interval(min(self.lease_ttl, self.config.lease_ttl))
+            began = self.clock()
             try:
                 await asyncio.to_thread(self._renew_once)
                 self.changed.set()
@@ -377,8 +383,8 @@ class Keeper:
                 log.warning("renewing lease: %s", err)
             except Exception:
                 log.exception("renewing lease failed unexpectedly")
-            try:
-                await asyncio.wait_for(stopping.wait(), interval)
+            try:  # every interval from the start of the last round: a slow round does not delay the next
+                await asyncio.wait_for(stopping.wait(), max(0.0, began + interval - self.clock()))
             except asyncio.TimeoutError:
                 pass
 
