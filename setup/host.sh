@@ -4,7 +4,9 @@
 #   setup/host.sh packages   install missing Debian packages
 #   setup/host.sh libvirtd   make sure virtlogd and libvirtd run (starts them without systemd)
 #   setup/host.sh completion shell completion for hvext (/etc/bash_completion.d/hvext; needs the venv)
-#   setup/host.sh all        packages, libvirtd, swap, sysctls
+#   setup/host.sh ha         at boot: this host's etcd member (if `hvext cluster init/join` made one), then
+#                            hvextd (if it has a config), each unless it runs (needs the venv)
+#   setup/host.sh all        packages, libvirtd, swap, sysctls, ha
 set -euo pipefail
 
 PACKAGES=(
@@ -146,12 +148,49 @@ completion() {
   log "shell completion: $target installed"
 }
 
+# After boot (like libvirtd above): this host's etcd member first, since hvextd's [ha] renews its lease
+# through it, then hvextd. Each only if this host has one (the member: member.json, made by `hvext cluster
+# init/join`; hvextd: its config file) and only unless it runs. With systemd and hvext's units installed
+# (ops/systemd/hvext-etcd.service, the role's hvextd.service), systemctl starts them instead.
+# Environment: HVEXT_STATE_DIR, HVEXT_RUN_DIR, HVEXT_LOG_DIR, HVEXT_CONFIG (hvext's own), HVEXT_VENV,
+# HVEXT_DAEMON_URI (hvextd's libvirt URI; default libvirt's).
+ha() {
+  local root venv state config out
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  venv="${HVEXT_VENV:-$root/.venv}"
+  state="${HVEXT_STATE_DIR:-/var/lib/hvext}"
+  config="${HVEXT_CONFIG:-/etc/hvext/hvextd.toml}"
+  if [ ! -f "$state/ha/member.json" ] && [ ! -f "$config" ]; then
+    log "etcd and hvextd: this host has no cluster member ($state/ha/member.json) and no hvextd config ($config)"
+    return
+  fi
+  [ -x "$venv/bin/python" ] || die "no virtualenv at $venv: make venv builds it"
+  hvext_cli() { PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m hvext.cli.main "$@"; }
+  if [ ! -f "$state/ha/member.json" ]; then
+    log "etcd: this host has no cluster member (hvext cluster init/join makes one)"
+  elif have_systemd && systemctl cat hvext-etcd.service >/dev/null 2>&1; then
+    systemctl start hvext-etcd.service && log "etcd: hvext-etcd.service started"
+  else
+    out="$(hvext_cli cluster start)" || die "this host's etcd member did not start (see above)"
+    log "$out"
+  fi
+  if [ ! -f "$config" ]; then
+    log "hvextd: no config $config; not started"
+  elif have_systemd && systemctl cat hvextd.service >/dev/null 2>&1; then
+    systemctl start hvextd.service && log "hvextd: hvextd.service started"
+  else
+    out="$(hvext_cli ${HVEXT_DAEMON_URI:+-c "$HVEXT_DAEMON_URI"} daemon start)" || die "hvextd did not start (see above)"
+    log "$out"
+  fi
+}
+
 case "${1:-all}" in
   packages) packages ;;
   libvirtd) libvirtd ;;
   swap) swap ;;
   sysctls) sysctls ;;
   completion) completion ;;
-  all) packages; libvirtd; swap; sysctls ;;
-  *) die "unknown step ${1}; use packages, libvirtd, swap, sysctls, completion or all" ;;
+  ha) ha ;;
+  all) packages; libvirtd; swap; sysctls; ha ;;
+  *) die "unknown step ${1}; use packages, libvirtd, swap, sysctls, completion, ha or all" ;;
 esac

@@ -1,4 +1,4 @@
-"""``hvext lab up|down|status|fail|revive``: several libvirt hosts on this machine, for migration and failover."""
+"""``hvext lab up|down|status|fail|revive|partition|heal``: several libvirt hosts on this machine."""
 
 from __future__ import annotations
 
@@ -55,6 +55,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     revive.add_argument("host", metavar="HOST", help="host1 to host8")
     common.add_json(revive)
     revive.set_defaults(func=cmd_revive)
+
+    partition = sub.add_parser("partition", help="cut one host's link only: its processes keep running",
+                               description="A network partition: HOST's bridge port goes down, as a pulled "
+                                           "cable, while everything in HOST (QEMUs, libvirtd, hvextd, its etcd "
+                                           "member) keeps running. `hvext lab heal HOST` plugs it back in.")
+    partition.add_argument("host", metavar="HOST", help="host1 to host8")
+    common.add_json(partition)
+    partition.set_defaults(func=cmd_partition)
+
+    heal = sub.add_parser("heal", help="undo `lab partition`: the host's link is up again")
+    heal.add_argument("host", metavar="HOST", help="host1 to host8")
+    common.add_json(heal)
+    heal.set_defaults(func=cmd_heal)
 
 
 def _host_count(text: str) -> int:
@@ -207,4 +220,29 @@ def cmd_revive(args: argparse.Namespace) -> int:
     common.print_result(args.json, {"host": host.name, "phase": host.phase, "seconds": round(seconds, 3),
                                     "uri_unix": host.uri_unix, "uri_tls": host.uri_tls,
                                     "processes": {d: r.pid for d, r in host.processes.items()}}, text)
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    the_lab = _loaded()
+    was_up = the_lab.partition(args.host)
+    name = the_lab.host(args.host).name
+
+    def text() -> None:
+        common.console.print(f"lab partition: {name}'s link is cut" + ("" if was_up else " (it already was)")
+                             + "; its processes keep running")
+
+    common.print_result(args.json, {"host": name, "link_was_up": was_up}, text)
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    the_lab = _loaded()
+    was_cut = the_lab.heal(args.host)
+    name = the_lab.host(args.host).name
+
+    def text() -> None:
+        common.console.print(f"lab heal: {name}'s link is up" + ("" if was_cut else " (it was not cut)"))
+
+    common.print_result(args.json, {"host": name, "link_was_cut": was_cut}, text)
     return 0

@@ -65,6 +65,11 @@ docs/memory.md). Absent, or ``enabled = false`` (the default): no placement loop
     linger_rounds = 2       # rounds a range stays kept after it stops being hot, 0 to 1000
     domains = ["db1"]       # only these domains (default: every running hvext VM with pmem)
 
+On SIGHUP, ``lease_ttl``, ``fence_margin`` and ``cluster`` take effect at once
+(a new TTL: the host's keys move to a new lease at the next renewal);
+``host``, ``etcd_endpoints`` and ``credentials``, and adding or removing the
+section, need an hvextd restart (the log says which; the running values stay).
+
 Errors name the file, the section, the key and what is allowed: an unknown
 section or key, a value of the wrong type or out of range, or a key outside
 any section is a :class:`UsageError`. At start hvextd then refuses to start

@@ -40,18 +40,29 @@ Replicated PMEM (C16, :mod:`hvext.ha.replication`): the keeper's
 a replica, on ``[ha] peer_port``) and replicates the owned replicated domains
 that run here; a replicated orphan is claimed only by a live replica holding
 the newest acknowledged epoch (``eligible`` of :func:`hvext.ha.policy.to_adopt`).
+A SIGHUP with another ``[ha] lease_ttl`` or ``fence_margin`` takes effect
+without a restart (:meth:`Keeper.reconfigure`): a new TTL is a new lease (a
+lease's TTL is fixed when granted), so the keeper grants one and moves its
+host key and owner keys onto it in one transaction, then revokes the old one.
+``host``, ``etcd_endpoints`` and ``credentials`` need a restart (said in the log).
+
+When libvirt reports a DEFINED event (``virsh define``) for a domain this host
+owns, its persistent definition is stored again in the record
+(:meth:`Keeper.on_lifecycle`, :meth:`hvext.ha.client.Client.update_xml`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hvext.daemon.config import HAConfig
-from hvext.errors import DomainNotFound, HvextError
+from hvext.errors import ClusterUnavailable, DomainNotFound, HvextError
 from hvext.ha import policy, replication
 from hvext.ha import restore as pmem_restore
 from hvext.ha.client import Client, Protection
@@ -66,10 +77,12 @@ NO_CLAIMS_AFTER_POWER_LOSS_S = 120.0
 
 
 def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
-    """Pause, then destroy each running domain in *names* (blocking: run in a thread).
+    """Pause every running domain in *names*, then destroy them all (blocking: run in a thread).
 
-    One domain's failure does not stop the others; the result says, per domain,
-    ``fenced``, ``not running``, or the error.
+    All are paused first (a pause is quick: the vCPUs stop at once), then destroyed concurrently: a
+    destroy waits for QEMU to exit after SIGTERM, which takes seconds on a loaded host (the partition
+    test measured 2 s), so one domain's destroy must not delay another's pause. One domain's failure
+    does not stop the others; the result says, per domain, ``fenced``, ``not running``, or the error.
     """
     done: dict[str, str] = {}
     try:
@@ -77,6 +90,7 @@ def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
     except HvextError as err:
         return {name: f"error: {err}" for name in names}
     with host:
+        active = []
         for name in names:
             try:
                 dom = host.lookup(name)
@@ -88,11 +102,21 @@ def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
                         dom.suspend()  # the vCPUs stop at once; the destroy below ends the process
                     except HvextError as err:
                         log.warning("fence %s: pausing failed (%s); destroying it", name, err)
-                dom.destroy()
-                done[name] = "fenced"
+                active.append(dom)
             except HvextError as err:
                 done[name] = f"error: {err}"
-    return done
+
+        def destroy(dom: Any) -> str:
+            try:
+                dom.destroy()
+                return "fenced"
+            except HvextError as err:
+                return f"error: {err}"
+        if active:
+            with ThreadPoolExecutor(max_workers=min(8, len(active))) as pool:
+                for dom, outcome in zip(active, pool.map(destroy, active)):
+                    done[dom.name] = outcome
+    return {name: done[name] for name in names if name in done}
 
 
 def ensure_running(uri: str | None, name: str, xml: str) -> str:
@@ -148,6 +172,25 @@ class Keeper:
         self.replication = replication.Manager(host_name, uri, creds,
                                                lambda: Client(config.etcd_endpoints, creds),
                                                config.epoch_interval, config.peer_port, config.peer_host())
+        self.lease_ttl: int = config.lease_ttl   # the TTL the held lease was granted with (the watchdog's)
+        #: A lease of a new TTL whose move (Client.rebind) has an unknown outcome: (id, TTL, last sent).
+        self.pending: tuple[int, int, float] | None = None
+        self.definitions: dict[str, str] = {}    # each owned domain's last definition re-store outcome
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    #: [ha] keys a reload cannot change in a running keeper: they name who this host is and where the
+    #: cluster is, and the lease and owner keys belong to them; the replication manager (its peer
+    #: server, its epoch timer) was started with the last three.
+    RESTART_KEYS = ("host", "etcd_endpoints", "credentials", "epoch_interval", "peer_port", "peer_address")
+
+    def reconfigure(self, new: HAConfig) -> list[str]:
+        """Use a reloaded ``[ha]`` section: ``lease_ttl`` and ``fence_margin`` (and the informational
+        ``cluster``) take effect now (a new TTL moves the keys to a new lease at the next renewal);
+        returns the :data:`RESTART_KEYS` that differ, whose running values stay until a restart."""
+        restart = [k for k in self.RESTART_KEYS if getattr(new, k) != getattr(self.config, k)]
+        self.config = dataclasses.replace(new, **{k: getattr(self.config, k) for k in restart})
+        self.changed.set()  # the watchdog computes its deadline again
+        return restart
 
     # ---------------------------------------------------------------- renewer
 
@@ -157,24 +200,88 @@ class Keeper:
             self.client.revoke(stale)
             self.stale_leases.remove(stale)
         sent = self.clock()
-        if self.lease_id is not None and self.client.keepalive(self.lease_id) <= 0:
-            log.warning("lease %x expired in etcd; granting a new one", self.lease_id)
-            self.lease_id = None
+        if self.lease_id is not None:
+            if self.client.keepalive(self.lease_id) <= 0:
+                log.warning("lease %x expired in etcd; granting a new one", self.lease_id)
+                self.lease_id = None
+            elif self.pending is None:
+                # Renewed now: the watchdog counts from here, not from the end of this round, whose reads
+                # (owners, records, hosts) may take a while when a member is gone (each endpoint is tried).
+                self.last_renewal = sent
+        if self.pending is not None:  # keep it alive until we know whether the keys are on it
+            pending_id, pending_ttl, _ = self.pending
+            self.pending = (pending_id, pending_ttl, sent) if self.client.keepalive(pending_id) > 0 else None
+            if self.pending is None:
+                self.stale_leases.append(pending_id)
         if self.lease_id is None:
+            if self.pending is not None:
+                self.stale_leases.append(self.pending[0])
+                self.pending = None
             lease = self.client.grant(self.config.lease_ttl)
             self.client.register_host(self.host_name, lease.id, peer=self.peer)
             self.lease_id = lease.id
+            self.lease_ttl = lease.granted_ttl
             self.fenced = None
             log.info("holding lease %x (TTL %d s) as host %s", lease.id, lease.granted_ttl, self.host_name)
+        if self.pending is not None:
+            self._resolve_pending()
         owners = self.client.owners()
         self.owned = self._mine(owners)
         self.last_renewal = sent
+        if self.lease_ttl != self.config.lease_ttl and self.pending is None:
+            self._change_ttl()
         self._claim(owners)
 
+    def _change_ttl(self) -> None:
+        """Hold a lease of the configured TTL: grant one, move this host's keys onto it in one
+        transaction (Client.rebind), revoke the old one. If the transaction's outcome is unknown (etcd
+        did not answer), both leases are kept alive and guarded until the next renewal tells."""
+        assert self.lease_id is not None
+        sent = self.clock()
+        lease = self.client.grant(self.config.lease_ttl)
+        try:
+            moved = self.client.rebind(self.host_name, self.lease_id, lease.id, self.owned, peer=self.peer)
+        except ClusterUnavailable:
+            self.pending = (lease.id, lease.granted_ttl, sent)
+            raise
+        except HvextError:
+            self.stale_leases.append(lease.id)
+            raise
+        if not moved:  # an owner key changed meanwhile (unprotected?): try again at the next renewal
+            self.stale_leases.append(lease.id)
+            log.info("lease TTL change: this host's keys changed meanwhile; retrying at the next renewal")
+            return
+        self._switch_to(lease.id, lease.granted_ttl, sent)
+
+    def _resolve_pending(self) -> None:
+        """After a move whose outcome was unknown: the lease this host's key is bound to is the one held."""
+        assert self.pending is not None and self.lease_id is not None
+        pending_id, pending_ttl, sent = self.pending
+        bound = self.client.hosts().get(self.host_name)  # (raises: the pending lease stays guarded)
+        self.pending = None
+        if bound == pending_id:
+            self._switch_to(pending_id, pending_ttl, sent)
+        else:
+            self.stale_leases.append(pending_id)
+
+    def _switch_to(self, lease_id: int, ttl: int, sent: float) -> None:
+        old, old_ttl = self.lease_id, self.lease_ttl
+        assert old is not None
+        self.lease_id, self.lease_ttl = lease_id, ttl
+        try:  # nothing is bound to it any more
+            self.client.revoke(old)
+        except HvextError:
+            self.stale_leases.append(old)  # revoked at the next renewal (or it expires)
+        self.last_renewal = min(self.last_renewal if self.last_renewal is not None else sent, sent)
+        log.warning("holding lease %x (TTL %d s) instead of %x (TTL %d s); owned domains moved: %s",
+                    lease_id, ttl, old, old_ttl, ", ".join(self.owned) or "none")
+
     def _mine(self, owners: dict[str, tuple[str, int]]) -> list[str]:
-        """The domains of *owners* (domain -> (host, lease)) owned by this host under its current lease."""
+        """The domains of *owners* (domain -> (host, lease)) owned by this host under its current lease
+        (or the lease it may have moved to, :attr:`pending`)."""
+        leases = {self.lease_id, *([self.pending[0]] if self.pending is not None else [])}
         return sorted(d for d, (owner, lease_id) in owners.items()
-                      if owner == self.host_name and lease_id == self.lease_id)
+                      if owner == self.host_name and lease_id in leases)
 
     def _claim(self, owners: dict[str, tuple[str, int]]) -> None:
         """Claim the protected domains policy.to_adopt gives this host (blocking; raises HAError)."""
@@ -303,8 +410,9 @@ class Keeper:
         return {}
 
     async def renewer(self, stopping: asyncio.Event) -> None:
-        interval = policy.renew_interval(self.config.lease_ttl)
         while not stopping.is_set():
+            interval = policy.renew_interval(min(self.lease_ttl, self.config.lease_ttl))
+            began = self.clock()
             try:
                 await asyncio.to_thread(self._renew_once)
                 self.changed.set()
@@ -313,20 +421,30 @@ class Keeper:
                 log.warning("renewing lease: %s", err)
             except Exception:
                 log.exception("renewing lease failed unexpectedly")
-            try:
-                await asyncio.wait_for(stopping.wait(), interval)
+            try:  # every interval from the start of the last round: a slow round does not delay the next
+                await asyncio.wait_for(stopping.wait(), max(0.0, began + interval - self.clock()))
             except asyncio.TimeoutError:
                 pass
 
     # ---------------------------------------------------------------- watchdog
 
+    def guard(self) -> tuple[float, float, float]:
+        """(last renewal, TTL, margin) for policy.fence_decision: the held lease's TTL; with a lease
+        :attr:`pending`, the earlier of the two expiries; the margin kept below the TTL."""
+        assert self.last_renewal is not None
+        last, ttl = self.last_renewal, float(self.lease_ttl)
+        if self.pending is not None:
+            last = min(last, self.pending[2] + self.pending[1] - ttl)
+        margin = self.config.fence_margin
+        return last, ttl, margin if margin < ttl else ttl / 2
+
     async def watchdog(self, stopping: asyncio.Event) -> None:
-        ttl, margin = float(self.config.lease_ttl), self.config.fence_margin
         while not stopping.is_set():
             if self.last_renewal is None or self.fenced is not None:
                 timeout: float | None = None  # nothing to guard until a (new) lease is held
             else:
-                timeout = max(0.0, self.last_renewal + ttl - margin - self.clock())
+                last, ttl, margin = self.guard()
+                timeout = max(0.0, last + ttl - margin - self.clock())
             self.changed.clear()
             waiters = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self.changed.wait())]
             try:
@@ -336,14 +454,15 @@ class Keeper:
                     waiter.cancel()
             if stopping.is_set() or self.last_renewal is None or self.fenced is not None:
                 continue
-            if policy.fence_decision(self.last_renewal, self.clock(), ttl, margin) is policy.Fence.FENCE:
+            last, ttl, margin = self.guard()
+            if policy.fence_decision(last, self.clock(), ttl, margin) is policy.Fence.FENCE:
                 await self.fence()
 
     async def fence(self) -> dict[str, str]:
         """Stop the owned domains now and give the lease up (a new one is granted when etcd answers)."""
         owned, lease_id = list(self.owned), self.lease_id
         log.error("no lease renewal for %.1f s (TTL %d s, margin %.1f s): fencing %s",
-                  self.clock() - (self.last_renewal or 0.0), self.config.lease_ttl, self.config.fence_margin,
+                  self.clock() - (self.last_renewal or 0.0), self.lease_ttl, self.config.fence_margin,
                   ", ".join(owned) or "nothing (this host owns no domain)")
         result = await asyncio.to_thread(self.fence_action, self.uri, owned) if owned else {}
         for name, outcome in result.items():
@@ -351,6 +470,9 @@ class Keeper:
         self.fenced = result
         if lease_id is not None:
             self.stale_leases.append(lease_id)
+        if self.pending is not None:
+            self.stale_leases.append(self.pending[0])
+            self.pending = None
         self.lease_id = None
         self.owned = []
         return result
@@ -381,13 +503,50 @@ class Keeper:
                 log.warning("stopping while owning %s: fencing them here; a surviving host restarts them",
                             ", ".join(self.owned))
                 await self.fence()
-            for lease_id in [*self.stale_leases, *([self.lease_id] if self.lease_id is not None else [])]:
+            held = [self.lease_id] if self.lease_id is not None else []
+            for lease_id in [*self.stale_leases, *held, *([self.pending[0]] if self.pending else [])]:
                 try:
                     await asyncio.to_thread(self.client.revoke, lease_id)
                 except HvextError as err:  # the lease then ends by itself, TTL s after its last renewal
                     log.warning("revoking lease %x at stop: %s", lease_id, err)
             self.client.close()
             self.work_client.close()
+
+    # ---------------------------------------------------------------- definitions
+
+    def on_lifecycle(self, domain: str, event: str, detail: int) -> None:
+        """hvextd's libvirt lifecycle events (on the loop): when a domain this host owns is (re)defined
+        (``virsh define``), its new persistent definition is stored in its protection record."""
+        if event != "defined" or domain not in self.owned or self.lease_id is None:
+            return
+        task = asyncio.ensure_future(self._store_definition(domain, self.lease_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _store_definition(self, domain: str, lease_id: int) -> None:
+        try:
+            outcome = await asyncio.to_thread(self._store_definition_now, domain, lease_id)
+        except HvextError as err:
+            outcome = f"error: {err}"
+            log.error("protected domain %s was redefined, but its definition could not be stored: %s",
+                      domain, err)
+        else:
+            (log.warning if outcome == "updated" else log.info)(
+                "protected domain %s redefined: stored definition %s", domain, outcome)
+        self.definitions[domain] = outcome
+
+    def _store_definition_now(self, domain: str, lease_id: int) -> str:
+        """Read *domain*'s persistent definition and store it if this host owns it under *lease_id*
+        (blocking; its own client, so the renewer's requests are not shared across threads)."""
+        with Host(self.uri) as host:
+            xml = host.lookup(domain).xml(inactive=True, secure=True)
+        creds = Credentials(self.config.credentials / "ca.pem", self.config.credentials / "membercert.pem",
+                            self.config.credentials / "memberkey.pem")
+        client = Client(self.config.etcd_endpoints, creds)
+        try:
+            return client.update_xml(domain, self.host_name, lease_id, xml)
+        finally:
+            client.close()
 
     def state(self) -> dict[str, Any]:
         return {"host": self.host_name, "lease": self.lease_id, "owned": self.owned, "fenced": self.fenced,

@@ -64,6 +64,8 @@ class Daemon:
         self.reloaded = asyncio.Event()
         self.ready = False  # READY=1 was sent (the first time it watched libvirt)
         self.host: Host | None = None  # the connection being watched (read by the metrics collector)
+        #: Also called with every lifecycle event (on the loop), e.g. the HA keeper's.
+        self.listeners: list[Callable[[str, str, int], None]] = []
 
     async def apply(self, config: Config) -> None:
         """Use *config* from now on: the policy loops restart with it (a round in progress ends first)."""
@@ -73,6 +75,8 @@ class Daemon:
     def _on_lifecycle(self, domain: str, event: str, detail: int) -> None:
         log.info("domain %s %s (detail %d)", domain, event, detail)
         metrics.count_lifecycle(domain, event, detail)
+        for listener in self.listeners:
+            listener(domain, event, detail)
 
     def _on_close(self, reason: int) -> None:
         log.warning("libvirt connection closed (reason %d)", reason)
@@ -266,15 +270,42 @@ def ha_keeper(config: HAConfig | None, uri: str | None) -> ha_loop.Keeper | None
 
 
 async def serve(daemon: Daemon, keeper: ha_loop.Keeper | None) -> None:
-    """The daemon and, with ``[ha]``, its lease keeper, until stopped ([ha] changes need a restart)."""
+    """The daemon and, with ``[ha]``, its lease keeper (which hears the daemon's lifecycle events), until
+    stopped."""
     if keeper is None:
         await daemon.serve()
         return
+    daemon.listeners.append(keeper.on_lifecycle)
     await asyncio.gather(daemon.serve(), keeper.run(daemon.stopping))
 
 
+def reload_ha(new: HAConfig | None, keeper: ha_loop.Keeper | None, loop: asyncio.AbstractEventLoop) -> str:
+    """A reload's ``[ha]`` section for the running keeper; the log line saying what took effect and what
+    needs a restart. Adding or removing the section needs one (the keeper is made at start)."""
+    if keeper is None:
+        return "[ha] added: joining the cluster needs an hvextd restart" if new is not None else ""
+    if new is None:
+        return ("[ha] removed: leaving the cluster needs an hvextd restart (`hvext daemon restart`, which fences "
+                "the owned domains); the cluster settings in force stay")
+    old = keeper.config
+
+    async def apply() -> list[str]:
+        return keeper.reconfigure(new)
+    restart = asyncio.run_coroutine_threadsafe(apply(), loop).result(timeout=30)
+    live = [f"{key} {getattr(old, key)} -> {getattr(new, key)}" for key in ("lease_ttl", "fence_margin", "cluster")
+            if getattr(old, key) != getattr(new, key)]
+    parts = []
+    if live:
+        parts.append("[ha] " + ", ".join(live) + " in effect now"
+                     + (" (a new lease at the next renewal)" if old.lease_ttl != new.lease_ttl else ""))
+    if restart:
+        parts.append(f"[ha] {', '.join(restart)} changed: this needs an hvextd restart "
+                     "(`hvext daemon restart`); the running values stay until then")
+    return "; ".join(parts)
+
+
 def reload(path: Path | None, daemon: Daemon, loop: asyncio.AbstractEventLoop,
-           endpoint: MetricsEndpoint) -> bool:
+           endpoint: MetricsEndpoint, keeper: ha_loop.Keeper | None = None) -> bool:
     """SIGHUP: read *path* again; a valid file replaces the daemon's config, a bad one (or a ``[metrics]``
     address that cannot be served) is logged and the config in force stays. Whether the new one was taken."""
     notify.reloading()
@@ -290,6 +321,9 @@ def reload(path: Path | None, daemon: Daemon, loop: asyncio.AbstractEventLoop,
             return False
         asyncio.run_coroutine_threadsafe(daemon.apply(new), loop).result(timeout=30)
         log.info("SIGHUP: reloaded %s: %s", path, new.summary())
+        ha = reload_ha(new.get(HAConfig), keeper, loop)
+        if ha:
+            log.warning("SIGHUP: %s", ha)
         return True
     finally:
         if daemon.ready:
@@ -361,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if hangup.is_set():
             hangup.clear()
             try:
-                reload(args.config, daemon, loop, endpoint)
+                reload(args.config, daemon, loop, endpoint, keeper)
             except Exception:  # hvextd must live on with the config in force
                 log.exception("SIGHUP: reloading failed unexpectedly; the configuration in force stays")
         try:

@@ -101,6 +101,11 @@ def _unb64(text: str) -> str:
     return base64.b64decode(text).decode(errors="replace")
 
 
+def _host_value(host: str, peer: str | None) -> str:
+    """A host key's value (base64 JSON): its name and, with replication, where its hvextd serves peers."""
+    return _b64(json.dumps({"name": host, **({"peer": peer} if peer else {})}))
+
+
 def _prefix_end(prefix: str) -> str:
     raw = bytearray(prefix.encode())
     raw[-1] += 1
@@ -285,8 +290,7 @@ class Client:
         """Put this host's key, bound to its lease (it disappears when the lease ends); *peer*: the
         ``ADDRESS:PORT`` its hvextd serves other hosts on (replication, :mod:`hvext.ha.peer`)."""
         check_key_name("host", host)
-        value: dict[str, Any] = {"name": host, **({"peer": peer} if peer else {})}
-        self._post("/kv/put", {"key": _b64(HOST_PREFIX + host), "value": _b64(json.dumps(value)),
+        self._post("/kv/put", {"key": _b64(HOST_PREFIX + host), "value": _host_value(host, peer),
                                "lease": lease_id})
 
     def _range(self, prefix: str) -> list[dict[str, Any]]:
@@ -390,6 +394,58 @@ class Client:
                         {"request_put": {"key": key, "value": _b64(moved.to_json())}}],
             "failure": []})
         return bool(reply.get("succeeded", False))
+
+    #: etcd's default limit of operations per transaction (``--max-txn-ops``).
+    MAX_TXN_OPS = 128
+
+    def rebind(self, host: str, old_lease: int, new_lease: int, domains: list[str],
+               peer: str | None = None) -> bool:
+        """Move *host*'s key and its owner keys of *domains* from *old_lease* to *new_lease*, in one
+        transaction: only if each owner key is still bound to *old_lease* (so an
+        ``ha unprotect`` meanwhile is not undone). Used to change the lease TTL without a restart
+        (a lease's TTL is fixed when it is granted). True: every key moved; False: none did."""
+        if len(domains) + 1 > self.MAX_TXN_OPS:
+            raise HAError(f"cannot move {len(domains)} owner keys in one transaction (etcd allows "
+                          f"{self.MAX_TXN_OPS - 1}); restart hvextd to change the lease TTL")
+        owner_keys = [_b64(OWNER_PREFIX + check_key_name("domain", d)) for d in domains]
+        # A key bound to this host's own old lease was put by this host: the lease alone says it is ours.
+        compare = [{"key": key, "result": "EQUAL", "target": "LEASE", "lease": old_lease} for key in owner_keys]
+        reply = self._post("/kv/txn", {
+            "compare": compare,
+            "success": [{"request_put": {"key": key, "value": _b64(host), "lease": new_lease}}
+                        for key in owner_keys]
+                       + [{"request_put": {"key": _b64(HOST_PREFIX + check_key_name("host", host)),
+                                           "value": _host_value(host, peer), "lease": new_lease}}],
+            "failure": []})
+        return bool(reply.get("succeeded", False))
+
+    def update_xml(self, domain: str, host: str, lease_id: int, xml: str) -> str:
+        """Store *xml* as protected *domain*'s definition, if *host* owns it under *lease_id*, in one
+        transaction that also compares the record's mod_revision with the one read (as :meth:`adopt`),
+        so a domain unprotected meanwhile is never protected again. The record's other fields are kept.
+
+        Returns ``"updated"``, ``"unchanged"`` (it already held *xml*), ``"not protected"``, or
+        ``"not owned"`` (by *host* under *lease_id*, or the record changed between read and write)."""
+        if not 0 < len(xml) <= MAX_XML:
+            raise UsageError(f"the definition of {domain!r:.80} is larger than {MAX_XML} bytes")
+        key = _b64(PROTECTED_PREFIX + check_key_name("domain", domain))
+        kvs = self._post("/kv/range", {"key": key}).get("kvs", [])
+        if not kvs:
+            return "not protected"
+        text, revision = _unb64(kvs[0].get("value", "")), int(kvs[0].get("mod_revision", 0))
+        Protection.from_json(domain, text, revision)  # only a record hvext wrote is rewritten
+        data = json.loads(text)
+        if data["xml"] == xml:
+            return "unchanged"
+        data["xml"] = xml
+        owner = _b64(OWNER_PREFIX + domain)
+        reply = self._post("/kv/txn", {
+            "compare": [{"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision},
+                        {"key": owner, "result": "EQUAL", "target": "VALUE", "value": _b64(host)},
+                        {"key": owner, "result": "EQUAL", "target": "LEASE", "lease": lease_id}],
+            "success": [{"request_put": {"key": key, "value": _b64(json.dumps(data))}}],
+            "failure": []})
+        return "updated" if reply.get("succeeded", False) else "not owned"
 
     def hand_off(self, record: Protection, host: str, to: str) -> bool:
         """Give up *host*'s ownership of a protected domain to the live host *to*, in one transaction:

@@ -1,4 +1,4 @@
-"""A multi-host lab on one machine: ``hvext lab up|down|status|fail|revive``.
+"""A multi-host lab on one machine: ``hvext lab up|down|status|fail|revive|partition|heal``.
 
 Each lab host is a network namespace, plus mount and UTS namespaces, with its
 own virtlogd, libvirtd and hvextd (own config, run, lib, log and cache directories,
@@ -17,7 +17,8 @@ CLI, tests, benchmarks) find one lab; a lock serialises ``up``, ``down``,
 ``fail`` and ``revive``. A host fails (:meth:`Lab.fail`: every process in its
 network namespace killed, its link cut; with ``power_loss``, SIGPWR to its
 hvextd first and the kill after a battery window) and comes back empty
-(:meth:`Lab.revive`); its state is a :class:`HostPhase`. A cluster lab
+(:meth:`Lab.revive`); its state is a :class:`HostPhase`. A host can also be cut off the network
+alone, its processes running on (:meth:`Lab.partition`, :meth:`Lab.heal`). A cluster lab
 (``Lab.up(N, cluster=True)``) also runs an etcd member per host, one cluster,
 and each hvextd holds its host's lease (:mod:`hvext.lab.cluster`).
 

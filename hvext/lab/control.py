@@ -1,5 +1,5 @@
 """The lab's life cycle: :class:`Lab` (``up``, ``load``, ``status``, ``down``) and one host's
-(``fail``, ``revive``).
+(``fail``, ``revive``, ``partition``, ``heal``).
 
 What the lab is, and how other code uses it: :mod:`hvext.lab`.
 """
@@ -194,6 +194,27 @@ class Lab:
             report.seconds = time.monotonic() - started
             self.state = state
             return report
+
+    def partition(self, name: str | int) -> bool:
+        """Cut host *name* off the network and nothing else: its processes (QEMUs, daemons, its etcd
+        member) keep running, unlike :meth:`fail`. A network partition of one host: it stays UP (its
+        link shows cut in :meth:`status`) until :meth:`heal`. Returns whether the link was up."""
+        with statefile.locked(self.state.run_dir):
+            host = self._up_host(name, "partitioned")
+            return net.cut_host(host.index)
+
+    def heal(self, name: str | int) -> bool:
+        """Undo :meth:`partition`: host *name*'s link is up again. Returns whether it was cut."""
+        with statefile.locked(self.state.run_dir):
+            host = self._up_host(name, "healed")
+            return net.restore_link(host.index)
+
+    def _up_host(self, name: str | int, what: str) -> LabHost:
+        host = _find(self._current(), name)
+        if host.phase is not HostPhase.UP:
+            raise LabUsageError(f"{host.name} is {host.phase}: only a host that is up can be {what} "
+                                f"(a failed host comes back with `hvext lab revive {host.name}`)")
+        return host
 
     def revive(self, name: str | int) -> LabHost:
         """Bring failed host *name* back as an empty host: fresh directories (no domains), fresh

@@ -125,6 +125,20 @@ def cut_host(index: int) -> bool:
     return was_up
 
 
+def restore_link(index: int) -> bool:
+    """Plug host *index*'s cable back in (its bridge port up again, after :func:`cut_host`). Returns
+    whether it was down. The host's processes are not touched."""
+    root_end = plan.veth_name(index)
+    with _ipr(f"restoring the link of {plan.host_name(index)}") as ipr:
+        found = _link_index(ipr, root_end)
+        if found is None:
+            raise LabError(f"{plan.host_name(index)} has no link {root_end} to restore")
+        (link,) = ipr.get_links(found)
+        was_down = link.get_attr("IFLA_OPERSTATE") != "UP"
+        ipr.link("set", index=found, state="up")
+    return was_down
+
+
 def link_up(index: int) -> bool:
     """Whether host *index*'s bridge port exists and is up (admin up with a carrier)."""
     with _ipr(f"reading the link of {plan.host_name(index)}") as ipr:

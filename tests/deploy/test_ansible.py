@@ -238,7 +238,7 @@ def test_the_unit_and_config_templates_render(tmp_path: Path) -> None:
         src: "{ANSIBLE_DIR}/roles/hvext_host/templates/{{{{ item }}}}.j2"
         dest: "{out}/{{{{ item }}}}"
         mode: "0644"
-      loop: [hvextd.service, hvextd.toml]
+      loop: [hvextd.service, hvextd.toml, hvext-etcd.service]
 """)
     (tmp_path / "overrides.yml").write_text("""---
 hvext_host_src_dir: /opt/hvext/src
@@ -258,6 +258,12 @@ hvext_host_cluster_name: lab
     assert 'Environment="HVEXT_STATE_DIR=/srv/hvext"\n' in unit
     assert "Restart=on-failure\n" in unit and "Type=notify\n" in unit and "SIGPWR" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID\n" in unit and "NotifyAccess=main\n" in unit
+    # this host's etcd member starts first, and only on a member (docs/ha.md, "At boot")
+    assert "After=libvirtd.service virtlogd.service hvext-etcd.service\n" in unit
+    etcd_unit = (out / "hvext-etcd.service").read_text()
+    assert "ConditionPathExists=/srv/hvext/ha/member.json\n" in etcd_unit and "Before=hvextd.service\n" in etcd_unit
+    assert "ExecStart=/opt/hvext/src/.venv/bin/hvext cluster start\n" in etcd_unit
+    assert "PIDFile=/run/hvext/etcd.pid\n" in etcd_unit
     config = tomllib.loads((out / "hvextd.toml").read_text())
     assert config["power"] == {"budget": 5}
     loaded = daemon_config.load(out / "hvextd.toml")  # what hvextd accepts (unknown sections or keys are refused)

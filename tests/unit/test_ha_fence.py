@@ -164,3 +164,51 @@ def test_hvextd_with_ha_fences_the_domain_it_owns_when_etcd_stops(member: Layout
             daemon.kill()
             daemon.wait()
         client.close()
+
+
+def test_a_renewal_counts_when_the_lease_is_renewed_not_when_the_rounds_reads_end(member: Layout) -> None:
+    """A round whose keepalive succeeds but whose later reads are slow (each endpoint tried in turn while a
+    dead member's times out, as after a host failure in the lab, where this fenced the survivors) must not
+    fence: the lease was renewed at the keepalive, and the next round starts one interval after this one
+    started, not after it ended. The slow read (1.2 s) ends after the previous round's deadline
+    (TTL - margin = 1.5 s after it was sent)."""
+    url = cluster.require_member(member).client_url
+    config = HAConfig(cluster="test", etcd_endpoints=(url,), host="h-slow", lease_ttl=TTL, fence_margin=MARGIN,
+                      credentials=member.pki_dir)
+    fenced: list[list[str]] = []
+
+    def fence(uri: str | None, names: list[str]) -> dict[str, str]:
+        fenced.append(names)
+        return {n: "fenced" for n in names}
+
+    keeper = ha_loop.Keeper(config, "h-slow", "test:///default", fence=fence)
+    other = Client([url], member.credentials())
+    slow = {"rounds": 0}
+    owners = keeper.client.owners
+
+    def slow_owners() -> dict[str, tuple[str, int]]:
+        if slow["rounds"] > 0:
+            slow["rounds"] -= 1
+            time.sleep(1.2)
+        return owners()
+    keeper.client.owners = slow_owners  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        stopping = asyncio.Event()
+        task = asyncio.ensure_future(keeper.run(stopping))
+        try:
+            await _until(lambda: keeper.lease_id is not None, 10, "a lease")
+            assert await asyncio.to_thread(other.claim, "h-slow-domain", "h-slow", keeper.lease_id)
+            await _until(lambda: keeper.owned == ["h-slow-domain"], 5, "the keeper sees what it owns")
+            slow["rounds"] = 2  # two slow rounds in a row
+            await asyncio.sleep(TTL * 2)
+            assert fenced == [] and keeper.fenced is None, fenced
+            assert keeper.owned == ["h-slow-domain"]
+        finally:
+            stopping.set()
+            await asyncio.wait_for(task, 10)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        other.close()

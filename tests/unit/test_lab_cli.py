@@ -70,7 +70,8 @@ def test_malformed_state_file_is_reported(capsys: pytest.CaptureFixture[str], ru
 
 
 def test_fail_and_revive_without_a_lab(capsys: pytest.CaptureFixture[str], run_dir: Path) -> None:
-    for argv in (["lab", "fail", "host1"], ["lab", "revive", "host1"]):
+    for argv in (["lab", "fail", "host1"], ["lab", "revive", "host1"], ["lab", "partition", "host1"],
+                 ["lab", "heal", "host1"]):
         status, _, err = run(capsys, *argv)
         assert status == 1 and err.startswith("error: no lab is up"), err
 
@@ -84,6 +85,9 @@ def test_fail_and_revive_without_a_lab(capsys: pytest.CaptureFixture[str], run_d
     (["lab", "fail", "host1", "--power-loss"], "host1's hvextd is not running, so it cannot get SIGPWR"),
     (["lab", "revive", "host2"], "host2 is up, not failed: only a failed host is revived"),
     (["lab", "fail"], "required: HOST"),
+    (["lab", "partition", "host3"], "the lab has no host3: it has host1, host2"),
+    (["lab", "heal", "hostx"], "not a lab host name: 'hostx'"),
+    (["lab", "partition"], "required: HOST"),
 ])
 def test_fail_and_revive_refuse_bad_requests_and_change_nothing(
         capsys: pytest.CaptureFixture[str], run_dir: Path, argv: list[str], message: str) -> None:
@@ -94,3 +98,17 @@ def test_fail_and_revive_refuse_bad_requests_and_change_nothing(
     status, out, err = run(capsys, *argv)
     assert status == 1 and err.splitlines()[-1].startswith("error: ") and message in err, err
     assert lab.state_file(run_dir).read_text() == state.to_json()  # no host changed phase
+
+
+def test_partition_and_heal_of_a_failed_host_are_refused(capsys: pytest.CaptureFixture[str], run_dir: Path) -> None:
+    hosts = plan.new_hosts(2, run_dir)
+    hosts[1].begin_fail()
+    hosts[1].mark_failed()
+    state = LabState(hosts=hosts, phase="up", created=0.0, run_dir=run_dir, data_dir=run_dir / "data")
+    run_dir.mkdir()
+    lab.state_file(run_dir).write_text(state.to_json())
+    for argv in (["lab", "partition", "host2"], ["lab", "heal", "host2"]):
+        status, _, err = run(capsys, *argv)
+        assert status == 1 and "host2 is failed: only a host that is up can be" in err, err
+        assert "hvext lab revive host2" in err
+    assert lab.state_file(run_dir).read_text() == state.to_json()

@@ -77,3 +77,17 @@ def test_hugepages_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) ->
     assert set(rows) == set(cases), done.stdout
     assert not any("error:" in r for r in rows.values()), done.stdout
     assert float(rows["priority"][-1]) > float(rows["4 KiB (khugepaged)"][-1]), done.stdout  # AnonHuge MiB
+@pytest.mark.requires(os.geteuid() == 0, "the lab needs root (namespaces, libvirtd)")
+@pytest.mark.requires(shutil.which("libvirtd") or os.path.exists("/usr/sbin/libvirtd"), "libvirtd is not installed")
+def test_ha_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
+    """One failover (the richest protection mode this checkout has): a row with its RTO and, for a PMEM mode,
+    every durable record recovered (the battery path's RPO is 0)."""
+    from hvext.lab import Lab
+    if Lab.load() is not None:
+        missing("a lab is already up; it may belong to someone else (bench/ha.py refuses it)")
+    done = run_bench(guest_image, tmp_path, "bench/ha.py", timeout=1200)
+    assert "protection modes in this checkout: restart" in done.stdout, done.stdout
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[2:3] == ["1/1"]]
+    assert len(rows) == 1, done.stdout
+    if rows[0][0] != "restart":
+        assert rows[0][5] == "0", done.stdout  # lost: none on the battery path
