@@ -27,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hvext.errors import HvextError
+from hvext.errors import DomainNotFound, HvextError
 from hvext.ha.client import FAILOVER_PREFIX, FINAL_PREFIX, Client, Protection
+from hvext.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,9 @@ def restore_pmem(record: Protection, host_name: str, *, uri: str | None = None,
     mode = pmem.get("mode")
     started = time.perf_counter()
     try:
+        if _runs_here(record.domain, uri):  # e.g. its home adopting it after `ha protect`: its PMEM is live
+            return _timed(RestoreReport(record.domain, host_name, str(mode), ok=True, performed=False,
+                                        action="kept (the domain runs on this host)"), started)
         fn = _function(str(mode))
         final = client.record(FINAL_PREFIX, record.domain) if client is not None else None
         report = fn(record, host_name, uri=uri, final=final)
@@ -126,6 +130,15 @@ def restore_pmem(record: Protection, host_name: str, *, uri: str | None = None,
         log.exception("restoring the pmem of %s failed unexpectedly", record.domain)
         return _timed(failed(record, host_name, str(mode), f"unexpected {type(err).__name__}: {err}"), started)
     return report
+
+
+def _runs_here(domain: str, uri: str | None) -> bool:
+    """Whether *domain* is active on this host's libvirtd (its PMEM files are then the newest copy)."""
+    with Host(uri) as host:
+        try:
+            return host.lookup(domain).is_active()
+        except DomainNotFound:
+            return False
 
 
 def _timed(report: RestoreReport, started: float) -> RestoreReport:

@@ -19,7 +19,7 @@ import pytest
 from hvext import paths
 from hvext.daemon import ha_loop
 from hvext.daemon.config import HAConfig
-from hvext.errors import DomainNotFound, UsageError
+from hvext.errors import DomainNotFound, HAError, UsageError
 from hvext.ha import cluster, restore, shared_store
 from hvext.ha.client import FAILOVER_PREFIX, FINAL_PREFIX, Client, Protection
 from hvext.ha.etcd import Layout
@@ -75,10 +75,12 @@ def test_a_domain_without_pmem_protection_restores_nothing() -> None:
 
 
 def test_an_unknown_or_missing_mode_fails_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    report = restore.restore_pmem(Protection("d", "<domain/>", "h", 1.0, pmem={"mode": "teleport"}), "h2")
+    report = restore.restore_pmem(Protection("d", "<domain/>", "h", 1.0, pmem={"mode": "teleport"}), "h2",
+                                  uri="test:///default")
     assert not report.ok and "unknown pmem protection mode 'teleport'" in str(report.error)
     monkeypatch.setitem(restore.MODES, "elsewhere", ("hvext.ha.no_such_module", "restore"))
-    report = restore.restore_pmem(Protection("d", "<domain/>", "h", 1.0, pmem={"mode": "elsewhere"}), "h2")
+    report = restore.restore_pmem(Protection("d", "<domain/>", "h", 1.0, pmem={"mode": "elsewhere"}), "h2",
+                                  uri="test:///default")
     assert not report.ok and "not available" in str(report.error)
     assert report.failover_record(at=5.0) == {"host": "h2", "mode": "elsewhere", "at": 5.0, "error": report.error,
                                               "complete": None, "final_host": None, "seconds": report.seconds}
@@ -99,13 +101,42 @@ def test_a_mode_that_breaks_is_a_failed_report_not_an_exception(monkeypatch: pyt
     monkeypatch.setitem(restore.MODES, "broken", (module.__name__, "restore_broken"))
     monkeypatch.setitem(restore.MODES, "wrong", (module.__name__, "restore_wrong"))
     for mode, expected in [("broken", "unexpected RuntimeError: bug"), ("wrong", "not a RestoreReport")]:
-        report = restore.restore_pmem(Protection("d", "<domain/>", "h", 1.0, pmem={"mode": mode}), "h2")
+        report = restore.restore_pmem(Protection("d", "<domain/>", "h", 1.0, pmem={"mode": mode}), "h2",
+                                      uri="test:///default")
         assert not report.ok and expected in str(report.error), report
 
 
 def test_the_replicas_mode_dispatches_to_replication() -> None:
     assert restore.MODES["replicas"] == ("hvext.ha.replication", "restore_from_replica")
     assert restore.MODES["shared-store"] == ("hvext.ha.shared_store", "restore_from_shared_store")
+
+
+def replicated_record(domain: str, backing: Path, home: str, replicas: list[str]) -> Protection:
+    pmem = {"mode": "replicas", "replicas": replicas,
+            "devices": [{"name": "nvdimm0", "size": SIZE, "backing": str(backing)}]}
+    return Protection(domain, PLAIN_XML.format(name=domain), home, time.time(), pmem=pmem)
+
+
+def test_a_domain_running_on_the_claimer_keeps_its_pmem_whatever_the_mode(tmp_path: Path) -> None:
+    """Its home adopting it right after ``ha protect`` (it runs there, and the home is no replica): the
+    live PMEM is kept, not a failed restore recorded as the domain's failover."""
+    with running_domain(PLAIN_XML, "runs-here") as dom:
+        record = replicated_record(dom.name, tmp_path / "nvdimm0.img", "h1", ["h2"])
+        report = restore.restore_pmem(record, "h1", uri="test:///default")
+    assert report.ok and not report.performed and "runs on this host" in report.action, report
+
+
+def test_a_home_that_re_adopts_keeps_its_own_files_but_not_after_a_power_loss(tmp_path: Path) -> None:
+    from hvext.ha import replication
+    backing = tmp_path / "nvdimm0.img"
+    backing.write_bytes(b"\0" * SIZE)
+    record = replicated_record("gone-vm", backing, "h1", ["h2"])
+    report = replication.restore_from_replica(record, "h1", uri="test:///default", final=None)
+    assert report.ok and not report.performed and "home re-adopted" in report.action, report
+    with pytest.raises(HAError, match="not a replica"):  # the owner's final epoch went to the replicas
+        replication.restore_from_replica(record, "h1", uri="test:///default", final={"host": "h1", "epoch": 3})
+    with pytest.raises(HAError, match="not a replica"):  # not its home
+        replication.restore_from_replica(record, "h3", uri="test:///default", final=None)
 
 
 # -- the shared directory (root: the volatile directory's group is QEMU's) ----------------------------------------------------------------------------
@@ -230,6 +261,43 @@ def test_the_hand_off_after_a_power_loss_stops_records_and_moves(member: Layout,
             client.revoke(lease_b.id)
             client.unprotect(dom.name)
             assert client.record(FINAL_PREFIX, dom.name) is None  # unprotect drops it too
+            client.close()
+
+
+@needs_etcd
+def test_a_replicated_domain_goes_to_a_live_replica_that_holds_its_final_epoch(member: Layout,  # noqa: F811
+                                                                             tmp_path: Path) -> None:
+    """After the battery path (final epoch acknowledged) the owner stops the guest and hands the domain to
+    a live replica that has that epoch, so it claims now rather than after the owner's lease ends."""
+    from hvext.ha import replication
+    url = cluster.require_member(member).client_url
+    client = Client([url], member.credentials())
+    with running_domain(PLAIN_XML, "rhandoff") as dom:
+        record = replicated_record(dom.name, tmp_path / "nvdimm0.img", "h-a", ["h-b", "h-c"])
+        assert client.protect(record)
+        leases = {h: client.grant(30) for h in ("h-a", "h-b", "h-c")}
+        try:
+            for host, lease in leases.items():
+                client.register_host(host, lease.id)
+            assert client.claim(dom.name, "h-a", leases["h-a"].id)
+            # nobody live has the final epoch (h-c is behind, h-b answered nothing): kept, still running
+            behind = [{"domain": dom.name, "epoch": 9, "acked": {"h-b": 0, "h-c": 8}}]
+            outcome = replication.hand_off_after_power_loss(client, "h-a", "test:///default", behind, [dom.name])
+            assert outcome[dom.name].startswith("kept") and dom.is_active(), outcome
+            assert client.owners()[dom.name][0] == "h-a"
+            # a failed battery report, or a domain this host does not own: nothing happens
+            failed = [{"domain": dom.name, "error": "no epoch was ever cut"}]
+            assert replication.hand_off_after_power_loss(client, "h-a", "test:///default", failed, [dom.name]) == {}
+            done = [{"domain": dom.name, "epoch": 9, "acked": {"h-b": 9, "h-c": 8}}]
+            assert replication.hand_off_after_power_loss(client, "h-a", "test:///default", done, []) == {}
+            outcome = replication.hand_off_after_power_loss(client, "h-a", "test:///default", done, [dom.name])
+            assert outcome[dom.name] == "final epoch 9 on h-b: stopped and handed off", outcome
+            assert dom.state is RunState.SHUTOFF and dom.name not in client.owners()
+            assert client.protected()[0][dom.name].home == "h-b"
+        finally:
+            for lease in leases.values():
+                client.revoke(lease.id)
+            client.unprotect(dom.name)
             client.close()
 
 
