@@ -1,0 +1,62 @@
+"""bench/reclaim.py decides from figures the host's scheduling does not move, and says so per state."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_bench(monkeypatch: Any) -> Any:
+    spec = importlib.util.spec_from_file_location("hvext_bench_reclaim", ROOT / "bench" / "reclaim.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", [str(ROOT / "bench"), *sys.path])  # as when run: bench/plot.py importable
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def case(method: str, faults: list[int], out: list[float], state: str = "free") -> list[dict[str, Any]]:
+    return [{"state": state, "method": method, "chosen": method, "seconds": 2.0, "still_out_mib": o,
+             "faults": f, "guest_majflt": f, "host_swapins": 0, "stall_ms": 0.0, "ops_ratio": 1.0}
+            for f, o in zip(faults, out)]
+
+
+def test_host_majflt_counts_this_process_faults(monkeypatch: Any) -> None:
+    bench = load_bench(monkeypatch)
+    mine = bench.host_majflt(os.getpid())
+    assert isinstance(mine, int) and mine >= 0
+    assert bench.host_majflt(os.getpid()) >= mine
+
+
+def test_medians_decide_and_the_spread_is_shown(monkeypatch: Any) -> None:
+    bench = load_bench(monkeypatch)
+    rows = case("auto", [10, 12, 5000], [300, 301, 299]) + case("swap", [2000, 2100, 1900], [300, 290, 310]) \
+        + case("mom", [0, 3, 9], [120, 125, 118])
+    auto, swap, mom = (bench.summarise(rows, "free", m) for m in ("auto", "swap", "mom"))
+    assert bench.spread(auto["faults"]) == "12 (10-5000)"  # one bad repetition moves the range, not the median
+    assert bench.verdict(auto, swap)[0] == "ahead"  # fewer faults, as much memory out
+    assert bench.verdict(auto, mom)[0] == "ahead"  # as few faults (within the floor), more memory out
+
+
+def test_auto_with_more_faults_for_the_same_memory_is_worse(monkeypatch: Any) -> None:
+    bench = load_bench(monkeypatch)
+    rows = case("auto", [3000, 3100, 2900], [300, 300, 300]) + case("swap", [2000, 2000, 2000], [300, 300, 300])
+    word, why = bench.verdict(bench.summarise(rows, "free", "auto"), bench.summarise(rows, "free", "swap"))
+    assert word == "worse" and "faults 3000 vs 2000" in why
+    # within 5 % plus the floor: not worse
+    rows = case("auto", [2300], [290]) + case("swap", [2000], [300])
+    assert bench.verdict(bench.summarise(rows, "free", "auto"), bench.summarise(rows, "free", "swap"))[0] \
+        == "not worse"
+
+
+def test_a_refused_baseline_counts_as_auto_ahead(monkeypatch: Any) -> None:
+    bench = load_bench(monkeypatch)
+    rows = case("auto", [100], [300], "hot") + [{"state": "hot", "method": "balloon", "refused": "floor"}]
+    assert bench.verdict(bench.summarise(rows, "hot", "auto"), bench.summarise(rows, "hot", "balloon")) \
+        == ("ahead", "balloon refused")
