@@ -395,12 +395,29 @@ def print_table(rows: list[dict[str, Any]], states: list[str], methods: list[str
     if "auto" in methods:
         print("\nauto against each baseline (faults within 5 % + 256 pages and still out within 5 %: "
               "not worse; better in either beyond that: ahead):")
+        words: dict[tuple[str, str], str] = {}
         for state in states:
             auto = next(s for s in summaries if s["state"] == state and s["method"] == "auto")
-            for base in (s for s in summaries if s["state"] == state and s["method"] not in ("auto",)):
+            for base in (s for s in summaries if s["state"] == state and s["method"] != "auto"):
                 word, why = verdict(auto, base)
+                words[state, base["method"]] = word
                 print(f"  {state:>5} auto vs {base['method']:>7}: {word:>9}  ({why})")
+        print(goal(words))
     return summaries
+
+
+def goal(words: dict[tuple[str, str], str]) -> str:
+    """The issue's goal from the verdicts: auto worse than no baseline in any state, and ahead of each in one."""
+    behind = sorted(f"{state} vs {base} ({word})" for (state, base), word in words.items()
+                    if word in ("worse", "trade-off"))
+    bases = dict.fromkeys(base for _, base in words)
+    never_ahead = [base for base in bases if not any(w == "ahead" for (_, b), w in words.items() if b == base)]
+    if not words:
+        return "goal: no baseline ran"
+    if not behind and not never_ahead:
+        return "goal met: auto is nowhere worse than a baseline and ahead of each in at least one state"
+    return ("goal missed: " + "; ".join(([f"auto is behind in {', '.join(behind)}"] if behind else [])
+                                         + ([f"never ahead of {', '.join(never_ahead)}"] if never_ahead else [])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,8 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, help="seconds measured from the start of the reclaim "
                         "(default 30; 12 with --quick, 6 with --smoke)")
     parser.add_argument("--memory", type=int, default=768, help="guest RAM, MiB")
+    parser.add_argument("--rows", type=Path, metavar="JSON",
+                        help="run nothing: the table, verdicts and plot again from a reclaim.json this wrote")
     plot.add_option(parser)
     args = parser.parse_args(argv)
+    if args.rows:
+        return reprint(args.rows, args.plot_dir)
     methods = [m for m in args.methods.split(",") if m]
     if not methods or not set(methods) <= set(ALL_METHODS):
         parser.error(f"--methods: use a comma-separated list of {', '.join(ALL_METHODS)}")
@@ -452,16 +473,33 @@ def main(argv: list[str] | None = None) -> int:
                  for rep, state, method in runs[len(rows):]]
     states = list(dict.fromkeys(s for s, _ in cases))
     summaries = print_table(rows, states, list(dict.fromkeys(m for _, m in cases)), memory, reps, window, argv)
-    save(args.plot_dir, rows, summaries)
+    save(args.plot_dir, rows, summaries, {"memory": memory, "reps": reps, "window": window, "argv": argv})
     plot_cases(args.plot_dir, rows, memory)
     return 1 if any("error" in r for r in rows) else 0
 
 
-def save(directory: Path, rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> None:
+def reprint(path: Path, directory: Path) -> int:
+    """The table, verdicts and plot of a finished run, from its reclaim.json."""
+    try:
+        saved = json.loads(path.read_text())
+        rows, meta = saved["rows"], saved["run"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"error: {path}: not a reclaim.json of this benchmark ({type(err).__name__}: {err})", file=sys.stderr)
+        return 1
+    states = list(dict.fromkeys(r["state"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    print_table(rows, states, methods, meta["memory"], meta["reps"], meta["window"], meta["argv"])
+    plot_cases(directory, rows, meta["memory"])
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def save(directory: Path, rows: list[dict[str, Any]], summaries: list[dict[str, Any]],
+         run: dict[str, Any]) -> None:
     """Every repetition's figures and the summaries as JSON beside the plot (a failure is a line on stderr)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "reclaim.json").write_text(json.dumps({"rows": rows, "summaries": summaries}, indent=1))
+        (directory / "reclaim.json").write_text(json.dumps({"run": run, "rows": rows, "summaries": summaries},
+                                                           indent=1))
     except OSError as err:
         print(f"reclaim.json not written: {err}", file=sys.stderr)
 

@@ -60,3 +60,33 @@ def test_a_refused_baseline_counts_as_auto_ahead(monkeypatch: Any) -> None:
     rows = case("auto", [100], [300], "hot") + [{"state": "hot", "method": "balloon", "refused": "floor"}]
     assert bench.verdict(bench.summarise(rows, "hot", "auto"), bench.summarise(rows, "hot", "balloon")) \
         == ("ahead", "balloon refused")
+
+
+def test_the_goal_needs_no_worse_state_and_a_lead_over_each_baseline(monkeypatch: Any) -> None:
+    bench = load_bench(monkeypatch)
+    assert bench.goal({("free", "swap"): "ahead", ("hot", "mom"): "ahead", ("hot", "swap"): "not worse"}) \
+        .startswith("goal met")
+    missed = bench.goal({("free", "swap"): "not worse", ("hot", "mom"): "ahead", ("cache", "swap"): "worse"})
+    assert missed == "goal missed: auto is behind in cache vs swap (worse); never ahead of swap"
+
+
+def test_a_saved_run_prints_its_table_and_plot_again(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    from tests.unit.test_bench_smoke import assert_png
+
+    rows = [{**r, "rss_series": [(0.0, 500.0), (1.0, 300.0)], "swap_series": [(0.0, 0.0), (1.0, 0.0)],
+             "ops_series": [(0.0, 100.0), (1.0, 90.0)]}
+            for r in case("auto", [1], [300]) + case("swap", [900], [300])]
+    saved = tmp_path / "reclaim.json"
+    saved.write_text(json.dumps({"run": {"memory": 768, "reps": 1, "window": 30, "argv": []}, "rows": rows}))
+    done = subprocess.run([sys.executable, "bench/reclaim.py", "--rows", str(saved), "--plot-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| free | auto | auto | 1/1 |" in done.stdout and "free auto vs    swap:     ahead" in done.stdout
+    assert_png(tmp_path / "reclaim.png")
+    saved.write_text("{}")
+    bad = subprocess.run([sys.executable, "bench/reclaim.py", "--rows", str(saved)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
