@@ -457,23 +457,26 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in ((s, m) for s in STATES for m in ALL_METHODS) if c in chosen]
     runs = [(rep, state, method) for rep in range(reps) for state, method in cases]  # interleaved repetitions
     rows: list[dict[str, Any]] = []
+    run = {"memory": memory, "reps": reps, "window": window, "argv": argv}
     try:
         # one image for the whole run, even if the guest files change meanwhile
         os.environ["HVEXT_IMAGE"] = str(image.build().directory)
         with Host() as host:
             for rep, state, method in runs:
+                began = time.monotonic()
                 try:
                     rows.append(run_case(host, state, method, memory, settle, window))
                 except Exception as err:  # noqa: BLE001  a failed case is a row, never a traceback
                     rows.append({"state": state, "method": method, "error": f"{type(err).__name__}: {err}"[:100]})
-                rows[-1]["rep"] = rep
+                rows[-1].update(rep=rep, case_s=round(time.monotonic() - began, 1))
                 print({k: v for k, v in rows[-1].items() if not k.endswith("_series")}, flush=True)
+                save(args.plot_dir, rows, [], run)  # after each case: an interrupted run keeps what it measured
     except Exception as err:  # noqa: BLE001  no image, no libvirt, ...: every case left is a row saying so
         rows += [{"state": state, "method": method, "rep": rep, "error": f"not run: {type(err).__name__}: {err}"[:100]}
                  for rep, state, method in runs[len(rows):]]
     states = list(dict.fromkeys(s for s, _ in cases))
     summaries = print_table(rows, states, list(dict.fromkeys(m for _, m in cases)), memory, reps, window, argv)
-    save(args.plot_dir, rows, summaries, {"memory": memory, "reps": reps, "window": window, "argv": argv})
+    save(args.plot_dir, rows, summaries, run)
     plot_cases(args.plot_dir, rows, memory)
     return 1 if any("error" in r for r in rows) else 0
 
