@@ -23,7 +23,8 @@ def load_bench(monkeypatch: Any) -> Any:
 
 def case(method: str, faults: list[int], out: list[float], state: str = "free") -> list[dict[str, Any]]:
     return [{"state": state, "method": method, "chosen": method, "seconds": 2.0, "still_out_mib": o,
-             "faults": f, "guest_majflt": f, "host_swapins": 0, "stall_ms": 0.0, "ops_ratio": 1.0}
+             "faults": f, "guest_majflt": f, "host_swapins": 0, "stall_ms": 0.0, "ops_ratio": 1.0,
+             "base_ops_s": 20000.0, "window_s": 30.0}
             for f, o in zip(faults, out)]
 
 
@@ -40,7 +41,10 @@ def test_medians_decide_and_the_spread_is_shown(monkeypatch: Any) -> None:
         + case("mom", [0, 3, 9], [120, 125, 118])
     auto, swap, mom = (bench.summarise(rows, "free", m) for m in ("auto", "swap", "mom"))
     assert bench.spread(auto["faults"]) == "12 (10-5000)"  # one bad repetition moves the range, not the median
-    assert bench.verdict(auto, swap)[0] == "ahead"  # fewer faults, as much memory out
+    # fewer faults by the medians, but one repetition as bad as the baseline's: no lead claimed
+    assert bench.verdict(auto, swap)[0] == "not worse"
+    clean = bench.summarise(case("auto", [10, 12, 15], [300, 301, 299]), "free", "auto")
+    assert bench.verdict(clean, swap)[0] == "ahead"
     assert bench.verdict(auto, mom)[0] == "ahead"  # as few faults (within the floor), more memory out
 
 
@@ -84,9 +88,21 @@ def test_a_saved_run_prints_its_table_and_plot_again(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "bench/reclaim.py", "--rows", str(saved), "--plot-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "| free | auto | auto | 1/1 |" in done.stdout and "free auto vs    swap:     ahead" in done.stdout
+    assert "| free | auto | auto | 1/1 |" in done.stdout and "| 100% |" in done.stdout and "free auto vs    swap:     ahead" in done.stdout
     assert_png(tmp_path / "reclaim.png")
     saved.write_text("{}")
     bad = subprocess.run([sys.executable, "bench/reclaim.py", "--rows", str(saved)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_overlapping_repetitions_are_no_lead_and_more_memory_for_more_faults_is_a_trade_off(monkeypatch: Any) -> None:
+    bench = load_bench(monkeypatch)
+    # the same method twice: medians apart, ranges overlapping (the hot state's auto and swap)
+    rows = case("auto", [52000, 60000, 70000], [88, 80, 60], "hot") + case("swap", [65000, 58000, 66000],
+                                                                           [70, 90, 75], "hot")
+    assert bench.verdict(bench.summarise(rows, "hot", "auto"), bench.summarise(rows, "hot", "swap"))[0] \
+        == "not worse"
+    rows = case("auto", [52000], [88], "hot") + case("mom", [0], [-16], "hot")
+    assert bench.verdict(bench.summarise(rows, "hot", "auto"), bench.summarise(rows, "hot", "mom"))[0] \
+        == "trade-off"
