@@ -33,7 +33,7 @@ ratio to its rate just before, is shown too, but it swings with the host's
 load. The fault counts do not: the workload touches its whole working set
 within a second or two at any rate this host gives it, so over the window
 what it faults back is the part of its working set that was taken. Each case runs ``--reps`` times (repetitions interleaved, so a load change
-hits every method alike); the table gives the median and the min-max.
+hits every method alike); the table gives the median and [min, max].
 
 Verdict per state (the issue's goal): auto is "not worse" than a baseline when
 its median faults are at most 5 % (plus FAULT_FLOOR pages) above the
@@ -344,12 +344,12 @@ def med(values: list[float]) -> float | None:
 
 
 def spread(values: list[float], fmt: str = "{:.0f}") -> str:
-    """'median (min-max)' of *values*; one value as itself, none as '-'."""
+    """'median [min, max]' of *values*; one value as itself, none as '-'."""
     if not values:
         return "-"
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
 def summarise(rows: list[dict[str, Any]], state: str, method: str) -> dict[str, Any]:
@@ -387,7 +387,7 @@ def print_table(rows: list[dict[str, Any]], states: list[str], methods: list[str
     """The summary table (markdown), then the verdicts; returns the summaries."""
     print(f"\nguest {memory} MiB, reclaim {RECLAIM_FRACTION:.0%} = {int(memory * RECLAIM_FRACTION)} MiB, "
           f"window {window:.0f} s from the start of the reclaim, {reps} repetition(s) per case; "
-          f"median (min-max); command: bench/reclaim.py {' '.join(argv)}".rstrip())
+          f"median [min, max]; command: bench/reclaim.py {' '.join(argv)}".rstrip())
     print("| state | method | chosen | done | time to target s | still out MiB | major faults | "
           "(guest / host swap-ins) | wss touched | stall ms | ops ratio |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

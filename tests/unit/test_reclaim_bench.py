@@ -40,7 +40,7 @@ def test_medians_decide_and_the_spread_is_shown(monkeypatch: Any) -> None:
     rows = case("auto", [10, 12, 5000], [300, 301, 299]) + case("swap", [2000, 2100, 1900], [300, 290, 310]) \
         + case("mom", [0, 3, 9], [120, 125, 118])
     auto, swap, mom = (bench.summarise(rows, "free", m) for m in ("auto", "swap", "mom"))
-    assert bench.spread(auto["faults"]) == "12 (10-5000)"  # one bad repetition moves the range, not the median
+    assert bench.spread(auto["faults"]) == "12 [10, 5000]"  # one bad repetition moves the range, not the median
     # fewer faults by the medians, but one repetition as bad as the baseline's: no lead claimed
     assert bench.verdict(auto, swap)[0] == "not worse"
     clean = bench.summarise(case("auto", [10, 12, 15], [300, 301, 299]), "free", "auto")
