@@ -1,4 +1,4 @@
-"""Benchmark: reclaim 40 % of a guest's memory with a MOM-like balloon policy, host swap only and auto, in three guest states.
+"""Benchmark: reclaim 40 % of a guest's memory by a MOM-like balloon policy, host swap and auto, in three states.
 
 States: mostly free memory (the workload's working set is small and the rest
 was touched and freed), mostly clean page cache (a large file was read), mostly
@@ -28,11 +28,14 @@ with free memory stay in the swap cache and come back as minor faults), the
 that mapping: pages faulted back count against it; TCG's buffers and the rest
 of QEMU do not), and the guest's **memory stall**
 (/proc/pressure/memory ``some`` total: time the guest spent in reclaim, e.g.
-dropping its cache for the balloon). The workload's ops over the window, as a
+dropping its cache for the balloon; shown, not deciding: it is wall time, and
+host swap-ins are invisible to it). The workload's ops over the window, as a
 ratio to its rate just before, is shown too, but it swings with the host's
-load. The fault counts do not: the workload touches its whole working set
-within a second or two at any rate this host gives it, so over the window
-what it faults back is the part of its working set that was taken. Each case runs ``--reps`` times (repetitions interleaved, so a load change
+load. The fault counts do not, as long as the workload touches its whole
+working set within the window (the column "wss touched" estimates how much
+of it it did): then what it faults back is the part of its working set that
+was taken, whatever its rate. Each
+case runs ``--reps`` times (repetitions interleaved, so a load change
 hits every method alike); the table gives the median and [min, max].
 
 Verdict per state (the issue's goal): auto is "not worse" than a baseline when
@@ -61,7 +64,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
