@@ -13,7 +13,10 @@ guest's help but does not know which pages the guest needs. So:
   figure (also guest-reported, so it can only hurt that guest) and the rest
   is swapped.
 
-Nothing here performs I/O; :func:`decide` is a function of its inputs.
+:func:`mom_step` is the baseline the reclaim benchmark compares against: a
+balloon-only controller with oVirt MOM's rules.
+
+Nothing here performs I/O; :func:`decide` and :func:`mom_step` are functions of their inputs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 from hvext.errors import UsageError
 from hvext.units import MIB
+
 METHODS = ("auto", "balloon", "swap")
 
 
@@ -118,3 +122,42 @@ def decide(state: VMState, amount: int, method: str = "auto") -> Decision:
     else:
         reason = f"balloon {by_balloon // MIB} MiB, host swap {by_swap // MIB} MiB: {basis}"
     return Decision(state.name, amount, by_balloon, by_swap, reason)
+
+
+#: oVirt MOM's balloon rules (its default ``balloon.rules``): the host is under pressure
+#: below 20 % free; a guest keeps 20 % of its memory free; a balloon moves at most 5 %
+#: of the guest's memory per policy interval, and not at all for changes under 0.25 %.
+MOM_PRESSURE_THRESHOLD = 0.20
+MOM_GUEST_FREE_FRACTION = 0.20
+MOM_MAX_CHANGE_FRACTION = 0.05
+MOM_MIN_CHANGE_FRACTION = 0.0025
+
+
+def mom_step(host_free_fraction: float, actual: int, maximum: int, guest_free: int) -> int | None:
+    """One interval of a MOM-like balloon-only controller: the new balloon target in bytes, or None (no change).
+
+    Under host pressure (*host_free_fraction* below 20 %) the guest shrinks by at
+    most 5 % of *actual*, but never below what it uses (``actual - guest_free``)
+    plus 20 % of *actual* free; otherwise a ballooned guest grows by at most 5 %
+    back towards *maximum*, at least to what it uses plus 20 % of *maximum*.
+    Changes under 0.25 % of *actual* are skipped. *guest_free* is the guest's own
+    unused-memory figure (MOM reads the balloon driver's ``unused``, MemFree:
+    page cache does not count as free), untrusted and clamped to [0, actual].
+
+    Left out of MOM's rules on purpose: scaling the kept free fraction down with
+    the host's free fraction and forcing guest swap below 5 % host free (the
+    baseline keeps the plain 20 %).
+    """
+    if actual <= 0 or maximum <= 0:
+        raise UsageError("balloon actual and maximum must be positive")
+    used = actual - max(0, min(guest_free, actual))
+    if host_free_fraction < MOM_PRESSURE_THRESHOLD:
+        target = max(int(actual * (1 - MOM_MAX_CHANGE_FRACTION)), used + int(actual * MOM_GUEST_FREE_FRACTION))
+        if target >= actual:
+            return None
+    else:
+        if actual >= maximum:
+            return None
+        target = min(maximum, max(int(actual * (1 + MOM_MAX_CHANGE_FRACTION)),
+                                  used + int(maximum * MOM_GUEST_FREE_FRACTION)))
+    return target if abs(target - actual) > actual * MOM_MIN_CHANGE_FRACTION else None

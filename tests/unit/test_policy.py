@@ -1,7 +1,9 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hvext.errors import UsageError
-from hvext.memory.policy import MIB, GuestMemory, VMState, decide
+from hvext.memory.policy import MIB, GuestMemory, VMState, decide, mom_step
 
 GIB = 1024 * MIB
 
@@ -71,3 +73,40 @@ def test_balloon_never_goes_below_the_drivers_floor() -> None:
                     guest=GuestMemory(total=GIB, free=800 * MIB, clean_cache=0, anon_inactive=0))
     d = decide(state, 400 * MIB)
     assert d.balloon == GIB - 900 * MIB and d.swap == 400 * MIB - d.balloon
+
+
+def test_mom_step_shrinks_at_most_5_percent_under_host_pressure() -> None:
+    assert mom_step(0.10, GIB, GIB, guest_free=800 * MIB) == int(GIB * 0.95)
+    # above the 20 % threshold: no pressure, and a guest at its maximum stays there
+    assert mom_step(0.20, GIB, GIB, guest_free=800 * MIB) is None
+
+
+def test_mom_step_keeps_20_percent_of_the_guest_free() -> None:
+    # uses 800 MiB: the floor is 800 + 20 % of 1 GiB = 1004.8 MiB, above the 5 % step (972.8 MiB)
+    assert mom_step(0.10, GIB, GIB, guest_free=224 * MIB) == 800 * MIB + int(GIB * 0.2)
+    # already at 20 % free (page cache is not free): no change
+    assert mom_step(0.10, GIB, GIB, guest_free=200 * MIB) is None
+    # a guest claiming more free memory than it has cannot make the step larger than 5 %
+    assert mom_step(0.10, GIB, GIB, guest_free=100 * GIB) == int(GIB * 0.95)
+
+
+def test_mom_step_grows_back_without_pressure() -> None:
+    assert mom_step(0.5, 600 * MIB, GIB, guest_free=500 * MIB) == int(600 * MIB * 1.05)
+    # a guest short of free memory is given used + 20 % of its maximum at once
+    assert mom_step(0.5, 600 * MIB, GIB, guest_free=0) == min(GIB, 600 * MIB + int(GIB * 0.2))
+    assert mom_step(0.5, int(GIB * 0.999), GIB, guest_free=GIB) is None  # too small a change
+
+
+def test_mom_step_rejects_nonsense() -> None:
+    with pytest.raises(UsageError):
+        mom_step(0.1, 0, GIB, guest_free=0)
+
+
+@given(st.floats(0, 1), st.integers(1, 64 * GIB), st.integers(-GIB, 128 * GIB))
+def test_mom_step_moves_at_most_5_percent_down_and_never_above_the_maximum(host_free: float, actual: int,
+                                                                           guest_free: int) -> None:
+    target = mom_step(host_free, actual, 64 * GIB, guest_free)
+    if target is not None:
+        assert target <= 64 * GIB
+        if host_free < 0.2:
+            assert int(actual * 0.95) <= target < actual
