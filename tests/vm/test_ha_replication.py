@@ -27,10 +27,13 @@ from hvext.lab import plan
 from hvext.pmem import power
 from tests.vm.conftest import BOOT_TIMEOUT_S, VMFactory
 from tests.vm.test_ha_shared_store import RECORDS, _active, member_paths, mount_pmem
+from tests.vm import test_lab_cluster
 from tests.vm.test_lab_cluster import pytestmark as cluster_marks
-from tests.vm.test_lab_cluster import the_lab, wait_for, with_leases  # noqa: F401  (the module's lab fixture)
+from tests.vm.test_lab_cluster import wait_for, with_leases
 
 pytestmark = [*cluster_marks[:-1], pytest.mark.timeout(900)]  # two boots under TCG
+
+the_lab = test_lab_cluster.the_lab  # this module's own 3-host cluster lab (a module-scoped fixture)
 
 
 def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_record(
