@@ -7,8 +7,9 @@ owner's hvextd (:class:`Manager`, driven by :mod:`hvext.daemon.ha_loop`):
 * **Epochs.** Every ``[ha] epoch_interval`` s (default 1) a :class:`Replicator` *cuts* an epoch: it
   pauses the guest (the vCPUs stop), reads which blocks changed -- the patched QEMU's dirty page
   list of the device's RAM block (:mod:`hvext.dirty.pages`, through :mod:`hvext.pmem.power`'s log
-  helpers), else every block compared by hash with what was shipped -- copies those 64 KiB blocks,
-  resumes the guest, and appends them with the epoch's COMMIT to the device's local log
+  helpers), else every block compared by hash with what was shipped -- copies those 64 KiB blocks
+  into memory and resumes the guest (the pause holds only the query and the copy), then hashes them
+  and appends the changed ones with the epoch's COMMIT to the device's local log
   (``STATE_DIR/ha/log/<host>/<domain>/<device>.log``, :mod:`hvext.ha.replication_log`; 0700 dirs,
   0600 files). Because the copy is taken while no vCPU runs, each epoch is the device's contents at
   one instant: every write the guest completed before the pause (a returned flush/fsync included)
