@@ -244,6 +244,7 @@ class Replicator:
         self.in_stream: dict[str, bool] = {h: False for h in self.replicas}
         self.last_status = 0.0
         self.last_cut: dict[str, float | int] = {}  # the last cut's timings (s) and block counts (see cut)
+        self.query_s = 0.0                          # of the last cut's copy: the dirty-list query's part
         self.threads = [threading.Thread(target=self._cut_loop, name=f"hvext-cut-{self.domain}", daemon=True)]
         self.threads += [threading.Thread(target=self._ship_loop, args=(h,), name=f"hvext-ship-{h}", daemon=True)
                          for h in self.replicas]
@@ -355,6 +356,7 @@ class Replicator:
             hashed_at = time.perf_counter()
             self.last_cut = {"paused_s": round(resumed_at - suspending_at, 6) if paused_here and not final else 0.0,
                              "suspend_s": round(paused_at - suspending_at, 6), "copy_s": round(copied_at - paused_at, 6),
+                             "query_s": round(self.query_s, 6),
                              "resume_s": round(resumed_at - copied_at, 6), "hash_s": round(hashed_at - resumed_at, 6),
                              "copied": sum(len(c) for c in copies), "changed": sum(len(b) for b in blocks)}
             if not any(blocks) and not full and not final:
@@ -382,6 +384,7 @@ class Replicator:
         """(per device the candidate blocks as (index, bytes), full) for the next epoch: what may have
         changed since the last cut, copied from the backing. The guest is paused: only the dirty-list
         query and the reads happen here."""
+        started = time.perf_counter()
         domain_id = dom.id()
         full = self.need_full or domain_id != self.domain_id or any(h is None for h in self.hashes)
         ranges: list[list[tuple[int, int]] | None] = [None] * len(self.devices)
@@ -404,6 +407,7 @@ class Replicator:
             ranges = [power.dirty_ranges(self.dirty_log, rb, d["size"], dirty, domain_id)
                       for rb, d in zip(self.ram_blocks, self.devices)]
             self.dirty_log = {"domain_id": domain_id, "generation": dirty.generation} if dirty is not None else None
+        self.query_s = time.perf_counter() - started
         out: list[list[tuple[int, bytes]]] = []
         for index, device in enumerate(self.devices):
             nblocks = device["size"] // BLOCK_SIZE
