@@ -7,8 +7,9 @@ owner's hvextd (:class:`Manager`, driven by :mod:`hvext.daemon.ha_loop`):
 * **Epochs.** Every ``[ha] epoch_interval`` s (default 1) a :class:`Replicator` *cuts* an epoch: it
   pauses the guest (the vCPUs stop), reads which blocks changed -- the patched QEMU's dirty page
   list of the device's RAM block (:mod:`hvext.dirty.pages`, through :mod:`hvext.pmem.power`'s log
-  helpers), else every block compared by hash with what was shipped -- copies those 64 KiB blocks,
-  resumes the guest, and appends them with the epoch's COMMIT to the device's local log
+  helpers), else every block compared by hash with what was shipped -- copies those 64 KiB blocks
+  into memory and resumes the guest (the pause holds only the query and the copy), then hashes them
+  and appends the changed ones with the epoch's COMMIT to the device's local log
   (``STATE_DIR/ha/log/<host>/<domain>/<device>.log``, :mod:`hvext.ha.replication_log`; 0700 dirs,
   0600 files). Because the copy is taken while no vCPU runs, each epoch is the device's contents at
   one instant: every write the guest completed before the pause (a returned flush/fsync included)
@@ -242,6 +243,8 @@ class Replicator:
         self.acks: dict[str, dict[str, Any]] = {h: {"epoch": 0} for h in self.replicas}
         self.in_stream: dict[str, bool] = {h: False for h in self.replicas}
         self.last_status = 0.0
+        self.last_cut: dict[str, float | int] = {}  # the last cut's timings (s) and block counts (see cut)
+        self.query_s = 0.0                          # of the last cut's copy: the dirty-list query's part
         self.threads = [threading.Thread(target=self._cut_loop, name=f"hvext-cut-{self.domain}", daemon=True)]
         self.threads += [threading.Thread(target=self._ship_loop, args=(h,), name=f"hvext-ship-{h}", daemon=True)
                          for h in self.replicas]
@@ -318,10 +321,16 @@ class Replicator:
 
     def cut(self, *, final: bool = False) -> Epoch | None:
         """Cut one epoch (see the module docstring); with *final* the guest stays paused. None: the
-        domain does not run here (nothing to cut) or nothing changed (no empty epochs, except a final)."""
+        domain does not run here (nothing to cut) or nothing changed (no empty epochs, except a final).
+
+        The guest is paused only while the dirty list is fetched and the candidate blocks are copied
+        into memory (:meth:`_copy_blocks`): that copy is the epoch, the device at one instant. Hashing,
+        encoding and the log write happen after the guest runs again (:meth:`_entries`); the time paused
+        and the whole cut's are kept in :attr:`last_cut` and logged at debug level."""
         with self.lock:
             if self.frozen:
                 return None
+            started = time.perf_counter()
             with Host(self.uri) as host:
                 try:
                     dom = host.lookup(self.domain)
@@ -330,16 +339,28 @@ class Replicator:
                 if not dom.is_active():
                     return None
                 paused_here = dom.state is RunState.RUNNING
+                suspending_at = time.perf_counter()
                 if paused_here:
                     dom.suspend()
+                paused_at = time.perf_counter()
                 try:
-                    blocks, full = self._changed_blocks(dom)
+                    copies, full = self._copy_blocks(dom)
                 finally:
+                    copied_at = time.perf_counter()
                     if paused_here and not final:
                         dom.resume()
+                    resumed_at = time.perf_counter()
             if final:
                 self.frozen = True
+            blocks = self._entries(copies, full)
+            hashed_at = time.perf_counter()
+            self.last_cut = {"paused_s": round(resumed_at - suspending_at, 6) if paused_here and not final else 0.0,
+                             "suspend_s": round(paused_at - suspending_at, 6), "copy_s": round(copied_at - paused_at, 6),
+                             "query_s": round(self.query_s, 6),
+                             "resume_s": round(resumed_at - copied_at, 6), "hash_s": round(hashed_at - resumed_at, 6),
+                             "copied": sum(len(c) for c in copies), "changed": sum(len(b) for b in blocks)}
             if not any(blocks) and not full and not final:
+                self._log_cut(started, None)
                 return None
             self.epoch += 1
             at_ns = time.time_ns()
@@ -351,10 +372,19 @@ class Replicator:
             self.need_full = False if full else self.need_full
             self._truncate()
             self.new_epoch.notify_all()
+            self._log_cut(started, self.epoch)
             return self.logs[0].epochs[-1]
 
-    def _changed_blocks(self, dom: Domain) -> tuple[list[list[Entry]], bool]:
-        """(entries per device, full) for the next epoch; the guest is paused."""
+    def _log_cut(self, started: float, epoch: int | None) -> None:
+        self.last_cut["total_s"] = round(time.perf_counter() - started, 6)
+        log.debug("replication of %s: cut %s: %s", self.domain, epoch if epoch is not None else "(nothing changed)",
+                  " ".join(f"{k}={v}" for k, v in self.last_cut.items()))
+
+    def _copy_blocks(self, dom: Domain) -> tuple[list[list[tuple[int, bytes]]], bool]:
+        """(per device the candidate blocks as (index, bytes), full) for the next epoch: what may have
+        changed since the last cut, copied from the backing. The guest is paused: only the dirty-list
+        query and the reads happen here."""
+        started = time.perf_counter()
         domain_id = dom.id()
         full = self.need_full or domain_id != self.domain_id or any(h is None for h in self.hashes)
         ranges: list[list[tuple[int, int]] | None] = [None] * len(self.devices)
@@ -377,33 +407,40 @@ class Replicator:
             ranges = [power.dirty_ranges(self.dirty_log, rb, d["size"], dirty, domain_id)
                       for rb, d in zip(self.ram_blocks, self.devices)]
             self.dirty_log = {"domain_id": domain_id, "generation": dirty.generation} if dirty is not None else None
-        out: list[list[Entry]] = []
+        self.query_s = time.perf_counter() - started
+        out: list[list[tuple[int, bytes]]] = []
         for index, device in enumerate(self.devices):
             nblocks = device["size"] // BLOCK_SIZE
-            hashes = self.hashes[index]
-            if full or hashes is None:
-                hashes = [b""] * nblocks
-                candidates: Any = range(nblocks)
-            elif ranges[index] is None:
-                candidates = range(nblocks)       # unpatched QEMU or a broken list: every block, by hash
+            if full or self.hashes[index] is None or ranges[index] is None:
+                candidates: Any = range(nblocks)  # a full epoch, an unpatched QEMU or a broken list
             else:
                 candidates = sorted({b for off, n in ranges[index] or []
                                      for b in range(off // BLOCK_SIZE, (off + n - 1) // BLOCK_SIZE + 1)
                                      if b < nblocks})
-            entries = []
             fd = pmem_devices.open_backing(Path(device["backing"]), os.O_RDONLY)
             try:
-                for block in candidates:
-                    data = os.pread(fd, BLOCK_SIZE, block * BLOCK_SIZE)
-                    digest = hashlib.blake2b(data, digest_size=16).digest()
-                    if full or digest != hashes[block]:
-                        hashes[block] = digest
-                        entries.append(rlog.data_entry(0, self.epoch + 1, block * BLOCK_SIZE, data))
+                out.append([(block, os.pread(fd, BLOCK_SIZE, block * BLOCK_SIZE)) for block in candidates])
             finally:
                 os.close(fd)
+        return out, full
+
+    def _entries(self, copies: list[list[tuple[int, bytes]]], full: bool) -> list[list[Entry]]:
+        """The next epoch's entries per device from the blocks :meth:`_copy_blocks` copied: every block
+        of a full epoch, else those whose hash differs from what was shipped (the guest runs again)."""
+        out: list[list[Entry]] = []
+        for index, (device, copied) in enumerate(zip(self.devices, copies)):
+            hashes = self.hashes[index]
+            if full or hashes is None:
+                hashes = [b""] * (device["size"] // BLOCK_SIZE)
+            entries = []
+            for block, data in copied:
+                digest = hashlib.blake2b(data, digest_size=16).digest()
+                if full or digest != hashes[block]:
+                    hashes[block] = digest
+                    entries.append(rlog.data_entry(0, self.epoch + 1, block * BLOCK_SIZE, data))
             self.hashes[index] = hashes
             out.append(entries)
-        return out, full
+        return out
 
     def _truncate(self) -> None:
         """Drop epochs every live replica acknowledged (or, past the size cap, everything but the last)."""
