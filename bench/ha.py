@@ -290,6 +290,9 @@ def run_case(lab: Lab, mode: str, kind: str, run: int, args: argparse.Namespace,
             except OSError:
                 pass
         remove_domain_state(name)
+        if mode == "replicas":  # every lab host's replication log and replica image (they share STATE_DIR)
+            from hvext.ha import replication
+            replication.remove_state(name)
         conn1.close()
         shutil.rmtree(shared, ignore_errors=True)
         if failed:
