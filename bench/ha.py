@@ -56,6 +56,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plot  # noqa: E402  (bench/plot.py, beside this script)
+from migrate import spread  # noqa: E402  (bench/migrate.py's min/median/max column)
 
 from hvext import aio, image, paths  # noqa: E402
 from hvext.agent import records  # noqa: E402
@@ -79,15 +80,6 @@ MODES = {"restart": None, "shared-store": "hvext.ha.shared_store", "replicas": "
 def available_modes() -> list[str]:
     """The protection modes this checkout has (restart only is always there)."""
     return [m for m, module in MODES.items() if module is None or importlib.util.find_spec(module) is not None]
-
-
-def spread(values: list[float], fmt: str = "{:.1f}") -> str:
-    """min/median/max of *values* (one value as itself, none as '-')."""
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return "/".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
 def member_paths(host: LabHost) -> list[str]:
