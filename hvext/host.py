@@ -676,16 +676,6 @@ class Domain:
         with self._errors("saving"):
             self.dom.managedSave(0)
 
-    def managed_save_xml(self) -> str:
-        """The definition inside the managed save image (the one the next start runs)."""
-        with self._errors("reading the managed save image of"):
-            return str(self.dom.managedSaveGetXMLDesc(0))
-
-    def define_managed_save_xml(self, xml: str) -> None:
-        """Replace the definition inside the managed save image (ABI-compatible changes only)."""
-        with self._errors("updating the managed save image of"):
-            self.dom.managedSaveDefineXML(xml, 0)
-
     def remove_managed_save(self) -> None:
         with self._errors("removing the managed save image of"):
             self.dom.managedSaveRemove(0)

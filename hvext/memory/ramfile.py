@@ -36,14 +36,23 @@ Stable API for the other capabilities (C17 failover, C18 recovery, C19 mirroring
   creates or checks the file before a start;
 * :func:`usage` -> :class:`Usage`, the VM's memory counted once;
 * :func:`save_to_ram` / :func:`saved_to_ram` / :func:`start` -> C7
-  (managed save of the device state only, start on the kept file);
+  (device state only into a private file, QEMU stopped, start on the kept file);
 * :func:`save_device_state` and :func:`start_on_ram_file` -> the primitive
   "start this defined domain on an existing RAM file and a device-state
-  stream" (libvirt's save-image format, written with ``x-ignore-shared``).
+  stream": QEMU's migration stream with ``x-ignore-shared`` (everything but
+  the shared RAM) through an ``fd:`` QEMU gets over hvext's QMP monitor
+  (QEMU 7.2 has no ``file:`` URI); the destination QEMU waits with
+  ``-incoming defer`` and gets the capability over QMP too (7.2 has no
+  ``-global migration.x-ignore-shared``).
+
+Why not libvirt's managed save: its restore sets only the migration
+capabilities libvirt knows before ``migrate-incoming``, and QEMU must have
+x-ignore-shared on the receiving side as well, or the stream is misread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -58,20 +67,15 @@ from lxml import etree
 
 from hvext import aio, paths
 from hvext.domxml import QEMU_NS, libvirt_size
-from hvext.errors import DomainStateError, HostError, QMPError, UsageError
+from hvext.errors import DomainStateError, HostError, UsageError
 from hvext.host import Domain, Host
 from hvext.memory.swap import qemu_pid
 from hvext.pmem import devices
-from hvext.units import KIB, MIB, format_size
+from hvext.units import KIB, MIB
 
 #: The QEMU object id of the RAM backend, which is also its RAM block id (dirty page lists, migration).
 BACKEND_ID = "hvext-ram"
 FILE_PREFIX = "ram."
-#: The argument that makes a QEMU start with the x-ignore-shared migration capability on, so that an
-#: incoming device-state stream leaves the shared RAM alone (QEMU needs it on both sides).
-IGNORE_SHARED_GLOBAL = "migration.x-ignore-shared=on"
-#: Where libvirt 9.0 keeps managed save images (bytes written by a save are read from there).
-LIBVIRT_SAVE_DIR = Path("/var/lib/libvirt/qemu/save")
 
 log = logging.getLogger(__name__)
 
@@ -285,5 +289,346 @@ def check_file(ram: RamFile) -> None:
         raise UsageError(f"the RAM file {ram.path} has {size} bytes, the guest's RAM is {ram.size}")
 
 
-__all__ = ["BACKEND_ID", "RamFile", "add_to_definition", "allocated", "backend_arg", "block_id", "check_file",
-           "convert", "empty", "of", "parse", "prepare", "ram_path", "require"]
+# -- accounting: a VM's memory counted once -------------------------------------------------
+
+@dataclass(frozen=True)
+class Usage:
+    """Host memory of a domain: QEMU's own (RSS without shared-memory pages) plus what its RAM file holds.
+
+    QEMU's RSS includes the RAM file's pages it has touched (``RssShmem``), and
+    the file holds them whether QEMU runs or not: adding RSS and the file
+    would count a running guest twice, RSS alone would miss a suspended one
+    (no QEMU) and a resuming one (QEMU has not touched its RAM yet).
+    """
+
+    state: str  # "running", "saved to RAM", or libvirt's state of an inactive domain
+    private: int  # bytes
+    file: int  # bytes
+
+    @property
+    def total(self) -> int:
+        return self.private + self.file
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "private": self.private, "file": self.file, "total": self.total}
+
+
+def process_private(pid: int) -> int:
+    """Resident bytes of process *pid* that are not shared memory (``VmRSS - RssShmem`` of /proc/PID/status)."""
+    values: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                fields = rest.split()
+                if key in ("VmRSS", "RssShmem") and len(fields) == 2 and fields[1] == "kB":
+                    values[key] = int(fields[0]) * KIB
+    except OSError as err:
+        raise DomainStateError(f"process {pid} vanished: {err}") from err
+    return max(0, values.get("VmRSS", 0) - values.get("RssShmem", 0))
+
+
+def usage(domain: Domain) -> Usage:
+    """*domain*'s host memory counted once, running, saved to RAM or off (see :class:`Usage`)."""
+    if domain.is_active():
+        ram = of(domain)
+        pid = qemu_pid(domain.name)
+        if ram is None:
+            return Usage("running", _rss(pid), 0)
+        return Usage("running", process_private(pid), allocated(ram.path))
+    ram = parse(domain.xml(inactive=True))
+    if saved_to_ram(domain):
+        return Usage(SAVED_STATE, 0, allocated(ram.path) if ram else 0)
+    return Usage(domain.state.value, 0, allocated(ram.path) if ram else 0)
+
+
+def _rss(pid: int) -> int:
+    from hvext.memory.swap import process_memory
+    return process_memory(pid)["rss"]
+
+
+# -- C7: suspend to RAM (device state only) and resume -------------------------------------
+
+SAVED_STATE = "saved to RAM"
+STATE_FD = "hvext-state"
+MIGRATION_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    seconds: float
+    state_bytes: int  # bytes written: the device-state file
+    ram_bytes: int  # guest RAM kept in the host's memory (the RAM file's pages)
+    ram: RamFile
+    state_file: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "state_bytes": self.state_bytes, "ram_bytes": self.ram_bytes,
+                "ram_file": self.ram.to_dict(), "state_file": str(self.state_file)}
+
+
+def state_path(name: str, host_id: str) -> Path:
+    """The private device-state file of a domain saved to RAM on host *host_id* (root's, 0600, in its state dir)."""
+    ram_path(name, host_id)  # the same checks of the name and host id
+    return paths.domain_dir(name) / f"ram-state.{host_id}"
+
+
+def _with_args(xml: str, values: tuple[str, ...]) -> str:
+    root = etree.fromstring(xml.encode())
+    commandline = root.find(f"{{{QEMU_NS}}}commandline")
+    if commandline is None:
+        commandline = etree.SubElement(root, f"{{{QEMU_NS}}}commandline")
+    for value in values:
+        etree.SubElement(commandline, f"{{{QEMU_NS}}}arg", value=value)
+    return etree.tostring(root, encoding="unicode")
+
+
+INCOMING_ARGS = ("-incoming", "defer")
+
+
+def with_incoming(xml: str) -> str:
+    """*xml* with QEMU waiting for an incoming device-state stream (``-incoming defer``; pure).
+
+    In that state QEMU does not copy ROM images into guest RAM at reset: the
+    RAM file is left exactly as the saved guest left it.
+    """
+    return _with_args(xml, INCOMING_ARGS)
+
+
+async def _migration_done(qmp: Any, what: str) -> None:
+    deadline = time.monotonic() + MIGRATION_TIMEOUT_S
+    while True:
+        reply = await qmp.execute("query-migrate")
+        status = reply.get("status") if isinstance(reply, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled") or not isinstance(status, str):
+            error = reply.get("error-desc") if isinstance(reply, dict) else None
+            raise HostError(f"{what} failed: QEMU reports {str(status)[:40]!r}"
+                            + (f" ({str(error)[:200]})" if error else ""))
+        if time.monotonic() > deadline:
+            raise HostError(f"{what} did not finish within {MIGRATION_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.05)
+
+
+async def _capability(qmp: Any, on: bool) -> None:
+    await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+
+
+async def _send_state(domain: Domain, fd: int) -> None:
+    """Stream the device state (x-ignore-shared: no shared RAM) into *fd*; QEMU ends paused."""
+    async with domain.qmp() as qmp:
+        if not hasattr(qmp, "pass_fd"):
+            raise UsageError(f"domain {domain.name!r} has no hvext QMP monitor: it cannot be saved to RAM")
+        await _capability(qmp, True)
+        try:
+            await qmp.pass_fd(STATE_FD, fd)
+            await qmp.execute("migrate", {"uri": f"fd:{STATE_FD}"})
+            await _migration_done(qmp, "saving the device state")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await qmp.execute("migrate_cancel")
+            with contextlib.suppress(Exception):
+                await _capability(qmp, False)
+            raise
+
+
+async def _receive_state(domain: Domain, fd: int) -> None:
+    """Load the device state from *fd* into the QEMU waiting with ``-incoming defer``; x-ignore-shared off after."""
+    async with domain.qmp() as qmp:
+        if not hasattr(qmp, "pass_fd"):
+            raise UsageError(f"domain {domain.name!r} has no hvext QMP monitor: it cannot resume from RAM")
+        await _capability(qmp, True)
+        await qmp.pass_fd(STATE_FD, fd)
+        await qmp.execute("migrate-incoming", {"uri": f"fd:{STATE_FD}"})
+        await _migration_done(qmp, "loading the device state")
+        await _capability(qmp, False)  # a later save or live migration must send the RAM
+
+
+def save_device_state(domain: Domain, target: Path) -> SaveResult:
+    """Save only the device state of the running RAM-file *domain* into *target* and stop QEMU.
+
+    The primitive under ``managedsave --to-ram`` (and C17/C18 later): QEMU's
+    x-ignore-shared migration capability sends everything but the shared RAM
+    into a file hvext opened (root's, 0600, written under a temporary name
+    and renamed when complete); QEMU then stops and the RAM stays in its file,
+    handed to root so that nothing but hvext's resume starts a QEMU on it (a
+    plain ``virsh start`` would boot over the saved memory). A failure leaves
+    the guest running and no file.
+    """
+    domain.require_running()
+    ram = require(domain)
+    check_file(ram)
+    was_paused = domain.state_and_reason()[0].value == "paused"
+    target = Path(os.path.abspath(target))
+    partial = target.with_name(f".{target.name}.part")
+    started = time.monotonic()
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid() or not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{partial} is not a file of hvext's")
+        os.fchmod(fd, 0o600)
+        aio.run(_send_state(domain, fd))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        with contextlib.suppress(Exception):
+            if domain.is_active() and not was_paused:
+                domain.resume()
+        raise
+    os.close(fd)
+    try:
+        _own_ram_file(ram, (0, 0))
+        domain.destroy()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _own_ram_file(ram, domain.host.qemu_user())
+            if domain.is_active():
+                domain.resume()
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
+    os.replace(partial, target)
+    _fsync_dir(target.parent)
+    return SaveResult(time.monotonic() - started, os.stat(target).st_size, allocated(ram.path), ram, target)
+
+
+def _own_ram_file(ram: RamFile, owner: tuple[int, int]) -> None:
+    fd = devices.open_backing(ram.path, os.O_RDONLY)
+    try:
+        os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_to_ram(domain: Domain) -> SaveResult:
+    """``hvext managedsave DOMAIN --to-ram``: device state to the domain's private state file, QEMU stopped,
+    guest RAM kept in its file; ``hvext start`` resumes it."""
+    if not domain.is_persistent():
+        raise UsageError(f"domain {domain.name!r} is transient: it would be gone once saved")
+    return save_device_state(domain, state_path(domain.name, domain.host.host_id))
+
+
+def saved_to_ram(domain: Domain) -> bool:
+    """Whether *domain* is off with its device state saved and its RAM kept (``hvext start`` resumes it)."""
+    if domain.is_active():
+        return False
+    return os.path.lexists(state_path(domain.name, domain.host.host_id))
+
+
+def state(domain: Domain) -> str:
+    """The state ``list``/``dominfo`` show: libvirt's, or "saved to RAM"."""
+    current = domain.state.value
+    if current == "shut off" and saved_to_ram(domain):
+        return SAVED_STATE
+    return current
+
+
+def check_resumable(ram: RamFile, name: str) -> None:
+    """UsageError unless the kept RAM file can be resumed (exists, its size, holds pages)."""
+    try:
+        check_file(ram)
+        if allocated(ram.path) == 0:
+            raise UsageError(f"the RAM file {ram.path} is empty (its memory was given back)")
+    except UsageError as err:
+        raise UsageError(f"cannot resume {name!r} from RAM: {err}. The device state is kept; `hvext managedsave-"
+                         f"remove {name}` discards it for a cold boot") from err
+
+
+def start_on_ram_file(domain: Domain, state_file: Path, *, paused: bool = False) -> None:
+    """Start the defined, shut-off RAM-file *domain* on its existing RAM file and the device state in
+    *state_file* (written by :func:`save_device_state`, here or by a peer).
+
+    The RAM file is checked first (missing, resized or emptied: UsageError,
+    nothing started). QEMU starts paused waiting for the stream (``-incoming
+    defer`` for this one start: the persistent definition is put back at
+    once), loads it, and runs unless *paused*. Any failure destroys the
+    half-started QEMU; *state_file* and the RAM file are kept either way.
+    """
+    if domain.is_active():
+        raise DomainStateError(f"domain {domain.name!r} is already running")
+    definition = domain.xml(inactive=True)
+    ram = parse(definition)
+    if ram is None:
+        raise UsageError(f"domain {domain.name!r} does not keep its RAM in a file")
+    check_resumable(ram, domain.name)
+    fd = os.open(state_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_uid != os.geteuid():
+            raise UsageError(f"device state {state_file} is not a file of hvext's")
+        _own_ram_file(ram, domain.host.qemu_user())
+        domain.redefine(with_incoming(definition))
+        try:
+            domain.start(paused=True)
+        finally:
+            domain.redefine(definition)
+        try:
+            aio.run(_receive_state(domain, fd))
+            if not paused:
+                domain.resume()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                domain.destroy()
+            raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if not domain.is_active():
+                _own_ram_file(ram, (0, 0))
+        raise
+    finally:
+        os.close(fd)
+
+
+def start(domain: Domain, *, paused: bool = False) -> str:
+    """Start *domain* as ``virsh start`` does, RAM-file aware; returns "resumed from RAM" or "booted".
+
+    Saved to RAM: resumed from its RAM file and device state, which is then
+    removed. A cold boot of a RAM-file domain starts on an emptied file.
+    """
+    if domain.is_active():
+        raise DomainStateError(f"domain {domain.name!r} is already running")
+    if saved_to_ram(domain):
+        target = state_path(domain.name, domain.host.host_id)
+        start_on_ram_file(domain, target, paused=paused)
+        target.unlink()
+        return "resumed from RAM"
+    if parse(domain.xml(inactive=True)) is not None:
+        prepare(domain, fresh=True)
+    domain.start(paused=paused)
+    return "booted"
+
+
+def discard(domain: Domain) -> bool:
+    """Drop a saved-to-RAM domain's device state and give its RAM back (``managedsave-remove``); whether it had one."""
+    if not saved_to_ram(domain):
+        return False
+    state_path(domain.name, domain.host.host_id).unlink()
+    release(domain)
+    return True
+
+
+def release(domain: Domain) -> bool:
+    """Give a stopped RAM-file domain's memory back to the host (not when saved to RAM); whether it did."""
+    if domain.is_active() or saved_to_ram(domain):
+        return False
+    ram = parse(domain.xml(inactive=True))
+    if ram is None or allocated(ram.path) == 0:
+        return False
+    empty(ram)
+    return True
+
+
+__all__ = ["BACKEND_ID", "SAVED_STATE", "RamFile", "SaveResult", "Usage", "add_to_definition", "allocated",
+           "backend_arg", "block_id", "check_file", "check_resumable", "convert", "discard", "empty", "of", "parse", "prepare",
+           "ram_path", "release", "require", "save_device_state", "save_to_ram", "saved_to_ram", "start",
+           "start_on_ram_file", "state", "state_path", "usage", "with_incoming"]
