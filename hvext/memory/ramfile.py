@@ -243,6 +243,29 @@ def _prepare_file(host: Host, name: str, ram: RamFile) -> bool:
     return devices.prepare_backing(ram.path, ram.size, owner=(uid, gid), allowed_uids=(uid,))
 
 
+def prepare_on(host: Host, name: str, ram: RamFile) -> bool:
+    """Create (or check) domain *name*'s RAM file *ram* for a QEMU on *host* (e.g. a migration's destination);
+    whether it was created."""
+    return _prepare_file(host, name, ram)
+
+
+def moved(ram: RamFile, name: str, host_id: str) -> RamFile:
+    """The same guest RAM on the host *host_id*: that host's file (a migration or failover target)."""
+    return RamFile(ram_path(name, host_id), ram.size, ram.block_id)
+
+
+def remove(ram: RamFile) -> None:
+    """Remove a RAM file (never through a link); a missing one is fine."""
+    try:
+        fd = devices.open_backing(ram.path, os.O_RDONLY)
+    except UsageError:
+        return
+    try:
+        devices._unlink_if_same(ram.path, fd)
+    finally:
+        os.close(fd)
+
+
 def prepare(domain: Domain, *, fresh: bool) -> RamFile:
     """Create or check the RAM file of the (off) *domain* before a start.
 
@@ -629,6 +652,6 @@ def release(domain: Domain) -> bool:
 
 
 __all__ = ["BACKEND_ID", "SAVED_STATE", "RamFile", "SaveResult", "Usage", "add_to_definition", "allocated",
-           "backend_arg", "block_id", "check_file", "check_resumable", "convert", "discard", "empty", "of", "parse", "prepare",
+           "backend_arg", "block_id", "check_file", "check_resumable", "convert", "discard", "moved", "prepare_on", "remove", "empty", "of", "parse", "prepare",
            "ram_path", "release", "require", "save_device_state", "save_to_ram", "saved_to_ram", "start",
            "start_on_ram_file", "state", "state_path", "usage", "with_incoming"]
