@@ -19,6 +19,7 @@ import time
 import pytest
 
 from hvext import aio
+from hvext.daemon import metrics
 from hvext.memory import demand, ramfile
 from hvext.memory.host import meminfo
 from tests.vm.helpers import cli, cli_json
@@ -80,6 +81,8 @@ def test_suspend_to_ram_and_resume(vm_factory, host, capsys: pytest.CaptureFixtu
     running = assert_counted_once(host, domain, shmem_before, "running")
     assert running.file >= FILL_MIB * MIB
     assert running.total < rss + running.file - FILL_MIB * MIB  # not RSS + file
+    sample = metrics.read_libvirt(domain)  # hvextd's figures: QEMU's own memory and the file, apart
+    assert abs(sample.ram_file - running.file) < 8 * MIB and sample.qemu_rss < rss - FILL_MIB * MIB, sample
 
     saved = cli_json(capsys, "managedsave", domain.name, "--to-ram")
     assert saved["to_ram"] and saved["ram_bytes"] >= FILL_MIB * MIB
