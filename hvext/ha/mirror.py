@@ -93,7 +93,7 @@ class Record:
     covered: list[list[int]]
     interval_ms: int
     target: str
-    target_inode: int
+    target_token: str
     page_size: int = policy.PAGE_SIZE
     mark: dict[str, int] | None = None
     state: str = "active"  # "active" or "stopped"
@@ -253,9 +253,9 @@ def start(host: Host, name: str, ranges: list[tuple[int, int]], interval_ms: int
                                    "--stop` first)")
         target_path = directory / f"{uuid}.ram"
         target_path.unlink(missing_ok=True)  # a copy without a record is a leftover of a crashed start
-        target, inode = ramsync.LocalFileTarget.create(target_path, source.ram_bytes)
+        target, token = ramsync.LocalFileTarget.create(target_path, source.ram_bytes)
         try:
-            record = aio.run(_start(domain, source, ranges, interval_ms, target, inode))
+            record = aio.run(_start(domain, source, ranges, interval_ms, target, token))
         except BaseException:
             target.close()
             target_path.unlink(missing_ok=True)
@@ -266,7 +266,7 @@ def start(host: Host, name: str, ranges: list[tuple[int, int]], interval_ms: int
 
 
 async def _start(domain: Domain, source: RamSource, ranges: list[tuple[int, int]], interval_ms: int,
-                 target: ramsync.LocalFileTarget, inode: int) -> Record:
+                 target: ramsync.LocalFileTarget, token: str) -> Record:
     async with domain.qmp() as qmp:
         layout = await query_layout(qmp, _machine(domain), source.ram_bytes)
         covered = policy.covered_pages(layout, ranges)
@@ -280,7 +280,7 @@ async def _start(domain: Domain, source: RamSource, ranges: list[tuple[int, int]
         try:
             record = Record(domain.name, domain.uuid(), str(source.path), source.block, source.ram_bytes,
                             layout.below_4g, [list(r) for r in ranges], [list(r) for r in covered], interval_ms,
-                            str(target.path), inode, started_at=time.time())
+                            str(target.path), token, started_at=time.time())
             dirty, _ = await _fetch(qmp, record)
             fd = ramsync.open_source(source.path, source.ram_bytes)
             try:
@@ -347,45 +347,62 @@ def _stopped(record: Record, reason: str) -> MirrorStopped:
 
 async def sync_record(host: Host, uuid: str, *, wait: float | None = LOCK_WAIT_S) -> dict[str, Any]:
     """One sync of mirror *uuid*: the next dirty list's mirrored pages copied. A stopped domain or a missing
-    copy stops the mirror (:class:`MirrorStopped`; the status says why) instead of failing at every round."""
-    with _locked(uuid, wait):
-        record = _load(uuid)
-        if record is None:
-            raise MirrorError(f"no mirror {uuid}")
-        if record.state != "active":
-            raise MirrorStopped(f"mirror of {record.domain!r} is stopped: {record.error}")
-        try:
-            domain = await asyncio.to_thread(host.lookup, record.uuid)
-            domain_id = await asyncio.to_thread(domain.id)
-        except DomainNotFound:
-            raise _stopped(record, "the domain is gone") from None
-        if domain_id is None:
-            raise _stopped(record, "the domain is not running")
-        try:
-            target = ramsync.LocalFileTarget.open(Path(record.target), record.target_inode, record.ram_bytes)
-        except ramsync.MirrorTargetError as err:
-            raise _stopped(record, str(err)) from err
-        try:
-            async with domain.qmp() as qmp:
-                dirty, restarted = await _fetch(qmp, record)
-            plan = policy.plan_sync(record.covered_runs, record.log_mark, domain_id, dirty.generation,
-                                    _runs(dirty, record.block))
-            fd = ramsync.open_source(Path(record.source), record.ram_bytes)
-            try:
-                result = await asyncio.to_thread(ramsync.copy_runs, fd, plan.runs, record.page_size, target)
-            finally:
-                os.close(fd)
-        except (QMPError, ramsync.RamSourceError) as err:
-            if await asyncio.to_thread(domain.id) != domain_id:
-                raise _stopped(record, f"the domain stopped during a sync ({err})") from err
-            raise
-        except ramsync.MirrorTargetError as err:
-            raise _stopped(record, str(err)) from err
-        finally:
-            target.close()
-        _account(record, plan, result, domain_id, dirty.generation)
-        _save(record)
-        return record.status()
+    copy stops the mirror (:class:`MirrorStopped`; the status says why) instead of failing at every round.
+    Blocking work (lock, files, libvirt) runs in threads: hvextd calls this on its shared loop."""
+    lock = mirror_dir() / f"{uuid}.lock"
+    try:
+        lock_fd = await asyncio.to_thread(durable.lock_file, lock, wait=wait)
+    except BlockingIOError:
+        raise MirrorError("another sync or repair of this mirror is in progress") from None
+    try:
+        return await _sync_locked(host, uuid)
+    finally:
+        os.close(lock_fd)
+
+
+async def _sync_locked(host: Host, uuid: str) -> dict[str, Any]:
+    record = await asyncio.to_thread(_load, uuid)
+    if record is None:
+        raise MirrorError(f"no mirror {uuid}")
+    if record.state != "active":
+        raise MirrorStopped(f"mirror of {record.domain!r} is stopped: {record.error}")
+    try:
+        domain = await asyncio.to_thread(host.lookup, record.uuid)
+        domain_id = await asyncio.to_thread(domain.id)
+    except DomainNotFound:
+        raise await asyncio.to_thread(_stopped, record, "the domain is gone") from None
+    if domain_id is None:
+        raise await asyncio.to_thread(_stopped, record, "the domain is not running")
+    try:
+        target = await asyncio.to_thread(ramsync.LocalFileTarget.open, Path(record.target), record.target_token,
+                                         record.ram_bytes)
+    except ramsync.MirrorTargetError as err:
+        raise await asyncio.to_thread(_stopped, record, str(err)) from err
+    try:
+        async with domain.qmp() as qmp:
+            dirty, _ = await _fetch(qmp, record)
+        plan = policy.plan_sync(record.covered_runs, record.log_mark, domain_id, dirty.generation,
+                                _runs(dirty, record.block))
+        result = await asyncio.to_thread(_copy_from_source, record, plan.runs, target)
+    except (QMPError, ramsync.RamSourceError) as err:
+        if await asyncio.to_thread(domain.id) != domain_id:
+            raise await asyncio.to_thread(_stopped, record, f"the domain stopped during a sync ({err})") from err
+        raise
+    except ramsync.MirrorTargetError as err:
+        raise await asyncio.to_thread(_stopped, record, str(err)) from err
+    finally:
+        target.close()
+    _account(record, plan, result, domain_id, dirty.generation)
+    await asyncio.to_thread(_save, record)
+    return record.status()
+
+
+def _copy_from_source(record: Record, runs: policy.Runs, target: ramsync.Target) -> ramsync.CopyResult:
+    fd = ramsync.open_source(Path(record.source), record.ram_bytes)
+    try:
+        return ramsync.copy_runs(fd, runs, record.page_size, target)
+    finally:
+        os.close(fd)
 
 
 def sync(host: Host, name: str) -> dict[str, Any]:
@@ -434,7 +451,7 @@ async def _inject(domain: Domain, uuid: str, gpa: int, page: int, readable: bool
         if domain_id is None:
             raise DomainStateError(f"domain {domain.name!r} is not running")
         offset = page * record.page_size
-        target = ramsync.LocalFileTarget.open(Path(record.target), record.target_inode, record.ram_bytes)
+        target = ramsync.LocalFileTarget.open(Path(record.target), record.target_token, record.ram_bytes)
         fd = ramsync.open_source(Path(record.source), record.ram_bytes, writable=True)
         events: list[str] = []
         state = {"destroyed": False, "restored": False}

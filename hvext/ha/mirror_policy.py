@@ -99,7 +99,10 @@ def parse_range(text: str) -> tuple[int, int]:
     if not match:
         raise MirrorUsageError(f"invalid range {str(text)[:100]!r}: use GPA:LEN, e.g. 0x100000:64M")
     gpa = int(match.group(1), 0)
-    length = parse_size(match.group(2))
+    try:
+        length = parse_size(match.group(2))
+    except UsageError as err:
+        raise MirrorUsageError(f"invalid range {text!r}: {err}") from None
     if length <= 0:
         raise MirrorUsageError(f"invalid range {text!r}: the length must be positive")
     return gpa, length

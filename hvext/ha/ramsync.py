@@ -49,33 +49,41 @@ def _check_private_file(fd: int, path: Path) -> os.stat_result:
     return st
 
 
+#: Bytes after the copied RAM holding the copy's random identity (an inode number is reused at once).
+TRAILER = 4096
+TOKEN_BYTES = 16
+
+
 class LocalFileTarget:
-    """A mirror copy in a private file of the RAM file's size; its inode is checked on every open so a
-    removed or replaced copy is noticed (:class:`MirrorTargetError`), never silently recreated."""
+    """A mirror copy in a private file: the RAM file's size, then a trailer with a random token checked on
+    every open, so a removed or replaced copy is noticed (:class:`MirrorTargetError`), never silently
+    recreated or written into."""
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self.fd = fd
 
     @classmethod
-    def create(cls, path: Path, size: int) -> tuple[LocalFileTarget, int]:
-        """A new, empty (sparse) copy of *size* bytes at *path*; (target, its inode)."""
+    def create(cls, path: Path, size: int) -> tuple[LocalFileTarget, str]:
+        """A new, empty (sparse) copy of *size* bytes at *path*; (target, its token)."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise MirrorTargetError(f"cannot create the mirror copy {path}: {err.strerror}") from err
         try:
             os.fchmod(fd, 0o600)
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, size + TRAILER)
+            token = os.urandom(TOKEN_BYTES)
+            os.pwrite(fd, token, size)
         except OSError as err:
             os.close(fd)
             os.unlink(path)
             raise MirrorTargetError(f"cannot size the mirror copy {path}: {err.strerror}") from err
-        return cls(path, fd), os.fstat(fd).st_ino
+        return cls(path, fd), token.hex()
 
     @classmethod
-    def open(cls, path: Path, inode: int, size: int) -> LocalFileTarget:
-        """The existing copy at *path*, refused unless it is the file (inode) the mirror made, of *size* bytes."""
+    def open(cls, path: Path, token: str, size: int) -> LocalFileTarget:
+        """The existing copy at *path*, refused unless it is the file (token) the mirror made, of *size* bytes."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -85,9 +93,12 @@ class LocalFileTarget:
             raise MirrorTargetError(f"cannot open the mirror copy {path}: {err.strerror}") from err
         try:
             st = _check_private_file(fd, path)
-            if st.st_ino != inode or st.st_size != size:
-                raise MirrorTargetError(f"{path} is not the mirror copy hvext made (inode or size changed): "
+            if st.st_size != size + TRAILER or os.pread(fd, TOKEN_BYTES, size).hex() != token:
+                raise MirrorTargetError(f"{path} is not the mirror copy hvext made (replaced or resized): "
                                         "mirroring stopped")
+        except OSError as err:
+            os.close(fd)
+            raise MirrorTargetError(f"cannot read the mirror copy {path}: {err.strerror}") from err
         except BaseException:
             os.close(fd)
             raise
