@@ -2,9 +2,11 @@
 guest-physical ranges) on this host, kept in sync from the patched QEMU's dirty page lists, and the repair
 of a page with an uncorrectable memory error from that copy.
 
-The guest's RAM must be a file the host can read (``share=on``): a C6 swap-file domain
-(``hvext define --swap-file``: libvirt's ``memory_backing_dir/<id>-<name>/ram-node0``). Its RAM block
-(the dirty list's block of the same name and size) maps page for page onto that file.
+The guest's RAM must be a file the host can read (``share=on``): a RAM-file domain's
+(:mod:`hvext.memory.ramfile`: ``/dev/shm/hvext/<domain>/ram.<host id>``, block ``hvext-ram``) or a C6
+swap-file domain's (``hvext define --swap-file``: libvirt's ``memory_backing_dir/<id>-<name>/ram-node0``,
+block ``ram-node0``). The RAM block (checked in every dirty list: that id, that size) maps page for page
+onto the file.
 
 State, per mirrored domain (by UUID) in ``STATE_DIR/mirror`` (0700): ``<uuid>.json`` (what is mirrored,
 the last dirty-log query consumed, statistics), ``<uuid>.ram`` (the copy: private, sparse, RAM-sized, pages
@@ -44,7 +46,7 @@ from hvext.ha import mirror_policy as policy
 from hvext.ha import ramsync
 from hvext.ha.mirror_policy import Layout, LogMark, MirrorUsageError
 from hvext.host import Domain, Host, RunState
-from hvext.memory import balloon, swapfile
+from hvext.memory import balloon, ramfile, swapfile
 from hvext.qmp import QMPSession
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,18 @@ class RamSource:
 
 
 def ram_source(domain: Domain) -> RamSource:
-    """The RAM file of a running domain whose guest RAM is a shared file (C6 swap-file domains)."""
-    path = swapfile.domain_file(domain)
+    """The RAM file of a running domain whose guest RAM is a shared file: a RAM-file domain's
+    (:mod:`hvext.memory.ramfile`, ``/dev/shm/hvext/...``) or a C6 swap-file domain's (libvirt's
+    ``memory_backing_dir``, block named after the file, ``ram-node0``). DomainStateError for any other."""
+    domain.require_running()
+    ram = ramfile.of(domain)
+    if ram is not None:
+        return RamSource(ram.path, ram.block_id, ram.size)
+    try:
+        path = swapfile.domain_file(domain)
+    except DomainStateError:
+        raise DomainStateError(f"the guest RAM of {domain.name!r} is not in a file the host can read: define it "
+                               "with a RAM file (hvext.memory.ramfile) or --swap-file to mirror it") from None
     return RamSource(path, path.name, balloon.boot_memory(domain))
 
 

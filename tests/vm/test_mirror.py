@@ -242,3 +242,34 @@ def test_mirror_failures_are_clear_and_leave_nothing_half_done(vm_factory, mirro
     assert row["state"] == "stopped" and "domain" in row["error"], row
     assert cli(capsys, "ha", "mirror", domain.name, "--stop")[0] == 0
     assert not list(mirror_dir.iterdir()) or all(p.suffix == ".lock" for p in mirror_dir.iterdir())
+
+
+def test_mirror_of_a_ram_file_domain(vm_factory, mirror_dir: Path, capsys) -> None:
+    """The same repair on a guest whose RAM is hvext's RAM file (/dev/shm/hvext, block hvext-ram)."""
+    from hvext.memory import ramfile
+    domain = vm_factory.define(memory_mib=512)
+    ram = ramfile.convert(domain)
+    try:
+        vm_factory.boot(domain)
+        assert mirror.ram_source(domain) == mirror.RamSource(ram.path, "hvext-ram", 512 << 20)
+        state = start_program(domain)
+        started = cli_json(capsys, "ha", "mirror", domain.name, "--interval", "60000")
+        assert started["block"] == "hvext-ram" and started["source"] == str(ram.path)
+        assert started["last_pages"] == (512 << 20) // PAGE
+        report = cli_json(capsys, "ha", "inject-memory-error", domain.name, "--gpa", hex(state["gpas"][10]))
+        assert report["exact"] and report["resumed"], report
+        assert ask(domain, "sum", 1)["now"] == state["sha"]
+        state = ask(domain, "write 11", 2)
+        report = cli_json(capsys, "ha", "inject-memory-error", domain.name, "--gpa", hex(state["gpas"][11]),
+                          "--readable")
+        assert report["exact"] and report["dirty_since_sync"], report
+        assert ask(domain, "sum", 3)["now"] == state["sha"]
+        assert cli(capsys, "ha", "mirror", domain.name, "--stop")[0] == 0
+    finally:
+        if domain.is_active():
+            domain.destroy()
+        ram.path.unlink(missing_ok=True)
+        try:
+            ram.path.parent.rmdir()
+        except OSError:
+            pass
