@@ -26,7 +26,9 @@ import json
 import os
 import statistics
 import sys
+import resource
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plot  # noqa: E402  (bench/plot.py, beside this script)
 from migrate import spread  # noqa: E402  (bench/migrate.py's min/median/max column)
+from hugepages import cpu_seconds  # noqa: E402  (bench/hugepages.py: utime + stime of a process)
 
 from hvext import aio, image  # noqa: E402
 from hvext.daemon import mirror_loop  # noqa: E402
 from hvext.ha import mirror  # noqa: E402
 from hvext.host import Domain, DomainSpec, Host  # noqa: E402
-from hvext.memory import ramfile  # noqa: E402
+from hvext.memory import ramfile, swap  # noqa: E402
 
 CASES = ("none", "1000ms", "100ms")
 INTERVALS = {"1000ms": 1000, "100ms": 100}
@@ -79,8 +82,16 @@ print(json.dumps({"ops": ops, "seconds": time.monotonic() - measuring}))
 '''
 
 
-def run_workload(domain: Domain, workload: str, wss_mib: int, window: float) -> float:
-    """The guest workload's operations per second over *window* s (after its warm-up)."""
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_workload(domain: Domain, workload: str, wss_mib: int, window: float) -> dict[str, float]:
+    """The guest workload's operations per second over *window* s (after its warm-up); the QEMU process's CPU
+    share (CPU seconds per second, over the whole run) and this process's (the mirror's syncs)."""
+    pid = swap.qemu_pid(domain.name)
+    wall0, qemu0, own0 = time.monotonic(), cpu_seconds(pid), own_cpu()
     async def go() -> Any:
         async with domain.agent(timeout=window + WARMUP_S + 120) as agent:
             return await agent.exec(["python3", "-c", PROGRAM, workload, str(wss_mib), str(window), str(WARMUP_S)],
@@ -88,13 +99,17 @@ def run_workload(domain: Domain, workload: str, wss_mib: int, window: float) -> 
     result = aio.run(go())
     if result.exitcode != 0:
         raise RuntimeError(f"guest workload failed: {result.stderr[-200:]}")
+    wall = time.monotonic() - wall0
+    qemu_share, own_share = (cpu_seconds(pid) - qemu0) / wall, (own_cpu() - own0) / wall
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    return out["ops"] / out["seconds"]
+    ops_s = out["ops"] / out["seconds"]
+    return {"ops_s": ops_s, "qemu_cpu": qemu_share, "sync_cpu": own_share,
+            "ops_per_qemu_cpu_s": ops_s / qemu_share if qemu_share else 0.0}
 
 
 def run_case(domain: Domain, case: str, workload: str, wss_mib: int, window: float) -> dict[str, Any]:
     if case == "none":
-        return {"case": case, "workload": workload, "ops_s": run_workload(domain, workload, wss_mib, window)}
+        return {"case": case, "workload": workload} | run_workload(domain, workload, wss_mib, window)
     mirror.start(domain.host, domain.name, [], INTERVALS[case])
     try:
         stopping: asyncio.Event | None = None
@@ -106,7 +121,7 @@ def run_case(domain: Domain, case: str, workload: str, wss_mib: int, window: flo
         task = aio.run(start_loop())
         before = mirror._load(domain.uuid())
         try:
-            ops_s = run_workload(domain, workload, wss_mib, window)
+            measured = run_workload(domain, workload, wss_mib, window)
         finally:
             async def stop_loop() -> None:
                 assert stopping is not None
@@ -119,7 +134,7 @@ def run_case(domain: Domain, case: str, workload: str, wss_mib: int, window: flo
             raise RuntimeError(f"the mirror stopped: {after.error}")
         syncs = after.syncs - before.syncs
         pages = after.pages_copied - before.pages_copied
-        return {"case": case, "workload": workload, "ops_s": ops_s, "syncs": syncs,
+        return {"case": case, "workload": workload, **measured, "syncs": syncs,
                 "pages_per_sync": pages / syncs if syncs else 0.0, "mib_copied_s": pages * 4096 / (1 << 20) / window}
     finally:
         mirror.stop(domain.host, domain.name)
@@ -195,35 +210,39 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
-def ratios(rows: list[dict[str, Any]], workload: str, case: str) -> list[float]:
-    """Per repetition: the mirrored case's throughput / the unmirrored one's (paired, same repetition)."""
-    by = {(r["case"], r["rep"]): r["ops_s"] for r in rows if r["workload"] == workload and "error" not in r}
+def ratios(rows: list[dict[str, Any]], workload: str, case: str, key: str = "ops_s") -> list[float]:
+    """Per repetition: the mirrored case's *key* / the unmirrored one's (paired, same repetition)."""
+    by = {(r["case"], r["rep"]): r[key] for r in rows if r["workload"] == workload and "error" not in r}
     return [by[(case, rep)] / by[("none", rep)] for (c, rep) in by if c == case and by.get(("none", rep))]
 
 
 def report(rows: list[dict[str, Any]], workloads: tuple[str, ...], reps: int, window: float, wss: int) -> None:
     print(f"\nguest 512 MiB (RAM file in /dev/shm), whole RAM mirrored on this host; {reps} x {window:g} s per case, "
           f"order rotated; writes: one byte per page over {wss} MiB; compute: SHA-256 of 1 MiB")
-    print("| workload | case | reps | ops/s min/median/max | ratio to none min/median/max | syncs/s | pages/sync "
-          "| MiB copied/s | goal (1 s: >= 0.85x) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workload | case | reps | ops/s min/median/max | ratio to none min/median/max | ops per QEMU CPU s, "
+          "ratio | QEMU CPU | sync CPU | syncs/s | pages/sync | MiB copied/s | goal (1 s: >= 0.85x) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         for case in CASES:
             good = [r for r in rows if r["workload"] == workload and r["case"] == case and "error" not in r]
             for r in rows:
                 if r["workload"] == workload and r["case"] == case and "error" in r:
-                    print(f"| {workload} | {case} | rep {r['rep']} | error: {r['error']} | | | | | |")
+                    print(f"| {workload} | {case} | rep {r['rep']} | error: {r['error']} | | | | | | | | |")
             if not good:
                 continue
             paired = ratios(rows, workload, case) if case != "none" else [1.0] * len(good)
+            per_cpu = ratios(rows, workload, case, "ops_per_qemu_cpu_s") if case != "none" else [1.0] * len(good)
             goal = "" if case != "1000ms" else ("met" if paired and statistics.median(paired) >= GOAL else "MISSED")
             mirrored = case != "none"
             print(f"| {workload} | {case} | {len(good)} | {spread([r['ops_s'] for r in good], '{:.0f}')} | "
-                  f"{spread(paired, '{:.3f}')}x | "
+                  f"{spread(paired, '{:.3f}')}x | {spread(per_cpu, '{:.3f}')}x | "
+                  f"{spread([r['qemu_cpu'] for r in good], '{:.2f}')} | {spread([r['sync_cpu'] for r in good], '{:.2f}')} | "
                   f"{spread([r['syncs'] / window for r in good], '{:.1f}') if mirrored else '-'} | "
                   f"{spread([r['pages_per_sync'] for r in good], '{:.0f}') if mirrored else '-'} | "
                   f"{spread([r['mib_copied_s'] for r in good], '{:.1f}') if mirrored else '-'} | {goal} |")
-    print("anchor: kMemvisor 0.70x average, 0.45x worst (30% / 55% overhead); goal >= 0.85x at 1 s")
+    print("anchor: kMemvisor 0.70x average, 0.45x worst (30% / 55% overhead); goal >= 0.85x at 1 s (median "
+          "of the paired ratios); CPU columns: CPU seconds per second of the QEMU process and of the mirror's "
+          "syncs (this process) -- on a shared host the ratio per QEMU CPU second is the steadier one")
 
 
 def plot_ratios(directory: Path, rows: list[dict[str, Any]], workloads: tuple[str, ...], wss: int) -> None:

@@ -323,10 +323,17 @@ def _account(record: Record, plan: policy.SyncPlan, result: ramsync.CopyResult, 
 
 def stop(host: Host, name: str) -> dict[str, Any]:
     """Stop mirroring *name*: its dirty log stops (when the QEMU that the mirror started it in still runs),
-    the copy and the record are removed."""
-    domain, record = _record_of(host, name)
+    the copy and the record are removed. A domain undefined meanwhile is found by its record's name."""
+    try:
+        domain: Domain | None
+        domain, record = _record_of(host, name)
+    except DomainNotFound:
+        found = [r for r in records() if name in (r.domain, r.uuid)]
+        if not found:
+            raise
+        domain, record = None, found[0]
     with _locked(record.uuid):
-        if record.mark and domain.id() == record.mark["domain_id"]:
+        if domain is not None and record.mark and domain.id() == record.mark["domain_id"]:
             async def stop_log() -> None:
                 async with domain.qmp() as qmp:
                     try:
@@ -385,6 +392,15 @@ async def _sync_locked(host: Host, uuid: str) -> dict[str, Any]:
         raise await asyncio.to_thread(_stopped, record, "the domain is gone") from None
     if domain_id is None:
         raise await asyncio.to_thread(_stopped, record, "the domain is not running")
+    if record.mark and record.mark["domain_id"] != domain_id:  # a new QEMU: its RAM file may be elsewhere
+        try:
+            source = await asyncio.to_thread(ram_source, domain)
+        except HvextError as err:
+            raise await asyncio.to_thread(_stopped, record, f"the domain restarted: {err}") from err
+        if source.ram_bytes != record.ram_bytes:
+            raise await asyncio.to_thread(_stopped, record, f"the domain restarted with {source.ram_bytes} bytes "
+                                          f"of RAM, not {record.ram_bytes}")
+        record.source, record.block = str(source.path), source.block
     try:
         target = await asyncio.to_thread(ramsync.LocalFileTarget.open, Path(record.target), record.target_token,
                                          record.ram_bytes)

@@ -179,6 +179,14 @@ def test_mirror_repairs_injected_errors_and_says_when_writes_are_lost(vm_factory
     after = mirror._load(domain.uuid())
     assert 5 <= after.syncs - before <= 20 and after.full_syncs == 1 and after.state == "active", after
 
+    # a new QEMU (destroy, start): its RAM file is elsewhere; the next sync finds it and copies everything
+    domain.destroy()
+    vm_factory.boot(domain)
+    synced = cli_json(capsys, "ha", "mirror", domain.name, "--sync")
+    assert synced["source"] == str(swapfile.domain_file(domain)) != str(ram), synced
+    assert "QEMU restarted" in synced["last_reason"] and synced["last_pages"] == (512 << 20) // PAGE
+    assert page_of(copy, 1 << 20) == page_of(swapfile.domain_file(domain), 1 << 20)
+
     stopped = cli_json(capsys, "ha", "mirror", domain.name, "--stop")
     assert stopped["stopped"] and not copy.exists() and not list(mirror_dir.glob("*.json"))
     assert cli(capsys, "ha", "mirror-status", "--json")[1].strip() == "[]"
