@@ -1,0 +1,137 @@
+"""Guest RAM in a file the host keeps (the C7/C17-C19 mechanism) and suspend to RAM (C7) on a real guest.
+
+One guest (boots are slow under TCG): it keeps a counter in RAM (a shell loop
+in the guest's tmpfs /run, and 128 MiB of a pattern in a Python process),
+is saved to RAM with ``hvext managedsave --to-ram`` and resumed with
+``hvext start``: same processes, same boot, the counter goes on. On the way:
+the host's Shmem (/proc/meminfo) against hvext's count of the VM's memory
+running, saved and being resumed (counted once), a start whose RAM file is
+missing (clear error, device state kept, nothing started), and x-ignore-shared
+off again after the resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from hvext import aio
+from hvext.daemon import metrics
+from hvext.memory import demand, ramfile
+from hvext.memory.host import meminfo
+from tests.vm.helpers import cli, cli_json
+from tests.vm.helpers import guest_sh as guest
+
+MIB = 1 << 20
+RAM_MIB = 512
+FILL_MIB = 128
+#: Slack between the change of the host's Shmem and the RAM file's pages: other guests and tests on the
+#: machine use /dev/shm too.
+SLACK = 48 * MIB
+COUNTER = ("i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done "
+           "</dev/null >/dev/null 2>&1 & echo $! > /run/counter.pid")
+FILL = ("python3 -c \"import hashlib,os,time\nb = bytearray(os.urandom(1 << 20)) * %d\n"
+        "open('/run/fill.sum','w').write(hashlib.sha256(b).hexdigest())\n"
+        "while True:\n  time.sleep(1)\n  s = hashlib.sha256(b).hexdigest()\n  open('/run/fill.tmp','w').write(s)\n"
+        "  os.rename('/run/fill.tmp', '/run/fill.now')\" "
+        "</dev/null >/dev/null 2>&1 & echo $! > /run/fill.pid" % FILL_MIB)
+
+
+def snapshot(domain) -> dict[str, str]:
+    out = guest(domain, "cat /proc/sys/kernel/random/boot_id /run/counter.pid /run/fill.pid /run/counter; "
+                        "kill -0 $(cat /run/counter.pid) $(cat /run/fill.pid) && echo alive")["stdout"].split()
+    return {"boot_id": out[0], "counter_pid": out[1], "fill_pid": out[2], "counter": out[3], "alive": out[4]}
+
+
+def assert_counted_once(host, domain, shmem_before: int, state: str) -> ramfile.Usage:
+    """hvext's count (ramfile.usage, and pool-list's figures) against the host's Shmem growth."""
+    used = ramfile.usage(domain)
+    assert used.state == state, used
+    grown = meminfo("Shmem") - shmem_before
+    assert abs(grown - used.file) < SLACK, (grown, used)
+    figures = demand.domain_figures(host, [domain.name])[domain.name]
+    assert figures.state == state
+    assert abs(figures.usage_mib * MIB - used.total) < 8 * MIB, (figures, used)
+    return used
+
+
+def test_suspend_to_ram_and_resume(vm_factory, host, capsys: pytest.CaptureFixture[str]) -> None:
+    domain = vm_factory.define(memory_mib=RAM_MIB)
+    ram = ramfile.convert(domain)
+    assert ram.path == ramfile.ram_path(domain.name, host.host_id) and ram.size == RAM_MIB * MIB
+    st = os.stat(ram.path)
+    assert (st.st_mode & 0o777, st.st_uid) == (0o600, host.qemu_user()[0])
+    assert os.stat(ram.path.parent).st_mode & 0o777 == 0o750  # QEMU cannot create a lost file
+    shmem_before = meminfo("Shmem") - ramfile.allocated(ram.path)
+
+    status, _, err = cli(capsys, "start", domain.name, "--wait-agent", "180")
+    assert status == 0, err
+    guest(domain, COUNTER)
+    guest(domain, FILL)
+    guest(domain, "for i in $(seq 240); do [ -s /run/fill.sum ] && exit 0; sleep 0.5; done; exit 1", timeout=150)
+    before = snapshot(domain)
+    fill_sum = guest(domain, "cat /run/fill.sum")["stdout"]
+
+    # running: QEMU's RSS holds the file's pages; hvext counts them once
+    from hvext.memory import swap
+    rss = swap.process_memory(swap.qemu_pid(domain.name))["rss"]
+    running = assert_counted_once(host, domain, shmem_before, "running")
+    assert running.file >= FILL_MIB * MIB
+    assert running.total < rss + running.file - FILL_MIB * MIB  # not RSS + file
+    sample = metrics.read_libvirt(domain)  # hvextd's figures: QEMU's own memory and the file, apart
+    assert abs(sample.ram_file - running.file) < 8 * MIB and sample.qemu_rss < rss - FILL_MIB * MIB, sample
+
+    saved = cli_json(capsys, "managedsave", domain.name, "--to-ram")
+    assert saved["to_ram"] and saved["ram_bytes"] >= FILL_MIB * MIB
+    assert 0 < saved["state_bytes"] < RAM_MIB * MIB // 20, saved  # device state only
+    state_file = ramfile.state_path(domain.name, host.host_id)
+    assert state_file.exists() and state_file.stat().st_mode & 0o777 == 0o600
+    assert not domain.is_active()
+    rows = {r["name"]: r for r in cli_json(capsys, "list", "--all")}
+    assert rows[domain.name]["state"] == "saved to RAM"
+    info = cli_json(capsys, "dominfo", domain.name)
+    assert info["state"] == "saved to RAM" and info["ram_file"]["block_id"] == "hvext-ram"
+    suspended = assert_counted_once(host, domain, shmem_before, "saved to RAM")
+    assert suspended.private == 0 and suspended.file >= FILL_MIB * MIB
+
+    # a start whose RAM file is gone: a clear error, nothing started, the device state kept
+    aside = ram.path.with_name(ram.path.name + ".aside")
+    os.rename(ram.path, aside)
+    try:
+        status, _, err = cli(capsys, "start", domain.name)
+        assert status == 1 and "cannot resume" in err and "RAM file" in err, err
+        assert not domain.is_active() and state_file.exists()
+    finally:
+        os.rename(aside, ram.path)
+
+    # being resumed: QEMU runs (paused) and has touched little of its RAM; still counted once
+    started = time.monotonic()
+    assert ramfile.start(domain, paused=True) == "resumed from RAM"
+    resume_s = time.monotonic() - started
+    resuming = assert_counted_once(host, domain, shmem_before, "running")
+    assert resuming.file >= FILL_MIB * MIB
+    domain.resume()
+    assert not state_file.exists()
+    caps = json.loads(domain.monitor_command("query-migrate-capabilities",
+                                             json.dumps({"execute": "query-migrate-capabilities"})))["return"]
+    assert {c["capability"]: c["state"] for c in caps}["x-ignore-shared"] is False  # a later save sends RAM
+
+    aio.run(domain.wait_agent(60))
+    guest(domain, "sleep 1.5")
+    after = snapshot(domain)
+    assert after["boot_id"] == before["boot_id"]  # no reboot
+    assert (after["counter_pid"], after["fill_pid"], after["alive"]) == \
+        (before["counter_pid"], before["fill_pid"], "alive")  # same processes
+    assert int(after["counter"]) > int(before["counter"])  # the counter in RAM went on
+    guest(domain, "rm -f /run/fill.now; for i in $(seq 120); do [ -s /run/fill.now ] && exit 0; sleep 0.5; done; "
+                  "exit 1", timeout=90)
+    assert guest(domain, "cat /run/fill.now")["stdout"] == fill_sum  # the 128 MiB pattern intact
+    print(f"resume {resume_s:.2f} s, device state {saved['state_bytes']} bytes, save {saved['seconds']:.2f} s")
+
+    # stopped for good: the RAM file gives its memory back
+    status, _, err = cli(capsys, "destroy", domain.name)
+    assert status == 0, err
+    assert ramfile.allocated(ram.path) == 0
