@@ -16,7 +16,7 @@ from typing import Any
 from hvext.cli import common, watch
 from hvext.cli.cluster import add_paths, layout_from
 from hvext.errors import UsageError
-from hvext.ha import cluster, mirror, mirror_policy, protection, replication, shared_store
+from hvext.ha import cluster, mirror, mirror_policy, protection, replication, shared_store, volatile
 from hvext.units import format_size
 
 
@@ -53,6 +53,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     common.add_json(p)
     p.set_defaults(func=cmd_status)
     register_mirror(sub)
+    register_volatile(sub)
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
@@ -264,4 +265,89 @@ def cmd_inject(args: argparse.Namespace) -> int:
         f"{report['gpa']} (page {report['page']}) of {report['domain']}: {report['action']}; "
         f"guest {'resumed' if report['resumed'] else 'left paused'} after {report['paused_ms']:.1f} ms "
         f"({'; '.join(report['events'])})"))
+    return 0
+
+
+# -- C18: baselines and recovery of dirty data ----------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError("seconds from 0 to 86400")
+    return value
+
+
+def register_volatile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baseline", help="copy a running RAM-file domain's RAM to a directory every host reaches and "
+                                        "keep the list of pages dirtied since (hvextd), for `ha recover`")
+    common.add_domain(p)
+    p.add_argument("--dir", required=False, default=None, metavar="DIR",
+                   help="a private directory (0700) on a file system every host of the cluster reaches")
+    p.add_argument("--host", default=None, metavar="NAME",
+                   help="this host's name in the cluster, as hvextd's [ha] host (default: the short host name)")
+    p.add_argument("--refresh", type=_seconds, default=None, metavar="S",
+                   help=f"seconds between hvextd's dirty-list refreshes (default {volatile.REFRESH_S:g})")
+    p.add_argument("--every", type=_seconds, default=None, metavar="S",
+                   help="hvextd takes a new baseline every S seconds (default 0: only this one)")
+    p.add_argument("--stop", action="store_true", help="stop keeping the dirty pages (the baseline file stays)")
+    common.add_json(p)
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("recover", help="run a domain here from its baseline plus the pages its source host lists "
+                                       "as dirtied since (pulled from the source's hvextd)")
+    common.add_domain(p)
+    p.add_argument("--dir", required=True, metavar="DIR", help="the directory `ha baseline` wrote to")
+    p.add_argument("--peer", default=None, metavar="HOST:PORT",
+                   help="the source's hvextd peer address (default: the one the source registered in the cluster)")
+    p.add_argument("--paused", action="store_true", help="leave the guest paused once its state is loaded")
+    add_paths(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_recover)
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    with common.open_host(args) as host:
+        if args.stop:
+            if args.dir or args.refresh is not None or args.every is not None:
+                raise UsageError("--stop takes no --dir, --refresh or --every")
+            if not volatile.forget(host, args.domain):
+                raise UsageError(f"domain {args.domain!r} has no baseline on this host")
+            result = {"domain": args.domain, "stopped": True}
+        else:
+            if args.dir is None:
+                raise UsageError("--dir DIR is required (a private directory every host reaches)")
+            result = volatile.take_baseline(host, args.domain, args.dir, args.host or cluster.default_name(),
+                                            refresh_s=args.refresh, baseline_s=args.every)
+    if args.stop:
+        common.print_result(args.json, result, lambda: common.literal(
+            f"domain {result['domain']}: dirty pages since its baseline no longer kept"))
+    else:
+        common.print_result(args.json, result, lambda: common.literal(
+            f"baseline {result['epoch']} of {result['domain']}: {format_size(result['ram_bytes'])} in {result['file']} "
+            f"({format_size(result['bytes_written'])} written, {result['seconds']:.2f} s); hvextd adds the dirty pages "
+            f"every {result['refresh_s']:g} s"))
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    layout = layout_from(args)
+    with common.open_host(args) as host:
+        address = args.peer
+        if address is None:
+            meta = volatile.read_meta(args.dir, args.domain)
+            client = cluster.client_for(layout)
+            try:
+                address = volatile.peer_address_of(client, meta["source_host"])
+            finally:
+                client.close()
+        result = volatile.recover(host, args.domain, args.dir, layout.credentials(), address, paused=args.paused)
+    common.print_result(args.json, result, lambda: common.literal(
+        f"domain {result['domain']} runs here from baseline {result['epoch']} plus {result['dirty_pages']} dirty "
+        f"pages pulled from {result['source_host']} ({format_size(result['wire_bytes'])} on the wire for "
+        f"{format_size(result['dirty_bytes'])} dirty: {result['ratio']:.3f}x; device state "
+        f"{format_size(result['state_bytes'])}) in {result['seconds']:.2f} s"))
     return 0
