@@ -541,7 +541,7 @@ def recover(host: Host, name: str, directory: str | os.PathLike[str], creds: Cre
         raise
     return {"domain": name, "epoch": meta["epoch"], "source_host": meta["source_host"], "ram_file": str(ram.path),
             "baseline_bytes_written": filled, **account.to_dict(),
-            "runs": [list(r) for r in runs] if len(runs) <= 4096 else None,
+            "runs": [list(r) for r in runs],
             **{k: round(v, 4) for k, v in timings.items()}, "seconds": round(time.perf_counter() - started, 4)}
 
 
