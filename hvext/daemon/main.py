@@ -43,6 +43,7 @@ from hvext.errors import HvextError, LibvirtUnavailable, UsageError
 from hvext.daemon import config as daemon_config
 from hvext.daemon import ha_loop, metrics, mirror_loop, notify, placement_loop, reclaim_loop, volatile_loop
 from hvext.daemon.config import Config, HAConfig, MetricsConfig, PowerConfig
+from hvext.ha import standby
 from hvext.ha.cluster import default_name as default_host_name
 from hvext.daemon.placement_loop import PlacementConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
@@ -391,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         if power_failing.is_set():
             power_failing.clear()
             power_config = daemon.config.get(PowerConfig)
-            if keeper is not None:  # C16 first: final epochs drained to the replicas while on battery
+            standby.battery(args.uri)  # C17 first: RAM-file guests with a standby copy resume there
+            if keeper is not None:  # C16 then: final epochs drained to the replicas while on battery
                 keeper.replication_battery(power_config.budget if power_config else None)
             report = on_power_loss(args.uri, power_config.budget if power_config else None)
             if keeper is not None and report is not None:  # shared-store domains: to a live host now

@@ -1,4 +1,5 @@
-"""hvextd's baseline loop (C18): keep each baselined domain's dirty set since its baseline current.
+"""hvextd's volatile-state loop: keep each baselined domain's dirty set since its baseline current (C18),
+and each standby copy refreshed (C17, :func:`hvext.ha.standby.sync` every ``--sync-interval``).
 
 ``hvext ha baseline DOMAIN --dir DIR`` registers a domain on this host (state in
 ``STATE_DIR/ha/volatile/<host id>``); the loop reads the states each round, refreshes a domain's dirty
@@ -15,7 +16,7 @@ import logging
 import time
 
 from hvext.errors import HvextError
-from hvext.ha import volatile
+from hvext.ha import standby, volatile
 from hvext.host import Host
 
 log = logging.getLogger("hvextd.volatile")
@@ -37,6 +38,15 @@ def _round(host: Host) -> None:
             log.warning("baseline of %s: %s failed: %s", state.domain, action, err)
         except Exception:
             log.exception("baseline of %s: %s failed unexpectedly", state.domain, action)
+    for record in standby.records(host.host_id):
+        if not standby.due(record, time.time()):
+            continue
+        try:
+            standby.sync(host, record.domain, wait=0)
+        except HvextError as err:
+            log.warning("standby copy of %s: %s", record.domain, err)
+        except Exception:
+            log.exception("standby copy of %s: refresh failed unexpectedly", record.domain)
 
 
 async def run(host: Host, stopping: asyncio.Event, *, idle_s: float = IDLE_S) -> None:

@@ -72,7 +72,7 @@ class SocketRegion:
     """:class:`RemoteRegion` over an authenticated peer connection (requests ``ram-read`` / ``ram-write``)."""
 
     def __init__(self, conn: peer.Connection, domain: str, kind: str, size: int, token: str = "") -> None:
-        self.conn = conn
+        self.link = conn
         self.domain = domain
         self.kind = kind
         self.size = size
@@ -82,7 +82,7 @@ class SocketRegion:
 
     def call(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """One request on the region's connection, its bytes counted."""
-        reply, data = self.conn.request(header, payload)
+        reply, data = self.link.request(header, payload)
         self.wire_bytes += _frame_bytes(header, payload) + _frame_bytes(reply, data)
         self.requests += 1
         return reply, data

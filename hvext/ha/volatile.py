@@ -226,7 +226,7 @@ def _copy_file(src_fd: int, dst_fd: int, size: int) -> int:
 # -------------------------------------------------------------------------------------- source side
 
 
-async def _query(domain: Domain, block: str, size: int, *, start: bool) -> dirty_pages.DirtyPages:
+async def query_dirty(domain: Domain, block: str, size: int, *, start: bool) -> dirty_pages.DirtyPages:
     async with domain.qmp() as qmp:
         if start:
             if dirty_pages.QUERY not in dirty_pages.command_names(await qmp.execute("query-commands")):
@@ -243,7 +243,7 @@ async def _query(domain: Domain, block: str, size: int, *, start: bool) -> dirty
     return dirty
 
 
-async def _stop_log(domain: Domain) -> None:
+async def stop_log(domain: Domain) -> None:
     with contextlib.suppress(HvextError):
         async with domain.qmp() as qmp:
             await qmp.execute(dirty_pages.STOP)
@@ -283,7 +283,7 @@ def take_baseline(host: Host, name: str, directory: str | os.PathLike[str], host
         if domain_id is None:
             raise DomainStateError(f"domain {domain.name!r} stopped")
         continuing = old is not None and old.mark.get("domain_id") == domain_id and not old.handed_over
-        dirty = aio.run(_query(domain, ram.block_id, ram.size, start=not continuing))
+        dirty = aio.run(query_dirty(domain, ram.block_id, ram.size, start=not continuing))
         epoch = (old.epoch + 1) if old is not None else 1
         if continuing and old is not None:
             _add(old, domain_id, dirty)  # the old baseline stays exact if this copy fails
@@ -321,7 +321,7 @@ def take_baseline(host: Host, name: str, directory: str | os.PathLike[str], host
         except BaseException:
             partial.unlink(missing_ok=True)
             if not continuing:
-                aio.run(_stop_log(domain))
+                aio.run(stop_log(domain))
             raise
     for stale in target_dir.glob("baseline.*.ram"):
         if stale.name != final_name:
@@ -349,7 +349,7 @@ def refresh(host: Host, name: str, *, wait: float | None = 0) -> dict[str, Any]:
         if domain_id is None:
             return state.status()  # QEMU stopped: the RAM file no longer changes; a new QEMU breaks the mark
         try:
-            dirty = aio.run(_query(domain, state.block, state.ram_bytes, start=False))
+            dirty = aio.run(query_dirty(domain, state.block, state.ram_bytes, start=False))
         except QMPError as err:
             if domain.id() != domain_id:
                 return state.status()
@@ -394,7 +394,7 @@ def final(host: Host, name: str, epoch: int) -> tuple[dict[str, Any], bytes]:
         if domain.state is RunState.RUNNING:
             domain.suspend()
         try:
-            dirty = aio.run(_query(domain, state.block, state.ram_bytes, start=False))
+            dirty = aio.run(query_dirty(domain, state.block, state.ram_bytes, start=False))
             _add(state, domain_id, dirty)
             if not state.valid:
                 raise NoBaseline(f"the baseline of {name!r} is unusable: {state.error}")
@@ -423,7 +423,7 @@ def forget(host: Host, name: str) -> bool:
         with contextlib.suppress(DomainNotFound):
             domain = host.lookup(state.uuid)
             if domain.id() == state.mark.get("domain_id") and not state.handed_over:
-                aio.run(_stop_log(domain))
+                aio.run(stop_log(domain))
         _state_path(host_id, name).unlink(missing_ok=True)
     return True
 

@@ -20,15 +20,16 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from hvext import aio, lab, paths
-from hvext.cli.main import main
 from hvext.errors import DomainNotFound, HvextError
-from hvext.ha import volatile
+from hvext.ha import standby, volatile
 from hvext.host import Host, RunState
 from hvext.lab import plan
 from hvext.memory import ramfile
@@ -38,7 +39,7 @@ from tests.vm.helpers import guest_sh
 from tests.vm.test_lab_cluster import cluster_paths, wait_for, with_leases
 from tests.vm.test_lab_cluster import pytestmark as cluster_marks
 from tests.vm.test_mirror import ask, start_program
-from tests.vm.test_ramfile import COUNTER, snapshot
+from tests.vm.test_ramfile import COUNTER
 
 pytestmark = [*cluster_marks[:-1], pytest.mark.timeout(900)]
 
@@ -46,6 +47,14 @@ the_lab = test_lab_cluster.the_lab  # this module's own 3-host cluster lab (a mo
 
 PAGE = 4096
 KNOWN = (1, 4, 9, 20, 33, 63)  # the program's pages the guest rewrites after the baseline
+
+
+def on_host(host: lab.LabHost, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``hvext ARGV`` run on a lab host (its network namespace: the lab's firewall lets only its hosts reach
+    the peer port), with this source tree."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run(["ip", "netns", "exec", host.netns, sys.executable, "-m", "hvext.cli.main",
+                           "-c", host.uri_unix, *argv], capture_output=True, text=True, env=env, timeout=300)
 
 
 def differing_pages(a: Path, b: Path, size: int) -> set[int]:
@@ -58,12 +67,18 @@ def differing_pages(a: Path, b: Path, size: int) -> set[int]:
     return out
 
 
+def snapshot(domain) -> dict[str, str]:
+    out = guest_sh(domain, "cat /proc/sys/kernel/random/boot_id /run/counter.pid /run/counter; "
+                           "kill -0 $(cat /run/counter.pid) && echo alive")["stdout"].split()
+    return {"boot_id": out[0], "counter_pid": out[1], "counter": out[2], "alive": out[3]}
+
+
 def pageset(runs: list[list[int]]) -> set[int]:
     return {p for first, count in runs for p in range(first, first + count)}
 
 
 def test_recovery_pulls_exactly_the_pages_dirtied_since_the_baseline(
-        the_lab: lab.Lab, guest_image: object, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+        the_lab: lab.Lab, guest_image: object) -> None:  # noqa: F811
     host1, host2 = the_lab.host(1), the_lab.host(2)
     wait_for("3 host leases", with_leases(host1, ["host1", "host2", "host3"]), timeout=3 * plan.LAB_LEASE_TTL_S)
     conn1, conn2 = Host(host1.uri_unix), Host(host2.uri_unix)
@@ -80,9 +95,9 @@ def test_recovery_pulls_exactly_the_pages_dirtied_since_the_baseline(
         assert ":" in volatile.peer_address_of(client, "host1")  # host1's hvextd serves peers
 
         # The primary dies before the baseline exists: a clear refusal, nothing made on host2.
-        status = main(["-c", host2.uri_unix, "ha", "recover", name, "--dir", str(shared), *cluster_paths(host2)])
-        err = capsys.readouterr().err
-        assert status == 1 and "no baseline" in err and "nothing was started" in err, err
+        done = on_host(host2, "ha", "recover", name, "--dir", str(shared), *cluster_paths(host2))
+        assert done.returncode == 1 and "no baseline" in done.stderr and "nothing was started" in done.stderr, \
+            done.stderr
         with pytest.raises(DomainNotFound):
             conn2.lookup(name)
         assert not ram2.exists()
@@ -103,11 +118,10 @@ def test_recovery_pulls_exactly_the_pages_dirtied_since_the_baseline(
         before = snapshot(domain)
         known_pages = {state["gpas"][k] // PAGE for k in KNOWN}
 
-        status = main(["-c", host2.uri_unix, "ha", "recover", name, "--dir", str(shared), "--paused", "--json",
-                       *cluster_paths(host2)])
-        out, err = capsys.readouterr()
-        assert status == 0, err
-        result = json.loads(out)
+        done = on_host(host2, "ha", "recover", name, "--dir", str(shared), "--paused", "--json",
+                       *cluster_paths(host2))
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
         print({k: v for k, v in result.items() if k != "runs"})
         dom2 = conn2.lookup(name)
         assert not domain.is_active() and dom2.state is RunState.PAUSED
@@ -131,6 +145,12 @@ def test_recovery_pulls_exactly_the_pages_dirtied_since_the_baseline(
         assert int(after["counter"]) > int(before["counter"])  # the counter in RAM went on
         state = ask(dom2, "sum", len(KNOWN) + 1)
         assert state["now"] == sha == state["sha"]  # the program's pages, as it last wrote them
+    except BaseException:
+        for index in (1, 2):
+            log = plan.host_run_dir(plan.RUN_DIR, index) / "hvextd.log"
+            with contextlib.suppress(OSError):
+                print(f"--- host{index}'s hvextd.log (end)\n" + "".join(log.read_text().splitlines(True)[-60:]))
+        raise
     finally:
         with contextlib.suppress(DomainNotFound, HvextError):
             dom = conn2.lookup(name)
@@ -148,3 +168,112 @@ def test_recovery_pulls_exactly_the_pages_dirtied_since_the_baseline(
         client.close()
         conn1.close()
         conn2.close()
+
+
+def test_failover_to_a_standby_copy_keeps_the_guest_running(the_lab: lab.Lab, guest_image: object) -> None:  # noqa: F811
+    """C17: host1's guest protected with --standby host2 (copy refreshed every second by host1's hvextd);
+    a planned `ha failover` resumes it on host2; protected again with standby host1, host2 loses power
+    (SIGPWR, battery path) and it resumes on host1; protected with standby host3, host3 dies during the
+    refreshes and the protection says it stopped. The counter the guest keeps in RAM goes on, its
+    process and boot stay the same throughout."""
+    hosts = {i: the_lab.host(i) for i in (1, 2, 3)}
+    wait_for("3 host leases", with_leases(hosts[1], ["host1", "host2", "host3"]), timeout=3 * plan.LAB_LEASE_TTL_S)
+    conns = {i: Host(h.uri_unix) for i, h in hosts.items()}
+    ids = {i: c.host_id for i, c in conns.items()}  # the hosts' libvirtds die on the way
+    factory = VMFactory(conns[1])
+    domain = factory.define(memory_mib=512)
+    name = domain.name
+    try:
+        ram = ramfile.convert(domain)
+        ramfile.start(domain)
+        aio.run(domain.wait_agent(BOOT_TIMEOUT_S))
+        guest_sh(domain, COUNTER)
+        first = snapshot(domain)
+
+        def protect(on: int, to: int) -> dict:
+            done = on_host(hosts[on], "ha", "protect", name, "--standby", f"host{to}", "--sync-interval", "1",
+                           "--json", *cluster_paths(hosts[on]))
+            assert done.returncode == 0, done.stderr
+            result = json.loads(done.stdout)
+            assert result["state"] == "active" and 0 < result["bytes_sent"] <= ram.size
+            wait_for(f"host{on}'s hvextd to refresh the copy on host{to}",
+                     lambda: (standby.load(ids[on], name) or _never).syncs >= 3, 30)
+            return result
+
+        def running_on(i: int):
+            dom = conns[i].lookup(name)
+            assert dom.state is RunState.RUNNING
+            aio.run(dom.wait_agent(60))
+            guest_sh(dom, "sleep 1.2")
+            return dom, snapshot(dom)
+
+        # 1. planned failover host1 -> host2
+        protect(1, 2)
+        before = snapshot(domain)
+        done = on_host(hosts[1], "ha", "failover", name, "--json")
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        print("planned failover:", report)
+        assert not domain.is_active() and report["bytes_at_failover"] < ram.size // 10
+        dom2, after = running_on(2)
+        assert (after["boot_id"], after["counter_pid"], after["alive"]) == \
+            (first["boot_id"], first["counter_pid"], "alive")  # no reboot, same process
+        assert int(after["counter"]) > int(before["counter"])  # the counter in RAM went on
+
+        # 2. battery path: host2 loses power; its hvextd hands the guest to host1 while on battery
+        protect(2, 1)
+        before = snapshot(dom2)
+        the_lab.fail(2, power_loss=True)
+        record = standby.load(ids[2], name)
+        assert record is not None and record.state == "failed over", record
+        assert record.failover and record.failover["reason"] == "power loss"
+        print("battery failover:", record.failover)
+        dom1, after = running_on(1)
+        assert (after["boot_id"], after["counter_pid"]) == (first["boot_id"], first["counter_pid"])
+        assert int(after["counter"]) > int(before["counter"])
+
+        # 3. the standby dies during the refreshes: the protection says it stopped
+        protect(1, 3)
+        the_lab.fail(3)
+        stopped = wait_for("the protection to say it stopped",
+                           lambda: (lambda r: r if r and r.state == "stopped" else None)(
+                               standby.load(ids[1], name)), 30)
+        assert "host3" in (stopped.error or "") and "refresh" in (stopped.error or ""), stopped.error
+        done = on_host(hosts[1], "ha", "standby-status", name, "--json")
+        assert json.loads(done.stdout)["state"] == "stopped"
+        assert dom1.state is RunState.RUNNING  # the guest itself goes on
+    except BaseException:
+        for index in (1, 2, 3):
+            log = plan.host_run_dir(plan.RUN_DIR, index) / "hvextd.log"
+            with contextlib.suppress(OSError):
+                print(f"--- host{index}'s hvextd.log (end)\n" + "".join(log.read_text().splitlines(True)[-40:]))
+        raise
+    finally:
+        for i in (2, 3):
+            with contextlib.suppress(DomainNotFound, HvextError, libvirt_error()):
+                dom = conns[i].lookup(name)
+                if dom.is_active():
+                    dom.destroy()
+                dom.undefine(remove_state=False)
+        for i in (1, 2, 3):
+            with contextlib.suppress(HvextError, OSError):
+                ramfile.remove(ramfile.RamFile(ramfile.ram_path(name, ids[i]), 512 << 20))
+            with contextlib.suppress(OSError, HvextError):
+                standby._path(ids[i], name).unlink(missing_ok=True)
+                standby._path(ids[i], name, "standby-copies").unlink(missing_ok=True)
+        factory.cleanup()
+        for conn in conns.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+class _Never:
+    syncs = 0
+
+
+_never = _Never()
+
+
+def libvirt_error() -> type[BaseException]:
+    import libvirt
+    return libvirt.libvirtError
