@@ -302,9 +302,10 @@ class RegionService:
             self.copies.clear()
 
 
-def connect(creds: Credentials, address: str) -> peer.Connection:
-    """A connection to the peer at ``host:port`` (``[v6]:port`` too)."""
+def connect(creds: Credentials, address: str, timeout: float = 30.0) -> peer.Connection:
+    """A connection to the peer at ``host:port`` (``[v6]:port`` too); *timeout* seconds for the connect and
+    for each later read or write."""
     name, _, port = address.rpartition(":")
     if not name or not port.isdigit():
         raise HAError(f"peer address {address!r:.80} is not host:port")
-    return peer.Connection(creds, name.strip("[]"), int(port), timeout=30.0)
+    return peer.Connection(creds, name.strip("[]"), int(port), timeout=timeout)

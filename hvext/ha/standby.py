@@ -49,6 +49,8 @@ from hvext.memory import ramfile
 log = logging.getLogger("hvextd.standby")
 
 DEFAULT_INTERVAL_S = 1.0
+#: Seconds a failover waits for the standby (connect, each request): within a battery window.
+FAILOVER_TIMEOUT_S = 8.0
 LOCK_WAIT_S = 60.0
 CHUNK = 1 << 20
 
@@ -260,7 +262,7 @@ def sync(host: Host, name: str, *, wait: float | None = 0) -> dict[str, Any]:
             raise _stop(host_id, record, None, "the domain stopped on this host")
         started = time.perf_counter()
         try:
-            with pagexfer.connect(record.credentials(), record.peer) as conn:
+            with pagexfer.connect(record.credentials(), record.peer, refresh_timeout(record.interval_s)) as conn:
                 _send_dirty(record, domain, domain_id, conn)
         except (peer.PeerError, ramsync.MirrorTargetError) as err:
             raise _stop(host_id, record, domain, f"standby {record.standby} failed during a refresh: {err}") from err
@@ -268,6 +270,12 @@ def sync(host: Host, name: str, *, wait: float | None = 0) -> dict[str, Any]:
         record.last_seconds = round(time.perf_counter() - started, 4)
         _save(host_id, record)
         return record.status()
+
+
+def refresh_timeout(interval_s: float) -> float:
+    """Seconds a refresh waits for the standby (connect, each read or write) before it counts as failed:
+    a few intervals, at least 2 s, at most 10 s (pure)."""
+    return min(10.0, max(2.0, 5 * interval_s))
 
 
 def due(record: Record, now: float) -> bool:
@@ -291,7 +299,7 @@ def failover(host: Host, name: str, *, reason: str = "planned") -> dict[str, Any
         was_running = domain.state is RunState.RUNNING
         if was_running:
             domain.suspend()
-        conn = pagexfer.connect(record.credentials(), record.peer)
+        conn = pagexfer.connect(record.credentials(), record.peer, FAILOVER_TIMEOUT_S)
         with conn, tempfile.TemporaryDirectory(dir=_dir(host_id)) as tmp:
             before = record.bytes_sent
             try:
@@ -356,7 +364,7 @@ def unprotect(host: Host, name: str) -> dict[str, Any]:
             with contextlib.suppress(DomainNotFound, HvextError):
                 aio.run(stop_log(host.lookup(record.uuid)))
         with contextlib.suppress(HvextError):
-            with pagexfer.connect(record.credentials(), record.peer) as conn:
+            with pagexfer.connect(record.credentials(), record.peer, 5.0) as conn:
                 conn.request({"op": "ram-standby-drop", "domain": name})
         _path(host_id, name).unlink(missing_ok=True)
     return {"domain": name, "standby": record.standby, "stopped": True}

@@ -84,3 +84,15 @@ def test_hvextd_refreshes_on_schedule_and_rebaselines_when_asked() -> None:
     assert volatile.due(_state(baseline_s=60.0, taken_at=100.0, refreshed_at=159.0), 160.0) == "baseline"
     assert volatile.due(_state(valid=False, refreshed_at=0.0), 100.0) is None  # unknown set: only a new baseline
     assert volatile.due(_state(handed_over=True, baseline_s=1.0), 1e9) is None
+
+
+def test_hvextd_refreshes_a_standby_copy_at_its_interval_while_active() -> None:
+    from hvext.ha import standby
+    record = standby.Record("d", "u", "host2", "h:1", ["a", "b", "c"], 1.0, "/r", 1 << 20, 4096, "hvext-ram",
+                            {"domain_id": 1, "generation": 1}, last_sync_at=100.0)
+    assert not standby.due(record, 100.5) and standby.due(record, 101.0)
+    record.state = "stopped"
+    assert not standby.due(record, 1e9)
+    assert "creds" not in record.status() and record.status()["lag_seconds"] is not None
+    assert standby.refresh_timeout(1.0) == 5.0 and standby.refresh_timeout(0.1) == 2.0
+    assert standby.refresh_timeout(60) == 10.0  # a dead standby is noticed within seconds

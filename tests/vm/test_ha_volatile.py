@@ -237,7 +237,7 @@ def test_failover_to_a_standby_copy_keeps_the_guest_running(the_lab: lab.Lab, gu
         the_lab.fail(3)
         stopped = wait_for("the protection to say it stopped",
                            lambda: (lambda r: r if r and r.state == "stopped" else None)(
-                               standby.load(ids[1], name)), 30)
+                               standby.load(ids[1], name)), 60)
         assert "host3" in (stopped.error or "") and "refresh" in (stopped.error or ""), stopped.error
         done = on_host(hosts[1], "ha", "standby-status", name, "--json")
         assert json.loads(done.stdout)["state"] == "stopped"
