@@ -514,8 +514,18 @@ def save_device_state(domain: Domain, target: Path) -> SaveResult:
             partial.unlink()
         raise
     os.replace(partial, target)
+    marker = paused_marker(target)
+    if was_paused:  # virsh's managedsave restores a paused guest paused
+        marker.touch(mode=0o600)
+    else:
+        marker.unlink(missing_ok=True)
     _fsync_dir(target.parent)
     return SaveResult(time.monotonic() - started, os.stat(target).st_size, allocated(ram.path), ram, target)
+
+
+def paused_marker(state_file: Path) -> Path:
+    """Beside a device-state file: present when the guest was paused at the save (it resumes paused)."""
+    return state_file.with_name(state_file.name + ".paused")
 
 
 def _own_ram_file(ram: RamFile, owner: tuple[int, int]) -> None:
@@ -622,8 +632,10 @@ def start(domain: Domain, *, paused: bool = False) -> str:
         raise DomainStateError(f"domain {domain.name!r} is already running")
     if saved_to_ram(domain):
         target = state_path(domain.name, domain.host.host_id)
-        start_on_ram_file(domain, target, paused=paused)
+        marker = paused_marker(target)
+        start_on_ram_file(domain, target, paused=paused or marker.exists())
         target.unlink()
+        marker.unlink(missing_ok=True)
         return "resumed from RAM"
     if parse(domain.xml(inactive=True)) is not None:
         prepare(domain, fresh=True)
@@ -635,7 +647,9 @@ def discard(domain: Domain) -> bool:
     """Drop a saved-to-RAM domain's device state and give its RAM back (``managedsave-remove``); whether it had one."""
     if not saved_to_ram(domain):
         return False
-    state_path(domain.name, domain.host.host_id).unlink()
+    target = state_path(domain.name, domain.host.host_id)
+    target.unlink()
+    paused_marker(target).unlink(missing_ok=True)
     release(domain)
     return True
 
