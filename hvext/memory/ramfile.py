@@ -502,24 +502,28 @@ def save_device_state(domain: Domain, target: Path) -> SaveResult:
                 domain.resume()
         raise
     os.close(fd)
+    marker = paused_marker(target)
     try:
+        if was_paused:  # virsh's managedsave restores a paused guest paused
+            marker.touch(mode=0o600)
+        else:
+            marker.unlink(missing_ok=True)
+        # in place before QEMU stops: whoever sees the domain stop (hvextd) sees it saved, and keeps the RAM file
+        os.replace(partial, target)
+        _fsync_dir(target.parent)
         _own_ram_file(ram, (0, 0))
         domain.destroy()
     except BaseException:
         with contextlib.suppress(Exception):
-            _own_ram_file(ram, domain.host.qemu_user())
             if domain.is_active():
-                domain.resume()
+                target.unlink(missing_ok=True)
+                marker.unlink(missing_ok=True)
+                _own_ram_file(ram, domain.host.qemu_user())
+                if not was_paused:
+                    domain.resume()
         with contextlib.suppress(OSError):
             partial.unlink()
         raise
-    os.replace(partial, target)
-    marker = paused_marker(target)
-    if was_paused:  # virsh's managedsave restores a paused guest paused
-        marker.touch(mode=0o600)
-    else:
-        marker.unlink(missing_ok=True)
-    _fsync_dir(target.parent)
     return SaveResult(time.monotonic() - started, os.stat(target).st_size, allocated(ram.path), ram, target)
 
 

@@ -13,6 +13,7 @@ off again after the resume.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import time
 
@@ -20,6 +21,8 @@ import pytest
 
 from hvext import aio
 from hvext.daemon import metrics
+from hvext.dirty.pages import DirtyLog, DirtyPages
+from hvext.host import emulator_path
 from hvext.memory import demand, ramfile
 from hvext.memory.host import meminfo
 from tests.vm.helpers import cli, cli_json
@@ -162,3 +165,40 @@ def test_suspend_to_ram_and_resume(vm_factory, host, capsys: pytest.CaptureFixtu
     status, _, err = cli(capsys, "destroy", domain.name)
     assert status == 0, err
     assert ramfile.allocated(ram.path) == 0
+
+
+@pytest.mark.requires(emulator_path() is not None, "needs the patched QEMU (make qemu)")
+def test_the_host_reads_guest_ram_in_the_file_and_the_dirty_list_names_its_block(vm_factory, host) -> None:
+    """What C17-C19 build on: the RAM file is the guest's memory (file offset = offset in the RAM block
+    ``hvext-ram``), and the dirty page lists name that block and the pages the guest wrote."""
+    domain = vm_factory.define(memory_mib=256)
+    ram = ramfile.convert(domain)
+    assert ramfile.start(domain) == "booted"
+    aio.run(domain.wait_agent(180))
+    marker = f"hvext-ramfile-marker-{os.getpid()}-{time.time_ns()}"
+
+    async def write_and_fetch() -> DirtyPages:
+        async with domain.qmp() as qmp:
+            async with DirtyLog(qmp) as dirty:
+                await dirty.fetch()  # from here on
+                async with domain.agent(timeout=130) as agent:
+                    for command in ("python3 -c \"import time\nb = bytearray(b'%s' * 4096)\n"
+                                    "open('/run/marker.ok','w').close()\ntime.sleep(600)\" "
+                                    "</dev/null >/dev/null 2>&1 &" % marker,
+                                    "for i in $(seq 120); do [ -e /run/marker.ok ] && exit 0; sleep 0.5; done; exit 1"):
+                        result = await agent.exec(["sh", "-c", command], timeout=120)
+                        assert result.exitcode == 0, result
+                return await dirty.fetch()
+
+    pages = aio.run(write_and_fetch())
+    assert ramfile.BACKEND_ID in pages.blocks, sorted(pages.blocks)
+    block = pages.blocks[ramfile.BACKEND_ID]
+    assert block.length == ram.size and block.dirty > 0
+    with open(ram.path, "rb") as handle:  # the host reads guest memory in place
+        data = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            found = data.find(marker.encode() * 8)
+        finally:
+            data.close()
+    assert found >= 0, "the guest's data is not in its RAM file"
+    assert block.contains(found // pages.page_size), "the page the guest wrote is not on the dirty list"
