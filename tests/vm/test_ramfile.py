@@ -22,7 +22,8 @@ import pytest
 from hvext import aio
 from hvext.daemon import metrics
 from hvext.dirty.pages import DirtyLog, DirtyPages
-from hvext.host import emulator_path
+from hvext.daemon.main import Daemon
+from hvext.host import Host, emulator_path
 from hvext.memory import demand, ramfile
 from hvext.memory.host import meminfo
 from tests.vm.helpers import cli, cli_json
@@ -202,3 +203,27 @@ def test_the_host_reads_guest_ram_in_the_file_and_the_dirty_list_names_its_block
             data.close()
     assert found >= 0, "the guest's data is not in its RAM file"
     assert block.contains(found // pages.page_size), "the page the guest wrote is not on the dirty list"
+
+
+def test_hvextd_gives_back_the_ram_file_of_a_guest_that_powered_off(vm_factory) -> None:
+    """A guest that powers off by itself leaves its RAM in /dev/shm; hvextd's event handler empties the file
+    (not for a stop hvext made: a save to RAM keeps it)."""
+    domain = vm_factory.define(memory_mib=256)
+    ram = ramfile.convert(domain)
+    assert ramfile.start(domain) == "booted"
+    aio.run(domain.wait_agent(180))
+    assert ramfile.allocated(ram.path) > 0
+    with Host() as own:  # the daemon's own connection and its real lifecycle events
+        daemon = Daemon(None)
+        daemon.host = own
+        handle = own.watch(daemon._on_lifecycle, lambda reason: None)
+        try:
+            guest(domain, "(sleep 1; echo 1 > /proc/sys/kernel/sysrq; echo o > /proc/sysrq-trigger) "
+                         "</dev/null >/dev/null 2>&1 &")  # power off now
+            deadline = time.monotonic() + 60
+            while (domain.is_active() or ramfile.allocated(ram.path)) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            own.unwatch(handle)
+    assert not domain.is_active()
+    assert ramfile.allocated(ram.path) == 0, "the RAM file still holds the stopped guest's memory"
