@@ -33,7 +33,10 @@ Stable API for the other capabilities (C17 failover, C18 recovery, C19 mirroring
   are guest-physical offsets within that block;
 * :func:`parse` (domain XML) / :func:`of` (Domain) -> :class:`RamFile` or None;
 * :func:`convert` makes a defined domain a RAM-file domain; :func:`prepare`
-  creates or checks the file before a start;
+  creates or checks the file before a start, :func:`prepare_on` on another
+  host (a migration's or failover's target: :func:`moved` names its file);
+  :func:`release` empties the file of a stopped domain, :func:`remove`
+  removes one;
 * :func:`usage` -> :class:`Usage`, the VM's memory counted once;
 * :func:`save_to_ram` / :func:`saved_to_ram` / :func:`start` -> C7
   (device state only into a private file, QEMU stopped, start on the kept file);
@@ -43,7 +46,8 @@ Stable API for the other capabilities (C17 failover, C18 recovery, C19 mirroring
   the shared RAM) through an ``fd:`` QEMU gets over hvext's QMP monitor
   (QEMU 7.2 has no ``file:`` URI); the destination QEMU waits with
   ``-incoming defer`` and gets the capability over QMP too (7.2 has no
-  ``-global migration.x-ignore-shared``).
+  ``-global migration.x-ignore-shared``). Between the two the RAM file is
+  root's (no QEMU but hvext's resume opens it); the start hands it back.
 
 Why not libvirt's managed save: its restore sets only the migration
 capabilities libvirt knows before ``migrate-incoming``, and QEMU must have
@@ -261,7 +265,11 @@ def remove(ram: RamFile) -> None:
     except UsageError:
         return
     try:
-        devices._unlink_if_same(ram.path, fd)
+        mine, now = os.fstat(fd), os.lstat(ram.path)
+        if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):  # still the file checked, not a new link
+            os.unlink(ram.path)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
