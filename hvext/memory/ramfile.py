@@ -73,7 +73,7 @@ from hvext import aio, paths
 from hvext.domxml import QEMU_NS, libvirt_size
 from hvext.errors import DomainStateError, HostError, UsageError
 from hvext.host import Domain, Host
-from hvext.memory.swap import qemu_pid
+from hvext.memory.swap import process_memory, qemu_pid
 from hvext.pmem import devices
 from hvext.units import KIB, MIB
 
@@ -374,7 +374,6 @@ def usage(domain: Domain) -> Usage:
 
 
 def _rss(pid: int) -> int:
-    from hvext.memory.swap import process_memory
     return process_memory(pid)["rss"]
 
 
