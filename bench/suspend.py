@@ -117,6 +117,11 @@ def plot_rows(directory: Path, rows: list[Row], memory: int) -> None:
         if ok:
             bars[m] = {"save": statistics.median(r.save_s for r in ok), "resume": statistics.median(r.resume_s for r in ok)}
     notes = [f"{r.method}: {r.error}" for r in rows if r.error]
+    written = {m: statistics.median(r.written for r in rows if r.method == m and r.error is None)
+               for m in METHODS if any(r.method == m and r.error is None for r in rows)}
+    notes += [f"{m}: {written[m] / (1 << 20):.1f} MiB written (median)" for m in written]
+    if len(written) == 2 and written["to RAM"]:
+        notes.append(f"bytes written, to disk / to RAM: {written['to disk'] / written['to RAM']:.0f}x")
     plot.stacked_bars(directory, "suspend", f"Suspend and resume of a {memory} MiB guest, medians", bars,
                       ["save", "resume"], xlabel="seconds", notes=notes)
 
