@@ -78,6 +78,8 @@ LIFECYCLE_EVENTS = {
     libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
     libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
 }
+#: Details of a "stopped" event where the guest itself ended (powered off, crashed), not hvext or libvirt.
+GUEST_STOPS = frozenset({libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED})
 #: (event name, detail) pairs of a lifecycle event that ends or begins a migration on this host.
 MIGRATION_EVENTS: dict[tuple[str, int], str] = {
     ("stopped", libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED): "out",

@@ -33,7 +33,10 @@ Stable API for the other capabilities (C17 failover, C18 recovery, C19 mirroring
   are guest-physical offsets within that block;
 * :func:`parse` (domain XML) / :func:`of` (Domain) -> :class:`RamFile` or None;
 * :func:`convert` makes a defined domain a RAM-file domain; :func:`prepare`
-  creates or checks the file before a start;
+  creates or checks the file before a start, :func:`prepare_on` on another
+  host (a migration's or failover's target: :func:`moved` names its file);
+  :func:`release` empties the file of a stopped domain, :func:`remove`
+  removes one;
 * :func:`usage` -> :class:`Usage`, the VM's memory counted once;
 * :func:`save_to_ram` / :func:`saved_to_ram` / :func:`start` -> C7
   (device state only into a private file, QEMU stopped, start on the kept file);
@@ -43,7 +46,8 @@ Stable API for the other capabilities (C17 failover, C18 recovery, C19 mirroring
   the shared RAM) through an ``fd:`` QEMU gets over hvext's QMP monitor
   (QEMU 7.2 has no ``file:`` URI); the destination QEMU waits with
   ``-incoming defer`` and gets the capability over QMP too (7.2 has no
-  ``-global migration.x-ignore-shared``).
+  ``-global migration.x-ignore-shared``). Between the two the RAM file is
+  root's (no QEMU but hvext's resume opens it); the start hands it back.
 
 Why not libvirt's managed save: its restore sets only the migration
 capabilities libvirt knows before ``migrate-incoming``, and QEMU must have
@@ -241,6 +245,33 @@ def _prepare_file(host: Host, name: str, ram: RamFile) -> bool:
         raise HostError(f"RAM file {ram.path} is not in hvext's directory for {name!r} ({paths.VOLATILE_DIR / name})")
     paths.volatile_dir(name, gid)
     return devices.prepare_backing(ram.path, ram.size, owner=(uid, gid), allowed_uids=(uid,))
+
+
+def prepare_on(host: Host, name: str, ram: RamFile) -> bool:
+    """Create (or check) domain *name*'s RAM file *ram* for a QEMU on *host* (e.g. a migration's destination);
+    whether it was created."""
+    return _prepare_file(host, name, ram)
+
+
+def moved(ram: RamFile, name: str, host_id: str) -> RamFile:
+    """The same guest RAM on the host *host_id*: that host's file (a migration or failover target)."""
+    return RamFile(ram_path(name, host_id), ram.size, ram.block_id)
+
+
+def remove(ram: RamFile) -> None:
+    """Remove a RAM file (never through a link); a missing one is fine."""
+    try:
+        fd = devices.open_backing(ram.path, os.O_RDONLY)
+    except UsageError:
+        return
+    try:
+        mine, now = os.fstat(fd), os.lstat(ram.path)
+        if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):  # still the file checked, not a new link
+            os.unlink(ram.path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def prepare(domain: Domain, *, fresh: bool) -> RamFile:
@@ -479,20 +510,34 @@ def save_device_state(domain: Domain, target: Path) -> SaveResult:
                 domain.resume()
         raise
     os.close(fd)
+    marker = paused_marker(target)
     try:
+        if was_paused:  # virsh's managedsave restores a paused guest paused
+            marker.touch(mode=0o600)
+        else:
+            marker.unlink(missing_ok=True)
+        # in place before QEMU stops: whoever sees the domain stop (hvextd) sees it saved, and keeps the RAM file
+        os.replace(partial, target)
+        _fsync_dir(target.parent)
         _own_ram_file(ram, (0, 0))
         domain.destroy()
     except BaseException:
         with contextlib.suppress(Exception):
-            _own_ram_file(ram, domain.host.qemu_user())
             if domain.is_active():
-                domain.resume()
+                target.unlink(missing_ok=True)
+                marker.unlink(missing_ok=True)
+                _own_ram_file(ram, domain.host.qemu_user())
+                if not was_paused:
+                    domain.resume()
         with contextlib.suppress(OSError):
             partial.unlink()
         raise
-    os.replace(partial, target)
-    _fsync_dir(target.parent)
     return SaveResult(time.monotonic() - started, os.stat(target).st_size, allocated(ram.path), ram, target)
+
+
+def paused_marker(state_file: Path) -> Path:
+    """Beside a device-state file: present when the guest was paused at the save (it resumes paused)."""
+    return state_file.with_name(state_file.name + ".paused")
 
 
 def _own_ram_file(ram: RamFile, owner: tuple[int, int]) -> None:
@@ -599,8 +644,10 @@ def start(domain: Domain, *, paused: bool = False) -> str:
         raise DomainStateError(f"domain {domain.name!r} is already running")
     if saved_to_ram(domain):
         target = state_path(domain.name, domain.host.host_id)
-        start_on_ram_file(domain, target, paused=paused)
+        marker = paused_marker(target)
+        start_on_ram_file(domain, target, paused=paused or marker.exists())
         target.unlink()
+        marker.unlink(missing_ok=True)
         return "resumed from RAM"
     if parse(domain.xml(inactive=True)) is not None:
         prepare(domain, fresh=True)
@@ -612,7 +659,9 @@ def discard(domain: Domain) -> bool:
     """Drop a saved-to-RAM domain's device state and give its RAM back (``managedsave-remove``); whether it had one."""
     if not saved_to_ram(domain):
         return False
-    state_path(domain.name, domain.host.host_id).unlink()
+    target = state_path(domain.name, domain.host.host_id)
+    target.unlink()
+    paused_marker(target).unlink(missing_ok=True)
     release(domain)
     return True
 
@@ -629,6 +678,6 @@ def release(domain: Domain) -> bool:
 
 
 __all__ = ["BACKEND_ID", "SAVED_STATE", "RamFile", "SaveResult", "Usage", "add_to_definition", "allocated",
-           "backend_arg", "block_id", "check_file", "check_resumable", "convert", "discard", "empty", "of", "parse", "prepare",
+           "backend_arg", "block_id", "check_file", "check_resumable", "convert", "discard", "moved", "prepare_on", "remove", "empty", "of", "parse", "prepare",
            "ram_path", "release", "require", "save_device_state", "save_to_ram", "saved_to_ram", "start",
            "start_on_ram_file", "state", "state_path", "usage", "with_incoming"]

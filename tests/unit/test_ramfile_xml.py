@@ -71,3 +71,22 @@ def test_paths_are_per_domain_and_host() -> None:
         with pytest.raises(UsageError):
             ramfile.ram_path(name, host)
     assert ramfile.block_id() == ramfile.BACKEND_ID == "hvext-ram"
+
+
+def test_a_migration_destination_gets_its_own_ram_file() -> None:
+    """Hosts of a lab share /dev/shm: the destination's QEMU must map its own file, not the source's."""
+    from hvext.migrate.orchestrate import rewrite_host_paths
+    source = ramfile.ram_path("golden", "aaaa1111")
+    xml = ramfile.add_to_definition(make(False).render(), source)
+    dest = ramfile.parse(rewrite_host_paths(xml, "golden", "aaaa1111", "bbbb2222"))
+    assert dest == ramfile.moved(ramfile.parse(xml), "golden", "bbbb2222")
+    assert dest.path == ramfile.ram_path("golden", "bbbb2222") != source
+
+
+def test_incoming_start_definition() -> None:
+    xml = ramfile.add_to_definition(make(False).render(), RAM)
+    incoming = ramfile.with_incoming(xml)
+    root = etree.fromstring(incoming.encode())
+    args = [a.get("value") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+    assert args[-2:] == ["-incoming", "defer"]
+    assert ramfile.parse(incoming) == ramfile.parse(xml)
