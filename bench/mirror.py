@@ -160,8 +160,8 @@ class Guest:
             self.domain.destroy()
         self.domain.undefine()
         if self.ram is not None:
-            self.ram.path.unlink(missing_ok=True)
-            try:
+            ramfile.remove(self.ram)
+            try:  # its directory, /dev/shm/hvext/<domain>, if now empty
                 self.ram.path.parent.rmdir()
             except OSError:
                 pass

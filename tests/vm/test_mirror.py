@@ -276,8 +276,8 @@ def test_mirror_of_a_ram_file_domain(vm_factory, mirror_dir: Path, capsys) -> No
     finally:
         if domain.is_active():
             domain.destroy()
-        ram.path.unlink(missing_ok=True)
-        try:
+        ramfile.remove(ram)
+        try:  # its directory, /dev/shm/hvext/<domain>, if now empty
             ram.path.parent.rmdir()
         except OSError:
             pass
