@@ -103,7 +103,7 @@ def run_workload(domain: Domain, workload: str, wss_mib: int, window: float) -> 
     qemu_share, own_share = (cpu_seconds(pid) - qemu0) / wall, (own_cpu() - own0) / wall
     out = json.loads(result.stdout.strip().splitlines()[-1])
     ops_s = out["ops"] / out["seconds"]
-    return {"ops_s": ops_s, "qemu_cpu": qemu_share, "sync_cpu": own_share,
+    return {"ops_s": ops_s, "qemu_cpu": qemu_share, "sync_cpu": own_share, "wall_s": wall,
             "ops_per_qemu_cpu_s": ops_s / qemu_share if qemu_share else 0.0}
 
 
@@ -135,7 +135,8 @@ def run_case(domain: Domain, case: str, workload: str, wss_mib: int, window: flo
         syncs = after.syncs - before.syncs
         pages = after.pages_copied - before.pages_copied
         return {"case": case, "workload": workload, **measured, "syncs": syncs,
-                "pages_per_sync": pages / syncs if syncs else 0.0, "mib_copied_s": pages * 4096 / (1 << 20) / window}
+                "pages_per_sync": pages / syncs if syncs else 0.0, "syncs_s": syncs / measured["wall_s"],
+                "mib_copied_s": pages * 4096 / (1 << 20) / measured["wall_s"]}
     finally:
         mirror.stop(domain.host, domain.name)
 
@@ -159,8 +160,8 @@ class Guest:
             self.domain.destroy()
         self.domain.undefine()
         if self.ram is not None:
-            self.ram.path.unlink(missing_ok=True)
-            try:
+            ramfile.remove(self.ram)
+            try:  # its directory, /dev/shm/hvext/<domain>, if now empty
                 self.ram.path.parent.rmdir()
             except OSError:
                 pass
@@ -237,7 +238,7 @@ def report(rows: list[dict[str, Any]], workloads: tuple[str, ...], reps: int, wi
             print(f"| {workload} | {case} | {len(good)} | {spread([r['ops_s'] for r in good], '{:.0f}')} | "
                   f"{spread(paired, '{:.3f}')}x | {spread(per_cpu, '{:.3f}')}x | "
                   f"{spread([r['qemu_cpu'] for r in good], '{:.2f}')} | {spread([r['sync_cpu'] for r in good], '{:.2f}')} | "
-                  f"{spread([r['syncs'] / window for r in good], '{:.1f}') if mirrored else '-'} | "
+                  f"{spread([r['syncs_s'] for r in good], '{:.1f}') if mirrored else '-'} | "
                   f"{spread([r['pages_per_sync'] for r in good], '{:.0f}') if mirrored else '-'} | "
                   f"{spread([r['mib_copied_s'] for r in good], '{:.1f}') if mirrored else '-'} | {goal} |")
     print("anchor: kMemvisor 0.70x average, 0.45x worst (30% / 55% overhead); goal >= 0.85x at 1 s (median "

@@ -238,3 +238,21 @@ def test_cli_refuses_bad_input(argv: list[str], message: str, capsys: pytest.Cap
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "error:" in err
+
+
+def test_status_and_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from rich.console import Console
+
+    from hvext.cli.ha import mirror_table
+    from hvext.ha.mirror import Record
+    record = Record("web\x1b[31m", "u-1", "/ram", "ram-node0", 512 * MIB, 512 * MIB, [[0x100000, 4096]],
+                    [[256, 1]], 1000, "/copy", "00", last_sync_at=100.0, syncs=3, full_syncs=1, pages_copied=9,
+                    last_repair={"gpa": "0x100000", "exact": False, "resumed": False})
+    row = record.status(now=101.5)
+    assert row["lag_seconds"] == 1.5 and row["covered_pages"] == 1 and row["ranges"] == ["0x100000:4096"]
+    console = Console(width=200, force_terminal=False)
+    with console.capture() as captured:
+        console.print(mirror_table([row]))
+    text = captured.get()
+    assert "STALE, paused" in text and "1.5 s" in text and "3 (1 full)" in text and "\x1b[31m" not in text
+    assert mirror_table([]) == "no mirrored domain"

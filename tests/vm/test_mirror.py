@@ -276,8 +276,38 @@ def test_mirror_of_a_ram_file_domain(vm_factory, mirror_dir: Path, capsys) -> No
     finally:
         if domain.is_active():
             domain.destroy()
-        ram.path.unlink(missing_ok=True)
-        try:
+        ramfile.remove(ram)
+        try:  # its directory, /dev/shm/hvext/<domain>, if now empty
             ram.path.parent.rmdir()
         except OSError:
             pass
+
+
+def test_hvextd_syncs_a_registered_mirror(vm_factory, capsys) -> None:
+    """The real daemon (a process, the host's STATE_DIR: it reaches the domain's QMP monitor there) keeps
+    the mirror registered by `hvext ha mirror` in sync at its interval."""
+    from tests.vm.test_daemon import Hvextd
+    domain = vm_factory.define(memory_mib=512, swap_file=True)
+    vm_factory.boot(domain)
+    state = start_program(domain)
+    daemon: Hvextd | None = None
+    started = cli_json(capsys, "ha", "mirror", domain.name, "--interval", "200")
+    try:
+        copy = Path(started["target"])
+        daemon = Hvextd()
+        daemon.expect("watching")
+        time.sleep(3)
+        (row,) = [r for r in cli_json(capsys, "ha", "mirror-status") if r["uuid"] == domain.uuid()]
+        assert row["state"] == "active" and row["syncs"] - started["syncs"] >= 5, row
+        assert row["lag_seconds"] < 2 and row["full_syncs"] == 1, row
+        state = ask(domain, "write 20", 1)
+        time.sleep(1.5)
+        assert page_of(copy, state["gpas"][20]) == page_of(swapfile.domain_file(domain), state["gpas"][20])
+        assert daemon.stop() == 0
+        daemon = None
+    finally:
+        if daemon is not None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+        cli(capsys, "ha", "mirror", domain.name, "--stop")
+    assert not Path(started["target"]).exists()
