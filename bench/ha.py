@@ -33,6 +33,12 @@ throughput protected >= 0.85x unprotected. Cases that fail are rows saying why.
     .venv/bin/python bench/ha.py [--quick] [--smoke] [--runs 3] [--modes restart,shared-store,replicas]
         [--kinds abrupt,power-loss] [--battery 8] [--window 5] [--samples FILE] [--plot-dir DIR]
 
+With ``--recovery MIB[,MIB...]`` (C18, ``hvext ha recover``; ``--only-recovery`` skips the failover cases),
+per size and run in the same lab: a RAM-file guest on host1, ``ha baseline`` to a private directory
+both hosts reach, the guest then writes MIB MiB of fresh random data, and host2 recovers it (fill from
+the baseline, pull the pages on host1's dirty lists over the peer transport): **bytes moved vs dirty
+bytes** (goal <= 1.05x), the device state apart, and the bytes moved against the guest's RAM.
+
 Besides the tables it draws bench/out/ha.png (see bench/plot.py): per mode and
 failure kind, the median RTO split into "to the claim" and "claim to agent",
 beside the median cold boot.
@@ -66,6 +72,7 @@ from hvext.ha import client as ha_client  # noqa: E402
 from hvext.host import Domain, DomainSpec, Host, remove_domain_state  # noqa: E402
 from hvext.lab import Lab, LabHost, plan  # noqa: E402
 from hvext.lab import cluster as lab_cluster  # noqa: E402
+from hvext.memory import ramfile  # noqa: E402
 from hvext.pmem import power  # noqa: E402
 
 #: Where a claimer that could not restore a domain's PMEM says so (R2's failover records; None without them).
@@ -292,6 +299,89 @@ def run_case(lab: Lab, mode: str, kind: str, run: int, args: argparse.Namespace,
     return row
 
 
+def _recovery_row(mib: int, run: int, note: str = "") -> dict[str, Any]:
+    return {"case": "recovery", "mib": mib, "run": run + 1, "ok": False, "note": note}
+
+
+def run_recovery(lab: Lab, mib: int, run: int, args: argparse.Namespace) -> dict[str, Any]:
+    """C18 once: baseline on host1, *mib* MiB written by the guest, recovery on host2; the row."""
+    from hvext.ha import volatile
+    row = _recovery_row(mib, run)
+    host1, host2 = lab.host(1), lab.host(2)
+    name = f"hvext-bench-ha-{os.getpid()}-recovery-{mib}-{run + 1}"
+    conn1, conn2 = Host(host1.uri_unix), Host(host2.uri_unix)
+    shared = paths.STATE_DIR / f"ha-bench-baseline-{os.getpid()}"  # the lab hosts share /var/lib/hvext
+    try:
+        domain = conn1.define(DomainSpec(name=name, memory_mib=args.memory))
+        ramfile.convert(domain)
+        ramfile.start(domain)
+        aio.run(domain.wait_agent(args.timeout))
+        shared.mkdir(mode=0o700, exist_ok=True)
+        volatile.take_baseline(conn1, name, shared, "host1")
+        write = ("python3 -c \"import os,time\nb = bytearray(os.urandom(%d << 20))\nopen('/run/w.done','w').write('1')\n"
+                 "time.sleep(1e6)\" </dev/null >/dev/null 2>&1 &" % mib)
+
+        async def guest(command: str) -> None:
+            async with domain.agent(timeout=120) as agent:
+                result = await agent.exec(["sh", "-c", command], timeout=110)
+            if result.exitcode != 0:
+                raise HvextError(f"the guest's writer did not finish: {result.stderr[:100]}")
+        aio.run(guest(write + " for i in $(seq 200); do [ -s /run/w.done ] && exit 0; sleep 0.5; done; exit 1"))
+        time.sleep(1.5)  # a refresh of host1's dirty set
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run(["ip", "netns", "exec", host2.netns, sys.executable, "-m", "hvext.cli.main",
+                               "-c", host2.uri_unix, "ha", "recover", name, "--dir", str(shared), "--json",
+                               *member_paths(host2)], capture_output=True, text=True, env=env, timeout=600)
+        if done.returncode != 0:
+            raise HvextError(done.stderr.strip()[:200])
+        result = json.loads(done.stdout)
+        row.update({k: result[k] for k in ("dirty_bytes", "pulled_bytes", "wire_bytes", "state_bytes", "ratio",
+                                           "fill_s", "pull_s", "start_s", "seconds")})
+        row["ram_bytes"] = args.memory << 20
+        row["ok"] = True
+    except Exception as err:  # noqa: BLE001  one failed case is a row, the others still run
+        row["note"] = f"{type(err).__name__}: {err}"[:120]
+    finally:
+        for conn in (conn2, conn1):
+            try:
+                dom = conn.lookup(name)
+                if dom.is_active():
+                    dom.destroy()
+                dom.undefine(remove_state=False)
+            except HvextError:
+                pass
+            try:
+                ramfile.remove(ramfile.RamFile(ramfile.ram_path(name, conn.host_id), args.memory << 20))
+            except (HvextError, OSError):
+                pass
+        try:
+            volatile.forget(conn1, name)
+        except HvextError:
+            pass
+        remove_domain_state(name)
+        shutil.rmtree(shared, ignore_errors=True)
+        conn1.close()
+        conn2.close()
+    return row
+
+
+def report_recovery(rows: list[dict[str, Any]], sizes: list[int], args: argparse.Namespace) -> None:
+    print(f"\nC18 recovery (ha baseline on host1, the guest writes N MiB, ha recover on host2): bytes moved vs dirty "
+          f"bytes (goal <= 1.05x; device state apart), guest {args.memory} MiB")
+    print(f"{'written MiB':>12} {'ok':>4} {'dirty MiB':>18} {'moved MiB':>18} {'moved/dirty':>18} "
+          f"{'state MiB':>10} {'moved/RAM':>16} {'pull s':>16} {'total s':>16}  note")
+    for mib in sizes:
+        case = [r for r in rows if r["mib"] == mib]
+        done = [r for r in case if r["ok"]]
+        notes = "; ".join(sorted({r["note"] for r in case if r["note"]}))
+        print(f"{mib:>12} {len(done)}/{len(case):<2} {spread([r['dirty_bytes'] / 2**20 for r in done], '{:.1f}'):>18} "
+              f"{spread([r['wire_bytes'] / 2**20 for r in done], '{:.1f}'):>18} "
+              f"{spread([r['ratio'] for r in done], '{:.3f}x'):>18} "
+              f"{spread([r['state_bytes'] / 2**20 for r in done], '{:.2f}'):>10} "
+              f"{spread([r['wire_bytes'] / r['ram_bytes'] for r in done], '{:.3f}x'):>16} "
+              f"{spread([r['pull_s'] for r in done]):>16} {spread([r['seconds'] for r in done]):>16}  {notes}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run per case")
@@ -306,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=int, default=512, help="guest RAM, MiB")
     parser.add_argument("--timeout", type=float, default=240.0, help="per boot, s")
     parser.add_argument("--samples", help="write every run's row here (JSON)")
+    parser.add_argument("--recovery", default="", metavar="MIB[,MIB...]",
+                        help="also C18 recoveries after the guest wrote each of these MiB (bytes moved vs dirty)")
+    parser.add_argument("--only-recovery", action="store_true", help="only the --recovery cases")
     plot.add_option(parser)
     args = parser.parse_args(argv)
     have = available_modes()
@@ -316,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         modes = [modes[-1]]
         kinds = ["abrupt" if modes[0] == "restart" else "power-loss"]
     runs = args.runs or (1 if args.quick or args.smoke else 3)
+    sizes = [int(x) for x in args.recovery.split(",") if x]
+    if args.only_recovery:
+        if not sizes:
+            parser.error("--only-recovery needs --recovery MIB[,MIB...]")
+        modes = []
+    recovery: list[dict[str, Any]] = []
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     rows: list[dict[str, Any]] = []
     errors = 0
@@ -339,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                     errors += not row["ok"]
                     rows.append(row)
                     print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            for mib in sizes:
+                row = run_recovery(lab, mib, run, args)
+                errors += not row["ok"]
+                recovery.append(row)
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     except Exception as err:  # noqa: BLE001  no lab, no image, ...: the cases not run are rows saying why
         errors += 1
         done = {(r["mode"], r["kind"], r["run"]) for r in rows}
@@ -352,9 +456,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"lab down failed: {err}", file=sys.stderr)
                 errors += 1
     if args.samples:
-        Path(args.samples).write_text(json.dumps(rows, indent=1))
-    report(rows, modes, kinds, runs, args, load_before)
-    plot_rto(args.plot_dir, rows, modes, kinds, args.memory)
+        Path(args.samples).write_text(json.dumps(rows + recovery, indent=1))
+    if modes:
+        report(rows, modes, kinds, runs, args, load_before)
+        plot_rto(args.plot_dir, rows, modes, kinds, args.memory)
+    if sizes:
+        recovery += [_recovery_row(m, r, "not run") for r in range(runs) for m in sizes
+                     if not any(x["mib"] == m and x["run"] == r + 1 for x in recovery)]
+        report_recovery(recovery, sizes, args)
     return 1 if errors else 0
 
 

@@ -16,7 +16,7 @@ import logging
 import time
 
 from hvext.errors import HvextError
-from hvext.ha import standby, volatile
+from hvext.ha import standby, volatile, volatile_policy
 from hvext.host import Host
 
 log = logging.getLogger("hvextd.volatile")
@@ -34,6 +34,8 @@ def _round(host: Host) -> None:
                 volatile.refresh(host, state.domain, wait=0)
             elif action == "baseline":
                 volatile.take_baseline(host, state.domain, state.dir, state.source_host or "unknown")
+        except volatile_policy.Busy:
+            continue  # a CLI baseline or a hand-over holds it: the next round
         except HvextError as err:
             log.warning("baseline of %s: %s failed: %s", state.domain, action, err)
         except Exception:
@@ -43,6 +45,8 @@ def _round(host: Host) -> None:
             continue
         try:
             standby.sync(host, record.domain, wait=0)
+        except volatile_policy.Busy:
+            continue
         except HvextError as err:
             log.warning("standby copy of %s: %s", record.domain, err)
         except Exception:

@@ -145,7 +145,7 @@ def _locked(host_id: str, name: str, wait: float | None = LOCK_WAIT_S) -> Any:
         with durable.locked(_dir(host_id) / f"{name}.lock", wait=wait):
             yield
     except BlockingIOError:
-        raise StandbyError(f"another refresh or failover of {name!r} is in progress") from None
+        raise vpolicy.Busy(f"another refresh or failover of {name!r} is in progress") from None
 
 
 def _send_all(fd: int, size: int, target: pagexfer.PeerTarget) -> int:

@@ -164,7 +164,7 @@ def _locked(host_id: str, name: str, wait: float | None = LOCK_WAIT_S) -> Any:
         with durable.locked(_state_dir(host_id) / f"{name}.lock", wait=wait):
             yield
     except BlockingIOError:
-        raise VolatileError(f"another baseline, refresh or hand-over of {name!r} is in progress") from None
+        raise vpolicy.Busy(f"another baseline, refresh or hand-over of {name!r} is in progress") from None
 
 
 def store_dir(base: Path, name: str) -> Path:

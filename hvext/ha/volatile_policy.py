@@ -22,6 +22,10 @@ MAX_RUNS = 1 << 20
 PULL_RATIO_LIMIT = 1.05
 
 
+class Busy(HAError):
+    """Another baseline, refresh, hand-over or failover of the domain holds its lock (hvextd skips a round)."""
+
+
 class PageListError(HAError):
     """A page list from a peer (or a state file) is not a valid set of runs for the region."""
 
@@ -144,5 +148,5 @@ class PullAccount:
                 "ratio": round(self.ratio, 4), "within_goal": self.within_goal}
 
 
-__all__ = ["BATCH_BYTES", "PULL_RATIO_LIMIT", "PageListError", "PullAccount", "batches", "check_extents",
+__all__ = ["BATCH_BYTES", "Busy", "PULL_RATIO_LIMIT", "PageListError", "PullAccount", "batches", "check_extents",
            "check_runs", "continues", "pages", "union"]
