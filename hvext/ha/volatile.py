@@ -272,11 +272,21 @@ def take_baseline(host: Host, name: str, directory: str | os.PathLike[str], host
     domain = host.lookup(name)
     domain.require_running()
     ram = ramfile.require(domain)
-    host_id = host.host_id
     for value, what in ((refresh_s, "refresh interval"), (baseline_s, "baseline interval")):
         if value is not None and not (0 <= value <= 86400):
             raise UsageError(f"the {what} is seconds from 0 to 86400")
     target_dir = store_dir(base, domain.name)
+    try:
+        return _take(host, domain, ram, base, target_dir, host_name, refresh_s, baseline_s)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            target_dir.rmdir()  # made here and still empty: nothing is left of a failed first baseline
+        raise
+
+
+def _take(host: Host, domain: Domain, ram: ramfile.RamFile, base: Path, target_dir: Path, host_name: str,
+          refresh_s: float | None, baseline_s: float | None) -> dict[str, Any]:
+    host_id = host.host_id
     with _locked(host_id, domain.name):
         old = load_state(host_id, domain.name)
         domain_id = domain.id()
