@@ -306,7 +306,7 @@ def failover(host: Host, name: str, *, reason: str = "planned") -> dict[str, Any
                 pages, full = _send_dirty(record, domain, domain_id, conn)
                 final_bytes = record.bytes_sent - before
                 state_file = Path(tmp) / "device-state"
-                saved = ramfile.save_device_state(domain, state_file)  # QEMU stops; its RAM file stays
+                saved = ramfile.save_device_state(domain, state_file, stop=False)  # QEMU paused, stopped below
             except BaseException as err:
                 with contextlib.suppress(HvextError):
                     if was_running and domain.is_active():
@@ -316,13 +316,17 @@ def failover(host: Host, name: str, *, reason: str = "planned") -> dict[str, Any
             paused_s = time.perf_counter() - started
             data = state_file.read_bytes()
             try:
-                reply, _ = conn.request({"op": "ram-takeover", "domain": name}, data)
-            except HvextError as err:
+                reply = _takeover(conn, name, data)
+            except StandbyError as err:
+                raise _stop(host_id, record, None, str(err)) from err
+            if "error" in reply:  # the standby says it did not start the guest: it goes on here
                 with contextlib.suppress(HvextError):
+                    domain.destroy()
                     ramfile.start_on_ram_file(domain, state_file, paused=not was_running)
-                raise _stop(host_id, record, None, f"the standby could not take over ({err}); the guest was "
-                                                   "resumed here") from err
-        downtime = time.perf_counter() - started
+                raise _stop(host_id, record, None, f"the standby could not take over ({str(reply['error'])[:300]}); "
+                                                   "the guest was resumed here")
+            downtime = time.perf_counter() - started
+            domain.destroy()  # paused since the stream completed; the standby runs the guest now
         record.state = "failed over"
         report = {"domain": name, "standby": record.standby, "reason": reason, "downtime_s": round(downtime, 4),
                   "paused_before_handover_s": round(paused_s, 4), "final_pages": pages, "final_full": full,
@@ -333,6 +337,21 @@ def failover(host: Host, name: str, *, reason: str = "planned") -> dict[str, Any
         _save(host_id, record)
     log.warning("%s failed over to %s (%s) in %.3f s", name, record.standby, reason, downtime)
     return report
+
+
+def _takeover(conn: peer.Connection, name: str, state: bytes) -> dict[str, Any]:
+    """Send ``ram-takeover``; the standby's reply (``{"error": ...}`` when it did not start the guest).
+
+    A connection that fails after the request went out leaves it unknown whether the standby runs the
+    guest: StandbyError, and the guest stays paused here (never running on two hosts)."""
+    try:
+        peer.send_frame(conn.sock, {"op": "ram-takeover", "domain": name}, state)
+        reply, _ = peer.recv_frame(conn.sock)
+    except (OSError, peer.PeerError) as err:
+        raise StandbyError(f"the connection to the standby failed during the takeover of {name!r} ({err}): it may "
+                           "or may not run the guest now; the guest stays paused here -- check the standby "
+                           "(`hvext list` there), then `hvext destroy` one of them and resume the other") from err
+    return reply
 
 
 def battery(uri: str | None) -> list[dict[str, Any]]:
