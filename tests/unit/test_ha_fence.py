@@ -212,3 +212,44 @@ def test_a_renewal_counts_when_the_lease_is_renewed_not_when_the_rounds_reads_en
         asyncio.run(scenario())
     finally:
         other.close()
+
+
+def test_a_slow_fence_path_moves_the_watchdogs_deadline_earlier(tmp_path: Path) -> None:
+    """After a renewal the keeper times the fence's path (libvirt looked up as the fence does it) on a
+    fake clock: 1.3 s there, as the loaded CI run's late pause, widens the margin of a 5 s lease from
+    1 s to 2.5 s, so that the watchdog fences 2.6 s after the last renewal (with the configured margin
+    alone it would wait until 4 s, and the pause would land after the lease could have ended)."""
+    now = [100.0]
+    probed: list[list[str]] = []
+
+    def slow_probe(uri: str | None, names: list[str]) -> None:
+        probed.append(names)
+        now[0] += 1.3
+
+    config = HAConfig(cluster="t", etcd_endpoints=("https://127.0.0.1:1",), host="h", lease_ttl=5,
+                      fence_margin=1.0, credentials=tmp_path)
+    keeper = ha_loop.Keeper(config, "h", "test:///default", clock=lambda: now[0], probe=slow_probe)
+    try:
+        keeper.last_renewal, keeper.lease_ttl, keeper.owned = 100.0, 5, ["vm1"]
+        assert keeper.guard() == (100.0, 5.0, 1.0)
+
+        async def renewed() -> None:
+            keeper._kick_probe()
+            assert keeper.probing is not None
+            await keeper.probing
+        asyncio.run(renewed())
+        assert probed == [["vm1"]] and keeper.changed.is_set()  # the watchdog computes its deadline again
+        last, ttl, margin = keeper.guard()
+        assert margin == 2.5
+        assert policy.fence_decision(last, 102.6, ttl, margin) is policy.Fence.FENCE
+        assert policy.fence_decision(last, 102.6, ttl, config.fence_margin) is policy.Fence.RUN
+    finally:
+        keeper.client.close()
+        keeper.work_client.close()
+        keeper.fence_pool.shutdown()
+
+
+def test_the_fence_path_probe_looks_the_domains_up_without_touching_them() -> None:
+    with running_domain(XML, "probe") as dom:
+        ha_loop.probe_domains("test:///default", [dom.name, "no-such-domain"])
+        assert dom.is_active() and dom.state is RunState.RUNNING  # looked up, not paused
