@@ -58,6 +58,14 @@ LEASE_NOT_FOUND = "requested lease not found"
 UNHEALTHY = "unhealthy cluster"
 #: Seconds one request may take before the member counts as unavailable.
 REQUEST_TIMEOUT_S = 2.0
+#: etcd's error (rpctypes.ErrLeaderChanged, gRPC Unavailable: retryable) while a leader election ends.
+LEADER_CHANGED = "etcdserver: leader changed"
+#: Requests that change nothing (a keepalive renews again): repeated once when etcd answers
+#: :data:`LEADER_CHANGED` (a new leader is known by then). A write is not: its outcome is unknown.
+REPEATABLE = frozenset({"/kv/range", "/maintenance/status", "/cluster/member/list", "/kv/lease/timetolive",
+                        "/lease/keepalive"})
+#: Seconds before that one repeat.
+LEADER_CHANGED_PAUSE_S = 0.1
 
 T = TypeVar("T")
 
@@ -191,13 +199,21 @@ class Client:
             self._clients.append((endpoint, Etcd3Client(host=url.hostname, port=url.port, protocol="https",
                                                         timeout=timeout, api_path=API_PATH, session=session)))
 
-    def _call(self, fn: Callable[[Etcd3Client], T]) -> T:
-        """*fn* on the first endpoint that answers (a refusal is not retried elsewhere)."""
+    def _call(self, fn: Callable[[Etcd3Client], T], repeatable: bool = False) -> T:
+        """*fn* on the first endpoint that answers (a refusal is not retried elsewhere). A *repeatable*
+        one (it changes nothing) is repeated once on an endpoint that said :data:`LEADER_CHANGED`."""
         last: ClusterUnavailable | None = None
         for i, (endpoint, client) in enumerate(self._clients):
             try:
-                with translated(endpoint):
-                    result = fn(client)
+                try:
+                    with translated(endpoint):
+                        result = fn(client)
+                except ClusterUnavailable as err:
+                    if not repeatable or LEADER_CHANGED not in str(err):
+                        raise
+                    time.sleep(LEADER_CHANGED_PAUSE_S)
+                    with translated(endpoint):
+                        result = fn(client)
             except ClusterUnavailable as err:
                 last = err
                 continue
@@ -211,7 +227,7 @@ class Client:
         raise last
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call(lambda c: c.post(c.get_url(path), json=body))
+        return self._call(lambda c: c.post(c.get_url(path), json=body), repeatable=path in REPEATABLE)
 
     def close(self) -> None:
         for _, client in self._clients:
