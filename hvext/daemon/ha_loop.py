@@ -13,6 +13,10 @@ Two tasks share one :class:`Keeper`:
   successful read, so that the VM is stopped here before another host can
   claim it (the owner key goes with the lease, at the earliest TTL s after
   the last renewal was sent). It does not wait for a hung etcd request.
+  A keepalive counts only when the member that answered it then serves a
+  quorum read (:meth:`hvext.ha.client.Client.confirm`): etcd 3.4 lets a
+  leader cut off from its quorum renew leases in its memory until it steps
+  down, and the leader elected on the other side never sees those renewals.
   The margin is ``[ha] fence_margin``, widened by
   :func:`hvext.ha.policy.fence_margin` when the fence's path is slow: after
   each renewal the owned domains are looked up the way the fence does
@@ -234,10 +238,14 @@ class Keeper:
             if self.client.keepalive(self.lease_id) <= 0:
                 log.warning("lease %x expired in etcd; granting a new one", self.lease_id)
                 self.lease_id = None
-            elif self.pending is None:
-                # Renewed now: the watchdog counts from here, not from the end of this round, whose reads
-                # (owners, records, hosts) may take a while when a member is gone (each endpoint is tried).
-                self.last_renewal = sent
+            else:
+                # A leader cut off from its quorum still renews (etcd 3.4, in its memory): the renewal
+                # counts only if the same member then serves a quorum read (raises otherwise).
+                self.client.confirm()
+                if self.pending is None:
+                    # Renewed now: the watchdog counts from here, not from the end of this round, whose reads
+                    # (owners, records, hosts) may take a while when a member is gone (each endpoint is tried).
+                    self.last_renewal = sent
         if self.pending is not None:  # keep it alive until we know whether the keys are on it
             pending_id, pending_ttl, _ = self.pending
             self.pending = (pending_id, pending_ttl, sent) if self.client.keepalive(pending_id) > 0 else None

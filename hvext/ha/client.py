@@ -276,6 +276,19 @@ class Client:
         reply = self._post("/lease/keepalive", {"ID": lease_id})
         return int(reply.get("result", {}).get("TTL", -1))
 
+    def confirm(self) -> None:
+        """A linearizable read through the endpoint that answered last, and that one only
+        (ClusterUnavailable otherwise): etcd serves it only while the leader holds a quorum.
+
+        etcd 3.4 renews a lease in the leader's memory, not through its quorum: a leader cut off from
+        the others goes on answering keepalives until it steps down (an election timeout later, more
+        on a loaded host), and the leader elected meanwhile on the other side never hears of those
+        renewals. A keepalive counts once this read, sent after it, succeeds.
+        """
+        endpoint, client = self._clients[0]
+        with translated(endpoint):
+            client.post(client.get_url("/kv/range"), json={"key": _b64(CLUSTER_KEY), "count_only": True})
+
     def lease(self, lease_id: int) -> Lease:
         reply = self._post("/kv/lease/timetolive", {"ID": lease_id})
         return Lease(lease_id, int(reply.get("TTL", -1)), int(reply.get("grantedTTL", 0)))
