@@ -205,15 +205,7 @@ class Client:
         last: ClusterUnavailable | None = None
         for i, (endpoint, client) in enumerate(self._clients):
             try:
-                try:
-                    with translated(endpoint):
-                        result = fn(client)
-                except ClusterUnavailable as err:
-                    if not repeatable or LEADER_CHANGED not in str(err):
-                        raise
-                    time.sleep(LEADER_CHANGED_PAUSE_S)
-                    with translated(endpoint):
-                        result = fn(client)
+                result = self._on(endpoint, client, fn, repeatable)
             except ClusterUnavailable as err:
                 last = err
                 continue
@@ -225,6 +217,19 @@ class Client:
             raise ClusterUnavailable(f"no etcd endpoint answers ({len(self._clients)} tried; last: {last})") \
                 from last
         raise last
+
+    @staticmethod
+    def _on(endpoint: str, client: Etcd3Client, fn: Callable[[Etcd3Client], T], repeatable: bool) -> T:
+        """*fn* on one endpoint; a *repeatable* one once more if etcd said :data:`LEADER_CHANGED`."""
+        try:
+            with translated(endpoint):
+                return fn(client)
+        except ClusterUnavailable as err:
+            if not repeatable or LEADER_CHANGED not in str(err):
+                raise
+        time.sleep(LEADER_CHANGED_PAUSE_S)
+        with translated(endpoint):
+            return fn(client)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._call(lambda c: c.post(c.get_url(path), json=body), repeatable=path in REPEATABLE)
@@ -286,8 +291,9 @@ class Client:
         renewals. A keepalive counts once this read, sent after it, succeeds.
         """
         endpoint, client = self._clients[0]
-        with translated(endpoint):
-            client.post(client.get_url("/kv/range"), json={"key": _b64(CLUSTER_KEY), "count_only": True})
+        self._on(endpoint, client, lambda c: c.post(c.get_url("/kv/range"),
+                                                    json={"key": _b64(CLUSTER_KEY), "count_only": True}),
+                 repeatable=True)
 
     def lease(self, lease_id: int) -> Lease:
         reply = self._post("/kv/lease/timetolive", {"ID": lease_id})

@@ -85,3 +85,10 @@ def test_a_write_that_meets_a_leader_change_is_not_repeated(gateway: tuple[Gatew
     with pytest.raises(ClusterUnavailable, match="leader changed"):
         client.delete_record("/hvext/final/", "vm1")
     assert server.asked == ["/v3/kv/deleterange"]
+
+
+@pytest.mark.parametrize("gateway", [1], indirect=True)
+def test_the_quorum_read_confirming_a_renewal_is_repeated_once_on_its_endpoint(gateway: tuple[Gateway, Client]) -> None:
+    server, client = gateway
+    client.confirm()
+    assert server.asked == ["/v3/kv/range", "/v3/kv/range"]
