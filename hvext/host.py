@@ -78,6 +78,8 @@ LIFECYCLE_EVENTS = {
     libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
     libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
 }
+#: Details of a "stopped" event where the guest itself ended (powered off, crashed), not hvext or libvirt.
+GUEST_STOPS = frozenset({libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED})
 #: (event name, detail) pairs of a lifecycle event that ends or begins a migration on this host.
 MIGRATION_EVENTS: dict[tuple[str, int], str] = {
     ("stopped", libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED): "out",
@@ -295,6 +297,18 @@ class Host:
         itself (an HA-protected domain restarted on another host, docs/ha.md)."""
         with libvirt_errors("defining a domain"):
             return Domain(self, self.conn.defineXML(xml))
+
+    def restore(self, path: Path, xml: str | None = None, *, paused: bool = False) -> Domain:
+        """Start a domain from libvirt's save image *path* (*xml*: the definition to run it with)."""
+        with libvirt_errors(f"restoring {path}"):
+            self.conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else 0)
+        root = etree.fromstring((xml or self.save_image_xml(path)).encode())
+        return self.lookup(root.findtext("name") or "")
+
+    def save_image_xml(self, path: Path) -> str:
+        """The definition inside libvirt's save image *path*."""
+        with libvirt_errors(f"reading the save image {path}"):
+            return str(self.conn.saveImageGetXMLDesc(str(path), 0))
 
     def versions(self) -> dict[str, str]:
         with libvirt_errors("querying versions"):
@@ -652,6 +666,26 @@ class Domain:
     def destroy(self) -> None:
         with self._errors("destroying"):
             self.dom.destroy()
+
+    # -- managed save (virsh managedsave / start) ------------------------
+    def has_managed_save(self) -> bool:
+        """Whether libvirt holds a managed save image of the domain (the next start restores it)."""
+        with self._errors("reading the managed save state of"):
+            return bool(self.dom.hasManagedSaveImage(0))
+
+    def managed_save(self) -> None:
+        """Save the running domain's state into libvirt's managed save image and stop it."""
+        with self._errors("saving"):
+            self.dom.managedSave(0)
+
+    def remove_managed_save(self) -> None:
+        with self._errors("removing the managed save image of"):
+            self.dom.managedSaveRemove(0)
+
+    def save(self, path: Path, xml: str | None = None) -> None:
+        """Save the running domain to the file *path* (libvirt's save image; *xml*: its definition) and stop it."""
+        with self._errors("saving"):
+            self.dom.saveFlags(str(path), xml, 0)
 
     def shutdown(self, *, wait: float | None = None) -> None:
         """Ask the guest to power off (ACPI); with *wait*, until it is off or raise."""

@@ -103,6 +103,14 @@ class SocketQMP:
         except (_QMPLibError, OSError, EOFError) as err:
             raise QMPError(f"QMP {command}: monitor connection failed ({err}); did QEMU exit?") from err
 
+    async def pass_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU the file descriptor *fd* (SCM_RIGHTS) under *name* (``getfd``), for ``fd:NAME`` URIs."""
+        try:
+            self.client.send_fd_scm(fd)
+        except (_QMPLibError, OSError) as err:
+            raise QMPError(f"passing a file descriptor to QEMU failed ({err}); did QEMU exit?") from err
+        await self.execute("getfd", {"fdname": name})
+
     async def events(self, *names: str) -> AsyncIterator[dict[str, Any]]:
         """Yield events (all, or only *names*) until the caller stops iterating."""
         listener = EventListener(names or None)

@@ -1,4 +1,5 @@
-"""Domain lifecycle: list, define, start, shutdown, destroy, undefine, dominfo, console-log."""
+"""Domain lifecycle: list, define, start, shutdown, destroy, undefine, suspend, resume, managedsave,
+managedsave-remove, dominfo, console-log."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Any
 from hvext import aio
 from hvext.cli import common
 from hvext.errors import DomainNotFound, UsageError
-from hvext.host import DomainSpec
+from hvext.host import Domain, DomainSpec
+from hvext.memory import ramfile
 from hvext.pmem import power
-from hvext.units import parse_size_mib
+from hvext.units import format_size, parse_size_mib
 
 SPEC_KEYS = {"name", "memory", "current_memory", "vcpus", "free_page_reporting", "swap_file"}
 
@@ -35,6 +37,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--swap-file", action="store_true", default=None,
                    help="keep guest RAM in a thin file on disk (libvirt's memory_backing_dir), so that what the "
                         "host reclaims from it goes to that file, not to host swap (`hvext swapfile`)")
+    p.add_argument("--ram-file", action="store_true",
+                   help="keep guest RAM in a file under /dev/shm/hvext that the host can read and keep "
+                        "(`managedsave --to-ram`; no memory devices)")
     p.set_defaults(func=cmd_define)
 
     p = commands.add_parser("start", help="start a defined domain")
@@ -48,6 +53,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", type=common.seconds, nargs="?", const=60.0, metavar="SECONDS",
                    help="wait until it is off (default 60 s)")
     p.set_defaults(func=cmd_shutdown)
+
+    p = commands.add_parser("suspend", help="pause a running domain's vCPUs (it stays in memory)")
+    common.add_domain(p)
+    p.set_defaults(func=cmd_suspend)
+
+    p = commands.add_parser("resume", help="let a paused domain's vCPUs run again")
+    common.add_domain(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = commands.add_parser("managedsave", help="save a running domain's state and stop it; `start` resumes it")
+    common.add_domain(p)
+    p.add_argument("--to-ram", action="store_true",
+                   help="save only the device state; guest RAM stays in host memory (RAM-file domains)")
+    common.add_json(p)
+    p.set_defaults(func=cmd_managedsave)
+
+    p = commands.add_parser("managedsave-remove", help="discard a domain's saved state (the next start boots)")
+    common.add_domain(p)
+    p.set_defaults(func=cmd_managedsave_remove)
 
     p = commands.add_parser("destroy", help="force a domain off immediately")
     common.add_domain(p)
@@ -76,7 +100,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with common.open_host(args) as host:
         for d in host.domains(include_inactive=args.all):
             try:
-                rows.append({"id": d.id(), "name": d.name, "state": d.state.value, "hvext": d.facts().hvext_managed})
+                rows.append({"id": d.id(), "name": d.name, "state": ramfile.state(d), "hvext": d.facts().hvext_managed})
             except DomainNotFound:
                 continue  # undefined while we were listing
     common.print_result(args.json, rows, lambda: common.print_table(
@@ -130,18 +154,27 @@ def _flag(values: dict[str, Any], key: str) -> bool:
 
 def cmd_define(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
+    if args.ram_file and spec.swap_file:
+        raise UsageError("--ram-file and --swap-file exclude each other: guest RAM is in one file")
     with common.open_host(args) as host:
-        host.define(spec)
+        dom = host.define(spec)
+        if args.ram_file:
+            try:
+                ramfile.convert(dom)
+            except BaseException:
+                dom.undefine()  # nothing half done: no domain without the RAM file it was asked for
+                raise
     common.console.print(f"Domain '{spec.name}' defined ({spec.memory_mib} MiB, {spec.vcpus} vCPU"
-                         + (", RAM in a swap file)" if spec.swap_file else ")"))
+                         + (", RAM in a swap file)" if spec.swap_file else
+                            ", RAM in a RAM file)" if args.ram_file else ")"))
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         started = time.monotonic()
-        dom.start()
-        common.console.print(f"Domain '{dom.name}' started")
+        how = ramfile.start(dom)
+        common.console.print(f"Domain '{dom.name}' started" + (" (resumed from RAM)" if how != "booted" else ""))
         if args.wait_agent:
             with common.console.status("waiting for the hvext agent..."):
                 info = aio.run(dom.wait_agent(args.wait_agent))
@@ -156,6 +189,7 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
             with common.console.status(f"waiting for '{dom.name}' to power off..."):
                 dom.shutdown(wait=args.wait)
             common.console.print(f"Domain '{dom.name}' is shut off")
+            _release(dom)
         else:
             dom.shutdown()
             common.console.print(f"Domain '{dom.name}' is being shutdown")
@@ -166,6 +200,58 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         dom.destroy()
         common.console.print(f"Domain '{dom.name}' destroyed")
+        _release(dom)
+    return 0
+
+
+def _release(dom: Domain) -> None:
+    """A RAM-file domain that stopped gives its RAM file's memory back to the host."""
+    if ramfile.release(dom):
+        common.console.print(f"RAM file of '{dom.name}' emptied")
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        dom.suspend()
+        common.console.print(f"Domain '{dom.name}' suspended")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        dom.resume()
+        common.console.print(f"Domain '{dom.name}' resumed")
+    return 0
+
+
+def cmd_managedsave(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        if args.to_ram:
+            result = ramfile.save_to_ram(dom)
+            data = {"name": dom.name, "to_ram": True, **result.to_dict()}
+        else:
+            dom.require_running()
+            started = time.monotonic()
+            dom.managed_save()
+            data = {"name": dom.name, "to_ram": False, "seconds": time.monotonic() - started}
+            _release(dom)  # the image holds all of its RAM
+    common.print_result(args.json, data, lambda: common.console.print(
+        f"Domain '{dom.name}' state saved "
+        + (f"to RAM: {format_size(data['state_bytes'])} of device state written, "
+           f"{format_size(data['ram_bytes'])} of guest RAM kept in {data['ram_file']['path']}"
+           if args.to_ram else "by libvirt") + f" ({data['seconds']:.2f} s)"))
+    return 0
+
+
+def cmd_managedsave_remove(args: argparse.Namespace) -> int:
+    with common.open_domain(args) as dom:
+        if ramfile.discard(dom):
+            common.console.print(f"Removed the saved-to-RAM state of '{dom.name}'")
+        elif dom.has_managed_save():
+            dom.remove_managed_save()
+            common.console.print(f"Removed managedsave image for domain '{dom.name}'")
+        else:
+            common.console.print(f"Domain '{dom.name}' has no managed save image; removal skipped")
     return 0
 
 
@@ -185,6 +271,12 @@ def cmd_undefine(args: argparse.Namespace) -> int:
 def cmd_dominfo(args: argparse.Namespace) -> int:
     with common.open_domain(args) as dom:
         info = dom.info()
+        info["state"] = ramfile.state(dom) if info["state"] == "shut off" else info["state"]
+        ram = ramfile.of(dom)
+        info["ram_file"] = ram.to_dict() if ram else None
+        info["managed_save"] = info["state"] == ramfile.SAVED_STATE or dom.has_managed_save()
+        if ram:
+            info["ram_file"]["usage"] = ramfile.usage(dom).to_dict()
     common.print_result(args.json, info, lambda: common.print_fields({
         "Id": info["id"], "Name": info["name"], "UUID": info["uuid"], "State": info["state"],
         "CPU(s)": info["vcpus"], "CPU time": f"{info['cpu_time_s']:.1f}s",
@@ -193,6 +285,9 @@ def cmd_dominfo(args: argparse.Namespace) -> int:
         "hvext managed": "yes" if info["hvext_managed"] else "no",
         "Agent channel": "yes" if info["agent_channel"] else "no",
         "Console log": info["console_log"],
+        "Managed save": "yes" if info["managed_save"] else "no",
+        "RAM file": (f"{info['ram_file']['path']} (block {info['ram_file']['block_id']}, "
+                     f"{format_size(info['ram_file']['usage']['file'])} held)") if info["ram_file"] else "no",
     }))
     return 0
 

@@ -44,12 +44,25 @@ from hvext.daemon.config import Config, HAConfig, MetricsConfig, PowerConfig
 from hvext.ha.cluster import default_name as default_host_name
 from hvext.daemon.placement_loop import PlacementConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
-from hvext.host import Host
+from hvext.host import GUEST_STOPS, Host
+from hvext.memory import ramfile
 from hvext.pmem import hints, power
 
 log = logging.getLogger("hvextd")
 
 MAX_BACKOFF_S = 30.0
+
+
+def release_ram_file(host: Host, name: str) -> None:
+    """Empty the RAM file of RAM-file domain *name* after its guest stopped by itself (never one saved to
+    RAM: :func:`hvext.memory.ramfile.release` checks); failures are logged."""
+    try:
+        if ramfile.release(host.lookup(name)):
+            log.info("domain %s stopped: its RAM file's memory given back", name)
+    except HvextError as err:
+        log.warning("domain %s stopped, its RAM file was not emptied: %s", name, err)
+    except Exception:
+        log.exception("emptying the RAM file of %s failed unexpectedly", name)
 
 
 class Daemon:
@@ -75,6 +88,9 @@ class Daemon:
     def _on_lifecycle(self, domain: str, event: str, detail: int) -> None:
         log.info("domain %s %s (detail %d)", domain, event, detail)
         metrics.count_lifecycle(domain, event, detail)
+        if event == "stopped" and detail in GUEST_STOPS and self.host is not None:
+            # a guest that powered off leaves its RAM file's pages in /dev/shm: give them back
+            asyncio.get_running_loop().run_in_executor(None, release_ram_file, self.host, domain)
         for listener in self.listeners:
             listener(domain, event, detail)
 

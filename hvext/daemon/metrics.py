@@ -40,7 +40,7 @@ from hvext.dirty import rate
 from hvext.errors import (AgentError, AgentTimeout, AgentUnavailable, DomainNotFound, DomainStateError, HvextError,
                           QMPError)
 from hvext.host import MIGRATION_EVENTS, Domain, Host
-from hvext.memory import balloon, classes, swap
+from hvext.memory import balloon, classes, ramfile, swap
 from hvext.memory.demand import leaf_demands, stored_tree
 from hvext.memory.host import meminfo
 from hvext.memory.pools import PoolStore
@@ -91,7 +91,11 @@ GAUGES: dict[str, Spec] = {s.name: s for s in (
          ("domain", "source")),
     Spec("hvext_domain_memory_class_bytes", "gauge",
          "guest memory by usage class (guest agent, plausible reports only)", ("domain", "class")),
-    Spec("hvext_domain_qemu_rss_bytes", "gauge", "resident memory of the domain's QEMU process (/proc)", ("domain",)),
+    Spec("hvext_domain_qemu_rss_bytes", "gauge", "resident memory of the domain's QEMU process (/proc); for a "
+         "RAM-file domain without its RAM file's pages (hvext_domain_ram_file_bytes): add the two, counted once",
+         ("domain",)),
+    Spec("hvext_domain_ram_file_bytes", "gauge", "host memory the guest RAM file of a RAM-file domain holds "
+         "(/dev/shm/hvext; running domains)", ("domain",)),
     Spec("hvext_domain_qemu_swap_bytes", "gauge", "host swap used by the domain's QEMU process (/proc)", ("domain",)),
     Spec("hvext_domain_dirty_rate_bytes_per_second", "gauge",
          "QEMU's last finished dirty-rate measurement (absent until one is made)", ("domain", "mode")),
@@ -177,7 +181,8 @@ class DomainSample:
     balloon_actual: int
     max_memory: int
     balloon_target: balloon.Target | None = None
-    qemu_rss: int | None = None
+    qemu_rss: int | None = None  # a RAM-file domain's without its RAM file's pages
+    ram_file: int | None = None  # pages its RAM file holds (RAM-file domains)
     qemu_swap: int | None = None
     classes: dict[str, int] = field(default_factory=dict)
     dirty_rate: tuple[str, int] | None = None  # (mode, bytes per second)
@@ -224,6 +229,9 @@ def read_libvirt(domain: Domain) -> DomainSample:
     try:
         memory = swap.process_memory(swap.qemu_pid(domain.name))
         sample.qemu_rss, sample.qemu_swap = memory["rss"], memory["swap"]
+        if ramfile.of(domain) is not None:  # its RSS includes the RAM file's pages: count them once
+            used = ramfile.usage(domain)
+            sample.qemu_rss, sample.ram_file = used.private, used.file
     except DomainStateError as err:  # no pid file here (a remote URI) or QEMU just exited
         log.debug("no QEMU process figures for %s: %s", domain.name, err)
     return sample
@@ -420,6 +428,7 @@ def families(snapshot: Snapshot) -> list[Metric]:
         for name, value in d.classes.items():
             put("hvext_domain_memory_class_bytes", value, d.name, name)
         put("hvext_domain_qemu_rss_bytes", d.qemu_rss, d.name)
+        put("hvext_domain_ram_file_bytes", d.ram_file, d.name)
         put("hvext_domain_qemu_swap_bytes", d.qemu_swap, d.name)
         if d.dirty_rate is not None:
             put("hvext_domain_dirty_rate_bytes_per_second", d.dirty_rate[1], d.name, d.dirty_rate[0])

@@ -17,6 +17,7 @@ from typing import Any
 
 from hvext.errors import DomainNotFound, HvextError, UsageError
 from hvext.host import Domain, Host
+from hvext.memory import ramfile
 from hvext.memory.host import meminfo
 from hvext.memory.pools import ROOT, PoolStore, ResourceTree, compute_allocations
 from hvext.units import KIB, MIB
@@ -67,7 +68,7 @@ class DomainFigures:
 
     state: str
     demand_mib: int = 0  # balloon actual of a running domain
-    usage_mib: int | None = None  # RSS of its QEMU process
+    usage_mib: int | None = None  # RSS of its QEMU process; a RAM-file domain's RAM file counted once (running or not)
 
 
 def domain_figures(host: Host, names: Iterable[str]) -> dict[str, DomainFigures]:
@@ -77,9 +78,13 @@ def domain_figures(host: Host, names: Iterable[str]) -> dict[str, DomainFigures]
         try:
             dom = host.lookup(name)
             if not dom.is_active():
-                figures[name] = DomainFigures(dom.state.value)
+                used = ramfile.usage(dom)  # saved to RAM: its RAM file still holds host memory
+                figures[name] = DomainFigures(used.state, 0, used.total // MIB if used.file else None)
                 continue
             demand = demand_bytes(dom)
+            if ramfile.of(dom) is not None:  # QEMU's RSS includes the RAM file's pages: count them once
+                figures[name] = DomainFigures("running", demand // MIB, ramfile.usage(dom).total // MIB)
+                continue
             rss = dom.balloon_stats().get("rss")
             figures[name] = DomainFigures("running", demand // MIB, rss // KIB if rss is not None else None)
         except DomainNotFound:

@@ -20,7 +20,7 @@ from typing import Any
 
 from hvext.errors import AgentError, QMPError
 from hvext.host import Domain
-from hvext.memory import balloon, classes, policy, swap
+from hvext.memory import balloon, classes, policy, ramfile, swap
 from hvext.memory.host import meminfo
 from hvext.units import MIB
 
@@ -98,7 +98,7 @@ async def reclaim(domain: Domain, amount: int, method: str = "auto") -> ReclaimR
     decision = policy.decide(state, amount, method)
     log.info("reclaim %s from %s: %s (%s)", amount, domain.name, decision.method, decision.reason)
     pid = await asyncio.to_thread(swap.qemu_pid, domain.name)
-    rss_before = (await asyncio.to_thread(swap.process_memory, pid))["rss"]
+    rss_before = (await asyncio.to_thread(ramfile.usage, domain)).total  # a RAM file counted once
     available_before = await asyncio.to_thread(meminfo, "MemAvailable")
     if decision.balloon:
         try:
@@ -112,7 +112,7 @@ async def reclaim(domain: Domain, amount: int, method: str = "auto") -> ReclaimR
     actual_after, _ = await balloon.read_balloon(domain)
     if decision.swap:
         await _swap_writeback_settled()
-    rss_after = (await asyncio.to_thread(swap.process_memory, pid))["rss"]
+    rss_after = (await asyncio.to_thread(ramfile.usage, domain)).total
     available_after = await asyncio.to_thread(meminfo, "MemAvailable")
     return ReclaimReport(
         domain=domain.name, method=decision.method,

@@ -25,7 +25,7 @@ from hvext import paths
 from hvext.dirty import rate
 from hvext.errors import HostError, HvextError, UsageError
 from hvext.host import Domain, Host, JobStats, MigrationOptions, RunState, libvirt_message
-from hvext.memory import balloon
+from hvext.memory import balloon, ramfile
 from hvext.migrate.policy import MIB, Plan, Progress, after_failure, plan, should_switch_to_postcopy
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,10 @@ class Result:
 
 
 def rewrite_host_paths(xml: str, name: str, src_id: str, dst_id: str) -> str:
-    """The domain XML for the destination: per-host sockets and console log of *dst_id*."""
+    """The domain XML for the destination: per-host sockets, console log and RAM file of *dst_id*."""
     replacements = {str(paths.runtime_dir(name, src_id)): str(paths.runtime_dir(name, dst_id)),
-                    str(paths.console_log(name, src_id)): str(paths.console_log(name, dst_id))}
+                    str(paths.console_log(name, src_id)): str(paths.console_log(name, dst_id)),
+                    str(ramfile.ram_path(name, src_id)): str(ramfile.ram_path(name, dst_id))}
     root = etree.fromstring(xml.encode())
     for element in root.iter():
         for key, value in element.attrib.items():
@@ -120,6 +121,10 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
                              "e.g. qemu+tcp://HOST/system")
         # same file system in a lab; see docs for separate hosts
         await asyncio.to_thread(dest.prepare_runtime_dir, domain.name)
+        source_ram = await asyncio.to_thread(ramfile.of, domain)
+        dest_ram = ramfile.moved(source_ram, domain.name, dest.host_id) if source_ram else None
+        if dest_ram is not None:  # QEMU cannot create it; the destination's own file (hosts may share /dev/shm)
+            await asyncio.to_thread(ramfile.prepare_on, dest, domain.name, dest_ram)
         ram, measured, rate_error = await _ram_and_rate(domain, policy)
         p = plan(policy, ram, int((measured or 0) * MIB), bandwidth_mib * MIB if bandwidth_mib else None,
                  downtime_ms, bandwidth_mib)
@@ -175,7 +180,12 @@ async def migrate(domain: Domain, dest_uri: str, *, policy: str = "auto", downti
         try:
             await worker
         except HvextError as err:
-            raise await asyncio.to_thread(_failure, domain, err, aborted, paused_before, asked_switch) from err
+            failure = await asyncio.to_thread(_failure, domain, err, aborted, paused_before, asked_switch)
+            if dest_ram is not None and await asyncio.to_thread(domain.is_active):
+                await asyncio.to_thread(ramfile.remove, dest_ram)  # the guest stayed here
+            raise failure from err
+        if source_ram is not None:  # the guest's RAM is in the destination's file now
+            await asyncio.to_thread(ramfile.remove, source_ram)
         total = time.monotonic() - started
         completed = await asyncio.to_thread(_source_completed_stats, domain) or \
             await loop.run_in_executor(None, _completed_stats, dest, domain.name) or JobStats(active=False)

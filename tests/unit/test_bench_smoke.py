@@ -66,7 +66,7 @@ def test_the_plot_directory_comes_from_the_environment_and_is_made(tmp_path: Pat
 
 
 @pytest.mark.parametrize("bench", ["bench/boot.py", "bench/reclaim.py", "bench/migrate.py", "bench/hugepages.py",
-                                   "bench/pmem_placement.py", "bench/ha.py"])
+                                   "bench/pmem_placement.py", "bench/ha.py", "bench/suspend.py"])
 def test_a_guest_benchmark_that_cannot_start_prints_rows_not_a_traceback(bench: str, tmp_path: Path) -> None:
     """No guest image (here: no guest sources): every case is a row saying why, and the exit status is 1."""
     env = dict(os.environ, HVEXT_SOURCE_DIR=str(tmp_path / "missing"), HVEXT_CACHE_DIR=str(tmp_path))

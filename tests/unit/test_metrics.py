@@ -106,7 +106,8 @@ def test_families_export_what_is_known_under_the_declared_names() -> None:
         domains=[metrics.DomainSample("web", 512 * MIB, 1024 * MIB, balloon.Target(448 * MIB, "hvext"),
                                       qemu_rss=300 * MIB, qemu_swap=MIB, classes={"free": 100 * MIB},
                                       dirty_rate=("page-sampling", 3 * MIB)),
-                 metrics.DomainSample("plain", 256 * MIB, 256 * MIB)],
+                 metrics.DomainSample("plain", 256 * MIB, 256 * MIB),
+                 metrics.DomainSample("ramvm", 256 * MIB, 256 * MIB, qemu_rss=40 * MIB, ram_file=200 * MIB)],
         entitlements={"/": 768 * MIB, "/prod": 512 * MIB},
         pmem=[metrics.PmemDevice("web", "/dev/shm/hvext/web/p0.img", 7, 1.7e9, 65536, 0.25),
               metrics.PmemDevice("db", "/dev/shm/hvext/db/p0.img", None, None, None, None)],
@@ -124,8 +125,12 @@ def test_families_export_what_is_known_under_the_declared_names() -> None:
     assert samples[("hvext_pool_entitlement_bytes", (("pool", "/prod"),))] == 512 * MIB
     assert samples[("hvext_pmem_store_generation",
                     (("backing", "/dev/shm/hvext/web/p0.img"), ("domain", "web")))] == 7
+    # a RAM-file domain: QEMU's own memory and its RAM file, which together count it once
+    assert samples[("hvext_domain_ram_file_bytes", (("domain", "ramvm"),))] == 200 * MIB
+    assert samples[("hvext_domain_qemu_rss_bytes", (("domain", "ramvm"),))] == 40 * MIB
     # unknown values are left out, never exported as 0
     assert ("hvext_domain_qemu_rss_bytes", (("domain", "plain"),)) not in samples
+    assert ("hvext_domain_ram_file_bytes", (("domain", "web"),)) not in samples
     assert not any(name == "hvext_domain_balloon_target_bytes" and ("domain", "plain") in labels
                    for name, labels in samples)
     assert not any(name.startswith("hvext_pmem") and ("domain", "db") in labels for name, labels in samples)

@@ -93,3 +93,11 @@ def test_ha_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
     assert len(rows) == 1, done.stdout
     if rows[0][0] != "restart":
         assert rows[0][5] == "0", done.stdout  # lost: none on the battery path
+
+
+def test_suspend_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
+    done = run_bench(guest_image, tmp_path, "bench/suspend.py", timeout=600)
+    written = next(line.split() for line in done.stdout.splitlines() if line.strip().startswith("MiB written"))
+    to_ram, to_disk = float(written[2]), float(written[3])
+    assert to_ram < 5 < 100 < to_disk, done.stdout  # device state only vs the guest's RAM
+    assert "error" not in done.stdout, done.stdout
