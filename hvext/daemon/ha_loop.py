@@ -169,6 +169,7 @@ class Keeper:
         self.bad_records: dict[str, str] = {}    # protected records that are not hvext's, and why
         self.records: dict[str, Protection] = {}  # the protected records at the last renewal
         self.peer = f"{config.peer_host()}:{config.peer_port}"
+        self.battery_reports: list[dict[str, Any]] = []  # the last power loss's final epochs (replication)
         self.replication = replication.Manager(host_name, uri, creds,
                                                lambda: Client(config.etcd_endpoints, creds),
                                                config.epoch_interval, config.peer_port, config.peer_host())
@@ -331,6 +332,7 @@ class Keeper:
         except Exception:
             log.exception("power loss: replication's final epochs failed unexpectedly")
             return []
+        self.battery_reports = reports  # after_power_loss hands the domains off to replicas holding them
         for report in reports:
             if "error" in report:
                 log.error("power loss: replication of %s: %s", report.get("domain"), report["error"])
@@ -386,7 +388,9 @@ class Keeper:
 
     def after_power_loss(self, report: dict[str, Any]) -> dict[str, str]:
         """After hvextd's power-loss save (blocking; main thread): claim nothing for a while, and hand
-        the saved shared-store domains to a live host (:mod:`hvext.ha.shared_store`). Never raises."""
+        the saved shared-store domains to a live host (:mod:`hvext.ha.shared_store`) and the replicated
+        ones to a live replica that acknowledged their final epoch (:mod:`hvext.ha.replication`).
+        Never raises."""
         from hvext.ha import shared_store
         self.power_lost_at = self.clock()
         if self.lease_id is None or not self.owned:
@@ -398,16 +402,22 @@ class Keeper:
         except HvextError as err:
             log.error("power loss: no etcd client to hand protected domains off: %s", err)
             return {}
+        outcomes: dict[str, str] = {}
         try:
-            return shared_store.hand_off_after_power_loss(client, self.host_name, self.uri, report, list(self.owned))
-        except HvextError as err:
-            log.error("power loss: handing protected domains off failed: %s; they are claimed elsewhere after "
-                      "this host's lease ends", err)
-        except Exception:
-            log.exception("power loss: handing protected domains off failed unexpectedly")
+            for hand_off in (lambda: shared_store.hand_off_after_power_loss(client, self.host_name, self.uri, report,
+                                                                             list(self.owned)),
+                             lambda: replication.hand_off_after_power_loss(client, self.host_name, self.uri,
+                                                                           self.battery_reports, list(self.owned))):
+                try:
+                    outcomes.update(hand_off())
+                except HvextError as err:
+                    log.error("power loss: handing protected domains off failed: %s; they are claimed elsewhere "
+                              "after this host's lease ends", err)
+                except Exception:
+                    log.exception("power loss: handing protected domains off failed unexpectedly")
         finally:
             client.close()
-        return {}
+        return outcomes
 
     async def renewer(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():

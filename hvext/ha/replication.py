@@ -55,7 +55,7 @@ from typing import Any
 
 from hvext import aio, durable, paths
 from hvext.errors import DomainNotFound, HAError, HvextError, UsageError
-from hvext.ha import peer, replication_policy
+from hvext.ha import peer, policy, replication_policy
 from hvext.ha.client import FINAL_PREFIX, REPLICATION_PREFIX, Client, Protection, check_key_name
 from hvext.ha.etcd import Credentials
 from hvext.ha.replication_log import BLOCK_SIZE, DeviceSpec, Entry, Epoch, Log, ReplicaImage
@@ -633,6 +633,48 @@ class ReplicaService:
 
 
 # ----------------------------------------------------------------- restore on the claimer
+def hand_off_after_power_loss(client: Client, host_name: str, uri: str | None, reports: list[dict[str, Any]],
+                              owned: list[str]) -> dict[str, str]:
+    """After the battery path's final epochs (:meth:`Manager.battery`): for each replicated domain this
+    host owns whose final epoch a live replica acknowledged, destroy the (paused) guest and hand the
+    domain to such a replica, so that it claims at its next renewal instead of after this host's lease
+    ends. A domain no live replica holds whole is kept (claimed after the lease, from the newest ack).
+    One domain's failure does not stop the others. Domain -> what happened (also logged)."""
+    records, _ = client.protected()
+    live = set(client.hosts()) - {host_name}
+    outcomes: dict[str, str] = {}
+    for report in reports:
+        name = report.get("domain")
+        record = records.get(name) if isinstance(name, str) else None
+        if record is None or name not in owned or not is_replicated(record) or "error" in report:
+            continue
+        try:
+            final = int(report["epoch"])
+            holders = sorted(h for h, epoch in dict(report.get("acked") or {}).items()
+                             if h in live and int(epoch) >= final)
+            target = policy.preferred_host(name, holders)
+            if target is None:
+                outcomes[name] = (f"kept: no live replica acknowledged the final epoch {final}; claimed after "
+                                  "this host's lease ends")
+            else:
+                with Host(uri) as host:  # paused since the final epoch; now it can never run here again
+                    try:
+                        dom = host.lookup(name)
+                        if dom.is_active():
+                            dom.destroy()
+                    except DomainNotFound:
+                        pass
+                outcomes[name] = (f"final epoch {final} on {target}: stopped and handed off"
+                                  if client.hand_off(record, host_name, target) else
+                                  f"stopped; the hand-off to {target} did not apply (ownership or record changed)")
+            log.warning("power loss: replicated domain %s: %s", name, outcomes[name])
+        except (HvextError, KeyError, TypeError, ValueError) as err:
+            outcomes[name] = f"error: {err}"
+            log.error("power loss: replicated domain %s not handed off: %s; claimed after this host's lease "
+                      "ends", name, err)
+    return outcomes
+
+
 def restore_from_replica(record: Protection, host_name: str, *, uri: str | None = None,
                          final: dict[str, Any] | None = None, state_dir: Path | None = None) -> Any:
     """Write *record*'s PMEM backing files on this host from its replica image (whole epoch: the image
