@@ -1,7 +1,14 @@
 """C16 on a 3-host cluster lab: a guest protected ``--replicas 2`` writes durable records on its
 DAX-mounted NVDIMM; hvextd replicates its PMEM in epochs to the two other hosts; its owner loses power
-(``lab fail OWNER --power-loss``) and its backing file is deleted; the domain then runs on a replica host,
-restored from that host's replica image, with every record the guest reported durable (RPO 0).
+(``lab fail OWNER --power-loss``) and its copy of the PMEM is wiped; the domain then runs on a replica host,
+restored from that host's replica image, with every record the guest reported durable (RPO 0). After the final
+epoch the owner hands the domain to a replica holding it (claimed on battery, not after the owner's lease).
+
+The lab hosts share ``/dev/shm``, so the owner's backing and the new owner's are the same *path*: the owner's
+copy is wiped through a descriptor of its own file (inode), never through the path, which may already name the
+file the new owner restored (an earlier version unlinked the path after the kill: with the hand-off that
+deleted the new owner's backing). ``/hvext/final/<domain>`` is consumed by the new owner once
+the domain runs, so the final epoch is read from the owner's log and checked in the failover record.
 
 Two guest boots (the owner's, the survivor's). Run under ``flock /work/notes/lab.lock`` (one lab per machine).
 """
@@ -9,6 +16,8 @@ Two guest boots (the owner's, the survivor's). Run under ``flock /work/notes/lab
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -89,6 +98,9 @@ def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_
         assert row["pmem"] == "replicas" and {r["host"] for r in row["replication"]["replicas"]} == {"host2", "host3"}
         assert row["replication"]["epoch_local"] >= 2, row
 
+        # The owner's own copy (this inode, whatever the path names later), to wipe once its host is dead.
+        owner_copy = os.open(backing, os.O_RDWR | os.O_NOFOLLOW)
+        owner_inode = os.fstat(owner_copy).st_ino
         # The owner loses power; until its hvextd pauses the guest, keep reading what the guest saw durable.
         failing = subprocess.Popen([sys.executable, "-m", "hvext.cli.main", "lab", "fail", "host1", "--power-loss",
                                     "--battery", "8", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -106,18 +118,28 @@ def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_
         poller = threading.Thread(target=poll)
         poller.start()
         out, err = failing.communicate(timeout=120)
-        # The owner's copy goes with its host (the lab hosts share /dev/shm): only a replica can bring it back.
-        # Deleted at once: no host may claim the domain before host1's lease (renewed until the kill) ends.
-        backing.unlink()
+        # The owner's copy goes with its host (its QEMU is dead now): only a replica can bring it back.
+        try:
+            size = os.fstat(owner_copy).st_size
+            os.ftruncate(owner_copy, 0)
+            os.ftruncate(owner_copy, size)
+        finally:
+            os.close(owner_copy)
+        owner_at_kill = client.owners().get(name, ("",))[0]
         stop.set()
         poller.join(30)
         assert failing.returncode == 0, err
         assert durable[0] >= 200, durable
         log = (plan.host_run_dir(the_lab.state.run_dir, 1) / "hvextd.log").read_text()
-        assert "SIGPWR: power is failing" in log and "final epoch" in log, log[-3000:]
-        final = client.record(FINAL_PREFIX, name)
-        assert final is not None and final["host"] == "host1", final
-        assert all(epoch == final["epoch"] for epoch in final["acked"].values()), final
+        assert "SIGPWR: power is failing" in log, log[-3000:]
+        battery = re.search(rf"power loss: {re.escape(name)}: final epoch (\d+), acknowledged by (\{{.*\}})", log)
+        assert battery is not None, log[-3000:]
+        final_epoch = int(battery.group(1))
+        assert all(epoch == final_epoch for epoch in json.loads(battery.group(2).replace("'", '"')).values()), \
+            battery.group(0)
+        handed = re.search(rf"replicated domain {re.escape(name)}: final epoch {final_epoch} on (host[23]): "
+                           "stopped and handed off", log)
+        assert handed is not None, log[-3000:]  # the early hand-off: claimed on battery, not after the lease
 
         def survivor() -> str | None:
             owner = client.owners().get(name, ("",))[0]
@@ -138,18 +160,23 @@ def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_
         finally:
             conn_new.close()
         print(f"records durable before the power loss: {durable[0]}, on {owner}: {found.last_valid} "
-              f"(contiguous: {found.contiguous}); from the fail to the agent on {owner}: {rto:.1f} s")
+              f"(contiguous: {found.contiguous}); from the fail to the agent on {owner}: {rto:.1f} s; "
+              f"handed off to {handed.group(1)}, owner when the battery ran out: {owner_at_kill or 'none'}")
+        assert owner == handed.group(1), (owner, handed.group(0))
         assert found.contiguous and found.last_valid >= durable[0], (found, durable[0])
         failover = client.record(FAILOVER_PREFIX, name)
         assert failover is not None and failover["host"] == owner and failover["complete"] is True, failover
-        assert failover["final_host"] == "host1" and failover["restored_epoch"] == final["epoch"], failover
+        assert failover["final_host"] == "host1" and failover["restored_epoch"] == final_epoch, failover
+        assert str(failover["action"]).startswith("restored from this host's replica"), failover
+        assert os.stat(backing).st_ino != owner_inode  # the new owner runs on its own restored file
+        assert client.record(FINAL_PREFIX, name) is None  # consumed by the new owner once it ran
         # The new owner replicates on (a new stream) to the remaining replica.
         other = ({"host2", "host3"} - {owner}).pop()
 
         def replicating() -> bool:
             progress = client.record(replication.REPLICATION_PREFIX, name) or {}
             return progress.get("owner") == owner and progress.get("replicas", {}).get(other, {}).get(
-                "epoch", 0) > final["epoch"]
+                "epoch", 0) > final_epoch
         wait_for(f"{owner} to replicate to {other}", replicating, timeout=120)
     finally:
         try:
