@@ -127,7 +127,7 @@ def ensure_running(uri: str | None, name: str, xml: str) -> str:
             dom = host.lookup(name)
             defined = False
         except DomainNotFound:
-            dom = host.define_xml(xml)
+            dom = host.define_here(xml, name)  # its sockets and console log: this host's, not the old owner's
             defined = True
         if dom.is_active():
             return "already running"
