@@ -82,6 +82,8 @@ PUBLISH_S = 0.5
 FLUSH_RETRY_S = 3.0
 #: Seconds between two tries to reach a replica that failed.
 RETRY_S = 1.0
+#: How often hvextd looks for its replica images and logs of domains no longer protected (seconds).
+COLLECT_EVERY_S = 10.0
 
 
 def ha_dir(state_dir: Path | None = None) -> Path:
@@ -100,17 +102,21 @@ def replica_dir(host: str, domain: str, state_dir: Path | None = None, create: b
     return ha_dir(state_dir) / "replicas" / host / domain
 
 
-def remove_state(domain: str, state_dir: Path | None = None) -> list[str]:
-    """Delete every host's log and replica of *domain* under STATE_DIR/ha (what this module wrote there:
-    log files, images, state and lock files); the paths removed. For an unprotected domain's leftovers."""
+def remove_state(domain: str, state_dir: Path | None = None, *, host: str | None = None,
+                 kinds: tuple[str, ...] = ("log", "replicas")) -> list[str]:
+    """Delete every host's (or only *host*'s) log and replica of *domain* under STATE_DIR/ha (what this
+    module wrote there: log files, images, state and lock files); the paths removed. For an unprotected
+    domain's leftovers."""
     import shutil
     check_key_name("domain", domain)
     removed = []
-    for kind in ("log", "replicas"):
+    for kind in kinds:
         base = ha_dir(state_dir) / kind
         if not base.is_dir():
             continue
         for host_dir in base.iterdir():
+            if host is not None and host_dir.name != host:
+                continue
             target = host_dir / domain
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
@@ -765,7 +771,9 @@ class Manager:
         self.state_dir = state_dir
         self.replicators: dict[str, Replicator] = {}
         self.server: peer.Server | None = None
+        self.service: ReplicaService | None = None
         self.service_client: Client | None = None
+        self.collect_every = COLLECT_EVERY_S  # how often leftovers of unprotected domains are looked for
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.syncer: threading.Thread | None = None
@@ -779,17 +787,67 @@ class Manager:
         self.start_server()
 
     def _sync_loop(self) -> None:
+        collected = 0.0
         while not self.stopping.wait(min(1.0, self.interval)):
             try:
                 records, owned = self.source()
                 self.sync(records, owned)
+                if time.monotonic() - collected >= self.collect_every:
+                    collected = time.monotonic()
+                    self.collect(set(records))
             except Exception:
                 log.exception("replication: following the owned domains failed")
+
+    def leftovers(self) -> set[str]:
+        """Domains with a replica image or an owner log of this host under STATE_DIR/ha."""
+        found: set[str] = set()
+        for kind in ("log", "replicas"):
+            base = ha_dir(self.state_dir) / kind / self.me
+            if base.is_dir() and not base.is_symlink():
+                found.update(p.name for p in base.iterdir() if p.is_dir() and not p.is_symlink())
+        return found
+
+    def collect(self, protected: set[str]) -> list[str]:
+        """Delete this host's replica images and owner logs of domains that are no longer protected
+        (``hvext ha unprotect`` on any host): each hvextd cleans its own, so every replica host does.
+        Candidates are domains neither in *protected* (the last renewal's records) nor replicated from
+        here; etcd is asked again (a domain protected since that read keeps its files; etcd not
+        answering: nothing is deleted) and each is removed under the replica service's lock of the
+        domain. The paths removed."""
+        with self.lock:
+            candidates = self.leftovers() - protected - set(self.replicators)
+        if not candidates or self.service is None:
+            return []
+        try:
+            good, bad = self.service.client.protected()
+        except HvextError as err:
+            log.info("replication: leftovers of unprotected domains kept for now: %s", err)
+            return []
+        removed: list[str] = []
+        for domain in sorted(candidates - set(good) - set(bad)):
+            try:
+                check_key_name("domain", domain)
+            except HAError:
+                continue  # not a directory this module made
+            with self.service.guard:
+                lock = self.service.locks.setdefault(domain, threading.Lock())
+            with self.lock, lock:
+                if domain in self.replicators:
+                    continue
+                try:
+                    done = remove_state(domain, self.state_dir, host=self.me)
+                except OSError as err:
+                    log.warning("replication: cannot remove the replica of unprotected %s: %s", domain, err)
+                    continue
+            if done:
+                log.warning("replication: %s is no longer protected: removed %s", domain, ", ".join(done))
+            removed += done
+        return removed
 
     def start_server(self) -> None:
         """Listen for owners' epochs (this host as a replica)."""
         self.service_client = self.client_factory()
-        service = ReplicaService(self.me, self.service_client, self.state_dir)
+        service = self.service = ReplicaService(self.me, self.service_client, self.state_dir)
         self.server = peer.Server(self.creds, service.handle, self.address, self.port)
         log.info("replication: listening for peers on %s:%d", self.address or "*", self.server.port)
 
