@@ -20,22 +20,20 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
-from hvext import aio, lab
-from hvext.agent import records
+from hvext import lab
 from hvext.cli.main import main
-from hvext.errors import DomainNotFound, HvextError
+from hvext.errors import HvextError
 from hvext.ha import replication
 from hvext.ha.client import FAILOVER_PREFIX, FINAL_PREFIX
 from hvext.host import Host, remove_domain_state
 from hvext.lab import plan
 from hvext.pmem import power
-from tests.vm.conftest import BOOT_TIMEOUT_S, VMFactory
-from tests.vm.test_ha_shared_store import RECORDS, _active, member_paths, mount_pmem
+from tests.vm.conftest import VMFactory
+from tests.vm.ha_failover import (member_paths, moved_to, mount_pmem, power_loss, remove_moved, start_records,
+                                  survivor)
 from tests.vm import test_lab_cluster
 from tests.vm.test_lab_cluster import pytestmark as cluster_marks
 from tests.vm.test_lab_cluster import wait_for, with_leases
@@ -73,24 +71,7 @@ def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_
             return len(acks) == 2 and all(a.get("epoch", 0) >= 1 for a in acks.values())
         wait_for("both replicas to acknowledge the first (full) epoch", acked_by_both, timeout=120)
 
-        async def start() -> None:
-            async with domain.agent() as agent:
-                await records.start(agent, RECORDS)
-        aio.run(start())
-        durable = [0]
-
-        def read_durable() -> int:
-            async def read() -> int:
-                async with domain.agent(timeout=3) as agent:
-                    return (await records.status(agent)).last_durable
-            return aio.run(read())
-
-        def progressed() -> bool:
-            try:
-                return read_durable() >= 200
-            except HvextError:  # no status file yet: the writer is starting
-                return False
-        wait_for("200 durable records", progressed, timeout=120)
+        start_records(domain)
         status = subprocess.run([sys.executable, "-m", "hvext.cli.main", "ha", "status", name, "--json",
                                  *member_paths(host1)], capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
@@ -102,22 +83,8 @@ def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_
         owner_copy = os.open(backing, os.O_RDWR | os.O_NOFOLLOW)
         owner_inode = os.fstat(owner_copy).st_ino
         # The owner loses power; until its hvextd pauses the guest, keep reading what the guest saw durable.
-        failing = subprocess.Popen([sys.executable, "-m", "hvext.cli.main", "lab", "fail", "host1", "--power-loss",
-                                    "--battery", "8", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
         failed = True
-        failed_at = time.monotonic()
-        stop = threading.Event()
-
-        def poll() -> None:
-            while not stop.is_set():
-                try:
-                    durable[0] = max(durable[0], read_durable())
-                except (HvextError, OSError):
-                    return  # paused (or its host is gone): what it reported last is the bound
-        poller = threading.Thread(target=poll)
-        poller.start()
-        out, err = failing.communicate(timeout=120)
+        loss = power_loss(the_lab, domain)
         # The owner's copy goes with its host (its QEMU is dead now): only a replica can bring it back.
         try:
             size = os.fstat(owner_copy).st_size
@@ -126,11 +93,8 @@ def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_
         finally:
             os.close(owner_copy)
         owner_at_kill = client.owners().get(name, ("",))[0]
-        stop.set()
-        poller.join(30)
-        assert failing.returncode == 0, err
-        assert durable[0] >= 200, durable
-        log = (plan.host_run_dir(the_lab.state.run_dir, 1) / "hvextd.log").read_text()
+        assert loss.durable >= 200, loss
+        log = loss.owner_log
         assert "SIGPWR: power is failing" in log, log[-3000:]
         battery = re.search(rf"power loss: {re.escape(name)}: final epoch (\d+), acknowledged by (\{{.*\}})", log)
         assert battery is not None, log[-3000:]
@@ -141,29 +105,15 @@ def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_
                            "stopped and handed off", log)
         assert handed is not None, log[-3000:]  # the early hand-off: claimed on battery, not after the lease
 
-        def survivor() -> str | None:
-            owner = client.owners().get(name, ("",))[0]
-            return owner if owner in ("host2", "host3") else None
-        owner = wait_for("a replica host to own the domain", survivor, timeout=60)
-        new_host = the_lab.host(owner)
-        conn_new = Host(new_host.uri_unix)
-        try:
-            moved = wait_for(f"the domain to run on {owner}", lambda: _active(conn_new, name), timeout=120)
-            aio.run(moved.wait_agent(BOOT_TIMEOUT_S))
-            rto = time.monotonic() - failed_at
-            mount_pmem(new_host.uri_unix, name, format=False)
-
-            async def check() -> records.RecordsCheck:
-                async with moved.agent(timeout=60) as agent:
-                    return await records.verify(agent, RECORDS)
-            found = aio.run(check())
-        finally:
-            conn_new.close()
-        print(f"records durable before the power loss: {durable[0]}, on {owner}: {found.last_valid} "
+        new_host = survivor(the_lab, client, name)
+        owner = new_host.name
+        moved = moved_to(new_host, name, loss.failed_at)
+        found, rto, durable = moved.found, moved.rto, loss.durable
+        print(f"records durable before the power loss: {durable}, on {owner}: {found.last_valid} "
               f"(contiguous: {found.contiguous}); from the fail to the agent on {owner}: {rto:.1f} s; "
               f"handed off to {handed.group(1)}, owner when the battery ran out: {owner_at_kill or 'none'}")
         assert owner == handed.group(1), (owner, handed.group(0))
-        assert found.contiguous and found.last_valid >= durable[0], (found, durable[0])
+        assert found.contiguous and found.last_valid >= durable, (found, durable)
         failover = client.record(FAILOVER_PREFIX, name)
         assert failover is not None and failover["host"] == owner and failover["complete"] is True, failover
         assert failover["final_host"] == "host1" and failover["restored_epoch"] == final_epoch, failover
@@ -184,15 +134,7 @@ def test_the_owners_power_loss_moves_the_domain_to_a_replica_with_every_durable_
         except HvextError:
             pass
         client.close()
-        if new_host is not None:
-            with Host(new_host.uri_unix) as conn:
-                try:
-                    moved_dom = conn.lookup(name)
-                    if moved_dom.is_active():
-                        moved_dom.destroy()
-                    moved_dom.undefine(remove_state=False)
-                except DomainNotFound:
-                    pass
+        remove_moved(new_host, name)
         if failed:  # host1's definition went with its host; hvext's shared state of it stays
             remove_domain_state(name)
             factory.domains.clear()
