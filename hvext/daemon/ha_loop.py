@@ -389,11 +389,15 @@ class Keeper:
     def after_power_loss(self, report: dict[str, Any]) -> dict[str, str]:
         """After hvextd's power-loss save (blocking; main thread): claim nothing for a while, and hand
         the saved shared-store domains to a live host (:mod:`hvext.ha.shared_store`) and the replicated
-        ones to a live replica that acknowledged their final epoch (:mod:`hvext.ha.replication`).
-        Never raises."""
+        ones to a live replica that acknowledged their final epoch (:mod:`hvext.ha.replication`); then,
+        if this host's etcd member leads the cluster, move leadership to a live host's member
+        (:meth:`step_down`). Never raises."""
         from hvext.ha import shared_store
         self.power_lost_at = self.clock()
-        if self.lease_id is None or not self.owned:
+        if self.lease_id is None:
+            return {}
+        if not self.owned:
+            self.step_down()
             return {}
         try:
             client = Client(self.config.etcd_endpoints, Credentials(
@@ -415,9 +419,34 @@ class Keeper:
                               "after this host's lease ends", err)
                 except Exception:
                     log.exception("power loss: handing protected domains off failed unexpectedly")
+            self.step_down(client)
         finally:
             client.close()
         return outcomes
+
+    def step_down(self, client: Client | None = None) -> None:
+        """On battery: if this host's etcd member (the member named like this host) leads the cluster,
+        ask it to hand leadership to a live host's member now. When it dies at the end of the battery
+        window it is then a follower, and the survivors -- which may just have claimed and started this
+        host's domains -- renew without waiting for an election (renewals stalled by the leader's death
+        made a new owner fence the domain it had just started). Never raises."""
+        own = client is None
+        try:
+            if client is None:
+                client = Client(self.config.etcd_endpoints, Credentials(
+                    self.config.credentials / "ca.pem", self.config.credentials / "membercert.pem",
+                    self.config.credentials / "memberkey.pem"))
+            live = sorted(set(client.hosts()) - {self.host_name})
+            moved = client.move_leader_off(self.host_name, prefer=live)
+            if moved is not None:
+                log.warning("power loss: etcd leadership moved from this host's member to %s's", moved)
+        except HvextError as err:
+            log.error("power loss: this host's etcd member may still lead the cluster: %s", err)
+        except Exception:
+            log.exception("power loss: moving etcd leadership failed unexpectedly")
+        finally:
+            if own and client is not None:
+                client.close()
 
     async def renewer(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
