@@ -1,8 +1,9 @@
-"""Guest-agent commands: agent-ping, agent-info."""
+"""Guest-agent commands: agent-ping, guest-exec."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -24,6 +25,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("guest-exec", help="run a program in the guest through the agent (like qemu-ga's guest-exec)")
     common.add_domain(p)
     p.add_argument("--timeout", type=common.seconds, default=60.0, metavar="SECONDS")
+    common.add_json(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS]")
     p.set_defaults(func=cmd_guest_exec)
 
@@ -59,6 +61,10 @@ def cmd_guest_exec(args: argparse.Namespace) -> int:
         raise UsageError("give the program to run after --, e.g. hvext guest-exec vm -- uname -r")
     with common.open_domain(args) as dom:
         result = aio.run(guest_exec(dom, argv, args.timeout))
+    status = result.exitcode if 0 <= result.exitcode < 256 else 1
+    if args.json:  # exit code, output and whether (and from how many bytes) each stream was cut
+        common.print_json(dataclasses.asdict(result))
+        return status
     for stream, text in ((sys.stdout, result.stdout), (sys.stderr, result.stderr)):
         # on a terminal, the guest's escape sequences are shown, not acted on; piped output is left as is
         stream.write(common.literal(text, markup=False, keep="\n\t") if stream.isatty() else text)
@@ -67,4 +73,4 @@ def cmd_guest_exec(args: argparse.Namespace) -> int:
         if cut:
             print(f"hvext: {name} truncated to its last {len(kept)} characters of {total} bytes "
                   "(the agent channel's line limit)", file=sys.stderr)
-    return result.exitcode if 0 <= result.exitcode < 256 else 1
+    return status

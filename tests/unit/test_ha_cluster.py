@@ -269,6 +269,22 @@ def test_a_leading_member_hands_leadership_to_another_and_a_follower_does_nothin
         c.close()
 
 
+def test_confirm_is_a_quorum_read_through_the_endpoint_that_answered_last_only(
+        two: tuple[Layout, Layout, list[int]]) -> None:
+    first, _, ports = two
+    (dead,) = free_ports(1)
+    c = Client([f"https://127.0.0.1:{dead}", f"https://127.0.0.1:{ports[0]}"], first.credentials())
+    try:
+        with pytest.raises(ClusterUnavailable, match=f":{dead}"):
+            c.confirm()  # the first endpoint is asked, and no other
+        lease = c.grant(5)
+        assert c.keepalive(lease.id) > 0  # answered by the live one, which is now asked first
+        c.confirm()
+        c.revoke(lease.id)
+    finally:
+        c.close()
+
+
 def test_unreachable_cluster_is_cluster_unavailable(two: tuple[Layout, Layout, list[int]]) -> None:
     (port,) = free_ports(1)
     c = Client([f"https://127.0.0.1:{port}"], two[0].credentials())

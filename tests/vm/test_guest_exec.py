@@ -30,3 +30,12 @@ def test_two_megabytes_of_output_come_back_cut_and_marked(booted_vm: Domain, cap
         assert result.stdout_bytes == 2_000_000 and result.stderr_bytes == 400_000
         assert len(json.dumps(result.stdout)) + len(json.dumps(result.stderr)) < MAX_LINE  # both fit, escaped
     aio.run(direct())
+
+
+def test_json_gives_the_exit_code_and_both_streams(booted_vm: Domain, capsys) -> None:
+    status, out, err = cli(capsys, "guest-exec", "--json", booted_vm.name, "--",
+                           "sh", "-c", "printf 'out\\n'; printf 'err' >&2; exit 3")
+    assert status == 3, err
+    assert json.loads(out) == {"exitcode": 3, "stdout": "out\n", "stderr": "err",
+                               "stdout_truncated": False, "stderr_truncated": False,
+                               "stdout_bytes": 4, "stderr_bytes": 3}
