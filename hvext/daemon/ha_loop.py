@@ -153,7 +153,7 @@ def ensure_running(uri: str | None, name: str, xml: str) -> str:
             dom = host.lookup(name)
             defined = False
         except DomainNotFound:
-            dom = host.define_xml(xml)
+            dom = host.define_here(xml, name)  # its sockets and console log: this host's, not the old owner's
             defined = True
         if dom.is_active():
             return "already running"
@@ -203,6 +203,7 @@ class Keeper:
         self.bad_records: dict[str, str] = {}    # protected records that are not hvext's, and why
         self.records: dict[str, Protection] = {}  # the protected records at the last renewal
         self.peer = f"{config.peer_host()}:{config.peer_port}"
+        self.battery_reports: list[dict[str, Any]] = []  # the last power loss's final epochs (replication)
         self.replication = replication.Manager(host_name, uri, creds,
                                                lambda: Client(config.etcd_endpoints, creds),
                                                config.epoch_interval, config.peer_port, config.peer_host())
@@ -369,6 +370,7 @@ class Keeper:
         except Exception:
             log.exception("power loss: replication's final epochs failed unexpectedly")
             return []
+        self.battery_reports = reports  # after_power_loss hands the domains off to replicas holding them
         for report in reports:
             if "error" in report:
                 log.error("power loss: replication of %s: %s", report.get("domain"), report["error"])
@@ -424,10 +426,16 @@ class Keeper:
 
     def after_power_loss(self, report: dict[str, Any]) -> dict[str, str]:
         """After hvextd's power-loss save (blocking; main thread): claim nothing for a while, and hand
-        the saved shared-store domains to a live host (:mod:`hvext.ha.shared_store`). Never raises."""
+        the saved shared-store domains to a live host (:mod:`hvext.ha.shared_store`) and the replicated
+        ones to a live replica that acknowledged their final epoch (:mod:`hvext.ha.replication`); then,
+        if this host's etcd member leads the cluster, move leadership to a live host's member
+        (:meth:`step_down`). Never raises."""
         from hvext.ha import shared_store
         self.power_lost_at = self.clock()
-        if self.lease_id is None or not self.owned:
+        if self.lease_id is None:
+            return {}
+        if not self.owned:
+            self.step_down()
             return {}
         try:
             client = Client(self.config.etcd_endpoints, Credentials(
@@ -436,16 +444,47 @@ class Keeper:
         except HvextError as err:
             log.error("power loss: no etcd client to hand protected domains off: %s", err)
             return {}
+        outcomes: dict[str, str] = {}
         try:
-            return shared_store.hand_off_after_power_loss(client, self.host_name, self.uri, report, list(self.owned))
-        except HvextError as err:
-            log.error("power loss: handing protected domains off failed: %s; they are claimed elsewhere after "
-                      "this host's lease ends", err)
-        except Exception:
-            log.exception("power loss: handing protected domains off failed unexpectedly")
+            for hand_off in (lambda: shared_store.hand_off_after_power_loss(client, self.host_name, self.uri, report,
+                                                                             list(self.owned)),
+                             lambda: replication.hand_off_after_power_loss(client, self.host_name, self.uri,
+                                                                           self.battery_reports, list(self.owned))):
+                try:
+                    outcomes.update(hand_off())
+                except HvextError as err:
+                    log.error("power loss: handing protected domains off failed: %s; they are claimed elsewhere "
+                              "after this host's lease ends", err)
+                except Exception:
+                    log.exception("power loss: handing protected domains off failed unexpectedly")
+            self.step_down(client)
         finally:
             client.close()
-        return {}
+        return outcomes
+
+    def step_down(self, client: Client | None = None) -> None:
+        """On battery: if this host's etcd member (the member named like this host) leads the cluster,
+        ask it to hand leadership to a live host's member now. When it dies at the end of the battery
+        window it is then a follower, and the survivors -- which may just have claimed and started this
+        host's domains -- renew without waiting for an election (renewals stalled by the leader's death
+        made a new owner fence the domain it had just started). Never raises."""
+        own = client is None
+        try:
+            if client is None:
+                client = Client(self.config.etcd_endpoints, Credentials(
+                    self.config.credentials / "ca.pem", self.config.credentials / "membercert.pem",
+                    self.config.credentials / "memberkey.pem"))
+            live = sorted(set(client.hosts()) - {self.host_name})
+            moved = client.move_leader_off(self.host_name, prefer=live)
+            if moved is not None:
+                log.warning("power loss: etcd leadership moved from this host's member to %s's", moved)
+        except HvextError as err:
+            log.error("power loss: this host's etcd member may still lead the cluster: %s", err)
+        except Exception:
+            log.exception("power loss: moving etcd leadership failed unexpectedly")
+        finally:
+            if own and client is not None:
+                client.close()
 
     async def renewer(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():

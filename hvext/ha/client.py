@@ -248,6 +248,31 @@ class Client:
         """Every member: ``ID``, ``name`` (empty until it started), ``peerURLs``, ``clientURLs``."""
         return list(self._post("/cluster/member/list", {}).get("members", []))
 
+    def move_leader_off(self, name: str, prefer: list[str] | tuple[str, ...] = ()) -> str | None:
+        """If the member called *name* leads the cluster, ask it to hand leadership to another started
+        member (etcd's MoveLeader, which only the leader accepts: sent to its client URL, which must be
+        one of this client's endpoints), the first of *prefer* that is a member if any. The new
+        leader's name; None when *name*'s member does not lead. HAError when it cannot be moved."""
+        members = self.members()
+        leader = str(self.status().get("leader", ""))
+        mine = [m for m in members if m.get("name") == name]
+        if not mine or str(mine[0].get("ID")) != leader:
+            return None
+        others = sorted((m for m in members if m.get("name") and m.get("name") != name and m.get("clientURLs")),
+                        key=lambda m: (list(prefer).index(m["name"]) if m["name"] in prefer else len(prefer),
+                                       m["name"]))
+        if not others:
+            raise HAError(f"the etcd member {name!r} leads and no other member has started")
+        urls = {str(u).rstrip("/") for u in mine[0].get("clientURLs") or []}
+        via = [c for endpoint, c in self._clients if endpoint.rstrip("/") in urls]
+        if not via:
+            raise HAError(f"the etcd member {name!r} leads but none of this client's endpoints is its "
+                          f"client URL ({', '.join(sorted(urls)) or 'none'})")
+        target = others[0]
+        with translated(f"{name}'s member"):
+            via[0].post(via[0].get_url("/maintenance/transfer-leadership"), json={"targetID": target["ID"]})
+        return str(target["name"])
+
     def member_add(self, peer_url: str, wait: float = 0.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Add a member by its peer URL (the member-add API): (the new member, every member after).
         With *wait*, etcd's "unhealthy cluster" refusal is retried for so long (:meth:`_reconfigure`)."""
