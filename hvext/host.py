@@ -13,6 +13,7 @@ import enum
 import functools
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -309,6 +310,18 @@ class Host:
         """The definition inside libvirt's save image *path*."""
         with libvirt_errors(f"reading the save image {path}"):
             return str(self.conn.saveImageGetXMLDesc(str(path), 0))
+
+    def define_here(self, xml: str, name: str) -> Domain:
+        """Define *xml*, domain *name*'s definition as another host ran it (an HA restart), with its
+        per-host paths (QMP and agent sockets, console log) made this host's and the runtime dir
+        prepared: the new QEMU never binds the sockets or writes the log of the host that ran it
+        (which lab hosts share, STATE_DIR being shared; a real host has no such directory)."""
+        others = host_path_ids(xml, name) - {self.host_id}
+        for other in sorted(others):
+            xml = rewrite_host_paths(xml, name, other, self.host_id)
+        if others or self.host_id in host_path_ids(xml, name):
+            self.prepare_runtime_dir(name)
+        return self.define_xml(xml)
 
     def versions(self) -> dict[str, str]:
         with libvirt_errors("querying versions"):
@@ -912,6 +925,34 @@ class Domain:
             await asyncio.sleep(AGENT_POLL_S)
         raise AgentUnavailable(f"agent of {self.name!r} not ready within {timeout:.0f} s "
                                f"(last error: {last}); see `hvext console-log {self.name}`") from last
+
+
+def rewrite_host_paths(xml: str, name: str, src_id: str, dst_id: str) -> str:
+    """The domain XML for the destination: per-host sockets, console log and RAM file of *dst_id*."""
+    from hvext.memory import ramfile  # ramfile builds on this module
+
+    replacements = {str(paths.runtime_dir(name, src_id)): str(paths.runtime_dir(name, dst_id)),
+                    str(paths.console_log(name, src_id)): str(paths.console_log(name, dst_id)),
+                    str(ramfile.ram_path(name, src_id)): str(ramfile.ram_path(name, dst_id))}
+    root = etree.fromstring(xml.encode())
+    for element in root.iter():
+        for key, value in element.attrib.items():
+            for old, new in replacements.items():
+                if old in value:
+                    element.set(key, value.replace(old, new))
+    return etree.tostring(root, encoding="unicode")
+
+
+def host_path_ids(xml: str, name: str) -> set[str]:
+    """The host ids of domain *name*'s per-host paths (:func:`hvext.paths.runtime_dir`,
+    :func:`hvext.paths.console_log`) that *xml*'s attributes name."""
+    runtime = re.compile(re.escape(f"{paths.domain_dir(name)}/on-") + r"([A-Za-z0-9]+)(?:/|$)")
+    console = re.compile(re.escape(f"{paths.LOG_DIR / 'console' / name}.") + r"([A-Za-z0-9]+)\.log$")
+    found: set[str] = set()
+    for element in etree.fromstring(xml.encode()).iter():
+        for value in element.attrib.values():
+            found.update(m.group(1) for pattern in (runtime, console) for m in pattern.finditer(value))
+    return found
 
 
 def remove_domain_state(name: str) -> list[str]:

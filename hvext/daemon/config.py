@@ -47,7 +47,8 @@ the cluster's etcd and fences its VMs when it cannot renew it::
     etcd_endpoints = ["https://192.0.2.1:2379"]   # https:// URLs of members (TLS, client certificates)
     host = "node1"                                # this host's name in the cluster (default: short hostname)
     lease_ttl = 5                                 # seconds, 2 to 300: the host's lease lives this long unrenewed
-    fence_margin = 1.0                            # seconds, 0 <= margin < lease_ttl: fence this long before
+    fence_margin = 1.0                            # seconds, 0 <= margin < lease_ttl: fence at least this long
+                                                  # before (longer when the fence's path is measured slow)
     credentials = "/var/lib/hvext/ha/pki"         # dir with ca.pem, membercert.pem, memberkey.pem
     epoch_interval = 1.0                          # C16: seconds between epoch cuts of replicated PMEM
     peer_port = 2390                              # C16: TLS port other hosts send epochs to

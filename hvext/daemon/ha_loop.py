@@ -7,12 +7,22 @@ Two tasks share one :class:`Keeper`:
   (:func:`hvext.ha.policy.renew_interval`) and reads which domains this host
   owns (``/hvext/owner/<domain>`` = this host); a lease that etcd says has
   expired is replaced by a new one;
-* the watchdog wakes at ``last renewal + TTL - fence_margin`` and, when
+* the watchdog wakes at ``last renewal + TTL - margin`` and, when
   :func:`hvext.ha.policy.fence_decision` says FENCE (no renewal since),
   pauses and then destroys every domain this host owned at its last
   successful read, so that the VM is stopped here before another host can
   claim it (the owner key goes with the lease, at the earliest TTL s after
   the last renewal was sent). It does not wait for a hung etcd request.
+  A keepalive counts only when the member that answered it then serves a
+  quorum read (:meth:`hvext.ha.client.Client.confirm`): etcd 3.4 lets a
+  leader cut off from its quorum renew leases in its memory until it steps
+  down, and the leader elected on the other side never sees those renewals.
+  The margin is ``[ha] fence_margin``, widened by
+  :func:`hvext.ha.policy.fence_margin` when the fence's path is slow: after
+  each renewal the owned domains are looked up the way the fence does
+  (:func:`probe_domains`, through a thread, a new libvirt connection) and
+  the round trip is timed; the fence itself runs in a thread of its own, so
+  no other work queued in hvextd's threads delays it.
 
 After a fence the old lease is revoked when etcd answers again (the owner
 keys go with it) and a new one is granted: the host is alive but owns nothing.
@@ -54,6 +64,7 @@ owns, its persistent definition is stored again in the record
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -74,6 +85,8 @@ log = logging.getLogger("hvextd.ha")
 
 #: Seconds after a power-loss save during which this host claims no domain (it is on battery).
 NO_CLAIMS_AFTER_POWER_LOSS_S = 120.0
+#: Probes of the fence's path remembered (one per renewal: TTL/3 s apart, so 20 cover about 7 TTLs).
+FENCE_LATENCY_SAMPLES = 20
 
 
 def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
@@ -119,6 +132,19 @@ def fence_domains(uri: str | None, names: list[str]) -> dict[str, str]:
     return {name: done[name] for name in names if name in done}
 
 
+def probe_domains(uri: str | None, names: list[str]) -> None:
+    """What :func:`fence_domains` does before its first pause, without pausing: connect to libvirt,
+    look each domain up and read its state (blocking: run in a thread; timed by the keeper)."""
+    with Host(uri) as host:
+        for name in names:
+            try:
+                dom = host.lookup(name)
+                if dom.is_active():
+                    dom.state  # noqa: B018 (the call is what is timed)
+            except HvextError:
+                pass
+
+
 def ensure_running(uri: str | None, name: str, xml: str) -> str:
     """Make the claimed domain *name* run here: define it from *xml* unless this host has it, start it
     unless it runs (blocking: run in a thread). The outcome as text; HvextError when it cannot."""
@@ -127,7 +153,7 @@ def ensure_running(uri: str | None, name: str, xml: str) -> str:
             dom = host.lookup(name)
             defined = False
         except DomainNotFound:
-            dom = host.define_xml(xml)
+            dom = host.define_here(xml, name)  # its sockets and console log: this host's, not the old owner's
             defined = True
         if dom.is_active():
             return "already running"
@@ -142,7 +168,8 @@ class Keeper:
                  clock: Callable[[], float] = time.monotonic,
                  fence: Callable[[str | None, list[str]], dict[str, str]] = fence_domains,
                  restart: Callable[[str | None, str, str], str] = ensure_running,
-                 restore: Callable[..., pmem_restore.RestoreReport] = pmem_restore.restore_pmem) -> None:
+                 restore: Callable[..., pmem_restore.RestoreReport] = pmem_restore.restore_pmem,
+                 probe: Callable[[str | None, list[str]], None] = probe_domains) -> None:
         self.config = config
         self.host_name = host_name
         self.uri = uri
@@ -150,6 +177,13 @@ class Keeper:
         self.fence_action = fence
         self.restart_action = restart
         self.restore_action = restore
+        self.probe_action = probe
+        #: The fence's own thread: a fence never waits behind other work in the loop's default executor.
+        self.fence_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hvextd-fence")
+        #: The last round trips of :func:`probe_domains` (s): the worst widens the fence margin.
+        self.fence_latencies: collections.deque[float] = collections.deque(maxlen=FENCE_LATENCY_SAMPLES)
+        self.probing: asyncio.Future[None] | None = None
+        self.probe_began: float | None = None    # clock() when the probe in flight began
         creds = Credentials(config.credentials / "ca.pem", config.credentials / "membercert.pem",
                             config.credentials / "memberkey.pem")
         interval = policy.renew_interval(config.lease_ttl)
@@ -169,6 +203,7 @@ class Keeper:
         self.bad_records: dict[str, str] = {}    # protected records that are not hvext's, and why
         self.records: dict[str, Protection] = {}  # the protected records at the last renewal
         self.peer = f"{config.peer_host()}:{config.peer_port}"
+        self.battery_reports: list[dict[str, Any]] = []  # the last power loss's final epochs (replication)
         self.replication = replication.Manager(host_name, uri, creds,
                                                lambda: Client(config.etcd_endpoints, creds),
                                                config.epoch_interval, config.peer_port, config.peer_host())
@@ -208,10 +243,14 @@ class Keeper:
             if self.client.keepalive(self.lease_id) <= 0:
                 log.warning("lease %x expired in etcd; granting a new one", self.lease_id)
                 self.lease_id = None
-            elif self.pending is None:
-                # Renewed now: the watchdog counts from here, not from the end of this round, whose reads
-                # (owners, records, hosts) may take a while when a member is gone (each endpoint is tried).
-                self.last_renewal = sent
+            else:
+                # A leader cut off from its quorum still renews (etcd 3.4, in its memory): the renewal
+                # counts only if the same member then serves a quorum read (raises otherwise).
+                self.client.confirm()
+                if self.pending is None:
+                    # Renewed now: the watchdog counts from here, not from the end of this round, whose reads
+                    # (owners, records, hosts) may take a while when a member is gone (each endpoint is tried).
+                    self.last_renewal = sent
         if self.pending is not None:  # keep it alive until we know whether the keys are on it
             pending_id, pending_ttl, _ = self.pending
             self.pending = (pending_id, pending_ttl, sent) if self.client.keepalive(pending_id) > 0 else None
@@ -335,6 +374,7 @@ class Keeper:
         except Exception:
             log.exception("power loss: replication's final epochs failed unexpectedly")
             return []
+        self.battery_reports = reports  # after_power_loss hands the domains off to replicas holding them
         for report in reports:
             if "error" in report:
                 log.error("power loss: replication of %s: %s", report.get("domain"), report["error"])
@@ -390,10 +430,16 @@ class Keeper:
 
     def after_power_loss(self, report: dict[str, Any]) -> dict[str, str]:
         """After hvextd's power-loss save (blocking; main thread): claim nothing for a while, and hand
-        the saved shared-store domains to a live host (:mod:`hvext.ha.shared_store`). Never raises."""
+        the saved shared-store domains to a live host (:mod:`hvext.ha.shared_store`) and the replicated
+        ones to a live replica that acknowledged their final epoch (:mod:`hvext.ha.replication`); then,
+        if this host's etcd member leads the cluster, move leadership to a live host's member
+        (:meth:`step_down`). Never raises."""
         from hvext.ha import shared_store
         self.power_lost_at = self.clock()
-        if self.lease_id is None or not self.owned:
+        if self.lease_id is None:
+            return {}
+        if not self.owned:
+            self.step_down()
             return {}
         try:
             client = Client(self.config.etcd_endpoints, Credentials(
@@ -402,16 +448,47 @@ class Keeper:
         except HvextError as err:
             log.error("power loss: no etcd client to hand protected domains off: %s", err)
             return {}
+        outcomes: dict[str, str] = {}
         try:
-            return shared_store.hand_off_after_power_loss(client, self.host_name, self.uri, report, list(self.owned))
-        except HvextError as err:
-            log.error("power loss: handing protected domains off failed: %s; they are claimed elsewhere after "
-                      "this host's lease ends", err)
-        except Exception:
-            log.exception("power loss: handing protected domains off failed unexpectedly")
+            for hand_off in (lambda: shared_store.hand_off_after_power_loss(client, self.host_name, self.uri, report,
+                                                                             list(self.owned)),
+                             lambda: replication.hand_off_after_power_loss(client, self.host_name, self.uri,
+                                                                           self.battery_reports, list(self.owned))):
+                try:
+                    outcomes.update(hand_off())
+                except HvextError as err:
+                    log.error("power loss: handing protected domains off failed: %s; they are claimed elsewhere "
+                              "after this host's lease ends", err)
+                except Exception:
+                    log.exception("power loss: handing protected domains off failed unexpectedly")
+            self.step_down(client)
         finally:
             client.close()
-        return {}
+        return outcomes
+
+    def step_down(self, client: Client | None = None) -> None:
+        """On battery: if this host's etcd member (the member named like this host) leads the cluster,
+        ask it to hand leadership to a live host's member now. When it dies at the end of the battery
+        window it is then a follower, and the survivors -- which may just have claimed and started this
+        host's domains -- renew without waiting for an election (renewals stalled by the leader's death
+        made a new owner fence the domain it had just started). Never raises."""
+        own = client is None
+        try:
+            if client is None:
+                client = Client(self.config.etcd_endpoints, Credentials(
+                    self.config.credentials / "ca.pem", self.config.credentials / "membercert.pem",
+                    self.config.credentials / "memberkey.pem"))
+            live = sorted(set(client.hosts()) - {self.host_name})
+            moved = client.move_leader_off(self.host_name, prefer=live)
+            if moved is not None:
+                log.warning("power loss: etcd leadership moved from this host's member to %s's", moved)
+        except HvextError as err:
+            log.error("power loss: this host's etcd member may still lead the cluster: %s", err)
+        except Exception:
+            log.exception("power loss: moving etcd leadership failed unexpectedly")
+        finally:
+            if own and client is not None:
+                client.close()
 
     async def renewer(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -421,6 +498,7 @@ class Keeper:
                 await asyncio.to_thread(self._renew_once)
                 self.changed.set()
                 self._kick_restarts()
+                self._kick_probe()
             except HvextError as err:
                 log.warning("renewing lease: %s", err)
             except Exception:
@@ -432,15 +510,39 @@ class Keeper:
 
     # ---------------------------------------------------------------- watchdog
 
+    def _kick_probe(self) -> None:
+        """Time :attr:`probe_action` on the owned domains as its own task (one at a time)."""
+        if self.owned and (self.probing is None or self.probing.done()):
+            self.probing = asyncio.ensure_future(self._probe(list(self.owned)))
+
+    async def _probe(self, names: list[str]) -> None:
+        """One round trip of the fence's path, as the watchdog would see it: from this task through a
+        thread and libvirt back to the loop. The watchdog then computes its deadline again."""
+        began = self.probe_began = self.clock()
+        try:
+            await asyncio.to_thread(self.probe_action, self.uri, names)
+        except HvextError as err:  # libvirt is down: the fence will say so; the time still counts
+            log.debug("probing the fence's path: %s", err)
+        except Exception:
+            log.exception("probing the fence's path failed unexpectedly")
+        self.fence_latencies.append(max(0.0, self.clock() - began))
+        self.probe_began = None
+        self.changed.set()
+
+    def fence_latency(self) -> float:
+        """The worst recent round trip of the fence's path (s); a probe still under way counts so far."""
+        running = [self.clock() - self.probe_began] if self.probe_began is not None else []
+        return max([*self.fence_latencies, *running], default=0.0)
+
     def guard(self) -> tuple[float, float, float]:
         """(last renewal, TTL, margin) for policy.fence_decision: the held lease's TTL; with a lease
-        :attr:`pending`, the earlier of the two expiries; the margin kept below the TTL."""
+        :attr:`pending`, the earlier of the two expiries; the margin from policy.fence_margin (the
+        configured one, widened by the fence's measured latency, kept below the TTL)."""
         assert self.last_renewal is not None
         last, ttl = self.last_renewal, float(self.lease_ttl)
         if self.pending is not None:
             last = min(last, self.pending[2] + self.pending[1] - ttl)
-        margin = self.config.fence_margin
-        return last, ttl, margin if margin < ttl else ttl / 2
+        return last, ttl, policy.fence_margin(self.config.fence_margin, self.fence_latency(), ttl)
 
     async def watchdog(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -465,10 +567,12 @@ class Keeper:
     async def fence(self) -> dict[str, str]:
         """Stop the owned domains now and give the lease up (a new one is granted when etcd answers)."""
         owned, lease_id = list(self.owned), self.lease_id
-        log.error("no lease renewal for %.1f s (TTL %d s, margin %.1f s): fencing %s",
-                  self.clock() - (self.last_renewal or 0.0), self.lease_ttl, self.config.fence_margin,
+        margin = self.guard()[2] if self.last_renewal is not None else self.config.fence_margin
+        log.error("no lease renewal for %.1f s (TTL %d s, margin %.1f s, fence path %.2f s): fencing %s",
+                  self.clock() - (self.last_renewal or 0.0), self.lease_ttl, margin, self.fence_latency(),
                   ", ".join(owned) or "nothing (this host owns no domain)")
-        result = await asyncio.to_thread(self.fence_action, self.uri, owned) if owned else {}
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.fence_pool, self.fence_action, self.uri, owned) if owned else {}
         for name, outcome in result.items():
             (log.info if outcome in ("fenced", "not running") else log.error)("fence %s: %s", name, outcome)
         self.fenced = result
@@ -515,6 +619,7 @@ class Keeper:
                     log.warning("revoking lease %x at stop: %s", lease_id, err)
             self.client.close()
             self.work_client.close()
+            self.fence_pool.shutdown(wait=False)
 
     # ---------------------------------------------------------------- definitions
 

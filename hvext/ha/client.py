@@ -58,6 +58,14 @@ LEASE_NOT_FOUND = "requested lease not found"
 UNHEALTHY = "unhealthy cluster"
 #: Seconds one request may take before the member counts as unavailable.
 REQUEST_TIMEOUT_S = 2.0
+#: etcd's error (rpctypes.ErrLeaderChanged, gRPC Unavailable: retryable) while a leader election ends.
+LEADER_CHANGED = "etcdserver: leader changed"
+#: Requests that change nothing (a keepalive renews again): repeated once when etcd answers
+#: :data:`LEADER_CHANGED` (a new leader is known by then). A write is not: its outcome is unknown.
+REPEATABLE = frozenset({"/kv/range", "/maintenance/status", "/cluster/member/list", "/kv/lease/timetolive",
+                        "/lease/keepalive"})
+#: Seconds before that one repeat.
+LEADER_CHANGED_PAUSE_S = 0.1
 
 T = TypeVar("T")
 
@@ -191,13 +199,13 @@ class Client:
             self._clients.append((endpoint, Etcd3Client(host=url.hostname, port=url.port, protocol="https",
                                                         timeout=timeout, api_path=API_PATH, session=session)))
 
-    def _call(self, fn: Callable[[Etcd3Client], T]) -> T:
-        """*fn* on the first endpoint that answers (a refusal is not retried elsewhere)."""
+    def _call(self, fn: Callable[[Etcd3Client], T], repeatable: bool = False) -> T:
+        """*fn* on the first endpoint that answers (a refusal is not retried elsewhere). A *repeatable*
+        one (it changes nothing) is repeated once on an endpoint that said :data:`LEADER_CHANGED`."""
         last: ClusterUnavailable | None = None
         for i, (endpoint, client) in enumerate(self._clients):
             try:
-                with translated(endpoint):
-                    result = fn(client)
+                result = self._on(endpoint, client, fn, repeatable)
             except ClusterUnavailable as err:
                 last = err
                 continue
@@ -210,8 +218,21 @@ class Client:
                 from last
         raise last
 
+    @staticmethod
+    def _on(endpoint: str, client: Etcd3Client, fn: Callable[[Etcd3Client], T], repeatable: bool) -> T:
+        """*fn* on one endpoint; a *repeatable* one once more if etcd said :data:`LEADER_CHANGED`."""
+        try:
+            with translated(endpoint):
+                return fn(client)
+        except ClusterUnavailable as err:
+            if not repeatable or LEADER_CHANGED not in str(err):
+                raise
+        time.sleep(LEADER_CHANGED_PAUSE_S)
+        with translated(endpoint):
+            return fn(client)
+
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call(lambda c: c.post(c.get_url(path), json=body))
+        return self._call(lambda c: c.post(c.get_url(path), json=body), repeatable=path in REPEATABLE)
 
     def close(self) -> None:
         for _, client in self._clients:
@@ -226,6 +247,31 @@ class Client:
     def members(self) -> list[dict[str, Any]]:
         """Every member: ``ID``, ``name`` (empty until it started), ``peerURLs``, ``clientURLs``."""
         return list(self._post("/cluster/member/list", {}).get("members", []))
+
+    def move_leader_off(self, name: str, prefer: list[str] | tuple[str, ...] = ()) -> str | None:
+        """If the member called *name* leads the cluster, ask it to hand leadership to another started
+        member (etcd's MoveLeader, which only the leader accepts: sent to its client URL, which must be
+        one of this client's endpoints), the first of *prefer* that is a member if any. The new
+        leader's name; None when *name*'s member does not lead. HAError when it cannot be moved."""
+        members = self.members()
+        leader = str(self.status().get("leader", ""))
+        mine = [m for m in members if m.get("name") == name]
+        if not mine or str(mine[0].get("ID")) != leader:
+            return None
+        others = sorted((m for m in members if m.get("name") and m.get("name") != name and m.get("clientURLs")),
+                        key=lambda m: (list(prefer).index(m["name"]) if m["name"] in prefer else len(prefer),
+                                       m["name"]))
+        if not others:
+            raise HAError(f"the etcd member {name!r} leads and no other member has started")
+        urls = {str(u).rstrip("/") for u in mine[0].get("clientURLs") or []}
+        via = [c for endpoint, c in self._clients if endpoint.rstrip("/") in urls]
+        if not via:
+            raise HAError(f"the etcd member {name!r} leads but none of this client's endpoints is its "
+                          f"client URL ({', '.join(sorted(urls)) or 'none'})")
+        target = others[0]
+        with translated(f"{name}'s member"):
+            via[0].post(via[0].get_url("/maintenance/transfer-leadership"), json={"targetID": target["ID"]})
+        return str(target["name"])
 
     def member_add(self, peer_url: str, wait: float = 0.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Add a member by its peer URL (the member-add API): (the new member, every member after).
@@ -259,6 +305,20 @@ class Client:
         """Renew a lease: its new TTL in seconds, or -1 when it had already expired."""
         reply = self._post("/lease/keepalive", {"ID": lease_id})
         return int(reply.get("result", {}).get("TTL", -1))
+
+    def confirm(self) -> None:
+        """A linearizable read through the endpoint that answered last, and that one only
+        (ClusterUnavailable otherwise): etcd serves it only while the leader holds a quorum.
+
+        etcd 3.4 renews a lease in the leader's memory, not through its quorum: a leader cut off from
+        the others goes on answering keepalives until it steps down (an election timeout later, more
+        on a loaded host), and the leader elected meanwhile on the other side never hears of those
+        renewals. A keepalive counts once this read, sent after it, succeeds.
+        """
+        endpoint, client = self._clients[0]
+        self._on(endpoint, client, lambda c: c.post(c.get_url("/kv/range"),
+                                                    json={"key": _b64(CLUSTER_KEY), "count_only": True}),
+                 repeatable=True)
 
     def lease(self, lease_id: int) -> Lease:
         reply = self._post("/kv/lease/timetolive", {"ID": lease_id})

@@ -16,6 +16,11 @@ RENEWALS_PER_TTL = 3
 #: Seconds before the lease could expire at which a host that has not renewed fences itself:
 #: the fence (pause, then destroy) must be done before another host may claim its VMs.
 DEFAULT_FENCE_MARGIN_S = 1.0
+#: The measured latency of the fence's path (hvextd's wake-up, its thread, libvirt's answers) is
+#: counted this many times over, plus :data:`FENCE_SLACK_S`: the pause itself is one more libvirt
+#: call (and QEMU's answer) than what is measured, and the load that delayed a sample may grow.
+FENCE_LATENCY_FACTOR = 2.0
+FENCE_SLACK_S = 0.5
 
 
 def renew_interval(ttl: float) -> float:
@@ -44,6 +49,23 @@ def fence_decision(last_renewal: float, now: float, ttl: float, margin: float = 
     if margin < 0:
         raise ValueError(f"fence margin must not be negative, not {margin}")
     return Fence.FENCE if now - last_renewal >= ttl - margin else Fence.RUN
+
+
+def fence_margin(configured: float, latency: float, ttl: float) -> float:
+    """The margin the watchdog keeps: the *configured* one, widened when the fence's path was
+    measured slow (*latency*: the worst recent round trip, s) so that the pause lands before the
+    lease can end, also on a loaded host, but never past half the TTL (the renewals that still fit
+    before the fence must be able to keep the lease). A configured margin of *ttl* or more, which
+    would fence at once, is taken as half the TTL too.
+    """
+    if ttl <= 0:
+        raise ValueError(f"lease TTL must be positive, not {ttl}")
+    if configured < 0 or latency < 0:
+        raise ValueError(f"fence margin and latency must not be negative, not {configured}, {latency}")
+    if configured >= ttl:
+        return ttl / 2
+    needed = FENCE_LATENCY_FACTOR * latency + FENCE_SLACK_S
+    return max(configured, min(needed, ttl / 2))
 
 
 @dataclass(frozen=True)

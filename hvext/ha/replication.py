@@ -55,7 +55,7 @@ from typing import Any
 
 from hvext import aio, durable, paths
 from hvext.errors import DomainNotFound, HAError, HvextError, UsageError
-from hvext.ha import peer, replication_policy
+from hvext.ha import peer, policy, replication_policy
 from hvext.ha.client import FINAL_PREFIX, REPLICATION_PREFIX, Client, Protection, check_key_name
 from hvext.ha.etcd import Credentials
 from hvext.ha.replication_log import BLOCK_SIZE, DeviceSpec, Entry, Epoch, Log, ReplicaImage
@@ -82,6 +82,8 @@ PUBLISH_S = 0.5
 FLUSH_RETRY_S = 3.0
 #: Seconds between two tries to reach a replica that failed.
 RETRY_S = 1.0
+#: How often hvextd looks for its replica images and logs of domains no longer protected (seconds).
+COLLECT_EVERY_S = 10.0
 
 
 def ha_dir(state_dir: Path | None = None) -> Path:
@@ -100,17 +102,21 @@ def replica_dir(host: str, domain: str, state_dir: Path | None = None, create: b
     return ha_dir(state_dir) / "replicas" / host / domain
 
 
-def remove_state(domain: str, state_dir: Path | None = None) -> list[str]:
-    """Delete every host's log and replica of *domain* under STATE_DIR/ha (what this module wrote there:
-    log files, images, state and lock files); the paths removed. For an unprotected domain's leftovers."""
+def remove_state(domain: str, state_dir: Path | None = None, *, host: str | None = None,
+                 kinds: tuple[str, ...] = ("log", "replicas")) -> list[str]:
+    """Delete every host's (or only *host*'s) log and replica of *domain* under STATE_DIR/ha (what this
+    module wrote there: log files, images, state and lock files); the paths removed. For an unprotected
+    domain's leftovers."""
     import shutil
     check_key_name("domain", domain)
     removed = []
-    for kind in ("log", "replicas"):
+    for kind in kinds:
         base = ha_dir(state_dir) / kind
         if not base.is_dir():
             continue
         for host_dir in base.iterdir():
+            if host is not None and host_dir.name != host:
+                continue
             target = host_dir / domain
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
@@ -633,6 +639,48 @@ class ReplicaService:
 
 
 # ----------------------------------------------------------------- restore on the claimer
+def hand_off_after_power_loss(client: Client, host_name: str, uri: str | None, reports: list[dict[str, Any]],
+                              owned: list[str]) -> dict[str, str]:
+    """After the battery path's final epochs (:meth:`Manager.battery`): for each replicated domain this
+    host owns whose final epoch a live replica acknowledged, destroy the (paused) guest and hand the
+    domain to such a replica, so that it claims at its next renewal instead of after this host's lease
+    ends. A domain no live replica holds whole is kept (claimed after the lease, from the newest ack).
+    One domain's failure does not stop the others. Domain -> what happened (also logged)."""
+    records, _ = client.protected()
+    live = set(client.hosts()) - {host_name}
+    outcomes: dict[str, str] = {}
+    for report in reports:
+        name = report.get("domain")
+        record = records.get(name) if isinstance(name, str) else None
+        if record is None or name not in owned or not is_replicated(record) or "error" in report:
+            continue
+        try:
+            final = int(report["epoch"])
+            holders = sorted(h for h, epoch in dict(report.get("acked") or {}).items()
+                             if h in live and int(epoch) >= final)
+            target = policy.preferred_host(name, holders)
+            if target is None:
+                outcomes[name] = (f"kept: no live replica acknowledged the final epoch {final}; claimed after "
+                                  "this host's lease ends")
+            else:
+                with Host(uri) as host:  # paused since the final epoch; now it can never run here again
+                    try:
+                        dom = host.lookup(name)
+                        if dom.is_active():
+                            dom.destroy()
+                    except DomainNotFound:
+                        pass
+                outcomes[name] = (f"final epoch {final} on {target}: stopped and handed off"
+                                  if client.hand_off(record, host_name, target) else
+                                  f"stopped; the hand-off to {target} did not apply (ownership or record changed)")
+            log.warning("power loss: replicated domain %s: %s", name, outcomes[name])
+        except (HvextError, KeyError, TypeError, ValueError) as err:
+            outcomes[name] = f"error: {err}"
+            log.error("power loss: replicated domain %s not handed off: %s; claimed after this host's lease "
+                      "ends", name, err)
+    return outcomes
+
+
 def restore_from_replica(record: Protection, host_name: str, *, uri: str | None = None,
                          final: dict[str, Any] | None = None, state_dir: Path | None = None) -> Any:
     """Write *record*'s PMEM backing files on this host from its replica image (whole epoch: the image
@@ -723,7 +771,9 @@ class Manager:
         self.state_dir = state_dir
         self.replicators: dict[str, Replicator] = {}
         self.server: peer.Server | None = None
+        self.service: ReplicaService | None = None
         self.service_client: Client | None = None
+        self.collect_every = COLLECT_EVERY_S  # how often leftovers of unprotected domains are looked for
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.syncer: threading.Thread | None = None
@@ -739,17 +789,67 @@ class Manager:
         self.start_server()
 
     def _sync_loop(self) -> None:
+        collected = 0.0
         while not self.stopping.wait(min(1.0, self.interval)):
             try:
                 records, owned = self.source()
                 self.sync(records, owned)
+                if time.monotonic() - collected >= self.collect_every:
+                    collected = time.monotonic()
+                    self.collect(set(records))
             except Exception:
                 log.exception("replication: following the owned domains failed")
+
+    def leftovers(self) -> set[str]:
+        """Domains with a replica image or an owner log of this host under STATE_DIR/ha."""
+        found: set[str] = set()
+        for kind in ("log", "replicas"):
+            base = ha_dir(self.state_dir) / kind / self.me
+            if base.is_dir() and not base.is_symlink():
+                found.update(p.name for p in base.iterdir() if p.is_dir() and not p.is_symlink())
+        return found
+
+    def collect(self, protected: set[str]) -> list[str]:
+        """Delete this host's replica images and owner logs of domains that are no longer protected
+        (``hvext ha unprotect`` on any host): each hvextd cleans its own, so every replica host does.
+        Candidates are domains neither in *protected* (the last renewal's records) nor replicated from
+        here; etcd is asked again (a domain protected since that read keeps its files; etcd not
+        answering: nothing is deleted) and each is removed under the replica service's lock of the
+        domain. The paths removed."""
+        with self.lock:
+            candidates = self.leftovers() - protected - set(self.replicators)
+        if not candidates or self.service is None:
+            return []
+        try:
+            good, bad = self.service.client.protected()
+        except HvextError as err:
+            log.info("replication: leftovers of unprotected domains kept for now: %s", err)
+            return []
+        removed: list[str] = []
+        for domain in sorted(candidates - set(good) - set(bad)):
+            try:
+                check_key_name("domain", domain)
+            except HAError:
+                continue  # not a directory this module made
+            with self.service.guard:
+                lock = self.service.locks.setdefault(domain, threading.Lock())
+            with self.lock, lock:
+                if domain in self.replicators:
+                    continue
+                try:
+                    done = remove_state(domain, self.state_dir, host=self.me)
+                except OSError as err:
+                    log.warning("replication: cannot remove the replica of unprotected %s: %s", domain, err)
+                    continue
+            if done:
+                log.warning("replication: %s is no longer protected: removed %s", domain, ", ".join(done))
+            removed += done
+        return removed
 
     def start_server(self) -> None:
         """Listen for owners' epochs (this host as a replica)."""
         self.service_client = self.client_factory()
-        service = ReplicaService(self.me, self.service_client, self.state_dir)
+        service = self.service = ReplicaService(self.me, self.service_client, self.state_dir)
         handler = peer.route(service.handle, self.handlers) if self.handlers else service.handle
         self.server = peer.Server(self.creds, handler, self.address, self.port)
         log.info("replication: listening for peers on %s:%d", self.address or "*", self.server.port)

@@ -297,8 +297,11 @@ def domain_file(domain: Domain) -> Path:
 
 
 def mapping_residency(pid: int, path: Path) -> dict[str, int]:
-    """Bytes of *path*'s mappings in process *pid* resident in host RAM (``Rss``) and dirty, from smaps."""
-    found = {"rss": 0, "dirty": 0}
+    """Bytes of *path*'s mappings in process *pid* resident in host RAM (``Rss``), dirty, and in host
+    swap (``Swap``: only private copies of the file's pages can be there; a shared mapping's pages go
+    back to the file), from smaps. The process's other memory (QEMU's own heap, its TCG translation
+    buffer) is not counted: under a cgroup limit that part can go to host swap."""
+    found = {"rss": 0, "dirty": 0, "swap": 0}
     inside = False
     try:
         with open(f"/proc/{pid}/smaps") as handle:
@@ -311,6 +314,8 @@ def mapping_residency(pid: int, path: Path) -> dict[str, int]:
                         found["rss"] += int(fields[1]) << 10
                     elif fields[0] in ("Shared_Dirty:", "Private_Dirty:"):
                         found["dirty"] += int(fields[1]) << 10
+                    elif fields[0] == "Swap:":
+                        found["swap"] += int(fields[1]) << 10
     except OSError as err:
         raise DomainStateError(f"cannot read the mappings of process {pid}: {err.strerror}") from err
     return found

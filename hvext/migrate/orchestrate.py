@@ -19,12 +19,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lxml import etree
-
-from hvext import paths
 from hvext.dirty import rate
 from hvext.errors import HostError, HvextError, UsageError
-from hvext.host import Domain, Host, JobStats, MigrationOptions, RunState, libvirt_message
+from hvext.host import Domain, Host, JobStats, MigrationOptions, RunState, libvirt_message, rewrite_host_paths
 from hvext.memory import balloon, ramfile
 from hvext.migrate.policy import MIB, Plan, Progress, after_failure, plan, should_switch_to_postcopy
 
@@ -56,20 +53,6 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def rewrite_host_paths(xml: str, name: str, src_id: str, dst_id: str) -> str:
-    """The domain XML for the destination: per-host sockets, console log and RAM file of *dst_id*."""
-    replacements = {str(paths.runtime_dir(name, src_id)): str(paths.runtime_dir(name, dst_id)),
-                    str(paths.console_log(name, src_id)): str(paths.console_log(name, dst_id)),
-                    str(ramfile.ram_path(name, src_id)): str(ramfile.ram_path(name, dst_id))}
-    root = etree.fromstring(xml.encode())
-    for element in root.iter():
-        for key, value in element.attrib.items():
-            for old, new in replacements.items():
-                if old in value:
-                    element.set(key, value.replace(old, new))
-    return etree.tostring(root, encoding="unicode")
 
 
 def _progress(stats: JobStats, started: float) -> Progress:

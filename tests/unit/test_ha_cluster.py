@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from hvext.cli.main import main
-from hvext.errors import ClusterUnavailable, UsageError
+from hvext.errors import ClusterUnavailable, HAError, UsageError
 from hvext.ha import cluster, etcd
 from hvext.ha.client import Client
 from hvext.ha.etcd import Layout
@@ -236,6 +236,51 @@ def test_owner_key_goes_with_the_owners_lease(two: tuple[Layout, Layout, list[in
         assert c.claim(domain, "h-other", other.id)
         c.revoke(other.id)
         assert domain not in c.owners()
+    finally:
+        c.close()
+
+
+def test_a_leading_member_hands_leadership_to_another_and_a_follower_does_nothing(
+        two: tuple[Layout, Layout, list[int]]) -> None:
+    """What a host on battery does with its member (the leader dying would stall every renewal until a
+    new election): the leader moves leadership away; asked for a follower, nothing happens."""
+    first, _, ports = two
+    c = Client([f"https://127.0.0.1:{ports[0]}", f"https://127.0.0.1:{ports[2]}"], first.credentials())
+    try:
+        def leader() -> str:
+            lead = str(c.status()["leader"])
+            return next(m["name"] for m in c.members() if str(m["ID"]) == lead)
+        before = leader()
+        other = "b" if before == "a" else "a"
+        assert c.move_leader_off(other) is None and leader() == before  # a follower: nothing to move
+        assert c.move_leader_off(before, prefer=["nobody", other]) == other
+        deadline = time.monotonic() + 10
+        while leader() != other and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert leader() == other
+        # A leader whose client URL this client does not have cannot be asked.
+        only = Client([f"https://127.0.0.1:{ports[0] if other == 'b' else ports[2]}"], first.credentials())
+        try:
+            with pytest.raises(HAError, match="none of this client's endpoints"):
+                only.move_leader_off(other)
+        finally:
+            only.close()
+    finally:
+        c.close()
+
+
+def test_confirm_is_a_quorum_read_through_the_endpoint_that_answered_last_only(
+        two: tuple[Layout, Layout, list[int]]) -> None:
+    first, _, ports = two
+    (dead,) = free_ports(1)
+    c = Client([f"https://127.0.0.1:{dead}", f"https://127.0.0.1:{ports[0]}"], first.credentials())
+    try:
+        with pytest.raises(ClusterUnavailable, match=f":{dead}"):
+            c.confirm()  # the first endpoint is asked, and no other
+        lease = c.grant(5)
+        assert c.keepalive(lease.id) > 0  # answered by the live one, which is now asked first
+        c.confirm()
+        c.revoke(lease.id)
     finally:
         c.close()
 

@@ -19,6 +19,7 @@ import pytest
 
 from hvext.daemon import ha_loop
 from hvext.daemon.config import HAConfig
+from hvext.errors import ClusterUnavailable
 from hvext.ha import cluster, etcd, policy
 from hvext.ha.client import Client
 from hvext.ha.etcd import Layout
@@ -92,7 +93,10 @@ def test_holds_its_lease_then_fences_its_domain_when_etcd_stops_answering(member
                     await _until(lambda: keeper.fenced is not None, TTL + 3, "a fence")
                     assert keeper.last_renewal is not None
                     since = fenced_at[0] - keeper.last_renewal
-                    assert TTL - MARGIN <= since < TTL, since  # before the lease could end, not before needed
+                    margin = keeper.guard()[2]  # MARGIN, widened by the fence path's measured latency
+                    assert MARGIN <= margin <= TTL / 2, margin
+                    # before the lease could end, not before needed
+                    assert TTL - margin <= since < TTL, (since, margin)
                     assert keeper.fenced == {dom.name: "fenced"}
                     assert dom.state is RunState.SHUTOFF
                 finally:
@@ -212,3 +216,75 @@ def test_a_renewal_counts_when_the_lease_is_renewed_not_when_the_rounds_reads_en
         asyncio.run(scenario())
     finally:
         other.close()
+
+
+def test_a_keepalive_not_confirmed_by_a_quorum_read_does_not_count(member: Layout) -> None:
+    """etcd 3.4 lets a leader cut off from its quorum renew leases in its memory until it steps down
+    (a lab partition of the leader's host: its hvextd renewed 1.5 s after the cut and paused 5.5 s
+    after it, TTL 5 s). Such a member answers the keepalive but not the quorum read that follows; the
+    renewal must not move the watchdog's deadline."""
+    url = cluster.require_member(member).client_url
+    config = HAConfig(cluster="test", etcd_endpoints=(url,), host="h-stale", lease_ttl=TTL, fence_margin=MARGIN,
+                      credentials=member.pki_dir)
+    now = [100.0]
+    keeper = ha_loop.Keeper(config, "h-stale", "test:///default", clock=lambda: now[0])
+    try:
+        keeper._renew_once()  # a lease granted at 100
+        assert keeper.lease_id is not None and keeper.last_renewal == 100.0
+        now[0] = 100.5
+        keeper._renew_once()  # renewed and confirmed by a real quorum read
+        assert keeper.last_renewal == 100.5
+        now[0] = 101.0
+
+        def cut_off() -> None:
+            raise ClusterUnavailable(f"etcd at {url} does not answer: (a leader without its quorum)")
+        keeper.client.confirm = cut_off  # type: ignore[method-assign]
+        with pytest.raises(ClusterUnavailable):
+            keeper._renew_once()
+        assert keeper.last_renewal == 100.5
+        keeper.client.revoke(keeper.lease_id)
+    finally:
+        keeper.client.close()
+        keeper.work_client.close()
+        keeper.fence_pool.shutdown()
+
+
+def test_a_slow_fence_path_moves_the_watchdogs_deadline_earlier(tmp_path: Path) -> None:
+    """After a renewal the keeper times the fence's path (libvirt looked up as the fence does it) on a
+    fake clock: 1.3 s there, as the loaded CI run's late pause, widens the margin of a 5 s lease from
+    1 s to 2.5 s, so that the watchdog fences 2.6 s after the last renewal (with the configured margin
+    alone it would wait until 4 s, and the pause would land after the lease could have ended)."""
+    now = [100.0]
+    probed: list[list[str]] = []
+
+    def slow_probe(uri: str | None, names: list[str]) -> None:
+        probed.append(names)
+        now[0] += 1.3
+
+    config = HAConfig(cluster="t", etcd_endpoints=("https://127.0.0.1:1",), host="h", lease_ttl=5,
+                      fence_margin=1.0, credentials=tmp_path)
+    keeper = ha_loop.Keeper(config, "h", "test:///default", clock=lambda: now[0], probe=slow_probe)
+    try:
+        keeper.last_renewal, keeper.lease_ttl, keeper.owned = 100.0, 5, ["vm1"]
+        assert keeper.guard() == (100.0, 5.0, 1.0)
+
+        async def renewed() -> None:
+            keeper._kick_probe()
+            assert keeper.probing is not None
+            await keeper.probing
+        asyncio.run(renewed())
+        assert probed == [["vm1"]] and keeper.changed.is_set()  # the watchdog computes its deadline again
+        last, ttl, margin = keeper.guard()
+        assert margin == 2.5
+        assert policy.fence_decision(last, 102.6, ttl, margin) is policy.Fence.FENCE
+        assert policy.fence_decision(last, 102.6, ttl, config.fence_margin) is policy.Fence.RUN
+    finally:
+        keeper.client.close()
+        keeper.work_client.close()
+        keeper.fence_pool.shutdown()
+
+
+def test_the_fence_path_probe_looks_the_domains_up_without_touching_them() -> None:
+    with running_domain(XML, "probe") as dom:
+        ha_loop.probe_domains("test:///default", [dom.name, "no-such-domain"])
+        assert dom.is_active() and dom.state is RunState.RUNNING  # looked up, not paused

@@ -31,6 +31,32 @@ def test_never_runs_once_the_lease_may_have_expired(ttl: float, margin: float, e
         assert decision is Fence.FENCE
 
 
+def test_the_margin_widens_with_the_fence_paths_measured_latency_up_to_half_the_ttl() -> None:
+    # An idle host keeps the configured margin; a loaded one (the partition test's pause came 1.3 s after
+    # the watchdog's deadline in a CI run) fences early enough for its pause to land within the TTL.
+    assert policy.fence_margin(1.0, latency=0.02, ttl=5) == 1.0
+    assert policy.fence_margin(1.0, latency=0.7, ttl=5) == pytest.approx(1.9)
+    assert policy.fence_margin(1.0, latency=10.0, ttl=5) == 2.5      # never past half the TTL
+    assert policy.fence_margin(3.0, latency=0.0, ttl=5) == 3.0       # a larger configured margin stays
+    assert policy.fence_margin(5.0, latency=0.0, ttl=5) == 2.5       # a margin of the whole TTL: half
+    for bad in ((-1.0, 0.0, 5.0), (1.0, -0.1, 5.0), (1.0, 0.0, 0.0)):
+        with pytest.raises(ValueError):
+            policy.fence_margin(*bad)
+
+
+@given(ttl=st.floats(2, 300), margin=st.floats(0, 10), latency=st.floats(0, 5))
+def test_a_fence_measured_to_take_latency_lands_before_the_lease_ends(ttl: float, margin: float,
+                                                                      latency: float) -> None:
+    """When the fence's path takes as long as measured (twice over, for the pause itself), the pause
+    lands within the TTL whenever the latency leaves room for it within half the TTL."""
+    kept = policy.fence_margin(margin, latency, ttl)
+    fence_at = ttl - kept
+    assert policy.fence_decision(0.0, fence_at, ttl, kept) is Fence.FENCE
+    assert fence_at >= ttl / 2 or margin >= ttl / 2
+    if policy.FENCE_LATENCY_FACTOR * latency + policy.FENCE_SLACK_S <= ttl / 2:
+        assert fence_at + policy.FENCE_LATENCY_FACTOR * latency < ttl
+
+
 def test_renewals_fit_several_times_in_a_ttl() -> None:
     assert policy.renew_interval(6) == 2
     with pytest.raises(ValueError):

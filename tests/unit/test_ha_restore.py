@@ -265,6 +265,43 @@ def test_the_hand_off_after_a_power_loss_stops_records_and_moves(member: Layout,
 
 
 @needs_etcd
+def test_a_replicated_domain_goes_to_a_live_replica_that_holds_its_final_epoch(member: Layout,  # noqa: F811
+                                                                             tmp_path: Path) -> None:
+    """After the battery path (final epoch acknowledged) the owner stops the guest and hands the domain to
+    a live replica that has that epoch, so it claims now rather than after the owner's lease ends."""
+    from hvext.ha import replication
+    url = cluster.require_member(member).client_url
+    client = Client([url], member.credentials())
+    with running_domain(PLAIN_XML, "rhandoff") as dom:
+        record = replicated_record(dom.name, tmp_path / "nvdimm0.img", "h-a", ["h-b", "h-c"])
+        assert client.protect(record)
+        leases = {h: client.grant(30) for h in ("h-a", "h-b", "h-c")}
+        try:
+            for host, lease in leases.items():
+                client.register_host(host, lease.id)
+            assert client.claim(dom.name, "h-a", leases["h-a"].id)
+            # nobody live has the final epoch (h-c is behind, h-b answered nothing): kept, still running
+            behind = [{"domain": dom.name, "epoch": 9, "acked": {"h-b": 0, "h-c": 8}}]
+            outcome = replication.hand_off_after_power_loss(client, "h-a", "test:///default", behind, [dom.name])
+            assert outcome[dom.name].startswith("kept") and dom.is_active(), outcome
+            assert client.owners()[dom.name][0] == "h-a"
+            # a failed battery report, or a domain this host does not own: nothing happens
+            failed = [{"domain": dom.name, "error": "no epoch was ever cut"}]
+            assert replication.hand_off_after_power_loss(client, "h-a", "test:///default", failed, [dom.name]) == {}
+            done = [{"domain": dom.name, "epoch": 9, "acked": {"h-b": 9, "h-c": 8}}]
+            assert replication.hand_off_after_power_loss(client, "h-a", "test:///default", done, []) == {}
+            outcome = replication.hand_off_after_power_loss(client, "h-a", "test:///default", done, [dom.name])
+            assert outcome[dom.name] == "final epoch 9 on h-b: stopped and handed off", outcome
+            assert dom.state is RunState.SHUTOFF and dom.name not in client.owners()
+            assert client.protected()[0][dom.name].home == "h-b"
+        finally:
+            for lease in leases.values():
+                client.revoke(lease.id)
+            client.unprotect(dom.name)
+            client.close()
+
+
+@needs_etcd
 def test_the_keeper_restores_before_it_starts_and_never_starts_what_it_cannot_restore(
         member: Layout, places: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     shared, _ = places

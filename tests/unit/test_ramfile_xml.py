@@ -75,7 +75,7 @@ def test_paths_are_per_domain_and_host() -> None:
 
 def test_a_migration_destination_gets_its_own_ram_file() -> None:
     """Hosts of a lab share /dev/shm: the destination's QEMU must map its own file, not the source's."""
-    from hvext.migrate.orchestrate import rewrite_host_paths
+    from hvext.host import rewrite_host_paths
     source = ramfile.ram_path("golden", "aaaa1111")
     xml = ramfile.add_to_definition(make(False).render(), source)
     dest = ramfile.parse(rewrite_host_paths(xml, "golden", "aaaa1111", "bbbb2222"))

@@ -260,3 +260,42 @@ def test_a_cut_pauses_the_guest_only_to_copy_blocks_hashing_and_encoding_run_aft
             for lg in rep.logs:
                 lg.close()
             rep.client.close()
+
+
+def test_each_hvextd_removes_its_replicas_and_logs_of_a_domain_once_it_is_unprotected(setup: dict) -> None:
+    """After ``ha unprotect`` every replica host's hvextd deletes its own image and log of the domain (lab
+    hosts share STATE_DIR: another host's files are that host's to delete); a domain still protected in etcd
+    keeps its files even when the caller's snapshot of the records is stale, and so does one replicated here."""
+    client, state = setup["client"], setup["state"]
+    gone, kept = f"hvext-unit-{os.getpid()}-unprotected", f"hvext-unit-{os.getpid()}-protected"
+    files = []
+    for host in ("r-a", "r-b"):
+        for domain in (gone, kept):
+            for directory in (replication.replica_dir(host, domain, state), replication.log_dir(host, domain, state)):
+                (directory / "pmem0.img").write_bytes(b"guest data")
+                files.append(directory)
+    pmem = {"mode": "replicas", "replicas": ["r-a", "r-b"],
+            "devices": [{"name": "pmem0", "size": SIZE, "backing": "/dev/shm/x", "model": "nvdimm"}]}
+    assert client.protect(Protection(kept, "<domain/>", "r-own", time.time(), pmem=pmem))
+    try:
+        # r-a, called with a stale (empty) snapshot of the records: etcd is asked again.
+        removed = setup["managers"]["r-a"].collect(set())
+        assert sorted(removed) == sorted(str(d) for d in files[:2]), removed
+        assert [d for d in files if d.exists()] == files[2:]
+        # r-b's hvextd finds its own leftovers by itself (its sync loop), after the record is deleted too.
+        setup["managers"].pop("r-b").close()
+        port = free_ports(1)[0]
+        r_b = setup["managers"]["r-b"] = replication.Manager("r-b", "test:///default", setup["creds"],
+                                                             setup["factory"], 0.2, port, "127.0.0.1", state)
+        r_b.collect_every = 0.0
+        r_b.start(lambda: ({d: r for d, r in client.protected()[0].items()}, []))
+        _until(lambda: not any(d.exists() for d in files[4:6]), 10, "r-b removes its unprotected domain's files")
+        assert all(d.exists() for d in (files[2], files[3], files[6], files[7]))  # still protected
+        assert client.unprotect(kept)
+        _until(lambda: not any(d.exists() for d in files[6:]), 10, "r-b removes the files once it is unprotected")
+        assert files[2].exists() and files[3].exists()  # r-a's: r-a's hvextd deletes them, not r-b's
+        assert sorted(setup["managers"]["r-a"].collect(set())) == sorted(str(d) for d in files[2:4])
+    finally:
+        client.unprotect(kept)
+        for domain in (gone, kept):
+            replication.remove_state(domain, state)

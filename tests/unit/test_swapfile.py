@@ -21,7 +21,7 @@ import pytest
 
 from hvext import paths
 from hvext.errors import DomainStateError, HostError, UnsupportedError, UsageError
-from hvext.memory import swapfile
+from hvext.memory import swap, swapfile
 from hvext.memory.swapfile import FIEMAP_EXTENT_LAST, FIEMAP_EXTENT_UNWRITTEN, Extent, FiemapError
 from tests.support import missing
 
@@ -396,3 +396,45 @@ def test_a_file_written_through_a_live_shared_mapping(ext4: Path) -> None:
         mapped.close()
         os.close(fd)
     assert swapfile.defragment(vm).after.fragments < before.fragments // 10  # unmapped, it defragments
+
+
+def _page_out(buf: mmap.mmap, size: int) -> None:
+    """Dirty every page of *buf*, then push it out of RAM (MADV_PAGEOUT on this process)."""
+    import ctypes
+    for offset in range(0, size, 4096):
+        buf[offset] = 0xA5
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        done = swap.process_madvise(pidfd, [(address, size)], swap.MADV_PAGEOUT)
+    finally:
+        os.close(pidfd)
+    assert done == size, os.strerror(-done) if done < 0 else done
+
+
+def test_mapping_residency_counts_host_swap_of_private_copies_never_of_a_shared_file(tmp_path: Path) -> None:
+    """What the swapfile VM test asserts of guest RAM: a MAP_SHARED file mapping (libvirt's
+    memory_backing_dir) paged out leaves nothing in host swap, its pages go to the file; a MAP_PRIVATE
+    one's written pages are anonymous and do go to swap, and are counted as the mapping's."""
+    if not any(line.startswith("SwapTotal:") and int(line.split()[1]) > 0
+               for line in Path("/proc/meminfo").read_text().splitlines()):
+        missing("no host swap (`make setup` creates a swap file)")
+    size = 8 * MIB
+    found = {}
+    for name, flags in (("shared", mmap.MAP_SHARED), ("private", mmap.MAP_PRIVATE)):
+        path = tmp_path / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            buf = mmap.mmap(fd, size, flags=flags)
+        finally:
+            os.close(fd)
+        try:
+            _page_out(buf, size)
+            found[name] = swapfile.mapping_residency(os.getpid(), path)
+        finally:
+            buf.close()
+    assert found["shared"]["swap"] == 0 and found["shared"]["rss"] < size // 2, found
+    assert swapfile.info(tmp_path / "shared").allocated == size  # written back to the file
+    assert found["private"]["swap"] >= size // 2, found
+    assert swapfile.info(tmp_path / "private").allocated == 0  # the file never saw the writes

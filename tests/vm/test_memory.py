@@ -155,6 +155,10 @@ def test_memory_classes_add_up_and_follow_workloads(vm: Domain, capsys, record_p
 
 
 def test_memclass_watch_reads_the_agents_periodic_samples(vm: Domain, capsys) -> None:
+    # The module's guest may have just freed memory (the test above frees 200 MiB): its free page reporting
+    # then takes blocks of free pages off the free lists for a while (in no class; the agent reads again
+    # while they are in flight). The watch starts once a sample adds up.
+    assert retry(lambda: cli_json(capsys, "memclass", vm.name)["status"] == "ok", timeout=60)
     status, out, err = cli(capsys, "memclass", vm.name, "--watch", "1", "--count", "3", "--json")
     assert status == 0, err
     reports = [json.loads(line) for line in out.splitlines()]

@@ -67,14 +67,16 @@ def test_guest_ram_reaches_its_own_file_under_a_cgroup_limit(vm_factory, state: 
     # the QEMU process may hold LIMIT_MIB of guest RAM (plus its own margin): the rest must go to the file
     hard_kib = (LIMIT_MIB + overhead_mib(RAM_MIB)) << 10
     domain.set_memory_parameters({"hard_limit": hard_kib}, live=True, config=False)
-    swap_before = swap.process_memory(pid)["swap"]
     guest(domain, "rm -f /run/ready; setsid " + FILL)
     wait_for(domain, "/run/ready")
     pressed = cli_json(capsys, "swapfile", domain.name)
-    # the guest holds DATA_MIB, its QEMU holds at most the limit: the pages went to its file, not host swap
+    # the guest holds DATA_MIB, its QEMU holds at most the limit: the pages went to its file, not host swap.
+    # Host swap is read for the guest-RAM mapping alone (smaps of the file's mapping): QEMU's own anonymous
+    # memory (its heap, TCG's translation buffer) may go to host swap under the limit (68 MB in one CI run).
     assert pressed["resident_bytes"] <= hard_kib << 10, pressed
     assert pressed["file"]["allocated_bytes"] >= DATA_MIB * MIB, pressed
-    assert swap.process_memory(pid)["swap"] - swap_before < 32 * MIB
+    ram = swapfile.mapping_residency(pid, path)
+    assert ram["rss"] > 0 and ram["swap"] == 0, ram  # (Rss: the mapping was found by its path)
 
     # the file grew: the reservation gives as much back, the sum stays the total
     grown = cli_json(capsys, "swap-reservation", "rebalance")
@@ -110,4 +112,4 @@ def test_guest_ram_reaches_its_own_file_under_a_cgroup_limit(vm_factory, state: 
     hashes = result["stdout"].split()
     assert len(hashes) == 2 and hashes[0] == hashes[1], result
     print(json.dumps({"booted": booted["file"], "pressed": pressed["file"], "resident": pressed["resident_bytes"],
-                      "defrag": outcome}))
+                      "qemu_swap": swap.process_memory(pid)["swap"], "defrag": outcome}))
