@@ -379,7 +379,8 @@ def _in_host(host: LabHost, *argv: str, timeout: float = 600) -> Any:
                            "-c", host.uri_unix, *argv, "--json"], capture_output=True, text=True, env=env,
                           timeout=timeout)
     if done.returncode != 0:
-        raise HvextError(f"hvext {' '.join(argv[:2])}: {done.stderr.strip()[:160]}")
+        print(f"hvext {' '.join(argv[:2])} on {host.name} failed:\n{done.stderr}", file=sys.stderr, flush=True)
+        raise HvextError(f"hvext {' '.join(argv[:2])}: {done.stderr.strip().splitlines()[-1][:160]}")
     return json.loads(done.stdout)
 
 
