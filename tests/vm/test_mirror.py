@@ -310,4 +310,5 @@ def test_hvextd_syncs_a_registered_mirror(vm_factory, capsys) -> None:
             daemon.proc.kill()
             daemon.proc.wait()
         cli(capsys, "ha", "mirror", domain.name, "--stop")
+        (mirror.mirror_root() / f"{domain.uuid()}.lock").unlink(missing_ok=True)  # the host's STATE_DIR
     assert not Path(started["target"]).exists()
