@@ -2,6 +2,9 @@
 
 ``ha protect DOMAIN [--host NAME]``, ``ha unprotect DOMAIN``, ``ha status [DOMAIN] [--watch [S]] [--json]``. They reach the
 cluster through this host's etcd member (``hvext cluster init|join``), with its certificate.
+
+Memory mirroring (C19, this host only, no cluster needed): ``ha mirror DOMAIN [--range GPA:LEN ...] [--interval MS]``,
+``ha mirror DOMAIN --stop|--sync``, ``ha mirror-status [DOMAIN]``, ``ha inject-memory-error DOMAIN --gpa ADDR``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import Any
 from hvext.cli import common, watch
 from hvext.cli.cluster import add_paths, layout_from
 from hvext.errors import UsageError
-from hvext.ha import cluster, protection, replication, shared_store
+from hvext.ha import cluster, mirror, mirror_policy, protection, replication, shared_store
+from hvext.units import format_size
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -48,6 +52,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_paths(p)
     common.add_json(p)
     p.set_defaults(func=cmd_status)
+    register_mirror(sub)
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
@@ -146,4 +151,117 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         client.close()
     common.print_result(args.json, rows if args.domain is None else rows[0], lambda: status_table(rows))
+    return 0
+
+
+# -- memory mirroring (C19) ------------------------------------------------------------------------------
+
+
+def _gpa(text: str) -> int:
+    """argparse type of --gpa: a guest physical address, decimal or 0x hex."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address: {text[:40]!r} (decimal or 0x hex)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not an address: {text[:40]!r} is negative")
+    return value
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        return mirror_policy.parse_range(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def register_mirror(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mirror", help="keep a backup copy of a running domain's RAM (or --range parts of it) in "
+                                      "sync from its dirty page lists; hvextd syncs it every --interval (C19)")
+    common.add_domain(p)
+    p.add_argument("--range", dest="ranges", action="append", type=_range, default=[], metavar="GPA:LEN",
+                   help="mirror only this guest-physical range (repeatable), e.g. 0x100000:64M; default: all RAM")
+    p.add_argument("--interval", type=int, default=1000, metavar="MS",
+                   help="milliseconds between syncs (default 1000)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--stop", action="store_true", help="stop mirroring: the copy is removed")
+    what.add_argument("--sync", action="store_true", help="sync once now (as hvextd's loop does)")
+    common.add_json(p)
+    p.set_defaults(func=cmd_mirror)
+
+    p = sub.add_parser("mirror-status", help="each mirrored domain: last sync, pages copied, lag")
+    p.add_argument("domain", metavar="DOMAIN", nargs="?", default=None, help="only this domain")
+    common.add_json(p)
+    p.set_defaults(func=cmd_mirror_status)
+
+    p = sub.add_parser("inject-memory-error", help="simulate an uncorrectable memory error in one page of a mirrored "
+                                                   "domain: the page is destroyed, hvext pauses the guest, repairs "
+                                                   "the page from the mirror and resumes it")
+    common.add_domain(p)
+    p.add_argument("--gpa", type=_gpa, required=True, metavar="ADDR", help="guest physical address (0x hex or decimal)")
+    p.add_argument("--readable", action="store_true",
+                   help="the page fails but can still be read (a predicted failure): a final sync copies it first")
+    p.add_argument("--resume-stale", action="store_true",
+                   help="resume the guest also when the mirror's copy misses the writes of the last interval")
+    common.add_json(p)
+    p.set_defaults(func=cmd_inject)
+
+
+def mirror_table(rows: list[dict[str, Any]]) -> Any:
+    if not rows:
+        return "no mirrored domain"
+    return common.table("Mirrored domains", ["Domain", "State", "Covers", "Interval", "Last sync", "Lag", "Syncs",
+                                             "Last pages", "Pages copied", "Last repair"],
+                        [[r["domain"], r["state"] + (f": {r['error']}" if r.get("error") else ""),
+                          format_size(r["covered_bytes"]) + (f" ({', '.join(r['ranges'])})" if r["ranges"] else ""),
+                          f"{r['interval_ms']} ms", _when(r["last_sync_at"]),
+                          "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.1f} s",
+                          f"{r['syncs']} ({r['full_syncs']} full)", r["last_pages"], r["pages_copied"],
+                          repair_text(r.get("last_repair"))] for r in rows])
+
+
+def repair_text(report: dict[str, Any] | None) -> str:
+    if not report:
+        return "-"
+    return f"{report['gpa']}: {'exact' if report['exact'] else 'STALE'}, {'resumed' if report['resumed'] else 'paused'}"
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    with common.open_host(args) as host:
+        if args.stop or args.sync:
+            if args.ranges:
+                raise UsageError("--range is for starting a mirror, not with --stop or --sync")
+            result = mirror.stop(host, args.domain) if args.stop else mirror.sync(host, args.domain)
+        else:
+            result = mirror.start(host, args.domain, args.ranges, args.interval)
+    if args.stop:
+        common.print_result(args.json, result, lambda: common.literal(
+            f"domain {result['domain']} is no longer mirrored ({result['syncs']} syncs, "
+            f"{result['pages_copied']} pages copied)"))
+    else:
+        common.print_result(args.json, result, lambda: common.literal(
+            f"domain {result['domain']} mirrored: {format_size(result['covered_bytes'])} in {result['target']}; "
+            f"{result['last_pages']} pages copied ({result['last_reason']}) in {result['last_seconds']:.3f} s" +
+            ("" if args.sync else f"; hvextd syncs it every {result['interval_ms']} ms")))
+    return 0
+
+
+def cmd_mirror_status(args: argparse.Namespace) -> int:
+    if args.domain is None:
+        rows = mirror.status()
+    else:
+        with common.open_host(args) as host:
+            rows = mirror.status(host, args.domain)
+    common.print_result(args.json, rows if args.domain is None else rows[0], lambda: mirror_table(rows))
+    return 0
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    with common.open_host(args) as host:
+        report = mirror.inject_memory_error(host, args.domain, args.gpa, readable=args.readable,
+                                            resume_stale=args.resume_stale)
+    common.print_result(args.json, report, lambda: common.literal(
+        f"{report['gpa']} (page {report['page']}) of {report['domain']}: {report['action']}; "
+        f"guest {'resumed' if report['resumed'] else 'left paused'} after {report['paused_ms']:.1f} ms "
+        f"({'; '.join(report['events'])})"))
     return 0

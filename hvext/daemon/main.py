@@ -9,7 +9,8 @@ hvext.daemon.reclaim_loop; ``[placement] enabled = true``: hvext.daemon.placemen
 metrics (hvext.daemon.metrics, docs/metrics.md); with an ``[ha]`` section it
 holds this host's lease in the cluster and fences its owned VMs when it
 cannot renew it (hvext.daemon.ha_loop, docs/ha.md). Every section is documented
-in hvext.daemon.config.
+in hvext.daemon.config. It always syncs the memory mirrors ``hvext ha mirror`` registered
+(hvext.daemon.mirror_loop).
 
 Signals: SIGHUP reloads the config file (a valid one takes effect at once;
 a bad one, or a ``[metrics]`` address it cannot bind, is logged and the
@@ -39,7 +40,7 @@ from typing import Any
 from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable, UsageError
 from hvext.daemon import config as daemon_config
-from hvext.daemon import ha_loop, metrics, notify, placement_loop, reclaim_loop
+from hvext.daemon import ha_loop, metrics, mirror_loop, notify, placement_loop, reclaim_loop
 from hvext.daemon.config import Config, HAConfig, MetricsConfig, PowerConfig
 from hvext.ha.cluster import default_name as default_host_name
 from hvext.daemon.placement_loop import PlacementConfig
@@ -158,6 +159,7 @@ class Daemon:
             finish = asyncio.Event()
             reclaim = self.config.get(ReclaimConfig)
             loops = [asyncio.ensure_future(reclaim_loop.run(host, reclaim, finish))] if reclaim else []
+            loops.append(asyncio.ensure_future(mirror_loop.run(host, finish)))  # mirrors registered by `ha mirror`
             placing = self.config.get(PlacementConfig)
             if placing is not None and placing.enabled:
                 loops.append(asyncio.ensure_future(placement_loop.run(host, placing, finish)))
