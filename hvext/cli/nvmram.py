@@ -8,6 +8,7 @@ from pathlib import Path
 from hvext.cli import common
 from hvext.errors import UsageError
 from hvext.memory import nvmram
+from hvext.pmem import devices
 from hvext.units import format_size, parse_size
 
 
@@ -50,7 +51,7 @@ def cmd_nvm_ram(args: argparse.Namespace) -> int:
         else:
             device = nvmram.status(dom)
         data = device.to_dict() | {"domain": dom.name, "active": dom.is_active(),
-                                   "allocated": nvmram.allocated(device.path) if device.path else None}
+                                   "allocated": devices.allocated(device.path) if device.path else None}
 
     def text() -> None:
         if attach is not None:

@@ -1,7 +1,7 @@
 """hvextd's memory mirroring loop (C19): sync every active mirror (hvext.ha.mirror) at its interval.
 
 Mirrors are registered by ``hvext ha mirror DOMAIN`` (records in ``STATE_DIR/mirror``); the loop reads
-them each round, so a new or stopped mirror takes effect without a reload. Each mirror is synced when
+them each round and takes those of its own libvirt host (host UUID; the lab's hosts share one file system), so a new or stopped mirror takes effect without a reload. Each mirror is synced when
 its interval has passed since its previous sync was due (fixed rate; a round that overruns makes the
 next one due at once). A mirror whose sync fails is logged and tried at its next interval; one whose
 domain stopped or whose copy went missing is marked stopped by the sync and skipped from then on: one
@@ -28,10 +28,11 @@ IDLE_S = 1.0
 async def run(host: Host, stopping: asyncio.Event, *, idle_s: float = IDLE_S) -> None:
     """Sync rounds until *stopping* is set."""
     due: dict[str, float] = {}
+    own = await asyncio.to_thread(lambda: host.host_uuid)
     while not stopping.is_set():
         now = time.monotonic()
         try:
-            active = [r for r in await asyncio.to_thread(mirror.records) if r.state == "active"]
+            active = [r for r in await asyncio.to_thread(mirror.records) if r.state == "active" and r.host_uuid == own]
         except HvextError as err:
             log.error("cannot read the mirror records: %s", err)
             active = []

@@ -15,6 +15,9 @@ mirror loop, ``hvext ha mirror --sync``, ``hvext ha inject-memory-error``).
 
 * :func:`start` starts the dirty log, then copies every mirrored page (the log's first query, taken
   before the copy, makes the copy consistent: a page written during it is on the next list).
+Records name the libvirt host (host UUID) whose domain they mirror: several hvextd on one machine (the
+lab's hosts) share the file system, and each syncs only its own host's mirrors.
+
 * :func:`sync` takes the next dirty list and copies the mirrored pages on it
   (:func:`hvext.ha.mirror_policy.plan_sync`: all of them when the list does not continue the last one).
 * :func:`inject_memory_error` simulates an uncorrectable error in one page and handles it as hvext would
@@ -106,6 +109,7 @@ class Record:
     interval_ms: int
     target: str
     target_token: str
+    host_uuid: str = ""  # the libvirt host whose domain this is: other hosts' hvextd (a lab on one machine) skip it
     page_size: int = policy.PAGE_SIZE
     mark: dict[str, int] | None = None
     state: str = "active"  # "active" or "stopped"
@@ -292,7 +296,7 @@ async def _start(domain: Domain, source: RamSource, ranges: list[tuple[int, int]
         try:
             record = Record(domain.name, domain.uuid(), str(source.path), source.block, source.ram_bytes,
                             layout.below_4g, [list(r) for r in ranges], [list(r) for r in covered], interval_ms,
-                            str(target.path), token, started_at=time.time())
+                            str(target.path), token, domain.host.host_uuid, started_at=time.time())
             dirty, _ = await _fetch(qmp, record)
             fd = ramsync.open_source(source.path, source.ram_bytes)
             try:
@@ -385,11 +389,15 @@ async def _sync_locked(host: Host, uuid: str) -> dict[str, Any]:
         raise MirrorError(f"no mirror {uuid}")
     if record.state != "active":
         raise MirrorStopped(f"mirror of {record.domain!r} is stopped: {record.error}")
+    host_uuid = await asyncio.to_thread(lambda: host.host_uuid)
+    if record.host_uuid != host_uuid:  # not this libvirt host's domain: never judge (or stop) it from here
+        raise MirrorError(f"the mirror of {record.domain!r} belongs to libvirt host {record.host_uuid}, "
+                          f"not this one ({host_uuid})")
     try:
         domain = await asyncio.to_thread(host.lookup, record.uuid)
         domain_id = await asyncio.to_thread(domain.id)
-    except DomainNotFound:
-        raise await asyncio.to_thread(_stopped, record, "the domain is gone") from None
+    except DomainNotFound as err:
+        raise await asyncio.to_thread(_stopped, record, f"the domain is gone ({err})") from None
     if domain_id is None:
         raise await asyncio.to_thread(_stopped, record, "the domain is not running")
     if record.mark and record.mark["domain_id"] != domain_id:  # a new QEMU: its RAM file may be elsewhere

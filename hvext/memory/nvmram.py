@@ -308,14 +308,6 @@ def remove_backing(domain_name: str, definition: str) -> None:
         log.warning("%s: undefined, but its NVM RAM file %s was not removed: %s", domain_name, path, err)
 
 
-def allocated(path: Path) -> int:
-    """Bytes of the tier the backing file really uses (it is sparse; an unplug punches holes)."""
-    try:
-        return os.stat(path, follow_symlinks=False).st_blocks * 512
-    except OSError:
-        return 0
-
-
 def tier_free(nvm_dir: Path) -> int:
     """Bytes free on the NVM tier's file system (for an unprivileged user; root's reserve excluded)."""
     try:
@@ -325,5 +317,5 @@ def tier_free(nvm_dir: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-__all__ = ["NvmRam", "add_to_definition", "allocated", "attach", "device_xml", "parse", "remove_backing", "resize",
+__all__ = ["NvmRam", "add_to_definition", "attach", "device_xml", "parse", "remove_backing", "resize",
            "status", "tier_free", "wait_settled"]

@@ -298,14 +298,6 @@ def empty(ram: RamFile) -> None:
         os.close(fd)
 
 
-def allocated(path: Path) -> int:
-    """Bytes of host memory the file holds (tmpfs pages; 0 when missing)."""
-    try:
-        return os.stat(path, follow_symlinks=False).st_blocks * 512
-    except OSError:
-        return 0
-
-
 def check_file(ram: RamFile) -> None:
     """UsageError unless the RAM file exists as hvext made it (a regular file of its size, one name)."""
     try:
@@ -366,11 +358,11 @@ def usage(domain: Domain) -> Usage:
         pid = qemu_pid(domain.name)
         if ram is None:
             return Usage("running", _rss(pid), 0)
-        return Usage("running", process_private(pid), allocated(ram.path))
+        return Usage("running", process_private(pid), devices.allocated(ram.path))
     ram = parse(domain.xml(inactive=True))
     if saved_to_ram(domain):
-        return Usage(SAVED_STATE, 0, allocated(ram.path) if ram else 0)
-    return Usage(domain.state.value, 0, allocated(ram.path) if ram else 0)
+        return Usage(SAVED_STATE, 0, devices.allocated(ram.path) if ram else 0)
+    return Usage(domain.state.value, 0, devices.allocated(ram.path) if ram else 0)
 
 
 def _rss(pid: int) -> int:
@@ -536,7 +528,7 @@ def save_device_state(domain: Domain, target: Path, *, stop: bool = True) -> Sav
         with contextlib.suppress(OSError):
             partial.unlink()
         raise
-    return SaveResult(time.monotonic() - started, os.stat(target).st_size, allocated(ram.path), ram, target)
+    return SaveResult(time.monotonic() - started, os.stat(target).st_size, devices.allocated(ram.path), ram, target)
 
 
 def paused_marker(state_file: Path) -> Path:
@@ -587,7 +579,7 @@ def check_resumable(ram: RamFile, name: str) -> None:
     """UsageError unless the kept RAM file can be resumed (exists, its size, holds pages)."""
     try:
         check_file(ram)
-        if allocated(ram.path) == 0:
+        if devices.allocated(ram.path) == 0:
             raise UsageError(f"the RAM file {ram.path} is empty (its memory was given back)")
     except UsageError as err:
         raise UsageError(f"cannot resume {name!r} from RAM: {err}. The device state is kept; `hvext managedsave-"
@@ -675,13 +667,13 @@ def release(domain: Domain) -> bool:
     if domain.is_active() or saved_to_ram(domain):
         return False
     ram = parse(domain.xml(inactive=True))
-    if ram is None or allocated(ram.path) == 0:
+    if ram is None or devices.allocated(ram.path) == 0:
         return False
     empty(ram)
     return True
 
 
-__all__ = ["BACKEND_ID", "SAVED_STATE", "RamFile", "SaveResult", "Usage", "add_to_definition", "allocated",
+__all__ = ["BACKEND_ID", "SAVED_STATE", "RamFile", "SaveResult", "Usage", "add_to_definition",
            "backend_arg", "block_id", "check_file", "check_resumable", "convert", "discard", "moved", "prepare_on", "remove", "empty", "of", "parse", "prepare",
            "ram_path", "release", "require", "save_device_state", "save_to_ram", "saved_to_ram", "start",
            "start_on_ram_file", "state", "state_path", "usage", "with_incoming"]

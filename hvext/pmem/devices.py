@@ -204,6 +204,14 @@ def open_backing(path: Path, flags: int) -> int:
     return fd
 
 
+def allocated(path: Path) -> int:
+    """Bytes of storage a backing file really holds (sparse files: its blocks; tmpfs: its pages; 0 when missing)."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_blocks * 512
+    except OSError:
+        return 0
+
+
 def _unlink_if_same(path: Path, fd: int) -> None:
     """Remove the file hvext created at *path*, unless the name now means another file."""
     try:

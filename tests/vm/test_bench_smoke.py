@@ -95,6 +95,14 @@ def test_ha_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
         assert rows[0][5] == "0", done.stdout  # lost: none on the battery path
 
 
+def test_suspend_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
+    done = run_bench(guest_image, tmp_path, "bench/suspend.py", timeout=600)
+    written = next(line.split() for line in done.stdout.splitlines() if line.strip().startswith("MiB written"))
+    to_ram, to_disk = float(written[2]), float(written[3])
+    assert to_ram < 5 < 100 < to_disk, done.stdout  # device state only vs the guest's RAM
+    assert "error" not in done.stdout, done.stdout
+
+
 def test_mirror_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
     """bench/mirror.py: each case measured (no error row), with paired ratios and the mirror's syncs counted."""
     done = run_bench(guest_image, tmp_path, "bench/mirror.py", timeout=600)
@@ -103,11 +111,3 @@ def test_mirror_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> No
     assert set(rows) == {"none", "1000ms", "100ms"} and "error" not in done.stdout, done.stdout
     for case in ("1000ms", "100ms"):
         assert float(rows[case][9].split("/")[0]) > 0, rows[case]  # syncs/s
-
-
-def test_suspend_bench_smoke(guest_image: image.GuestImage, tmp_path: Path) -> None:
-    done = run_bench(guest_image, tmp_path, "bench/suspend.py", timeout=600)
-    written = next(line.split() for line in done.stdout.splitlines() if line.strip().startswith("MiB written"))
-    to_ram, to_disk = float(written[2]), float(written[3])
-    assert to_ram < 5 < 100 < to_disk, done.stdout  # device state only vs the guest's RAM
-    assert "error" not in done.stdout, done.stdout

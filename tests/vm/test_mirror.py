@@ -208,6 +208,15 @@ def test_mirror_failures_are_clear_and_leave_nothing_half_done(vm_factory, mirro
     assert domain.state is RunState.RUNNING
     status, _, err = cli(capsys, "ha", "mirror", domain.name)
     assert status == 1 and "mirrored already" in err
+    # another libvirt host's hvextd (the lab's hosts share this file system) neither syncs nor stops it
+    record = mirror._load(domain.uuid())
+    own, record.host_uuid = record.host_uuid, "00000000-0000-0000-0000-00000000beef"
+    mirror._save(record)
+    status, _, err = cli(capsys, "ha", "mirror", domain.name, "--sync")
+    assert status == 1 and "belongs to libvirt host" in err
+    assert mirror._load(domain.uuid()).state == "active"
+    record.host_uuid = own
+    mirror._save(record)
     assert cli(capsys, "ha", "mirror", domain.name, "--stop")[0] == 0
 
     # a second user of the dirty log is refused, nothing is left behind
@@ -298,7 +307,10 @@ def test_hvextd_syncs_a_registered_mirror(vm_factory, capsys) -> None:
         daemon.expect("watching")
         time.sleep(3)
         (row,) = [r for r in cli_json(capsys, "ha", "mirror-status") if r["uuid"] == domain.uuid()]
-        assert row["state"] == "active" and row["syncs"] - started["syncs"] >= 5, row
+        logged = []
+        while not daemon.lines.empty():
+            logged.append(daemon.lines.get())
+        assert row["state"] == "active" and row["syncs"] - started["syncs"] >= 5, (row["error"], logged, row)
         assert row["lag_seconds"] < 2 and row["full_syncs"] == 1, row
         state = ask(domain, "write 20", 1)
         time.sleep(1.5)
@@ -310,4 +322,5 @@ def test_hvextd_syncs_a_registered_mirror(vm_factory, capsys) -> None:
             daemon.proc.kill()
             daemon.proc.wait()
         cli(capsys, "ha", "mirror", domain.name, "--stop")
+        (mirror.mirror_root() / f"{domain.uuid()}.lock").unlink(missing_ok=True)  # the host's STATE_DIR
     assert not Path(started["target"]).exists()

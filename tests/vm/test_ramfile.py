@@ -27,6 +27,7 @@ from hvext.errors import HostError
 from hvext.host import Host, emulator_path
 from hvext.memory import demand, ramfile
 from hvext.memory.host import meminfo
+from hvext.pmem import devices
 from tests.vm.helpers import cli, cli_json
 from tests.vm.helpers import guest_sh as guest
 
@@ -138,7 +139,7 @@ def test_suspend_to_ram_and_resume(vm_factory, host, capsys: pytest.CaptureFixtu
     # a plain libvirt start (virsh start) cannot boot over the saved memory: the file is root's meanwhile
     with pytest.raises(HostError):
         domain.start()
-    assert not domain.is_active() and state_file.exists() and ramfile.allocated(ram.path) >= FILL_MIB * MIB
+    assert not domain.is_active() and state_file.exists() and devices.allocated(ram.path) >= FILL_MIB * MIB
 
     # a start whose RAM file is gone: a clear error, nothing started, the device state kept
     aside = ram.path.with_name(ram.path.name + ".aside")
@@ -195,7 +196,7 @@ def test_suspend_to_ram_and_resume(vm_factory, host, capsys: pytest.CaptureFixtu
     status, _, err = cli(capsys, "destroy", domain.name)
     assert status == 0, err
     freed = shmem - host_shmem(ram.path)
-    assert ramfile.allocated(ram.path) == 0
+    assert devices.allocated(ram.path) == 0
     assert abs(freed - last.file) < SLACK, (freed, last)
 
 
@@ -243,7 +244,7 @@ def test_hvextd_gives_back_the_ram_file_of_a_guest_that_powered_off(vm_factory) 
     ram = ramfile.convert(domain)
     assert ramfile.start(domain) == "booted"
     aio.run(domain.wait_agent(180))
-    assert ramfile.allocated(ram.path) > 0
+    assert devices.allocated(ram.path) > 0
     with Host() as own:  # the daemon's own connection and its real lifecycle events
         daemon = Daemon(None)
         daemon.host = own
@@ -252,9 +253,9 @@ def test_hvextd_gives_back_the_ram_file_of_a_guest_that_powered_off(vm_factory) 
             guest(domain, "(sleep 1; echo 1 > /proc/sys/kernel/sysrq; echo o > /proc/sysrq-trigger) "
                          "</dev/null >/dev/null 2>&1 &")  # power off now
             deadline = time.monotonic() + 60
-            while (domain.is_active() or ramfile.allocated(ram.path)) and time.monotonic() < deadline:
+            while (domain.is_active() or devices.allocated(ram.path)) and time.monotonic() < deadline:
                 time.sleep(0.5)
         finally:
             own.unwatch(handle)
     assert not domain.is_active()
-    assert ramfile.allocated(ram.path) == 0, "the RAM file still holds the stopped guest's memory"
+    assert devices.allocated(ram.path) == 0, "the RAM file still holds the stopped guest's memory"
