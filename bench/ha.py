@@ -33,6 +33,18 @@ throughput protected >= 0.85x unprotected. Cases that fail are rows saying why.
     .venv/bin/python bench/ha.py [--quick] [--smoke] [--runs 3] [--modes restart,shared-store,replicas]
         [--kinds abrupt,power-loss] [--battery 8] [--window 5] [--samples FILE] [--plot-dir DIR]
 
+With ``--recovery MIB[,MIB...]`` (C18, ``hvext ha recover``; ``--only-recovery`` skips the failover cases),
+per size and run in the same lab: a RAM-file guest on host1, ``ha baseline`` to a private directory
+both hosts reach, the guest then writes MIB MiB of fresh random data, and host2 recovers it (fill from
+the baseline, pull the pages on host1's dirty lists over the peer transport): **bytes moved vs dirty
+bytes** (goal <= 1.05x), the device state apart, and the bytes moved against the guest's RAM.
+
+With ``--failover`` (C17), per run in the same lab: a RAM-file guest's **cold boot** on host1 (start to
+the agent's answer), a **live migration** host1 -> host3 (libvirt's downtime, bytes sent), then
+``ha protect --standby host2`` on host3 (refresh every second) and a planned ``ha failover``: its
+**downtime** (guest paused on host3 to running on host2; and to the agent's answer) and the **bytes sent
+at failover** (pages dirtied since the last refresh + device state) against the guest's RAM.
+
 Besides the tables it draws bench/out/ha.png (see bench/plot.py): per mode and
 failure kind, the median RTO split into "to the claim" and "claim to agent",
 beside the median cold boot.
@@ -66,6 +78,7 @@ from hvext.ha import client as ha_client  # noqa: E402
 from hvext.host import Domain, DomainSpec, Host, remove_domain_state  # noqa: E402
 from hvext.lab import Lab, LabHost, plan  # noqa: E402
 from hvext.lab import cluster as lab_cluster  # noqa: E402
+from hvext.memory import ramfile  # noqa: E402
 from hvext.pmem import power  # noqa: E402
 
 #: Where a claimer that could not restore a domain's PMEM says so (R2's failover records; None without them).
@@ -292,6 +305,184 @@ def run_case(lab: Lab, mode: str, kind: str, run: int, args: argparse.Namespace,
     return row
 
 
+def _recovery_row(mib: int, run: int, note: str = "") -> dict[str, Any]:
+    return {"case": "recovery", "mib": mib, "run": run + 1, "ok": False, "note": note}
+
+
+def run_recovery(lab: Lab, mib: int, run: int, args: argparse.Namespace) -> dict[str, Any]:
+    """C18 once: baseline on host1, *mib* MiB written by the guest, recovery on host2; the row."""
+    from hvext.ha import volatile
+    row = _recovery_row(mib, run)
+    host1, host2 = lab.host(1), lab.host(2)
+    name = f"hvext-bench-ha-{os.getpid()}-recovery-{mib}-{run + 1}"
+    conn1, conn2 = Host(host1.uri_unix), Host(host2.uri_unix)
+    shared = paths.STATE_DIR / f"ha-bench-baseline-{os.getpid()}"  # the lab hosts share /var/lib/hvext
+    try:
+        domain = conn1.define(DomainSpec(name=name, memory_mib=args.memory))
+        ramfile.convert(domain)
+        ramfile.start(domain)
+        aio.run(domain.wait_agent(args.timeout))
+        shared.mkdir(mode=0o700, exist_ok=True)
+        volatile.take_baseline(conn1, name, shared, "host1")
+        write = ("python3 -c \"import os,time\nb = bytearray(os.urandom(%d << 20))\nopen('/run/w.done','w').write('1')\n"
+                 "time.sleep(1e6)\" </dev/null >/dev/null 2>&1 &" % mib)
+
+        async def guest(command: str) -> None:
+            async with domain.agent(timeout=120) as agent:
+                result = await agent.exec(["sh", "-c", command], timeout=110)
+            if result.exitcode != 0:
+                raise HvextError(f"the guest's writer did not finish: {result.stderr[:100]}")
+        aio.run(guest(write + " for i in $(seq 200); do [ -s /run/w.done ] && exit 0; sleep 0.5; done; exit 1"))
+        time.sleep(1.5)  # a refresh of host1's dirty set
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run(["ip", "netns", "exec", host2.netns, sys.executable, "-m", "hvext.cli.main",
+                               "-c", host2.uri_unix, "ha", "recover", name, "--dir", str(shared), "--json",
+                               *member_paths(host2)], capture_output=True, text=True, env=env, timeout=600)
+        if done.returncode != 0:
+            raise HvextError(done.stderr.strip()[:200])
+        result = json.loads(done.stdout)
+        row.update({k: result[k] for k in ("dirty_bytes", "pulled_bytes", "wire_bytes", "state_bytes", "ratio",
+                                           "fill_s", "pull_s", "start_s", "seconds")})
+        row["ram_bytes"] = args.memory << 20
+        row["ok"] = True
+    except Exception as err:  # noqa: BLE001  one failed case is a row, the others still run
+        row["note"] = f"{type(err).__name__}: {err}"[:120]
+    finally:
+        for conn in (conn2, conn1):
+            try:
+                dom = conn.lookup(name)
+                if dom.is_active():
+                    dom.destroy()
+                dom.undefine(remove_state=False)
+            except HvextError:
+                pass
+            try:
+                ramfile.remove(ramfile.RamFile(ramfile.ram_path(name, conn.host_id), args.memory << 20))
+            except (HvextError, OSError):
+                pass
+        try:
+            volatile.forget(conn1, name)
+        except HvextError:
+            pass
+        remove_domain_state(name)
+        shutil.rmtree(shared, ignore_errors=True)
+        conn1.close()
+        conn2.close()
+    return row
+
+
+def _in_host(host: LabHost, *argv: str, timeout: float = 600) -> Any:
+    """``hvext ARGV --json`` in a lab host's network namespace (the peer port is open to the lab's hosts
+    only), with this source tree; its JSON output."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(["ip", "netns", "exec", host.netns, sys.executable, "-m", "hvext.cli.main",
+                           "-c", host.uri_unix, *argv, "--json"], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    if done.returncode != 0:
+        print(f"hvext {' '.join(argv[:2])} on {host.name} failed:\n{done.stderr}", file=sys.stderr, flush=True)
+        raise HvextError(f"hvext {' '.join(argv[:2])}: {done.stderr.strip().splitlines()[-1][:160]}")
+    return json.loads(done.stdout)
+
+
+def run_failover(lab: Lab, run: int, args: argparse.Namespace) -> dict[str, Any]:
+    """C17 once: cold boot on host1, live migration to host3, standby host2 and a planned failover; the row."""
+    from hvext.ha import standby
+    from hvext.migrate import orchestrate
+    row: dict[str, Any] = {"case": "failover", "run": run + 1, "ok": False, "note": "", "ram_bytes": args.memory << 20}
+    hosts = {i: lab.host(i) for i in (1, 2, 3)}
+    conns = {i: Host(h.uri_unix) for i, h in hosts.items()}
+    ids = {i: c.host_id for i, c in conns.items()}
+    name = f"hvext-bench-ha-{os.getpid()}-failover-{run + 1}"
+    try:
+        domain = conns[1].define(DomainSpec(name=name, memory_mib=args.memory))
+        ramfile.convert(domain)
+        started = time.monotonic()
+        ramfile.start(domain)
+        aio.run(domain.wait_agent(args.timeout))
+        row["boot_s"] = time.monotonic() - started
+        time.sleep(3)
+        result = aio.run(orchestrate.migrate(domain, hosts[3].uri_tls, timeout_s=300))
+        row["migration_downtime_s"] = (result.downtime_ms or 0) / 1000
+        row["migration_bytes"] = result.bytes_sent or 0
+        row["migration_total_s"] = result.total_s
+        protected = _in_host(hosts[3], "ha", "protect", name, "--standby", "host2", "--sync-interval", "1",
+                             *member_paths(hosts[3]))
+        assert protected["state"] == "active"
+
+        def synced() -> bool:
+            record = standby.load(ids[3], name)
+            return record is not None and record.syncs >= 3
+        wait_for("refreshes of the standby copy", synced, 60)
+        report = _in_host(hosts[3], "ha", "failover", name)
+        returned = time.monotonic()
+        moved = conns[2].lookup(name)
+        aio.run(moved.wait_agent(args.timeout))
+        row["failover_downtime_s"] = report["downtime_s"]  # paused on host3 -> running on host2
+        row["failover_agent_s"] = report["downtime_s"] + time.monotonic() - returned  # -> the agent answers
+        row["failover_bytes"] = report["bytes_at_failover"]
+        row["failover_state_bytes"] = report["state_bytes"]
+        row["ok"] = True
+    except Exception as err:  # noqa: BLE001  one failed case is a row, the others still run
+        row["note"] = f"{type(err).__name__}: {err}"[:120]
+    finally:
+        for i in (2, 3, 1):
+            try:
+                dom = conns[i].lookup(name)
+                if dom.is_active():
+                    dom.destroy()
+                dom.undefine(remove_state=False)
+            except HvextError:
+                pass
+            try:
+                ramfile.remove(ramfile.RamFile(ramfile.ram_path(name, ids[i]), args.memory << 20))
+            except (HvextError, OSError):
+                pass
+        for path in (standby._path(ids[3], name), standby._path(ids[2], name, "standby-copies")):
+            path.unlink(missing_ok=True)
+        remove_domain_state(name)
+        for conn in conns.values():
+            conn.close()
+    return row
+
+
+def report_failover(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    done = [r for r in rows if r["ok"]]
+    notes = "; ".join(sorted({r["note"] for r in rows if r["note"]}))
+    ram = args.memory << 20
+    print(f"\nC17 failover to a standby copy vs a live migration vs a cold boot, guest {args.memory} MiB, "
+          f"{len(done)}/{len(rows)} runs; min/median/max{'; ' + notes if notes else ''}")
+    print(f"{'':>34} {'downtime s':>18} {'to agent s':>18} {'bytes MiB':>18} {'bytes/RAM':>18}")
+    print(f"{'failover (planned, standby)':>34} {spread([r['failover_downtime_s'] for r in done]):>18} "
+          f"{spread([r['failover_agent_s'] for r in done]):>18} "
+          f"{spread([r['failover_bytes'] / 2**20 for r in done], '{:.1f}'):>18} "
+          f"{spread([r['failover_bytes'] / ram for r in done], '{:.4f}x'):>18}")
+    print(f"{'live migration (libvirt)':>34} {spread([r['migration_downtime_s'] for r in done]):>18} {'n/a':>18} "
+          f"{spread([r['migration_bytes'] / 2**20 for r in done], '{:.1f}'):>18} "
+          f"{spread([r['migration_bytes'] / ram for r in done], '{:.4f}x'):>18}")
+    print(f"{'cold boot':>34} {spread([r['boot_s'] for r in done]):>18} {spread([r['boot_s'] for r in done]):>18} "
+          f"{'n/a':>18} {'n/a':>18}")
+    ratios = [r["failover_downtime_s"] / r["boot_s"] for r in done if r["boot_s"]]
+    mig = [r["failover_downtime_s"] / r["migration_downtime_s"] for r in done if r["migration_downtime_s"]]
+    print(f"failover downtime / cold boot: {spread(ratios, '{:.2f}x')}; / migration downtime: {spread(mig, '{:.1f}x')}")
+
+
+def report_recovery(rows: list[dict[str, Any]], sizes: list[int], args: argparse.Namespace) -> None:
+    print(f"\nC18 recovery (ha baseline on host1, the guest writes N MiB, ha recover on host2): bytes moved vs dirty "
+          f"bytes (goal <= 1.05x; device state apart), guest {args.memory} MiB")
+    print(f"{'written MiB':>12} {'ok':>4} {'dirty MiB':>18} {'moved MiB':>18} {'moved/dirty':>18} "
+          f"{'state MiB':>10} {'moved/RAM':>16} {'pull s':>16} {'total s':>16}  note")
+    for mib in sizes:
+        case = [r for r in rows if r["mib"] == mib]
+        done = [r for r in case if r["ok"]]
+        notes = "; ".join(sorted({r["note"] for r in case if r["note"]}))
+        print(f"{mib:>12} {len(done)}/{len(case):<2} {spread([r['dirty_bytes'] / 2**20 for r in done], '{:.1f}'):>18} "
+              f"{spread([r['wire_bytes'] / 2**20 for r in done], '{:.1f}'):>18} "
+              f"{spread([r['ratio'] for r in done], '{:.3f}x'):>18} "
+              f"{spread([r['state_bytes'] / 2**20 for r in done], '{:.2f}'):>10} "
+              f"{spread([r['wire_bytes'] / r['ram_bytes'] for r in done], '{:.3f}x'):>16} "
+              f"{spread([r['pull_s'] for r in done]):>16} {spread([r['seconds'] for r in done]):>16}  {notes}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run per case")
@@ -306,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=int, default=512, help="guest RAM, MiB")
     parser.add_argument("--timeout", type=float, default=240.0, help="per boot, s")
     parser.add_argument("--samples", help="write every run's row here (JSON)")
+    parser.add_argument("--recovery", default="", metavar="MIB[,MIB...]",
+                        help="also C18 recoveries after the guest wrote each of these MiB (bytes moved vs dirty)")
+    parser.add_argument("--failover", action="store_true",
+                        help="also C17: failover to a standby copy vs a live migration vs a cold boot")
+    parser.add_argument("--only-recovery", action="store_true", help="only the --recovery (and --failover) cases")
     plot.add_option(parser)
     args = parser.parse_args(argv)
     have = available_modes()
@@ -316,6 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         modes = [modes[-1]]
         kinds = ["abrupt" if modes[0] == "restart" else "power-loss"]
     runs = args.runs or (1 if args.quick or args.smoke else 3)
+    sizes = [int(x) for x in args.recovery.split(",") if x]
+    if args.only_recovery:
+        if not sizes and not args.failover:
+            parser.error("--only-recovery needs --recovery MIB[,MIB...] or --failover")
+        modes = []
+    recovery: list[dict[str, Any]] = []
+    failovers: list[dict[str, Any]] = []
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     rows: list[dict[str, Any]] = []
     errors = 0
@@ -339,6 +542,16 @@ def main(argv: list[str] | None = None) -> int:
                     errors += not row["ok"]
                     rows.append(row)
                     print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            for mib in sizes:
+                row = run_recovery(lab, mib, run, args)
+                errors += not row["ok"]
+                recovery.append(row)
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            if args.failover:
+                row = run_failover(lab, run, args)
+                errors += not row["ok"]
+                failovers.append(row)
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     except Exception as err:  # noqa: BLE001  no lab, no image, ...: the cases not run are rows saying why
         errors += 1
         done = {(r["mode"], r["kind"], r["run"]) for r in rows}
@@ -352,9 +565,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"lab down failed: {err}", file=sys.stderr)
                 errors += 1
     if args.samples:
-        Path(args.samples).write_text(json.dumps(rows, indent=1))
-    report(rows, modes, kinds, runs, args, load_before)
-    plot_rto(args.plot_dir, rows, modes, kinds, args.memory)
+        Path(args.samples).write_text(json.dumps(rows + recovery + failovers, indent=1))
+    if modes:
+        report(rows, modes, kinds, runs, args, load_before)
+        plot_rto(args.plot_dir, rows, modes, kinds, args.memory)
+    if sizes:
+        recovery += [_recovery_row(m, r, "not run") for r in range(runs) for m in sizes
+                     if not any(x["mib"] == m and x["run"] == r + 1 for x in recovery)]
+        report_recovery(recovery, sizes, args)
+    if args.failover:
+        report_failover(failovers, args)
     return 1 if errors else 0
 
 

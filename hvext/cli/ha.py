@@ -16,7 +16,7 @@ from typing import Any
 from hvext.cli import common, watch
 from hvext.cli.cluster import add_paths, layout_from
 from hvext.errors import UsageError
-from hvext.ha import cluster, mirror, mirror_policy, protection, replication, shared_store
+from hvext.ha import cluster, mirror, mirror_policy, protection, replication, shared_store, standby, volatile
 from hvext.units import format_size
 
 
@@ -36,12 +36,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="also its pmem devices: replicated, crash-consistently and asynchronously, to N other live "
                         "hosts, one of which takes over with the newest copy (C16)")
+    p.add_argument("--standby", default=None, metavar="HOST",
+                   help="instead, keep a copy of its RAM (a RAM-file domain) on HOST, refreshed from its dirty page "
+                        "lists; `ha failover` or a power loss here resumes it there, same processes (C17)")
+    p.add_argument("--sync-interval", type=float, default=None, metavar="S",
+                   help="with --standby: seconds between refreshes of the copy (default 1)")
     add_paths(p)
     common.add_json(p)
     p.set_defaults(func=cmd_protect)
 
     p = sub.add_parser("unprotect", help="forget a domain's protection (it keeps running where it runs)")
     common.add_domain(p)
+    p.add_argument("--standby", action="store_true", help="its standby protection (`protect --standby`)")
     add_paths(p)
     common.add_json(p)
     p.set_defaults(func=cmd_unprotect)
@@ -53,9 +59,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     common.add_json(p)
     p.set_defaults(func=cmd_status)
     register_mirror(sub)
+    register_volatile(sub)
+    register_standby(sub)
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
+    if args.standby is not None:
+        return cmd_protect_standby(args)
+    if args.sync_interval is not None:
+        raise UsageError("--sync-interval is for --standby")
     layout = layout_from(args)
     client = cluster.client_for(layout)
     try:
@@ -81,6 +93,12 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
+    if args.standby:
+        with common.open_host(args) as host:
+            result = standby.unprotect(host, args.domain)
+        common.print_result(args.json, result, lambda: common.literal(
+            f"domain {result['domain']}: no standby copy on {result['standby']} any more"))
+        return 0
     client = cluster.client_for(layout_from(args))
     try:
         result = protection.unprotect(client, args.domain)
@@ -264,4 +282,142 @@ def cmd_inject(args: argparse.Namespace) -> int:
         f"{report['gpa']} (page {report['page']}) of {report['domain']}: {report['action']}; "
         f"guest {'resumed' if report['resumed'] else 'left paused'} after {report['paused_ms']:.1f} ms "
         f"({'; '.join(report['events'])})"))
+    return 0
+
+
+# -- C18: baselines and recovery of dirty data ----------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError("seconds from 0 to 86400")
+    return value
+
+
+def register_volatile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baseline", help="copy a running RAM-file domain's RAM to a directory every host reaches and "
+                                        "keep the list of pages dirtied since (hvextd), for `ha recover`")
+    common.add_domain(p)
+    p.add_argument("--dir", required=False, default=None, metavar="DIR",
+                   help="a private directory (0700) on a file system every host of the cluster reaches")
+    p.add_argument("--host", default=None, metavar="NAME",
+                   help="this host's name in the cluster, as hvextd's [ha] host (default: the short host name)")
+    p.add_argument("--refresh", type=_seconds, default=None, metavar="S",
+                   help=f"seconds between hvextd's dirty-list refreshes (default {volatile.REFRESH_S:g})")
+    p.add_argument("--every", type=_seconds, default=None, metavar="S",
+                   help="hvextd takes a new baseline every S seconds (default 0: only this one)")
+    p.add_argument("--stop", action="store_true", help="stop keeping the dirty pages (the baseline file stays)")
+    common.add_json(p)
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("recover", help="run a domain here from its baseline plus the pages its source host lists "
+                                       "as dirtied since (pulled from the source's hvextd)")
+    common.add_domain(p)
+    p.add_argument("--dir", required=True, metavar="DIR", help="the directory `ha baseline` wrote to")
+    p.add_argument("--peer", default=None, metavar="HOST:PORT",
+                   help="the source's hvextd peer address (default: the one the source registered in the cluster)")
+    p.add_argument("--paused", action="store_true", help="leave the guest paused once its state is loaded")
+    add_paths(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_recover)
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    with common.open_host(args) as host:
+        if args.stop:
+            if args.dir or args.refresh is not None or args.every is not None:
+                raise UsageError("--stop takes no --dir, --refresh or --every")
+            if not volatile.forget(host, args.domain):
+                raise UsageError(f"domain {args.domain!r} has no baseline on this host")
+            result = {"domain": args.domain, "stopped": True}
+        else:
+            if args.dir is None:
+                raise UsageError("--dir DIR is required (a private directory every host reaches)")
+            result = volatile.take_baseline(host, args.domain, args.dir, args.host or cluster.default_name(),
+                                            refresh_s=args.refresh, baseline_s=args.every)
+    if args.stop:
+        common.print_result(args.json, result, lambda: common.literal(
+            f"domain {result['domain']}: dirty pages since its baseline no longer kept"))
+    else:
+        common.print_result(args.json, result, lambda: common.literal(
+            f"baseline {result['epoch']} of {result['domain']}: {format_size(result['ram_bytes'])} in {result['file']} "
+            f"({format_size(result['bytes_written'])} written, {result['seconds']:.2f} s); hvextd adds the dirty pages "
+            f"every {result['refresh_s']:g} s"))
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    layout = layout_from(args)
+    with common.open_host(args) as host:
+        address = args.peer
+        if address is None:
+            meta = volatile.read_meta(args.dir, args.domain)
+            client = cluster.client_for(layout)
+            try:
+                address = volatile.peer_address_of(client, meta["source_host"])
+            finally:
+                client.close()
+        result = volatile.recover(host, args.domain, args.dir, layout.credentials(), address, paused=args.paused)
+    common.print_result(args.json, result, lambda: common.literal(
+        f"domain {result['domain']} runs here from baseline {result['epoch']} plus {result['dirty_pages']} dirty "
+        f"pages pulled from {result['source_host']} ({format_size(result['wire_bytes'])} on the wire for "
+        f"{format_size(result['dirty_bytes'])} dirty: {result['ratio']:.3f}x; device state "
+        f"{format_size(result['state_bytes'])}) in {result['seconds']:.2f} s"))
+    return 0
+
+
+# -- C17: a standby copy of a domain's RAM ---------------------------------------------------------------
+
+
+def cmd_protect_standby(args: argparse.Namespace) -> int:
+    if args.shared_store is not None or args.replicas is not None:
+        raise UsageError("--standby excludes --via-shared-store and --replicas")
+    layout = layout_from(args)
+    client = cluster.client_for(layout)
+    try:
+        address = volatile.peer_address_of(client, args.standby)
+    finally:
+        client.close()
+    with common.open_host(args) as host:
+        result = standby.protect(host, args.domain, args.standby, address, layout.credentials(),
+                                 standby.DEFAULT_INTERVAL_S if args.sync_interval is None else args.sync_interval)
+    common.print_result(args.json, result, lambda: common.literal(
+        f"domain {result['domain']}: a copy of its RAM on {result['standby']} ({format_size(result['bytes_sent'])} "
+        f"sent in {result['last_seconds']:.2f} s); hvextd refreshes it every {result['interval_s']:g} s"))
+    return 0
+
+
+def register_standby(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("failover", help="hand a domain protected with --standby over to its standby now: paused here, "
+                                        "resumed there with the same RAM and processes")
+    common.add_domain(p)
+    common.add_json(p)
+    p.set_defaults(func=cmd_failover)
+    p = sub.add_parser("standby-status", help="each domain protected with --standby on this host: its copy's lag")
+    p.add_argument("domain", metavar="DOMAIN", nargs="?", default=None, help="only this domain")
+    common.add_json(p)
+    p.set_defaults(func=cmd_standby_status)
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    with common.open_host(args) as host:
+        report = standby.failover(host, args.domain)
+    common.print_result(args.json, report, lambda: common.literal(
+        f"domain {report['domain']} runs on {report['standby']}: down {report['downtime_s'] * 1000:.0f} ms, "
+        f"{format_size(report['bytes_at_failover'])} sent at failover for {format_size(report['ram_bytes'])} of RAM"))
+    return 0
+
+
+def cmd_standby_status(args: argparse.Namespace) -> int:
+    with common.open_host(args) as host:
+        rows = [r.status() for r in standby.records(host.host_id) if args.domain in (None, r.domain)]
+    if args.domain is not None and not rows:
+        raise UsageError(f"domain {args.domain!r} has no standby protection on this host")
+    common.print_result(args.json, rows if args.domain is None else rows[0], lambda: common.literal("\n".join(
+        f"{r['domain']}: {r['state']} on {r['standby']}" + (f" ({r['error']})" if r['error'] else "") +
+        f", {r['syncs']} refreshes, lag {r['lag_seconds']} s" for r in rows) or "no standby protection here"))
     return 0

@@ -74,7 +74,7 @@ from typing import Any
 
 from hvext.daemon.config import HAConfig
 from hvext.errors import ClusterUnavailable, DomainNotFound, HvextError
-from hvext.ha import policy, replication
+from hvext.ha import pagexfer, policy, replication, standby, volatile
 from hvext.ha import restore as pmem_restore
 from hvext.ha.client import Client, Protection
 from hvext.ha.etcd import Credentials
@@ -207,6 +207,10 @@ class Keeper:
         self.replication = replication.Manager(host_name, uri, creds,
                                                lambda: Client(config.etcd_endpoints, creds),
                                                config.epoch_interval, config.peer_port, config.peer_host())
+        source = volatile.SourceService(uri)  # guest RAM pages for peers: C18's source, C17's standby
+        self.volatile = pagexfer.RegionService(pagexfer.ram_file_copy(uri), source.sources,
+                                               {"ram-final": source.final, **standby.StandbyService(uri).handlers()})
+        self.replication.handlers[pagexfer.PREFIX] = self.volatile.handle
         self.lease_ttl: int = config.lease_ttl   # the TTL the held lease was granted with (the watchdog's)
         #: A lease of a new TTL whose move (Client.rebind) has an unknown outcome: (id, TTL, last sent).
         self.pending: tuple[int, int, float] | None = None

@@ -10,7 +10,8 @@ metrics (hvext.daemon.metrics, docs/metrics.md); with an ``[ha]`` section it
 holds this host's lease in the cluster and fences its owned VMs when it
 cannot renew it (hvext.daemon.ha_loop, docs/ha.md). Every section is documented
 in hvext.daemon.config. It always syncs the memory mirrors ``hvext ha mirror`` registered
-(hvext.daemon.mirror_loop).
+(hvext.daemon.mirror_loop) and keeps the dirty sets of ``hvext ha baseline`` current
+(hvext.daemon.volatile_loop).
 
 Signals: SIGHUP reloads the config file (a valid one takes effect at once;
 a bad one, or a ``[metrics]`` address it cannot bind, is logged and the
@@ -40,8 +41,9 @@ from typing import Any
 from hvext import aio, qmp
 from hvext.errors import HvextError, LibvirtUnavailable, UsageError
 from hvext.daemon import config as daemon_config
-from hvext.daemon import ha_loop, metrics, mirror_loop, notify, placement_loop, reclaim_loop
+from hvext.daemon import ha_loop, metrics, mirror_loop, notify, placement_loop, reclaim_loop, volatile_loop
 from hvext.daemon.config import Config, HAConfig, MetricsConfig, PowerConfig
+from hvext.ha import standby
 from hvext.ha.cluster import default_name as default_host_name
 from hvext.daemon.placement_loop import PlacementConfig
 from hvext.daemon.reclaim_loop import ReclaimConfig
@@ -160,6 +162,7 @@ class Daemon:
             reclaim = self.config.get(ReclaimConfig)
             loops = [asyncio.ensure_future(reclaim_loop.run(host, reclaim, finish))] if reclaim else []
             loops.append(asyncio.ensure_future(mirror_loop.run(host, finish)))  # mirrors registered by `ha mirror`
+            loops.append(asyncio.ensure_future(volatile_loop.run(host, finish)))  # `ha baseline`'s dirty sets
             placing = self.config.get(PlacementConfig)
             if placing is not None and placing.enabled:
                 loops.append(asyncio.ensure_future(placement_loop.run(host, placing, finish)))
@@ -405,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         if power_failing.is_set():
             power_failing.clear()
             power_config = daemon.config.get(PowerConfig)
-            if keeper is not None:  # C16 first: final epochs drained to the replicas while on battery
+            standby.battery(args.uri)  # C17 first: RAM-file guests with a standby copy resume there
+            if keeper is not None:  # C16 then: final epochs drained to the replicas while on battery
                 keeper.replication_battery(power_config.budget if power_config else None)
             report = on_power_loss(args.uri, power_config.budget if power_config else None)
             if keeper is not None and report is not None:  # shared-store domains: to a live host now

@@ -44,6 +44,19 @@ IDLE_TIMEOUT_S = 60.0
 Handler = Callable[[dict[str, Any], bytes, str], tuple[dict[str, Any], bytes]]
 
 
+def route(default: Handler, prefixed: dict[str, Handler]) -> Handler:
+    """One handler for a :class:`Server` shared by several services: a request whose op starts with a key
+    of *prefixed* goes to that handler, any other to *default*."""
+    def handler(header: dict[str, Any], payload: bytes, who: str) -> tuple[dict[str, Any], bytes]:
+        op = header.get("op")
+        if isinstance(op, str):
+            for prefix, target in prefixed.items():
+                if op.startswith(prefix):
+                    return target(header, payload, who)
+        return default(header, payload, who)
+    return handler
+
+
 class PeerError(HAError):
     """A peer connection failed: refused, unreachable, closed, or it sent something that is not a frame."""
 

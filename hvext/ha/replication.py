@@ -777,6 +777,8 @@ class Manager:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.syncer: threading.Thread | None = None
+        #: Other services on the same peer port: op prefix -> handler (``ram-``: volatile state, C17/C18).
+        self.handlers: dict[str, peer.Handler] = {}
 
     def start(self, source: Callable[[], tuple[dict[str, Protection], list[str]]]) -> None:
         """Follow *source* (the protected records and the domains owned here, read at each renewal) in
@@ -848,7 +850,8 @@ class Manager:
         """Listen for owners' epochs (this host as a replica)."""
         self.service_client = self.client_factory()
         service = self.service = ReplicaService(self.me, self.service_client, self.state_dir)
-        self.server = peer.Server(self.creds, service.handle, self.address, self.port)
+        handler = peer.route(service.handle, self.handlers) if self.handlers else service.handle
+        self.server = peer.Server(self.creds, handler, self.address, self.port)
         log.info("replication: listening for peers on %s:%d", self.address or "*", self.server.port)
 
     def sync(self, records: dict[str, Protection], owned: list[str]) -> None:

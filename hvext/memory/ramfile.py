@@ -467,7 +467,7 @@ async def _receive_state(domain: Domain, fd: int) -> None:
         await _capability(qmp, False)  # a later save or live migration must send the RAM
 
 
-def save_device_state(domain: Domain, target: Path) -> SaveResult:
+def save_device_state(domain: Domain, target: Path, *, stop: bool = True) -> SaveResult:
     """Save only the device state of the running RAM-file *domain* into *target* and stop QEMU.
 
     The primitive under ``managedsave --to-ram`` (and C17/C18 later): QEMU's
@@ -477,6 +477,10 @@ def save_device_state(domain: Domain, target: Path) -> SaveResult:
     handed to root so that nothing but hvext's resume starts a QEMU on it (a
     plain ``virsh start`` would boot over the saved memory). A failure leaves
     the guest running and no file.
+
+    With *stop* False QEMU stays, paused after the completed stream, and the RAM file keeps its owner:
+    the caller stops it (C17 hands the state to a standby first, so libvirt's slow destroy is not in the
+    guest's downtime).
     """
     domain.require_running()
     ram = require(domain)
@@ -510,8 +514,9 @@ def save_device_state(domain: Domain, target: Path) -> SaveResult:
         # in place before QEMU stops: whoever sees the domain stop (hvextd) sees it saved, and keeps the RAM file
         os.replace(partial, target)
         _fsync_dir(target.parent)
-        _own_ram_file(ram, (0, 0))
-        domain.destroy()
+        if stop:
+            _own_ram_file(ram, (0, 0))
+            domain.destroy()
     except BaseException:
         with contextlib.suppress(Exception):
             if domain.is_active():
