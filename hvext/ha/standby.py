@@ -327,6 +327,10 @@ def failover(host: Host, name: str, *, reason: str = "planned") -> dict[str, Any
                                                    "the guest was resumed here")
             downtime = time.perf_counter() - started
             domain.destroy()  # paused since the stream completed; the standby runs the guest now
+            try:  # this host's RAM file is a stale copy now: its memory goes back to the host
+                ramfile.release(domain)
+            except HvextError as err:
+                log.warning("%s failed over, but its RAM file here was not emptied: %s", name, err)
         record.state = "failed over"
         report = {"domain": name, "standby": record.standby, "reason": reason, "downtime_s": round(downtime, 4),
                   "paused_before_handover_s": round(paused_s, 4), "final_pages": pages, "final_full": full,

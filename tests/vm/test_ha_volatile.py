@@ -33,6 +33,7 @@ from hvext.ha import standby, volatile
 from hvext.host import Host, RunState
 from hvext.lab import plan
 from hvext.memory import ramfile
+from hvext.pmem import devices
 from tests.vm import test_lab_cluster
 from tests.vm.conftest import BOOT_TIMEOUT_S, VMFactory
 from tests.vm.helpers import guest_sh
@@ -215,6 +216,7 @@ def test_failover_to_a_standby_copy_keeps_the_guest_running(the_lab: lab.Lab, gu
         report = json.loads(done.stdout)
         print("planned failover:", report)
         assert not domain.is_active() and report["bytes_at_failover"] < ram.size // 10
+        assert devices.allocated(ram.path) == 0, "host1 kept the failed-over guest's RAM in /dev/shm"
         dom2, after = running_on(2)
         assert (after["boot_id"], after["counter_pid"], after["alive"]) == \
             (first["boot_id"], first["counter_pid"], "alive")  # no reboot, same process
