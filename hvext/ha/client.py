@@ -302,9 +302,21 @@ class Client:
         return Lease(int(reply["ID"]), int(reply["TTL"]), int(reply["TTL"]))
 
     def keepalive(self, lease_id: int) -> int:
-        """Renew a lease: its new TTL in seconds, or -1 when it had already expired."""
-        reply = self._post("/lease/keepalive", {"ID": lease_id})
-        return int(reply.get("result", {}).get("TTL", -1))
+        """Renew a lease: its new TTL in seconds, or -1 when it had already expired.
+
+        LeaseKeepAlive is a stream: the gateway has sent HTTP 200 before etcd answers, so a failure
+        (e.g. "leader changed" during an election) comes as a body ``{"error": ...}``. That is a failed
+        renewal (ClusterUnavailable), never an expiry: etcd answers a lease it does not have with a
+        result whose TTL is 0 (left out of the JSON)."""
+        def renew(client: Etcd3Client) -> int:
+            reply = client.post(client.get_url("/lease/keepalive"), json={"ID": lease_id})
+            result = reply.get("result") if isinstance(reply, dict) else None
+            if not isinstance(result, dict):
+                error = reply.get("error") if isinstance(reply, dict) else reply
+                message = error.get("message") if isinstance(error, dict) else error
+                raise ClusterUnavailable(f"renewing lease {lease_id:x}: {str(message)[:300]}")
+            return int(result.get("TTL", -1))
+        return self._call(renew, repeatable=True)
 
     def confirm(self) -> None:
         """A linearizable read through the endpoint that answered last, and that one only

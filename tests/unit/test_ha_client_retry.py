@@ -18,6 +18,9 @@ from hvext.ha.client import API_PATH, Client
 from hvext.ha.etcd import Credentials
 
 LEADER_CHANGED = {"error": "etcdserver: leader changed", "code": 14, "message": "etcdserver: leader changed"}
+#: The same error in a streamed reply (LeaseKeepAlive is a stream): the gateway has sent its HTTP 200 already.
+STREAMED_LEADER_CHANGED = {"error": {"grpc_code": 14, "http_code": 503, "message": "etcdserver: leader changed",
+                                     "http_status": "Service Unavailable"}}
 
 
 class Gateway(ThreadingHTTPServer):
@@ -26,6 +29,7 @@ class Gateway(ThreadingHTTPServer):
     def __init__(self, failures: int) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.failures = failures
+        self.streamed = False  # fail like a stream (HTTP 200, {"error": ...}) rather than with a 503
         self.asked: list[str] = []
 
 
@@ -36,8 +40,15 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.asked.append(self.path)
         failing = len(self.server.asked) <= self.server.failures
-        body = json.dumps(LEADER_CHANGED if failing else {"header": {}, "kvs": []}).encode()
-        self.send_response(503 if failing else 200)
+        if self.path.endswith("/lease/keepalive"):
+            success = {"result": {"header": {}, "ID": "7", "TTL": "5"}}
+        else:
+            success = {"header": {}, "kvs": []}
+        if failing and self.server.streamed:
+            body, status = json.dumps(STREAMED_LEADER_CHANGED).encode(), 200
+        else:
+            body, status = json.dumps(LEADER_CHANGED if failing else success).encode(), 503 if failing else 200
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -92,3 +103,16 @@ def test_the_quorum_read_confirming_a_renewal_is_repeated_once_on_its_endpoint(g
     server, client = gateway
     client.confirm()
     assert server.asked == ["/v3/kv/range", "/v3/kv/range"]
+
+
+@pytest.mark.parametrize("gateway", [1], indirect=True)
+def test_a_streamed_error_of_a_keepalive_is_a_failed_renewal_not_an_expiry(gateway: tuple[Gateway, Client]) -> None:
+    """A keepalive's {"error": ...} after the gateway's 200 was read as TTL -1 ("expired"), and hvextd gave
+    up a lease etcd still held (a lab host's lease was replaced while a member was down)."""
+    server, client = gateway
+    server.streamed = True
+    assert client.keepalive(7) == 5  # "leader changed": repeated once, like a 503
+    assert server.asked == ["/v3/lease/keepalive", "/v3/lease/keepalive"]
+    server.failures = len(server.asked) + 2  # the next two fail: the repeat too
+    with pytest.raises(ClusterUnavailable, match="leader changed"):
+        client.keepalive(7)
