@@ -166,6 +166,7 @@ def test_recovery_pulls_exactly_the_pages_dirtied_since_the_baseline(
         with contextlib.suppress(HvextError, OSError):
             ramfile.remove(ramfile.RamFile(ramfile.ram_path(name, conn1.host_id), 512 << 20))
         shutil.rmtree(shared, ignore_errors=True)
+        forget_host_state([conn1.host_id, conn2.host_id], name)
         client.close()
         conn1.close()
         conn2.close()
@@ -264,9 +265,20 @@ def test_failover_to_a_standby_copy_keeps_the_guest_running(the_lab: lab.Lab, gu
                 standby._path(ids[i], name).unlink(missing_ok=True)
                 standby._path(ids[i], name, "standby-copies").unlink(missing_ok=True)
         factory.cleanup()
+        forget_host_state(list(ids.values()), name)
         for conn in conns.values():
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+def forget_host_state(host_ids: list[str], name: str) -> None:
+    """The lock files the lab hosts' hvextds and commands made for *name* under STATE_DIR/ha (one
+    directory per host id, and the lab's ids are new each run): removed, and their directories once empty."""
+    for host_id in host_ids:
+        for root in (volatile.state_root(host_id), standby._root(host_id), standby._root(host_id, "standby-copies")):
+            with contextlib.suppress(OSError):
+                (root / f"{name}.lock").unlink(missing_ok=True)
+                root.rmdir()  # only when empty: another test's files stay
 
 
 class _Never:
