@@ -8,6 +8,7 @@ what hvext needs back from a live domain's XML.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,21 @@ from hvext.errors import UsageError
 from hvext.units import GIB, KIB, MIB, TIB
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def commandline_object(root: etree._Element, object_id: str) -> dict[str, object] | None:
+    """The JSON ``-object`` with id *object_id* on the definition's ``<qemu:commandline>`` (None: not there)."""
+    for arg in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
+        value = arg.get("value", "")
+        if not value.startswith("{") or object_id not in value:
+            continue
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(parsed, dict) and parsed.get("id") == object_id:
+            return parsed
+    return None
 HVEXT_NS = "https://hvext.dev/xmlns/domain/1"
 AGENT_PORT = CHANNEL_NAME
 QMP_CHARDEV_ID = "hvext-qmp"

@@ -36,7 +36,7 @@ from typing import Any
 from lxml import etree
 
 from hvext import paths
-from hvext.domxml import QEMU_NS, libvirt_size
+from hvext.domxml import QEMU_NS, commandline_object, libvirt_size
 from hvext.errors import HostError, UsageError
 from hvext.host import Domain
 from hvext.pmem import devices
@@ -136,16 +136,9 @@ def _override(root: etree._Element) -> etree._Element | None:
 
 def _backend_path(root: etree._Element) -> Path | None:
     """The mem-path of hvext's backend object on the definition's command line (None: not there)."""
-    for arg in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
-        value = arg.get("value", "")
-        if not value.startswith("{") or BACKEND_ID not in value:
-            continue
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            continue
-        if isinstance(parsed, dict) and parsed.get("id") == BACKEND_ID and isinstance(parsed.get("mem-path"), str):
-            return Path(parsed["mem-path"])
+    backend = commandline_object(root, BACKEND_ID)
+    if backend is not None and isinstance(backend.get("mem-path"), str):
+        return Path(str(backend["mem-path"]))
     return None
 
 

@@ -70,7 +70,7 @@ from typing import Any
 from lxml import etree
 
 from hvext import aio, paths
-from hvext.domxml import QEMU_NS, libvirt_size
+from hvext.domxml import QEMU_NS, commandline_object, libvirt_size
 from hvext.errors import DomainStateError, HostError, UsageError
 from hvext.host import Domain, Host
 from hvext.memory.swap import process_memory, qemu_pid
@@ -153,17 +153,7 @@ def add_to_definition(xml: str, path: Path) -> str:
 
 
 def _backend(root: etree._Element) -> dict[str, Any] | None:
-    for arg in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
-        value = arg.get("value", "")
-        if not value.startswith("{") or BACKEND_ID not in value:
-            continue
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            continue
-        if isinstance(parsed, dict) and parsed.get("id") == BACKEND_ID:
-            return parsed
-    return None
+    return commandline_object(root, BACKEND_ID)
 
 
 def _args(root: etree._Element) -> list[str]:
